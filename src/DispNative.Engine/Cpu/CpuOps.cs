@@ -1,0 +1,168 @@
+namespace DispNative.Engine.Cpu;
+
+/// <summary>fp32 reference ops on row-major [rows, width] activations. Each is the CPU twin of a GPU kernel.</summary>
+public static unsafe class CpuOps
+{
+    /// <summary>y[r] = x[r] / sqrt(mean(x[r]²) + eps) · gamma.</summary>
+    public static void RmsNorm(float[] x, float[] gamma, float[] y, int rows, int d, float eps)
+    {
+        fixed (float* px = x, pg = gamma, py = y)
+            for (int r = 0; r < rows; r++)
+            {
+                float* xr = px + (long)r * d, yr = py + (long)r * d;
+                float ms = Simd.Dot(xr, xr, d) / d;
+                float scale = 1f / MathF.Sqrt(ms + eps);
+                for (int i = 0; i < d; i++) yr[i] = xr[i] * scale * pg[i];
+            }
+    }
+
+    /// <summary>y += x (same length).</summary>
+    public static void Add(float[] x, float[] y, int length)
+    {
+        fixed (float* px = x, py = y) Simd.Axpy(1f, px, py, length);
+    }
+
+    /// <summary>Adds a bias row to each of <paramref name="rows"/> rows.</summary>
+    public static void AddBias(float[] y, float[] bias, int rows)
+    {
+        int n = bias.Length;
+        fixed (float* py = y, pb = bias)
+            for (int r = 0; r < rows; r++) Simd.Axpy(1f, pb, py + (long)r * n, n);
+    }
+
+    /// <summary>gate ← silu(gate) · up.</summary>
+    public static void SiluMul(float[] gate, float[] up, int length)
+    {
+        for (int i = 0; i < length; i++)
+        {
+            float g = gate[i];
+            gate[i] = g / (1f + MathF.Exp(-g)) * up[i];
+        }
+    }
+
+    /// <summary>Row i of the output = embedding row tokens[i].</summary>
+    public static void Embed(float[] table, ReadOnlySpan<int> tokens, float[] y, int d, int vocab)
+    {
+        for (int i = 0; i < tokens.Length; i++)
+        {
+            int t = tokens[i];
+            if ((uint)t >= (uint)vocab) throw new DispNativeException($"token id {t} is outside the vocabulary (size {vocab})");
+            Array.Copy(table, (long)t * d, y, (long)i * d, d);
+        }
+    }
+
+    /// <summary>log Σ exp(x) over one row, computed stably.</summary>
+    public static float LogSumExp(ReadOnlySpan<float> row)
+    {
+        float max = float.NegativeInfinity;
+        foreach (var v in row) if (v > max) max = v;
+        double s = 0;
+        foreach (var v in row) s += Math.Exp(v - max);
+        return max + (float)Math.Log(s);
+    }
+
+    /// <summary>Causal attention of <paramref name="tq"/> new queries (absolute positions start..start+tq-1)
+    /// against keys/values 0..start+tq-1 in the cache. GQA: query head h reads kv head h / (heads/kvHeads).
+    /// A sliding window, when given, limits each query to the last <paramref name="window"/> keys.</summary>
+    public static void Attention(float[] q, float[] kCache, float[] vCache, float[] output, int tq, int start,
+        int heads, int kvHeads, int headDim, int? window = null)
+    {
+        int qDim = heads * headDim, kvDim = kvHeads * headDim, group = heads / kvHeads;
+        float scale = 1f / MathF.Sqrt(headDim);
+        int total = tq * heads;
+        void Body(int item, float[] scores)
+        {
+            int t = item / heads, h = item % heads, kvh = h / group;
+            int pos = start + t;
+            int first = window is int w ? Math.Max(0, pos - w + 1) : 0;
+            fixed (float* pq = q, pk = kCache, pv = vCache, po = output, ps = scores)
+            {
+                float* qv = pq + (long)t * qDim + h * headDim;
+                float max = float.NegativeInfinity;
+                for (int s = first; s <= pos; s++)
+                {
+                    float sc = Simd.Dot(qv, pk + (long)s * kvDim + kvh * headDim, headDim) * scale;
+                    ps[s - first] = sc;
+                    if (sc > max) max = sc;
+                }
+                float sum = 0;
+                for (int s = 0; s <= pos - first; s++) { float e = MathF.Exp(ps[s] - max); ps[s] = e; sum += e; }
+                float inv = 1f / sum;
+                float* ov = po + (long)t * qDim + h * headDim;
+                new Span<float>(ov, headDim).Clear();
+                for (int s = first; s <= pos; s++) Simd.Axpy(ps[s - first] * inv, pv + (long)s * kvDim + kvh * headDim, ov, headDim);
+            }
+        }
+        int maxKeys = start + tq;
+        if ((long)total * maxKeys * headDim < 1 << 18)
+        {
+            var scores = new float[maxKeys];
+            for (int i = 0; i < total; i++) Body(i, scores);
+        }
+        else
+        {
+            Parallel.For(0, total, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads },
+                () => new float[maxKeys], (i, _, scores) => { Body(i, scores); return scores; }, _ => { });
+        }
+    }
+}
+
+/// <summary>Rotary position embedding with half rotation (Hugging Face): pair (i, i + headDim/2).
+/// Frequencies follow transformers in fp32, including linear and llama3 scaling.</summary>
+public sealed class Rope
+{
+    private readonly float[] _invFreq;
+    private readonly int _headDim;
+
+    public Rope(int headDim, double theta, Models.RopeScaling? scaling = null)
+    {
+        _headDim = headDim;
+        int half = headDim / 2;
+        _invFreq = new float[half];
+        for (int i = 0; i < half; i++)
+        {
+            float exponent = (float)(2 * i) / headDim;
+            double inv = (float)(1.0 / Math.Pow(theta, exponent));
+            if (scaling is { Type: "linear" } lin) inv /= lin.Factor;
+            else if (scaling is { Type: "llama3" } l3)
+            {
+                double lowWavelen = l3.OriginalMaxPositions / l3.LowFreqFactor, highWavelen = l3.OriginalMaxPositions / l3.HighFreqFactor;
+                double wavelen = 2 * Math.PI / inv;
+                if (wavelen > lowWavelen) inv /= l3.Factor;
+                else if (wavelen >= highWavelen)
+                {
+                    double smooth = (l3.OriginalMaxPositions / wavelen - l3.LowFreqFactor) / (l3.HighFreqFactor - l3.LowFreqFactor);
+                    inv = (1 - smooth) * inv / l3.Factor + smooth * inv;
+                }
+            }
+            _invFreq[i] = (float)inv;
+        }
+    }
+
+    /// <summary>Rotates each head of each row in place; row r has absolute position start + r.</summary>
+    public void Apply(float[] x, int rows, int heads, int start)
+    {
+        int half = _headDim / 2, width = heads * _headDim;
+        Span<float> cos = stackalloc float[half], sin = stackalloc float[half];
+        for (int r = 0; r < rows; r++)
+        {
+            float pos = start + r;
+            for (int i = 0; i < half; i++)
+            {
+                float angle = pos * _invFreq[i];
+                cos[i] = MathF.Cos(angle);
+                sin[i] = MathF.Sin(angle);
+            }
+            for (int h = 0; h < heads; h++)
+            {
+                int o = r * width + h * _headDim;
+                for (int i = 0; i < half; i++)
+                {
+                    float a = x[o + i], b = x[o + i + half];
+                    x[o + i] = a * cos[i] - b * sin[i];
+                    x[o + i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+}

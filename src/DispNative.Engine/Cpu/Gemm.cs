@@ -1,0 +1,181 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+
+namespace DispNative.Engine.Cpu;
+
+/// <summary>fp32 <c>Y[M,N] (+)= X[M,K] · W[N,K]ᵀ</c> on the CPU: weights stay in the [out, in] layout of the
+/// checkpoint. M ≥ 8 goes through a packed-panel outer-product micro-kernel (8 rows × 2 vectors of columns,
+/// 16 accumulators, K blocked for L1/L2); smaller M (decode) through dot products. Multi-threaded.</summary>
+public static unsafe class Gemm
+{
+    private const int MR = 8;          // rows of X per micro-tile
+    private const int KC = 512;        // K block: an 8-row X tile (16 KiB) stays in L1
+    private const int MaxNC = 256;     // N block: a packed W block (KC·NC·4 = 512 KiB) stays in L2
+
+    /// <summary>Threads used by the CPU kernels (default: all cores).</summary>
+    public static int Threads { get; set; } = Environment.ProcessorCount;
+
+    public static void MatMulT(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
+        => MatMulT(x, 0, w, 0, y, 0, m, n, k, accumulate);
+
+    public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false)
+    {
+        if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
+            throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
+        if (m == 0 || n == 0) return;
+        fixed (float* px = x, pw = w, py = y)
+        {
+            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate);
+            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate);
+        }
+    }
+
+    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate)
+        where TOps : IVecOps<TVec> where TVec : struct
+    {
+        if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
+        if (k == 0) return;
+        int threads = Math.Max(1, Threads);
+        if (m < MR)
+        {
+            Gemv<TOps, TVec>(x, w, y, m, n, k, threads);
+            return;
+        }
+        int nr = 2 * TOps.Count;
+        // Enough N blocks (each a multiple of the panel width) to keep every thread busy.
+        int nc = Math.Min(MaxNC, RoundUp((n + threads - 1) / threads, nr));
+        int nBlocks = (n + nc - 1) / nc;
+        int mChunks = nBlocks >= threads ? 1 : Math.Min((threads + nBlocks - 1) / nBlocks, (m + MR - 1) / MR);
+        int mChunk = RoundUp((m + mChunks - 1) / mChunks, MR);
+        mChunks = (m + mChunk - 1) / mChunk;
+        nint px = (nint)x, pw = (nint)w, py = (nint)y;
+        Parallel.For(0, nBlocks * mChunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, item =>
+        {
+            int n0 = item % nBlocks * nc, m0 = item / nBlocks * mChunk;
+            int nLen = Math.Min(nc, n - n0), mLen = Math.Min(mChunk, m - m0);
+            int panels = (nLen + nr - 1) / nr;
+            var packed = GC.AllocateUninitializedArray<float>(panels * nr * KC + 64, pinned: true);
+            fixed (float* pb = packed)
+            {
+                float* bp = (float*)(((nint)pb + 63) & ~(nint)63);
+                for (int k0 = 0; k0 < k; k0 += KC)
+                {
+                    int kc = Math.Min(KC, k - k0);
+                    Pack((float*)pw, bp, n0, nLen, k0, kc, k, nr);
+                    for (int p = 0; p < panels; p++)
+                    {
+                        int cols = Math.Min(nr, nLen - p * nr);
+                        float* panel = bp + p * nr * kc;
+                        int i = 0;
+                        for (; i + MR <= mLen; i += MR)
+                            Kernel8<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, k, panel, kc, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, cols);
+                        for (; i < mLen; i++)
+                            Kernel1<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, panel, kc, (float*)py + (long)(m0 + i) * n + n0 + p * nr, cols);
+                    }
+                }
+            }
+        });
+    }
+
+    private static int RoundUp(int v, int multiple) => (v + multiple - 1) / multiple * multiple;
+
+    /// <summary>Packs W rows [n0, n0+nLen) × K columns [k0, k0+kc) as panels of nr rows, k-major:
+    /// panel[k][r] = W[n0 + p·nr + r, k0 + k]; missing rows are zero.</summary>
+    private static void Pack(float* w, float* bp, int n0, int nLen, int k0, int kc, int ldw, int nr)
+    {
+        int panels = (nLen + nr - 1) / nr;
+        for (int p = 0; p < panels; p++)
+        {
+            float* dst = bp + p * nr * kc;
+            for (int r = 0; r < nr; r++)
+            {
+                int row = p * nr + r;
+                if (row >= nLen) { for (int kk = 0; kk < kc; kk++) dst[kk * nr + r] = 0; continue; }
+                float* src = w + (long)(n0 + row) * ldw + k0;
+                for (int kk = 0; kk < kc; kk++) dst[kk * nr + r] = src[kk];
+            }
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Kernel8<TOps, TVec>(float* a, int lda, float* b, int kc, float* c, int ldc, int cols)
+        where TOps : IVecOps<TVec> where TVec : struct
+    {
+        int v = TOps.Count, nr = 2 * v;
+        TVec c00 = TOps.Zero, c01 = TOps.Zero, c10 = TOps.Zero, c11 = TOps.Zero, c20 = TOps.Zero, c21 = TOps.Zero, c30 = TOps.Zero, c31 = TOps.Zero;
+        TVec c40 = TOps.Zero, c41 = TOps.Zero, c50 = TOps.Zero, c51 = TOps.Zero, c60 = TOps.Zero, c61 = TOps.Zero, c70 = TOps.Zero, c71 = TOps.Zero;
+        float* a0 = a, a1 = a + lda, a2 = a + 2 * lda, a3 = a + 3 * lda, a4 = a + 4 * lda, a5 = a + 5 * lda, a6 = a + 6 * lda, a7 = a + 7 * lda;
+        for (int kk = 0; kk < kc; kk++)
+        {
+            TVec b0 = TOps.Load(b), b1 = TOps.Load(b + v);
+            b += nr;
+            TVec t = TOps.Splat(a0[kk]); c00 = TOps.Fma(t, b0, c00); c01 = TOps.Fma(t, b1, c01);
+            t = TOps.Splat(a1[kk]); c10 = TOps.Fma(t, b0, c10); c11 = TOps.Fma(t, b1, c11);
+            t = TOps.Splat(a2[kk]); c20 = TOps.Fma(t, b0, c20); c21 = TOps.Fma(t, b1, c21);
+            t = TOps.Splat(a3[kk]); c30 = TOps.Fma(t, b0, c30); c31 = TOps.Fma(t, b1, c31);
+            t = TOps.Splat(a4[kk]); c40 = TOps.Fma(t, b0, c40); c41 = TOps.Fma(t, b1, c41);
+            t = TOps.Splat(a5[kk]); c50 = TOps.Fma(t, b0, c50); c51 = TOps.Fma(t, b1, c51);
+            t = TOps.Splat(a6[kk]); c60 = TOps.Fma(t, b0, c60); c61 = TOps.Fma(t, b1, c61);
+            t = TOps.Splat(a7[kk]); c70 = TOps.Fma(t, b0, c70); c71 = TOps.Fma(t, b1, c71);
+        }
+        Update<TOps, TVec>(c, c00, c01, cols);
+        Update<TOps, TVec>(c + ldc, c10, c11, cols);
+        Update<TOps, TVec>(c + 2 * ldc, c20, c21, cols);
+        Update<TOps, TVec>(c + 3 * ldc, c30, c31, cols);
+        Update<TOps, TVec>(c + 4 * ldc, c40, c41, cols);
+        Update<TOps, TVec>(c + 5 * ldc, c50, c51, cols);
+        Update<TOps, TVec>(c + 6 * ldc, c60, c61, cols);
+        Update<TOps, TVec>(c + 7 * ldc, c70, c71, cols);
+    }
+
+    private static void Kernel1<TOps, TVec>(float* a, float* b, int kc, float* c, int cols)
+        where TOps : IVecOps<TVec> where TVec : struct
+    {
+        int v = TOps.Count, nr = 2 * v;
+        TVec c0 = TOps.Zero, c1 = TOps.Zero;
+        for (int kk = 0; kk < kc; kk++, b += nr)
+        {
+            TVec t = TOps.Splat(a[kk]);
+            c0 = TOps.Fma(t, TOps.Load(b), c0);
+            c1 = TOps.Fma(t, TOps.Load(b + v), c1);
+        }
+        Update<TOps, TVec>(c, c0, c1, cols);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Update<TOps, TVec>(float* c, TVec lo, TVec hi, int cols)
+        where TOps : IVecOps<TVec> where TVec : struct
+    {
+        int v = TOps.Count;
+        if (cols == 2 * v)
+        {
+            TOps.Store(c, TOps.Add(TOps.Load(c), lo));
+            TOps.Store(c + v, TOps.Add(TOps.Load(c + v), hi));
+            return;
+        }
+        float* tmp = stackalloc float[2 * v];
+        TOps.Store(tmp, lo);
+        TOps.Store(tmp + v, hi);
+        for (int j = 0; j < cols; j++) c[j] += tmp[j];
+    }
+
+    private static void Gemv<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, int threads)
+        where TOps : IVecOps<TVec> where TVec : struct
+    {
+        nint px = (nint)x, pw = (nint)w, py = (nint)y;
+        int chunk = Math.Max(16, RoundUp((n + 4 * threads - 1) / (4 * threads), 16));
+        int chunks = (n + chunk - 1) / chunk;
+        void Body(int ci)
+        {
+            int o0 = ci * chunk, o1 = Math.Min(n, o0 + chunk);
+            for (int o = o0; o < o1; o++)
+            {
+                float* wr = (float*)pw + (long)o * k;
+                for (int i = 0; i < m; i++)
+                    ((float*)py)[(long)i * n + o] += Simd.Dot<TOps, TVec>((float*)px + (long)i * k, wr, k);
+            }
+        }
+        if (threads == 1 || (long)n * k < 1 << 16) { for (int ci = 0; ci < chunks; ci++) Body(ci); }
+        else Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, Body);
+    }
+}

@@ -1,0 +1,59 @@
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Inference;
+
+namespace DispNative.Engine.Evaluation;
+
+public sealed record PerplexityResult(double Perplexity, double TotalNll, long ScoredTokens, int Blocks, int TotalTokens);
+
+public readonly record struct PerplexityProgress(int BlocksDone, int BlocksTotal, long ScoredTokens, double RunningPerplexity);
+
+/// <summary>The DISP-LLM/SliceGPT protocol: tokenize once (BOS at the very start only), cut into consecutive
+/// non-overlapping blocks (the last may be shorter), run each block from position 0, score tokens 1..n-1 of each
+/// block; perplexity = exp(total NLL / scored tokens).</summary>
+public static class Perplexity
+{
+    public static IReadOnlyList<int[]> Blocks(int[] ids, int blockSize, int? maxBlocks = null)
+    {
+        if (blockSize < 2) throw new InvalidSettingException($"block size must be at least 2 (got {blockSize})");
+        if (maxBlocks is <= 0) throw new InvalidSettingException($"max blocks must be positive (got {maxBlocks})");
+        var blocks = new List<int[]>();
+        for (int s = 0; s < ids.Length && (maxBlocks == null || blocks.Count < maxBlocks); s += blockSize)
+        {
+            var block = ids[s..Math.Min(ids.Length, s + blockSize)];
+            if (block.Length >= 2) blocks.Add(block);
+        }
+        return blocks;
+    }
+
+    public static PerplexityResult Evaluate(LlamaModel model, int[] ids, int blockSize, int? maxBlocks = null,
+        IProgress<PerplexityProgress>? progress = null, CancellationToken cancellationToken = default)
+    {
+        var blocks = Blocks(ids, blockSize, maxBlocks);
+        if (blocks.Count == 0) throw new InvalidSettingException($"the text has {ids.Length} tokens: nothing to score (a block needs at least 2)");
+        int vocab = model.Config.VocabSize;
+        double nll = 0;
+        long scored = 0;
+        for (int b = 0; b < blocks.Count; b++)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            var block = blocks[b];
+            var logits = model.Forward(block, model.NewCache(block.Length));
+            nll += BlockNll(logits, block, vocab);
+            scored += block.Length - 1;
+            progress?.Report(new PerplexityProgress(b + 1, blocks.Count, scored, Math.Exp(nll / scored)));
+        }
+        return new PerplexityResult(Math.Exp(nll / scored), nll, scored, blocks.Count, ids.Length);
+    }
+
+    /// <summary>Σ over positions t = 0..n-2 of −log p(block[t+1] | block[..t]).</summary>
+    public static double BlockNll(float[] logits, int[] block, int vocab)
+    {
+        double nll = 0;
+        for (int t = 0; t + 1 < block.Length; t++)
+        {
+            var row = logits.AsSpan(t * vocab, vocab);
+            nll += CpuOps.LogSumExp(row) - row[block[t + 1]];
+        }
+        return nll;
+    }
+}

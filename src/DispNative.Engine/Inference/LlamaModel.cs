@@ -1,0 +1,113 @@
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Models;
+
+namespace DispNative.Engine.Inference;
+
+/// <summary>fp32 CPU forward pass of a LLaMA-family decoder: embedding → [RMSNorm → q/k/v → RoPE → causal GQA
+/// attention → o_proj → residual → RMSNorm → SwiGLU MLP → residual] × L → RMSNorm → LM head.
+/// Immutable after construction: concurrent forwards are safe, each with its own <see cref="KvCache"/>.</summary>
+public sealed class LlamaModel
+{
+    private readonly Rope _rope;
+
+    public ModelConfig Config { get; }
+    public ModelWeights Weights { get; }
+
+    public LlamaModel(ModelConfig config, ModelWeights weights)
+    {
+        Config = config;
+        Weights = weights;
+        _rope = new Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
+    }
+
+    public KvCache NewCache(int capacity) => new(Config, capacity);
+
+    /// <summary>Appends <paramref name="tokens"/> to one sequence and returns its logits,
+    /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>
+    public float[] Forward(ReadOnlySpan<int> tokens, KvCache cache, bool lastOnly = false)
+        => Forward([tokens.ToArray()], [cache], lastOnly)[0];
+
+    /// <summary>Appends each token list to its own cache. All rows go through the GEMMs together;
+    /// attention stays per sequence. Returns logits per sequence.</summary>
+    public float[][] Forward(IReadOnlyList<int[]> batch, IReadOnlyList<KvCache> caches, bool lastOnly = false)
+    {
+        if (batch.Count != caches.Count) throw new ArgumentException("one KV cache per sequence is required");
+        var c = Config;
+        int d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
+        var offsets = new int[batch.Count + 1];
+        for (int b = 0; b < batch.Count; b++)
+        {
+            int len = batch[b].Length;
+            if (len == 0) throw new InvalidSettingException($"sequence {b} of the batch is empty");
+            if (caches[b].Length + len > caches[b].Capacity)
+                throw new InvalidSettingException($"sequence {b}: {caches[b].Length + len} positions exceed the KV cache capacity {caches[b].Capacity}");
+            offsets[b + 1] = offsets[b] + len;
+        }
+        int rows = offsets[^1];
+
+        var x = new float[(long)rows * d];
+        for (int b = 0; b < batch.Count; b++)
+        {
+            var seg = new float[(long)batch[b].Length * d];
+            CpuOps.Embed(Weights.Embedding, batch[b], seg, d, c.VocabSize);
+            Array.Copy(seg, 0, x, (long)offsets[b] * d, seg.Length);
+        }
+        var h = new float[(long)rows * d];
+        var q = new float[(long)rows * qd];
+        var k = new float[(long)rows * kvd];
+        var v = new float[(long)rows * kvd];
+        var att = new float[(long)rows * qd];
+        var gate = new float[(long)rows * f];
+        var up = new float[(long)rows * f];
+
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var w = Weights.Layers[l];
+            CpuOps.RmsNorm(x, w.AttnNorm, h, rows, d, c.RmsNormEps);
+            Gemm.MatMulT(h, w.Wq, q, rows, qd, d);
+            Gemm.MatMulT(h, w.Wk, k, rows, kvd, d);
+            Gemm.MatMulT(h, w.Wv, v, rows, kvd, d);
+            if (w.Bq != null) { CpuOps.AddBias(q, w.Bq, rows); CpuOps.AddBias(k, w.Bk!, rows); CpuOps.AddBias(v, w.Bv!, rows); }
+            for (int b = 0; b < batch.Count; b++)
+            {
+                var cache = caches[b];
+                int start = cache.Length, len = offsets[b + 1] - offsets[b];
+                var qs = Slice(q, offsets[b], len, qd);
+                var ks = Slice(k, offsets[b], len, kvd);
+                _rope.Apply(qs, len, c.NumHeads, start);
+                _rope.Apply(ks, len, c.NumKvHeads, start);
+                Array.Copy(ks, 0, cache.K[l], (long)start * kvd, ks.Length);
+                Array.Copy(v, (long)offsets[b] * kvd, cache.V[l], (long)start * kvd, (long)len * kvd);
+                var ao = new float[(long)len * qd];
+                CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
+            }
+            Gemm.MatMulT(att, w.Wo, x, rows, d, qd, accumulate: true);
+            if (w.Bo != null) CpuOps.AddBias(x, w.Bo, rows);
+
+            CpuOps.RmsNorm(x, w.MlpNorm, h, rows, d, c.RmsNormEps);
+            Gemm.MatMulT(h, w.WGate, gate, rows, f, d);
+            Gemm.MatMulT(h, w.WUp, up, rows, f, d);
+            CpuOps.SiluMul(gate, up, rows * f);
+            Gemm.MatMulT(gate, w.WDown, x, rows, d, f, accumulate: true);
+        }
+        for (int b = 0; b < batch.Count; b++) caches[b].Length += batch[b].Length;
+
+        CpuOps.RmsNorm(x, Weights.FinalNorm, h, rows, d, c.RmsNormEps);
+        var result = new float[batch.Count][];
+        for (int b = 0; b < batch.Count; b++)
+        {
+            int first = lastOnly ? offsets[b + 1] - 1 : offsets[b], n = offsets[b + 1] - first;
+            result[b] = new float[(long)n * c.VocabSize];
+            Gemm.MatMulT(h, first * d, Weights.LmHead, 0, result[b], 0, n, c.VocabSize, d);
+        }
+        return result;
+    }
+
+    private static float[] Slice(float[] src, int row, int rows, int width)
+    {
+        var r = new float[(long)rows * width];
+        Array.Copy(src, (long)row * width, r, 0, r.Length);
+        return r;
+    }
+}

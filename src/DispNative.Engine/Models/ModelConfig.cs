@@ -1,0 +1,188 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace DispNative.Engine.Models;
+
+/// <summary>RoPE frequency scaling (Hugging Face <c>rope_scaling</c>/<c>rope_parameters</c>).</summary>
+public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositions);
+
+/// <summary>Architecture of a LLaMA-family decoder (LLaMA, Mistral, Qwen2 share this layout).</summary>
+public sealed record ModelConfig
+{
+    public static readonly string[] SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+    public required string Architecture { get; init; }
+    public required int HiddenSize { get; init; }
+    public required int IntermediateSize { get; init; }
+    public required int NumLayers { get; init; }
+    public required int NumHeads { get; init; }
+    public required int NumKvHeads { get; init; }
+    public required int HeadDim { get; init; }
+    public required int VocabSize { get; init; }
+    public float RmsNormEps { get; init; } = 1e-5f;
+    public double RopeTheta { get; init; } = 10000.0;
+    public RopeScaling? RopeScaling { get; init; }
+    public bool TieWordEmbeddings { get; init; }
+    /// <summary>q/k/v projections carry biases (Qwen2; LLaMA with attention_bias).</summary>
+    public bool QkvBias { get; init; }
+    /// <summary>o_proj carries a bias (LLaMA with attention_bias).</summary>
+    public bool OutputBias { get; init; }
+    public int MaxPositionEmbeddings { get; init; } = 2048;
+    /// <summary>Sliding attention window (Mistral); null means full causal attention.</summary>
+    public int? SlidingWindow { get; init; }
+    public int? BosTokenId { get; init; }
+    public int[] EosTokenIds { get; init; } = [];
+    public string WeightDType { get; init; } = "float32";
+
+    public int QDim => NumHeads * HeadDim;
+    public int KvDim => NumKvHeads * HeadDim;
+
+    public void Validate(string source)
+    {
+        void Require(bool ok, string what) { if (!ok) throw new ModelFormatException($"{source}: {what}"); }
+        Require(HiddenSize > 0, $"hidden_size must be positive (got {HiddenSize})");
+        Require(IntermediateSize > 0, $"intermediate_size must be positive (got {IntermediateSize})");
+        Require(NumLayers > 0, $"num_hidden_layers must be positive (got {NumLayers})");
+        Require(NumHeads > 0, $"num_attention_heads must be positive (got {NumHeads})");
+        Require(NumKvHeads > 0 && NumHeads % NumKvHeads == 0, $"num_key_value_heads ({NumKvHeads}) must divide num_attention_heads ({NumHeads})");
+        Require(HeadDim > 0 && HeadDim % 2 == 0, $"head_dim must be a positive even number (got {HeadDim})");
+        Require(VocabSize > 0, $"vocab_size must be positive (got {VocabSize})");
+        Require(RmsNormEps > 0, $"rms_norm_eps must be positive (got {RmsNormEps})");
+        Require(RopeTheta > 0, $"rope_theta must be positive (got {RopeTheta})");
+    }
+
+    /// <summary>Parameter counts by kind (embedding, attention, MLP, norms, LM head if untied).</summary>
+    public IReadOnlyDictionary<string, long> ParameterCounts()
+    {
+        long d = HiddenSize, f = IntermediateSize, L = NumLayers;
+        long attn = L * (d * QDim + 2 * d * KvDim + QDim * d + (QkvBias ? QDim + 2 * KvDim : 0) + (OutputBias ? d : 0));
+        return new Dictionary<string, long>
+        {
+            ["embedding"] = (long)VocabSize * d,
+            ["attention"] = attn,
+            ["mlp"] = L * 3 * d * f,
+            ["norms"] = (2 * L + 1) * d,
+            ["lm_head"] = TieWordEmbeddings ? 0 : (long)VocabSize * d,
+        };
+    }
+
+    public static ModelConfig Load(string configPath)
+    {
+        if (!File.Exists(configPath)) throw new ModelFormatException($"config not found: {configPath}");
+        JsonNode? root;
+        try { root = JsonNode.Parse(File.ReadAllText(configPath)); }
+        catch (JsonException e) { throw new ModelFormatException($"{configPath}: not valid JSON ({e.Message})"); }
+        if (root is not JsonObject obj) throw new ModelFormatException($"{configPath}: not a JSON object");
+        return Parse(obj, configPath);
+    }
+
+    public static ModelConfig Parse(JsonObject c, string source)
+    {
+        string arch = c["architectures"] is JsonArray a && a.Count > 0 ? a[0]!.GetValue<string>() : "";
+        if (arch == "")
+            throw new ModelFormatException($"{source}: missing 'architectures'; supported: {string.Join(", ", SupportedArchitectures)}");
+        if (!SupportedArchitectures.Contains(arch))
+            throw new ModelFormatException($"{source}: unsupported architecture '{arch}'; supported: {string.Join(", ", SupportedArchitectures)}");
+
+        int RequiredInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i
+            : throw new ModelFormatException($"{source}: missing or non-integer field '{key}'");
+        int? OptInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i : null;
+        double? OptDouble(string key, JsonObject? o = null) => (o ?? c)[key] is JsonValue v && v.TryGetValue(out double d) ? d : null;
+        bool OptBool(string key, bool dflt) => c[key] is JsonValue v && v.TryGetValue(out bool b) ? b : dflt;
+
+        int hidden = RequiredInt("hidden_size");
+        int heads = RequiredInt("num_attention_heads");
+        string act = c["hidden_act"]?.GetValue<string>() ?? "silu";
+        if (act != "silu") throw new ModelFormatException($"{source}: unsupported hidden_act '{act}' (only silu/SwiGLU)");
+        if (OptBool("mlp_bias", false)) throw new ModelFormatException($"{source}: mlp_bias=true is not supported");
+
+        // rope theta: top-level rope_theta (transformers 4) or rope_parameters.rope_theta (transformers 5).
+        var ropeParams = c["rope_parameters"] as JsonObject;
+        double theta = OptDouble("rope_theta") ?? (ropeParams != null ? OptDouble("rope_theta", ropeParams) : null) ?? 10000.0;
+        var scalingObj = c["rope_scaling"] as JsonObject ?? ropeParams;
+        RopeScaling? scaling = null;
+        if (scalingObj != null)
+        {
+            string type = (scalingObj["rope_type"] ?? scalingObj["type"])?.GetValue<string>() ?? "default";
+            if (type is "linear" or "llama3")
+                scaling = new RopeScaling(type, OptDouble("factor", scalingObj) ?? 1.0, OptDouble("low_freq_factor", scalingObj) ?? 1.0,
+                    OptDouble("high_freq_factor", scalingObj) ?? 4.0, (int)(OptDouble("original_max_position_embeddings", scalingObj) ?? 8192));
+            else if (type != "default")
+                throw new ModelFormatException($"{source}: unsupported RoPE scaling type '{type}' (supported: default, linear, llama3)");
+        }
+
+        int[] eos = c["eos_token_id"] switch
+        {
+            JsonArray arr => arr.Select(x => x!.GetValue<int>()).ToArray(),
+            JsonValue v when v.TryGetValue(out int e) => [e],
+            _ => [],
+        };
+        bool isQwen = arch == "Qwen2ForCausalLM";
+        bool attnBias = OptBool("attention_bias", false);
+        int? window = arch switch
+        {
+            "MistralForCausalLM" => OptInt("sliding_window"),
+            "Qwen2ForCausalLM" when OptBool("use_sliding_window", false) => OptInt("sliding_window"),
+            _ => null,
+        };
+        var cfg = new ModelConfig
+        {
+            Architecture = arch,
+            HiddenSize = hidden,
+            IntermediateSize = RequiredInt("intermediate_size"),
+            NumLayers = RequiredInt("num_hidden_layers"),
+            NumHeads = heads,
+            NumKvHeads = OptInt("num_key_value_heads") ?? heads,
+            HeadDim = OptInt("head_dim") ?? (heads > 0 ? hidden / heads : 0),
+            VocabSize = RequiredInt("vocab_size"),
+            RmsNormEps = (float)(OptDouble("rms_norm_eps") ?? 1e-6),
+            RopeTheta = theta,
+            RopeScaling = scaling,
+            TieWordEmbeddings = OptBool("tie_word_embeddings", false),
+            QkvBias = isQwen || attnBias,
+            OutputBias = !isQwen && attnBias,
+            MaxPositionEmbeddings = OptInt("max_position_embeddings") ?? 2048,
+            SlidingWindow = window,
+            BosTokenId = OptInt("bos_token_id"),
+            EosTokenIds = eos,
+            WeightDType = (c["torch_dtype"] ?? c["dtype"])?.GetValue<string>() ?? "float32",
+        };
+        cfg.Validate(source);
+        return cfg;
+    }
+
+    /// <summary>The config as Hugging Face <c>config.json</c> (for saving models).</summary>
+    public JsonObject ToJson()
+    {
+        var o = new JsonObject
+        {
+            ["architectures"] = new JsonArray(Architecture),
+            ["model_type"] = Architecture switch { "MistralForCausalLM" => "mistral", "Qwen2ForCausalLM" => "qwen2", _ => "llama" },
+            ["hidden_size"] = HiddenSize,
+            ["intermediate_size"] = IntermediateSize,
+            ["num_hidden_layers"] = NumLayers,
+            ["num_attention_heads"] = NumHeads,
+            ["num_key_value_heads"] = NumKvHeads,
+            ["head_dim"] = HeadDim,
+            ["vocab_size"] = VocabSize,
+            ["rms_norm_eps"] = RmsNormEps,
+            ["rope_theta"] = RopeTheta,
+            ["hidden_act"] = "silu",
+            ["tie_word_embeddings"] = TieWordEmbeddings,
+            ["max_position_embeddings"] = MaxPositionEmbeddings,
+            ["torch_dtype"] = WeightDType,
+        };
+        if (Architecture == "LlamaForCausalLM") o["attention_bias"] = QkvBias;
+        if (RopeScaling is { } s)
+            o["rope_scaling"] = new JsonObject
+            {
+                ["rope_type"] = s.Type, ["factor"] = s.Factor, ["low_freq_factor"] = s.LowFreqFactor,
+                ["high_freq_factor"] = s.HighFreqFactor, ["original_max_position_embeddings"] = s.OriginalMaxPositions,
+            };
+        if (SlidingWindow is { } w) { o["sliding_window"] = w; if (Architecture == "Qwen2ForCausalLM") o["use_sliding_window"] = true; }
+        if (BosTokenId is { } b) o["bos_token_id"] = b;
+        if (EosTokenIds.Length == 1) o["eos_token_id"] = EosTokenIds[0];
+        else if (EosTokenIds.Length > 1) o["eos_token_id"] = new JsonArray(EosTokenIds.Select(e => (JsonNode)e).ToArray());
+        return o;
+    }
+}

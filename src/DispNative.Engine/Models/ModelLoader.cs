@@ -1,0 +1,50 @@
+using DispNative.Engine.Inference;
+using DispNative.Engine.IO;
+using DispNative.Engine.Tokenization;
+
+namespace DispNative.Engine.Models;
+
+/// <summary>A model ready to run: config, fp32 weights in a <see cref="LlamaModel"/>, tokenizer.</summary>
+public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel Model, ITokenizer Tokenizer)
+{
+    /// <summary>BOS from the config, else from the tokenizer.</summary>
+    public int? BosId => Config.BosTokenId ?? Tokenizer.BosId;
+
+    public IReadOnlyList<int> EosIds => Config.EosTokenIds.Length > 0 ? Config.EosTokenIds : Tokenizer.EosIds;
+}
+
+public static class ModelLoader
+{
+    /// <summary>Loads a Hugging Face directory (config.json + safetensors + tokenizer.json) or a llama2.c
+    /// <c>.bin</c> (its tokenizer given by <paramref name="tokenizerPath"/>).</summary>
+    public static LoadedModel Load(string path, string? tokenizerPath = null)
+    {
+        if (Directory.Exists(path))
+        {
+            var config = ModelConfig.Load(Path.Combine(path, "config.json"));
+            ModelWeights weights;
+            using (var ckpt = SafeTensorsCheckpoint.Open(path)) weights = ModelWeights.Load(ckpt, config);
+            var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
+            CheckVocab(tokenizer, config, path);
+            return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+        }
+        if (File.Exists(path))
+        {
+            if (!path.EndsWith(".bin", StringComparison.OrdinalIgnoreCase))
+                throw new ModelFormatException($"{path}: expected a Hugging Face model directory or a llama2.c .bin checkpoint");
+            if (tokenizerPath == null)
+                throw new ModelFormatException($"{path}: a llama2.c checkpoint needs its tokenizer (--tokenizer tokenizer.bin)");
+            var (config, weights) = Llama2cImport.Load(path);
+            var tokenizer = TokenizerLoader.Load(tokenizerPath);
+            CheckVocab(tokenizer, config, path);
+            return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+        }
+        throw new ModelFormatException($"model not found: {path}");
+    }
+
+    private static void CheckVocab(ITokenizer tokenizer, ModelConfig config, string path)
+    {
+        if (tokenizer.VocabSize > config.VocabSize)
+            throw new ModelFormatException($"{path}: the tokenizer has {tokenizer.VocabSize} tokens but the model's vocabulary is {config.VocabSize}");
+    }
+}

@@ -1,0 +1,441 @@
+using System.Text;
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+
+namespace DispNative.Engine.Tokenization;
+
+/// <summary>A Hugging Face <c>tokenizer.json</c> with a BPE model: the SentencePiece style (Prepend/Replace
+/// normalizer or Metaspace pre-tokenizer, byte fallback) and the byte-level style (GPT-2, Llama-3, Qwen:
+/// regex split + byte-to-unicode map). Added/special tokens are matched on the raw text first.</summary>
+public sealed class HfTokenizer : ITokenizer
+{
+    private const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+    private readonly string _source;
+    private readonly Dictionary<string, int> _vocab;
+    private readonly string[] _idToToken;
+    private readonly BpeMerger _merger;
+    private readonly bool _byteFallback, _ignoreMerges, _fuseUnk;
+    private readonly int? _unkId;
+    private readonly int[] _byteTokenIds = new int[256];
+    private readonly List<(string Content, int Id)> _added;
+    private readonly HashSet<int> _special = new();
+    private readonly Func<string, bool, string> _normalize;
+    private readonly Func<string, bool, IEnumerable<string>> _preTokenize;
+    private readonly int[] _prefix, _suffix;
+    private readonly Func<List<string>, List<string>> _decode;
+
+    public int VocabSize => _idToToken.Length;
+    public int? BosId { get; }
+    public IReadOnlyList<int> EosIds { get; }
+
+    public static HfTokenizer Load(string path)
+    {
+        if (!File.Exists(path)) throw new ModelFormatException($"tokenizer not found: {path}");
+        JsonNode? root;
+        try { root = JsonNode.Parse(File.ReadAllText(path)); }
+        catch (System.Text.Json.JsonException e) { throw new ModelFormatException($"{path}: not valid JSON ({e.Message})"); }
+        if (root is not JsonObject o) throw new ModelFormatException($"{path}: not a JSON object");
+        return new HfTokenizer(o, path);
+    }
+
+    public HfTokenizer(JsonObject json, string source)
+    {
+        _source = source;
+        var model = json["model"] as JsonObject ?? throw Error("missing 'model'");
+        string type = model["type"]?.GetValue<string>() ?? "BPE";
+        if (type != "BPE") throw Error($"unsupported tokenizer model type '{type}' (only BPE)");
+        if (model["continuing_subword_prefix"] is JsonValue || model["end_of_word_suffix"] is JsonValue)
+            throw Error("BPE continuing_subword_prefix/end_of_word_suffix are not supported");
+
+        _vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var (k, v) in model["vocab"] as JsonObject ?? throw Error("missing model.vocab"))
+            _vocab[k] = v!.GetValue<int>();
+        var added = (json["added_tokens"] as JsonArray ?? []).OfType<JsonObject>()
+            .Select(a => (Content: a["content"]!.GetValue<string>(), Id: a["id"]!.GetValue<int>(), Special: a["special"]?.GetValue<bool>() ?? false))
+            .ToList();
+        int size = Math.Max(_vocab.Count == 0 ? 0 : _vocab.Values.Max() + 1, added.Count == 0 ? 0 : added.Max(a => a.Id) + 1);
+        _idToToken = new string[size];
+        foreach (var (k, v) in _vocab) _idToToken[v] = k;
+        foreach (var a in added)
+        {
+            _idToToken[a.Id] = a.Content;
+            _vocab.TryAdd(a.Content, a.Id);
+            if (a.Special) _special.Add(a.Id);
+        }
+        // Longest content first so that "<|end|>" wins over "<|e".
+        _added = added.Select(a => (a.Content, a.Id)).OrderByDescending(a => a.Content.Length).ToList();
+
+        var merges = new Dictionary<long, (int, int)>();
+        int rank = 0;
+        foreach (var m in model["merges"] as JsonArray ?? [])
+        {
+            string a, b;
+            if (m is JsonArray pair) { a = pair[0]!.GetValue<string>(); b = pair[1]!.GetValue<string>(); }
+            else
+            {
+                string s = m!.GetValue<string>();
+                int sp = s.IndexOf(' ', 1);
+                if (sp < 0) throw Error($"malformed merge '{s}'");
+                a = s[..sp]; b = s[(sp + 1)..];
+            }
+            if (_vocab.TryGetValue(a, out int ia) && _vocab.TryGetValue(b, out int ib) && _vocab.TryGetValue(a + b, out int iab))
+                merges.TryAdd(BpeMerger.Key(ia, ib), (rank, iab));
+            rank++;
+        }
+        _merger = new BpeMerger(merges);
+        _byteFallback = model["byte_fallback"]?.GetValue<bool>() ?? false;
+        _ignoreMerges = model["ignore_merges"]?.GetValue<bool>() ?? false;
+        _fuseUnk = model["fuse_unk"]?.GetValue<bool>() ?? false;
+        string? unk = model["unk_token"]?.GetValue<string>();
+        _unkId = unk != null && _vocab.TryGetValue(unk, out int u) ? u : null;
+        for (int i = 0; i < 256; i++) _byteTokenIds[i] = _vocab.TryGetValue($"<0x{i:X2}>", out int id) ? id : -1;
+
+        _normalize = BuildNormalizer(json["normalizer"] as JsonObject);
+        _preTokenize = BuildPreTokenizer(json["pre_tokenizer"] as JsonObject);
+        (_prefix, _suffix) = BuildTemplate(json["post_processor"] as JsonObject);
+        _decode = BuildDecoder(json["decoder"] as JsonObject);
+
+        BosId = _prefix.Length > 0 ? _prefix[0] : Lookup("<s>") ?? Lookup("<|begin_of_text|>");
+        EosIds = new[] { Lookup("</s>"), Lookup("<|end_of_text|>"), Lookup("<|eot_id|>"), Lookup("<|endoftext|>"), Lookup("<|im_end|>") }
+            .Where(x => x.HasValue).Select(x => x!.Value).ToArray();
+    }
+
+    private int? Lookup(string token) => _vocab.TryGetValue(token, out int id) ? id : null;
+
+    private ModelFormatException Error(string what) => new($"{_source}: {what}");
+
+    public string? TokenText(int id) => id >= 0 && id < _idToToken.Length ? _idToToken[id] : null;
+
+    public int[] Encode(string text, bool addSpecialTokens = true)
+    {
+        var ids = new List<int>(text.Length / 3 + 4);
+        if (addSpecialTokens) ids.AddRange(_prefix);
+        bool first = true;
+        foreach (var (segment, addedId) in SplitOnAdded(text))
+        {
+            if (addedId >= 0) { ids.Add(addedId); first = false; continue; }
+            string normalized = _normalize(segment, first);
+            foreach (var piece in _preTokenize(normalized, first))
+                EncodePiece(piece, ids);
+            first = false;
+        }
+        if (addSpecialTokens) ids.AddRange(_suffix);
+        return ids.ToArray();
+    }
+
+    private IEnumerable<(string Segment, int AddedId)> SplitOnAdded(string text)
+    {
+        int start = 0, i = 0;
+        while (i < text.Length)
+        {
+            int match = -1, len = 0;
+            foreach (var (content, id) in _added)
+                if (content.Length > 0 && string.CompareOrdinal(text, i, content, 0, content.Length) == 0) { match = id; len = content.Length; break; }
+            if (match < 0) { i++; continue; }
+            if (i > start) yield return (text[start..i], -1);
+            yield return ("", match);
+            i += len;
+            start = i;
+        }
+        if (start < text.Length) yield return (text[start..], -1);
+    }
+
+    private void EncodePiece(string piece, List<int> output)
+    {
+        if (piece.Length == 0) return;
+        if (_ignoreMerges && _vocab.TryGetValue(piece, out int whole)) { output.Add(whole); return; }
+        var symbols = new List<int>(piece.Length);
+        bool lastUnk = false;
+        Span<byte> utf8 = stackalloc byte[4];
+        foreach (var rune in piece.EnumerateRunes())
+        {
+            string s = rune.ToString();
+            if (_vocab.TryGetValue(s, out int id)) { symbols.Add(id); lastUnk = false; continue; }
+            if (_byteFallback)
+            {
+                int n = rune.EncodeToUtf8(utf8);
+                bool all = true;
+                for (int b = 0; b < n; b++) all &= _byteTokenIds[utf8[b]] >= 0;
+                if (all) { for (int b = 0; b < n; b++) symbols.Add(_byteTokenIds[utf8[b]]); lastUnk = false; continue; }
+            }
+            if (_unkId is not int unk) throw new DispNativeException($"{_source}: character U+{rune.Value:X4} is not in the vocabulary and there is no unk token");
+            if (!(_fuseUnk && lastUnk)) symbols.Add(unk);
+            lastUnk = true;
+        }
+        _merger.Merge(symbols);
+        output.AddRange(symbols);
+    }
+
+    public string Decode(ReadOnlySpan<int> ids)
+    {
+        var tokens = new List<string>(ids.Length);
+        foreach (int id in ids)
+        {
+            if (id < 0 || id >= _idToToken.Length || _idToToken[id] == null)
+                throw new DispNativeException($"token id {id} is outside the vocabulary (size {VocabSize})");
+            if (_special.Contains(id)) continue;
+            tokens.Add(_idToToken[id]);
+        }
+        return string.Concat(_decode(tokens));
+    }
+
+    // ---- normalizers ----
+    private Func<string, bool, string> BuildNormalizer(JsonObject? n)
+    {
+        if (n == null) return (s, _) => s;
+        string type = n["type"]!.GetValue<string>();
+        switch (type)
+        {
+            case "Sequence":
+                var parts = (n["normalizers"] as JsonArray ?? []).Select(x => BuildNormalizer(x as JsonObject)).ToList();
+                return (s, first) => parts.Aggregate(s, (acc, f) => f(acc, first));
+            case "Prepend":
+                string pre = n["prepend"]!.GetValue<string>();
+                return (s, _) => s.Length == 0 ? s : pre + s;
+            case "Replace":
+                return BuildReplace(n);
+            case "NFC": return (s, _) => s.Normalize(NormalizationForm.FormC);
+            case "NFD": return (s, _) => s.Normalize(NormalizationForm.FormD);
+            case "NFKC": return (s, _) => s.Normalize(NormalizationForm.FormKC);
+            case "NFKD": return (s, _) => s.Normalize(NormalizationForm.FormKD);
+            case "Lowercase": return (s, _) => s.ToLowerInvariant();
+            default: throw Error($"unsupported normalizer type '{type}'");
+        }
+    }
+
+    private Func<string, bool, string> BuildReplace(JsonObject n)
+    {
+        string content = n["content"]!.GetValue<string>();
+        var pattern = n["pattern"] as JsonObject ?? throw Error("Replace without pattern");
+        if (pattern["String"] is JsonValue str) { string p = str.GetValue<string>(); return (s, _) => s.Replace(p, content, StringComparison.Ordinal); }
+        var regex = new Regex(pattern["Regex"]!.GetValue<string>(), RegexOptions.CultureInvariant);
+        return (s, _) => regex.Replace(s, content);
+    }
+
+    // ---- pre-tokenizers ----
+    private Func<string, bool, IEnumerable<string>> BuildPreTokenizer(JsonObject? p)
+    {
+        if (p == null) return (s, _) => [s];
+        string type = p["type"]!.GetValue<string>();
+        switch (type)
+        {
+            case "Sequence":
+                var parts = (p["pretokenizers"] as JsonArray ?? []).Select(x => BuildPreTokenizer(x as JsonObject)).ToList();
+                return (s, first) => parts.Aggregate((IEnumerable<string>)[s], (acc, f) => acc.SelectMany(x => f(x, first)).ToList());
+            case "Metaspace":
+            {
+                string rep = p["replacement"]?.GetValue<string>() ?? "\u2581";
+                string scheme = p["prepend_scheme"]?.GetValue<string>() ?? ((p["add_prefix_space"]?.GetValue<bool>() ?? true) ? "always" : "never");
+                bool split = p["split"]?.GetValue<bool>() ?? true;
+                return (s, first) =>
+                {
+                    s = s.Replace(" ", rep, StringComparison.Ordinal);
+                    if ((scheme == "always" || (scheme == "first" && first)) && !s.StartsWith(rep, StringComparison.Ordinal)) s = rep + s;
+                    return split ? SplitBefore(s, rep) : [s];
+                };
+            }
+            case "ByteLevel":
+            {
+                bool prefixSpace = p["add_prefix_space"]?.GetValue<bool>() ?? true;
+                bool useRegex = p["use_regex"]?.GetValue<bool>() ?? true;
+                var regex = new Regex(Gpt2Pattern, RegexOptions.CultureInvariant);
+                return (s, first) =>
+                {
+                    if (prefixSpace && first && s.Length > 0 && s[0] != ' ') s = " " + s;
+                    var pieces = useRegex ? regex.Matches(s).Select(m => m.Value) : [s];
+                    return pieces.Select(ByteLevelMap.Encode).ToList();
+                };
+            }
+            case "Split":
+            {
+                var pat = p["pattern"] as JsonObject ?? throw Error("Split without pattern");
+                var regex = pat["Regex"] is JsonValue r ? new Regex(r.GetValue<string>(), RegexOptions.CultureInvariant)
+                    : new Regex(Regex.Escape(pat["String"]!.GetValue<string>()), RegexOptions.CultureInvariant);
+                string behavior = p["behavior"]?.GetValue<string>() ?? "Isolated";
+                bool invert = p["invert"]?.GetValue<bool>() ?? false;
+                if (invert) throw Error("Split with invert=true is not supported");
+                return (s, _) => SplitRegex(s, regex, behavior);
+            }
+            case "Digits":
+            {
+                bool individual = p["individual_digits"]?.GetValue<bool>() ?? false;
+                var regex = new Regex(individual ? @"\p{Nd}" : @"\p{Nd}+", RegexOptions.CultureInvariant);
+                return (s, _) => SplitRegex(s, regex, "Isolated");
+            }
+            default: throw Error($"unsupported pre_tokenizer type '{type}'");
+        }
+    }
+
+    private static IEnumerable<string> SplitBefore(string s, string marker)
+    {
+        var result = new List<string>();
+        int start = 0;
+        for (int i = 1; i < s.Length; i++)
+            if (string.CompareOrdinal(s, i, marker, 0, marker.Length) == 0) { result.Add(s[start..i]); start = i; }
+        if (start < s.Length) result.Add(s[start..]);
+        return result;
+    }
+
+    private IEnumerable<string> SplitRegex(string s, Regex regex, string behavior)
+    {
+        var result = new List<string>();
+        int last = 0;
+        string? pendingMatch = null;
+        foreach (Match m in regex.Matches(s))
+        {
+            if (m.Length == 0) continue;
+            string gap = s[last..m.Index];
+            switch (behavior)
+            {
+                case "Isolated": if (gap.Length > 0) result.Add(gap); result.Add(m.Value); break;
+                case "Removed": if (gap.Length > 0) result.Add(gap); break;
+                case "MergedWithPrevious": result.Add(gap + m.Value); break;
+                case "MergedWithNext":
+                    if (pendingMatch != null) result.Add(pendingMatch + gap); else if (gap.Length > 0) result.Add(gap);
+                    pendingMatch = m.Value; break;
+                default: throw Error($"unsupported Split behavior '{behavior}'");
+            }
+            last = m.Index + m.Length;
+        }
+        string tail = s[last..];
+        if (pendingMatch != null) result.Add(pendingMatch + tail);
+        else if (tail.Length > 0) result.Add(tail);
+        return result;
+    }
+
+    // ---- post-processor ----
+    private (int[], int[]) BuildTemplate(JsonObject? p)
+    {
+        if (p == null) return ([], []);
+        string type = p["type"]!.GetValue<string>();
+        switch (type)
+        {
+            case "ByteLevel": return ([], []);
+            case "Sequence":
+                var parts = (p["processors"] as JsonArray ?? []).Select(x => BuildTemplate(x as JsonObject)).ToList();
+                return (parts.SelectMany(x => x.Item1).ToArray(), parts.SelectMany(x => x.Item2).ToArray());
+            case "TemplateProcessing":
+                var specials = p["special_tokens"] as JsonObject;
+                List<int> pre = new(), post = new();
+                bool seenSequence = false;
+                foreach (var item in p["single"] as JsonArray ?? [])
+                {
+                    if (item!["Sequence"] != null) { seenSequence = true; continue; }
+                    string id = item["SpecialToken"]!["id"]!.GetValue<string>();
+                    var ids = specials?[id]?["ids"] is JsonArray arr ? arr.Select(x => x!.GetValue<int>()).ToList()
+                        : [Lookup(id) ?? throw Error($"template special token '{id}' is not in the vocabulary")];
+                    (seenSequence ? post : pre).AddRange(ids);
+                }
+                return (pre.ToArray(), post.ToArray());
+            default: throw Error($"unsupported post_processor type '{type}'");
+        }
+    }
+
+    // ---- decoders ----
+    private Func<List<string>, List<string>> BuildDecoder(JsonObject? d)
+    {
+        if (d == null) return t => t;
+        string type = d["type"]!.GetValue<string>();
+        switch (type)
+        {
+            case "Sequence":
+                var parts = (d["decoders"] as JsonArray ?? []).Select(x => BuildDecoder(x as JsonObject)).ToList();
+                return t => parts.Aggregate(t, (acc, f) => f(acc));
+            case "Replace":
+                var replace = BuildReplace(d);
+                return t => t.Select(x => replace(x, false)).ToList();
+            case "ByteFallback":
+                return DecodeByteFallback;
+            case "Fuse":
+                return t => [string.Concat(t)];
+            case "Strip":
+            {
+                string c = d["content"]!.GetValue<string>();
+                int start = d["start"]?.GetValue<int>() ?? 0, stop = d["stop"]?.GetValue<int>() ?? 0;
+                return t => t.Select(x =>
+                {
+                    int a = 0, b = x.Length;
+                    while (a < start && a < b && x.AsSpan(a).StartsWith(c)) a += c.Length;
+                    for (int k = 0; k < stop && b - c.Length >= a && x.AsSpan(0, b).EndsWith(c); k++) b -= c.Length;
+                    return x[a..b];
+                }).ToList();
+            }
+            case "ByteLevel":
+                return t => [ByteLevelMap.Decode(string.Concat(t))];
+            case "Metaspace":
+            {
+                string rep = d["replacement"]?.GetValue<string>() ?? "\u2581";
+                string scheme = d["prepend_scheme"]?.GetValue<string>() ?? ((d["add_prefix_space"]?.GetValue<bool>() ?? true) ? "always" : "never");
+                return t => t.Select((x, i) =>
+                {
+                    x = x.Replace(rep, " ", StringComparison.Ordinal);
+                    return i == 0 && scheme != "never" && x.StartsWith(' ') ? x[1..] : x;
+                }).ToList();
+            }
+            default: throw Error($"unsupported decoder type '{type}'");
+        }
+    }
+
+    private static List<string> DecodeByteFallback(List<string> tokens)
+    {
+        var result = new List<string>(tokens.Count);
+        var bytes = new List<byte>();
+        void Flush()
+        {
+            if (bytes.Count == 0) return;
+            var arr = bytes.ToArray();
+            try { result.Add(new UTF8Encoding(false, true).GetString(arr)); }
+            catch (DecoderFallbackException) { result.Add(new string('\uFFFD', arr.Length)); }
+            bytes.Clear();
+        }
+        foreach (var t in tokens)
+        {
+            if (t.Length == 6 && t.StartsWith("<0x", StringComparison.Ordinal) && t[5] == '>' &&
+                byte.TryParse(t.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b))
+            {
+                bytes.Add(b);
+                continue;
+            }
+            Flush();
+            result.Add(t);
+        }
+        Flush();
+        return result;
+    }
+}
+
+/// <summary>GPT-2's reversible byte ↔ printable-character map used by byte-level BPE.</summary>
+public static class ByteLevelMap
+{
+    private static readonly char[] ByteToChar = new char[256];
+    private static readonly Dictionary<char, byte> CharToByte = new();
+
+    static ByteLevelMap()
+    {
+        int n = 0;
+        for (int b = 0; b < 256; b++)
+        {
+            bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+            ByteToChar[b] = printable ? (char)b : (char)(256 + n++);
+            CharToByte[ByteToChar[b]] = (byte)b;
+        }
+    }
+
+    public static string Encode(string text)
+    {
+        var bytes = Encoding.UTF8.GetBytes(text);
+        var chars = new char[bytes.Length];
+        for (int i = 0; i < bytes.Length; i++) chars[i] = ByteToChar[bytes[i]];
+        return new string(chars);
+    }
+
+    public static string Decode(string mapped)
+    {
+        var bytes = new byte[mapped.Length];
+        int n = 0;
+        foreach (char c in mapped)
+            if (CharToByte.TryGetValue(c, out byte b)) bytes[n++] = b;
+        return Encoding.UTF8.GetString(bytes, 0, n);
+    }
+}

@@ -1,0 +1,33 @@
+namespace DispNative.Engine.Tokenization;
+
+/// <summary>Text ↔ token ids.</summary>
+public interface ITokenizer
+{
+    int VocabSize { get; }
+    int? BosId { get; }
+    IReadOnlyList<int> EosIds { get; }
+
+    /// <summary>Encodes text; <paramref name="addSpecialTokens"/> adds what the tokenizer's post-processor
+    /// adds (BOS for LLaMA).</summary>
+    int[] Encode(string text, bool addSpecialTokens = true);
+
+    /// <summary>Decodes ids to text, skipping special tokens.</summary>
+    string Decode(ReadOnlySpan<int> ids);
+}
+
+public static class TokenizerLoader
+{
+    /// <summary>Loads <c>tokenizer.json</c> (Hugging Face) or a llama2.c <c>tokenizer.bin</c>; a directory
+    /// is searched for <c>tokenizer.json</c>.</summary>
+    public static ITokenizer Load(string path)
+    {
+        if (Directory.Exists(path))
+        {
+            string json = Path.Combine(path, "tokenizer.json");
+            if (File.Exists(json)) return HfTokenizer.Load(json);
+            throw new ModelFormatException($"{path}: no tokenizer.json (SentencePiece tokenizer.model files are not read; export tokenizer.json with Hugging Face tokenizers)");
+        }
+        if (!File.Exists(path)) throw new ModelFormatException($"tokenizer not found: {path}");
+        return path.EndsWith(".json", StringComparison.OrdinalIgnoreCase) ? HfTokenizer.Load(path) : Llama2cTokenizer.Load(path);
+    }
+}
