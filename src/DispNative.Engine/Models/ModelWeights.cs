@@ -34,7 +34,7 @@ public sealed class ModelWeights
     {
         long d = c.HiddenSize, f = c.IntermediateSize, q = c.QDim, kv = c.KvDim;
         var layers = new LayerWeights[c.NumLayers];
-        Parallel.For(0, c.NumLayers, l =>
+        ParallelRethrow(c.NumLayers, l =>
         {
             string p = $"model.layers.{l}.";
             float[]? Bias(string name, long n, bool present) => present ? ckpt.ReadFloat32(p + name, n) : null;
@@ -66,6 +66,17 @@ public sealed class ModelWeights
             FinalNorm = ckpt.ReadFloat32("model.norm.weight", d),
             LmHead = head,
         };
+    }
+
+    /// <summary>Parallel.For that rethrows the first error itself rather than an AggregateException, so a
+    /// checkpoint problem reaches the user as the clear message it was raised with.</summary>
+    private static void ParallelRethrow(int count, Action<int> body)
+    {
+        try { Parallel.For(0, count, body); }
+        catch (AggregateException e) when (e.InnerExceptions.Count > 0)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(e.InnerExceptions[0]).Throw();
+        }
     }
 
     /// <summary>The weights as Hugging Face named tensors, stored in <paramref name="dtype"/>.</summary>

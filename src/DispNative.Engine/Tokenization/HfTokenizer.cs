@@ -422,6 +422,9 @@ public static class ByteLevelMap
         }
     }
 
+    /// <summary>The printable character that stands for byte <paramref name="b"/>.</summary>
+    public static char CharOf(byte b) => ByteToChar[b];
+
     public static string Encode(string text)
     {
         var bytes = Encoding.UTF8.GetBytes(text);

@@ -1,0 +1,72 @@
+using DispNative.Cli;
+
+namespace DispNative.Tests;
+
+public class CliTests
+{
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var o = new StringWriter(); var e = new StringWriter();
+        int code = Program.Run(args, o, e);
+        return (code, o.ToString(), e.ToString());
+    }
+
+    [Test]
+    public void Eval_OnASelfMadeModel_EndsWithThePerplexityLine_AndWritesJson()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var text = Path.Combine(TestAssets.TempDir(), "t.txt");
+        File.WriteAllText(text, string.Concat(Enumerable.Repeat("the cat sat in the sun. ", 20)));
+        var json = Path.Combine(TestAssets.TempDir(), "r.json");
+        var (code, stdout, stderr) = Run("eval", "--model", dir, "--text", text, "--block-size", "64", "--max-blocks", "2", "--device", "cpu", "--json", json);
+        Assert.That(code, Is.Zero, stderr);
+        var last = stdout.TrimEnd().Split('\n')[^1];
+        Assert.That(last, Does.Match(@"^perplexity: \d+\.\d+ over 126 tokens$"));
+        Assert.That(File.ReadAllText(json), Does.Contain("\"scored_tokens\": 126"));
+    }
+
+    [Test]
+    public void Generate_AndInspect_Run()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var (code, stdout, stderr) = Run("generate", "--model", dir, "--prompt", "the cat", "--max-new-tokens", "5", "--greedy");
+        Assert.That(code, Is.Zero, stderr);
+        Assert.That(stdout, Does.StartWith("the cat"));
+        (code, stdout, stderr) = Run("inspect", "--model", dir);
+        Assert.That(code, Is.Zero, stderr);
+        Assert.That(stdout, Does.Contain("LlamaForCausalLM").And.Contain("F32"));
+    }
+
+    [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "x.txt", "--block-size", "8" }, "text file not found")]
+    [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "1" }, "--block-size must be at least 2")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi" }, "model not found: /no/such/model")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--temperature", "-1" }, "temperature must be positive")]
+    [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "not found")]
+    public void BadInput_PrintsOneClearLine_WithoutStackTrace(string[] args, string expected)
+    {
+        var (code, _, stderr) = Run(args);
+        Assert.That(code, Is.Not.Zero);
+        Assert.That(stderr, Does.Contain(expected));
+        Assert.That(stderr, Does.Not.Contain("   at "), "no stack trace");
+    }
+
+    [Test]
+    public void EmptyText_IsAClearError()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var text = Path.Combine(TestAssets.TempDir(), "empty.txt");
+        File.WriteAllText(text, "");
+        var (code, _, stderr) = Run("eval", "--model", dir, "--text", text, "--block-size", "8");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("text file is empty"));
+    }
+
+    [Test]
+    public void CudaDevice_WithoutADriver_SaysWhy()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var (code, _, stderr) = Run("generate", "--model", dir, "--prompt", "hi", "--device", "cuda");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("--device cuda:"));
+    }
+}

@@ -1,0 +1,94 @@
+using System.Text.Json.Nodes;
+using DispNative.Engine;
+using DispNative.Engine.Models;
+
+namespace DispNative.Tests;
+
+public class ConfigTests
+{
+    private static JsonObject Base() => new()
+    {
+        ["architectures"] = new JsonArray("LlamaForCausalLM"),
+        ["hidden_size"] = 64, ["intermediate_size"] = 128, ["num_hidden_layers"] = 2, ["num_attention_heads"] = 4,
+        ["num_key_value_heads"] = 2, ["vocab_size"] = 100, ["rms_norm_eps"] = 1e-6, ["rope_theta"] = 500000.0,
+    };
+
+    [Test]
+    public void RefLlamaConfig_ParsesEveryField()
+    {
+        var c = ModelConfig.Load(Path.Combine(TestAssets.RefLlama, "config.json"));
+        Assert.That((c.HiddenSize, c.IntermediateSize, c.NumLayers, c.NumHeads, c.NumKvHeads, c.HeadDim, c.VocabSize),
+            Is.EqualTo((384, 1024, 8, 6, 2, 64, 32000)));
+        Assert.That(c.RopeTheta, Is.EqualTo(10000.0), "rope_parameters.rope_theta");
+        Assert.That(c.RmsNormEps, Is.EqualTo(1e-5f));
+        Assert.That(c.TieWordEmbeddings, Is.True);
+        Assert.That(c.BosTokenId, Is.EqualTo(1));
+        Assert.That(c.EosTokenIds, Is.EqualTo(new[] { 2 }));
+        Assert.That(c.ParameterCounts().Values.Sum(), Is.EqualTo(24877440), "matches the index's total_parameters");
+    }
+
+    [Test]
+    public void TopLevelRopeTheta_DefaultHeadDim_AndRoundTrip()
+    {
+        var c = ModelConfig.Parse(Base(), "cfg");
+        Assert.That(c.RopeTheta, Is.EqualTo(500000.0));
+        Assert.That(c.HeadDim, Is.EqualTo(16));
+        Assert.That(c.QkvBias, Is.False);
+        var again = ModelConfig.Parse(c.ToJson(), "cfg2");
+        Assert.That(again, Is.EqualTo(c).Using<ModelConfig>((a, b) => a.ToJson().ToJsonString() == b.ToJson().ToJsonString()));
+    }
+
+    [Test]
+    public void Qwen2_HasQkvBiases_Mistral_HasSlidingWindow()
+    {
+        var q = Base(); q["architectures"] = new JsonArray("Qwen2ForCausalLM");
+        Assert.That(ModelConfig.Parse(q, "q").QkvBias, Is.True);
+        var m = Base(); m["architectures"] = new JsonArray("MistralForCausalLM"); m["sliding_window"] = 4096;
+        Assert.That(ModelConfig.Parse(m, "m").SlidingWindow, Is.EqualTo(4096));
+    }
+
+    [Test]
+    public void UnknownArchitecture_IsAClearError()
+    {
+        var j = Base(); j["architectures"] = new JsonArray("GPTNeoXForCausalLM");
+        var e = Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"));
+        Assert.That(e!.Message, Does.Contain("unsupported architecture 'GPTNeoXForCausalLM'").And.Contain("LlamaForCausalLM"));
+    }
+
+    [TestCase("hidden_size")]
+    [TestCase("num_hidden_layers")]
+    [TestCase("vocab_size")]
+    public void MissingField_IsNamed(string field)
+    {
+        var j = Base(); j.Remove(field);
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"))!.Message, Does.Contain($"'{field}'"));
+    }
+
+    [Test]
+    public void InconsistentHeads_AndUnsupportedRope_AreRejected()
+    {
+        var j = Base(); j["num_key_value_heads"] = 3;
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message, Does.Contain("num_key_value_heads"));
+        var r = Base(); r["rope_scaling"] = new JsonObject { ["rope_type"] = "yarn", ["factor"] = 4.0 };
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(r, "c"))!.Message, Does.Contain("yarn"));
+    }
+
+    [Test]
+    public void Llama2cImport_RejectsWrongSizes()
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "bad.bin");
+        File.WriteAllBytes(path, new byte[10]);
+        Assert.That(Assert.Throws<ModelFormatException>(() => Llama2cImport.Load(path))!.Message, Does.Contain("truncated"));
+        var header = new[] { 64, 172, 5, 8, 4, 512, 512 }.SelectMany(BitConverter.GetBytes).ToArray();
+        File.WriteAllBytes(path, [.. header, .. new byte[1000]]);
+        Assert.That(Assert.Throws<ModelFormatException>(() => Llama2cImport.Load(path))!.Message, Does.Contain("does not match the header"));
+    }
+
+    [Test]
+    public void Llama2cPermutation_MovesInterleavedPairsToHalves()
+    {
+        // One head of dim 4, 1 column: rows (0,1,2,3) = pairs (0,1),(2,3) → halves (0,2 | 1,3).
+        var w = new float[] { 10, 11, 12, 13 };
+        Assert.That(Llama2cImport.PermuteToHalfRotation(w, 1, 4, 1), Is.EqualTo(new float[] { 10, 12, 11, 13 }));
+    }
+}

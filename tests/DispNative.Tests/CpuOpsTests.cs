@@ -1,0 +1,129 @@
+using DispNative.Engine;
+using DispNative.Engine.Cpu;
+
+namespace DispNative.Tests;
+
+/// <summary>Each optimized CPU op against a plain double-precision reference.</summary>
+public class CpuOpsTests
+{
+    private static float[] Rand(int n, ulong seed)
+    {
+        var r = new Rng(seed);
+        return Enumerable.Range(0, n).Select(_ => r.NextGaussian()).ToArray();
+    }
+
+    [TestCase(1, 1, 1)]
+    [TestCase(1, 37, 19)]
+    [TestCase(7, 100, 300)]
+    [TestCase(8, 32, 16)]
+    [TestCase(13, 384, 384)]
+    [TestCase(9, 33, 17)]
+    [TestCase(64, 172, 64)]
+    [TestCase(100, 1000, 600)]
+    public void Gemm_MatchesNaive(int m, int n, int k)
+    {
+        var x = Rand(m * k, 1); var w = Rand(n * k, 2); var bias = Rand(m * n, 3);
+        foreach (bool accumulate in new[] { false, true })
+        {
+            var y = accumulate ? (float[])bias.Clone() : Rand(m * n, 4);
+            Gemm.MatMulT(x, w, y, m, n, k, accumulate);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < n; j++)
+                {
+                    double s = accumulate ? bias[i * n + j] : 0;
+                    for (int t = 0; t < k; t++) s += (double)x[i * k + t] * w[j * k + t];
+                    Assert.That(y[i * n + j], Is.EqualTo(s).Within(1e-5 * Math.Sqrt(k) * 4), $"({i},{j}) accumulate={accumulate}");
+                }
+        }
+    }
+
+    [Test]
+    public void Gemm_SingleThread_EqualsMultiThread()
+    {
+        int m = 40, n = 200, k = 700;
+        var x = Rand(m * k, 5); var w = Rand(n * k, 6);
+        var a = new float[m * n]; var b = new float[m * n];
+        int saved = Gemm.Threads;
+        try { Gemm.Threads = 1; Gemm.MatMulT(x, w, a, m, n, k); Gemm.Threads = 4; Gemm.MatMulT(x, w, b, m, n, k); }
+        finally { Gemm.Threads = saved; }
+        Assert.That(b, Is.EqualTo(a), "blocking does not depend on the thread count's split of N");
+    }
+
+    [Test]
+    public void RmsNorm_MatchesNaive()
+    {
+        int rows = 3, d = 37;
+        var x = Rand(rows * d, 7); var g = Rand(d, 8); var y = new float[rows * d];
+        CpuOps.RmsNorm(x, g, y, rows, d, 1e-5f);
+        for (int r = 0; r < rows; r++)
+        {
+            double ms = 0;
+            for (int i = 0; i < d; i++) ms += (double)x[r * d + i] * x[r * d + i];
+            double inv = 1 / Math.Sqrt(ms / d + 1e-5);
+            for (int i = 0; i < d; i++) Assert.That(y[r * d + i], Is.EqualTo(x[r * d + i] * inv * g[i]).Within(1e-5));
+        }
+    }
+
+    [Test]
+    public void Rope_RotatesHalves_ByPositionTimesFrequency()
+    {
+        int hd = 8, heads = 2, rows = 3, start = 5;
+        var x = Rand(rows * heads * hd, 9);
+        var y = (float[])x.Clone();
+        new Rope(hd, 10000).Apply(y, rows, heads, start);
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < heads; h++)
+                for (int i = 0; i < hd / 2; i++)
+                {
+                    double angle = (start + r) * Math.Pow(10000, -2.0 * i / hd);
+                    int o = (r * heads + h) * hd;
+                    double a = x[o + i], b = x[o + i + hd / 2];
+                    Assert.That(y[o + i], Is.EqualTo(a * Math.Cos(angle) - b * Math.Sin(angle)).Within(1e-5));
+                    Assert.That(y[o + i + hd / 2], Is.EqualTo(b * Math.Cos(angle) + a * Math.Sin(angle)).Within(1e-5));
+                }
+    }
+
+    [TestCase(null)]
+    [TestCase(3)]
+    public void Attention_MatchesNaiveCausalGqa(int? window)
+    {
+        int heads = 4, kvHeads = 2, hd = 5, start = 2, tq = 4, total = start + tq;
+        var q = Rand(tq * heads * hd, 10); var k = Rand(total * kvHeads * hd, 11); var v = Rand(total * kvHeads * hd, 12);
+        var o = new float[tq * heads * hd];
+        CpuOps.Attention(q, k, v, o, tq, start, heads, kvHeads, hd, window);
+        for (int t = 0; t < tq; t++)
+            for (int h = 0; h < heads; h++)
+            {
+                int kvh = h / (heads / kvHeads), pos = start + t, first = window is int w ? Math.Max(0, pos - w + 1) : 0;
+                var scores = new double[pos + 1];
+                for (int s = first; s <= pos; s++)
+                {
+                    double dot = 0;
+                    for (int i = 0; i < hd; i++) dot += (double)q[(t * heads + h) * hd + i] * k[(s * kvHeads + kvh) * hd + i];
+                    scores[s] = dot / Math.Sqrt(hd);
+                }
+                double max = scores.Skip(first).Max(), sum = scores.Skip(first).Sum(z => Math.Exp(z - max));
+                for (int i = 0; i < hd; i++)
+                {
+                    double acc = 0;
+                    for (int s = first; s <= pos; s++) acc += Math.Exp(scores[s] - max) / sum * v[(s * kvHeads + kvh) * hd + i];
+                    Assert.That(o[(t * heads + h) * hd + i], Is.EqualTo(acc).Within(1e-5));
+                }
+            }
+    }
+
+    [Test]
+    public void LogSumExp_IsStable()
+    {
+        Assert.That(CpuOps.LogSumExp([1000f, 1000f]), Is.EqualTo(1000 + Math.Log(2)).Within(1e-3));
+        Assert.That(CpuOps.LogSumExp([-1f, 0f, 2f]), Is.EqualTo(Math.Log(Math.Exp(-1) + 1 + Math.Exp(2))).Within(1e-6));
+    }
+
+    [Test]
+    public void Embed_RejectsOutOfRangeIds()
+    {
+        var table = Rand(12, 13);
+        Assert.Throws<DispNativeException>(() => CpuOps.Embed(table, [4], new float[3], 3, 4));
+        Assert.Throws<DispNativeException>(() => CpuOps.Embed(table, [-1], new float[3], 3, 4));
+    }
+}

@@ -1,0 +1,165 @@
+using System.Text.Json;
+using DispNative.Engine;
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Inference;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+
+namespace DispNative.Tests;
+
+public class ForwardTests
+{
+    private static LoadedModel? _ref;
+    private static LoadedModel Ref => _ref ??= ModelLoader.Load(TestAssets.RefLlama);
+
+    private static JsonElement Golden(string dir) => JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "golden.json"))).RootElement;
+
+    private static int[] Ints(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+    private static double[] Doubles(JsonElement e) => e.EnumerateArray().Select(x => x.GetDouble()).ToArray();
+
+    [Test]
+    public void RefLlama_ForwardStatistics_MatchTransformers()
+    {
+        var fw = Golden(TestAssets.RefLlama).GetProperty("forward_fp32");
+        var ids = Ints(fw.GetProperty("input_ids"));
+        var logits = Ref.Model.Forward(ids, Ref.Model.NewCache(ids.Length));
+        int v = Ref.Config.VocabSize;
+        var argmax = Ints(fw.GetProperty("argmax_per_position"));
+        var lse = Doubles(fw.GetProperty("logsumexp_per_position"));
+        var l2 = Doubles(fw.GetProperty("l2_norm_per_position"));
+        for (int t = 0; t < ids.Length; t++)
+        {
+            var row = logits.AsSpan(t * v, v);
+            double norm = 0;
+            foreach (var x in row) norm += (double)x * x;
+            Assert.That(Generator.ArgMax(row), Is.EqualTo(argmax[t]), $"argmax at {t}");
+            Assert.That(CpuOps.LogSumExp(row), Is.EqualTo(lse[t]).Within(1e-3 * Math.Abs(lse[t])), $"logsumexp at {t}");
+            Assert.That(Math.Sqrt(norm), Is.EqualTo(l2[t]).Within(1e-3 * l2[t]), $"L2 at {t}");
+        }
+        // Individual logits: error within 1e-3 of the row's RMS logit (the scale fp32 rounding follows).
+        var first16 = Doubles(fw.GetProperty("logits_last_position_first16"));
+        double rms = l2[^1] / Math.Sqrt(v);
+        for (int i = 0; i < 16; i++)
+            Assert.That(logits[(ids.Length - 1) * v + i], Is.EqualTo(first16[i]).Within(1e-3 * rms), $"logit {i}");
+    }
+
+    [Test]
+    public void RefLlama_GreedyContinuation_IsIdentical()
+    {
+        var g = Golden(TestAssets.RefLlama).GetProperty("greedy_fp32");
+        var prompt = Ref.Tokenizer.Encode(g.GetProperty("prompt").GetString()!);
+        var output = Generator.Generate(Ref, prompt, 24, new SamplingOptions());
+        Assert.That(output, Is.EqualTo(Ints(g.GetProperty("ids_prompt_then_24_new"))));
+        Assert.That(Ref.Tokenizer.Decode(output), Is.EqualTo(g.GetProperty("text").GetString()));
+    }
+
+    [Test]
+    public void Stories260K_GreedyContinuation_IsIdentical()
+    {
+        var dir = TestAssets.Shared("models/stories260K");
+        var m = ModelLoader.Load(Path.Combine(dir, "stories260K.bin"), Path.Combine(dir, "tok512.bin"));
+        var g = Golden(dir).GetProperty("greedy_fp32");
+        var output = Generator.Generate(m, m.Tokenizer.Encode(g.GetProperty("prompt").GetString()!), 48, new SamplingOptions());
+        Assert.That(output, Is.EqualTo(Ints(g.GetProperty("ids_prompt_then_48_new"))));
+        Assert.That(m.Tokenizer.Decode(output), Is.EqualTo(g.GetProperty("text").GetString()));
+    }
+
+    private static LoadedModel Tiny(bool qkvBias = false, bool tied = true)
+    {
+        var c = TestAssets.TinyConfig(qkvBias: qkvBias, tied: tied);
+        var tok = new Engine.Tokenization.HfTokenizer(TestAssets.ByteLevelTokenizerJson(), "tiny");
+        return new LoadedModel("tiny", c, new LlamaModel(c, ModelWeights.Random(c, 3, 0.1f)), tok);
+    }
+
+    private static void AssertClose(float[] actual, float[] expected, double rel, string what)
+    {
+        Assert.That(actual.Length, Is.EqualTo(expected.Length), what);
+        double scale = expected.Max(Math.Abs);
+        for (int i = 0; i < actual.Length; i++)
+            Assert.That(actual[i], Is.EqualTo(expected[i]).Within(rel * scale), $"{what} [{i}]");
+    }
+
+    [TestCase(false)]
+    [TestCase(true)]
+    public void KvCacheDecode_EqualsFullForward(bool qkvBias)
+    {
+        var m = Tiny(qkvBias).Model;
+        int[] ids = [1, 50, 60, 70, 80, 90, 100, 5, 7];
+        var full = m.Forward(ids, m.NewCache(ids.Length));
+        var cache = m.NewCache(ids.Length);
+        var step = new List<float>(m.Forward(ids[..4], cache));
+        for (int t = 4; t < ids.Length; t++) step.AddRange(m.Forward([ids[t]], cache));
+        AssertClose(step.ToArray(), full, 1e-5, "incremental vs full");
+    }
+
+    [Test]
+    public void BatchedForward_EqualsOneSequenceAtATime()
+    {
+        var m = Tiny(tied: false).Model;
+        int[][] batch = [[1, 5, 9], [1, 20, 30, 40, 50, 60, 70, 80, 90, 11], [1, 2]];
+        var together = m.Forward(batch, batch.Select(b => m.NewCache(b.Length)).ToArray());
+        for (int b = 0; b < batch.Length; b++)
+            AssertClose(together[b], m.Forward(batch[b], m.NewCache(batch[b].Length)), 1e-5, $"sequence {b}");
+    }
+
+    [TestCase(DType.F32)]
+    [TestCase(DType.BF16)]
+    public void SaveThenLoad_GivesIdenticalLogits(DType dtype)
+    {
+        var dir = TestAssets.WriteTinyModel(dtype: dtype);
+        var loaded = ModelLoader.Load(dir);
+        var c = loaded.Config;
+        var original = ModelWeights.Random(c, 1, 0.1f);
+        if (dtype == DType.BF16) original = RoundTripBf16(original, c);
+        int[] ids = [1, 3, 99, 250, 17];
+        var expected = new LlamaModel(c, original).Forward(ids, new KvCache(c, 8));
+        Assert.That(loaded.Model.Forward(ids, loaded.Model.NewCache(8)), Is.EqualTo(expected));
+    }
+
+    private static ModelWeights RoundTripBf16(ModelWeights w, ModelConfig c)
+    {
+        var dir = TestAssets.TempDir();
+        SafeTensorsWriter.WriteSharded(dir, w.ToTensors(c, DType.BF16).ToList(), long.MaxValue);
+        using var ckpt = SafeTensorsCheckpoint.Open(dir);
+        return ModelWeights.Load(ckpt, c);
+    }
+
+    [Test]
+    public void CacheOverflow_AndEmptySequence_AreClearErrors()
+    {
+        var m = Tiny().Model;
+        Assert.Throws<InvalidSettingException>(() => m.Forward([1, 2, 3], m.NewCache(2)));
+        Assert.Throws<InvalidSettingException>(() => m.Forward([], m.NewCache(2)));
+    }
+
+    [Test]
+    public void Sampling_IsSeededAndRespectsTopP()
+    {
+        var m = Tiny();
+        int[] prompt = [1, 40, 41];
+        var a = Generator.Generate(m, prompt, 12, new SamplingOptions(false, 1.5f, 0.95f, 42));
+        var b = Generator.Generate(m, prompt, 12, new SamplingOptions(false, 1.5f, 0.95f, 42));
+        var c = Generator.Generate(m, prompt, 12, new SamplingOptions(false, 1.5f, 0.95f, 43));
+        Assert.That(a, Is.EqualTo(b));
+        Assert.That(a, Is.Not.EqualTo(c));
+        // A tiny top-p keeps only the most likely token: sampling equals greedy.
+        Assert.That(Generator.Generate(m, prompt, 12, new SamplingOptions(false, 1f, 1e-6f, 7)),
+            Is.EqualTo(Generator.Generate(m, prompt, 12, new SamplingOptions())));
+        Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 0f, 0.9f).Validate());
+        Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 1f, 1.5f).Validate());
+    }
+
+    [Test]
+    public void Sample_FollowsTheSoftmaxDistribution()
+    {
+        float[] logits = [0f, MathF.Log(3f), float.NegativeInfinity, MathF.Log(6f)];
+        var rng = new Rng(1);
+        var counts = new int[4];
+        const int n = 20000;
+        for (int i = 0; i < n; i++) counts[Generator.Sample(logits, new SamplingOptions(false), rng)]++;
+        Assert.That(counts[2], Is.Zero);
+        Assert.That(counts[0] / (double)n, Is.EqualTo(0.1).Within(0.01));
+        Assert.That(counts[1] / (double)n, Is.EqualTo(0.3).Within(0.015));
+        Assert.That(counts[3] / (double)n, Is.EqualTo(0.6).Within(0.015));
+    }
+}

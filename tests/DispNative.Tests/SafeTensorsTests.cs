@@ -1,0 +1,160 @@
+using System.Buffers.Binary;
+using System.Text;
+using DispNative.Engine;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+
+namespace DispNative.Tests;
+
+public class SafeTensorsTests
+{
+    private static float[] Values(int n, int seed)
+    {
+        var r = new Rng((ulong)seed);
+        return Enumerable.Range(0, n).Select(_ => r.NextGaussian() * 3).ToArray();
+    }
+
+    [Test]
+    public void WriteThenRead_IsBitExact_ForEveryDType()
+    {
+        var dir = TestAssets.TempDir();
+        var f = Values(30, 1);
+        var tensors = new List<TensorData>
+        {
+            TensorData.FromFloat("a.f32", f, [5, 6], DType.F32),
+            TensorData.FromFloat("a.f16", f, [30], DType.F16),
+            TensorData.FromFloat("a.bf16", f, [2, 3, 5], DType.BF16),
+            TensorData.FromInt32("idx.i32", [0, 3, 7, int.MaxValue], [4]),
+            new("idx.i64", DType.I64, [3], Enumerable.Range(0, 3).SelectMany(i => BitConverter.GetBytes((long)(i * 1000 - 5))).ToArray()),
+            TensorData.FromFloat("empty", [], [0, 4], DType.F32),
+        };
+        string path = Path.Combine(dir, "t.safetensors");
+        SafeTensorsWriter.Write(path, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+
+        using var file = SafeTensorsFile.Open(path);
+        Assert.That(file.Metadata["format"], Is.EqualTo("pt"));
+        foreach (var t in tensors)
+        {
+            var info = file.Info(t.Name);
+            Assert.That(info.DType, Is.EqualTo(t.DType), t.Name);
+            Assert.That(info.Shape, Is.EqualTo(t.Shape), t.Name);
+            Assert.That(file.Bytes(t.Name).ToArray(), Is.EqualTo(t.Data), t.Name);
+        }
+        Assert.That(file.ReadFloat32("a.f32"), Is.EqualTo(f));
+        Assert.That(file.ReadFloat32("a.f16"), Is.EqualTo(f.Select(v => (float)(Half)v).ToArray()));
+        Assert.That(file.ReadFloat32("a.bf16"), Is.EqualTo(f.Select(v => DTypes.BF16ToFloat(DTypes.FloatToBF16(v))).ToArray()));
+        Assert.That(file.ReadInt32("idx.i32"), Is.EqualTo(new[] { 0, 3, 7, int.MaxValue }));
+        Assert.That(file.ReadInt32("idx.i64"), Is.EqualTo(new[] { -5, 995, 1995 }));
+        // Header is 8-byte aligned and the data section starts right after it.
+        var raw = File.ReadAllBytes(path);
+        Assert.That(BinaryPrimitives.ReadUInt64LittleEndian(raw) % 8, Is.EqualTo(0UL));
+    }
+
+    [Test]
+    public void BF16_RoundsToNearestEven()
+    {
+        Assert.That(DTypes.FloatToBF16(1.0f), Is.EqualTo((ushort)0x3F80));
+        // 1 + 2^-8 is exactly halfway between bf16 1.0 and 1.0078125: ties go to the even mantissa (1.0).
+        Assert.That(DTypes.FloatToBF16(1.00390625f), Is.EqualTo((ushort)0x3F80));
+        // 1 + 3·2^-8 is halfway between 1.0078125 (odd) and 1.015625 (even): rounds up to even.
+        Assert.That(DTypes.FloatToBF16(1.01171875f), Is.EqualTo((ushort)0x3F82));
+        Assert.That(float.IsNaN(DTypes.BF16ToFloat(DTypes.FloatToBF16(float.NaN))));
+        Assert.That(DTypes.BF16ToFloat(DTypes.FloatToBF16(-2.5f)), Is.EqualTo(-2.5f));
+    }
+
+    [Test]
+    public void ShardedCheckpoint_RoundTrips_ThroughIndex()
+    {
+        var dir = TestAssets.TempDir();
+        var tensors = Enumerable.Range(0, 7).Select(i => TensorData.FromFloat($"w{i}", Values(100 + i, i), [100 + i], DType.BF16)).ToList();
+        var files = SafeTensorsWriter.WriteSharded(dir, tensors, maxShardBytes: 450);
+        Assert.That(files.Count, Is.GreaterThan(1));
+        Assert.That(File.Exists(Path.Combine(dir, SafeTensorsCheckpoint.IndexFileName)));
+        using var ckpt = SafeTensorsCheckpoint.Open(dir);
+        Assert.That(ckpt.Names, Is.EquivalentTo(tensors.Select(t => t.Name)));
+        foreach (var t in tensors) Assert.That(ckpt.FileOf(t.Name).Bytes(t.Name).ToArray(), Is.EqualTo(t.Data));
+    }
+
+    [Test]
+    public void MissingFile_IsNamed()
+    {
+        var e = Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open("/no/such/model.safetensors"));
+        Assert.That(e!.Message, Does.Contain("/no/such/model.safetensors"));
+        Assert.Throws<ModelFormatException>(() => SafeTensorsCheckpoint.Open("/no/such/dir"));
+    }
+
+    private static string WriteOne(out byte[] bytes)
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "m.safetensors");
+        SafeTensorsWriter.Write(path, [TensorData.FromFloat("layer.weight", Values(64, 3), [8, 8])]);
+        bytes = File.ReadAllBytes(path);
+        return path;
+    }
+
+    [Test]
+    public void TruncatedFile_NamesFileAndTensor()
+    {
+        var path = WriteOne(out var bytes);
+        File.WriteAllBytes(path, bytes[..^10]);
+        var e = Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path));
+        Assert.That(e!.Message, Does.Contain(path).And.Contain("layer.weight").And.Contain("truncated"));
+
+        File.WriteAllBytes(path, bytes[..5]);
+        Assert.That(Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path))!.Message, Does.Contain("truncated"));
+    }
+
+    [Test]
+    public void CorruptHeaders_AreRejectedWithTheReason()
+    {
+        var path = WriteOne(out var bytes);
+        // Header length larger than the file.
+        var big = (byte[])bytes.Clone();
+        BinaryPrimitives.WriteUInt64LittleEndian(big, 1UL << 40);
+        File.WriteAllBytes(path, big);
+        Assert.That(Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path))!.Message, Does.Contain("header length"));
+
+        void WithHeader(string json, string expected)
+        {
+            var h = Encoding.UTF8.GetBytes(json);
+            var file = new byte[8 + h.Length + 256];
+            BinaryPrimitives.WriteUInt64LittleEndian(file, (ulong)h.Length);
+            h.CopyTo(file, 8);
+            File.WriteAllBytes(path, file);
+            var e = Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path));
+            Assert.That(e!.Message, Does.Contain(expected), json);
+        }
+        WithHeader("{not json", "not valid JSON");
+        WithHeader("""{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}""", "unsupported dtype Q4");
+        WithHeader("""{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}""", "do not match dtype F32");
+        WithHeader("""{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}""", "invalid shape");
+        WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}""", "invalid data_offsets");
+        WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}""", "overlaps");
+        WithHeader("""{"w":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}}""", "past the end");
+    }
+
+    [Test]
+    public void WrongShapeInAShard_NamesTensorAndExpectedShape()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var config = TestAssets.TinyConfig();
+        // Rewrite with one tensor transposed-shaped.
+        var weights = ModelWeights.Random(config, 2);
+        var tensors = weights.ToTensors(config, DType.F32).Select(t => t.Name == "model.layers.1.mlp.down_proj.weight"
+            ? t with { Shape = [config.IntermediateSize, config.HiddenSize] } : t).ToList();
+        foreach (var f in Directory.GetFiles(dir, "*.safetensors*")) File.Delete(f);
+        SafeTensorsWriter.WriteSharded(dir, tensors, 40_000);
+        var e = Assert.Throws<ModelFormatException>(() => ModelLoader.Load(dir));
+        Assert.That(e!.Message, Does.Contain("model.layers.1.mlp.down_proj.weight").And.Contain("[80, 48]").And.Contain("expected [48, 80]"));
+    }
+
+    [Test]
+    public void IndexPointingToWrongShard_IsReported()
+    {
+        var dir = TestAssets.TempDir();
+        SafeTensorsWriter.WriteSharded(dir, [TensorData.FromFloat("a", [1, 2], [2]), TensorData.FromFloat("b", [3, 4], [2])], 8);
+        var index = Path.Combine(dir, SafeTensorsCheckpoint.IndexFileName);
+        File.WriteAllText(index, File.ReadAllText(index).Replace("\"b\": \"model-00002-of-00002", "\"b\": \"model-00001-of-00002"));
+        var e = Assert.Throws<ModelFormatException>(() => SafeTensorsCheckpoint.Open(dir));
+        Assert.That(e!.Message, Does.Contain("'b'").And.Contain("not in this shard"));
+    }
+}

@@ -1,0 +1,110 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DispNative.Engine;
+using DispNative.Engine.Tokenization;
+
+namespace DispNative.Tests;
+
+public class TokenizerTests
+{
+    private static readonly string[] VariedText =
+    [
+        "Hello world", " leading space", "two  spaces and trailing ", "line\nbreaks\r\nand\ttabs",
+        "émigré café naïve", "日本語のテキスト", "emoji 🙂👍🏽 flags 🇫🇷", "Ελληνικά и русский", "مرحبا بالعالم",
+        "math ∑∫√ ≠ ≤", "numbers 1234567890 3.14159", "<s> inside text </s>", "\u0000control\u0007chars", "a",
+    ];
+
+    private static HfTokenizer RefTokenizer() => HfTokenizer.Load(Path.Combine(TestAssets.RefLlama, "tokenizer.json"));
+
+    [Test]
+    public void RefLlama_MatchesGoldenIds_WhereTokenizerJsonAgrees()
+    {
+        var tok = RefTokenizer();
+        using var golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(TestAssets.RefLlama, "golden.json")));
+        int checkedCount = 0;
+        foreach (var entry in golden.RootElement.GetProperty("tokenization").EnumerateArray())
+        {
+            if (!entry.GetProperty("hf_tokenizer_json_agrees").GetBoolean()) continue;
+            var expected = entry.GetProperty("ids").EnumerateArray().Select(x => x.GetInt32()).ToArray();
+            Assert.That(tok.Encode(entry.GetProperty("text").GetString()!), Is.EqualTo(expected));
+            checkedCount++;
+        }
+        Assert.That(checkedCount, Is.EqualTo(3));
+    }
+
+    [Test]
+    public void RefLlama_DecodeEncode_RoundTripsVariedUnicode()
+    {
+        var tok = RefTokenizer();
+        foreach (var s in VariedText)
+            Assert.That(tok.Decode(tok.Encode(s)), Is.EqualTo(s.Replace("<s>", "").Replace("</s>", "")), s);
+        Assert.That(tok.Encode("", addSpecialTokens: true), Is.EqualTo(new[] { 1 }));
+    }
+
+    [Test]
+    public void RefLlama_ByteFallback_AndSpecialTokens()
+    {
+        var tok = RefTokenizer();
+        // U+1F642 is not a piece: its four UTF-8 bytes become <0xF0><0x9F><0x99><0x82> = ids 243,162,156,133.
+        var ids = tok.Encode("🙂", addSpecialTokens: false);
+        Assert.That(ids[^4..], Is.EqualTo(new[] { 243, 162, 156, 133 }));
+        // "<s>" in the raw text is the special token, not three characters.
+        Assert.That(tok.Encode("a</s>", addSpecialTokens: false)[^1], Is.EqualTo(2));
+    }
+
+    [Test]
+    public void MetaspacePreTokenizer_GivesTheSameIdsAsTheNormalizerStyle()
+    {
+        var json = JsonNode.Parse(File.ReadAllText(Path.Combine(TestAssets.RefLlama, "tokenizer.json")))!.AsObject();
+        json["normalizer"] = null;
+        json["pre_tokenizer"] = new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "always", ["split"] = false };
+        json["decoder"] = new JsonObject
+        {
+            ["type"] = "Sequence",
+            ["decoders"] = new JsonArray(new JsonObject { ["type"] = "ByteFallback" }, new JsonObject { ["type"] = "Metaspace", ["replacement"] = "▁", ["prepend_scheme"] = "always" }),
+        };
+        var meta = new HfTokenizer(json, "metaspace");
+        var reference = RefTokenizer();
+        foreach (var s in new[] { "The Fulton County Grand Jury said Friday", "Robert Boulter is an English film actor .", "émigré café" })
+        {
+            Assert.That(meta.Encode(s), Is.EqualTo(reference.Encode(s)), s);
+            Assert.That(meta.Decode(meta.Encode(s)), Is.EqualTo(s));
+        }
+    }
+
+    [Test]
+    public void ByteLevel_AppliesMergesPerPreToken_AndRoundTrips()
+    {
+        var tok = new HfTokenizer(TestAssets.ByteLevelTokenizerJson(), "bytelevel");
+        int Id(string token) => tok.Encode(token, false) is [var single] ? single : throw new AssertionException($"'{token}' is not one token");
+        var ids = tok.Encode("the cat", addSpecialTokens: true);
+        // "the" has no leading space, so it is t + he; " cat" merges to one token.
+        Assert.That(ids.Length, Is.EqualTo(4));
+        Assert.That(ids[0], Is.EqualTo(1));
+        Assert.That(ids[3], Is.EqualTo(Id(" cat")));
+        Assert.That(tok.Encode(" the", false), Is.EqualTo(new[] { Id(" the") }));
+        foreach (var s in VariedText.Where(s => !s.Contains("<s>")))
+            Assert.That(tok.Decode(tok.Encode(s)), Is.EqualTo(s), s);
+        Assert.That(tok.Encode("x</s>", false)[^1], Is.EqualTo(2));
+    }
+
+    [Test]
+    public void UnsupportedModelType_IsAClearError()
+    {
+        var json = TestAssets.ByteLevelTokenizerJson();
+        json["model"]!["type"] = "WordPiece";
+        Assert.That(Assert.Throws<ModelFormatException>(() => new HfTokenizer(json, "t.json"))!.Message, Does.Contain("WordPiece"));
+        Assert.Throws<ModelFormatException>(() => TokenizerLoader.Load("/no/such/tokenizer.json"));
+    }
+
+    [Test]
+    public void Llama2c_Tokenizer_MatchesSentencePieceIds_AndRoundTrips()
+    {
+        var tok = Llama2cTokenizer.Load(TestAssets.Shared("models/stories260K/tok512.bin"));
+        Assert.That(tok.VocabSize, Is.EqualTo(512));
+        // From golden.json: "Once upon a time" tokenized with tok512.model, BOS prepended.
+        Assert.That(tok.Encode("Once upon a time"), Is.EqualTo(new[] { 1, 403, 407, 261, 378 }));
+        foreach (var s in VariedText.Where(s => !s.Contains("<s>")))
+            Assert.That(tok.Decode(tok.Encode(s)), Is.EqualTo(s), s);
+    }
+}

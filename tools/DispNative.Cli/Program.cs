@@ -1,0 +1,197 @@
+using System.CommandLine;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DispNative.Engine;
+using DispNative.Engine.Evaluation;
+using DispNative.Engine.Inference;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+using Spectre.Console;
+
+namespace DispNative.Cli;
+
+public static class Program
+{
+    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+
+    /// <summary>Runs the CLI with the given writers (tests call this in-process).</summary>
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        var root = new RootCommand("DispNative: DISP-LLM structural pruning and inference for LLaMA-family models");
+        root.Subcommands.Add(EvalCommand(stdout, stderr));
+        root.Subcommands.Add(GenerateCommand(stdout, stderr));
+        root.Subcommands.Add(InspectCommand(stdout, stderr));
+        var parse = root.Parse(args);
+        return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
+    }
+
+    private static Option<string> ModelOption() => new("--model") { Description = "Hugging Face model directory or llama2.c .bin", Required = true };
+    private static Option<string?> TokenizerOption() => new("--tokenizer") { Description = "tokenizer file (required for a llama2.c .bin)" };
+    private static Option<string> DeviceOption() => new("--device") { Description = "cpu | cuda | auto", DefaultValueFactory = _ => "auto" };
+
+    /// <summary>Runs a verb: user errors (bad files, bad values) print one line and exit 1, never a stack trace.</summary>
+    private static int Guard(TextWriter stderr, Func<int> body)
+    {
+        try { return body(); }
+        catch (DispNativeException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (IOException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (UnauthorizedAccessException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (OperationCanceledException) { stderr.WriteLine("cancelled"); return 130; }
+    }
+
+    private static LoadedModel LoadModel(string model, string? tokenizer, string device, TextWriter stderr)
+    {
+        string chosen = Devices.Resolve(device);
+        stderr.WriteLine($"loading {model} on {chosen}");
+        return ModelLoader.Load(model, tokenizer);
+    }
+
+    private static Command EvalCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
+        var text = new Option<string>("--text") { Description = "text file to score", Required = true };
+        var blockSize = new Option<int>("--block-size") { Description = "tokens per block", Required = true };
+        var maxBlocks = new Option<int?>("--max-blocks") { Description = "score at most this many blocks" };
+        var json = new Option<string?>("--json") { Description = "also write the result as JSON to this file" };
+        var cmd = new Command("eval", "Perplexity of a model on a text (DISP-LLM/SliceGPT protocol)") { model, tok, device, text, blockSize, maxBlocks, json };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            string textPath = p.GetValue(text)!;
+            int bs = p.GetValue(blockSize);
+            int? mb = p.GetValue(maxBlocks);
+            if (bs < 2) throw new InvalidSettingException($"--block-size must be at least 2 (got {bs})");
+            if (mb is <= 0) throw new InvalidSettingException($"--max-blocks must be positive (got {mb})");
+            if (!File.Exists(textPath)) throw new DispNativeException($"text file not found: {textPath}");
+            var content = File.ReadAllText(textPath);
+            if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
+            var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            var ids = m.Tokenizer.Encode(content, addSpecialTokens: false);
+            if (m.BosId is int bos) ids = [bos, .. ids];
+            PerplexityResult result = null!;
+            ProgressConsole(stderr).Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                .Start(ctx =>
+                {
+                    var blocksTotal = Perplexity.Blocks(ids, bs, mb).Count;
+                    var task = ctx.AddTask("perplexity", maxValue: Math.Max(1, blocksTotal));
+                    result = Perplexity.Evaluate(m.Model, ids, bs, mb, new SyncProgress<PerplexityProgress>(pr =>
+                    {
+                        task.Value = pr.BlocksDone;
+                        task.Description = $"perplexity {pr.RunningPerplexity:F3}";
+                    }));
+                });
+            if (p.GetValue(json) is string jsonPath)
+            {
+                var o = new JsonObject
+                {
+                    ["model"] = p.GetValue(model), ["text"] = textPath, ["block_size"] = bs, ["max_blocks"] = mb,
+                    ["perplexity"] = result.Perplexity, ["nll"] = result.TotalNll, ["scored_tokens"] = result.ScoredTokens,
+                    ["blocks"] = result.Blocks, ["tokens"] = result.TotalTokens, ["device"] = "cpu",
+                };
+                File.WriteAllText(jsonPath, o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            }
+            stdout.WriteLine($"perplexity: {result.Perplexity:F4} over {result.ScoredTokens} tokens");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command GenerateCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
+        var prompt = new Option<string>("--prompt") { Description = "prompt text", Required = true };
+        var maxNew = new Option<int>("--max-new-tokens") { Description = "tokens to generate", DefaultValueFactory = _ => 64 };
+        var greedy = new Option<bool>("--greedy") { Description = "always take the most likely token (default unless --temperature is given)" };
+        var temperature = new Option<float?>("--temperature") { Description = "sampling temperature" };
+        var topP = new Option<float>("--top-p") { Description = "nucleus sampling mass", DefaultValueFactory = _ => 1f };
+        var seed = new Option<ulong>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 0 };
+        var cmd = new Command("generate", "Continue a prompt") { model, tok, device, prompt, maxNew, greedy, temperature, topP, seed };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            float? t = p.GetValue(temperature);
+            if (p.GetValue(greedy) && t != null) throw new InvalidSettingException("--greedy and --temperature exclude each other");
+            var sampling = t is float temp ? new SamplingOptions(false, temp, p.GetValue(topP), p.GetValue(seed)) : new SamplingOptions();
+            sampling.Validate();
+            int n = p.GetValue(maxNew);
+            if (n < 0) throw new InvalidSettingException($"--max-new-tokens must be non-negative (got {n})");
+            string text = p.GetValue(prompt)!;
+            if (text.Length == 0) throw new InvalidSettingException("--prompt is empty");
+            var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            var ids = m.Tokenizer.Encode(text);
+            stdout.Write(text);
+            var generated = new List<int>();
+            string shown = "";
+            Generator.Generate(m, ids, n, sampling, id =>
+            {
+                generated.Add(id);
+                // Decode the prompt together with the new tokens so leading spaces come out right; hold back a
+                // trailing partial UTF-8 sequence until its last byte arrives.
+                string all = m.Tokenizer.Decode([.. ids, .. generated]);
+                string fresh = all.Length >= text.Length ? all[text.Length..] : "";
+                if (fresh.EndsWith('\uFFFD') || !fresh.StartsWith(shown, StringComparison.Ordinal)) return;
+                stdout.Write(fresh[shown.Length..]);
+                stdout.Flush();
+                shown = fresh;
+            });
+            stdout.WriteLine();
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command InspectCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var model = ModelOption(); var tok = TokenizerOption();
+        var cmd = new Command("inspect", "Architecture, parameter counts by kind and dtypes") { model, tok };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            string path = p.GetValue(model)!;
+            ModelConfig c;
+            var dtypes = new SortedDictionary<string, long>();
+            if (Directory.Exists(path))
+            {
+                c = ModelConfig.Load(Path.Combine(path, "config.json"));
+                using var ckpt = SafeTensorsCheckpoint.Open(path);
+                foreach (var name in ckpt.Names)
+                {
+                    var info = ckpt.Info(name);
+                    dtypes[info.DType.Name()] = dtypes.GetValueOrDefault(info.DType.Name()) + info.ElementCount;
+                }
+            }
+            else
+            {
+                c = Llama2cImport.Load(path).Config;
+                long total = c.ParameterCounts().Values.Sum();
+                dtypes["F32"] = total;
+            }
+            var sb = new StringBuilder();
+            sb.AppendLine($"model:         {path}");
+            sb.AppendLine($"architecture:  {c.Architecture}");
+            sb.AppendLine($"layers:        {c.NumLayers}");
+            sb.AppendLine($"hidden:        {c.HiddenSize}");
+            sb.AppendLine($"intermediate:  {c.IntermediateSize}");
+            sb.AppendLine($"heads:         {c.NumHeads} (kv {c.NumKvHeads}, head_dim {c.HeadDim})");
+            sb.AppendLine($"vocab:         {c.VocabSize}");
+            sb.AppendLine($"rope_theta:    {c.RopeTheta}{(c.RopeScaling is { } s ? $" ({s.Type} x{s.Factor})" : "")}");
+            sb.AppendLine($"tied head:     {c.TieWordEmbeddings}");
+            sb.AppendLine("parameters:");
+            foreach (var (kind, n) in c.ParameterCounts()) sb.AppendLine($"  {kind,-11} {n,14:N0}");
+            sb.AppendLine($"  {"total",-11} {c.ParameterCounts().Values.Sum(),14:N0}");
+            sb.AppendLine("stored dtypes (elements):");
+            foreach (var (dt, n) in dtypes) sb.AppendLine($"  {dt,-11} {n,14:N0}");
+            stdout.Write(sb.ToString());
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static IAnsiConsole ProgressConsole(TextWriter stderr) =>
+        AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(stderr) });
+
+    /// <summary>Reports on the calling thread (Progress&lt;T&gt; would post to the thread pool).</summary>
+    private sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
+    {
+        public void Report(T value) => report(value);
+    }
+}
