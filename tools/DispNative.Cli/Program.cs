@@ -73,10 +73,10 @@ public static class Program
                 .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
                 .Start(ctx =>
                 {
-                    var blocksTotal = Perplexity.Blocks(ids, bs, mb).Count;
-                    var task = ctx.AddTask("perplexity", maxValue: Math.Max(1, blocksTotal));
+                    var task = ctx.AddTask("perplexity");
                     result = Perplexity.Evaluate(m.Model, ids, bs, mb, new SyncProgress<PerplexityProgress>(pr =>
                     {
+                        task.MaxValue = pr.BlocksTotal;
                         task.Value = pr.BlocksDone;
                         task.Description = $"perplexity {pr.RunningPerplexity:F3}";
                     }));

@@ -391,8 +391,7 @@ public sealed class HfTokenizer : ITokenizer
         }
         foreach (var t in tokens)
         {
-            if (t.Length == 6 && t.StartsWith("<0x", StringComparison.Ordinal) && t[5] == '>' &&
-                byte.TryParse(t.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte b))
+            if (ByteToken.TryParse(t, out byte b))
             {
                 bytes.Add(b);
                 continue;

@@ -31,3 +31,14 @@ public static class TokenizerLoader
         return path.EndsWith(".json", StringComparison.OrdinalIgnoreCase) ? HfTokenizer.Load(path) : Llama2cTokenizer.Load(path);
     }
 }
+
+/// <summary>SentencePiece byte-fallback pieces: <c>&lt;0xNN&gt;</c> stands for the raw byte NN.</summary>
+internal static class ByteToken
+{
+    public static bool TryParse(string piece, out byte value)
+    {
+        value = 0;
+        return piece.Length == 6 && piece.StartsWith("<0x", StringComparison.Ordinal) && piece[5] == '>' &&
+               byte.TryParse(piece.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out value);
+    }
+}

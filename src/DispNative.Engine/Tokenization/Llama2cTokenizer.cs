@@ -91,8 +91,7 @@ public sealed class Llama2cTokenizer : ITokenizer
             if (id is 1 or 2) { prev = id; continue; }
             var piece = _pieces[id];
             string s = Key(piece);
-            if (s.Length == 6 && s.StartsWith("<0x", StringComparison.Ordinal) && s[5] == '>' &&
-                byte.TryParse(s.AsSpan(3, 2), System.Globalization.NumberStyles.HexNumber, null, out byte raw))
+            if (ByteToken.TryParse(s, out byte raw))
                 bytes.Add(raw);
             else
             {
