@@ -22,7 +22,7 @@ public class CliTests
         Assert.That(code, Is.Zero, stderr);
         var last = stdout.TrimEnd().Split('\n')[^1];
         Assert.That(last, Does.Match(@"^perplexity: \d+\.\d+ over 126 tokens$"));
-        Assert.That(File.ReadAllText(json), Does.Contain("\"scored_tokens\": 126"));
+        Assert.That(File.ReadAllText(json), Does.Contain("\"scored_tokens\": 126").And.Contain("\"device\": \"cpu\""));
     }
 
     [Test]

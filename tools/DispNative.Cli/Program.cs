@@ -40,11 +40,11 @@ public static class Program
         catch (OperationCanceledException) { stderr.WriteLine("cancelled"); return 130; }
     }
 
-    private static LoadedModel LoadModel(string model, string? tokenizer, string device, TextWriter stderr)
+    private static (LoadedModel Model, string Device) LoadModel(string model, string? tokenizer, string device, TextWriter stderr)
     {
         string chosen = Devices.Resolve(device);
         stderr.WriteLine($"loading {model} on {chosen}");
-        return ModelLoader.Load(model, tokenizer);
+        return (ModelLoader.Load(model, tokenizer), chosen);
     }
 
     private static Command EvalCommand(TextWriter stdout, TextWriter stderr)
@@ -65,7 +65,7 @@ public static class Program
             if (!File.Exists(textPath)) throw new DispNativeException($"text file not found: {textPath}");
             var content = File.ReadAllText(textPath);
             if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
-            var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            var (m, usedDevice) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
             var ids = m.Tokenizer.Encode(content, addSpecialTokens: false);
             if (m.BosId is int bos) ids = [bos, .. ids];
             PerplexityResult result = null!;
@@ -87,7 +87,7 @@ public static class Program
                 {
                     ["model"] = p.GetValue(model), ["text"] = textPath, ["block_size"] = bs, ["max_blocks"] = mb,
                     ["perplexity"] = result.Perplexity, ["nll"] = result.TotalNll, ["scored_tokens"] = result.ScoredTokens,
-                    ["blocks"] = result.Blocks, ["tokens"] = result.TotalTokens, ["device"] = "cpu",
+                    ["blocks"] = result.Blocks, ["tokens"] = result.TotalTokens, ["device"] = usedDevice,
                 };
                 File.WriteAllText(jsonPath, o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
             }
@@ -117,7 +117,7 @@ public static class Program
             if (n < 0) throw new InvalidSettingException($"--max-new-tokens must be non-negative (got {n})");
             string text = p.GetValue(prompt)!;
             if (text.Length == 0) throw new InvalidSettingException("--prompt is empty");
-            var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            var (m, _) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
             var ids = m.Tokenizer.Encode(text);
             stdout.Write(text);
             var generated = new List<int>();
@@ -142,8 +142,8 @@ public static class Program
 
     private static Command InspectCommand(TextWriter stdout, TextWriter stderr)
     {
-        var model = ModelOption(); var tok = TokenizerOption();
-        var cmd = new Command("inspect", "Architecture, parameter counts by kind and dtypes") { model, tok };
+        var model = ModelOption();
+        var cmd = new Command("inspect", "Architecture, parameter counts by kind and dtypes") { model };
         cmd.SetAction(p => Guard(stderr, () =>
         {
             string path = p.GetValue(model)!;

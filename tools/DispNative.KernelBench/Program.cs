@@ -19,8 +19,10 @@ public static class Program
         }
         if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu)"); return 1; }
         string? model = Arg(args, "--model");
-        int tokens = int.Parse(Arg(args, "--tokens") ?? "512");
-        double seconds = double.Parse(Arg(args, "--seconds") ?? "2", System.Globalization.CultureInfo.InvariantCulture);
+        if (!int.TryParse(Arg(args, "--tokens") ?? "512", out int tokens) || tokens < 1)
+        { Console.Error.WriteLine("error: --tokens must be a positive integer"); return 1; }
+        if (!double.TryParse(Arg(args, "--seconds") ?? "2", System.Globalization.CultureInfo.InvariantCulture, out double seconds) || !(seconds > 0))
+        { Console.Error.WriteLine("error: --seconds must be a positive number"); return 1; }
         try { Cpu(model, tokens, seconds); return 0; }
         catch (DispNativeException e) { Console.Error.WriteLine($"error: {e.Message}"); return 1; }
     }
