@@ -139,6 +139,20 @@ public sealed class Rope
         }
     }
 
+    public int HeadDim => _headDim;
+
+    /// <summary>cos and sin of angle (position · inverse frequency) for one position, as the forward uses them.</summary>
+    public void Angles(int position, Span<float> cos, Span<float> sin)
+    {
+        float pos = position;
+        for (int i = 0; i < _invFreq.Length; i++)
+        {
+            float angle = pos * _invFreq[i];
+            cos[i] = MathF.Cos(angle);
+            sin[i] = MathF.Sin(angle);
+        }
+    }
+
     /// <summary>Rotates each head of each row in place; row r has absolute position start + r.</summary>
     public void Apply(float[] x, int rows, int heads, int start)
     {
@@ -146,13 +160,7 @@ public sealed class Rope
         Span<float> cos = stackalloc float[half], sin = stackalloc float[half];
         for (int r = 0; r < rows; r++)
         {
-            float pos = start + r;
-            for (int i = 0; i < half; i++)
-            {
-                float angle = pos * _invFreq[i];
-                cos[i] = MathF.Cos(angle);
-                sin[i] = MathF.Sin(angle);
-            }
+            Angles(start + r, cos, sin);
             for (int h = 0; h < heads; h++)
             {
                 int o = r * width + h * _headDim;

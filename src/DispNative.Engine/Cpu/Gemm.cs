@@ -4,7 +4,7 @@ using System.Runtime.Intrinsics;
 namespace DispNative.Engine.Cpu;
 
 /// <summary>fp32 <c>Y[M,N] (+)= X[M,K] · W[N,K]ᵀ</c> on the CPU: weights stay in the [out, in] layout of the
-/// checkpoint. M ≥ 8 goes through a packed-panel outer-product micro-kernel (8 rows × 2 vectors of columns,
+/// checkpoint (<see cref="MatMul(float[], float[], float[], int, int, int, bool)"/> takes W as [K,N], for backward passes). M ≥ 8 goes through a packed-panel outer-product micro-kernel (8 rows × 2 vectors of columns,
 /// 16 accumulators, K blocked for L1/L2); smaller M (decode) through dot products. Multi-threaded.</summary>
 public static unsafe class Gemm
 {
@@ -30,13 +30,26 @@ public static unsafe class Gemm
         }
     }
 
-    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate)
+    /// <summary><c>Y[M,N] (+)= X[M,K] · W[K,N]</c> (W not transposed): the input gradient of a linear layer.</summary>
+    public static void MatMul(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
+    {
+        if ((long)m * k > x.Length || (long)n * k > w.Length || (long)m * n > y.Length)
+            throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
+        if (m == 0 || n == 0) return;
+        fixed (float* px = x, pw = w, py = y)
+        {
+            if (Simd.Use512) Run<V512, Vector512<float>>(px, pw, py, m, n, k, accumulate, wTransposed: false);
+            else Run<V256, Vector256<float>>(px, pw, py, m, n, k, accumulate, wTransposed: false);
+        }
+    }
+
+    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, bool wTransposed = true)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
         if (k == 0) return;
         int threads = Math.Max(1, Threads);
-        if (m < MR)
+        if (m < MR && wTransposed)
         {
             Gemv<TOps, TVec>(x, w, y, m, n, k, threads);
             return;
@@ -61,7 +74,8 @@ public static unsafe class Gemm
                 for (int k0 = 0; k0 < k; k0 += KC)
                 {
                     int kc = Math.Min(KC, k - k0);
-                    Pack((float*)pw, bp, n0, nLen, k0, kc, k, nr);
+                    if (wTransposed) Pack((float*)pw, bp, n0, nLen, k0, kc, k, nr);
+                    else PackKMajor((float*)pw, bp, n0, nLen, k0, kc, n, nr);
                     for (int p = 0; p < panels; p++)
                     {
                         int cols = Math.Min(nr, nLen - p * nr);
@@ -93,6 +107,25 @@ public static unsafe class Gemm
                 if (row >= nLen) { for (int kk = 0; kk < kc; kk++) dst[kk * nr + r] = 0; continue; }
                 float* src = w + (long)(n0 + row) * ldw + k0;
                 for (int kk = 0; kk < kc; kk++) dst[kk * nr + r] = src[kk];
+            }
+        }
+    }
+
+    /// <summary>The same panels from W stored [K,N]: panel[k][r] = W[k0 + k, n0 + p·nr + r].</summary>
+    private static void PackKMajor(float* w, float* bp, int n0, int nLen, int k0, int kc, int ldw, int nr)
+    {
+        int panels = (nLen + nr - 1) / nr;
+        for (int p = 0; p < panels; p++)
+        {
+            float* dst = bp + p * nr * kc;
+            int cols = Math.Min(nr, nLen - p * nr);
+            for (int kk = 0; kk < kc; kk++)
+            {
+                float* src = w + (long)(k0 + kk) * ldw + n0 + p * nr;
+                float* d = dst + kk * nr;
+                int r = 0;
+                for (; r < cols; r++) d[r] = src[r];
+                for (; r < nr; r++) d[r] = 0;
             }
         }
     }

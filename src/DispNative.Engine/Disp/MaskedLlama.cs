@@ -1,0 +1,81 @@
+using System.Numerics;
+using DispNative.Engine.Autograd;
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Models;
+
+namespace DispNative.Engine.Disp;
+
+/// <summary>The frozen LLaMA with DISP-LLM masks on its five sites per layer, recorded on a tape so that
+/// gradients reach the masks (never the weights):
+/// <code>
+/// h = RMSNorm(x) · m_attn_in → q, k, v → RoPE → attention → o_proj · m_attn_out;  x += that
+/// h = RMSNorm(x) · m_mlp_in  → down(silu(gate(h)) · up(h) · m_mlp_mid) · m_mlp_out; x += that
+/// </code>
+/// RMSNorm statistics always use the full residual row. The reference code multiplies m_mlp_mid into both
+/// silu(gate) and up; for 0/1 masks that is the same product, so it is applied once here.</summary>
+public sealed class MaskedLlama<T> where T : unmanaged, IFloatingPointIeee754<T>
+{
+    private sealed record Layer(T[] AttnNorm, T[] Wq, T[] Wk, T[] Wv, T[] Wo, T[]? Bq, T[]? Bk, T[]? Bv, T[]? Bo,
+        T[] MlpNorm, T[] WGate, T[] WUp, T[] WDown);
+
+    private readonly Layer[] _layers;
+    private readonly T[] _embedding, _finalNorm, _lmHead;
+    private readonly Rope _rope;
+
+    public ModelConfig Config { get; }
+
+    public MaskedLlama(ModelConfig config, ModelWeights w)
+    {
+        Config = config;
+        _rope = new Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
+        _layers = w.Layers.Select(l => new Layer(Cast(l.AttnNorm), Cast(l.Wq), Cast(l.Wk), Cast(l.Wv), Cast(l.Wo),
+            CastOpt(l.Bq), CastOpt(l.Bk), CastOpt(l.Bv), CastOpt(l.Bo), Cast(l.MlpNorm), Cast(l.WGate), Cast(l.WUp), Cast(l.WDown))).ToArray();
+        _embedding = Cast(w.Embedding);
+        _finalNorm = Cast(w.FinalNorm);
+        _lmHead = ReferenceEquals(w.LmHead, w.Embedding) ? _embedding : Cast(w.LmHead);
+    }
+
+    /// <summary>fp32 weights are used in place; other precisions get a converted copy.</summary>
+    private static T[] Cast(float[] a) => (object)a is T[] same ? same : a.Select(v => T.CreateChecked(v)).ToArray();
+
+    private static T[]? CastOpt(float[]? a) => a == null ? null : Cast(a);
+
+    /// <summary>Logits [n, vocab] of one sequence from position 0. <paramref name="mask"/> gives the [1, width]
+    /// mask of a (layer, site), or null for an unmasked site.</summary>
+    public Var<T> Logits(Tape<T> tape, ReadOnlySpan<int> ids, Func<int, SiteKind, Var<T>?> mask)
+    {
+        var c = Config;
+        int n = ids.Length, d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
+        Var<T> K(T[] a, int rows, int cols) => tape.Constant(a, rows, cols);
+        Var<T>? B(T[]? a) => a == null ? null : tape.Constant(a, 1, a.Length);
+        Var<T> Mask(Var<T> x, int l, SiteKind kind) => mask(l, kind) is { } m ? tape.MaskColumns(x, m) : x;
+
+        var x = tape.Embedding(K(_embedding, c.VocabSize, d), ids);
+        for (int l = 0; l < _layers.Length; l++)
+        {
+            var w = _layers[l];
+            var h = Mask(tape.RmsNorm(x, K(w.AttnNorm, 1, d), c.RmsNormEps), l, SiteKind.AttnIn);
+            var q = tape.Rope(tape.Linear(h, K(w.Wq, qd, d), B(w.Bq)), c.NumHeads, _rope);
+            var k = tape.Rope(tape.Linear(h, K(w.Wk, kvd, d), B(w.Bk)), c.NumKvHeads, _rope);
+            var v = tape.Linear(h, K(w.Wv, kvd, d), B(w.Bv));
+            var a = tape.Attention(q, k, v, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+            x = tape.Add(x, Mask(tape.Linear(a, K(w.Wo, d, qd), B(w.Bo)), l, SiteKind.AttnOut));
+
+            h = Mask(tape.RmsNorm(x, K(w.MlpNorm, 1, d), c.RmsNormEps), l, SiteKind.MlpIn);
+            var mid = Mask(tape.SiluMul(tape.Linear(h, K(w.WGate, f, d)), tape.Linear(h, K(w.WUp, f, d))), l, SiteKind.MlpMid);
+            x = tape.Add(x, Mask(tape.Linear(mid, K(w.WDown, d, f)), l, SiteKind.MlpOut));
+        }
+        var final = tape.RmsNorm(x, K(_finalNorm, 1, d), c.RmsNormEps);
+        return tape.Linear(final, K(_lmHead, c.VocabSize, d));
+    }
+
+    /// <summary>Mean next-token cross-entropy over positions 0..n-2 of one block.</summary>
+    public Var<T> Loss(Tape<T> tape, ReadOnlySpan<int> ids, Func<int, SiteKind, Var<T>?> mask)
+    {
+        if (ids.Length < 2) throw new InvalidSettingException("a training block needs at least 2 tokens");
+        var targets = new int[ids.Length];
+        for (int t = 0; t + 1 < ids.Length; t++) targets[t] = ids[t + 1];
+        targets[^1] = -1;
+        return tape.CrossEntropy(Logits(tape, ids, mask), targets);
+    }
+}
