@@ -6,7 +6,9 @@ using DispNative.Engine;
 using DispNative.Engine.Evaluation;
 using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
+using DispNative.Engine.Disp;
 using DispNative.Engine.Models;
+using DispNative.Engine.Training;
 using Spectre.Console;
 
 namespace DispNative.Cli;
@@ -22,6 +24,7 @@ public static class Program
         root.Subcommands.Add(EvalCommand(stdout, stderr));
         root.Subcommands.Add(GenerateCommand(stdout, stderr));
         root.Subcommands.Add(InspectCommand(stdout, stderr));
+        root.Subcommands.Add(TrainCommand(stdout, stderr));
         var parse = root.Parse(args);
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
     }
@@ -182,6 +185,74 @@ public static class Program
             foreach (var (dt, n) in dtypes) sb.AppendLine($"  {dt,-11} {n,14:N0}");
             stdout.Write(sb.ToString());
             return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command TrainCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
+        var calibration = new Option<string[]>("--calibration") { Description = "calibration text (.txt, documents split at blank lines) or .jsonl with a text field", Required = true, AllowMultipleArgumentsPerToken = true };
+        var ratio = new Option<double>("--prune-ratio") { Description = "fraction of prunable parameters to remove, in (0, 1)", Required = true };
+        var mode = new Option<string>("--mode") { Description = "disp (per-site masks) | same (one shared embedding mask)", DefaultValueFactory = _ => "disp" };
+        var defaults = new TrainingOptions();
+        var steps = new Option<int>("--steps") { Description = "optimisation steps", DefaultValueFactory = _ => defaults.Steps };
+        var blockSize = new Option<int>("--block-size") { Description = "tokens per calibration block", DefaultValueFactory = _ => 2048 };
+        var maxBlocks = new Option<int?>("--max-blocks") { Description = "use at most this many calibration blocks" };
+        var batch = new Option<int>("--batch-size") { Description = "blocks per step", DefaultValueFactory = _ => defaults.BatchSize };
+        var lambda = new Option<double>("--lambda") { Description = "regularizer weight", DefaultValueFactory = _ => defaults.Lambda };
+        var lr = new Option<double>("--lr") { Description = "AdamW learning rate", DefaultValueFactory = _ => defaults.LearningRate };
+        var wd = new Option<double>("--weight-decay") { Description = "AdamW weight decay", DefaultValueFactory = _ => defaults.WeightDecay };
+        var seed = new Option<ulong>("--seed") { Description = "seed of the hypernetwork, data order and Gumbel noise", DefaultValueFactory = _ => 0 };
+        var logEvery = new Option<int>("--log-every") { Description = "log every N steps", DefaultValueFactory = _ => defaults.LogEvery };
+        var ckptEvery = new Option<int>("--checkpoint-every") { Description = "checkpoint every N steps", DefaultValueFactory = _ => defaults.CheckpointEvery };
+        var output = new Option<string>("--out") { Description = "output directory (an interrupted run in it is resumed)", Required = true };
+        var cmd = new Command("train", "Train the DISP-LLM hypernetwork (the LLM stays frozen)")
+            { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, output };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            var options = new TrainingOptions
+            {
+                PruneRatio = p.GetValue(ratio), Mode = SiteLayout.ParseMode(p.GetValue(mode)!), Steps = p.GetValue(steps),
+                BatchSize = p.GetValue(batch), Lambda = p.GetValue(lambda), LearningRate = p.GetValue(lr), WeightDecay = p.GetValue(wd),
+                Seed = p.GetValue(seed), LogEvery = p.GetValue(logEvery), CheckpointEvery = p.GetValue(ckptEvery),
+            };
+            var problems = options.Problems();
+            int bs = p.GetValue(blockSize);
+            if (bs < 2) problems.Add($"block size must be at least 2 (got {bs})");
+            if (p.GetValue(maxBlocks) is <= 0) problems.Add($"max blocks must be positive (got {p.GetValue(maxBlocks)})");
+            if (problems.Count > 0) throw new InvalidSettingException(string.Join("; ", problems));
+            string outDir = p.GetValue(output)!;
+            if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any() &&
+                !File.Exists(Path.Combine(outDir, HypernetworkTrainer.CheckpointFile)))
+                throw new InvalidSettingException($"{outDir} exists and holds no training checkpoint; choose a new output directory");
+            var files = p.GetValue(calibration)!;
+            foreach (var f in files) if (!File.Exists(f)) throw new InvalidSettingException($"calibration file not found: {f}");
+
+            var (m, _) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
+            var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
+            stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
+            var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options);
+            using var cts = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+            Console.CancelKeyPress += onCancel;
+            try
+            {
+                var result = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
+                    stderr.WriteLine($"step {e.Step,5}  ce {e.CrossEntropy:F4}  reg {e.RegLoss:F4}  r {e.Ratio:F4}  {e.TokensPerSecond:F0} tok/s")), cts.Token);
+                var last = result.Log.Count > 0 ? result.Log[^1] : null;
+                stdout.WriteLine($"trained {result.Steps} steps{(result.ResumedFrom > 0 ? $" (resumed from {result.ResumedFrom})" : "")}" +
+                                 (last != null ? $": ce {last.CrossEntropy:F4}, kept ratio {last.Ratio:F4} (target {1 - options.PruneRatio:F4})" : ""));
+                stdout.WriteLine($"hypernetwork: {result.HypernetworkPath}");
+                return 0;
+            }
+            catch (OperationCanceledException)
+            {
+                stderr.WriteLine($"interrupted at step {trainer.Step}; checkpoint saved in {outDir} (run the same command to resume)");
+                return 130;
+            }
+            finally { Console.CancelKeyPress -= onCancel; }
         }));
         return cmd;
     }

@@ -402,13 +402,13 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
         Check(count > 0, "cross-entropy: no scored targets");
         var lse = new T[n];
         T total = T.Zero;
+        var tmp = new T[v];
         for (int r = 0; r < n; r++)
         {
             if (tg[r] < 0) continue;
             if (tg[r] >= v) throw new DispNativeException($"target id {tg[r]} is outside the vocabulary (size {v})");
             var row = logits.Data.AsSpan(r * v, v);
             T max = TensorPrimitives.Max<T>(row);
-            var tmp = new T[v];
             TensorPrimitives.Subtract(row, max, tmp);
             TensorPrimitives.Exp<T>(tmp, tmp);
             lse[r] = max + T.Log(TensorPrimitives.Sum<T>(tmp));
@@ -420,7 +420,6 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
         Record(y, g =>
         {
             T scale = g[0] * inv;
-            var tmp = new T[v];
             for (int r = 0; r < n; r++)
             {
                 if (tg[r] < 0) continue;

@@ -67,7 +67,7 @@ public static unsafe class Gemm
             int n0 = item % nBlocks * nc, m0 = item / nBlocks * mChunk;
             int nLen = Math.Min(nc, n - n0), mLen = Math.Min(mChunk, m - m0);
             int panels = (nLen + nr - 1) / nr;
-            var packed = GC.AllocateUninitializedArray<float>(panels * nr * KC + 64, pinned: true);
+            var packed = PackBuffer(panels * nr * KC + 64);
             fixed (float* pb = packed)
             {
                 float* bp = (float*)(((nint)pb + 63) & ~(nint)63);
@@ -89,6 +89,15 @@ public static unsafe class Gemm
                 }
             }
         });
+    }
+
+    [ThreadStatic] private static float[]? _packBuffer;
+
+    /// <summary>A per-thread packing buffer, reused across calls (allocating one per task costs more than small GEMMs).</summary>
+    private static float[] PackBuffer(int length)
+    {
+        if (_packBuffer == null || _packBuffer.Length < length) _packBuffer = GC.AllocateUninitializedArray<float>(Math.Max(length, MaxNC * KC + 64));
+        return _packBuffer;
     }
 
     private static int RoundUp(int v, int multiple) => (v + multiple - 1) / multiple * multiple;

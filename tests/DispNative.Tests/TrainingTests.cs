@@ -1,0 +1,161 @@
+using DispNative.Engine;
+using DispNative.Engine.Disp;
+using DispNative.Engine.Models;
+using DispNative.Engine.Training;
+
+namespace DispNative.Tests;
+
+public class TrainingTests
+{
+    private static (ModelConfig Config, ModelWeights Weights, List<int[]> Blocks) TinySetup(int blocks = 12, int blockSize = 16)
+    {
+        var c = TestAssets.TinyConfig(vocab: 64);
+        var w = ModelWeights.Random(c, 3, std: 0.2f);
+        var rng = new Rng(4);
+        var ids = Enumerable.Range(0, blocks * blockSize).Select(i => i % 5 == 0 ? 1 : 3 + rng.NextInt(60)).ToArray();
+        return (c, w, Calibration.Blocks(ids, blockSize));
+    }
+
+    [Test]
+    public void ResumeReproducesTheUninterruptedRunExactly()
+    {
+        var (c, w, blocks) = TinySetup();
+        var options = new TrainingOptions { Steps = 8, LogEvery = 1, CheckpointEvery = 3, Seed = 11, Lambda = 16 };
+        var straightDir = TestAssets.TempDir();
+        var straight = new HypernetworkTrainer(c, w, options);
+        straight.Train(blocks, straightDir);
+
+        var dir = TestAssets.TempDir();
+        using var cts = new CancellationTokenSource();
+        var first = new HypernetworkTrainer(c, w, options);
+        Assert.Throws<OperationCanceledException>(() =>
+            first.Train(blocks, dir, new Progress(e => { if (e.Step == 5) cts.Cancel(); }), cts.Token));
+        Assert.That(first.Step, Is.EqualTo(5));
+        Assert.That(File.Exists(Path.Combine(dir, HypernetworkTrainer.CheckpointFile)), "cancelling saves a checkpoint");
+
+        var resumed = new HypernetworkTrainer(c, w, options);
+        var result = resumed.Train(blocks, dir);
+        Assert.That(result.ResumedFrom, Is.EqualTo(5));
+        for (int i = 0; i < straight.Network.Parameters.Count; i++)
+            Assert.That(resumed.Network.Parameters[i].Value, Is.EqualTo(straight.Network.Parameters[i].Value), straight.Network.Parameters[i].Name);
+        var a = HypernetworkTrainer.ReadLog(Path.Combine(straightDir, HypernetworkTrainer.LogFile));
+        var b = HypernetworkTrainer.ReadLog(Path.Combine(dir, HypernetworkTrainer.LogFile));
+        Assert.That(b.Select(e => (e.Step, e.CrossEntropy, e.Ratio)), Is.EqualTo(a.Select(e => (e.Step, e.CrossEntropy, e.Ratio))));
+    }
+
+    [Test]
+    public void ResumeRefusesACheckpointFromOtherSettings()
+    {
+        var (c, w, blocks) = TinySetup();
+        var dir = TestAssets.TempDir();
+        new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 2, PruneRatio = 0.5 }).Train(blocks, dir);
+        var e = Assert.Throws<InvalidSettingException>(() =>
+            new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 4, PruneRatio = 0.3 }).Train(blocks, dir));
+        Assert.That(e!.Message, Does.Contain("different model, calibration data or training settings"));
+    }
+
+    [TestCase(PruningMode.Disp)]
+    [TestCase(PruningMode.Same)]
+    public void RegularizerDrivesTheKeptRatioToTheTarget(PruningMode mode)
+    {
+        var (c, w, blocks) = TinySetup();
+        var options = new TrainingOptions { Steps = 200, PruneRatio = 0.5, Mode = mode, LearningRate = 1e-2, LogEvery = 1, CheckpointEvery = 1000 };
+        var trainer = new HypernetworkTrainer(c, w, options);
+        var log = trainer.Train(blocks, TestAssets.TempDir()).Log;
+        Assert.That(log[0].Ratio, Is.GreaterThan(0.9), "masks start nearly all-on (offset 3)");
+        double lastRatios = log.TakeLast(20).Average(e => e.Ratio);
+        Assert.That(lastRatios, Is.EqualTo(0.5).Within(0.05));
+    }
+
+    [Test]
+    public void GradientsReachTheHypernetworkFromBothLosses()
+    {
+        var (c, w, blocks) = TinySetup();
+        var trainer = new HypernetworkTrainer(c, w, new TrainingOptions { Seed = 2 });
+        var step = trainer.ComputeGradients([blocks[0]]);
+        Assert.That(step.CrossEntropy, Is.GreaterThan(0));
+        Assert.That(step.RegLoss, Is.EqualTo(6 * Math.Log(step.Ratio / 0.5)).Within(1e-5));
+        foreach (var p in trainer.Network.Parameters)
+            Assert.That(p.Grad.Any(g => g != 0), $"{p.Name} receives a gradient");
+    }
+
+    [Test]
+    public void AdamWMatchesTheReferenceUpdate()
+    {
+        var p = new Parameter<float>("p", 1, 2);
+        p.Value[0] = 1f; p.Value[1] = -2f;
+        var opt = new AdamW([p]) { WeightDecay = 0.05 };
+        p.Grad[0] = 0.5f; p.Grad[1] = -1f;
+        opt.Step(1e-3);
+        p.Grad[0] = 0.25f; p.Grad[1] = 2f;
+        opt.Step(1e-3);
+        // torch.optim.AdamW(lr=1e-3, weight_decay=0.05), two steps with these gradients, computed by hand:
+        double[] expected = new double[2];
+        double[] p0 = [1, -2], g1 = [0.5, -1], g2 = [0.25, 2];
+        for (int i = 0; i < 2; i++)
+        {
+            double w = p0[i], m = 0, v = 0;
+            foreach (var (g, t) in new[] { (g1[i], 1), (g2[i], 2) })
+            {
+                w *= 1 - 1e-3 * 0.05;
+                m = 0.9 * m + 0.1 * g; v = 0.999 * v + 0.001 * g * g;
+                w -= 1e-3 * (m / (1 - Math.Pow(0.9, t))) / (Math.Sqrt(v / (1 - Math.Pow(0.999, t))) + 1e-8);
+            }
+            expected[i] = w;
+        }
+        Assert.That(p.Value[0], Is.EqualTo(expected[0]).Within(1e-6));
+        Assert.That(p.Value[1], Is.EqualTo(expected[1]).Within(1e-6));
+    }
+
+    [Test]
+    public void HypernetworkRoundTripsAndRejectsAnotherModel()
+    {
+        var net = new Hypernetwork<float>([48, 48, 80], seed: 5);
+        var path = Path.Combine(TestAssets.TempDir(), "h.safetensors");
+        net.Save(path);
+        var back = Hypernetwork<float>.Load(path, [48, 48, 80]);
+        Assert.That(back.Inputs, Is.EqualTo(net.Inputs));
+        for (int i = 0; i < net.Parameters.Count; i++) Assert.That(back.Parameters[i].Value, Is.EqualTo(net.Parameters[i].Value));
+        var e = Assert.Throws<ModelFormatException>(() => Hypernetwork<float>.Load(path, [64, 64, 128]));
+        Assert.That(e!.Message, Does.Contain("this model and mode need 3 outputs"));
+    }
+
+    [Test]
+    public void CalibrationSplitsDocumentsAndAddsBosToEach()
+    {
+        var dir = TestAssets.TempDir();
+        var txt = Path.Combine(dir, "c.txt");
+        File.WriteAllText(txt, "first doc\nline two\n\n\nsecond doc\n  \nthird\n");
+        Assert.That(Calibration.ReadDocuments(txt), Is.EqualTo(new[] { "first doc\nline two", "second doc", "third" }));
+        var jsonl = Path.Combine(dir, "c.jsonl");
+        File.WriteAllText(jsonl, "{\"text\": \"a b\"}\n\n{\"text\": \"c\", \"id\": 3}\n");
+        Assert.That(Calibration.ReadDocuments(jsonl), Is.EqualTo(new[] { "a b", "c" }));
+        File.WriteAllText(jsonl, "{\"txt\": \"a\"}\n");
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Calibration.ReadDocuments(jsonl))!.Message, Does.Contain("c.jsonl:1"));
+
+        var tok = new Engine.Tokenization.HfTokenizer(TestAssets.ByteLevelTokenizerJson(), "t");
+        var ids = Calibration.Tokenize([txt], tok, 1);
+        Assert.That(ids.Count(i => i == 1), Is.EqualTo(3));
+        Assert.That(ids[0], Is.EqualTo(1));
+        var e = Assert.Throws<InvalidSettingException>(() => Calibration.Blocks(ids, ids.Length + 1));
+        Assert.That(e!.Message, Does.Contain("shorter than one block"));
+        Assert.That(Calibration.Blocks(ids, 4).All(b => b.Length == 4));
+    }
+
+    [Test]
+    public void OptionsReportEveryBadValue()
+    {
+        var problems = new TrainingOptions { PruneRatio = 1.2, Steps = 0, LearningRate = -1, Lambda = 0, BatchSize = 0 }.Problems();
+        Assert.That(problems, Has.Some.Contains("prune ratio"));
+        Assert.That(problems, Has.Some.Contains("steps"));
+        Assert.That(problems, Has.Some.Contains("learning rate"));
+        Assert.That(problems, Has.Some.Contains("lambda"));
+        Assert.That(problems, Has.Some.Contains("batch size"));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => SiteLayout.ParseMode("dense"))!.Message, Does.Contain("unknown pruning mode 'dense'"));
+    }
+
+    private sealed class Progress(Action<TrainLogEntry> report) : IProgress<TrainLogEntry>
+    {
+        public void Report(TrainLogEntry value) => report(value);
+    }
+}
