@@ -16,6 +16,34 @@ public static unsafe class CpuOps
             }
     }
 
+    /// <summary>DISP gather-norm: y[r, j] = x[r, idx[j]] / sqrt(mean(x[r]²) + eps) · gamma[idx[j]] — the statistics
+    /// come from the whole residual row, only the selected channels are written (y is [rows, idx.Length]).</summary>
+    public static void GatherRmsNorm(float[] x, float[] gamma, int[] idx, float[] y, int rows, int d, float eps)
+    {
+        int w = idx.Length;
+        fixed (float* px = x, pg = gamma, py = y)
+        fixed (int* pi = idx)
+            for (int r = 0; r < rows; r++)
+            {
+                float* xr = px + (long)r * d, yr = py + (long)r * w;
+                float scale = 1f / MathF.Sqrt(Simd.Dot(xr, xr, d) / d + eps);
+                for (int j = 0; j < w; j++) yr[j] = xr[pi[j]] * scale * pg[pi[j]];
+            }
+    }
+
+    /// <summary>DISP index-add: x[r, idx[j]] += y[r, j] for unique indices (y is [rows, idx.Length]).</summary>
+    public static void IndexAdd(float[] x, float[] y, int[] idx, int rows, int d)
+    {
+        int w = idx.Length;
+        fixed (float* px = x, py = y)
+        fixed (int* pi = idx)
+            for (int r = 0; r < rows; r++)
+            {
+                float* xr = px + (long)r * d, yr = py + (long)r * w;
+                for (int j = 0; j < w; j++) xr[pi[j]] += yr[j];
+            }
+    }
+
     /// <summary>y += x (same length).</summary>
     public static void Add(float[] x, float[] y, int length)
     {

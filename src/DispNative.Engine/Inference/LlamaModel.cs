@@ -5,6 +5,8 @@ namespace DispNative.Engine.Inference;
 
 /// <summary>fp32 CPU forward pass of a LLaMA-family decoder: embedding → [RMSNorm → q/k/v → RoPE → causal GQA
 /// attention → o_proj → residual → RMSNorm → SwiGLU MLP → residual] × L → RMSNorm → LM head.
+/// DISP-pruned layers read their channels with a gather-norm, run sliced GEMMs and index-add their outputs
+/// into the full residual stream.
 /// Immutable after construction: concurrent forwards are safe, each with its own <see cref="KvCache"/>.</summary>
 public sealed class LlamaModel
 {
@@ -59,14 +61,16 @@ public sealed class LlamaModel
         var att = new float[(long)rows * qd];
         var gate = new float[(long)rows * f];
         var up = new float[(long)rows * f];
+        var delta = new float[(long)rows * d];
 
         for (int l = 0; l < c.NumLayers; l++)
         {
             var w = Weights.Layers[l];
-            CpuOps.RmsNorm(x, w.AttnNorm, h, rows, d, c.RmsNormEps);
-            Gemm.MatMulT(h, w.Wq, q, rows, qd, d);
-            Gemm.MatMulT(h, w.Wk, k, rows, kvd, d);
-            Gemm.MatMulT(h, w.Wv, v, rows, kvd, d);
+            int attnIn = w.AttnInIdx?.Length ?? d;
+            Norm(x, w.AttnNorm, w.AttnInIdx, h, rows);
+            Gemm.MatMulT(h, w.Wq, q, rows, qd, attnIn);
+            Gemm.MatMulT(h, w.Wk, k, rows, kvd, attnIn);
+            Gemm.MatMulT(h, w.Wv, v, rows, kvd, attnIn);
             if (w.Bq != null) { CpuOps.AddBias(q, w.Bq, rows); CpuOps.AddBias(k, w.Bk!, rows); CpuOps.AddBias(v, w.Bv!, rows); }
             for (int b = 0; b < batch.Count; b++)
             {
@@ -82,14 +86,14 @@ public sealed class LlamaModel
                 CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
                 Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
             }
-            Gemm.MatMulT(att, w.Wo, x, rows, d, qd, accumulate: true);
-            if (w.Bo != null) CpuOps.AddBias(x, w.Bo, rows);
+            Residual(x, att, w.Wo, w.Bo, w.AttnOutIdx, delta, rows, qd);
 
-            CpuOps.RmsNorm(x, w.MlpNorm, h, rows, d, c.RmsNormEps);
-            Gemm.MatMulT(h, w.WGate, gate, rows, f, d);
-            Gemm.MatMulT(h, w.WUp, up, rows, f, d);
-            CpuOps.SiluMul(gate, up, rows * f);
-            Gemm.MatMulT(gate, w.WDown, x, rows, d, f, accumulate: true);
+            int mlpIn = w.MlpInIdx?.Length ?? d, mid = w.MlpMidIdx?.Length ?? f;
+            Norm(x, w.MlpNorm, w.MlpInIdx, h, rows);
+            Gemm.MatMulT(h, w.WGate, gate, rows, mid, mlpIn);
+            Gemm.MatMulT(h, w.WUp, up, rows, mid, mlpIn);
+            CpuOps.SiluMul(gate, up, rows * mid);
+            Residual(x, gate, w.WDown, null, w.MlpOutIdx, delta, rows, mid);
         }
         for (int b = 0; b < batch.Count; b++) caches[b].Length += batch[b].Length;
 
@@ -102,6 +106,29 @@ public sealed class LlamaModel
             Gemm.MatMulT(h, first * d, Weights.LmHead, 0, result[b], 0, n, c.VocabSize, d);
         }
         return result;
+    }
+
+    /// <summary>RMSNorm of the full rows, or the DISP gather-norm of the selected channels.</summary>
+    private void Norm(float[] x, float[] gamma, int[]? idx, float[] h, int rows)
+    {
+        if (idx == null) CpuOps.RmsNorm(x, gamma, h, rows, Config.HiddenSize, Config.RmsNormEps);
+        else CpuOps.GatherRmsNorm(x, gamma, idx, h, rows, Config.HiddenSize, Config.RmsNormEps);
+    }
+
+    /// <summary>x += input · Wᵀ (+ b): straight into the residual when dense; through <paramref name="delta"/> and an
+    /// index-add into the selected channels when pruned.</summary>
+    private void Residual(float[] x, float[] input, float[] w, float[]? bias, int[]? idx, float[] delta, int rows, int k)
+    {
+        int d = Config.HiddenSize;
+        if (idx == null)
+        {
+            Gemm.MatMulT(input, w, x, rows, d, k, accumulate: true);
+            if (bias != null) CpuOps.AddBias(x, bias, rows);
+            return;
+        }
+        Gemm.MatMulT(input, w, delta, rows, idx.Length, k);
+        if (bias != null) CpuOps.AddBias(delta, bias, rows);
+        CpuOps.IndexAdd(x, delta, idx, rows, d);
     }
 
     private static float[] Slice(float[] src, int row, int rows, int width)

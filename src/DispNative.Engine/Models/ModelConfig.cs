@@ -7,6 +7,50 @@ namespace DispNative.Engine.Models;
 public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositions);
 
 /// <summary>Architecture of a LLaMA-family decoder (LLaMA, Mistral, Qwen2 share this layout).</summary>
+/// <summary>The <c>disp</c> section of a pruned model's config: kept width of each site of each layer
+/// ([layer][attn_in, attn_out, mlp_in, mlp_mid, mlp_out]) and where the model came from.</summary>
+public sealed record DispInfo(int FormatVersion, int[][] Widths, string Mode, double PruneRatioTarget, string? SourceModel)
+{
+    public const int CurrentFormatVersion = 1;
+    public static readonly string[] SiteKeys = ["attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out"];
+
+    public JsonObject ToJson() => new()
+    {
+        ["format_version"] = FormatVersion,
+        ["mode"] = Mode,
+        ["prune_ratio_target"] = PruneRatioTarget,
+        ["source_model"] = SourceModel,
+        ["widths"] = new JsonArray(Widths.Select(w =>
+        {
+            var o = new JsonObject();
+            for (int i = 0; i < SiteKeys.Length; i++) o[SiteKeys[i]] = w[i];
+            return (JsonNode)o;
+        }).ToArray()),
+    };
+
+    public static DispInfo Parse(JsonObject o, ModelConfig c, string source)
+    {
+        ModelFormatException Error(string what) => new($"{source}: disp section: {what}");
+        int version = o["format_version"] is JsonValue v && v.TryGetValue(out int fv) ? fv : throw Error("missing format_version");
+        if (version != CurrentFormatVersion) throw Error($"format_version {version} is not supported (this build reads {CurrentFormatVersion})");
+        if (o["widths"] is not JsonArray arr || arr.Count != c.NumLayers) throw Error($"widths must list all {c.NumLayers} layers");
+        var widths = new int[c.NumLayers][];
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            widths[l] = new int[SiteKeys.Length];
+            for (int i = 0; i < SiteKeys.Length; i++)
+            {
+                int full = SiteKeys[i] == "mlp_mid" ? c.IntermediateSize : c.HiddenSize;
+                int w = arr[l] is JsonObject lo && lo[SiteKeys[i]] is JsonValue wv && wv.TryGetValue(out int x) ? x : throw Error($"layer {l} lacks an integer {SiteKeys[i]}");
+                if (w < 1 || w > full) throw Error($"layer {l} {SiteKeys[i]} width {w} is outside 1..{full}");
+                widths[l][i] = w;
+            }
+        }
+        return new DispInfo(version, widths, o["mode"]?.GetValue<string>() ?? "disp",
+            o["prune_ratio_target"] is JsonValue pv && pv.TryGetValue(out double p) ? p : double.NaN, o["source_model"]?.GetValue<string>());
+    }
+}
+
 public sealed record ModelConfig
 {
     public static readonly string[] SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
@@ -33,6 +77,8 @@ public sealed record ModelConfig
     public int? BosTokenId { get; init; }
     public int[] EosTokenIds { get; init; } = [];
     public string WeightDType { get; init; } = "float32";
+    /// <summary>Set for DISP-pruned models.</summary>
+    public DispInfo? Disp { get; init; }
 
     public int QDim => NumHeads * HeadDim;
     public int KvDim => NumKvHeads * HeadDim;
@@ -51,16 +97,24 @@ public sealed record ModelConfig
         Require(RopeTheta > 0, $"rope_theta must be positive (got {RopeTheta})");
     }
 
+    /// <summary>Kept widths of layer l: [attn_in, attn_out, mlp_in, mlp_mid, mlp_out] (full widths when dense).</summary>
+    public int[] LayerWidths(int layer) => Disp?.Widths[layer] ?? [HiddenSize, HiddenSize, HiddenSize, IntermediateSize, HiddenSize];
+
     /// <summary>Parameter counts by kind (embedding, attention, MLP, norms, LM head if untied).</summary>
     public IReadOnlyDictionary<string, long> ParameterCounts()
     {
-        long d = HiddenSize, f = IntermediateSize, L = NumLayers;
-        long attn = L * (d * QDim + 2 * d * KvDim + QDim * d + (QkvBias ? QDim + 2 * KvDim : 0) + (OutputBias ? d : 0));
+        long d = HiddenSize, L = NumLayers, attn = 0, mlp = 0;
+        for (int l = 0; l < NumLayers; l++)
+        {
+            var w = LayerWidths(l);
+            attn += (long)w[0] * (QDim + 2 * KvDim) + (QkvBias ? QDim + 2 * KvDim : 0) + (long)w[1] * QDim + (OutputBias ? w[1] : 0);
+            mlp += (long)w[2] * w[3] * 2 + (long)w[3] * w[4];
+        }
         return new Dictionary<string, long>
         {
             ["embedding"] = (long)VocabSize * d,
             ["attention"] = attn,
-            ["mlp"] = L * 3 * d * f,
+            ["mlp"] = mlp,
             ["norms"] = (2 * L + 1) * d,
             ["lm_head"] = TieWordEmbeddings ? 0 : (long)VocabSize * d,
         };
@@ -148,6 +202,7 @@ public sealed record ModelConfig
             WeightDType = (c["torch_dtype"] ?? c["dtype"])?.GetValue<string>() ?? "float32",
         };
         cfg.Validate(source);
+        if (c["disp"] is JsonObject disp) cfg = cfg with { Disp = DispInfo.Parse(disp, cfg, source) };
         return cfg;
     }
 
@@ -180,6 +235,7 @@ public sealed record ModelConfig
                 ["high_freq_factor"] = s.HighFreqFactor, ["original_max_position_embeddings"] = s.OriginalMaxPositions,
             };
         if (SlidingWindow is { } w) { o["sliding_window"] = w; if (Architecture == "Qwen2ForCausalLM") o["use_sliding_window"] = true; }
+        if (Disp != null) o["disp"] = Disp.ToJson();
         if (BosTokenId is { } b) o["bos_token_id"] = b;
         if (EosTokenIds.Length == 1) o["eos_token_id"] = EosTokenIds[0];
         else if (EosTokenIds.Length > 1) o["eos_token_id"] = new JsonArray(EosTokenIds.Select(e => (JsonNode)e).ToArray());

@@ -2,7 +2,9 @@ using DispNative.Engine.IO;
 
 namespace DispNative.Engine.Models;
 
-/// <summary>fp32 weights of one decoder layer. Matrices are row-major [out, in] (Hugging Face layout).</summary>
+/// <summary>fp32 weights of one decoder layer. Matrices are row-major [out, in] (Hugging Face layout). In a DISP-pruned
+/// layer the matrices are sliced and the index arrays (sorted channel ids of the full embedding / MLP width) say
+/// which channels each one reads or writes; dense layers have no indices.</summary>
 public sealed class LayerWeights
 {
     public required float[] AttnNorm { get; init; }
@@ -18,9 +20,19 @@ public sealed class LayerWeights
     public required float[] WGate { get; init; }
     public required float[] WUp { get; init; }
     public required float[] WDown { get; init; }
+    public int[]? AttnInIdx { get; init; }
+    public int[]? AttnOutIdx { get; init; }
+    public int[]? MlpInIdx { get; init; }
+    public int[]? MlpMidIdx { get; init; }
+    public int[]? MlpOutIdx { get; init; }
+
+    public bool IsPruned => AttnInIdx != null;
+
+    /// <summary>The index arrays in site order (attn_in, attn_out, mlp_in, mlp_mid, mlp_out), or null when dense.</summary>
+    public int[][]? Indices => IsPruned ? [AttnInIdx!, AttnOutIdx!, MlpInIdx!, MlpMidIdx!, MlpOutIdx!] : null;
 }
 
-/// <summary>All fp32 weights of a LLaMA-family model.</summary>
+/// <summary>All fp32 weights of a LLaMA-family model, dense or DISP-pruned.</summary>
 public sealed class ModelWeights
 {
     public required float[] Embedding { get; init; }
@@ -29,32 +41,67 @@ public sealed class ModelWeights
     /// <summary>[vocab, d]; the same array as <see cref="Embedding"/> when tied.</summary>
     public required float[] LmHead { get; init; }
 
-    /// <summary>Loads the Hugging Face tensor names, checking every shape against the config.</summary>
+    /// <summary>Names of the per-layer index tensors of a pruned model, in site order.</summary>
+    public static readonly string[] IndexTensorNames = ["disp.attn_in_idx", "disp.attn_out_idx", "disp.mlp_in_idx", "disp.mlp_mid_idx", "disp.mlp_out_idx"];
+
+    /// <summary>The one table of a layer's Hugging Face tensors: name, shape for the layer's widths, and the array.</summary>
+    private static IEnumerable<(string Name, long[] Shape, float[]? Value)> LayerTensors(ModelConfig c, int layer, LayerWeights? w)
+    {
+        var widths = c.LayerWidths(layer);
+        long ai = widths[0], ao = widths[1], mi = widths[2], mm = widths[3], mo = widths[4], d = c.HiddenSize, q = c.QDim, kv = c.KvDim;
+        yield return ("input_layernorm.weight", [d], w?.AttnNorm);
+        yield return ("self_attn.q_proj.weight", [q, ai], w?.Wq);
+        yield return ("self_attn.k_proj.weight", [kv, ai], w?.Wk);
+        yield return ("self_attn.v_proj.weight", [kv, ai], w?.Wv);
+        yield return ("self_attn.o_proj.weight", [ao, q], w?.Wo);
+        if (c.QkvBias)
+        {
+            yield return ("self_attn.q_proj.bias", [q], w?.Bq);
+            yield return ("self_attn.k_proj.bias", [kv], w?.Bk);
+            yield return ("self_attn.v_proj.bias", [kv], w?.Bv);
+        }
+        if (c.OutputBias) yield return ("self_attn.o_proj.bias", [ao], w?.Bo);
+        yield return ("post_attention_layernorm.weight", [d], w?.MlpNorm);
+        yield return ("mlp.gate_proj.weight", [mm, mi], w?.WGate);
+        yield return ("mlp.up_proj.weight", [mm, mi], w?.WUp);
+        yield return ("mlp.down_proj.weight", [mo, mm], w?.WDown);
+    }
+
+    /// <summary>Loads the Hugging Face tensor names, checking every shape against the config; a pruned model's
+    /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
     public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
-        long d = c.HiddenSize, f = c.IntermediateSize, q = c.QDim, kv = c.KvDim;
         var layers = new LayerWeights[c.NumLayers];
         ParallelRethrow(c.NumLayers, l =>
         {
             string p = $"model.layers.{l}.";
-            float[]? Bias(string name, long n, bool present) => present ? ckpt.ReadFloat32(p + name, n) : null;
+            var t = LayerTensors(c, l, null).ToDictionary(e => e.Name, e => ckpt.ReadFloat32(p + e.Name, e.Shape));
+            int[][]? idx = null;
+            if (c.Disp != null)
+            {
+                var widths = c.LayerWidths(l);
+                idx = new int[IndexTensorNames.Length][];
+                for (int i = 0; i < idx.Length; i++)
+                {
+                    string name = p + IndexTensorNames[i];
+                    if (!ckpt.Contains(name)) throw new ModelFormatException($"{ckpt.Source}: pruned model lacks index tensor '{name}'");
+                    idx[i] = ckpt.ReadInt32(name);
+                    int full = i == 3 ? c.IntermediateSize : c.HiddenSize;
+                    ValidateIndices(idx[i], widths[i], full, $"{ckpt.Source}: '{name}'");
+                }
+            }
             layers[l] = new LayerWeights
             {
-                AttnNorm = ckpt.ReadFloat32(p + "input_layernorm.weight", d),
-                Wq = ckpt.ReadFloat32(p + "self_attn.q_proj.weight", q, d),
-                Wk = ckpt.ReadFloat32(p + "self_attn.k_proj.weight", kv, d),
-                Wv = ckpt.ReadFloat32(p + "self_attn.v_proj.weight", kv, d),
-                Wo = ckpt.ReadFloat32(p + "self_attn.o_proj.weight", d, q),
-                Bq = Bias("self_attn.q_proj.bias", q, c.QkvBias),
-                Bk = Bias("self_attn.k_proj.bias", kv, c.QkvBias),
-                Bv = Bias("self_attn.v_proj.bias", kv, c.QkvBias),
-                Bo = Bias("self_attn.o_proj.bias", d, c.OutputBias),
-                MlpNorm = ckpt.ReadFloat32(p + "post_attention_layernorm.weight", d),
-                WGate = ckpt.ReadFloat32(p + "mlp.gate_proj.weight", f, d),
-                WUp = ckpt.ReadFloat32(p + "mlp.up_proj.weight", f, d),
-                WDown = ckpt.ReadFloat32(p + "mlp.down_proj.weight", d, f),
+                AttnNorm = t["input_layernorm.weight"], Wq = t["self_attn.q_proj.weight"], Wk = t["self_attn.k_proj.weight"],
+                Wv = t["self_attn.v_proj.weight"], Wo = t["self_attn.o_proj.weight"],
+                Bq = t.GetValueOrDefault("self_attn.q_proj.bias"), Bk = t.GetValueOrDefault("self_attn.k_proj.bias"),
+                Bv = t.GetValueOrDefault("self_attn.v_proj.bias"), Bo = t.GetValueOrDefault("self_attn.o_proj.bias"),
+                MlpNorm = t["post_attention_layernorm.weight"], WGate = t["mlp.gate_proj.weight"], WUp = t["mlp.up_proj.weight"],
+                WDown = t["mlp.down_proj.weight"],
+                AttnInIdx = idx?[0], AttnOutIdx = idx?[1], MlpInIdx = idx?[2], MlpMidIdx = idx?[3], MlpOutIdx = idx?[4],
             };
         });
+        long d = c.HiddenSize;
         var embed = ckpt.ReadFloat32("model.embed_tokens.weight", c.VocabSize, d);
         float[] head = c.TieWordEmbeddings && !ckpt.Contains("lm_head.weight")
             ? embed
@@ -68,6 +115,18 @@ public sealed class ModelWeights
         };
     }
 
+    /// <summary>Indices must be strictly increasing (sorted and unique), within [0, full), and as many as the width.</summary>
+    public static void ValidateIndices(int[] idx, int width, int full, string what)
+    {
+        if (idx.Length != width) throw new ModelFormatException($"{what} has {idx.Length} indices but the config says width {width}");
+        for (int i = 0; i < idx.Length; i++)
+        {
+            if (idx[i] < 0 || idx[i] >= full) throw new ModelFormatException($"{what}: index {idx[i]} at position {i} is outside 0..{full - 1}");
+            if (i > 0 && idx[i] <= idx[i - 1])
+                throw new ModelFormatException($"{what}: indices must be sorted and unique ({idx[i - 1]} then {idx[i]} at position {i})");
+        }
+    }
+
     /// <summary>Parallel.For that rethrows the first error itself rather than an AggregateException, so a
     /// checkpoint problem reaches the user as the clear message it was raised with.</summary>
     private static void ParallelRethrow(int count, Action<int> body)
@@ -79,28 +138,18 @@ public sealed class ModelWeights
         }
     }
 
-    /// <summary>The weights as Hugging Face named tensors, stored in <paramref name="dtype"/>.</summary>
+    /// <summary>The weights as Hugging Face named tensors (plus the index tensors of pruned layers), stored in <paramref name="dtype"/>.</summary>
     public IEnumerable<TensorData> ToTensors(ModelConfig c, DType dtype)
     {
-        long d = c.HiddenSize, f = c.IntermediateSize, q = c.QDim, kv = c.KvDim;
+        long d = c.HiddenSize;
         yield return TensorData.FromFloat("model.embed_tokens.weight", Embedding, [c.VocabSize, d], dtype);
         for (int l = 0; l < Layers.Length; l++)
         {
-            var w = Layers[l];
             string p = $"model.layers.{l}.";
-            yield return TensorData.FromFloat(p + "input_layernorm.weight", w.AttnNorm, [d], dtype);
-            yield return TensorData.FromFloat(p + "self_attn.q_proj.weight", w.Wq, [q, d], dtype);
-            yield return TensorData.FromFloat(p + "self_attn.k_proj.weight", w.Wk, [kv, d], dtype);
-            yield return TensorData.FromFloat(p + "self_attn.v_proj.weight", w.Wv, [kv, d], dtype);
-            yield return TensorData.FromFloat(p + "self_attn.o_proj.weight", w.Wo, [d, q], dtype);
-            if (w.Bq != null) yield return TensorData.FromFloat(p + "self_attn.q_proj.bias", w.Bq, [q], dtype);
-            if (w.Bk != null) yield return TensorData.FromFloat(p + "self_attn.k_proj.bias", w.Bk, [kv], dtype);
-            if (w.Bv != null) yield return TensorData.FromFloat(p + "self_attn.v_proj.bias", w.Bv, [kv], dtype);
-            if (w.Bo != null) yield return TensorData.FromFloat(p + "self_attn.o_proj.bias", w.Bo, [d], dtype);
-            yield return TensorData.FromFloat(p + "post_attention_layernorm.weight", w.MlpNorm, [d], dtype);
-            yield return TensorData.FromFloat(p + "mlp.gate_proj.weight", w.WGate, [f, d], dtype);
-            yield return TensorData.FromFloat(p + "mlp.up_proj.weight", w.WUp, [f, d], dtype);
-            yield return TensorData.FromFloat(p + "mlp.down_proj.weight", w.WDown, [d, f], dtype);
+            foreach (var (name, shape, value) in LayerTensors(c, l, Layers[l]))
+                yield return TensorData.FromFloat(p + name, value ?? throw new InvalidOperationException($"layer {l} lacks {name}"), shape, dtype);
+            if (Layers[l].Indices is { } idx)
+                for (int i = 0; i < idx.Length; i++) yield return TensorData.FromInt32(p + IndexTensorNames[i], idx[i], [idx[i].Length]);
         }
         yield return TensorData.FromFloat("model.norm.weight", FinalNorm, [d], dtype);
         if (!ReferenceEquals(LmHead, Embedding))

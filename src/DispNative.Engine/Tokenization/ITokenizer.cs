@@ -18,13 +18,15 @@ public interface ITokenizer
 public static class TokenizerLoader
 {
     /// <summary>Loads <c>tokenizer.json</c> (Hugging Face) or a llama2.c <c>tokenizer.bin</c>; a directory
-    /// is searched for <c>tokenizer.json</c>.</summary>
+    /// is searched for <c>tokenizer.json</c>, then <c>tokenizer.bin</c>.</summary>
     public static ITokenizer Load(string path)
     {
         if (Directory.Exists(path))
         {
             string json = Path.Combine(path, "tokenizer.json");
             if (File.Exists(json)) return HfTokenizer.Load(json);
+            string bin = Path.Combine(path, "tokenizer.bin");
+            if (File.Exists(bin)) return Llama2cTokenizer.Load(bin);
             throw new ModelFormatException($"{path}: no tokenizer.json (SentencePiece tokenizer.model files are not read; export tokenizer.json with Hugging Face tokenizers)");
         }
         if (!File.Exists(path)) throw new ModelFormatException($"tokenizer not found: {path}");
