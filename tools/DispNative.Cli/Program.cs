@@ -5,6 +5,8 @@ using System.Text.Json.Nodes;
 using DispNative.Engine;
 using DispNative.Engine.Evaluation;
 using DispNative.Engine.Inference;
+using DispNative.Engine.Jobs;
+using Microsoft.Extensions.Configuration;
 using DispNative.Engine.IO;
 using DispNative.Engine.Disp;
 using DispNative.Engine.Models;
@@ -25,6 +27,7 @@ public static class Program
         root.Subcommands.Add(GenerateCommand(stdout, stderr));
         root.Subcommands.Add(InspectCommand(stdout, stderr));
         root.Subcommands.Add(TrainCommand(stdout, stderr));
+        root.Subcommands.Add(RunCommand(stdout, stderr));
         var parse = root.Parse(args);
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
     }
@@ -250,6 +253,67 @@ public static class Program
             catch (OperationCanceledException)
             {
                 stderr.WriteLine($"interrupted at step {trainer.Step}; checkpoint saved in {outDir} (run the same command to resume)");
+                return 130;
+            }
+            finally { Console.CancelKeyPress -= onCancel; }
+        }));
+        return cmd;
+    }
+
+    private static Command RunCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var file = new Argument<string>("config") { Description = "job configuration (JSON); see examples/prune.json" };
+        var cmd = new Command("run", "Run a pruning job: load → calibrate → train hypernetwork → prune → save → evaluate → report. " +
+                                     "Settings come from the JSON file, then DISPNATIVE_* environment variables (DISPNATIVE_Training__Steps=200), " +
+                                     "then --Section:Key=value arguments (--Training:Steps=200).") { file };
+        cmd.TreatUnmatchedTokensAsErrors = false;
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            string path = p.GetValue(file)!;
+            if (!File.Exists(path)) throw new InvalidSettingException($"configuration file not found: {path}");
+            IConfiguration config;
+            try
+            {
+                config = new ConfigurationBuilder()
+                    .AddJsonFile(Path.GetFullPath(path), optional: false, reloadOnChange: false)
+                    .AddEnvironmentVariables("DISPNATIVE_")
+                    .AddCommandLine(p.UnmatchedTokens.ToArray())
+                    .Build();
+            }
+            catch (Exception e) when (e is FormatException or InvalidDataException or System.Text.Json.JsonException)
+            {
+                throw new InvalidSettingException($"{path}: {e.Message}");
+            }
+            var options = PruneJobOptions.FromConfiguration(config, Path.GetDirectoryName(Path.GetFullPath(path))!);
+            using var cts = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+            Console.CancelKeyPress += onCancel;
+            try
+            {
+                PruneJobResult result = null!;
+                ProgressConsole(stderr).Progress()
+                    .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn())
+                    .Start(ctx =>
+                    {
+                        var tasks = new Dictionary<string, ProgressTask>();
+                        result = PruneJob.Run(options, new SyncProgress<JobProgress>(jp =>
+                        {
+                            if (!tasks.TryGetValue(jp.Phase, out var task)) tasks[jp.Phase] = task = ctx.AddTask(jp.Phase);
+                            task.MaxValue = Math.Max(jp.Total, 1e-9);
+                            task.Value = jp.Done;
+                            task.Description = jp.Detail == null ? jp.Phase : $"{jp.Phase}: {jp.Detail}";
+                        }), cancellationToken: cts.Token);
+                    });
+                stdout.WriteLine($"dense perplexity:  {result.DensePerplexity:F4}");
+                stdout.WriteLine($"pruned perplexity: {result.PrunedPerplexity:F4}");
+                stdout.WriteLine($"kept {result.KeptRatioPrunable:P2} of prunable parameters ({result.PrunedParams:N0} of {result.DenseParams:N0} in total)");
+                stdout.WriteLine($"pruned model: {result.ModelDirectory}");
+                stdout.WriteLine($"report: {Path.Combine(result.OutputDirectory, PruneJob.ReportFile)}");
+                return 0;
+            }
+            catch (OperationCanceledException)
+            {
+                stderr.WriteLine($"interrupted; run the same command to resume from the checkpoint in {options.OutputDirectory}");
                 return 130;
             }
             finally { Console.CancelKeyPress -= onCancel; }

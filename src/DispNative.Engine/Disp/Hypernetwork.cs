@@ -9,10 +9,14 @@ namespace DispNative.Engine.Disp;
 /// <summary>A named trainable array with its gradient buffer.</summary>
 public sealed class Parameter<T> where T : unmanaged, IFloatingPointIeee754<T>
 {
-    public Parameter(string name, int rows, int cols)
+    public Parameter(string name, int rows, int cols) : this(name, rows, cols, new T[(long)rows * cols]) { }
+
+    /// <summary>Wraps an existing array (trained in place).</summary>
+    public Parameter(string name, int rows, int cols, T[] value)
     {
+        if ((long)rows * cols != value.Length) throw new ArgumentException($"{name}: {value.Length} values are not [{rows}, {cols}]");
         Name = name; Rows = rows; Cols = cols;
-        Value = new T[(long)rows * cols];
+        Value = value;
         Grad = new T[Value.Length];
     }
 

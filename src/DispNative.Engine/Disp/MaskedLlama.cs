@@ -24,6 +24,10 @@ public sealed class MaskedLlama<T> where T : unmanaged, IFloatingPointIeee754<T>
 
     public ModelConfig Config { get; }
 
+    /// <summary>Gradient buffer of a weight array, or null to keep it frozen (the default: all frozen). Used to
+    /// train small models from scratch with the same code.</summary>
+    public Func<T[], T[]?>? GradientOf { get; init; }
+
     public MaskedLlama(ModelConfig config, ModelWeights w)
     {
         Config = config;
@@ -46,8 +50,8 @@ public sealed class MaskedLlama<T> where T : unmanaged, IFloatingPointIeee754<T>
     {
         var c = Config;
         int n = ids.Length, d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
-        Var<T> K(T[] a, int rows, int cols) => tape.Constant(a, rows, cols);
-        Var<T>? B(T[]? a) => a == null ? null : tape.Constant(a, 1, a.Length);
+        Var<T> K(T[] a, int rows, int cols) => GradientOf?.Invoke(a) is { } g ? tape.Leaf(a, rows, cols, g) : tape.Constant(a, rows, cols);
+        Var<T>? B(T[]? a) => a == null ? null : K(a, 1, a.Length);
         Var<T> Mask(Var<T> x, int l, SiteKind kind) => mask(l, kind) is { } m ? tape.MaskColumns(x, m) : x;
 
         var x = tape.Embedding(K(_embedding, c.VocabSize, d), ids);

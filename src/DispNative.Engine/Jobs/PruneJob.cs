@@ -1,0 +1,173 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DispNative.Engine.Builtin;
+using DispNative.Engine.Disp;
+using DispNative.Engine.Evaluation;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+using DispNative.Engine.Training;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace DispNative.Engine.Jobs;
+
+/// <summary>Progress of one phase of a job: <paramref name="Done"/> of <paramref name="Total"/> units.</summary>
+public readonly record struct JobProgress(string Phase, double Done, double Total, string? Detail = null);
+
+/// <summary>Perplexities and sizes of a finished job (also written as <c>metrics.json</c>).</summary>
+public sealed record PruneJobResult(double DensePerplexity, double PrunedPerplexity, double KeptRatioPrunable, long DenseParams,
+    long PrunedParams, string OutputDirectory, string ModelDirectory, JsonObject Metrics);
+
+/// <summary>The main job: load → calibrate → train the hypernetwork → prune → save → evaluate dense and pruned →
+/// report. An interrupted job resumes from its training checkpoint; an output directory is never replaced
+/// unless <see cref="PruneJobOptions.Overwrite"/> is set.</summary>
+public static class PruneJob
+{
+    public const string RunFile = "run.json", MetricsFile = "metrics.json", ReportFile = "report.md", ModelDir = "model";
+    private static readonly string[] Produced =
+    [
+        RunFile, MetricsFile, ReportFile, ModelDir, HypernetworkTrainer.HypernetworkFile, HypernetworkTrainer.CheckpointFile,
+        HypernetworkTrainer.LogFile, "widths.svg", "loss.svg",
+    ];
+
+    public static PruneJobResult Run(PruneJobOptions o, IProgress<JobProgress>? progress = null, ILogger? logger = null,
+        CancellationToken cancellationToken = default)
+    {
+        logger ??= NullLogger.Instance;
+        string outDir = o.OutputDirectory;
+        PrepareOutput(o);
+        string device = Devices.Resolve(o.Device);
+
+        string Resolve(string path) => TinyModel.Resolve(path,
+            new SyncProgress<(int Step, int Steps)>(p => progress?.Report(new JobProgress("build built-in model", p.Step, p.Steps))), cancellationToken);
+        string modelPath = Resolve(o.ModelPath);
+        var calibrationFiles = o.CalibrationFiles.Select(Resolve).ToList();
+        var evaluationFiles = o.EvaluationFiles.Select(Resolve).ToList();
+
+        progress?.Report(new JobProgress("load model", 0, 1));
+        var dense = ModelLoader.Load(modelPath, o.TokenizerPath);
+        if (dense.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
+        progress?.Report(new JobProgress("load model", 1, 1));
+
+        progress?.Report(new JobProgress("calibration", 0, 1));
+        var ids = Calibration.Tokenize(calibrationFiles, dense.Tokenizer, dense.BosId, cancellationToken);
+        var blocks = Calibration.Blocks(ids, o.CalibrationBlockSize, o.CalibrationMaxBlocks);
+        logger.LogInformation("calibration: {Tokens} tokens in {Blocks} blocks of {Size}", ids.Length, blocks.Count, o.CalibrationBlockSize);
+        progress?.Report(new JobProgress("calibration", 1, 1, $"{blocks.Count} blocks"));
+
+        var trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger);
+        var train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
+            progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
+
+        var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
+        string mode = o.Training.Mode.ToString().ToLowerInvariant();
+        var (prunedConfig, prunedWeights) = Pruner.Apply(dense.Config, dense.Model.Weights, plan, mode, o.Training.PruneRatio, o.ModelPath);
+        string modelDir = Path.Combine(outDir, ModelDir);
+        if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
+        var dtype = o.DType ?? (dense.Config.WeightDType switch { "bfloat16" => DType.BF16, "float16" => DType.F16, _ => DType.F32 });
+        Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
+        var pruned = ModelLoader.Load(modelDir);
+
+        var denseEval = Evaluate("evaluate dense", dense, evaluationFiles, o, progress, cancellationToken);
+        var prunedEval = Evaluate("evaluate pruned", pruned, evaluationFiles, o, progress, cancellationToken);
+
+        var dc = dense.Config.ParameterCounts();
+        var pc = pruned.Config.ParameterCounts();
+        double kept = (double)(pc["attention"] + pc["mlp"]) / (dc["attention"] + dc["mlp"]);
+        var widths = new JsonArray(prunedConfig.Disp!.Widths.Select((w, l) =>
+        {
+            var layer = new JsonObject { ["layer"] = l };
+            for (int s = 0; s < w.Length; s++) layer[DispInfo.SiteKeys[s]] = w[s];
+            return (JsonNode)layer;
+        }).ToArray());
+        var metrics = new JsonObject
+        {
+            ["dense_ppl"] = denseEval.Perplexity,
+            ["pruned_ppl"] = prunedEval.Perplexity,
+            ["prune_ratio_target"] = o.Training.PruneRatio,
+            ["kept_ratio_prunable"] = kept,
+            ["params_dense_total"] = dc.Values.Sum(),
+            ["params_pruned_total"] = pc.Values.Sum(),
+            ["params_dense_prunable"] = dc["attention"] + dc["mlp"],
+            ["params_pruned_prunable"] = pc["attention"] + pc["mlp"],
+            ["mode"] = mode,
+            ["lambda"] = o.Training.Lambda,
+            ["steps"] = train.Steps,
+            ["resumed_from_step"] = train.ResumedFrom,
+            ["train_seconds"] = train.Seconds,
+            ["device"] = device,
+            ["model"] = o.ModelPath,
+            ["saved_dtype"] = dtype.Name(),
+            ["evaluation"] = new JsonObject
+            {
+                ["files"] = new JsonArray(o.EvaluationFiles.Select(f => (JsonNode)f).ToArray()),
+                ["block_size"] = o.EvaluationBlockSize, ["max_blocks"] = o.EvaluationMaxBlocks, ["scored_tokens"] = denseEval.ScoredTokens,
+            },
+            ["widths"] = widths,
+        };
+        File.WriteAllText(Path.Combine(outDir, MetricsFile), metrics.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        Report.Write(outDir, metrics, prunedConfig, HypernetworkTrainer.ReadLog(Path.Combine(outDir, HypernetworkTrainer.LogFile)));
+        logger.LogInformation("dense perplexity {Dense:F4}, pruned {Pruned:F4}, kept {Kept:P2} of prunable parameters", denseEval.Perplexity, prunedEval.Perplexity, kept);
+        return new PruneJobResult(denseEval.Perplexity, prunedEval.Perplexity, kept, dc.Values.Sum(), pc.Values.Sum(), outDir, modelDir, metrics);
+    }
+
+    /// <summary>Perplexity over several files: each tokenized once with BOS at its start, blocks per file, NLL pooled.</summary>
+    public static PerplexityResult Evaluate(string phase, LoadedModel model, IReadOnlyList<string> files, PruneJobOptions o,
+        IProgress<JobProgress>? progress, CancellationToken ct)
+    {
+        double nll = 0;
+        long scored = 0;
+        int blocks = 0, tokens = 0;
+        var perFile = files.Select(f =>
+        {
+            var ids = model.Tokenizer.Encode(File.ReadAllText(f), addSpecialTokens: false);
+            return model.BosId is int bos ? [bos, .. ids] : ids;
+        }).ToList();
+        int total = perFile.Sum(ids => Perplexity.Blocks(ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks).Count), done = 0;
+        foreach (var ids in perFile)
+        {
+            int before = done;
+            var r = Perplexity.Evaluate(model.Model, ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks,
+                new SyncProgress<PerplexityProgress>(p => { done = before + p.BlocksDone; progress?.Report(new JobProgress(phase, done, total, $"ppl {p.RunningPerplexity:F3}")); }), ct);
+            nll += r.TotalNll; scored += r.ScoredTokens; blocks += r.Blocks; tokens += r.TotalTokens;
+        }
+        return new PerplexityResult(Math.Exp(nll / scored), nll, scored, blocks, tokens);
+    }
+
+    /// <summary>Refuses to touch a directory that holds something else or a finished run (unless overwriting);
+    /// with Overwrite, removes only what a job writes.</summary>
+    private static void PrepareOutput(PruneJobOptions o)
+    {
+        string dir = o.OutputDirectory;
+        if (File.Exists(dir)) throw new InvalidSettingException($"Output:Directory: {dir} is a file");
+        bool exists = Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any();
+        bool ours = File.Exists(Path.Combine(dir, RunFile));
+        bool finished = File.Exists(Path.Combine(dir, MetricsFile));
+        if (exists && o.Overwrite)
+        {
+            foreach (var name in Produced)
+            {
+                string p = Path.Combine(dir, name);
+                if (Directory.Exists(p)) Directory.Delete(p, true);
+                else if (File.Exists(p)) File.Delete(p);
+            }
+        }
+        else if (exists && !ours)
+            throw new InvalidSettingException($"Output:Directory: {dir} exists and is not a DispNative run directory; choose another or set Output:Overwrite=true");
+        else if (finished)
+            throw new InvalidSettingException($"Output:Directory: {dir} already holds a finished run; set Output:Overwrite=true to replace it");
+        Directory.CreateDirectory(dir);
+        var run = new JsonObject
+        {
+            ["model"] = o.ModelPath, ["prune_ratio"] = o.Training.PruneRatio, ["mode"] = o.Training.Mode.ToString().ToLowerInvariant(),
+            ["steps"] = o.Training.Steps, ["started"] = DateTime.UtcNow.ToString("O"),
+        };
+        File.WriteAllText(Path.Combine(dir, RunFile), run.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    private sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
+    {
+        public void Report(T value) => report(value);
+    }
+}

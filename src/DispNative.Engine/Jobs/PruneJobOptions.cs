@@ -1,0 +1,138 @@
+using System.Globalization;
+using DispNative.Engine.Builtin;
+using DispNative.Engine.Disp;
+using DispNative.Engine.IO;
+using DispNative.Engine.Training;
+using Microsoft.Extensions.Configuration;
+
+namespace DispNative.Engine.Jobs;
+
+/// <summary>Everything <c>DispNative run</c> needs, read from configuration keys (<c>Model:Path</c>, <c>Training:Steps</c>, …)
+/// and validated before any work starts.</summary>
+public sealed record PruneJobOptions
+{
+    public required string ModelPath { get; init; }
+    public string? TokenizerPath { get; init; }
+    public string Device { get; init; } = "auto";
+    /// <summary>Storage type of the saved pruned weights; null = that of the source model.</summary>
+    public DType? DType { get; init; }
+    public required IReadOnlyList<string> CalibrationFiles { get; init; }
+    public int CalibrationBlockSize { get; init; } = 2048;
+    public int? CalibrationMaxBlocks { get; init; }
+    public bool DeterministicMasks { get; init; }
+    public required TrainingOptions Training { get; init; }
+    public required IReadOnlyList<string> EvaluationFiles { get; init; }
+    public int EvaluationBlockSize { get; init; } = 2048;
+    public int? EvaluationMaxBlocks { get; init; }
+    public required string OutputDirectory { get; init; }
+    public bool Overwrite { get; init; }
+
+    private static readonly string[] Sections = ["Model", "Calibration", "Pruning", "Training", "Evaluation", "Output"];
+    private static readonly string[] Keys =
+    [
+        "Model:Path", "Model:Tokenizer", "Model:Device", "Model:DType", "Calibration:Files", "Calibration:BlockSize", "Calibration:MaxBlocks",
+        "Pruning:PruneRatio", "Pruning:Mode", "Pruning:Lambda", "Pruning:Deterministic", "Training:Steps", "Training:BatchSize",
+        "Training:LearningRate", "Training:WeightDecay", "Training:Seed", "Training:LogEvery", "Training:CheckpointEvery",
+        "Evaluation:Files", "Evaluation:BlockSize", "Evaluation:MaxBlocks", "Output:Directory", "Output:Overwrite",
+    ];
+
+    /// <summary>Reads and validates every key; all problems are reported together, each with its key. Relative paths
+    /// are taken from <paramref name="baseDirectory"/> (the configuration file's folder).</summary>
+    public static PruneJobOptions FromConfiguration(IConfiguration config, string baseDirectory)
+    {
+        var problems = new List<string>();
+        foreach (var (key, _) in config.AsEnumerable())
+        {
+            int colon = key.IndexOf(':');
+            if (colon < 0 || !Sections.Contains(key[..colon], StringComparer.OrdinalIgnoreCase)) continue;
+            string normalized = System.Text.RegularExpressions.Regex.Replace(key, @":\d+$", "");
+            if (!Keys.Contains(normalized, StringComparer.OrdinalIgnoreCase) && !Sections.Contains(normalized, StringComparer.OrdinalIgnoreCase))
+                problems.Add($"{key}: unknown key (known keys: {string.Join(", ", Keys)})");
+        }
+
+        string? Str(string key) => config[key] is { } v && v.Trim().Length > 0 ? v.Trim() : null;
+        string Path_(string key, string value) => TinyModel.IsBuiltin(value) ? value : Path.GetFullPath(value, baseDirectory);
+        string? RequiredPath(string key)
+        {
+            var v = Str(key);
+            if (v == null) { problems.Add($"{key}: required"); return null; }
+            return Path_(key, v);
+        }
+        T Parse<T>(string key, T fallback, Func<string, (bool Ok, T Value)> parse, string expected, Func<T, string?>? check = null)
+        {
+            var v = Str(key);
+            if (v == null) return fallback;
+            var (ok, value) = parse(v);
+            if (!ok) { problems.Add($"{key}: '{v}' is not {expected}"); return fallback; }
+            if (check?.Invoke(value) is { } bad) { problems.Add($"{key}: {bad} (got {v})"); return fallback; }
+            return value;
+        }
+        int Int(string key, int fallback, int min) => Parse(key, fallback, s => (int.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out var i), i),
+            "an integer", i => i < min ? $"must be at least {min}" : null);
+        int? OptInt(string key, int min) => Str(key) == null ? null : Int(key, min, min);
+        double Dbl(string key, double fallback, Func<double, string?> check) => Parse(key, fallback,
+            s => (double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out var d) && double.IsFinite(d), d), "a number", check);
+        bool Bool(string key) => Parse(key, false, s => (bool.TryParse(s, out var b), b), "true or false");
+        string Choice(string key, string fallback, params string[] allowed) => Parse(key, fallback,
+            s => (allowed.Contains(s.ToLowerInvariant()), s.ToLowerInvariant()), $"one of {string.Join(" | ", allowed)}");
+        List<string> Files(string key)
+        {
+            var section = config.GetSection(key);
+            var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => Path_(key, v!.Trim())).ToList();
+            if (list.Count == 0 && Str(key) is { } single) list.Add(Path_(key, single));
+            if (list.Count == 0) problems.Add($"{key}: at least one file is required");
+            foreach (var f in list) if (!TinyModel.IsBuiltin(f) && !File.Exists(f)) problems.Add($"{key}: file not found: {f}");
+            return list;
+        }
+
+        string? model = RequiredPath("Model:Path");
+        if (model != null && !TinyModel.IsBuiltin(model) && !File.Exists(model) && !Directory.Exists(model))
+            problems.Add($"Model:Path: not found: {model}");
+        string? tokenizer = Str("Model:Tokenizer") is { } t ? Path_("Model:Tokenizer", t) : null;
+        if (tokenizer != null && !File.Exists(tokenizer)) problems.Add($"Model:Tokenizer: not found: {tokenizer}");
+        string device = Choice("Model:Device", "auto", "auto", "cpu", "cuda");
+        string dtype = Choice("Model:DType", "auto", "auto", "f32", "bf16", "f16");
+        var calibration = Files("Calibration:Files");
+        int calBlock = Int("Calibration:BlockSize", 2048, 2);
+        int? calMax = OptInt("Calibration:MaxBlocks", 1);
+        var d = new TrainingOptions();
+        var training = new TrainingOptions
+        {
+            PruneRatio = Str("Pruning:PruneRatio") == null ? Missing("Pruning:PruneRatio", problems)
+                : Dbl("Pruning:PruneRatio", 0.5, r => r is > 0 and < 1 ? null : "must be strictly between 0 and 1"),
+            Mode = SiteLayout.ParseMode(Choice("Pruning:Mode", "disp", "disp", "same")),
+            Lambda = Dbl("Pruning:Lambda", d.Lambda, l => l > 0 ? null : "must be positive"),
+            Steps = Int("Training:Steps", d.Steps, 1),
+            BatchSize = Int("Training:BatchSize", d.BatchSize, 1),
+            LearningRate = Dbl("Training:LearningRate", d.LearningRate, l => l > 0 ? null : "must be positive"),
+            WeightDecay = Dbl("Training:WeightDecay", d.WeightDecay, w => w >= 0 ? null : "must be ≥ 0"),
+            Seed = Parse("Training:Seed", 0UL, s => (ulong.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out var u), u), "a non-negative integer"),
+            LogEvery = Int("Training:LogEvery", d.LogEvery, 1),
+            CheckpointEvery = Int("Training:CheckpointEvery", d.CheckpointEvery, 1),
+        };
+        bool deterministic = Bool("Pruning:Deterministic");
+        var evaluation = Files("Evaluation:Files");
+        int evalBlock = Int("Evaluation:BlockSize", 2048, 2);
+        int? evalMax = OptInt("Evaluation:MaxBlocks", 1);
+        string? output = RequiredPath("Output:Directory");
+        bool overwrite = Bool("Output:Overwrite");
+        if (output != null && model != null && Path.GetFullPath(output).TrimEnd('/') == Path.GetFullPath(model).TrimEnd('/'))
+            problems.Add("Output:Directory: must differ from Model:Path");
+
+        if (problems.Count > 0) throw new InvalidSettingException("invalid configuration:\n  " + string.Join("\n  ", problems));
+        return new PruneJobOptions
+        {
+            ModelPath = model!, TokenizerPath = tokenizer, Device = device,
+            DType = dtype switch { "f32" => IO.DType.F32, "bf16" => IO.DType.BF16, "f16" => IO.DType.F16, _ => null },
+            CalibrationFiles = calibration, CalibrationBlockSize = calBlock, CalibrationMaxBlocks = calMax, DeterministicMasks = deterministic,
+            Training = training, EvaluationFiles = evaluation, EvaluationBlockSize = evalBlock, EvaluationMaxBlocks = evalMax,
+            OutputDirectory = output!, Overwrite = overwrite,
+        };
+    }
+
+    private static double Missing(string key, List<string> problems)
+    {
+        problems.Add($"{key}: required");
+        return 0.5;
+    }
+}
