@@ -126,19 +126,11 @@ public static class Program
             var (m, _) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
             var ids = m.Tokenizer.Encode(text);
             stdout.Write(text);
-            var generated = new List<int>();
-            string shown = "";
+            var streamer = new TextStreamer(m.Tokenizer, ids);
             Generator.Generate(m, ids, n, sampling, id =>
             {
-                generated.Add(id);
-                // Decode the prompt together with the new tokens so leading spaces come out right; hold back a
-                // trailing partial UTF-8 sequence until its last byte arrives.
-                string all = m.Tokenizer.Decode([.. ids, .. generated]);
-                string fresh = all.Length >= text.Length ? all[text.Length..] : "";
-                if (fresh.EndsWith('\uFFFD') || !fresh.StartsWith(shown, StringComparison.Ordinal)) return;
-                stdout.Write(fresh[shown.Length..]);
+                stdout.Write(streamer.Push(id));
                 stdout.Flush();
-                shown = fresh;
             });
             stdout.WriteLine();
             return 0;

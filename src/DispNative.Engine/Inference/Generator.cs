@@ -20,23 +20,39 @@ public static class Generator
     public static int[] Generate(LoadedModel model, int[] prompt, int maxNewTokens, SamplingOptions sampling,
         Action<int>? onToken = null, CancellationToken cancellationToken = default)
     {
+        var output = new List<int>(prompt);
+        foreach (var id in Stream(model, prompt, maxNewTokens, sampling, cancellationToken))
+        {
+            output.Add(id);
+            onToken?.Invoke(id);
+        }
+        return output.ToArray();
+    }
+
+    /// <summary>The new tokens one at a time, as they are produced (lazily: each MoveNext runs one decode step).</summary>
+    public static IEnumerable<int> Stream(LoadedModel model, int[] prompt, int maxNewTokens, SamplingOptions sampling,
+        CancellationToken cancellationToken = default)
+    {
         if (prompt.Length == 0) throw new InvalidSettingException("the prompt is empty");
         if (maxNewTokens < 0) throw new InvalidSettingException($"max new tokens must be non-negative (got {maxNewTokens})");
         sampling.Validate();
-        var rng = new Rng(sampling.Seed);
-        var cache = model.Model.NewCache(prompt.Length + maxNewTokens);
-        var output = new List<int>(prompt);
-        float[] logits = model.Model.Forward(prompt, cache, lastOnly: true);
-        for (int i = 0; i < maxNewTokens; i++)
+        return Iterate();
+
+        IEnumerable<int> Iterate()
         {
-            cancellationToken.ThrowIfCancellationRequested();
-            int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
-            output.Add(next);
-            onToken?.Invoke(next);
-            if (model.EosIds.Contains(next) || i == maxNewTokens - 1) break;
-            logits = model.Model.Forward([next], cache, lastOnly: true);
+            if (maxNewTokens == 0) yield break;
+            var rng = new Rng(sampling.Seed);
+            var cache = model.Model.NewCache(prompt.Length + maxNewTokens);
+            float[] logits = model.Model.Forward(prompt, cache, lastOnly: true);
+            for (int i = 0; i < maxNewTokens; i++)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
+                yield return next;
+                if (model.EosIds.Contains(next) || i == maxNewTokens - 1) yield break;
+                logits = model.Model.Forward([next], cache, lastOnly: true);
+            }
         }
-        return output.ToArray();
     }
 
     public static int ArgMax(ReadOnlySpan<float> logits)
@@ -67,5 +83,26 @@ public static class Generator
             if (r < 0) return order[j];
         }
         return order[keep - 1];
+    }
+}
+
+/// <summary>Turns generated ids into text pieces: the prompt is decoded with the new tokens so that leading spaces come
+/// out right, and a trailing partial UTF-8 sequence is held back until its last byte arrives.</summary>
+public sealed class TextStreamer(Tokenization.ITokenizer tokenizer, int[] prompt)
+{
+    private readonly List<int> _ids = [.. prompt];
+    private readonly string _promptText = tokenizer.Decode(prompt);
+    private string _shown = "";
+
+    /// <summary>The text that <paramref name="id"/> adds (possibly empty).</summary>
+    public string Push(int id)
+    {
+        _ids.Add(id);
+        string all = tokenizer.Decode(_ids.ToArray());
+        string fresh = all.Length >= _promptText.Length ? all[_promptText.Length..] : "";
+        if (fresh.EndsWith('\uFFFD') || !fresh.StartsWith(_shown, StringComparison.Ordinal)) return "";
+        string delta = fresh[_shown.Length..];
+        _shown = fresh;
+        return delta;
     }
 }

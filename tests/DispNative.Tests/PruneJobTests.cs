@@ -1,0 +1,172 @@
+using System.Text.Json.Nodes;
+using DispNative.Cli;
+using DispNative.Engine;
+using DispNative.Engine.Builtin;
+using DispNative.Engine.Evaluation;
+using DispNative.Engine.Jobs;
+using DispNative.Engine.Models;
+using Microsoft.Extensions.Configuration;
+
+namespace DispNative.Tests;
+
+public class PruneJobTests
+{
+    /// <summary>A tiny random model, calibration and evaluation texts, and a job config in a fresh folder.</summary>
+    private static (string Dir, string ConfigPath) Setup(Action<JsonObject>? edit = null)
+    {
+        var dir = TestAssets.TempDir();
+        TestAssets.WriteTinyModel(Path.Combine(dir, "model"));
+        File.WriteAllText(Path.Combine(dir, "cal.txt"), SyntheticCorpus.Generate(5, 6000));
+        File.WriteAllText(Path.Combine(dir, "eval.txt"), SyntheticCorpus.Generate(6, 3000));
+        var config = new JsonObject
+        {
+            ["Model"] = new JsonObject { ["Path"] = "model", ["Device"] = "cpu" },
+            ["Calibration"] = new JsonObject { ["Files"] = new JsonArray("cal.txt"), ["BlockSize"] = 32 },
+            ["Pruning"] = new JsonObject { ["PruneRatio"] = 0.4 },
+            ["Training"] = new JsonObject { ["Steps"] = 6, ["LogEvery"] = 1, ["CheckpointEvery"] = 2, ["LearningRate"] = 0.05 },
+            ["Evaluation"] = new JsonObject { ["Files"] = new JsonArray("eval.txt"), ["BlockSize"] = 64, ["MaxBlocks"] = 4 },
+            ["Output"] = new JsonObject { ["Directory"] = "out" },
+        };
+        edit?.Invoke(config);
+        var path = Path.Combine(dir, "prune.json");
+        File.WriteAllText(path, config.ToJsonString());
+        return (dir, path);
+    }
+
+    private static (int Code, string Out, string Err) Cli(params string[] args)
+    {
+        var o = new StringWriter();
+        var e = new StringWriter();
+        int code = Program.Run(args, o, e);
+        return (code, o.ToString(), e.ToString());
+    }
+
+    [Test]
+    public void RunWritesEverythingAndTheSavedModelScoresAsReported()
+    {
+        var (dir, config) = Setup();
+        var (code, stdout, stderr) = Cli("run", config);
+        Assert.That(code, Is.EqualTo(0), stderr);
+        Assert.That(stdout, Does.Contain("dense perplexity:").And.Contain("pruned perplexity:"));
+        var outDir = Path.Combine(dir, "out");
+        foreach (var f in new[] { "model/config.json", "model/tokenizer.json", "hypernetwork.safetensors", "train_log.jsonl", "metrics.json", "report.md", "widths.svg", "loss.svg" })
+            Assert.That(File.Exists(Path.Combine(outDir, f)), f);
+        var metrics = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "metrics.json")))!.AsObject();
+        foreach (var key in new[] { "dense_ppl", "pruned_ppl", "prune_ratio_target", "kept_ratio_prunable", "params_dense_total", "params_pruned_total", "widths", "train_seconds", "device" })
+            Assert.That(metrics.ContainsKey(key), key);
+        Assert.That(metrics["widths"]!.AsArray().Count, Is.EqualTo(2));
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain("![kept widths](widths.svg)"));
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "widths.svg")), Does.StartWith("<svg").And.Contain("polyline"));
+
+        // `eval` on the saved pruned model gives exactly the reported perplexity.
+        var (evalCode, evalOut, evalErr) = Cli("eval", "--model", Path.Combine(outDir, "model"), "--text", Path.Combine(dir, "eval.txt"),
+            "--block-size", "64", "--max-blocks", "4", "--device", "cpu");
+        Assert.That(evalCode, Is.EqualTo(0), evalErr);
+        Assert.That(evalOut, Does.Contain($"perplexity: {metrics["pruned_ppl"]!.GetValue<double>():F4}"));
+        var inspect = Cli("inspect", "--model", Path.Combine(outDir, "model"));
+        Assert.That(inspect.Out, Does.Contain($"{metrics["params_pruned_total"]!.GetValue<long>():N0}"));
+
+        // A finished run is not replaced without Output:Overwrite; with it, the run starts over.
+        var again = Cli("run", config);
+        Assert.That(again.Code, Is.EqualTo(1));
+        Assert.That(again.Err, Does.Contain("already holds a finished run"));
+        var forced = Cli("run", config, "--Output:Overwrite=true", "--Training:Steps=3");
+        Assert.That(forced.Code, Is.EqualTo(0), forced.Err);
+        Assert.That(JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "metrics.json")))!["steps"]!.GetValue<int>(), Is.EqualTo(3));
+    }
+
+    [Test]
+    public void AnInterruptedRunResumesAndEndsWhereAnUninterruptedOneDoes()
+    {
+        var (dir, configPath) = Setup();
+        IConfiguration Config(string outDir) => new ConfigurationBuilder().AddJsonFile(configPath).AddInMemoryCollection(
+            new Dictionary<string, string?> { ["Output:Directory"] = outDir }).Build();
+        var straight = PruneJob.Run(PruneJobOptions.FromConfiguration(Config("a"), dir));
+
+        var options = PruneJobOptions.FromConfiguration(Config("b"), dir);
+        using var cts = new CancellationTokenSource();
+        Assert.Throws<OperationCanceledException>(() => PruneJob.Run(options, new Progress(p =>
+        {
+            if (p.Phase == "train hypernetwork" && p.Done >= 3) cts.Cancel();
+        }), cancellationToken: cts.Token));
+        Assert.That(File.Exists(Path.Combine(dir, "b", "metrics.json")), Is.False);
+        var resumed = PruneJob.Run(options);
+        Assert.That(resumed.Metrics["resumed_from_step"]!.GetValue<int>(), Is.EqualTo(3));
+        Assert.That(resumed.PrunedPerplexity, Is.EqualTo(straight.PrunedPerplexity));
+        Assert.That(resumed.Metrics["widths"]!.ToJsonString(), Is.EqualTo(straight.Metrics["widths"]!.ToJsonString()));
+    }
+
+    [Test]
+    public void AForeignOutputDirectoryIsNeverTouched()
+    {
+        var (dir, config) = Setup();
+        var outDir = Path.Combine(dir, "out");
+        Directory.CreateDirectory(outDir);
+        File.WriteAllText(Path.Combine(outDir, "notes.txt"), "mine");
+        var (code, _, err) = Cli("run", config);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err, Does.Contain("is not a DispNative run directory"));
+        Assert.That(Directory.GetFileSystemEntries(outDir), Has.Length.EqualTo(1));
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "notes.txt")), Is.EqualTo("mine"));
+    }
+
+    [TestCase("Pruning:PruneRatio", "1.5", "Pruning:PruneRatio: must be strictly between 0 and 1")]
+    [TestCase("Pruning:PruneRatio", "half", "Pruning:PruneRatio: 'half' is not a number")]
+    [TestCase("Pruning:Mode", "dense", "Pruning:Mode: 'dense' is not one of disp | same")]
+    [TestCase("Pruning:Lambda", "-1", "Pruning:Lambda: must be positive")]
+    [TestCase("Model:Path", "nowhere", "Model:Path: not found")]
+    [TestCase("Model:Device", "tpu", "Model:Device: 'tpu' is not one of auto | cpu | cuda")]
+    [TestCase("Model:DType", "int8", "Model:DType: 'int8' is not one of auto | f32 | bf16 | f16")]
+    [TestCase("Calibration:BlockSize", "1", "Calibration:BlockSize: must be at least 2")]
+    [TestCase("Calibration:MaxBlocks", "0", "Calibration:MaxBlocks: must be at least 1")]
+    [TestCase("Calibration:Files:0", "missing.txt", "Calibration:Files: file not found")]
+    [TestCase("Training:Steps", "0", "Training:Steps: must be at least 1")]
+    [TestCase("Training:BatchSize", "x", "Training:BatchSize: 'x' is not an integer")]
+    [TestCase("Training:LearningRate", "0", "Training:LearningRate: must be positive")]
+    [TestCase("Training:WeightDecay", "-0.1", "Training:WeightDecay: must be ≥ 0")]
+    [TestCase("Training:Seed", "-3", "Training:Seed: '-3' is not a non-negative integer")]
+    [TestCase("Training:LogEvery", "0", "Training:LogEvery: must be at least 1")]
+    [TestCase("Training:CheckpointEvery", "-5", "Training:CheckpointEvery: must be at least 1")]
+    [TestCase("Evaluation:Files:0", "gone.txt", "Evaluation:Files: file not found")]
+    [TestCase("Evaluation:BlockSize", "big", "Evaluation:BlockSize: 'big' is not an integer")]
+    [TestCase("Evaluation:MaxBlocks", "-1", "Evaluation:MaxBlocks: must be at least 1")]
+    [TestCase("Output:Overwrite", "maybe", "Output:Overwrite: 'maybe' is not true or false")]
+    [TestCase("Training:Stepz", "5", "Training:Stepz: unknown key")]
+    public void EveryBadValueIsReportedWithItsKey(string key, string value, string message)
+    {
+        var (dir, config) = Setup();
+        var (code, stdout, err) = Cli("run", config, $"--{key}={value}");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err, Does.Contain(message));
+        Assert.That(Directory.Exists(Path.Combine(dir, "out")), Is.False, "nothing is written before validation passes");
+    }
+
+    [Test]
+    public void EnvironmentVariablesOverrideTheFileAndArgumentsOverrideBoth()
+    {
+        var (dir, configPath) = Setup();
+        Environment.SetEnvironmentVariable("DISPNATIVE_Training__Steps", "11");
+        try
+        {
+            var config = new ConfigurationBuilder().AddJsonFile(configPath).AddEnvironmentVariables("DISPNATIVE_").Build();
+            Assert.That(PruneJobOptions.FromConfiguration(config, dir).Training.Steps, Is.EqualTo(11));
+            config = new ConfigurationBuilder().AddJsonFile(configPath).AddEnvironmentVariables("DISPNATIVE_").AddCommandLine(["--Training:Steps=12"]).Build();
+            Assert.That(PruneJobOptions.FromConfiguration(config, dir).Training.Steps, Is.EqualTo(12));
+        }
+        finally { Environment.SetEnvironmentVariable("DISPNATIVE_Training__Steps", null); }
+    }
+
+    [Test]
+    public void MissingRequiredKeysAreAllListed()
+    {
+        var config = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>()).Build();
+        var e = Assert.Throws<InvalidSettingException>(() => PruneJobOptions.FromConfiguration(config, "."));
+        foreach (var key in new[] { "Model:Path: required", "Calibration:Files: at least one file", "Pruning:PruneRatio: required", "Evaluation:Files: at least one file", "Output:Directory: required" })
+            Assert.That(e!.Message, Does.Contain(key));
+    }
+
+    private sealed class Progress(Action<JobProgress> report) : IProgress<JobProgress>
+    {
+        public void Report(JobProgress value) => report(value);
+    }
+}
