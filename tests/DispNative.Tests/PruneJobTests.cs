@@ -165,6 +165,20 @@ public class PruneJobTests
             Assert.That(e!.Message, Does.Contain(key));
     }
 
+    [Test]
+    public void TheEmbeddedDefaultExampleRunsOnAFreshCheckout()
+    {
+        // The README's main job, shortened: the built-in model is built (or taken from the cache) by the engine itself.
+        string example = Path.Combine(TestAssets.RepoRoot, "examples", "prune.json");
+        var outDir = Path.Combine(TestAssets.TempDir(), "run");
+        var (code, stdout, err) = Cli("run", example, $"--Output:Directory={outDir}", "--Training:Steps=20", "--Evaluation:MaxBlocks=8");
+        Assert.That(code, Is.EqualTo(0), err);
+        Assert.That(stdout, Does.Match(@"dense perplexity:\s+\d+\.\d{4}").And.Match(@"pruned perplexity:\s+\d+\.\d{4}"));
+        using var tiny = DispEngine.Load(TinyModel.Prefix);
+        Assert.That(tiny.Perplexity(File.ReadAllText(TinyModel.Resolve(TinyModel.Prefix + "/evaluation.txt")), 256, 8).Perplexity,
+            Is.LessThan(6), "the built-in model has learned its synthetic language (a byte-level uniform guess is 259)");
+    }
+
     private sealed class Progress(Action<JobProgress> report) : IProgress<JobProgress>
     {
         public void Report(JobProgress value) => report(value);

@@ -8,6 +8,17 @@ namespace DispNative.Tests;
 /// <summary>Locates ../shared beside the repository and makes small self-contained models for tests.</summary>
 public static class TestAssets
 {
+    /// <summary>The checkout's root (the folder holding DispNative.sln).</summary>
+    public static string RepoRoot
+    {
+        get
+        {
+            for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
+                if (dir.GetFiles("DispNative.sln").Length > 0) return dir.FullName;
+            throw new InvalidOperationException("DispNative.sln not found above the test binaries");
+        }
+    }
+
     private static readonly Lazy<string?> SharedDir = new(() =>
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
