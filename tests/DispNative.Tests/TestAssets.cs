@@ -60,38 +60,8 @@ public static class TestAssets
     };
 
     /// <summary>A byte-level BPE tokenizer.json: specials, the 256 byte symbols and a few merges.</summary>
-    public static JsonObject ByteLevelTokenizerJson()
-    {
-        var vocab = new JsonObject { ["<unk>"] = 0, ["<s>"] = 1, ["</s>"] = 2 };
-        int id = 3;
-        var byteChars = Enumerable.Range(0, 256).Select(b => ByteLevelMap.CharOf((byte)b).ToString()).ToList();
-        foreach (var ch in byteChars) vocab[ch] = id++;
-        string[][] merges = [["Ġ", "t"], ["h", "e"], ["Ġt", "he"], ["Ġ", "c"], ["a", "t"], ["Ġc", "at"], ["i", "n"], ["Ġ", "s"]];
-        foreach (var m in merges) if (!vocab.ContainsKey(m[0] + m[1])) vocab[m[0] + m[1]] = id++;
-        return new JsonObject
-        {
-            ["version"] = "1.0",
-            ["added_tokens"] = new JsonArray(
-                new JsonObject { ["id"] = 0, ["content"] = "<unk>", ["special"] = true },
-                new JsonObject { ["id"] = 1, ["content"] = "<s>", ["special"] = true },
-                new JsonObject { ["id"] = 2, ["content"] = "</s>", ["special"] = true }),
-            ["normalizer"] = null,
-            ["pre_tokenizer"] = new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = true },
-            ["post_processor"] = new JsonObject
-            {
-                ["type"] = "TemplateProcessing",
-                ["single"] = new JsonArray(new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = "<s>", ["type_id"] = 0 } },
-                    new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
-                ["special_tokens"] = new JsonObject { ["<s>"] = new JsonObject { ["id"] = "<s>", ["ids"] = new JsonArray(1), ["tokens"] = new JsonArray("<s>") } },
-            },
-            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
-            ["model"] = new JsonObject
-            {
-                ["type"] = "BPE", ["byte_fallback"] = false, ["ignore_merges"] = false, ["vocab"] = vocab,
-                ["merges"] = new JsonArray(merges.Select(m => (JsonNode)new JsonArray(m[0], m[1])).ToArray()),
-            },
-        };
-    }
+    public static JsonObject ByteLevelTokenizerJson() => Engine.Builtin.TinyModel.ByteTokenizerJson(
+        [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("i", "n"), ("Ġ", "s")]);
 
     /// <summary>Writes a random-weight HF model directory (config, sharded safetensors, byte-level tokenizer).</summary>
     public static string WriteTinyModel(string? dir = null, ulong seed = 1, DType dtype = DType.F32, long maxShardBytes = 40_000)

@@ -229,25 +229,16 @@ public static class Program
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
             var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options);
-            using var cts = new CancellationTokenSource();
-            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-            Console.CancelKeyPress += onCancel;
-            try
+            return WithCtrlC(token =>
             {
                 var result = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
-                    stderr.WriteLine($"step {e.Step,5}  ce {e.CrossEntropy:F4}  reg {e.RegLoss:F4}  r {e.Ratio:F4}  {e.TokensPerSecond:F0} tok/s")), cts.Token);
+                    stderr.WriteLine($"step {e.Step,5}  ce {e.CrossEntropy:F4}  reg {e.RegLoss:F4}  r {e.Ratio:F4}  {e.TokensPerSecond:F0} tok/s")), token);
                 var last = result.Log.Count > 0 ? result.Log[^1] : null;
                 stdout.WriteLine($"trained {result.Steps} steps{(result.ResumedFrom > 0 ? $" (resumed from {result.ResumedFrom})" : "")}" +
                                  (last != null ? $": ce {last.CrossEntropy:F4}, kept ratio {last.Ratio:F4} (target {1 - options.PruneRatio:F4})" : ""));
                 stdout.WriteLine($"hypernetwork: {result.HypernetworkPath}");
                 return 0;
-            }
-            catch (OperationCanceledException)
-            {
-                stderr.WriteLine($"interrupted at step {trainer.Step}; checkpoint saved in {outDir} (run the same command to resume)");
-                return 130;
-            }
-            finally { Console.CancelKeyPress -= onCancel; }
+            }, () => stderr.WriteLine($"interrupted at step {trainer.Step}; checkpoint saved in {outDir} (run the same command to resume)"));
         }));
         return cmd;
     }
@@ -277,10 +268,7 @@ public static class Program
                 throw new InvalidSettingException($"{path}: {e.Message}");
             }
             var options = PruneJobOptions.FromConfiguration(config, Path.GetDirectoryName(Path.GetFullPath(path))!);
-            using var cts = new CancellationTokenSource();
-            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-            Console.CancelKeyPress += onCancel;
-            try
+            return WithCtrlC(token =>
             {
                 PruneJobResult result = null!;
                 ProgressConsole(stderr).Progress()
@@ -294,7 +282,7 @@ public static class Program
                             task.MaxValue = Math.Max(jp.Total, 1e-9);
                             task.Value = jp.Done;
                             task.Description = jp.Detail == null ? jp.Phase : $"{jp.Phase}: {jp.Detail}";
-                        }), cancellationToken: cts.Token);
+                        }), cancellationToken: token);
                     });
                 stdout.WriteLine($"dense perplexity:  {result.DensePerplexity:F4}");
                 stdout.WriteLine($"pruned perplexity: {result.PrunedPerplexity:F4}");
@@ -302,15 +290,25 @@ public static class Program
                 stdout.WriteLine($"pruned model: {result.ModelDirectory}");
                 stdout.WriteLine($"report: {Path.Combine(result.OutputDirectory, PruneJob.ReportFile)}");
                 return 0;
-            }
-            catch (OperationCanceledException)
-            {
-                stderr.WriteLine($"interrupted; run the same command to resume from the checkpoint in {options.OutputDirectory}");
-                return 130;
-            }
-            finally { Console.CancelKeyPress -= onCancel; }
+            }, () => stderr.WriteLine($"interrupted; run the same command to resume from the checkpoint in {options.OutputDirectory}"));
         }));
         return cmd;
+    }
+
+    /// <summary>Runs long work with Ctrl+C wired to its cancellation token; an interruption prints
+    /// <paramref name="onInterrupted"/>'s message and exits with 130.</summary>
+    private static int WithCtrlC(Func<CancellationToken, int> work, Action onInterrupted)
+    {
+        using var cts = new CancellationTokenSource();
+        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+        Console.CancelKeyPress += onCancel;
+        try { return work(cts.Token); }
+        catch (OperationCanceledException)
+        {
+            onInterrupted();
+            return 130;
+        }
+        finally { Console.CancelKeyPress -= onCancel; }
     }
 
     private static IAnsiConsole ProgressConsole(TextWriter stderr) =>

@@ -117,12 +117,16 @@ public static class TinyModel
         }
     }
 
-    /// <summary>A byte-level BPE tokenizer.json without merges: &lt;unk&gt;, &lt;s&gt;, &lt;/s&gt; and the 256 bytes.</summary>
-    public static JsonObject ByteTokenizerJson()
+    /// <summary>A byte-level BPE tokenizer.json: &lt;unk&gt;, &lt;s&gt;, &lt;/s&gt;, the 256 bytes, then one token per merge
+    /// (none for the built-in model).</summary>
+    public static JsonObject ByteTokenizerJson(IReadOnlyList<(string Left, string Right)>? merges = null)
     {
+        merges ??= [];
         var vocab = new JsonObject { ["<unk>"] = 0, ["<s>"] = 1, ["</s>"] = 2 };
-        for (int b = 0; b < 256; b++) vocab[ByteLevelMap.CharOf((byte)b).ToString()] = 3 + b;
-        JsonObject Special(int id, string content) => new() { ["id"] = id, ["content"] = content, ["special"] = true };
+        int id = 3;
+        for (int b = 0; b < 256; b++) vocab[ByteLevelMap.CharOf((byte)b).ToString()] = id++;
+        foreach (var (l, r) in merges) if (!vocab.ContainsKey(l + r)) vocab[l + r] = id++;
+        JsonObject Special(int i, string content) => new() { ["id"] = i, ["content"] = content, ["special"] = true };
         return new JsonObject
         {
             ["version"] = "1.0",
@@ -137,7 +141,11 @@ public static class TinyModel
                 ["special_tokens"] = new JsonObject { ["<s>"] = new JsonObject { ["id"] = "<s>", ["ids"] = new JsonArray(1), ["tokens"] = new JsonArray("<s>") } },
             },
             ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
-            ["model"] = new JsonObject { ["type"] = "BPE", ["byte_fallback"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray() },
+            ["model"] = new JsonObject
+            {
+                ["type"] = "BPE", ["byte_fallback"] = false, ["ignore_merges"] = false, ["vocab"] = vocab,
+                ["merges"] = new JsonArray(merges.Select(m => (JsonNode)new JsonArray(m.Left, m.Right)).ToArray()),
+            },
         };
     }
 }
