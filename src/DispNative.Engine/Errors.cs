@@ -20,3 +20,10 @@ public sealed class InvalidSettingException : DispNativeException
 {
     public InvalidSettingException(string message) : base(message) { }
 }
+
+/// <summary>An <see cref="IProgress{T}"/> that reports on the calling thread (<see cref="Progress{T}"/> posts to the
+/// thread pool, which reorders and delays reports).</summary>
+public sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
+{
+    public void Report(T value) => report(value);
+}

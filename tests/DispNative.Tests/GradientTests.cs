@@ -195,7 +195,6 @@ public class GradientTests
         var masked = new MaskedLlama<float>(c, weights);
         int[] ids = [1, 7, 3, 44, 12, 9, 0, 58, 21];
         var tape = new Tape<float>();
-        var ones = new Dictionary<(int, SiteKind), Var<float>>();
         var logits = masked.Logits(tape, ids, (l, kind) => tape.Constant(Enumerable.Repeat(1f, kind == SiteKind.MlpMid ? c.IntermediateSize : c.HiddenSize).ToArray(), 1,
             kind == SiteKind.MlpMid ? c.IntermediateSize : c.HiddenSize));
         var model = new LlamaModel(c, weights);

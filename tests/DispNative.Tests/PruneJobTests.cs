@@ -85,7 +85,7 @@ public class PruneJobTests
 
         var options = PruneJobOptions.FromConfiguration(Config("b"), dir);
         using var cts = new CancellationTokenSource();
-        Assert.Throws<OperationCanceledException>(() => PruneJob.Run(options, new Progress(p =>
+        Assert.Throws<OperationCanceledException>(() => PruneJob.Run(options, new SyncProgress<JobProgress>(p =>
         {
             if (p.Phase == "train hypernetwork" && p.Done >= 3) cts.Cancel();
         }), cancellationToken: cts.Token));
@@ -177,10 +177,5 @@ public class PruneJobTests
         using var tiny = DispEngine.Load(TinyModel.Prefix);
         Assert.That(tiny.Perplexity(File.ReadAllText(TinyModel.Resolve(TinyModel.Prefix + "/evaluation.txt")), 256, 8).Perplexity,
             Is.LessThan(6), "the built-in model has learned its synthetic language (a byte-level uniform guess is 259)");
-    }
-
-    private sealed class Progress(Action<JobProgress> report) : IProgress<JobProgress>
-    {
-        public void Report(JobProgress value) => report(value);
     }
 }

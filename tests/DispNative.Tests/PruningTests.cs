@@ -80,8 +80,8 @@ public class PruningTests
         Assert.That(pc.Disp!.Widths[1], Is.EqualTo(idx.Select(i => i.Length).ToArray()));
         long prunable = pc.ParameterCounts()["attention"] + pc.ParameterCounts()["mlp"];
         double ratio = new SiteLayout(c, PruningMode.Disp).KeptRatio(ToGrid(pc.Disp.Widths));
-        long denseProunable = c.ParameterCounts()["attention"] + c.ParameterCounts()["mlp"];
-        Assert.That((double)prunable / denseProunable, Is.EqualTo(ratio).Within(1e-12));
+        long densePrunable = c.ParameterCounts()["attention"] + c.ParameterCounts()["mlp"];
+        Assert.That((double)prunable / densePrunable, Is.EqualTo(ratio).Within(1e-12));
         Assert.Throws<InvalidSettingException>(() => Pruner.Apply(pc, pw, plan, "disp", 0.5, null));
     }
 

@@ -29,7 +29,7 @@ public class TrainingTests
         using var cts = new CancellationTokenSource();
         var first = new HypernetworkTrainer(c, w, options);
         Assert.Throws<OperationCanceledException>(() =>
-            first.Train(blocks, dir, new Progress(e => { if (e.Step == 5) cts.Cancel(); }), cts.Token));
+            first.Train(blocks, dir, new SyncProgress<TrainLogEntry>(e => { if (e.Step == 5) cts.Cancel(); }), cts.Token));
         Assert.That(first.Step, Is.EqualTo(5));
         Assert.That(File.Exists(Path.Combine(dir, HypernetworkTrainer.CheckpointFile)), "cancelling saves a checkpoint");
 
@@ -152,10 +152,5 @@ public class TrainingTests
         Assert.That(problems, Has.Some.Contains("lambda"));
         Assert.That(problems, Has.Some.Contains("batch size"));
         Assert.That(Assert.Throws<InvalidSettingException>(() => SiteLayout.ParseMode("dense"))!.Message, Does.Contain("unknown pruning mode 'dense'"));
-    }
-
-    private sealed class Progress(Action<TrainLogEntry> report) : IProgress<TrainLogEntry>
-    {
-        public void Report(TrainLogEntry value) => report(value);
     }
 }

@@ -165,9 +165,4 @@ public static class PruneJob
         };
         File.WriteAllText(Path.Combine(dir, RunFile), run.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
-
-    private sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
-    {
-        public void Report(T value) => report(value);
-    }
 }
