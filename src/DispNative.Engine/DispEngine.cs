@@ -58,8 +58,7 @@ public sealed class DispEngine : IDisposable
     public (double LogProb, int Tokens) Score(string text, CancellationToken cancellationToken = default)
     {
         var m = Model;
-        var ids = m.Tokenizer.Encode(text, addSpecialTokens: false);
-        if (m.BosId is int bos) ids = [bos, .. ids];
+        var ids = m.EncodeForScoring(text);
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
         cancellationToken.ThrowIfCancellationRequested();
         var logits = m.Model.Forward(ids, m.Model.NewCache(ids.Length));
@@ -71,8 +70,7 @@ public sealed class DispEngine : IDisposable
         CancellationToken cancellationToken = default)
     {
         var m = Model;
-        var ids = m.Tokenizer.Encode(text, addSpecialTokens: false);
-        if (m.BosId is int bos) ids = [bos, .. ids];
+        var ids = m.EncodeForScoring(text);
         return Evaluation.Perplexity.Evaluate(m.Model, ids, blockSize, maxBlocks, progress, cancellationToken);
     }
 

@@ -72,8 +72,7 @@ public static class Program
             var content = File.ReadAllText(textPath);
             if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
             var (m, usedDevice) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
-            var ids = m.Tokenizer.Encode(content, addSpecialTokens: false);
-            if (m.BosId is int bos) ids = [bos, .. ids];
+            var ids = m.EncodeForScoring(content);
             PerplexityResult result = null!;
             ProgressConsole(stderr).Progress()
                 .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())

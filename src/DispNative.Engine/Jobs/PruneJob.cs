@@ -119,11 +119,7 @@ public static class PruneJob
         double nll = 0;
         long scored = 0;
         int blocks = 0, tokens = 0;
-        var perFile = files.Select(f =>
-        {
-            var ids = model.Tokenizer.Encode(File.ReadAllText(f), addSpecialTokens: false);
-            return model.BosId is int bos ? [bos, .. ids] : ids;
-        }).ToList();
+        var perFile = files.Select(f => model.EncodeForScoring(File.ReadAllText(f))).ToList();
         int total = perFile.Sum(ids => Perplexity.Blocks(ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks).Count), done = 0;
         foreach (var ids in perFile)
         {

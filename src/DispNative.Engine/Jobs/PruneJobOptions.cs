@@ -51,12 +51,12 @@ public sealed record PruneJobOptions
         }
 
         string? Str(string key) => config[key] is { } v && v.Trim().Length > 0 ? v.Trim() : null;
-        string Path_(string key, string value) => TinyModel.IsBuiltin(value) ? value : Path.GetFullPath(value, baseDirectory);
+        string FullPath(string value) => TinyModel.IsBuiltin(value) ? value : Path.GetFullPath(value, baseDirectory);
         string? RequiredPath(string key)
         {
             var v = Str(key);
             if (v == null) { problems.Add($"{key}: required"); return null; }
-            return Path_(key, v);
+            return FullPath(v);
         }
         T Parse<T>(string key, T fallback, Func<string, (bool Ok, T Value)> parse, string expected, Func<T, string?>? check = null)
         {
@@ -78,8 +78,8 @@ public sealed record PruneJobOptions
         List<string> Files(string key)
         {
             var section = config.GetSection(key);
-            var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => Path_(key, v!.Trim())).ToList();
-            if (list.Count == 0 && Str(key) is { } single) list.Add(Path_(key, single));
+            var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => FullPath(v!.Trim())).ToList();
+            if (list.Count == 0 && Str(key) is { } single) list.Add(FullPath(single));
             if (list.Count == 0) problems.Add($"{key}: at least one file is required");
             foreach (var f in list) if (!TinyModel.IsBuiltin(f) && !File.Exists(f)) problems.Add($"{key}: file not found: {f}");
             return list;
@@ -88,7 +88,7 @@ public sealed record PruneJobOptions
         string? model = RequiredPath("Model:Path");
         if (model != null && !TinyModel.IsBuiltin(model) && !File.Exists(model) && !Directory.Exists(model))
             problems.Add($"Model:Path: not found: {model}");
-        string? tokenizer = Str("Model:Tokenizer") is { } t ? Path_("Model:Tokenizer", t) : null;
+        string? tokenizer = Str("Model:Tokenizer") is { } t ? FullPath(t) : null;
         if (tokenizer != null && !File.Exists(tokenizer)) problems.Add($"Model:Tokenizer: not found: {tokenizer}");
         string device = Choice("Model:Device", "auto", "auto", "cpu", "cuda");
         string dtype = Choice("Model:DType", "auto", "auto", "f32", "bf16", "f16");

@@ -11,6 +11,13 @@ public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel M
     public int? BosId => Config.BosTokenId ?? Tokenizer.BosId;
 
     public IReadOnlyList<int> EosIds => Config.EosTokenIds.Length > 0 ? Config.EosTokenIds : Tokenizer.EosIds;
+
+    /// <summary>Ids of a text to score: BOS at the very start only (the perplexity protocol), no other specials.</summary>
+    public int[] EncodeForScoring(string text)
+    {
+        var ids = Tokenizer.Encode(text, addSpecialTokens: false);
+        return BosId is int bos ? [bos, .. ids] : ids;
+    }
 }
 
 public static class ModelLoader

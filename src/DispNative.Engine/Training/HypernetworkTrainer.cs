@@ -59,7 +59,7 @@ public sealed record TrainLogEntry(int Step, double CrossEntropy, double RegLoss
     double GradNorm, double TokensPerSecond, double Seconds);
 
 /// <summary>What one optimisation step saw.</summary>
-public sealed record StepResult(double CrossEntropy, double RegLoss, double Ratio, double GradNorm);
+public sealed record StepResult(double CrossEntropy, double RegLoss, double Ratio);
 
 public sealed record TrainingResult(int Steps, int ResumedFrom, double Seconds, IReadOnlyList<TrainLogEntry> Log, string HypernetworkPath);
 
@@ -149,9 +149,7 @@ public sealed class HypernetworkTrainer
             lm.Backward(lm.Affine(loss, 1.0 / batch.Count, 0));
         }
         tape.Backward(reg);
-        double sq = 0;
-        foreach (var p in Network.Parameters) foreach (var g in p.Grad) sq += (double)g * g;
-        return new StepResult(ce, reg.Scalar, ratio, Math.Sqrt(sq));
+        return new StepResult(ce, reg.Scalar, ratio);
     }
 
     /// <summary>Trains to <see cref="TrainingOptions.Steps"/> in <paramref name="directory"/>, resuming from its checkpoint
@@ -186,13 +184,13 @@ public sealed class HypernetworkTrainer
                 var batch = BatchAt(blocks, Step);
                 var r = ComputeGradients(batch);
                 double lr = LearningRateAt(Step);
-                _optimizer.Step(lr);
+                double gradNorm = _optimizer.Step(lr);
                 Step++;
                 intervalTokens += batch.Sum(b => (long)b.Length);
                 if (Step % Options.LogEvery == 0 || Step == Options.Steps || Step == resumedFrom + 1)
                 {
                     double secs = interval.Elapsed.TotalSeconds;
-                    var entry = new TrainLogEntry(Step, r.CrossEntropy, r.RegLoss, r.Ratio, lr, r.GradNorm, intervalTokens / Math.Max(secs, 1e-9), total.Elapsed.TotalSeconds);
+                    var entry = new TrainLogEntry(Step, r.CrossEntropy, r.RegLoss, r.Ratio, lr, gradNorm, intervalTokens / Math.Max(secs, 1e-9), total.Elapsed.TotalSeconds);
                     log.Add(entry);
                     File.AppendAllText(logPath, JsonSerializer.Serialize(entry, LogJson) + "\n");
                     progress?.Report(entry);
