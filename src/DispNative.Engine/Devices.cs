@@ -1,26 +1,49 @@
-using DispNative.Interop;
+using DispNative.Engine.Cuda;
+using DispNative.Engine.Inference;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
 
 namespace DispNative.Engine;
 
-/// <summary>Chooses the compute device for <c>--device cpu|cuda|auto</c>.</summary>
+/// <summary>Chooses the compute device for <c>--device cpu|cuda|auto</c> and puts a loaded model on it.</summary>
 public static class Devices
 {
-    /// <summary>Returns "cpu" (the only backend in this build): "auto" falls back to it, "cuda" is an error that
-    /// says why (no driver, no device, or the CUDA backend not built yet).</summary>
+    /// <summary>"cpu" or "cuda". "auto" picks CUDA when a driver, a device, NVRTC and cuBLASLt are all present;
+    /// "cuda" without them is an error that says which one is missing.</summary>
     public static string Resolve(string device)
     {
         switch (device)
         {
             case "cpu":
-            case "auto":
                 return "cpu";
+            case "auto":
+                return CudaDevice.Unavailable() == null ? "cuda" : "cpu";
             case "cuda":
-                int n = CudaDriverProbe.DeviceCount(out string reason);
-                throw new DispNativeException(n == 0
-                    ? $"--device cuda: {reason}"
-                    : $"--device cuda: {reason}, but this build has no CUDA backend yet; use --device cpu");
+                if (CudaDevice.Unavailable() is string reason) throw new DispNativeException($"--device cuda: {reason}");
+                return "cuda";
             default:
                 throw new InvalidSettingException($"unknown device '{device}' (expected cpu, cuda or auto)");
         }
+    }
+
+    /// <summary>Parses a storage type option: auto, f32, bf16 or f16 (null for auto).</summary>
+    public static DType? ParseDType(string dtype) => dtype switch
+    {
+        "auto" => null, "f32" => DType.F32, "bf16" => DType.BF16, "f16" => DType.F16,
+        _ => throw new InvalidSettingException($"unknown dtype '{dtype}' (expected auto, f32, bf16 or f16)"),
+    };
+
+    /// <summary>The model's runner on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). The CPU
+    /// reference computes in f32 only; CUDA stores weights and activations in <paramref name="dtype"/> (auto: bf16).</summary>
+    public static LoadedModel Place(LoadedModel model, string device, DType? dtype = null)
+    {
+        if (device == "cpu")
+        {
+            if (dtype is DType.BF16 or DType.F16) throw new InvalidSettingException($"the CPU backend computes in f32 (got dtype {dtype.Value.ToString().ToLowerInvariant()}); use --device cuda or f32");
+            return model;
+        }
+        var gpu = CudaDevice.Open();
+        try { return model with { Runner = new CudaLlama(gpu, model.Config, model.Model.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
+        catch { gpu.Dispose(); throw; }
     }
 }

@@ -15,6 +15,8 @@ public sealed record DispEngineOptions
 {
     /// <summary>cpu | cuda | auto.</summary>
     public string Device { get; init; } = "auto";
+    /// <summary>auto | f32 | bf16 | f16: storage type on CUDA (auto: bf16); the CPU computes in f32.</summary>
+    public string DType { get; init; } = "auto";
     /// <summary>Tokenizer file, for llama2.c checkpoints.</summary>
     public string? TokenizerPath { get; init; }
     public ILoggerFactory? LoggerFactory { get; init; }
@@ -41,9 +43,10 @@ public sealed class DispEngine : IDisposable
         options ??= new DispEngineOptions();
         var logger = options.LoggerFactory?.CreateLogger<DispEngine>() ?? (ILogger)NullLogger.Instance;
         string device = Devices.Resolve(options.Device);
-        var model = ModelLoader.Load(TinyModel.Resolve(path), options.TokenizerPath);
+        var dtype = Devices.ParseDType(options.DType);
+        var model = Devices.Place(ModelLoader.Load(TinyModel.Resolve(path), options.TokenizerPath), device, dtype);
         logger.LogInformation("loaded {Path} ({Layers} layers, {Kind}) on {Device}", path, model.Config.NumLayers,
-            model.Config.Disp != null ? "DISP-pruned" : "dense", device);
+            model.Config.Disp != null ? "DISP-pruned" : "dense", model.Runner.DeviceName);
         return new DispEngine(model, device, logger);
     }
 
@@ -61,7 +64,9 @@ public sealed class DispEngine : IDisposable
         var ids = m.EncodeForScoring(text);
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
         cancellationToken.ThrowIfCancellationRequested();
-        var logits = m.Model.Forward(ids, m.Model.NewCache(ids.Length));
+        var cache = m.Runner.NewCache(ids.Length);
+        float[] logits;
+        using (cache as IDisposable) logits = m.Runner.Forward(ids, cache);
         return (-Evaluation.Perplexity.BlockNll(logits, ids, m.Config.VocabSize), ids.Length - 1);
     }
 
@@ -71,7 +76,7 @@ public sealed class DispEngine : IDisposable
     {
         var m = Model;
         var ids = m.EncodeForScoring(text);
-        return Evaluation.Perplexity.Evaluate(m.Model, ids, blockSize, maxBlocks, progress, cancellationToken);
+        return Evaluation.Perplexity.Evaluate(m.Runner, ids, blockSize, maxBlocks, progress, cancellationToken);
     }
 
     /// <summary>Streams the continuation of <paramref name="prompt"/> as text pieces, one per generated token.</summary>
@@ -96,7 +101,9 @@ public sealed class DispEngine : IDisposable
 
     public void Dispose()
     {
-        if (_model != null) _logger.LogDebug("unloading {Path}", _model.Source);
+        if (_model == null) return;
+        _logger.LogDebug("unloading {Path}", _model.Source);
+        _model.Dispose();
         _model = null;
     }
 }

@@ -44,6 +44,10 @@ public static class TestAssets
 
     public static string RefLlama => Shared("models/ref-llama-25m");
 
+    /// <summary>Path inside ../shared, or null when it is absent (for test sources, which cannot skip).</summary>
+    public static string? TryShared(string relative) =>
+        SharedDir.Value is string root && Path.Exists(Path.Combine(root, relative)) ? Path.Combine(root, relative) : null;
+
     public static string TempDir()
     {
         var dir = Path.Combine(Path.GetTempPath(), "dispnative-tests", Guid.NewGuid().ToString("N"));

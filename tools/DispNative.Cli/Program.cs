@@ -27,6 +27,7 @@ public static class Program
         root.Subcommands.Add(GenerateCommand(stdout, stderr));
         root.Subcommands.Add(InspectCommand(stdout, stderr));
         root.Subcommands.Add(TrainCommand(stdout, stderr));
+        root.Subcommands.Add(SelfTestCommand(stdout, stderr));
         root.Subcommands.Add(RunCommand(stdout, stderr));
         var parse = root.Parse(args);
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
@@ -35,6 +36,7 @@ public static class Program
     private static Option<string> ModelOption() => new("--model") { Description = "Hugging Face model directory or llama2.c .bin", Required = true };
     private static Option<string?> TokenizerOption() => new("--tokenizer") { Description = "tokenizer file (required for a llama2.c .bin)" };
     private static Option<string> DeviceOption() => new("--device") { Description = "cpu | cuda | auto", DefaultValueFactory = _ => "auto" };
+    private static Option<string> DTypeOption() => new("--dtype") { Description = "auto | f32 | bf16 | f16: storage type on CUDA (auto: bf16; the CPU computes in f32)", DefaultValueFactory = _ => "auto" };
 
     /// <summary>Runs a verb: user errors (bad files, bad values) print one line and exit 1, never a stack trace.</summary>
     private static int Guard(TextWriter stderr, Func<int> body)
@@ -46,21 +48,23 @@ public static class Program
         catch (OperationCanceledException) { stderr.WriteLine("cancelled"); return 130; }
     }
 
-    private static (LoadedModel Model, string Device) LoadModel(string model, string? tokenizer, string device, TextWriter stderr)
+    /// <summary>Loads a model and places its runner on the chosen device (the caller disposes it).</summary>
+    private static LoadedModel LoadModel(string model, string? tokenizer, string device, string dtype, TextWriter stderr)
     {
         string chosen = Devices.Resolve(device);
+        var parsed = Devices.ParseDType(dtype);
         stderr.WriteLine($"loading {model} on {chosen}");
-        return (ModelLoader.Load(model, tokenizer), chosen);
+        return Devices.Place(ModelLoader.Load(model, tokenizer), chosen, parsed);
     }
 
     private static Command EvalCommand(TextWriter stdout, TextWriter stderr)
     {
-        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
+        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption(); var dtype = DTypeOption();
         var text = new Option<string>("--text") { Description = "text file to score", Required = true };
         var blockSize = new Option<int>("--block-size") { Description = "tokens per block", Required = true };
         var maxBlocks = new Option<int?>("--max-blocks") { Description = "score at most this many blocks" };
         var json = new Option<string?>("--json") { Description = "also write the result as JSON to this file" };
-        var cmd = new Command("eval", "Perplexity of a model on a text (DISP-LLM/SliceGPT protocol)") { model, tok, device, text, blockSize, maxBlocks, json };
+        var cmd = new Command("eval", "Perplexity of a model on a text (DISP-LLM/SliceGPT protocol)") { model, tok, device, dtype, text, blockSize, maxBlocks, json };
         cmd.SetAction(p => Guard(stderr, () =>
         {
             string textPath = p.GetValue(text)!;
@@ -71,7 +75,7 @@ public static class Program
             if (!File.Exists(textPath)) throw new DispNativeException($"text file not found: {textPath}");
             var content = File.ReadAllText(textPath);
             if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
-            var (m, usedDevice) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            using var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, p.GetValue(dtype)!, stderr);
             var ids = m.EncodeForScoring(content);
             PerplexityResult result = null!;
             ProgressConsole(stderr).Progress()
@@ -79,7 +83,7 @@ public static class Program
                 .Start(ctx =>
                 {
                     var task = ctx.AddTask("perplexity");
-                    result = Perplexity.Evaluate(m.Model, ids, bs, mb, new SyncProgress<PerplexityProgress>(pr =>
+                    result = Perplexity.Evaluate(m.Runner, ids, bs, mb, new SyncProgress<PerplexityProgress>(pr =>
                     {
                         task.MaxValue = pr.BlocksTotal;
                         task.Value = pr.BlocksDone;
@@ -92,7 +96,7 @@ public static class Program
                 {
                     ["model"] = p.GetValue(model), ["text"] = textPath, ["block_size"] = bs, ["max_blocks"] = mb,
                     ["perplexity"] = result.Perplexity, ["nll"] = result.TotalNll, ["scored_tokens"] = result.ScoredTokens,
-                    ["blocks"] = result.Blocks, ["tokens"] = result.TotalTokens, ["device"] = usedDevice,
+                    ["blocks"] = result.Blocks, ["tokens"] = result.TotalTokens, ["device"] = m.Runner.DeviceName,
                 };
                 File.WriteAllText(jsonPath, o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
             }
@@ -104,14 +108,14 @@ public static class Program
 
     private static Command GenerateCommand(TextWriter stdout, TextWriter stderr)
     {
-        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
+        var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption(); var dtype = DTypeOption();
         var prompt = new Option<string>("--prompt") { Description = "prompt text", Required = true };
         var maxNew = new Option<int>("--max-new-tokens") { Description = "tokens to generate", DefaultValueFactory = _ => 64 };
         var greedy = new Option<bool>("--greedy") { Description = "always take the most likely token (default unless --temperature is given)" };
         var temperature = new Option<float?>("--temperature") { Description = "sampling temperature" };
         var topP = new Option<float>("--top-p") { Description = "nucleus sampling mass", DefaultValueFactory = _ => 1f };
         var seed = new Option<ulong>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 0 };
-        var cmd = new Command("generate", "Continue a prompt") { model, tok, device, prompt, maxNew, greedy, temperature, topP, seed };
+        var cmd = new Command("generate", "Continue a prompt") { model, tok, device, dtype, prompt, maxNew, greedy, temperature, topP, seed };
         cmd.SetAction(p => Guard(stderr, () =>
         {
             float? t = p.GetValue(temperature);
@@ -122,7 +126,7 @@ public static class Program
             if (n < 0) throw new InvalidSettingException($"--max-new-tokens must be non-negative (got {n})");
             string text = p.GetValue(prompt)!;
             if (text.Length == 0) throw new InvalidSettingException("--prompt is empty");
-            var (m, _) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            using var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, p.GetValue(dtype)!, stderr);
             var ids = m.Tokenizer.Encode(text);
             stdout.Write(text);
             var streamer = new TextStreamer(m.Tokenizer, ids);
@@ -133,6 +137,29 @@ public static class Program
             });
             stdout.WriteLine();
             return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command SelfTestCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var device = new Option<string>("--device") { Description = "cuda (the only backend with kernels to check) or auto", DefaultValueFactory = _ => "cuda" };
+        var reference = new Option<string?>("--reference-model") { Description = "model directory with golden.json (e.g. ../shared/models/ref-llama-25m) for the golden checks" };
+        var cmd = new Command("selftest", "Checks every CUDA kernel, the GEMMs and the GPU forward against the CPU reference") { device, reference };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            string? refDir = p.GetValue(reference);
+            if (refDir != null && !File.Exists(Path.Combine(refDir, "golden.json"))) throw new DispNativeException($"--reference-model: {refDir} has no golden.json");
+            if (Devices.Resolve(p.GetValue(device)!) != "cuda")
+                throw new DispNativeException($"selftest checks the CUDA backend, and none is usable here: {DispNative.Engine.Cuda.CudaDevice.Unavailable()}");
+            using var gpu = DispNative.Engine.Cuda.CudaDevice.Open();
+            stdout.WriteLine($"device: {gpu.Info}, driver {gpu.Info.DriverVersion}, NVRTC {DispNative.Interop.Nvrtc.Version}");
+            var results = DispNative.Engine.Cuda.SelfTest.Run(gpu, DispNative.Engine.Cuda.SelfTest.Checks(refDir),
+                r => stdout.WriteLine($"{(r.Passed ? "PASS" : "FAIL")}  {r.Name}: {r.Detail}"));
+            int failed = results.Count(r => !r.Passed);
+            stdout.WriteLine($"kernels compiled {gpu.Compiler.Compiled}, from cache {gpu.Compiler.CacheHits} ({gpu.Compiler.CacheDirectory})");
+            stdout.WriteLine($"{results.Count - failed} passed, {failed} failed");
+            return failed == 0 ? 0 : 1;
         }));
         return cmd;
     }
@@ -223,7 +250,8 @@ public static class Program
             var files = p.GetValue(calibration)!;
             foreach (var f in files) if (!File.Exists(f)) throw new InvalidSettingException($"calibration file not found: {f}");
 
-            var (m, _) = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, stderr);
+            if (Devices.Resolve(p.GetValue(device)!) == "cuda") stderr.WriteLine("note: hypernetwork training runs on the CPU reference in this build");
+            var m = ModelLoader.Load(p.GetValue(model)!, p.GetValue(tok));
             var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");

@@ -31,6 +31,31 @@ public static unsafe class CpuOps
             }
     }
 
+    /// <summary>Gather LayerNorm (OPT/Phi): mean and variance over the whole row, selected channels written:
+    /// y[r, j] = (x[r, idx[j]] − μ) / sqrt(σ² + eps) · gamma[idx[j]] + beta[idx[j]]; idx null = dense.</summary>
+    public static void GatherLayerNorm(float[] x, float[] gamma, float[]? beta, int[]? idx, float[] y, int rows, int d, float eps)
+    {
+        int w = idx?.Length ?? d;
+        for (int r = 0; r < rows; r++)
+        {
+            var xr = x.AsSpan(r * d, d);
+            double s = 0, ss = 0;
+            foreach (var v in xr) { s += v; ss += (double)v * v; }
+            float mean = (float)(s / d), scale = 1f / MathF.Sqrt((float)Math.Max(ss / d - (s / d) * (s / d), 0) + eps);
+            for (int j = 0; j < w; j++)
+            {
+                int c = idx?[j] ?? j;
+                y[r * w + j] = (xr[c] - mean) * scale * gamma[c] + (beta?[c] ?? 0f);
+            }
+        }
+    }
+
+    /// <summary>Exact GELU: 0.5·x·(1 + erf(x/√2)).</summary>
+    public static void Gelu(float[] x, float[] y, int length)
+    {
+        for (int i = 0; i < length; i++) y[i] = (float)(0.5 * x[i] * (1 + Autograd.SpecialFunctions.Erf(x[i] / Math.Sqrt(2))));
+    }
+
     /// <summary>DISP index-add: x[r, idx[j]] += y[r, j] for unique indices (y is [rows, idx.Length]).</summary>
     public static void IndexAdd(float[] x, float[] y, int[] idx, int rows, int d)
     {
@@ -168,6 +193,9 @@ public sealed class Rope
     }
 
     public int HeadDim => _headDim;
+
+    /// <summary>Inverse frequency of rotation pair i (what the GPU kernel multiplies the position by).</summary>
+    public float InverseFrequency(int i) => _invFreq[i];
 
     /// <summary>cos and sin of angle (position · inverse frequency) for one position, as the forward uses them.</summary>
     public void Angles(int position, Span<float> cos, Span<float> sin)

@@ -25,7 +25,7 @@ public static class Perplexity
         return blocks;
     }
 
-    public static PerplexityResult Evaluate(LlamaModel model, int[] ids, int blockSize, int? maxBlocks = null,
+    public static PerplexityResult Evaluate(ICausalLanguageModel model, int[] ids, int blockSize, int? maxBlocks = null,
         IProgress<PerplexityProgress>? progress = null, CancellationToken cancellationToken = default)
     {
         var blocks = Blocks(ids, blockSize, maxBlocks);
@@ -37,7 +37,9 @@ public static class Perplexity
         {
             cancellationToken.ThrowIfCancellationRequested();
             var block = blocks[b];
-            var logits = model.Forward(block, model.NewCache(block.Length));
+            var cache = model.NewCache(block.Length);
+            float[] logits;
+            using (cache as IDisposable) logits = model.Forward(block, cache);
             nll += BlockNll(logits, block, vocab);
             scored += block.Length - 1;
             progress?.Report(new PerplexityProgress(b + 1, blocks.Count, scored, Math.Exp(nll / scored)));

@@ -42,15 +42,17 @@ public static class Generator
         {
             if (maxNewTokens == 0) yield break;
             var rng = new Rng(sampling.Seed);
-            var cache = model.Model.NewCache(prompt.Length + maxNewTokens);
-            float[] logits = model.Model.Forward(prompt, cache, lastOnly: true);
+            var runner = model.Runner;
+            var cache = runner.NewCache(prompt.Length + maxNewTokens);
+            using var release = cache as IDisposable;
+            float[] logits = runner.Forward(prompt, cache, lastOnly: true);
             for (int i = 0; i < maxNewTokens; i++)
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
                 yield return next;
                 if (model.EosIds.Contains(next) || i == maxNewTokens - 1) yield break;
-                logits = model.Model.Forward([next], cache, lastOnly: true);
+                logits = runner.Forward([next], cache, lastOnly: true);
             }
         }
     }

@@ -3,7 +3,7 @@ using DispNative.Engine.Models;
 namespace DispNative.Engine.Inference;
 
 /// <summary>Keys and values of one sequence for every layer, [capacity, kvDim] per layer (after RoPE).</summary>
-public sealed class KvCache
+public sealed class KvCache : IInferenceCache
 {
     public float[][] K { get; }
     public float[][] V { get; }

@@ -8,7 +8,7 @@ namespace DispNative.Engine.Inference;
 /// DISP-pruned layers read their channels with a gather-norm, run sliced GEMMs and index-add their outputs
 /// into the full residual stream.
 /// Immutable after construction: concurrent forwards are safe, each with its own <see cref="KvCache"/>.</summary>
-public sealed class LlamaModel
+public sealed class LlamaModel : ICausalLanguageModel
 {
     private readonly Rope _rope;
 
@@ -23,6 +23,13 @@ public sealed class LlamaModel
     }
 
     public KvCache NewCache(int capacity) => new(Config, capacity);
+
+    public string DeviceName => "cpu";
+
+    IInferenceCache ICausalLanguageModel.NewCache(int capacity) => NewCache(capacity);
+
+    float[] ICausalLanguageModel.Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly)
+        => Forward(tokens, cache as KvCache ?? throw new ArgumentException("the CPU model needs a CPU KV cache"), lastOnly);
 
     /// <summary>Appends <paramref name="tokens"/> to one sequence and returns its logits,
     /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>

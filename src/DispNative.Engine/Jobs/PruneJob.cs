@@ -69,8 +69,12 @@ public static class PruneJob
         Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
         var pruned = ModelLoader.Load(modelDir);
 
-        var denseEval = Evaluate("evaluate dense", dense, evaluationFiles, o, progress, cancellationToken);
-        var prunedEval = Evaluate("evaluate pruned", pruned, evaluationFiles, o, progress, cancellationToken);
+        // Training runs on the CPU reference; evaluation on the chosen device, in the saved storage type on CUDA.
+        PerplexityResult denseEval, prunedEval;
+        using (var onDevice = Devices.Place(dense, device, device == "cuda" ? dtype : null))
+            denseEval = Evaluate("evaluate dense", onDevice, evaluationFiles, o, progress, cancellationToken);
+        using (var onDevice = Devices.Place(pruned, device, device == "cuda" ? dtype : null))
+            prunedEval = Evaluate("evaluate pruned", onDevice, evaluationFiles, o, progress, cancellationToken);
 
         var dc = dense.Config.ParameterCounts();
         var pc = pruned.Config.ParameterCounts();
@@ -97,6 +101,7 @@ public static class PruneJob
             ["resumed_from_step"] = train.ResumedFrom,
             ["train_seconds"] = train.Seconds,
             ["device"] = device,
+            ["train_device"] = "cpu",
             ["model"] = o.ModelPath,
             ["saved_dtype"] = dtype.Name(),
             ["evaluation"] = new JsonObject
@@ -124,7 +129,7 @@ public static class PruneJob
         foreach (var ids in perFile)
         {
             int before = done;
-            var r = Perplexity.Evaluate(model.Model, ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks,
+            var r = Perplexity.Evaluate(model.Runner, ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks,
                 new SyncProgress<PerplexityProgress>(p => { done = before + p.BlocksDone; progress?.Report(new JobProgress(phase, done, total, $"ppl {p.RunningPerplexity:F3}")); }), ct);
             nll += r.TotalNll; scored += r.ScoredTokens; blocks += r.Blocks; tokens += r.TotalTokens;
         }

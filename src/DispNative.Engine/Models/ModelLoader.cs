@@ -4,9 +4,17 @@ using DispNative.Engine.Tokenization;
 
 namespace DispNative.Engine.Models;
 
-/// <summary>A model ready to run: config, fp32 weights in a <see cref="LlamaModel"/>, tokenizer.</summary>
-public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel Model, ITokenizer Tokenizer)
+/// <summary>A model ready to run: config, fp32 weights in a <see cref="LlamaModel"/> (the CPU reference), tokenizer,
+/// and the <see cref="Runner"/> that scores and generates (the CPU model, or a GPU copy from <see cref="Devices.Place"/>).</summary>
+public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel Model, ITokenizer Tokenizer) : IDisposable
 {
+    private readonly ICausalLanguageModel? _runner;
+
+    public ICausalLanguageModel Runner { get => _runner ?? Model; init => _runner = value; }
+
+    /// <summary>Releases the GPU copy, if any.</summary>
+    public void Dispose() { if (_runner is IDisposable d) d.Dispose(); }
+
     /// <summary>BOS from the config, else from the tokenizer.</summary>
     public int? BosId => Config.BosTokenId ?? Tokenizer.BosId;
 

@@ -1,0 +1,203 @@
+using System.Runtime.InteropServices;
+
+namespace DispNative.Interop;
+
+/// <summary>Device attributes used by the engine (CUdevice_attribute values).</summary>
+public enum CuDeviceAttribute
+{
+    MaxThreadsPerBlock = 1,
+    MaxSharedMemoryPerBlock = 8,
+    ClockRateKHz = 13,
+    MultiprocessorCount = 16,
+    MemoryClockRateKHz = 36,
+    GlobalMemoryBusWidth = 37,
+    ComputeCapabilityMajor = 75,
+    ComputeCapabilityMinor = 76,
+    MaxSharedMemoryPerBlockOptin = 97,
+}
+
+/// <summary>Thin, checked bindings to the CUDA driver API (libcuda.so.1 / nvcuda.dll) through function pointers.
+/// Every call returns normally or throws <see cref="CudaException"/> with the driver's error name and string.</summary>
+public static unsafe class CudaDriver
+{
+    private static readonly Lazy<Api> Lazy = new(() => new Api(), LazyThreadSafetyMode.ExecutionAndPublication);
+    private static Api A => Lazy.Value;
+
+    public const int FuncAttributeMaxDynamicSharedSizeBytes = 8;
+
+    private sealed class Api
+    {
+        public readonly delegate* unmanaged<uint, int> cuInit;
+        public readonly delegate* unmanaged<int*, int> cuDriverGetVersion;
+        public readonly delegate* unmanaged<int*, int> cuDeviceGetCount;
+        public readonly delegate* unmanaged<int*, int, int> cuDeviceGet;
+        public readonly delegate* unmanaged<byte*, int, int, int> cuDeviceGetName;
+        public readonly delegate* unmanaged<nuint*, int, int> cuDeviceTotalMem;
+        public readonly delegate* unmanaged<int*, int, int, int> cuDeviceGetAttribute;
+        public readonly delegate* unmanaged<nint*, int, int> cuDevicePrimaryCtxRetain;
+        public readonly delegate* unmanaged<int, int> cuDevicePrimaryCtxRelease;
+        public readonly delegate* unmanaged<nint, int> cuCtxSetCurrent;
+        public readonly delegate* unmanaged<int> cuCtxSynchronize;
+        public readonly delegate* unmanaged<nuint*, nuint*, int> cuMemGetInfo;
+        public readonly delegate* unmanaged<ulong*, nuint, int> cuMemAlloc;
+        public readonly delegate* unmanaged<ulong, int> cuMemFree;
+        public readonly delegate* unmanaged<void**, nuint, int> cuMemAllocHost;
+        public readonly delegate* unmanaged<void*, int> cuMemFreeHost;
+        public readonly delegate* unmanaged<ulong, void*, nuint, nint, int> cuMemcpyHtoDAsync;
+        public readonly delegate* unmanaged<void*, ulong, nuint, nint, int> cuMemcpyDtoHAsync;
+        public readonly delegate* unmanaged<ulong, ulong, nuint, nint, int> cuMemcpyDtoDAsync;
+        public readonly delegate* unmanaged<ulong, byte, nuint, nint, int> cuMemsetD8Async;
+        public readonly delegate* unmanaged<nint*, uint, int> cuStreamCreate;
+        public readonly delegate* unmanaged<nint, int> cuStreamDestroy;
+        public readonly delegate* unmanaged<nint, int> cuStreamSynchronize;
+        public readonly delegate* unmanaged<nint*, uint, int> cuEventCreate;
+        public readonly delegate* unmanaged<nint, int> cuEventDestroy;
+        public readonly delegate* unmanaged<nint, nint, int> cuEventRecord;
+        public readonly delegate* unmanaged<nint, int> cuEventSynchronize;
+        public readonly delegate* unmanaged<float*, nint, nint, int> cuEventElapsedTime;
+        public readonly delegate* unmanaged<nint*, void*, int> cuModuleLoadData;
+        public readonly delegate* unmanaged<nint, int> cuModuleUnload;
+        public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
+        public readonly delegate* unmanaged<nint, int, int, int> cuFuncSetAttribute;
+        public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
+        public readonly delegate* unmanaged<int, byte**, int> cuGetErrorName;
+        public readonly delegate* unmanaged<int, byte**, int> cuGetErrorString;
+        public readonly string LibraryName;
+
+        public Api()
+        {
+            var lib = NativeLibraryHandle.Load("cuda", OperatingSystem.IsWindows() ? ["nvcuda.dll"] : ["libcuda.so.1", "libcuda.so"]);
+            LibraryName = lib.Name;
+            cuInit = (delegate* unmanaged<uint, int>)lib.Export("cuInit");
+            cuDriverGetVersion = (delegate* unmanaged<int*, int>)lib.Export("cuDriverGetVersion");
+            cuDeviceGetCount = (delegate* unmanaged<int*, int>)lib.Export("cuDeviceGetCount");
+            cuDeviceGet = (delegate* unmanaged<int*, int, int>)lib.Export("cuDeviceGet");
+            cuDeviceGetName = (delegate* unmanaged<byte*, int, int, int>)lib.Export("cuDeviceGetName");
+            cuDeviceTotalMem = (delegate* unmanaged<nuint*, int, int>)lib.Export("cuDeviceTotalMem_v2");
+            cuDeviceGetAttribute = (delegate* unmanaged<int*, int, int, int>)lib.Export("cuDeviceGetAttribute");
+            cuDevicePrimaryCtxRetain = (delegate* unmanaged<nint*, int, int>)lib.Export("cuDevicePrimaryCtxRetain");
+            cuDevicePrimaryCtxRelease = (delegate* unmanaged<int, int>)lib.Export("cuDevicePrimaryCtxRelease_v2");
+            cuCtxSetCurrent = (delegate* unmanaged<nint, int>)lib.Export("cuCtxSetCurrent");
+            cuCtxSynchronize = (delegate* unmanaged<int>)lib.Export("cuCtxSynchronize");
+            cuMemGetInfo = (delegate* unmanaged<nuint*, nuint*, int>)lib.Export("cuMemGetInfo_v2");
+            cuMemAlloc = (delegate* unmanaged<ulong*, nuint, int>)lib.Export("cuMemAlloc_v2");
+            cuMemFree = (delegate* unmanaged<ulong, int>)lib.Export("cuMemFree_v2");
+            cuMemAllocHost = (delegate* unmanaged<void**, nuint, int>)lib.Export("cuMemAllocHost_v2");
+            cuMemFreeHost = (delegate* unmanaged<void*, int>)lib.Export("cuMemFreeHost");
+            cuMemcpyHtoDAsync = (delegate* unmanaged<ulong, void*, nuint, nint, int>)lib.Export("cuMemcpyHtoDAsync_v2");
+            cuMemcpyDtoHAsync = (delegate* unmanaged<void*, ulong, nuint, nint, int>)lib.Export("cuMemcpyDtoHAsync_v2");
+            cuMemcpyDtoDAsync = (delegate* unmanaged<ulong, ulong, nuint, nint, int>)lib.Export("cuMemcpyDtoDAsync_v2");
+            cuMemsetD8Async = (delegate* unmanaged<ulong, byte, nuint, nint, int>)lib.Export("cuMemsetD8Async");
+            cuStreamCreate = (delegate* unmanaged<nint*, uint, int>)lib.Export("cuStreamCreate");
+            cuStreamDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuStreamDestroy_v2");
+            cuStreamSynchronize = (delegate* unmanaged<nint, int>)lib.Export("cuStreamSynchronize");
+            cuEventCreate = (delegate* unmanaged<nint*, uint, int>)lib.Export("cuEventCreate");
+            cuEventDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuEventDestroy_v2");
+            cuEventRecord = (delegate* unmanaged<nint, nint, int>)lib.Export("cuEventRecord");
+            cuEventSynchronize = (delegate* unmanaged<nint, int>)lib.Export("cuEventSynchronize");
+            cuEventElapsedTime = (delegate* unmanaged<float*, nint, nint, int>)(lib.TryExport("cuEventElapsedTime_v2") is var p && p != 0 ? p : lib.Export("cuEventElapsedTime"));
+            cuModuleLoadData = (delegate* unmanaged<nint*, void*, int>)lib.Export("cuModuleLoadData");
+            cuModuleUnload = (delegate* unmanaged<nint, int>)lib.Export("cuModuleUnload");
+            cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)lib.Export("cuModuleGetFunction");
+            cuFuncSetAttribute = (delegate* unmanaged<nint, int, int, int>)lib.Export("cuFuncSetAttribute");
+            cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
+            cuGetErrorName = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorName");
+            cuGetErrorString = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorString");
+        }
+    }
+
+    public static string LibraryName => A.LibraryName;
+
+    internal static void Check(int rc, string function)
+    {
+        if (rc == 0) return;
+        byte* name = null, text = null;
+        string n = A.cuGetErrorName(rc, &name) == 0 && name != null ? Marshal.PtrToStringUTF8((nint)name)! : "CUDA_ERROR_UNKNOWN";
+        string s = A.cuGetErrorString(rc, &text) == 0 && text != null ? Marshal.PtrToStringUTF8((nint)text)! : "unknown error";
+        if (rc == 2) throw new CudaOutOfMemoryException($"{function} failed: {n} (2): {s}");
+        throw new CudaException("CUDA driver", function, rc, n, s);
+    }
+
+    public static void Init() => Check(A.cuInit(0), "cuInit");
+    public static int DriverVersion() { int v; Check(A.cuDriverGetVersion(&v), "cuDriverGetVersion"); return v; }
+    public static int DeviceCount() { int n; Check(A.cuDeviceGetCount(&n), "cuDeviceGetCount"); return n; }
+    public static int Device(int ordinal) { int d; Check(A.cuDeviceGet(&d, ordinal), "cuDeviceGet"); return d; }
+
+    public static string DeviceName(int device)
+    {
+        byte* buf = stackalloc byte[256];
+        Check(A.cuDeviceGetName(buf, 256, device), "cuDeviceGetName");
+        return Marshal.PtrToStringUTF8((nint)buf)!;
+    }
+
+    public static long DeviceTotalMemory(int device) { nuint b; Check(A.cuDeviceTotalMem(&b, device), "cuDeviceTotalMem"); return (long)b; }
+
+    public static int Attribute(int device, CuDeviceAttribute attribute)
+    {
+        int v; Check(A.cuDeviceGetAttribute(&v, (int)attribute, device), $"cuDeviceGetAttribute({attribute})"); return v;
+    }
+
+    /// <summary>The attribute, or null where this driver no longer reports it.</summary>
+    public static int? TryAttribute(int device, CuDeviceAttribute attribute)
+    {
+        int v; return A.cuDeviceGetAttribute(&v, (int)attribute, device) == 0 && v > 0 ? v : null;
+    }
+
+    public static nint PrimaryContextRetain(int device) { nint c; Check(A.cuDevicePrimaryCtxRetain(&c, device), "cuDevicePrimaryCtxRetain"); return c; }
+    internal static int PrimaryContextRelease(int device) => A.cuDevicePrimaryCtxRelease(device);
+    public static void SetCurrent(nint context) => Check(A.cuCtxSetCurrent(context), "cuCtxSetCurrent");
+    public static void Synchronize() => Check(A.cuCtxSynchronize(), "cuCtxSynchronize");
+
+    public static (long Free, long Total) MemoryInfo() { nuint f, t; Check(A.cuMemGetInfo(&f, &t), "cuMemGetInfo"); return ((long)f, (long)t); }
+
+    /// <summary>cuMemAlloc; returns 0 (instead of throwing) when the device is out of memory.</summary>
+    public static ulong TryAlloc(long bytes)
+    {
+        ulong p;
+        int rc = A.cuMemAlloc(&p, (nuint)bytes);
+        if (rc == 2) return 0;
+        Check(rc, $"cuMemAlloc({bytes} bytes)");
+        return p;
+    }
+
+    public static void Free(ulong ptr) => Check(A.cuMemFree(ptr), "cuMemFree");
+    public static void* AllocHost(long bytes) { void* p; Check(A.cuMemAllocHost(&p, (nuint)bytes), $"cuMemAllocHost({bytes} bytes)"); return p; }
+    internal static int FreeHost(void* p) => A.cuMemFreeHost(p);
+
+    public static void CopyHtoD(ulong dst, void* src, long bytes, nint stream) => Check(A.cuMemcpyHtoDAsync(dst, src, (nuint)bytes, stream), "cuMemcpyHtoDAsync");
+    public static void CopyDtoH(void* dst, ulong src, long bytes, nint stream) => Check(A.cuMemcpyDtoHAsync(dst, src, (nuint)bytes, stream), "cuMemcpyDtoHAsync");
+    public static void CopyDtoD(ulong dst, ulong src, long bytes, nint stream) => Check(A.cuMemcpyDtoDAsync(dst, src, (nuint)bytes, stream), "cuMemcpyDtoDAsync");
+    public static void MemsetZero(ulong dst, long bytes, nint stream) => Check(A.cuMemsetD8Async(dst, 0, (nuint)bytes, stream), "cuMemsetD8Async");
+
+    public static nint StreamCreate(bool nonBlocking) { nint s; Check(A.cuStreamCreate(&s, nonBlocking ? 1u : 0u), "cuStreamCreate"); return s; }
+    internal static int StreamDestroy(nint s) => A.cuStreamDestroy(s);
+    public static void StreamSynchronize(nint s) => Check(A.cuStreamSynchronize(s), "cuStreamSynchronize");
+
+    public static nint EventCreate() { nint e; Check(A.cuEventCreate(&e, 0), "cuEventCreate"); return e; }
+    internal static int EventDestroy(nint e) => A.cuEventDestroy(e);
+    public static void EventRecord(nint e, nint stream) => Check(A.cuEventRecord(e, stream), "cuEventRecord");
+    public static void EventSynchronize(nint e) => Check(A.cuEventSynchronize(e), "cuEventSynchronize");
+    public static float EventElapsedMs(nint start, nint end) { float ms; Check(A.cuEventElapsedTime(&ms, start, end), "cuEventElapsedTime"); return ms; }
+
+    public static nint ModuleLoadData(ReadOnlySpan<byte> image, string what)
+    {
+        nint m;
+        fixed (byte* p = image) Check(A.cuModuleLoadData(&m, p), $"cuModuleLoadData({what})");
+        return m;
+    }
+
+    internal static int ModuleUnload(nint m) => A.cuModuleUnload(m);
+
+    public static nint ModuleGetFunction(nint module, string name)
+    {
+        nint f;
+        var bytes = System.Text.Encoding.UTF8.GetBytes(name + "\0");
+        fixed (byte* p = bytes) Check(A.cuModuleGetFunction(&f, module, p), $"cuModuleGetFunction({name})");
+        return f;
+    }
+
+    public static void FuncSetAttribute(nint function, int attribute, int value) => Check(A.cuFuncSetAttribute(function, attribute, value), "cuFuncSetAttribute");
+
+    public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
+        => Check(A.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args, null), $"cuLaunchKernel({name})");
+}

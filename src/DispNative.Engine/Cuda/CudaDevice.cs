@@ -1,0 +1,258 @@
+using System.Collections.Concurrent;
+using DispNative.Engine.IO;
+using DispNative.Interop;
+
+namespace DispNative.Engine.Cuda;
+
+/// <summary>One kernel argument: a device pointer, int, long or float, passed by value in an 8-byte slot.</summary>
+public readonly struct KernelArg
+{
+    internal readonly ulong Bits;
+    private KernelArg(ulong bits) => Bits = bits;
+    public static implicit operator KernelArg(int v) => new((uint)v);
+    public static implicit operator KernelArg(long v) => new((ulong)v);
+    public static implicit operator KernelArg(ulong pointer) => new(pointer);
+    public static implicit operator KernelArg(float v) => new(BitConverter.SingleToUInt32Bits(v));
+    public static implicit operator KernelArg(DeviceTensor? t) => new(t?.Pointer ?? 0);
+}
+
+/// <summary>A typed buffer in device memory, owned by the device's caching allocator (returned on dispose).</summary>
+public sealed class DeviceTensor : IDisposable
+{
+    private readonly CudaDevice _device;
+    public ulong Pointer { get; private set; }
+    public DType DType { get; }
+    public long Length { get; }
+    public long Bytes => Length * DType.Size();
+
+    internal DeviceTensor(CudaDevice device, DType dtype, long length)
+    {
+        _device = device;
+        DType = dtype;
+        Length = length;
+        Pointer = device.Allocator.Allocate(Math.Max(1, Bytes));
+    }
+
+    public void Dispose()
+    {
+        if (Pointer == 0) return;
+        _device.Allocator.Release(Pointer);
+        Pointer = 0;
+    }
+}
+
+/// <summary>Static facts about a CUDA device: name, compute capability, memory and the peaks KernelBench compares with.</summary>
+public sealed record CudaDeviceInfo(int Ordinal, string Name, int Major, int Minor, int Multiprocessors, long TotalMemory,
+    int? MemoryClockKHz, int? BusWidthBits, int? SmClockKHz, int DriverVersion)
+{
+    public string Architecture => $"sm_{Major}{Minor}";
+
+    /// <summary>Peak DRAM bandwidth in bytes/s from the memory clock and bus width (double data rate), or null when
+    /// the driver does not report them.</summary>
+    public double? PeakBandwidth => MemoryClockKHz is int mc && BusWidthBits is int bw ? 2.0 * mc * 1e3 * bw / 8 : null;
+
+    /// <summary>Dense bf16 tensor-core peak in FLOP/s: SMs × clock × FLOPs/clock/SM (Hopper 4096, Ampere 2048).</summary>
+    public double? PeakBf16Flops => SmClockKHz is int clk && Major >= 8
+        ? Multiprocessors * (clk * 1e3) * (Major >= 9 ? 4096.0 : 2048.0) : null;
+
+    public override string ToString() => $"{Name} ({Architecture}, {Multiprocessors} SMs, {TotalMemory / (1 << 30)} GiB)";
+}
+
+/// <summary>One CUDA device opened for the engine: primary context, one stream, caching allocator, NVRTC-compiled
+/// kernels, cuBLASLt handle and workspace. Calls from any thread make the context current first.
+/// Not for concurrent use from several threads (one stream).</summary>
+public sealed unsafe class CudaDevice : IDisposable
+{
+    public const long GemmWorkspaceBytes = 32 << 20;
+    private readonly CudaContextHandle _context;
+    private readonly ConcurrentDictionary<string, CudaModuleHandle> _modules = new();
+    private readonly ConcurrentDictionary<string, nint> _functions = new();
+    private readonly Dictionary<string, CublasLt.MatmulPlan> _plans = [];
+    private readonly ulong _workspace;
+    private bool _disposed;
+
+    public CudaDeviceInfo Info { get; }
+    public CudaStreamHandle Stream { get; }
+    public CachingAllocator Allocator { get; }
+    public KernelCompiler Compiler { get; }
+    public CublasLtHandle Lt { get; }
+
+    private CudaDevice(int ordinal, string? kernelCache)
+    {
+        CudaDriver.Init();
+        int count = CudaDriver.DeviceCount();
+        if (ordinal < 0 || ordinal >= count) throw new DispNativeException($"CUDA device {ordinal} does not exist ({count} device(s))");
+        int dev = CudaDriver.Device(ordinal);
+        Info = new CudaDeviceInfo(ordinal, CudaDriver.DeviceName(dev),
+            CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMajor), CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMinor),
+            CudaDriver.Attribute(dev, CuDeviceAttribute.MultiprocessorCount), CudaDriver.DeviceTotalMemory(dev),
+            CudaDriver.TryAttribute(dev, CuDeviceAttribute.MemoryClockRateKHz), CudaDriver.TryAttribute(dev, CuDeviceAttribute.GlobalMemoryBusWidth),
+            CudaDriver.TryAttribute(dev, CuDeviceAttribute.ClockRateKHz), CudaDriver.DriverVersion());
+        _context = new CudaContextHandle(dev);
+        _context.MakeCurrent();
+        Stream = new CudaStreamHandle();
+        Allocator = new CachingAllocator(new DriverMemory());
+        Compiler = new KernelCompiler(Info.Architecture, kernelCache);
+        Lt = new CublasLtHandle();
+        _workspace = Allocator.Allocate(GemmWorkspaceBytes);
+    }
+
+    /// <summary>Opens a device; every missing piece (driver, device, NVRTC, cuBLASLt) is a <see cref="DispNativeException"/>
+    /// that names it.</summary>
+    public static CudaDevice Open(int ordinal = 0, string? kernelCache = null)
+    {
+        try { return new CudaDevice(ordinal, kernelCache); }
+        catch (CudaLibraryException e) { throw new DispNativeException($"CUDA is not usable: {e.Message}"); }
+        catch (CudaException e) { throw new DispNativeException($"CUDA is not usable: {e.Message}"); }
+    }
+
+    /// <summary>Null when a device can be opened, else the reason (for skipping GPU tests and for --device auto).</summary>
+    public static string? Unavailable()
+    {
+        if (CudaDriverProbe.DeviceCount(out string reason) == 0) return reason;
+        if (!Nvrtc.IsAvailable(out string nvrtc)) return nvrtc;
+        try { _ = CublasLt.LibraryName; } catch (CudaLibraryException e) { return e.Message; }
+        return null;
+    }
+
+    public void MakeCurrent() => _context.MakeCurrent();
+
+    public DeviceTensor Allocate(DType dtype, long length) { MakeCurrent(); return new DeviceTensor(this, dtype, length); }
+
+    public DeviceTensor Zeros(DType dtype, long length)
+    {
+        var t = Allocate(dtype, length);
+        CudaDriver.MemsetZero(t.Pointer, t.Bytes, Stream.DangerousGetHandle());
+        return t;
+    }
+
+    /// <summary>Uploads f32 values and stores them as <paramref name="dtype"/> (narrowed on the device).</summary>
+    public DeviceTensor Upload(ReadOnlySpan<float> values, DType dtype = DType.F32)
+    {
+        MakeCurrent();
+        var f32 = new DeviceTensor(this, DType.F32, values.Length);
+        fixed (float* p = values) CudaDriver.CopyHtoD(f32.Pointer, p, (long)values.Length * 4, Stream.DangerousGetHandle());
+        Stream.Synchronize(); // the host span may go away after we return
+        if (dtype == DType.F32) return f32;
+        using (f32) return Convert(f32, dtype);
+    }
+
+    public DeviceTensor Upload(ReadOnlySpan<int> values)
+    {
+        MakeCurrent();
+        var t = new DeviceTensor(this, DType.I32, values.Length);
+        fixed (int* p = values) CudaDriver.CopyHtoD(t.Pointer, p, (long)values.Length * 4, Stream.DangerousGetHandle());
+        Stream.Synchronize();
+        return t;
+    }
+
+    /// <summary>A converted copy (f32 ↔ bf16/f16).</summary>
+    public DeviceTensor Convert(DeviceTensor src, DType dtype)
+    {
+        var dst = Allocate(dtype, src.Length);
+        string entry = src.DType == DType.F32 ? $"convert_f32_to_{Suffix(dtype)}" : $"convert_{Suffix(src.DType)}_to_f32";
+        if (src.DType != DType.F32 && dtype != DType.F32) throw new ArgumentException("conversions go through f32");
+        Launch("convert", entry, GridFor(src.Length), 256, 0, src, dst, src.Length);
+        return dst;
+    }
+
+    /// <summary>Downloads a tensor as f32 values (waits for the stream).</summary>
+    public float[] Download(DeviceTensor t)
+    {
+        MakeCurrent();
+        if (t.DType != DType.F32) { using var f = Convert(t, DType.F32); return Download(f); }
+        var r = new float[t.Length];
+        fixed (float* p = r)
+        {
+            CudaDriver.CopyDtoH(p, t.Pointer, t.Bytes, Stream.DangerousGetHandle());
+            Stream.Synchronize();
+        }
+        return r;
+    }
+
+    public static string Suffix(DType t) => t switch
+    {
+        DType.F32 => "f32", DType.BF16 => "bf16", DType.F16 => "f16",
+        _ => throw new ArgumentException($"{t} is not a floating-point storage type"),
+    };
+
+    private static CudaDataType LtType(DType t) => t switch
+    {
+        DType.F32 => CudaDataType.R32F, DType.BF16 => CudaDataType.R16BF, DType.F16 => CudaDataType.R16F,
+        _ => throw new ArgumentException($"{t} is not a GEMM type"),
+    };
+
+    public static uint GridFor(long n, int threads = 256) => (uint)Math.Min((n + threads - 1) / threads, 65535L * 8);
+
+    /// <summary>The function <paramref name="entry"/> of <c>kernels/{kernel}.cu</c>, compiled (or read from the CUBIN
+    /// cache) and loaded on first use.</summary>
+    public nint Function(string kernel, string entry)
+    {
+        string key = kernel + "/" + entry;
+        if (_functions.TryGetValue(key, out var f)) return f;
+        MakeCurrent();
+        var module = _modules.GetOrAdd(kernel, k => new CudaModuleHandle(Compiler.Cubin(k), k + ".cu"));
+        return _functions[key] = module.Function(entry);
+    }
+
+    /// <summary>Enqueues a kernel on the engine's stream.</summary>
+    public void Launch(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
+        params ReadOnlySpan<KernelArg> args)
+    {
+        nint fn = Function(kernel, entry);
+        ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
+        void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
+        for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
+        CudaDriver.Launch(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
+    }
+
+    public void Launch(string kernel, string entry, uint grid, uint block, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
+        => Launch(kernel, entry, (grid, 1, 1), (block, 1, 1), sharedBytes, args);
+
+    /// <summary>Row-major D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·D through cuBLASLt (fp32 accumulation). A and B share a storage
+    /// type; D is that type or f32. Plans (descriptors + heuristic algorithm) are cached per shape.</summary>
+    public void Gemm(DeviceTensor a, DeviceTensor b, DeviceTensor d, int m, int n, int k, float alpha = 1, float beta = 0,
+        long offsetA = 0, long offsetB = 0, long offsetD = 0)
+    {
+        if (a.DType != b.DType) throw new ArgumentException($"GEMM inputs differ in type ({a.DType}, {b.DType})");
+        if ((long)m * k > a.Length - offsetA || (long)n * k > b.Length - offsetB || (long)m * n > d.Length - offsetD)
+            throw new ArgumentException($"GEMM {m}x{n}x{k} does not fit its buffers");
+        MakeCurrent();
+        string key = $"{m},{n},{k},{a.DType},{d.DType}";
+        if (!_plans.TryGetValue(key, out var plan))
+            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes);
+        int ea = a.DType.Size(), ed = d.DType.Size();
+        plan.Run(Lt, a.Pointer + (ulong)(offsetA * ea), b.Pointer + (ulong)(offsetB * ea), d.Pointer + (ulong)(offsetD * ed),
+            alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
+    }
+
+    public void Synchronize() { MakeCurrent(); Stream.Synchronize(); }
+
+    /// <summary>Times <paramref name="work"/> on the stream with CUDA events; milliseconds.</summary>
+    public float Time(Action work)
+    {
+        MakeCurrent();
+        using var start = new CudaEventHandle();
+        using var end = new CudaEventHandle();
+        start.Record(Stream);
+        work();
+        end.Record(Stream);
+        end.Synchronize();
+        return end.ElapsedSince(start);
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        MakeCurrent();
+        try { Stream.Synchronize(); } catch (CudaException) { /* already failed: release what we can */ }
+        foreach (var p in _plans.Values) p.Dispose();
+        Lt.Dispose();
+        Allocator.Release(_workspace);
+        Allocator.Dispose();
+        foreach (var m in _modules.Values) m.Dispose();
+        Stream.Dispose();
+        _context.Dispose();
+    }
+}

@@ -1,0 +1,117 @@
+using DispNative.Engine.IO;
+
+namespace DispNative.Engine.Cuda;
+
+/// <summary>Typed launches of the kernels in <c>kernels/</c>. Each is the GPU twin of a <see cref="Cpu.CpuOps"/> op (or of a
+/// DISP mask op) and is checked against it by <see cref="SelfTest"/>. The residual stream is always f32; activations
+/// and weights use the storage type of their tensor.</summary>
+public sealed class CudaOps(CudaDevice device)
+{
+    public const int MaxHeadDim = 128;
+    private const int PrefillWarps = 8, DecodeWarps = 4;
+    public CudaDevice Device { get; } = device;
+
+    private static void Need(DeviceTensor t, long elements, string what)
+    {
+        if (t.Length < elements) throw new ArgumentException($"{what}: {t.Length} elements, {elements} needed");
+    }
+
+    /// <summary>x[r] (f32) = table[tokens[r]].</summary>
+    public void Embedding(DeviceTensor table, DeviceTensor tokens, DeviceTensor x, int rows, int d)
+    {
+        Need(x, (long)rows * d, "embedding output");
+        Device.Launch("embedding", $"embedding_{CudaDevice.Suffix(table.DType)}", (uint)rows, 256, 0, table, tokens, x, d);
+    }
+
+    /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r.</summary>
+    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start)
+    {
+        Need(x, (long)rows * heads * headDim, "rope input");
+        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start);
+    }
+
+    /// <summary>Gather RMSNorm: out[r, j] = x[r, idx[j]] / rms(x[r]) · gamma[idx[j]]; idx null → dense (width d).</summary>
+    public void GatherRmsNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps)
+    {
+        int width = (int)(idx?.Length ?? d);
+        Need(x, (long)rows * d, "norm input"); Need(output, (long)rows * width, "norm output");
+        uint smem = RowSmem(d);
+        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(d), smem,
+            x, gamma, idx, output, d, width, eps, smem > 0 ? 1 : 0);
+    }
+
+    /// <summary>Gather LayerNorm (OPT/Phi): statistics over the full row, selected channels out; beta may be null.</summary>
+    public void GatherLayerNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? beta, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps)
+    {
+        int width = (int)(idx?.Length ?? d);
+        Need(x, (long)rows * d, "norm input"); Need(output, (long)rows * width, "norm output");
+        uint smem = RowSmem(d);
+        Device.Launch("norm", $"layernorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(d), smem,
+            x, gamma, beta, idx, output, d, width, eps, smem > 0 ? 1 : 0);
+    }
+
+    private static uint RowSmem(int d) => d * 4 <= 48 * 1024 ? (uint)(d * 4) : 0;
+    private static uint NormThreads(int d) => d >= 4096 ? 1024u : d >= 1024 ? 256u : 128u;
+
+    /// <summary>x[r, idx[j]] += scale·(y[r, j] + bias[j]) into the f32 residual; idx null → x += y.</summary>
+    public void IndexAdd(DeviceTensor x, DeviceTensor y, DeviceTensor? idx, DeviceTensor? bias, int rows, int d, float scale = 1)
+    {
+        int width = (int)(idx?.Length ?? d);
+        Need(x, (long)rows * d, "residual"); Need(y, (long)rows * width, "index-add input");
+        Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, width >= 1024 ? 256u : 128u, 0, x, y, idx, bias, scale, d, width);
+    }
+
+    public void AddBias(DeviceTensor y, DeviceTensor bias, int rows)
+        => Device.Launch("residual", $"add_bias_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y, bias, (int)bias.Length);
+
+    /// <summary>out = silu(gate)·up (out may be gate).</summary>
+    public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n)
+        => Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", CudaDevice.GridFor(n), 256, 0, gate, up, output, n);
+
+    public void Gelu(DeviceTensor input, DeviceTensor output, long n)
+        => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", CudaDevice.GridFor(n), 256, 0, input, output, n);
+
+    /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache; the
+    /// decode kernel for one query, the tiled flash-style kernel otherwise.</summary>
+    public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
+        int heads, int kvHeads, int headDim, int? window)
+    {
+        if (headDim > MaxHeadDim) throw new DispNativeException($"head_dim {headDim} is above the CUDA attention kernel's limit {MaxHeadDim}");
+        if (heads % kvHeads != 0) throw new DispNativeException($"{heads} heads are not a multiple of {kvHeads} KV heads");
+        float scale = 1f / MathF.Sqrt(headDim);
+        string s = CudaDevice.Suffix(q.DType);
+        int w = window ?? 0;
+        if (tq == 1)
+            Device.Launch("attention", $"attention_decode_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
+                q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale);
+        else
+            Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
+                q, kCache, vCache, output, tq, start, heads, kvHeads, headDim, w, scale);
+    }
+
+    /// <summary>Per-row softmax cross-entropy over f32 logits; dlogits (optional) = (softmax − onehot)·gradScale.</summary>
+    public void CrossEntropy(DeviceTensor logits, DeviceTensor targets, DeviceTensor loss, DeviceTensor? dlogits, int rows, int vocab, float gradScale)
+    {
+        if (logits.DType != DType.F32) throw new ArgumentException("cross-entropy reads f32 logits");
+        Device.Launch("cross_entropy", "cross_entropy_f32", (uint)rows, 512, 0, logits, targets, loss, dlogits, vocab, gradScale);
+    }
+
+    /// <summary>Soft and hard Gumbel-Sigmoid masks; noise null → g = 0.</summary>
+    public void GumbelSigmoid(DeviceTensor logits, DeviceTensor? noise, DeviceTensor soft, DeviceTensor? hard, int n)
+        => Device.Launch("masks", "gumbel_sigmoid", CudaDevice.GridFor(n), 256, 0, logits, noise, soft, hard, n,
+            (float)Disp.GumbelSigmoid.Offset, (float)Disp.GumbelSigmoid.Temperature);
+
+    public void GumbelSigmoidBackward(DeviceTensor soft, DeviceTensor dsoft, DeviceTensor dlogits, int n)
+        => Device.Launch("masks", "gumbel_sigmoid_backward", CudaDevice.GridFor(n), 256, 0, soft, dsoft, dlogits, n, (float)Disp.GumbelSigmoid.Temperature);
+
+    public void GumbelNoise(DeviceTensor output, int n, ulong seed, ulong counter)
+        => Device.Launch("masks", "gumbel_noise", CudaDevice.GridFor(n), 256, 0, output, n, seed, counter);
+
+    /// <summary>y[r, j] *= mask[j].</summary>
+    public void MaskColumns(DeviceTensor y, DeviceTensor mask, int rows, int width)
+        => Device.Launch("masks", $"mask_columns_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y, mask, width);
+
+    /// <summary>dmask[j] = Σ_r dy[r, j]·x[r, j].</summary>
+    public void MaskColumnsGrad(DeviceTensor dy, DeviceTensor x, DeviceTensor dmask, int rows, int width)
+        => Device.Launch("masks", "mask_columns_grad_f32", CudaDevice.GridFor(width, 128), 128, 0, dy, x, dmask, rows, width);
+}

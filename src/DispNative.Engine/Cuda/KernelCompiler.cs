@@ -1,0 +1,102 @@
+using System.Reflection;
+using System.Security.Cryptography;
+using System.Text;
+using DispNative.Interop;
+
+namespace DispNative.Engine.Cuda;
+
+/// <summary>The <c>kernels/*.cu</c> sources and their shared header, embedded in the engine assembly.</summary>
+public static class KernelSources
+{
+    public const string Header = "common.cuh";
+    private static readonly Lazy<IReadOnlyDictionary<string, string>> All = new(Read);
+
+    /// <summary>Kernel files by name without extension (for example "norm"), plus the header under its file name.</summary>
+    public static IReadOnlyDictionary<string, string> Files => All.Value;
+
+    public static IEnumerable<string> KernelNames => Files.Keys.Where(k => k != Header).Order();
+
+    public static string Source(string kernel) => Files.TryGetValue(kernel, out var s)
+        ? s : throw new DispNativeException($"no kernel source '{kernel}.cu' is embedded (have: {string.Join(", ", KernelNames)})");
+
+    private static IReadOnlyDictionary<string, string> Read()
+    {
+        var asm = typeof(KernelSources).Assembly;
+        var files = new Dictionary<string, string>();
+        foreach (var res in asm.GetManifestResourceNames().Where(n => n.StartsWith("kernels/", StringComparison.Ordinal)))
+        {
+            using var s = asm.GetManifestResourceStream(res)!;
+            using var r = new StreamReader(s, Encoding.UTF8);
+            string file = res["kernels/".Length..];
+            files[file.EndsWith(".cu", StringComparison.Ordinal) ? file[..^3] : file] = r.ReadToEnd();
+        }
+        return files;
+    }
+}
+
+/// <summary>Compiles embedded kernels with NVRTC for one architecture and caches the CUBINs on disk, keyed by
+/// SHA-256 of (source, header, options, architecture, NVRTC version): a second start compiles nothing.</summary>
+public sealed class KernelCompiler
+{
+    public string Architecture { get; }
+    public string CacheDirectory { get; }
+    public int Compiled { get; private set; }
+    public int CacheHits { get; private set; }
+
+    /// <summary>Options for every kernel. No --use_fast_math: the kernels are checked against the CPU reference
+    /// and their exp/log/sincos must stay accurate.</summary>
+    public IReadOnlyList<string> Options { get; }
+
+    /// <param name="architecture">e.g. "sm_90" (from the device's compute capability).</param>
+    /// <param name="cacheDirectory">null: DISPNATIVE_KERNEL_CACHE, else the user cache directory.</param>
+    public KernelCompiler(string architecture, string? cacheDirectory = null)
+    {
+        Architecture = architecture;
+        CacheDirectory = cacheDirectory ?? DefaultCacheDirectory();
+        Options = [$"-arch={architecture}", "-std=c++17"];
+    }
+
+    public static string DefaultCacheDirectory()
+    {
+        string? env = Environment.GetEnvironmentVariable("DISPNATIVE_KERNEL_CACHE");
+        if (!string.IsNullOrEmpty(env)) return env;
+        string? xdg = Environment.GetEnvironmentVariable("XDG_CACHE_HOME");
+        string root = !string.IsNullOrEmpty(xdg) ? xdg
+            : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache");
+        return Path.Combine(root, "dispnative", "kernels");
+    }
+
+    /// <summary>The cache key of one kernel file under these options and the loaded NVRTC.</summary>
+    public string CacheKey(string kernel) => Key(KernelSources.Source(kernel), KernelSources.Files[KernelSources.Header],
+        Options, Architecture, Nvrtc.Version.ToString());
+
+    internal static string Key(string source, string header, IEnumerable<string> options, string arch, string nvrtcVersion)
+    {
+        var text = string.Join("\n\u0001", [source, header, string.Join(" ", options), arch, nvrtcVersion]);
+        return Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(text))).ToLowerInvariant()[..32];
+    }
+
+    /// <summary>The CUBIN of <c>kernels/{kernel}.cu</c>, from the cache or freshly compiled (then cached).</summary>
+    public byte[] Cubin(string kernel)
+    {
+        string source = KernelSources.Source(kernel);
+        string path = Path.Combine(CacheDirectory, $"{kernel}-{Architecture}-{CacheKey(kernel)}.cubin");
+        if (File.Exists(path))
+        {
+            try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { CacheHits++; return cached; } }
+            catch (IOException) { /* unreadable cache entry: compile again */ }
+        }
+        var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
+        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", headers, Options, out _);
+        Compiled++;
+        try
+        {
+            Directory.CreateDirectory(CacheDirectory);
+            string tmp = path + $".{Environment.ProcessId}.tmp";
+            File.WriteAllBytes(tmp, cubin);
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* a read-only cache only costs a recompile */ }
+        return cubin;
+    }
+}

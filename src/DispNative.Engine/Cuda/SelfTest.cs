@@ -1,0 +1,403 @@
+using System.Text.Json;
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Disp;
+using DispNative.Engine.Inference;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+
+namespace DispNative.Engine.Cuda;
+
+/// <summary>One self-check: its name, whether it passed, and the measured error against its tolerance.</summary>
+public sealed record CheckResult(string Name, bool Passed, string Detail);
+
+/// <summary>Every CUDA kernel against its CPU twin on random shapes (odd widths included), the GEMMs, the whole
+/// forward (dense and pruned, prefill and decode) against <see cref="LlamaModel"/>, and, given the reference model
+/// directory, its transformers golden logits in f32 and bf16. Used by <c>DispNative selftest</c> and the GPU tests.</summary>
+public static class SelfTest
+{
+    public sealed record Check(string Name, Func<CudaDevice, string> Run);
+
+    /// <summary>A failed comparison; its message is the check's detail line.</summary>
+    public sealed class Mismatch(string message) : Exception(message);
+
+    public static IReadOnlyList<Check> Checks(string? referenceModelDir = null)
+    {
+        var checks = new List<Check>
+        {
+            new("convert f32<->bf16 rounding", Convert),
+            new("embedding bf16 (rows 7, d 131)", Embedding),
+            new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
+            new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
+            new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
+            new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
+            new("gather-rmsnorm bf16 (d 1000 -> 333)", dev => Norm(dev, 5, 1000, 333, DType.BF16, 1e-2)),
+            new("gather-layernorm f32 (d 515 -> 200, beta)", LayerNorm),
+            new("index-add f32 (d 999 <- 311, bias, scale)", dev => IndexAdd(dev, 311, bias: true)),
+            new("residual add f32 (d 999)", dev => IndexAdd(dev, null, bias: false)),
+            new("swiglu f32 (n 10007)", SwiGlu),
+            new("gelu f32 (n 10007)", Gelu),
+            new("attention prefill f32 (t 37, heads 6/2, head_dim 64)", dev => Attention(dev, 37, 0, 6, 2, 64, null)),
+            new("attention prefill f32 (t 9 after 20, heads 4/4, head_dim 48)", dev => Attention(dev, 9, 20, 4, 4, 48, null)),
+            new("attention prefill f32 sliding window 16 (t 70)", dev => Attention(dev, 70, 0, 4, 1, 32, 16)),
+            new("attention decode f32 (position 150, heads 8/2, head_dim 128)", dev => Attention(dev, 1, 150, 8, 2, 128, null)),
+            new("attention prefill bf16 (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
+            new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
+            new("gumbel-sigmoid masks and backward", Gumbel),
+            new("mask columns and gradient (rows 13, width 301)", MaskColumns),
+            new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32, 1e-5)),
+            new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16, 1e-2)),
+            new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
+            new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
+        };
+        if (referenceModelDir != null)
+        {
+            checks.Add(new("ref-llama golden f32 (argmax, logsumexp, L2)", dev => Golden(dev, referenceModelDir, DType.F32)));
+            checks.Add(new("ref-llama golden bf16 (argmax agreement >= 99%)", dev => Golden(dev, referenceModelDir, DType.BF16)));
+        }
+        return checks;
+    }
+
+    /// <summary>Runs the checks, reporting each as it finishes.</summary>
+    public static List<CheckResult> Run(CudaDevice device, IEnumerable<Check> checks, Action<CheckResult>? report = null)
+    {
+        var results = new List<CheckResult>();
+        foreach (var check in checks)
+        {
+            CheckResult r;
+            try { r = new CheckResult(check.Name, true, check.Run(device)); }
+            catch (Mismatch e) { r = new CheckResult(check.Name, false, e.Message); }
+            catch (Exception e) when (e is DispNativeException or Interop.CudaException or Interop.NvrtcCompileException or ArgumentException)
+            { r = new CheckResult(check.Name, false, $"{e.GetType().Name}: {e.Message}"); }
+            results.Add(r);
+            report?.Invoke(r);
+        }
+        return results;
+    }
+
+    // ---- comparisons ----
+
+    /// <summary>max |got − want| / max |want|; throws <see cref="Mismatch"/> above the tolerance.</summary>
+    public static string Compare(ReadOnlySpan<float> got, ReadOnlySpan<float> want, double tolerance, string what = "max rel err")
+    {
+        if (got.Length != want.Length) throw new Mismatch($"length {got.Length}, expected {want.Length}");
+        double maxDiff = 0, scale = 1e-30;
+        int worst = 0;
+        for (int i = 0; i < got.Length; i++)
+        {
+            double diff = Math.Abs((double)got[i] - want[i]);
+            if (double.IsNaN(diff)) throw new Mismatch($"NaN at {i}");
+            if (diff > maxDiff) { maxDiff = diff; worst = i; }
+            scale = Math.Max(scale, Math.Abs(want[i]));
+        }
+        double rel = maxDiff / scale;
+        string detail = $"{what} {rel:E2} (tol {tolerance:E0})";
+        if (rel > tolerance) throw new Mismatch($"{detail}; worst at {worst}: {got[worst]} vs {want[worst]}");
+        return detail;
+    }
+
+    private static float[] Random(Rng rng, int n, float scale = 1)
+    {
+        var a = new float[n];
+        for (int i = 0; i < n; i++) a[i] = rng.NextGaussian() * scale;
+        return a;
+    }
+
+    private static float[] RoundTo(DType t, float[] a) => t switch
+    {
+        DType.BF16 => a.Select(v => DTypes.BF16ToFloat(DTypes.FloatToBF16(v))).ToArray(),
+        DType.F16 => a.Select(v => (float)(Half)v).ToArray(),
+        _ => a,
+    };
+
+    private static int[] Subset(Rng rng, int full, int width)
+    {
+        var all = Enumerable.Range(0, full).ToArray();
+        for (int i = full - 1; i > 0; i--) { int j = rng.NextInt(i + 1); (all[i], all[j]) = (all[j], all[i]); }
+        return all[..width].Order().ToArray();
+    }
+
+    // ---- kernels ----
+
+    private static string Convert(CudaDevice dev)
+    {
+        var rng = new Rng(1);
+        var x = Random(rng, 4099, 100);
+        x[0] = float.NaN; x[1] = float.PositiveInfinity; x[2] = 3.3895314e38f; x[3] = 1e-40f;
+        using var t = dev.Upload(x, DType.BF16);
+        var back = dev.Download(t);
+        for (int i = 0; i < x.Length; i++)
+        {
+            float want = DTypes.BF16ToFloat(DTypes.FloatToBF16(x[i]));
+            if (!(back[i].Equals(want))) throw new Mismatch($"element {i}: {x[i]} -> {back[i]}, host rounding gives {want}");
+        }
+        return "bit-exact with the host's round-to-nearest-even";
+    }
+
+    private static string Embedding(CudaDevice dev)
+    {
+        var rng = new Rng(2);
+        int vocab = 50, d = 131, rows = 7;
+        var table = RoundTo(DType.BF16, Random(rng, vocab * d));
+        int[] tokens = [0, 49, 3, 3, 17, 42, 8];
+        using var tt = dev.Upload(table, DType.BF16);
+        using var tok = dev.Upload(tokens);
+        using var x = dev.Allocate(DType.F32, rows * d);
+        new CudaOps(dev).Embedding(tt, tok, x, rows, d);
+        var want = new float[rows * d];
+        CpuOps.Embed(table, tokens, want, d, vocab);
+        return Compare(dev.Download(x), want, 0);
+    }
+
+    private static string Rope(CudaDevice dev)
+    {
+        var rng = new Rng(3);
+        int rows = 5, heads = 3, hd = 64, start = 11;
+        var x = Random(rng, rows * heads * hd);
+        var rope = new Rope(hd, 10000);
+        var inv = Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray();
+        using var t = dev.Upload(x);
+        using var f = dev.Upload(inv);
+        new CudaOps(dev).Rope(t, f, rows, heads, hd, start);
+        rope.Apply(x, rows, heads, start);
+        return Compare(dev.Download(t), x, 1e-5);
+    }
+
+    private static string Norm(CudaDevice dev, int rows, int d, int? width, DType dtype, double tol)
+    {
+        var rng = new Rng(4);
+        var x = Random(rng, rows * d, 3);
+        var gamma = RoundTo(dtype, Random(rng, d));
+        int[]? idx = width is int w ? Subset(rng, d, w) : null;
+        int outW = idx?.Length ?? d;
+        using var tx = dev.Upload(x);
+        using var tg = dev.Upload(gamma, dtype);
+        using var ti = idx == null ? null : dev.Upload(idx);
+        using var y = dev.Allocate(dtype, rows * outW);
+        new CudaOps(dev).GatherRmsNorm(tx, tg, ti, y, rows, d, 1e-5f);
+        var want = new float[rows * outW];
+        if (idx == null) CpuOps.RmsNorm(x, gamma, want, rows, d, 1e-5f);
+        else CpuOps.GatherRmsNorm(x, gamma, idx, want, rows, d, 1e-5f);
+        return Compare(dev.Download(y), want, tol);
+    }
+
+    private static string LayerNorm(CudaDevice dev)
+    {
+        var rng = new Rng(5);
+        int rows = 3, d = 515;
+        var x = Random(rng, rows * d, 2);
+        for (int i = 0; i < x.Length; i++) x[i] += 1.5f;
+        var gamma = Random(rng, d); var beta = Random(rng, d);
+        var idx = Subset(rng, d, 200);
+        using var tx = dev.Upload(x); using var tg = dev.Upload(gamma); using var tb = dev.Upload(beta); using var ti = dev.Upload(idx);
+        using var y = dev.Allocate(DType.F32, rows * idx.Length);
+        new CudaOps(dev).GatherLayerNorm(tx, tg, tb, ti, y, rows, d, 1e-5f);
+        var want = new float[rows * idx.Length];
+        CpuOps.GatherLayerNorm(x, gamma, beta, idx, want, rows, d, 1e-5f);
+        return Compare(dev.Download(y), want, 1e-5);
+    }
+
+    private static string IndexAdd(CudaDevice dev, int? width, bool bias)
+    {
+        var rng = new Rng(6);
+        int rows = 6, d = 999;
+        var x = Random(rng, rows * d);
+        int[]? idx = width is int w ? Subset(rng, d, w) : null;
+        int yw = idx?.Length ?? d;
+        var y = Random(rng, rows * yw);
+        var b = bias ? Random(rng, yw) : null;
+        float scale = bias ? 0.5f : 1f;
+        using var tx = dev.Upload(x); using var ty = dev.Upload(y);
+        using var ti = idx == null ? null : dev.Upload(idx);
+        using var tb = b == null ? null : dev.Upload(b);
+        new CudaOps(dev).IndexAdd(tx, ty, ti, tb, rows, d, scale);
+        var delta = new float[rows * yw];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * yw + j] + (b?[j] ?? 0));
+        if (idx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, idx, rows, d);
+        return Compare(dev.Download(tx), x, 1e-6);
+    }
+
+    private static string SwiGlu(CudaDevice dev)
+    {
+        var rng = new Rng(7);
+        int n = 10007;
+        var g = Random(rng, n, 3); var u = Random(rng, n);
+        using var tg = dev.Upload(g); using var tu = dev.Upload(u);
+        new CudaOps(dev).SiluMul(tg, tu, tg, n);
+        CpuOps.SiluMul(g, u, n);
+        return Compare(dev.Download(tg), g, 1e-6);
+    }
+
+    private static string Gelu(CudaDevice dev)
+    {
+        var rng = new Rng(8);
+        int n = 10007;
+        var x = Random(rng, n, 3);
+        using var tx = dev.Upload(x); using var ty = dev.Allocate(DType.F32, n);
+        new CudaOps(dev).Gelu(tx, ty, n);
+        var want = new float[n];
+        CpuOps.Gelu(x, want, n);
+        return Compare(dev.Download(ty), want, 1e-6);
+    }
+
+    private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32)
+    {
+        var rng = new Rng(9);
+        int total = start + tq, qd = heads * hd, kvd = kvHeads * hd;
+        var q = RoundTo(dtype, Random(rng, tq * qd));
+        var k = RoundTo(dtype, Random(rng, total * kvd));
+        var v = RoundTo(dtype, Random(rng, total * kvd));
+        using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
+        using var o = dev.Allocate(dtype, tq * qd);
+        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window);
+        var want = new float[tq * qd];
+        CpuOps.Attention(q, k, v, want, tq, start, heads, kvHeads, hd, window);
+        return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
+    }
+
+    private static string CrossEntropy(CudaDevice dev)
+    {
+        var rng = new Rng(10);
+        int rows = 3, vocab = 32003;
+        var logits = Random(rng, rows * vocab, 4);
+        int[] targets = [5, -1, 32002];
+        using var tl = dev.Upload(logits); using var tt = dev.Upload(targets);
+        using var loss = dev.Allocate(DType.F32, rows); using var grad = dev.Allocate(DType.F32, rows * vocab);
+        float scale = 1f / 2;
+        new CudaOps(dev).CrossEntropy(tl, tt, loss, grad, rows, vocab, scale);
+        var wantLoss = new float[rows];
+        var wantGrad = new float[rows * vocab];
+        for (int r = 0; r < rows; r++)
+        {
+            if (targets[r] < 0) continue;
+            var row = logits.AsSpan(r * vocab, vocab);
+            float lse = CpuOps.LogSumExp(row);
+            wantLoss[r] = lse - row[targets[r]];
+            for (int i = 0; i < vocab; i++) wantGrad[r * vocab + i] = (MathF.Exp(row[i] - lse) - (i == targets[r] ? 1 : 0)) * scale;
+        }
+        return Compare(dev.Download(loss), wantLoss, 1e-5, "loss rel err") + "; " + Compare(dev.Download(grad), wantGrad, 1e-5, "grad rel err");
+    }
+
+    private static string Gumbel(CudaDevice dev)
+    {
+        var rng = new Rng(11);
+        int n = 1001;
+        var logits = Random(rng, n, 3);
+        var noise = GumbelSigmoid.Noise<float>(rng, n);
+        var dsoft = Random(rng, n);
+        using var tl = dev.Upload(logits); using var tn = dev.Upload(noise); using var td = dev.Upload(dsoft);
+        using var soft = dev.Allocate(DType.F32, n); using var hard = dev.Allocate(DType.F32, n); using var dl = dev.Allocate(DType.F32, n);
+        var ops = new CudaOps(dev);
+        ops.GumbelSigmoid(tl, tn, soft, hard, n);
+        ops.GumbelSigmoidBackward(soft, td, dl, n);
+        var tape = new Autograd.Tape<float>();
+        var lv = tape.Leaf(logits, 1, n);
+        var s = GumbelSigmoid.Soft(tape, lv, noise);
+        var wantHard = GumbelSigmoid.Hard<float>(logits, noise).Select(b => b ? 1f : 0f).ToArray();
+        dsoft.CopyTo(s.G, 0);
+        tape.Backward();
+        string r = Compare(dev.Download(soft), s.Data, 1e-5, "soft rel err") + "; " + Compare(dev.Download(hard), wantHard, 0, "hard mismatch")
+            + "; " + Compare(dev.Download(dl), lv.Grad!, 1e-5, "grad rel err");
+        using var g = dev.Allocate(DType.F32, 1 << 16);
+        ops.GumbelNoise(g, 1 << 16, 1234, 0);
+        var sample = dev.Download(g);
+        double mean = sample.Average(v => (double)v);
+        if (Math.Abs(mean - 0.5772) > 0.03) throw new Mismatch($"Gumbel noise mean {mean:F4}, expected Euler's constant 0.5772");
+        return r + $"; noise mean {mean:F3}";
+    }
+
+    private static string MaskColumns(CudaDevice dev)
+    {
+        var rng = new Rng(12);
+        int rows = 13, w = 301;
+        var y = Random(rng, rows * w); var mask = Random(rng, w); var dy = Random(rng, rows * w);
+        using var ty = dev.Upload(y); using var tm = dev.Upload(mask); using var tdy = dev.Upload(dy);
+        using var dm = dev.Allocate(DType.F32, w);
+        var ops = new CudaOps(dev);
+        ops.MaskColumnsGrad(tdy, ty, dm, rows, w);
+        ops.MaskColumns(ty, tm, rows, w);
+        var wantY = new float[rows * w]; var wantDm = new float[w];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < w; j++) { wantY[r * w + j] = y[r * w + j] * mask[j]; wantDm[j] += dy[r * w + j] * y[r * w + j]; }
+        return Compare(dev.Download(ty), wantY, 1e-6, "masked rel err") + "; " + Compare(dev.Download(dm), wantDm, 1e-5, "grad rel err");
+    }
+
+    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, double tol)
+    {
+        var rng = new Rng(13);
+        var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k));
+        using var ta = dev.Upload(a, dtype); using var tb = dev.Upload(b, dtype);
+        using var c = dev.Allocate(DType.F32, m * n);
+        dev.Gemm(ta, tb, c, m, n, k);
+        var want = new float[m * n];
+        Cpu.Gemm.MatMulT(a, b, want, m, n, k);
+        return Compare(dev.Download(c), want, dtype == DType.F32 ? tol : 1e-5);
+    }
+
+    // ---- whole model ----
+
+    /// <summary>A small random model with GQA, odd widths and, when pruned, random per-site channel subsets.</summary>
+    public static (ModelConfig Config, ModelWeights Weights) RandomModel(bool pruned, ulong seed = 14)
+    {
+        var c = new ModelConfig
+        {
+            Architecture = "LlamaForCausalLM", HiddenSize = 96, IntermediateSize = 200, NumLayers = 3, NumHeads = 6, NumKvHeads = 2,
+            HeadDim = 16, VocabSize = 517, RmsNormEps = 1e-5f, TieWordEmbeddings = true, MaxPositionEmbeddings = 256,
+        };
+        var w = ModelWeights.Random(c, seed, std: 0.1f);
+        if (!pruned) return (c, w);
+        var layout = new SiteLayout(c, PruningMode.Disp);
+        var rng = new Rng(seed + 1);
+        var masks = layout.OutputWidths.Select(width => Enumerable.Range(0, width).Select(_ => rng.NextDouble() < 0.6).ToArray()).ToList();
+        return Pruner.Apply(c, w, PruningPlan.FromMasks(layout, masks), "disp", 0.4, "random");
+    }
+
+    private static string Forward(CudaDevice dev, bool pruned)
+    {
+        var (c, w) = RandomModel(pruned);
+        var cpu = new LlamaModel(c, w);
+        using var gpu = new CudaLlama(dev, c, w, DType.F32);
+        int[] prompt = [1, 5, 77, 300, 2, 516, 9, 9, 123, 45, 46, 47, 0];
+        var cpuCache = cpu.NewCache(prompt.Length + 4);
+        using var gpuCache = gpu.NewCache(prompt.Length + 4);
+        string detail = "prefill " + Compare(gpu.Forward(prompt, gpuCache), cpu.Forward(prompt, cpuCache), 1e-4);
+        foreach (int t in new[] { 3, 400, 8, 250 })
+            detail = "decode " + Compare(gpu.Forward([t], gpuCache, lastOnly: true), cpu.Forward([t], cpuCache, lastOnly: true), 1e-4);
+        return detail;
+    }
+
+    private static string Golden(CudaDevice dev, string dir, DType dtype)
+    {
+        var model = ModelLoader.Load(dir);
+        var golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "golden.json"))).RootElement;
+        var fw = golden.GetProperty("forward_fp32");
+        int[] ids = fw.GetProperty("input_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        int v = model.Config.VocabSize;
+        using var gpu = new CudaLlama(dev, model.Config, model.Model.Weights, dtype);
+        using var cache = gpu.NewCache(ids.Length);
+        var logits = gpu.Forward(ids, cache);
+        var argmax = fw.GetProperty("argmax_per_position").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        int agree = 0;
+        for (int t = 0; t < ids.Length; t++) if (Generator.ArgMax(logits.AsSpan(t * v, v)) == argmax[t]) agree++;
+        if (dtype != DType.F32)
+        {
+            // Longer check: the greedy continuation's positions, bf16 GPU vs the f32 CPU reference.
+            int[] seq = golden.GetProperty("greedy_fp32").GetProperty("ids_prompt_then_24_new").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+            using var c2 = gpu.NewCache(seq.Length);
+            var lg = gpu.Forward(seq, c2);
+            var lc = model.Model.Forward(seq, model.Model.NewCache(seq.Length));
+            int agree2 = 0;
+            for (int t = 0; t < seq.Length; t++) if (Generator.ArgMax(lg.AsSpan(t * v, v)) == Generator.ArgMax(lc.AsSpan(t * v, v))) agree2++;
+            double rate = (double)(agree + agree2) / (ids.Length + seq.Length);
+            string d = $"argmax agreement {rate:P1} over {ids.Length + seq.Length} positions";
+            if (rate < 0.99) throw new Mismatch(d);
+            return d;
+        }
+        if (agree != ids.Length) throw new Mismatch($"argmax differs at {ids.Length - agree} of {ids.Length} positions");
+        var lse = fw.GetProperty("logsumexp_per_position").EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
+        var got = Enumerable.Range(0, ids.Length).Select(t => CpuOps.LogSumExp(logits.AsSpan(t * v, v))).ToArray();
+        var first16 = fw.GetProperty("logits_last_position_first16").EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
+        return "argmax all equal; " + Compare(got, lse, 1e-3, "logsumexp rel err") + "; "
+            + Compare(logits.AsSpan((ids.Length - 1) * v, 16), first16, 1e-3, "logits rel err");
+    }
+}

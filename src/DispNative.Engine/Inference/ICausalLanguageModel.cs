@@ -1,0 +1,27 @@
+using DispNative.Engine.Models;
+
+namespace DispNative.Engine.Inference;
+
+/// <summary>The positions a model has seen for one sequence (a KV cache on some device).</summary>
+public interface IInferenceCache
+{
+    int Length { get; }
+    int Capacity { get; }
+    void Reset();
+}
+
+/// <summary>A decoder that scores and extends one sequence: the CPU reference (<see cref="LlamaModel"/>) or a GPU
+/// backend (<see cref="Cuda.CudaLlama"/>). Perplexity and generation only use this.</summary>
+public interface ICausalLanguageModel
+{
+    ModelConfig Config { get; }
+
+    /// <summary>"cpu", or the device and storage type, e.g. "cuda:0 bf16".</summary>
+    string DeviceName { get; }
+
+    IInferenceCache NewCache(int capacity);
+
+    /// <summary>Appends <paramref name="tokens"/> to the sequence in <paramref name="cache"/>; returns logits
+    /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>
+    float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false);
+}

@@ -1,0 +1,220 @@
+using DispNative.Engine;
+using DispNative.Engine.Cuda;
+using DispNative.Interop;
+
+namespace DispNative.Tests;
+
+/// <summary>The CUDA backend's host-side pieces (allocator, kernel sources, cache keys) on any machine.</summary>
+public class CachingAllocatorTests
+{
+    private sealed class FakeMemory(long capacity) : IDeviceMemory
+    {
+        private ulong _next = 0x1000;
+        public long Used;
+        public readonly HashSet<ulong> Live = [];
+        public readonly Dictionary<ulong, long> Sizes = [];
+        public ulong TryAllocate(long bytes)
+        {
+            if (Used + bytes > capacity) return 0;
+            ulong p = _next; _next += (ulong)bytes; Used += bytes; Live.Add(p); Sizes[p] = bytes;
+            return p;
+        }
+        public void Free(ulong p) { Assert.That(Live.Remove(p), $"0x{p:x} freed twice or never allocated"); Used -= Sizes[p]; }
+    }
+
+    [TestCase(1, 512)]
+    [TestCase(512, 512)]
+    [TestCase(513, 1024)]
+    [TestCase((1 << 20) - 1, 1 << 20)]
+    [TestCase(1 << 20, 2 << 20)]
+    [TestCase((2 << 20) + 1, 4 << 20)]
+    public void BucketSize_RoundsToSteps(long request, long bucket) => Assert.That(CachingAllocator.BucketSize(request), Is.EqualTo(bucket));
+
+    [Test]
+    public void ReleasedBlocks_AreReusedForTheSameBucket_AndCounted()
+    {
+        var mem = new FakeMemory(1 << 30);
+        using var a = new CachingAllocator(mem);
+        ulong p1 = a.Allocate(1000);
+        ulong p2 = a.Allocate(5000);
+        a.Release(p1);
+        ulong p3 = a.Allocate(900);      // same 1024-byte bucket: the cached block comes back
+        Assert.That(p3, Is.EqualTo(p1));
+        var s = a.Stats;
+        Assert.That((s.Requests, s.CacheHits, s.DeviceAllocations), Is.EqualTo((3L, 1L, 2L)));
+        Assert.That(s.InUseBytes, Is.EqualTo(1024 + 5120));
+        a.Release(p2); a.Release(p3);
+        Assert.That(a.Stats.CachedBytes, Is.EqualTo(1024 + 5120));
+        Assert.That(a.Stats.PeakInUseBytes, Is.EqualTo(1024 + 5120));
+        a.Trim();
+        Assert.That(mem.Live, Is.Empty);
+        Assert.That(a.Stats.CachedBytes, Is.Zero);
+    }
+
+    [Test]
+    public void OutOfMemory_ReleasesTheCacheAndRetries_ThenFailsClearly()
+    {
+        var mem = new FakeMemory(6 << 20);
+        using var a = new CachingAllocator(mem);
+        ulong big = a.Allocate(4 << 20);
+        a.Release(big);                  // cached, still held from the device
+        ulong other = a.Allocate(3 << 20); // does not fit beside the cache: trimmed, then served
+        Assert.That(a.Stats.CachedBytes, Is.Zero);
+        var e = Assert.Throws<CudaOutOfMemoryException>(() => a.Allocate(5 << 20))!;
+        Assert.That(e.Message, Does.Contain("out of device memory").And.Contain("5.0 MiB requested"));
+        a.Release(other);
+    }
+
+    [Test]
+    public void Dispose_FreesLiveAndCachedBlocks_AndDoubleReleaseIsAnError()
+    {
+        var mem = new FakeMemory(1 << 30);
+        var a = new CachingAllocator(mem);
+        ulong p = a.Allocate(10);
+        a.Allocate(3 << 20);
+        a.Release(p);
+        Assert.Throws<InvalidOperationException>(() => a.Release(p));
+        a.Dispose();
+        Assert.That(mem.Live, Is.Empty);
+    }
+}
+
+public class KernelSourceTests
+{
+    private static string KernelsDir => Path.Combine(TestAssets.RepoRoot, "kernels");
+
+    [Test]
+    public void EveryKernelFile_IsEmbedded_Verbatim()
+    {
+        var onDisk = Directory.GetFiles(KernelsDir, "*.cu").Select(Path.GetFileNameWithoutExtension).Order().ToList();
+        Assert.That(onDisk, Is.Not.Empty);
+        Assert.That(KernelSources.KernelNames, Is.EqualTo(onDisk));
+        foreach (var k in onDisk)
+            Assert.That(KernelSources.Source(k!), Is.EqualTo(File.ReadAllText(Path.Combine(KernelsDir, k + ".cu"))), k);
+        Assert.That(KernelSources.Files[KernelSources.Header], Is.EqualTo(File.ReadAllText(Path.Combine(KernelsDir, "common.cuh"))));
+    }
+
+    [Test]
+    public void EveryEntryPointTheEngineLaunches_IsDefinedInItsKernelFile()
+    {
+        // Entry points are literal or built as NAME_{f32,bf16,f16} by FOR_EACH_STORAGE; check the base names.
+        string[] expected =
+        [
+            "convert:convert_f32_to_##S", "embedding:embedding_##S", "rope:rope_##S", "norm:rmsnorm_gather_##S", "norm:layernorm_gather_##S",
+            "residual:index_add_##S", "residual:add_bias_##S", "activations:silu_mul_##S", "activations:gelu_##S",
+            "attention:attention_prefill_##S", "attention:attention_decode_##S", "cross_entropy:cross_entropy_f32",
+            "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_##S", "masks:mask_columns_grad_f32",
+        ];
+        foreach (var e in expected)
+        {
+            var (file, entry) = (e.Split(':')[0], e.Split(':')[1]);
+            Assert.That(KernelSources.Source(file), Does.Contain($"void {entry}("), e);
+        }
+    }
+
+    [Test]
+    public void CacheKey_ChangesWithSourceOptionsArchitectureAndCompilerVersion()
+    {
+        string k = KernelCompiler.Key("src", "hdr", ["-arch=sm_90"], "sm_90", "13.0");
+        Assert.That(KernelCompiler.Key("src", "hdr", ["-arch=sm_90"], "sm_90", "13.0"), Is.EqualTo(k));
+        Assert.That(KernelCompiler.Key("src2", "hdr", ["-arch=sm_90"], "sm_90", "13.0"), Is.Not.EqualTo(k));
+        Assert.That(KernelCompiler.Key("src", "hdr2", ["-arch=sm_90"], "sm_90", "13.0"), Is.Not.EqualTo(k));
+        Assert.That(KernelCompiler.Key("src", "hdr", ["-arch=sm_90", "-lineinfo"], "sm_90", "13.0"), Is.Not.EqualTo(k));
+        Assert.That(KernelCompiler.Key("src", "hdr", ["-arch=sm_90"], "sm_80", "13.0"), Is.Not.EqualTo(k));
+        Assert.That(KernelCompiler.Key("src", "hdr", ["-arch=sm_90"], "sm_90", "12.8"), Is.Not.EqualTo(k));
+    }
+
+    [Test]
+    public void UnknownKernel_NamesTheOnesThatExist()
+        => Assert.That(Assert.Throws<DispNativeException>(() => KernelSources.Source("nope"))!.Message, Does.Contain("norm"));
+}
+
+/// <summary>NVRTC needs no GPU: where the library exists, every kernel must compile for Hopper and Ampere and the
+/// CUBIN cache must serve the second request.</summary>
+public class NvrtcTests
+{
+    [SetUp]
+    public void RequireNvrtc()
+    {
+        if (!Nvrtc.IsAvailable(out string reason)) Assert.Ignore($"NVRTC not available: {reason}");
+    }
+
+    [TestCase("sm_90")]
+    [TestCase("sm_80")]
+    public void EveryKernel_Compiles_AndTheSecondRequestIsACacheHit(string arch)
+    {
+        var dir = TestAssets.TempDir();
+        var compiler = new KernelCompiler(arch, dir);
+        foreach (var k in KernelSources.KernelNames)
+        {
+            var cubin = compiler.Cubin(k);
+            Assert.That(cubin.AsSpan(0, 4).ToArray(), Is.EqualTo(new byte[] { 0x7f, (byte)'E', (byte)'L', (byte)'F' }), $"{k}: not an ELF CUBIN");
+        }
+        int n = KernelSources.KernelNames.Count();
+        Assert.That((compiler.Compiled, compiler.CacheHits), Is.EqualTo((n, 0)));
+        var again = new KernelCompiler(arch, dir);
+        foreach (var k in KernelSources.KernelNames) again.Cubin(k);
+        Assert.That((again.Compiled, again.CacheHits), Is.EqualTo((0, n)));
+    }
+
+    [Test]
+    public void CompileError_ReportsFileAndLine()
+    {
+        var e = Assert.Throws<NvrtcCompileException>(() => Nvrtc.CompileToCubin(
+            "extern \"C\" __global__ void k(float* x)\n{\n    x[0] = undefined_name;\n}\n", "broken.cu",
+            new Dictionary<string, string>(), ["-arch=sm_90"], out _))!;
+        Assert.That(e.Message, Does.Contain("broken.cu(3)").And.Contain("undefined_name"));
+    }
+}
+
+/// <summary>The GPU self-checks (kernels vs their CPU twins, GEMMs, forward vs the CPU model), one test each.
+/// Skipped with the reason where no CUDA device can be opened.</summary>
+[NonParallelizable]
+public class CudaSelfTests
+{
+    private static CudaDevice? _device;
+
+    public static IEnumerable<TestCaseData> Cases() =>
+        SelfTest.Checks(TestAssets.TryShared("models/ref-llama-25m")).Select(c => new TestCaseData(c.Name).SetName(c.Name));
+
+    [OneTimeSetUp]
+    public void Open()
+    {
+        if (CudaDevice.Unavailable() == null) _device = CudaDevice.Open();
+    }
+
+    [OneTimeTearDown]
+    public void Close() => _device?.Dispose();
+
+    [TestCaseSource(nameof(Cases))]
+    public void Check(string name)
+    {
+        if (_device == null) Assert.Ignore($"no CUDA device: {CudaDevice.Unavailable()}");
+        var check = SelfTest.Checks(TestAssets.TryShared("models/ref-llama-25m")).Single(c => c.Name == name);
+        var r = SelfTest.Run(_device, [check]).Single();
+        Assert.That(r.Passed, r.Detail);
+    }
+}
+
+public class DeviceSelectionTests
+{
+    [Test]
+    public void Cuda_WithoutAUsableDevice_SaysWhy_AndAutoFallsBackToCpu()
+    {
+        if (CudaDevice.Unavailable() == null) Assert.Ignore("a CUDA device is present");
+        var e = Assert.Throws<DispNativeException>(() => Devices.Resolve("cuda"))!;
+        Assert.That(e.Message, Does.StartWith("--device cuda: ").And.Contain(CudaDevice.Unavailable()!));
+        Assert.That(Devices.Resolve("auto"), Is.EqualTo("cpu"));
+    }
+
+    [Test]
+    public void DTypes_AreValidated_AndTheCpuRefusesNarrowStorage()
+    {
+        Assert.That(Devices.ParseDType("auto"), Is.Null);
+        Assert.That(Devices.ParseDType("bf16"), Is.EqualTo(Engine.IO.DType.BF16));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.ParseDType("fp8"))!.Message, Does.Contain("'fp8'"));
+        var m = Engine.Models.ModelLoader.Load(TestAssets.WriteTinyModel());
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.Place(m, "cpu", Engine.IO.DType.BF16))!.Message, Does.Contain("computes in f32"));
+        Assert.That(Devices.Place(m, "cpu").Runner, Is.SameAs(m.Model));
+    }
+}
