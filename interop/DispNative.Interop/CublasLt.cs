@@ -14,7 +14,7 @@ public static unsafe class CublasLt
     internal const int ComputeType32F = 68;          // CUBLAS_COMPUTE_32F
     private const int DescTransA = 3, DescTransB = 4;  // CUBLASLT_MATMUL_DESC_TRANSA / TRANSB
     private const int LayoutBatchCount = 5, LayoutStridedBatchOffset = 6;
-    private const int PrefMaxWorkspaceBytes = 1;
+    private const int PrefMaxWorkspaceBytes = 1, PrefMinAlignmentA = 5; // A..D alignment attributes are 5..8
 
     /// <summary>cublasLtMatmulHeuristicResult_t: algo (8 × uint64), workspaceSize, state, wavesCount, reserved[4].</summary>
     [StructLayout(LayoutKind.Sequential)]
@@ -92,7 +92,8 @@ public static unsafe class CublasLt
         public long WorkspaceBytes => (long)_algo.WorkspaceSize;
 
         public MatmulPlan(CublasLtHandle handle, int m, int n, int k, CudaDataType ab, CudaDataType cd,
-            long workspaceLimit, int batch = 1, long strideA = 0, long strideB = 0, long strideC = 0, int lda = 0, int ldb = 0, int ldc = 0)
+            long workspaceLimit, int batch = 1, long strideA = 0, long strideB = 0, long strideC = 0, int lda = 0, int ldb = 0, int ldc = 0,
+            uint alignmentBytes = 256)
         {
             lda = lda == 0 ? k : lda; ldb = ldb == 0 ? k : ldb; ldc = ldc == 0 ? n : ldc;
             try
@@ -108,6 +109,9 @@ public static unsafe class CublasLt
                 nint pref; Check(A.cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"); _pref = pref;
                 ulong ws = (ulong)workspaceLimit;
                 Check(A.cublasLtMatmulPreferenceSetAttribute(_pref, PrefMaxWorkspaceBytes, &ws, sizeof(ulong)), "cublasLtMatmulPreferenceSetAttribute");
+                // Pointers into the middle of a buffer (a row offset) may be less aligned than the 256 bytes assumed by default.
+                for (int attr = PrefMinAlignmentA; attr < PrefMinAlignmentA + 4; attr++)
+                    Check(A.cublasLtMatmulPreferenceSetAttribute(_pref, attr, &alignmentBytes, sizeof(uint)), "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
                 HeuristicResult r; int found = 0;
                 Check(A.cublasLtMatmulAlgoGetHeuristic(handle.DangerousGetHandle(), _desc, _a, _b, _c, _c, _pref, 1, &r, &found), "cublasLtMatmulAlgoGetHeuristic");
                 if (found == 0)

@@ -2,22 +2,32 @@ using System.Diagnostics;
 using System.Runtime.Intrinsics;
 using DispNative.Engine;
 using DispNative.Engine.Cpu;
+using DispNative.Engine.Cuda;
 using DispNative.Engine.Models;
 
 namespace DispNative.KernelBench;
 
 /// <summary>Kernel microbenchmarks. <c>cpu</c>: GEMM (naive baseline vs tuned, same run) against the machine's
-/// theoretical fp32 peak, and the CPU forward pass in tokens/s.</summary>
+/// theoretical fp32 peak, and the CPU forward pass in tokens/s. <c>gpu</c>: the CUDA kernels at LLaMA-2-7B shapes
+/// (see <see cref="GpuBench"/>).</summary>
 public static class Program
 {
     public static int Main(string[] args)
     {
         if (args.Length == 0 || args[0] is "-h" or "--help")
         {
-            Console.WriteLine("usage: DispNative.KernelBench cpu [--model DIR] [--tokens N] [--seconds S]");
+            Console.WriteLine("usage: DispNative.KernelBench cpu [--model DIR] [--tokens N] [--seconds S]\n       DispNative.KernelBench gpu [--repeats N]");
             return args.Length == 0 ? 1 : 0;
         }
-        if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu)"); return 1; }
+        if (args[0] == "gpu")
+        {
+            if (!int.TryParse(Arg(args, "--repeats") ?? "20", out int repeats) || repeats < 1)
+            { Console.Error.WriteLine("error: --repeats must be a positive integer"); return 1; }
+            if (CudaDevice.Unavailable() is string reason) { Console.Error.WriteLine($"error: no CUDA device: {reason}"); return 1; }
+            try { GpuBench.Run(repeats); return 0; }
+            catch (DispNativeException e) { Console.Error.WriteLine($"error: {e.Message}"); return 1; }
+        }
+        if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu, gpu)"); return 1; }
         string? model = Arg(args, "--model");
         if (!int.TryParse(Arg(args, "--tokens") ?? "512", out int tokens) || tokens < 1)
         { Console.Error.WriteLine("error: --tokens must be a positive integer"); return 1; }

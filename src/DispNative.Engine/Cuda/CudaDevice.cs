@@ -69,6 +69,7 @@ public sealed unsafe class CudaDevice : IDisposable
     private readonly ConcurrentDictionary<string, nint> _functions = new();
     private readonly Dictionary<string, CublasLt.MatmulPlan> _plans = [];
     private readonly ulong _workspace;
+    private PinnedHostBuffer? _staging;
     private bool _disposed;
 
     public CudaDeviceInfo Info { get; }
@@ -93,8 +94,16 @@ public sealed unsafe class CudaDevice : IDisposable
         Stream = new CudaStreamHandle();
         Allocator = new CachingAllocator(new DriverMemory());
         Compiler = new KernelCompiler(Info.Architecture, kernelCache);
-        Lt = new CublasLtHandle();
-        _workspace = Allocator.Allocate(GemmWorkspaceBytes);
+        try
+        {
+            Lt = new CublasLtHandle();
+            _workspace = Allocator.Allocate(GemmWorkspaceBytes);
+        }
+        catch
+        {
+            Allocator.Dispose(); Stream.Dispose(); _context.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Opens a device; every missing piece (driver, device, NVRTC, cuBLASLt) is a <see cref="DispNativeException"/>
@@ -156,17 +165,20 @@ public sealed unsafe class CudaDevice : IDisposable
         return dst;
     }
 
-    /// <summary>Downloads a tensor as f32 values (waits for the stream).</summary>
+    /// <summary>Downloads a tensor as f32 values through a pinned staging buffer (waits for the stream).</summary>
     public float[] Download(DeviceTensor t)
     {
         MakeCurrent();
         if (t.DType != DType.F32) { using var f = Convert(t, DType.F32); return Download(f); }
-        var r = new float[t.Length];
-        fixed (float* p = r)
+        if (_staging == null || _staging.Bytes < t.Bytes)
         {
-            CudaDriver.CopyDtoH(p, t.Pointer, t.Bytes, Stream.DangerousGetHandle());
-            Stream.Synchronize();
+            _staging?.Dispose();
+            _staging = new PinnedHostBuffer(Math.Max(t.Bytes, 1 << 20));
         }
+        CudaDriver.CopyDtoH(_staging.Pointer, t.Pointer, t.Bytes, Stream.DangerousGetHandle());
+        Stream.Synchronize();
+        var r = new float[t.Length];
+        new ReadOnlySpan<float>(_staging.Pointer, r.Length).CopyTo(r);
         return r;
     }
 
@@ -218,12 +230,13 @@ public sealed unsafe class CudaDevice : IDisposable
         if ((long)m * k > a.Length - offsetA || (long)n * k > b.Length - offsetB || (long)m * n > d.Length - offsetD)
             throw new ArgumentException($"GEMM {m}x{n}x{k} does not fit its buffers");
         MakeCurrent();
-        string key = $"{m},{n},{k},{a.DType},{d.DType}";
-        if (!_plans.TryGetValue(key, out var plan))
-            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes);
         int ea = a.DType.Size(), ed = d.DType.Size();
-        plan.Run(Lt, a.Pointer + (ulong)(offsetA * ea), b.Pointer + (ulong)(offsetB * ea), d.Pointer + (ulong)(offsetD * ed),
-            alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
+        ulong pa = a.Pointer + (ulong)(offsetA * ea), pb = b.Pointer + (ulong)(offsetB * ea), pd = d.Pointer + (ulong)(offsetD * ed);
+        uint align = (uint)Math.Min(256UL, (pa | pb | pd | 256UL) & ~((pa | pb | pd | 256UL) - 1));  // largest power of two dividing all
+        string key = $"{m},{n},{k},{a.DType},{d.DType},{align}";
+        if (!_plans.TryGetValue(key, out var plan))
+            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes, alignmentBytes: align);
+        plan.Run(Lt, pa, pb, pd, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
     }
 
     public void Synchronize() { MakeCurrent(); Stream.Synchronize(); }
@@ -252,6 +265,7 @@ public sealed unsafe class CudaDevice : IDisposable
         Allocator.Release(_workspace);
         Allocator.Dispose();
         foreach (var m in _modules.Values) m.Dispose();
+        _staging?.Dispose();
         Stream.Dispose();
         _context.Dispose();
     }
