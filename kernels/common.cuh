@@ -26,42 +26,33 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float v)
 
 #define NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float warp_sum(float v)
+struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };
+struct MaxOp { __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op)
 {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v)
-{
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v)
+// Reduction over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+template <typename Op> __device__ __forceinline__ float block_reduce(float v, Op op, float identity)
 {
     __shared__ float partial[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
+    v = warp_reduce(v, op);
+    __syncthreads();   // partial[] may still be read by a previous reduction
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    v = lane < warps ? partial[lane] : 0.f;
-    return warp_sum(v);
+    v = lane < warps ? partial[lane] : identity;
+    return warp_reduce(v, op);
 }
 
-__device__ __forceinline__ float block_max(float v)
-{
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : NEG_INF;
-    return warp_max(v);
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp(), 0.f); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp(), NEG_INF); }
 
 // Declares one extern "C" entry point per storage type: NAME_f32, NAME_bf16, NAME_f16.
 #define FOR_EACH_STORAGE(MACRO) MACRO(float, f32) MACRO(bf16, bf16) MACRO(f16, f16)

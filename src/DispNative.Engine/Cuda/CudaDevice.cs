@@ -212,6 +212,7 @@ public sealed unsafe class CudaDevice : IDisposable
         params ReadOnlySpan<KernelArg> args)
     {
         nint fn = Function(kernel, entry);
+        MakeCurrent();   // the caller may be on a thread that has not used this device yet
         ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
         for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
