@@ -62,6 +62,21 @@ public class CliTests
     }
 
     [Test]
+    public void SelfTest_WithoutACudaDevice_SaysWhy_AndChecksItsReferenceModel()
+    {
+        if (Engine.Cuda.CudaDevice.Unavailable() is not string reason) { Assert.Ignore("a CUDA device is present"); return; }
+        var (code, _, stderr) = Run("selftest");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.StartWith("error: --device cuda: ").And.Contain(reason));
+        (code, _, stderr) = Run("selftest", "--device", "auto");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("selftest checks the CUDA backend").And.Contain(reason));
+        (code, _, stderr) = Run("selftest", "--reference-model", TestAssets.TempDir());
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("has no golden.json"));
+    }
+
+    [Test]
     public void CudaDevice_WithoutADriver_SaysWhy()
     {
         var dir = TestAssets.WriteTinyModel();
