@@ -5,15 +5,12 @@ namespace DispNative.Interop;
 /// <summary>Device attributes used by the engine (CUdevice_attribute values).</summary>
 public enum CuDeviceAttribute
 {
-    MaxThreadsPerBlock = 1,
-    MaxSharedMemoryPerBlock = 8,
     ClockRateKHz = 13,
     MultiprocessorCount = 16,
     MemoryClockRateKHz = 36,
     GlobalMemoryBusWidth = 37,
     ComputeCapabilityMajor = 75,
     ComputeCapabilityMinor = 76,
-    MaxSharedMemoryPerBlockOptin = 97,
 }
 
 /// <summary>Thin, checked bindings to the CUDA driver API (libcuda.so.1 / nvcuda.dll) through function pointers.
@@ -22,8 +19,6 @@ public static unsafe class CudaDriver
 {
     private static readonly Lazy<Api> Lazy = new(() => new Api(), LazyThreadSafetyMode.ExecutionAndPublication);
     private static Api A => Lazy.Value;
-
-    public const int FuncAttributeMaxDynamicSharedSizeBytes = 8;
 
     private sealed class Api
     {
@@ -37,8 +32,6 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint*, int, int> cuDevicePrimaryCtxRetain;
         public readonly delegate* unmanaged<int, int> cuDevicePrimaryCtxRelease;
         public readonly delegate* unmanaged<nint, int> cuCtxSetCurrent;
-        public readonly delegate* unmanaged<int> cuCtxSynchronize;
-        public readonly delegate* unmanaged<nuint*, nuint*, int> cuMemGetInfo;
         public readonly delegate* unmanaged<ulong*, nuint, int> cuMemAlloc;
         public readonly delegate* unmanaged<ulong, int> cuMemFree;
         public readonly delegate* unmanaged<void**, nuint, int> cuMemAllocHost;
@@ -58,16 +51,13 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint*, void*, int> cuModuleLoadData;
         public readonly delegate* unmanaged<nint, int> cuModuleUnload;
         public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
-        public readonly delegate* unmanaged<nint, int, int, int> cuFuncSetAttribute;
         public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
         public readonly delegate* unmanaged<int, byte**, int> cuGetErrorName;
         public readonly delegate* unmanaged<int, byte**, int> cuGetErrorString;
-        public readonly string LibraryName;
 
         public Api()
         {
             var lib = NativeLibraryHandle.Load("cuda", OperatingSystem.IsWindows() ? ["nvcuda.dll"] : ["libcuda.so.1", "libcuda.so"]);
-            LibraryName = lib.Name;
             cuInit = (delegate* unmanaged<uint, int>)lib.Export("cuInit");
             cuDriverGetVersion = (delegate* unmanaged<int*, int>)lib.Export("cuDriverGetVersion");
             cuDeviceGetCount = (delegate* unmanaged<int*, int>)lib.Export("cuDeviceGetCount");
@@ -78,8 +68,6 @@ public static unsafe class CudaDriver
             cuDevicePrimaryCtxRetain = (delegate* unmanaged<nint*, int, int>)lib.Export("cuDevicePrimaryCtxRetain");
             cuDevicePrimaryCtxRelease = (delegate* unmanaged<int, int>)lib.Export("cuDevicePrimaryCtxRelease_v2");
             cuCtxSetCurrent = (delegate* unmanaged<nint, int>)lib.Export("cuCtxSetCurrent");
-            cuCtxSynchronize = (delegate* unmanaged<int>)lib.Export("cuCtxSynchronize");
-            cuMemGetInfo = (delegate* unmanaged<nuint*, nuint*, int>)lib.Export("cuMemGetInfo_v2");
             cuMemAlloc = (delegate* unmanaged<ulong*, nuint, int>)lib.Export("cuMemAlloc_v2");
             cuMemFree = (delegate* unmanaged<ulong, int>)lib.Export("cuMemFree_v2");
             cuMemAllocHost = (delegate* unmanaged<void**, nuint, int>)lib.Export("cuMemAllocHost_v2");
@@ -99,14 +87,11 @@ public static unsafe class CudaDriver
             cuModuleLoadData = (delegate* unmanaged<nint*, void*, int>)lib.Export("cuModuleLoadData");
             cuModuleUnload = (delegate* unmanaged<nint, int>)lib.Export("cuModuleUnload");
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)lib.Export("cuModuleGetFunction");
-            cuFuncSetAttribute = (delegate* unmanaged<nint, int, int, int>)lib.Export("cuFuncSetAttribute");
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
             cuGetErrorName = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorName");
             cuGetErrorString = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorString");
         }
     }
-
-    public static string LibraryName => A.LibraryName;
 
     internal static void Check(int rc, string function)
     {
@@ -146,9 +131,6 @@ public static unsafe class CudaDriver
     public static nint PrimaryContextRetain(int device) { nint c; Check(A.cuDevicePrimaryCtxRetain(&c, device), "cuDevicePrimaryCtxRetain"); return c; }
     internal static int PrimaryContextRelease(int device) => A.cuDevicePrimaryCtxRelease(device);
     public static void SetCurrent(nint context) => Check(A.cuCtxSetCurrent(context), "cuCtxSetCurrent");
-    public static void Synchronize() => Check(A.cuCtxSynchronize(), "cuCtxSynchronize");
-
-    public static (long Free, long Total) MemoryInfo() { nuint f, t; Check(A.cuMemGetInfo(&f, &t), "cuMemGetInfo"); return ((long)f, (long)t); }
 
     /// <summary>cuMemAlloc; returns 0 (instead of throwing) when the device is out of memory.</summary>
     public static ulong TryAlloc(long bytes)
@@ -195,8 +177,6 @@ public static unsafe class CudaDriver
         fixed (byte* p = bytes) Check(A.cuModuleGetFunction(&f, module, p), $"cuModuleGetFunction({name})");
         return f;
     }
-
-    public static void FuncSetAttribute(nint function, int attribute, int value) => Check(A.cuFuncSetAttribute(function, attribute, value), "cuFuncSetAttribute");
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
         => Check(A.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args, null), $"cuLaunchKernel({name})");

@@ -49,6 +49,5 @@ public sealed unsafe class PinnedHostBuffer : SafeHandle
     public PinnedHostBuffer(long bytes) : base(0, true) { Bytes = bytes; SetHandle((nint)CudaDriver.AllocHost(bytes)); }
     public override bool IsInvalid => handle == 0;
     public void* Pointer => (void*)handle;
-    public Span<T> AsSpan<T>() where T : unmanaged => new((void*)handle, checked((int)(Bytes / sizeof(T))));
     protected override bool ReleaseHandle() => CudaDriver.FreeHost((void*)handle) == 0;
 }

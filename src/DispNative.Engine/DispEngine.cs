@@ -64,10 +64,7 @@ public sealed class DispEngine : IDisposable
         var ids = m.EncodeForScoring(text);
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
         cancellationToken.ThrowIfCancellationRequested();
-        var cache = m.Runner.NewCache(ids.Length);
-        float[] logits;
-        using (cache as IDisposable) logits = m.Runner.Forward(ids, cache);
-        return (-Evaluation.Perplexity.BlockNll(logits, ids, m.Config.VocabSize), ids.Length - 1);
+        return (-Evaluation.Perplexity.BlockNll(m.Runner.Logits(ids), ids, m.Config.VocabSize), ids.Length - 1);
     }
 
     /// <summary>Perplexity with the DISP-LLM/SliceGPT protocol (see <see cref="Evaluation.Perplexity"/>).</summary>

@@ -44,8 +44,8 @@ public static class SelfTest
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("mask columns and gradient (rows 13, width 301)", MaskColumns),
-            new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32, 1e-5)),
-            new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16, 1e-2)),
+            new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32)),
+            new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
         };
@@ -66,8 +66,7 @@ public static class SelfTest
             CheckResult r;
             try { r = new CheckResult(check.Name, true, check.Run(device)); }
             catch (Mismatch e) { r = new CheckResult(check.Name, false, e.Message); }
-            catch (Exception e) when (e is DispNativeException or Interop.CudaException or Interop.NvrtcCompileException or ArgumentException)
-            { r = new CheckResult(check.Name, false, $"{e.GetType().Name}: {e.Message}"); }
+            catch (Exception e) { r = new CheckResult(check.Name, false, $"{e.GetType().Name}: {e.Message}"); }
             results.Add(r);
             report?.Invoke(r);
         }
@@ -322,7 +321,9 @@ public static class SelfTest
         return Compare(dev.Download(ty), wantY, 1e-6, "masked rel err") + "; " + Compare(dev.Download(dm), wantDm, 1e-5, "grad rel err");
     }
 
-    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, double tol)
+    /// <summary>Inputs are rounded to the storage type first, so with f32 accumulation both types must match the
+    /// CPU to summation-order error.</summary>
+    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype)
     {
         var rng = new Rng(13);
         var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k));
@@ -331,7 +332,7 @@ public static class SelfTest
         dev.Gemm(ta, tb, c, m, n, k);
         var want = new float[m * n];
         Cpu.Gemm.MatMulT(a, b, want, m, n, k);
-        return Compare(dev.Download(c), want, dtype == DType.F32 ? tol : 1e-5);
+        return Compare(dev.Download(c), want, 1e-5);
     }
 
     // ---- whole model ----

@@ -37,10 +37,7 @@ public static class Perplexity
         {
             cancellationToken.ThrowIfCancellationRequested();
             var block = blocks[b];
-            var cache = model.NewCache(block.Length);
-            float[] logits;
-            using (cache as IDisposable) logits = model.Forward(block, cache);
-            nll += BlockNll(logits, block, vocab);
+            nll += BlockNll(model.Logits(block), block, vocab);
             scored += block.Length - 1;
             progress?.Report(new PerplexityProgress(b + 1, blocks.Count, scored, Math.Exp(nll / scored)));
         }

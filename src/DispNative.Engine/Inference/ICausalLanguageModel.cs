@@ -25,3 +25,13 @@ public interface ICausalLanguageModel
     /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>
     float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false);
 }
+
+public static class CausalLanguageModelExtensions
+{
+    /// <summary>Logits [tokens, vocab] of <paramref name="tokens"/> as a new sequence (its cache released after).</summary>
+    public static float[] Logits(this ICausalLanguageModel model, int[] tokens)
+    {
+        var cache = model.NewCache(tokens.Length);
+        using (cache as IDisposable) return model.Forward(tokens, cache);
+    }
+}

@@ -71,9 +71,10 @@ public static class PruneJob
 
         // Training runs on the CPU reference; evaluation on the chosen device, in the saved storage type on CUDA.
         PerplexityResult denseEval, prunedEval;
-        using (var onDevice = Devices.Place(dense, device, device == "cuda" ? dtype : null))
+        DType? evalDType = device == "cuda" ? dtype : null;
+        using (var onDevice = Devices.Place(dense, device, evalDType))
             denseEval = Evaluate("evaluate dense", onDevice, evaluationFiles, o, progress, cancellationToken);
-        using (var onDevice = Devices.Place(pruned, device, device == "cuda" ? dtype : null))
+        using (var onDevice = Devices.Place(pruned, device, evalDType))
             prunedEval = Evaluate("evaluate pruned", onDevice, evaluationFiles, o, progress, cancellationToken);
 
         var dc = dense.Config.ParameterCounts();
