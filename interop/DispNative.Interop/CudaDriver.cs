@@ -39,7 +39,6 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<ulong, void*, nuint, nint, int> cuMemcpyHtoDAsync;
         public readonly delegate* unmanaged<void*, ulong, nuint, nint, int> cuMemcpyDtoHAsync;
         public readonly delegate* unmanaged<ulong, ulong, nuint, nint, int> cuMemcpyDtoDAsync;
-        public readonly delegate* unmanaged<ulong, byte, nuint, nint, int> cuMemsetD8Async;
         public readonly delegate* unmanaged<nint*, uint, int> cuStreamCreate;
         public readonly delegate* unmanaged<nint, int> cuStreamDestroy;
         public readonly delegate* unmanaged<nint, int> cuStreamSynchronize;
@@ -75,7 +74,6 @@ public static unsafe class CudaDriver
             cuMemcpyHtoDAsync = (delegate* unmanaged<ulong, void*, nuint, nint, int>)lib.Export("cuMemcpyHtoDAsync_v2");
             cuMemcpyDtoHAsync = (delegate* unmanaged<void*, ulong, nuint, nint, int>)lib.Export("cuMemcpyDtoHAsync_v2");
             cuMemcpyDtoDAsync = (delegate* unmanaged<ulong, ulong, nuint, nint, int>)lib.Export("cuMemcpyDtoDAsync_v2");
-            cuMemsetD8Async = (delegate* unmanaged<ulong, byte, nuint, nint, int>)lib.Export("cuMemsetD8Async");
             cuStreamCreate = (delegate* unmanaged<nint*, uint, int>)lib.Export("cuStreamCreate");
             cuStreamDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuStreamDestroy_v2");
             cuStreamSynchronize = (delegate* unmanaged<nint, int>)lib.Export("cuStreamSynchronize");
@@ -149,7 +147,6 @@ public static unsafe class CudaDriver
     public static void CopyHtoD(ulong dst, void* src, long bytes, nint stream) => Check(A.cuMemcpyHtoDAsync(dst, src, (nuint)bytes, stream), "cuMemcpyHtoDAsync");
     public static void CopyDtoH(void* dst, ulong src, long bytes, nint stream) => Check(A.cuMemcpyDtoHAsync(dst, src, (nuint)bytes, stream), "cuMemcpyDtoHAsync");
     public static void CopyDtoD(ulong dst, ulong src, long bytes, nint stream) => Check(A.cuMemcpyDtoDAsync(dst, src, (nuint)bytes, stream), "cuMemcpyDtoDAsync");
-    public static void MemsetZero(ulong dst, long bytes, nint stream) => Check(A.cuMemsetD8Async(dst, 0, (nuint)bytes, stream), "cuMemsetD8Async");
 
     public static nint StreamCreate(bool nonBlocking) { nint s; Check(A.cuStreamCreate(&s, nonBlocking ? 1u : 0u), "cuStreamCreate"); return s; }
     internal static int StreamDestroy(nint s) => A.cuStreamDestroy(s);

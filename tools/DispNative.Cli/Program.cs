@@ -45,6 +45,9 @@ public static class Program
         catch (DispNativeException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
         catch (IOException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
         catch (UnauthorizedAccessException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (DispNative.Interop.CudaOutOfMemoryException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (DispNative.Interop.CudaException e) { stderr.WriteLine($"error: CUDA: {e.Message}"); return 1; }
+        catch (DispNative.Interop.NvrtcCompileException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
         catch (OperationCanceledException) { stderr.WriteLine("cancelled"); return 130; }
     }
 

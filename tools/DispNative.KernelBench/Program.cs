@@ -25,7 +25,8 @@ public static class Program
             { Console.Error.WriteLine("error: --repeats must be a positive integer"); return 1; }
             if (CudaDevice.Unavailable() is string reason) { Console.Error.WriteLine($"error: no CUDA device: {reason}"); return 1; }
             try { GpuBench.Run(repeats); return 0; }
-            catch (DispNativeException e) { Console.Error.WriteLine($"error: {e.Message}"); return 1; }
+            catch (Exception e) when (e is DispNativeException or Interop.CudaException or Interop.CudaOutOfMemoryException or Interop.NvrtcCompileException)
+            { Console.Error.WriteLine($"error: {e.Message}"); return 1; }
         }
         if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu, gpu)"); return 1; }
         string? model = Arg(args, "--model");

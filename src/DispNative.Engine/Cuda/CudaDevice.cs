@@ -128,13 +128,6 @@ public sealed unsafe class CudaDevice : IDisposable
 
     public DeviceTensor Allocate(DType dtype, long length) { MakeCurrent(); return new DeviceTensor(this, dtype, length); }
 
-    public DeviceTensor Zeros(DType dtype, long length)
-    {
-        var t = Allocate(dtype, length);
-        CudaDriver.MemsetZero(t.Pointer, t.Bytes, Stream.DangerousGetHandle());
-        return t;
-    }
-
     /// <summary>Uploads f32 values and stores them as <paramref name="dtype"/> (narrowed on the device).</summary>
     public DeviceTensor Upload(ReadOnlySpan<float> values, DType dtype = DType.F32)
     {
