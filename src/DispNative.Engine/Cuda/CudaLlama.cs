@@ -62,7 +62,6 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     public ModelConfig Config { get; }
     public DType DType { get; }
-    public CudaDevice Device => _device;
     public string DeviceName => $"cuda:{_device.Info.Ordinal} {DType.ToString().ToLowerInvariant()}";
 
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
