@@ -98,8 +98,11 @@ internal static class GpuBench
         using var vc = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);
         using var o = dev.Allocate(DType.BF16, (long)T * Heads * HeadDim);
         double causalFlops = 2.0 * 2 * Heads * HeadDim * T * (T + 1) / 2;
-        double attn = Flops($"attention prefill bf16 (T {T}, 32 heads, head_dim 128, causal)", causalFlops,
+        double simt = Flops($"attention prefill bf16 SIMT, naive (T {T}, 32 heads, head_dim 128, causal)", causalFlops,
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, tensorCores: false));
+        double attn = Flops($"attention prefill bf16 tensor cores (same shape)", causalFlops,
             () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null));
+        Console.WriteLine($"{"tensor cores vs SIMT",-58} {"",8} {attn / simt,12:F2} x");
         // The same FLOPs as plain GEMMs: per head S = Q·Kᵀ [T,T,hd] and O = P·V [T,hd,T], batched over heads.
         using var s = dev.Allocate(DType.BF16, (long)Heads * T * T);
         using var qkPlan = new CublasLt.MatmulPlan(dev.Lt, T, T, HeadDim, CudaDataType.R16BF, CudaDataType.R16BF, CudaDevice.GemmWorkspaceBytes,
@@ -113,7 +116,7 @@ internal static class GpuBench
             qkPlan.Run(dev.Lt, q.Pointer, kc.Pointer, s.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
-        Console.WriteLine($"{"attention prefill vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
+        Console.WriteLine($"{"attention prefill (tensor cores) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
         Bandwidth($"attention decode bf16 (position {T - 1}, KV read)", 2.0 * T * Heads * HeadDim * 2,
             () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null));
         var st = dev.Allocator.Stats;

@@ -8,7 +8,7 @@ namespace DispNative.Engine.Cuda;
 public sealed class CudaOps(CudaDevice device)
 {
     public const int MaxHeadDim = 128;
-    private const int PrefillWarps = 8, DecodeWarps = 4;
+    private const int PrefillWarps = 8, DecodeWarps = 4, TensorCoreWarps = 4, TensorCoreRows = TensorCoreWarps * 16;
     public CudaDevice Device { get; } = device;
 
     private static void Need(DeviceTensor t, long elements, string what)
@@ -71,10 +71,11 @@ public sealed class CudaOps(CudaDevice device)
     public void Gelu(DeviceTensor input, DeviceTensor output, long n)
         => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", CudaDevice.GridFor(n), 256, 0, input, output, n);
 
-    /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache; the
-    /// decode kernel for one query, the tiled flash-style kernel otherwise.</summary>
+    /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache: the
+    /// decode kernel for one query; for more, the tensor-core kernel (bf16/f16, head_dim 64 or 128) unless
+    /// <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel.</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
-        int heads, int kvHeads, int headDim, int? window)
+        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true)
     {
         if (headDim > MaxHeadDim) throw new DispNativeException($"head_dim {headDim} is above the CUDA attention kernel's limit {MaxHeadDim}");
         if (heads % kvHeads != 0) throw new DispNativeException($"{heads} heads are not a multiple of {kvHeads} KV heads");
@@ -84,10 +85,16 @@ public sealed class CudaOps(CudaDevice device)
         if (tq == 1)
             Device.Launch("attention", $"attention_decode_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale);
+        else if (tensorCores && UsesTensorCores(q.DType, headDim))
+            Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
+                (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, tq, start, heads, kvHeads, w, scale);
         else
             Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, tq, start, heads, kvHeads, headDim, w, scale);
     }
+
+    /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
+    public static bool UsesTensorCores(DType dtype, int headDim) => (dtype is DType.BF16 or DType.F16) && (headDim is 64 or 128);
 
     /// <summary>Per-row softmax cross-entropy over f32 logits; dlogits (optional) = (softmax − onehot)·gradScale.</summary>
     public void CrossEntropy(DeviceTensor logits, DeviceTensor targets, DeviceTensor loss, DeviceTensor? dlogits, int rows, int vocab, float gradScale)

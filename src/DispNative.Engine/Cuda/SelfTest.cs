@@ -40,7 +40,10 @@ public static class SelfTest
             new("attention prefill f32 (t 9 after 20, heads 4/4, head_dim 48)", dev => Attention(dev, 9, 20, 4, 4, 48, null)),
             new("attention prefill f32 sliding window 16 (t 70)", dev => Attention(dev, 70, 0, 4, 1, 32, 16)),
             new("attention decode f32 (position 150, heads 8/2, head_dim 128)", dev => Attention(dev, 1, 150, 8, 2, 128, null)),
-            new("attention prefill bf16 (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
+            new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, tensorCores: false)),
+            new("attention prefill bf16 tensor cores (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
+            new("attention prefill f16 tensor cores (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16)),
+            new("attention prefill bf16 tensor cores sliding window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16)),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("mask columns and gradient (rows 13, width 301)", MaskColumns),
@@ -239,7 +242,8 @@ public static class SelfTest
         return Compare(dev.Download(ty), want, 1e-6);
     }
 
-    private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32)
+    private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
+        bool tensorCores = true)
     {
         var rng = new Rng(9);
         int total = start + tq, qd = heads * hd, kvd = kvHeads * hd;
@@ -248,7 +252,7 @@ public static class SelfTest
         var v = RoundTo(dtype, Random(rng, total * kvd));
         using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
         using var o = dev.Allocate(dtype, tq * qd);
-        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window);
+        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, tensorCores);
         var want = new float[tq * qd];
         CpuOps.Attention(q, k, v, want, tq, start, heads, kvHeads, hd, window);
         return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
