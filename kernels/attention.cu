@@ -1,6 +1,7 @@
 // Causal attention with grouped-query heads against a KV cache ([capacity, kv_heads * head_dim] per tensor).
 // Query row t of a call has absolute position start + t and sees keys first..start + t, where first is 0 or, with
 // a sliding window w > 0, start + t - w + 1. Scores never exist as a [T, T] matrix: online softmax (flash style).
+// Decode and kv_append take the position from device memory when `position` is not null (CUDA graph replay).
 #include "common.cuh"
 
 #define MAX_HEAD_DIM 128
@@ -86,8 +87,9 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
 // Warps take interleaved tiles of 32 keys with their own online-softmax state, merged at the end.
 template <typename T>
 __device__ void attention_decode(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, int start, int heads, int kv_heads, int head_dim, int window, float scale)
+    T* __restrict__ out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
+    if (position) start = *position;
     __shared__ float qs[MAX_HEAD_DIM];
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
     __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
@@ -148,9 +150,21 @@ __device__ void attention_decode(const T* __restrict__ q, const T* __restrict__ 
     }
 }
 
+// Appends rows of k and v ([rows, kv_dim]) to the caches at row start. Grid (rows), block 256.
+template <typename T>
+__device__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc,
+    int kv_dim, int start, const int* position)
+{
+    if (position) start = *position;
+    long long src = (long long)blockIdx.x * kv_dim, dst = (long long)(start + (int)blockIdx.x) * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) { kc[dst + i] = k[src + i]; vc[dst + i] = v[src + i]; }
+}
+
 #define ATTENTION(T, S) \
     extern "C" __global__ void attention_prefill_##S(const T* q, const T* kc, const T* vc, T* out, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale) \
     { attention_prefill<T>(q, kc, vc, out, tq, start, heads, kv_heads, head_dim, window, scale); } \
-    extern "C" __global__ void attention_decode_##S(const T* q, const T* kc, const T* vc, T* out, int start, int heads, int kv_heads, int head_dim, int window, float scale) \
-    { attention_decode<T>(q, kc, vc, out, start, heads, kv_heads, head_dim, window, scale); }
+    extern "C" __global__ void attention_decode_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_decode<T>(q, kc, vc, out, start, position, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void kv_append_##S(const T* k, const T* v, T* kc, T* vc, int kv_dim, int start, const int* position) \
+    { kv_append<T>(k, v, kc, vc, kv_dim, start, position); }
 FOR_EACH_STORAGE(ATTENTION)

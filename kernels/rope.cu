@@ -1,10 +1,12 @@
 // Rotary position embedding, half rotation (pairs i and i + head_dim/2), in place on q or k.
-// Row r has absolute position start + r; angle = position * inv_freq[i] in f32, as on the CPU.
+// Row r has absolute position start + r (start read from device memory when position is not null, so a captured
+// CUDA graph can replay it); angle = position * inv_freq[i] in f32, as on the CPU.
 #include "common.cuh"
 
 template <typename T>
-__device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int heads, int head_dim, int start)
+__device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position)
 {
+    if (position) start = *position;
     int half = head_dim / 2;
     float pos = (float)(start + (int)blockIdx.x);
     T* row = x + (long long)blockIdx.x * heads * head_dim;
@@ -21,5 +23,6 @@ __device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int 
 }
 
 #define ROPE(T, S) \
-    extern "C" __global__ void rope_##S(T* x, const float* inv_freq, int heads, int head_dim, int start) { rope<T>(x, inv_freq, heads, head_dim, start); }
+    extern "C" __global__ void rope_##S(T* x, const float* inv_freq, int heads, int head_dim, int start, const int* position) \
+    { rope<T>(x, inv_freq, heads, head_dim, start, position); }
 FOR_EACH_STORAGE(ROPE)

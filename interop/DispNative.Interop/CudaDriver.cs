@@ -51,6 +51,12 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint, int> cuModuleUnload;
         public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
         public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
+        public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
+        public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
+        public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
+        public readonly delegate* unmanaged<nint, nint, int> cuGraphLaunch;
+        public readonly delegate* unmanaged<nint, int> cuGraphExecDestroy;
+        public readonly delegate* unmanaged<nint, int> cuGraphDestroy;
         public readonly delegate* unmanaged<int, byte**, int> cuGetErrorName;
         public readonly delegate* unmanaged<int, byte**, int> cuGetErrorString;
 
@@ -86,6 +92,12 @@ public static unsafe class CudaDriver
             cuModuleUnload = (delegate* unmanaged<nint, int>)lib.Export("cuModuleUnload");
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)lib.Export("cuModuleGetFunction");
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
+            cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
+            cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
+            cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
+            cuGraphLaunch = (delegate* unmanaged<nint, nint, int>)lib.Export("cuGraphLaunch");
+            cuGraphExecDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuGraphExecDestroy");
+            cuGraphDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuGraphDestroy");
             cuGetErrorName = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorName");
             cuGetErrorString = (delegate* unmanaged<int, byte**, int>)lib.Export("cuGetErrorString");
         }
@@ -177,4 +189,31 @@ public static unsafe class CudaDriver
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
         => Check(A.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args, null), $"cuLaunchKernel({name})");
+
+    /// <summary>Records what <paramref name="enqueue"/> puts on <paramref name="stream"/> (nothing runs) and instantiates it
+    /// as an executable graph. Relaxed capture mode: host-side calls stay allowed; buffers must outlive the graph.</summary>
+    public static nint CaptureGraph(nint stream, Action enqueue)
+    {
+        const int relaxed = 2;
+        Check(A.cuStreamBeginCapture(stream, relaxed), "cuStreamBeginCapture");
+        nint graph = 0;
+        try { enqueue(); }
+        catch
+        {
+            A.cuStreamEndCapture(stream, &graph);   // leave the stream usable; the first error is the one to report
+            if (graph != 0) A.cuGraphDestroy(graph);
+            throw;
+        }
+        Check(A.cuStreamEndCapture(stream, &graph), "cuStreamEndCapture");
+        try
+        {
+            nint exec;
+            Check(A.cuGraphInstantiateWithFlags(&exec, graph, 0), "cuGraphInstantiateWithFlags");
+            return exec;
+        }
+        finally { A.cuGraphDestroy(graph); }
+    }
+
+    public static void GraphLaunch(nint exec, nint stream) => Check(A.cuGraphLaunch(exec, stream), "cuGraphLaunch");
+    internal static int GraphExecDestroy(nint exec) => A.cuGraphExecDestroy(exec);
 }

@@ -51,3 +51,13 @@ public sealed unsafe class PinnedHostBuffer : SafeHandle
     public void* Pointer => (void*)handle;
     protected override bool ReleaseHandle() => CudaDriver.FreeHost((void*)handle) == 0;
 }
+
+/// <summary>An executable CUDA graph captured from a stream (<see cref="CudaDriver.CaptureGraph"/>).</summary>
+public sealed class CudaGraphHandle : SafeHandle
+{
+    public CudaGraphHandle(CudaStreamHandle stream, Action enqueue) : base(0, true)
+        => SetHandle(CudaDriver.CaptureGraph(stream.DangerousGetHandle(), enqueue));
+    public override bool IsInvalid => handle == 0;
+    public void Launch(CudaStreamHandle stream) => CudaDriver.GraphLaunch(handle, stream.DangerousGetHandle());
+    protected override bool ReleaseHandle() => CudaDriver.GraphExecDestroy(handle) == 0;
+}

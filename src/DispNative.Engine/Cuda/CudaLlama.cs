@@ -30,10 +30,14 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
         catch { Dispose(); throw; }
     }
 
+    /// <summary>The captured single-token decode step for this cache (its buffers and K/V pointers are baked in).</summary>
+    internal CudaLlama.DecodeGraph? Graph { get; set; }
+
     public void Reset() => Length = 0;
 
     public void Dispose()
     {
+        Graph?.Dispose();
         foreach (var t in K) t?.Dispose();
         foreach (var t in V) t?.Dispose();
     }
@@ -100,6 +104,52 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         device.Synchronize();
     }
 
+    /// <summary>Replay single-token decode steps as one captured CUDA graph per cache (removes the per-kernel launch
+    /// cost); off runs every step eagerly. The two give the same logits.</summary>
+    public bool UseCudaGraphs { get; set; } = true;
+
+    /// <summary>Activations of one forward call of <c>Rows</c> tokens (logits for the last <c>LogitRows</c>).</summary>
+    internal sealed class Activations : IDisposable
+    {
+        public readonly int Rows, LogitRows;
+        public readonly DeviceTensor Tokens, X, H, Q, K, V, Att, Gate, Up, Delta, Logits;
+
+        public Activations(CudaDevice d, ModelConfig c, DType dtype, int rows, int logitRows)
+        {
+            (Rows, LogitRows) = (rows, logitRows);
+            var all = new List<DeviceTensor>();
+            DeviceTensor A(DType t, long n) { var x = d.Allocate(t, n); all.Add(x); return x; }
+            try
+            {
+                Tokens = A(DType.I32, rows);
+                X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * c.HiddenSize);
+                Q = A(dtype, (long)rows * c.QDim); K = A(dtype, (long)rows * c.KvDim); V = A(dtype, (long)rows * c.KvDim);
+                Att = A(dtype, (long)rows * c.QDim);
+                Gate = A(dtype, (long)rows * c.IntermediateSize); Up = A(dtype, (long)rows * c.IntermediateSize);
+                Delta = A(DType.F32, (long)rows * c.HiddenSize);
+                Logits = A(DType.F32, (long)logitRows * c.VocabSize);
+            }
+            catch { foreach (var x in all) x.Dispose(); throw; }
+        }
+
+        public void Dispose()
+        {
+            foreach (var t in new[] { Tokens, X, H, Q, K, V, Att, Gate, Up, Delta, Logits }) t?.Dispose();
+        }
+    }
+
+    /// <summary>A captured decode step: its activations, the device-held token and position it reads, pinned staging
+    /// for them, and the executable graph.</summary>
+    internal sealed class DecodeGraph(Activations act, DeviceTensor position, PinnedHostBuffer staging) : IDisposable
+    {
+        public Activations Act { get; } = act;
+        public DeviceTensor Position { get; } = position;
+        public PinnedHostBuffer Staging { get; } = staging;
+        public CudaGraphHandle? Exec { get; set; }
+
+        public void Dispose() { Exec?.Dispose(); Act.Dispose(); Position.Dispose(); Staging.Dispose(); }
+    }
+
     IInferenceCache ICausalLanguageModel.NewCache(int capacity) => NewCache(capacity);
 
     public CudaKvCache NewCache(int capacity) => new(_device, Config, DType, capacity);
@@ -120,51 +170,87 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             if ((uint)t >= (uint)c.VocabSize) throw new DispNativeException($"token id {t} is outside the vocabulary (size {c.VocabSize})");
         lock (_lock)
         {
-            var d = _device;
-            int dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
-            using var tok = d.Upload(tokens);
-            using var x = d.Allocate(DType.F32, (long)rows * dm);
-            using var h = d.Allocate(DType, (long)rows * dm);
-            using var q = d.Allocate(DType, (long)rows * qd);
-            using var k = d.Allocate(DType, (long)rows * kvd);
-            using var v = d.Allocate(DType, (long)rows * kvd);
-            using var att = d.Allocate(DType, (long)rows * qd);
-            using var gate = d.Allocate(DType, (long)rows * f);
-            using var up = d.Allocate(DType, (long)rows * f);
-            using var delta = d.Allocate(DType.F32, (long)rows * dm);
-            _ops.Embedding(_embedding, tok, x, rows, dm);
-            long elem = DType.Size();
-            for (int l = 0; l < c.NumLayers; l++)
-            {
-                var w = _layers[l];
-                int attnIn = (int)(w.AttnIn?.Length ?? dm);
-                _ops.GatherRmsNorm(x, w.AttnNorm, w.AttnIn, h, rows, dm, c.RmsNormEps);
-                d.Gemm(h, w.Wq, q, rows, qd, attnIn);
-                d.Gemm(h, w.Wk, k, rows, kvd, attnIn);
-                d.Gemm(h, w.Wv, v, rows, kvd, attnIn);
-                if (w.Bq != null) { _ops.AddBias(q, w.Bq, rows); _ops.AddBias(k, w.Bk!, rows); _ops.AddBias(v, w.Bv!, rows); }
-                _ops.Rope(q, _invFreq, rows, c.NumHeads, c.HeadDim, start);
-                _ops.Rope(k, _invFreq, rows, c.NumKvHeads, c.HeadDim, start);
-                nint stream = d.Stream.DangerousGetHandle();
-                CudaDriver.CopyDtoD(cache.K[l].Pointer + (ulong)(start * kvd * elem), k.Pointer, rows * kvd * elem, stream);
-                CudaDriver.CopyDtoD(cache.V[l].Pointer + (ulong)(start * kvd * elem), v.Pointer, rows * kvd * elem, stream);
-                _ops.Attention(q, cache.K[l], cache.V[l], att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-                Residual(x, att, w.Wo, w.Bo, w.AttnOut, delta, rows, qd);
-
-                int mlpIn = (int)(w.MlpIn?.Length ?? dm), mid = (int)(w.MlpMid?.Length ?? f);
-                _ops.GatherRmsNorm(x, w.MlpNorm, w.MlpIn, h, rows, dm, c.RmsNormEps);
-                d.Gemm(h, w.WGate, gate, rows, mid, mlpIn);
-                d.Gemm(h, w.WUp, up, rows, mid, mlpIn);
-                _ops.SiluMul(gate, up, gate, (long)rows * mid);
-                Residual(x, gate, w.WDown, null, w.MlpOut, delta, rows, mid);
-            }
+            float[] logits = rows == 1 && UseCudaGraphs ? DecodeWithGraph(tokens[0], cache, start) : ForwardEager(tokens, cache, start, lastOnly);
             cache.Length += rows;
-            _ops.GatherRmsNorm(x, _finalNorm, null, h, rows, dm, c.RmsNormEps);
-            int first = lastOnly ? rows - 1 : 0, n = rows - first;
-            using var logits = d.Allocate(DType.F32, (long)n * c.VocabSize);
-            d.Gemm(h, _lmHead, logits, n, c.VocabSize, dm, offsetA: (long)first * dm);
-            return d.Download(logits);
+            return logits;
         }
+    }
+
+    private unsafe float[] ForwardEager(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, bool lastOnly)
+    {
+        using var a = new Activations(_device, Config, DType, tokens.Length, lastOnly ? 1 : tokens.Length);
+        fixed (int* p = tokens) CudaDriver.CopyHtoD(a.Tokens.Pointer, p, tokens.Length * 4L, _device.Stream.DangerousGetHandle());
+        Enqueue(a, cache, start, null);
+        return _device.Download(a.Logits);   // waits for the stream, so the host span outlives its copy
+    }
+
+    /// <summary>One decode step through the cache's graph. The first step runs eagerly with the graph's buffers (which
+    /// also loads every kernel and GEMM plan the capture will record) and is then captured; later steps only copy the
+    /// token and position to the device and replay it.</summary>
+    private unsafe float[] DecodeWithGraph(int token, CudaKvCache cache, int start)
+    {
+        var g = cache.Graph;
+        bool first = g == null;
+        if (g == null)
+        {
+            var act = new Activations(_device, Config, DType, 1, 1);
+            DeviceTensor? position = null;
+            try { position = _device.Allocate(DType.I32, 1); g = new DecodeGraph(act, position, new PinnedHostBuffer(8)); }
+            catch { act.Dispose(); position?.Dispose(); throw; }
+        }
+        try
+        {
+            var stream = _device.Stream.DangerousGetHandle();
+            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the previous step's Download waited for the stream
+            host[0] = token; host[1] = start;
+            CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
+            CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
+            if (first) Enqueue(g.Act, cache, start, g.Position);
+            else g.Exec!.Launch(_device.Stream);
+            var logits = _device.Download(g.Act.Logits);
+            if (first)
+            {
+                g.Exec = new CudaGraphHandle(_device.Stream, () => Enqueue(g.Act, cache, start, g.Position));
+                cache.Graph = g;
+            }
+            return logits;
+        }
+        catch { if (first) g.Dispose(); throw; }
+    }
+
+    /// <summary>Enqueues the whole forward of <c>a.Rows</c> tokens at positions start.. (or, for a captured decode step,
+    /// at the device-held <paramref name="position"/>): embedding, the layers with K/V appended to the cache, the final
+    /// norm and the LM head for the last <c>a.LogitRows</c> rows.</summary>
+    private void Enqueue(Activations a, CudaKvCache cache, int start, DeviceTensor? position)
+    {
+        var c = Config;
+        var d = _device;
+        int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
+        _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var w = _layers[l];
+            int attnIn = (int)(w.AttnIn?.Length ?? dm);
+            _ops.GatherRmsNorm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, dm, c.RmsNormEps);
+            d.Gemm(a.H, w.Wq, a.Q, rows, qd, attnIn);
+            d.Gemm(a.H, w.Wk, a.K, rows, kvd, attnIn);
+            d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
+            if (w.Bq != null) { _ops.AddBias(a.Q, w.Bq, rows); _ops.AddBias(a.K, w.Bk!, rows); _ops.AddBias(a.V, w.Bv!, rows); }
+            _ops.Rope(a.Q, _invFreq, rows, c.NumHeads, c.HeadDim, start, position);
+            _ops.Rope(a.K, _invFreq, rows, c.NumKvHeads, c.HeadDim, start, position);
+            _ops.KvAppend(a.K, a.V, cache.K[l], cache.V[l], rows, kvd, start, position);
+            _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow, position: position);
+            Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
+
+            int mlpIn = (int)(w.MlpIn?.Length ?? dm), mid = (int)(w.MlpMid?.Length ?? f);
+            _ops.GatherRmsNorm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, dm, c.RmsNormEps);
+            d.Gemm(a.H, w.WGate, a.Gate, rows, mid, mlpIn);
+            d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
+            _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
+            Residual(a.X, a.Gate, w.WDown, null, w.MlpOut, a.Delta, rows, mid);
+        }
+        _ops.GatherRmsNorm(a.X, _finalNorm, null, a.H, rows, dm, c.RmsNormEps);
+        d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
     }
 
     /// <summary>x += input·Wᵀ (+ b): one GEMM accumulating into the f32 residual when dense; a GEMM into the f32

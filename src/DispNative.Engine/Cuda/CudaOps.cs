@@ -23,11 +23,20 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("embedding", $"embedding_{CudaDevice.Suffix(table.DType)}", (uint)rows, 256, 0, table, tokens, x, d);
     }
 
-    /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r.</summary>
-    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start)
+    /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r, start read from the one-int device
+    /// tensor <paramref name="position"/> when given (CUDA graph replay).</summary>
+    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null)
     {
         Need(x, (long)rows * heads * headDim, "rope input");
-        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start);
+        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start, position);
+    }
+
+    /// <summary>Writes k and v ([rows, kvDim]) into the caches at row start (or at the device-held position).</summary>
+    public void KvAppend(DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache, int rows, int kvDim, int start, DeviceTensor? position = null)
+    {
+        Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
+        if (position == null) { Need(kCache, (long)(start + rows) * kvDim, "key cache"); Need(vCache, (long)(start + rows) * kvDim, "value cache"); }
+        Device.Launch("attention", $"kv_append_{CudaDevice.Suffix(k.DType)}", (uint)rows, 256, 0, k, v, kCache, vCache, kvDim, start, position);
     }
 
     /// <summary>Gather RMSNorm: out[r, j] = x[r, idx[j]] / rms(x[r]) · gamma[idx[j]]; idx null → dense (width d).</summary>
@@ -73,10 +82,12 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache: the
     /// decode kernel for one query; for more, the tensor-core kernel (bf16/f16, head_dim 64 or 128) unless
-    /// <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel.</summary>
+    /// <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel. Decode reads its position from
+    /// <paramref name="position"/> when given (CUDA graph replay).</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
-        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true)
+        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true, DeviceTensor? position = null)
     {
+        if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
         if (headDim > MaxHeadDim) throw new DispNativeException($"head_dim {headDim} is above the CUDA attention kernel's limit {MaxHeadDim}");
         if (heads % kvHeads != 0) throw new DispNativeException($"{heads} heads are not a multiple of {kvHeads} KV heads");
         float scale = 1f / MathF.Sqrt(headDim);
@@ -84,7 +95,7 @@ public sealed class CudaOps(CudaDevice device)
         int w = window ?? 0;
         if (tq == 1)
             Device.Launch("attention", $"attention_decode_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale);
+                q, kCache, vCache, output, start, position, heads, kvHeads, headDim, w, scale);
         else if (tensorCores && UsesTensorCores(q.DType, headDim))
             Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
                 (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, tq, start, heads, kvHeads, w, scale);

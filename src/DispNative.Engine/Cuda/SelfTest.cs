@@ -364,10 +364,19 @@ public static class SelfTest
         using var gpu = new CudaLlama(dev, c, w, DType.F32);
         int[] prompt = [1, 5, 77, 300, 2, 516, 9, 9, 123, 45, 46, 47, 0];
         var cpuCache = cpu.NewCache(prompt.Length + 4);
-        using var gpuCache = gpu.NewCache(prompt.Length + 4);
-        string detail = "prefill " + Compare(gpu.Forward(prompt, gpuCache), cpu.Forward(prompt, cpuCache), 1e-4);
+        using var graphCache = gpu.NewCache(prompt.Length + 4);
+        using var eagerCache = gpu.NewCache(prompt.Length + 4);
+        var want = cpu.Forward(prompt, cpuCache);
+        string detail = "prefill " + Compare(gpu.Forward(prompt, graphCache), want, 1e-4);
+        Compare(gpu.Forward(prompt, eagerCache), want, 1e-4);
         foreach (int t in new[] { 3, 400, 8, 250 })
-            detail = "decode " + Compare(gpu.Forward([t], gpuCache, lastOnly: true), cpu.Forward([t], cpuCache, lastOnly: true), 1e-4);
+        {
+            want = cpu.Forward([t], cpuCache, lastOnly: true);
+            gpu.UseCudaGraphs = true;   // the first step runs eagerly and is captured, the others replay the graph
+            detail = "decode (CUDA graph) " + Compare(gpu.Forward([t], graphCache, lastOnly: true), want, 1e-4);
+            gpu.UseCudaGraphs = false;
+            detail += ", eager " + Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4);
+        }
         return detail;
     }
 
