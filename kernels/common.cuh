@@ -54,5 +54,15 @@ template <typename Op> __device__ __forceinline__ float block_reduce(float v, Op
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp(), 0.f); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp(), NEG_INF); }
 
+// Uniform (0, 1) from a counter-based hash (splitmix64 of seed + golden-ratio step · (counter + 1)), 24 bits.
+__device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned long long counter)
+{
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (counter + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) + 0.5f) * (1.f / 16777216.f);
+}
+
 // Declares one extern "C" entry point per storage type: NAME_f32, NAME_bf16, NAME_f16.
 #define FOR_EACH_STORAGE(MACRO) MACRO(float, f32) MACRO(bf16, bf16) MACRO(f16, f16)

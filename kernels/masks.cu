@@ -29,11 +29,7 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
 {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (counter + (unsigned long long)i + 1);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float u = ((float)(z >> 40) + 0.5f) * (1.f / 16777216.f);
+    float u = hash_uniform(seed, counter + (unsigned long long)i);
     out[i] = -logf(-logf(u));
 }
 

@@ -71,6 +71,18 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
     /// With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false)
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, weights, dtype)) { }
+
+    /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
+    /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
+    /// sorted <paramref name="keep"/> share of the channels of each of its five sites.</summary>
+    public static CudaLlama RandomWeights(CudaDevice device, ModelConfig config, DType dtype, ulong seed, double keep = 1)
+    {
+        if (keep is <= 0 or > 1) throw new InvalidSettingException($"kept share must be in (0, 1] (got {keep})");
+        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep));
+    }
+
+    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, IWeightSource source)
     {
         if (dtype is not (DType.F32 or DType.BF16 or DType.F16)) throw new InvalidSettingException($"CUDA storage type must be f32, bf16 or f16 (got {dtype})");
         if (config.HeadDim > CudaOps.MaxHeadDim) throw new DispNativeException($"head_dim {config.HeadDim} is above the CUDA attention kernel's limit {CudaOps.MaxHeadDim}");
@@ -82,17 +94,40 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         var rope = new Cpu.Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
         var invFreq = new float[config.HeadDim / 2];
         for (int i = 0; i < invFreq.Length; i++) invFreq[i] = rope.InverseFrequency(i);
-        _invFreq = device.Upload(invFreq);
-        _embedding = device.Upload(weights.Embedding, dtype);
-        _finalNorm = device.Upload(weights.FinalNorm, dtype);
-        _lmHead = ReferenceEquals(weights.LmHead, weights.Embedding) ? _embedding : device.Upload(weights.LmHead, dtype);
         _layers = new Layer[config.NumLayers];
-        for (int l = 0; l < config.NumLayers; l++)
+        try
+        {
+            _invFreq = device.Upload(invFreq);
+            _embedding = source.Embedding();
+            _finalNorm = source.FinalNorm();
+            _lmHead = source.LmHead(_embedding);
+            for (int l = 0; l < config.NumLayers; l++) _layers[l] = source.Layer(l);
+            device.Synchronize();
+        }
+        catch { Release(); throw; }
+    }
+
+    private interface IWeightSource
+    {
+        DeviceTensor Embedding();
+        DeviceTensor FinalNorm();
+        DeviceTensor LmHead(DeviceTensor embedding);
+        Layer Layer(int l);
+    }
+
+    private sealed class UploadedWeights(CudaDevice device, ModelWeights weights, DType dtype) : IWeightSource
+    {
+        public DeviceTensor Embedding() => device.Upload(weights.Embedding, dtype);
+        public DeviceTensor FinalNorm() => device.Upload(weights.FinalNorm, dtype);
+        public DeviceTensor LmHead(DeviceTensor embedding)
+            => ReferenceEquals(weights.LmHead, weights.Embedding) ? embedding : device.Upload(weights.LmHead, dtype);
+
+        public Layer Layer(int l)
         {
             var w = weights.Layers[l];
             DeviceTensor? Opt(float[]? v, DType t) => v == null ? null : device.Upload(v, t);
             DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
-            _layers[l] = new Layer
+            return new Layer
             {
                 AttnNorm = device.Upload(w.AttnNorm, dtype), Wq = device.Upload(w.Wq, dtype), Wk = device.Upload(w.Wk, dtype),
                 Wv = device.Upload(w.Wv, dtype), Wo = device.Upload(w.Wo, dtype), MlpNorm = device.Upload(w.MlpNorm, dtype),
@@ -101,7 +136,80 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 AttnIn = Idx(w.AttnInIdx), AttnOut = Idx(w.AttnOutIdx), MlpIn = Idx(w.MlpInIdx), MlpMid = Idx(w.MlpMidIdx), MlpOut = Idx(w.MlpOutIdx),
             };
         }
-        device.Synchronize();
+    }
+
+    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep) : IWeightSource
+    {
+        private readonly CudaOps _ops = new(device);
+        private readonly Rng _rng = new(seed);
+        private ulong _next = seed;
+
+        private DeviceTensor Normal(long n)
+        {
+            var t = device.Allocate(dtype, n);
+            _ops.FillNormal(t, _next++ * 0x100000001B3UL, 0.02f);
+            return t;
+        }
+
+        private DeviceTensor Ones(long n)
+        {
+            var t = device.Allocate(dtype, n);
+            _ops.FillConstant(t, 1f);
+            return t;
+        }
+
+        /// <summary>A random sorted subset of round(keep·full) of 0..full-1, or null (dense) when keep is 1.</summary>
+        private int[]? Subset(int full)
+        {
+            if (keep >= 1) return null;
+            var all = Enumerable.Range(0, full).ToArray();
+            for (int i = full - 1; i > 0; i--) { int j = (int)(_rng.NextDouble() * (i + 1)); (all[i], all[j]) = (all[j], all[i]); }
+            var kept = all[..Math.Max(1, (int)Math.Round(keep * full))];
+            Array.Sort(kept);
+            return kept;
+        }
+
+        public DeviceTensor Embedding() => Normal((long)c.VocabSize * c.HiddenSize);
+        public DeviceTensor FinalNorm() => Ones(c.HiddenSize);
+        public DeviceTensor LmHead(DeviceTensor embedding) => c.TieWordEmbeddings ? embedding : Normal((long)c.VocabSize * c.HiddenSize);
+
+        public Layer Layer(int l)
+        {
+            int d = c.HiddenSize, f = c.IntermediateSize;
+            int[]? attnIn = Subset(d), attnOut = Subset(d), mlpIn = Subset(d), mid = Subset(f), mlpOut = Subset(d);
+            int wi = attnIn?.Length ?? d, wo = attnOut?.Length ?? d, mi = mlpIn?.Length ?? d, wm = mid?.Length ?? f, mo = mlpOut?.Length ?? d;
+            DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
+            return new Layer
+            {
+                AttnNorm = Ones(d), Wq = Normal((long)c.QDim * wi), Wk = Normal((long)c.KvDim * wi), Wv = Normal((long)c.KvDim * wi),
+                Wo = Normal((long)wo * c.QDim), MlpNorm = Ones(d), WGate = Normal((long)wm * mi), WUp = Normal((long)wm * mi),
+                WDown = Normal((long)mo * wm),
+                AttnIn = Idx(attnIn), AttnOut = Idx(attnOut), MlpIn = Idx(mlpIn), MlpMid = Idx(mid), MlpOut = Idx(mlpOut),
+            };
+        }
+    }
+
+    /// <summary>Weight bytes one decode step reads at least: every layer (with its index tensors), the final norm and
+    /// the LM head (the embedding table only through its one row, unless it is the tied LM head).</summary>
+    public long DecodeWeightBytes
+    {
+        get
+        {
+            long b = _finalNorm.Bytes + _lmHead.Bytes;
+            foreach (var layer in _layers) foreach (var t in layer.All) b += t?.Bytes ?? 0;
+            return b;
+        }
+    }
+
+    /// <summary>Parameters of the layers' GEMMs (q/k/v/o, gate/up/down): what prefill multiplies per token.</summary>
+    public long LayerGemmParameters
+    {
+        get
+        {
+            long n = 0;
+            foreach (var w in _layers) foreach (var t in new[] { w.Wq, w.Wk, w.Wv, w.Wo, w.WGate, w.WUp, w.WDown }) n += t.Length;
+            return n;
+        }
     }
 
     /// <summary>Replay single-token decode steps as one captured CUDA graph per cache (removes the per-kernel launch
@@ -266,12 +374,14 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     public void Dispose()
     {
-        lock (_lock)
-        {
-            foreach (var layer in _layers) if (layer != null) foreach (var t in layer.All) t?.Dispose();
-            _embedding.Dispose(); _finalNorm.Dispose(); _invFreq.Dispose();
-            if (!ReferenceEquals(_lmHead, _embedding)) _lmHead.Dispose();
-            if (_ownsDevice) _device.Dispose();
-        }
+        lock (_lock) Release();
+    }
+
+    private void Release()
+    {
+        foreach (var layer in _layers) if (layer != null) foreach (var t in layer.All) t?.Dispose();
+        _embedding?.Dispose(); _finalNorm?.Dispose(); _invFreq?.Dispose();
+        if (!ReferenceEquals(_lmHead, _embedding)) _lmHead?.Dispose();
+        if (_ownsDevice) _device.Dispose();
     }
 }

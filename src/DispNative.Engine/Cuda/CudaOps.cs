@@ -107,6 +107,13 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
     public static bool UsesTensorCores(DType dtype, int headDim) => (dtype is DType.BF16 or DType.F16) && (headDim is 64 or 128);
 
+    public void FillConstant(DeviceTensor x, float value)
+        => Device.Launch("init", $"fill_constant_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(x.Length), 256, 0, x, x.Length, value);
+
+    /// <summary>x ~ N(0, std²), reproducible from <paramref name="seed"/> (counter hash, as <see cref="GumbelNoise"/>).</summary>
+    public void FillNormal(DeviceTensor x, ulong seed, float std)
+        => Device.Launch("init", $"fill_normal_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(x.Length), 256, 0, x, x.Length, seed, std);
+
     /// <summary>Per-row softmax cross-entropy over f32 logits; dlogits (optional) = (softmax − onehot)·gradScale.</summary>
     public void CrossEntropy(DeviceTensor logits, DeviceTensor targets, DeviceTensor loss, DeviceTensor? dlogits, int rows, int vocab, float gradScale)
     {

@@ -46,6 +46,7 @@ public static class SelfTest
             new("attention prefill bf16 tensor cores sliding window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16)),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
+            new("fill normal and constant bf16 (n 1048583)", Fill),
             new("mask columns and gradient (rows 13, width 301)", MaskColumns),
             new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32)),
             new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16)),
@@ -256,6 +257,25 @@ public static class SelfTest
         var want = new float[tq * qd];
         CpuOps.Attention(q, k, v, want, tq, start, heads, kvHeads, hd, window);
         return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
+    }
+
+    private static string Fill(CudaDevice dev)
+    {
+        const int n = 1048583;
+        const float std = 0.02f;
+        var ops = new CudaOps(dev);
+        using var t = dev.Allocate(DType.BF16, n);
+        ops.FillConstant(t, 1.5f);
+        if (dev.Download(t).Any(v => v != 1.5f)) throw new Mismatch("fill_constant: not every element is 1.5");
+        ops.FillNormal(t, 42, std);
+        var x = dev.Download(t);
+        double mean = x.Average(v => (double)v), sd = Math.Sqrt(x.Average(v => (v - mean) * (v - mean)));
+        // Five standard errors for the mean; the sample std of 1M draws is within 1% (bf16 rounding adds ~0.1%).
+        string detail = $"mean {mean:E2}, std {sd:E3} (want 0, {std})";
+        if (Math.Abs(mean) > 5 * std / Math.Sqrt(n) || Math.Abs(sd / std - 1) > 0.01 || x.Any(v => !float.IsFinite(v))) throw new Mismatch(detail);
+        ops.FillNormal(t, 42, std);
+        if (!dev.Download(t).AsSpan().SequenceEqual(x)) throw new Mismatch("fill_normal is not reproducible from its seed");
+        return detail;
     }
 
     private static string CrossEntropy(CudaDevice dev)

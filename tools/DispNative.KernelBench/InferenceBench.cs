@@ -1,0 +1,89 @@
+using System.Diagnostics;
+using DispNative.Engine.Cuda;
+using DispNative.Engine.IO;
+using DispNative.Engine.Models;
+
+namespace DispNative.KernelBench;
+
+/// <summary>Pruned vs dense inference at LLaMA-2-7B shape with random bf16 weights made on the device: prefill of
+/// <c>T</c> tokens and batch-1 decode (eager and through CUDA graphs), in the same run, beside the physical limits
+/// (prefill: GEMM FLOPs / peak bf16; decode: weight bytes / peak bandwidth). The pruned model keeps 65% of every
+/// site (embedding-side and MLP middle), about half of the layer parameters.</summary>
+internal static class InferenceBench
+{
+    private static readonly ModelConfig Llama2_7B = new()
+    {
+        Architecture = "LlamaForCausalLM", HiddenSize = 4096, IntermediateSize = 11008, NumLayers = 32, NumHeads = 32,
+        NumKvHeads = 32, HeadDim = 128, VocabSize = 32000, MaxPositionEmbeddings = 4096,
+    };
+
+    private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
+
+    private sealed record Result(string Name, double PrefillMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
+
+    public static void Run(int prefillTokens, int decodeTokens, double keep)
+    {
+        using var dev = CudaDevice.Open();
+        var info = dev.Info;
+        Console.WriteLine($"device: {info}; LLaMA-2-7B shape, random bf16 weights; prefill {prefillTokens} tokens, decode {decodeTokens} tokens after a {DecodePrompt}-token prompt");
+        var results = new List<Result> { Measure(dev, "dense", 1, prefillTokens, decodeTokens) };
+        results.Add(Measure(dev, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens));
+
+        double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
+        var c = Llama2_7B;
+        Console.WriteLine();
+        Console.WriteLine($"{"model",-32} {"GEMM params",12} {"prefill ms",11} {"bound ms",9} {"decode tok/s eager",19} {"graphs",8} {"bound",8}");
+        foreach (var r in results)
+        {
+            // Prefill FLOPs: layer GEMMs for every token, causal attention, LM head for the last row only.
+            double flops = 2.0 * r.GemmParams * prefillTokens + 2.0 * c.NumLayers * c.NumHeads * c.HeadDim * (double)prefillTokens * (prefillTokens + 1)
+                           + 2.0 * c.VocabSize * c.HiddenSize;
+            string prefillBound = tf is double p ? $"{1e3 * flops / p,9:F1}" : "        -";
+            string decodeBound = bw is double b ? $"{b / r.DecodeBytes,8:F0}" : "       -";
+            Console.WriteLine($"{r.Name,-32} {r.GemmParams / 1e9,10:F2} B {r.PrefillMs,11:F1} {prefillBound} {r.EagerTokS,19:F1} {r.GraphTokS,8:F1} {decodeBound}");
+        }
+        var (dense, pruned) = (results[0], results[1]);
+        Console.WriteLine();
+        Console.WriteLine($"pruned vs dense: prefill {dense.PrefillMs / pruned.PrefillMs:F2}x faster, decode (graphs) {pruned.GraphTokS / dense.GraphTokS:F2}x; " +
+                          $"graphs vs eager decode: dense {dense.GraphTokS / dense.EagerTokS:F2}x, pruned {pruned.GraphTokS / pruned.EagerTokS:F2}x");
+        var st = dev.Allocator.Stats;
+        Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved; kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
+    }
+
+    private static Result Measure(CudaDevice dev, string name, double keep, int prefillTokens, int decodeTokens)
+    {
+        var sw = Stopwatch.StartNew();
+        using var model = CudaLlama.RandomWeights(dev, Llama2_7B, DType.BF16, seed: 7, keep);
+        Console.WriteLine($"{name}: built on the device in {sw.Elapsed.TotalSeconds:F1} s, {model.DecodeWeightBytes / 1e9:F2} GB read per decoded token");
+        var rng = new Engine.Rng(3);
+        int[] prompt = Enumerable.Range(0, prefillTokens).Select(_ => (int)(rng.NextDouble() * Llama2_7B.VocabSize)).ToArray();
+
+        // Prefill: median of 5 after one warm-up, logits of the last row only (what generation needs).
+        var times = new List<double>();
+        for (int i = 0; i < 6; i++)
+        {
+            using var cache = model.NewCache(prefillTokens);
+            float ms = dev.Time(() => model.Forward(prompt, cache, lastOnly: true));
+            if (i > 0) times.Add(ms);
+        }
+        times.Sort();
+        double prefillMs = times[times.Count / 2];
+
+        double Decode(bool graphs)
+        {
+            model.UseCudaGraphs = graphs;
+            using var cache = model.NewCache(DecodePrompt + decodeTokens + 3);
+            model.Forward(prompt.AsSpan(0, Math.Min(DecodePrompt, prompt.Length)), cache, lastOnly: true);
+            int token = 1;
+            for (int i = 0; i < 3; i++) token = Next(model.Forward([token], cache, lastOnly: true));   // warm-up, graph capture
+            var t = Stopwatch.StartNew();
+            for (int i = 0; i < decodeTokens; i++) token = Next(model.Forward([token], cache, lastOnly: true));
+            return decodeTokens / t.Elapsed.TotalSeconds;
+        }
+        double eager = Decode(graphs: false), graph = Decode(graphs: true);
+        Console.WriteLine($"{name}: prefill {prefillMs:F1} ms, decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
+        return new Result(name, prefillMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
+    }
+
+    private static int Next(float[] logits) => Engine.Inference.Generator.ArgMax(logits);
+}
