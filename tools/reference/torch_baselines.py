@@ -59,12 +59,18 @@ def layer_forward(L, x, cos, sin, cache=None, masks=None):
     """x [T, D] (f32 residual). cache: dict with k, v [S, H, hd] and length; masks: dict of 5 f32 vectors."""
     idx = L["idx"]
     t = x.shape[0]
-    h = rms_norm(x, L["n1"])
-    if masks is not None:
-        h = h * masks["attn_in"]
-    if idx["attn_in"] is not None:
-        h = h.index_select(1, idx["attn_in"])
-    h = h.to(DT)
+
+    def read(norm, site):  # norm over the full row, then the site's mask and kept channels
+        h = rms_norm(x, L[norm])
+        if masks is not None:
+            h = h * masks[site]
+        return (h if idx[site] is None else h.index_select(1, idx[site])).to(DT)
+
+    def write(o, site):  # back into the residual: index_add of the kept channels
+        o = o.float() if masks is None else o.float() * masks[site]
+        return x + o if idx[site] is None else x.index_add(1, idx[site], o)
+
+    h = read("n1", "attn_in")
     q = rope((h @ L["wq"].T).view(t, HEADS, HEAD_DIM), cos, sin)
     k = rope((h @ L["wk"].T).view(t, HEADS, HEAD_DIM), cos, sin)
     v = (h @ L["wv"].T).view(t, HEADS, HEAD_DIM)
@@ -73,26 +79,14 @@ def layer_forward(L, x, cos, sin, cache=None, masks=None):
         cache["k"][n : n + t] = k
         cache["v"][n : n + t] = v
         k, v = cache["k"][: n + t], cache["v"][: n + t]
-    causal = t > 1
-    a = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=causal)
-    a = a.transpose(0, 1).reshape(t, D)
-    o = (a @ L["wo"].T).float()
-    if masks is not None:
-        o = o * masks["attn_out"]
-    x = x.index_add(1, idx["attn_out"], o) if idx["attn_out"] is not None else x + o
-    h = rms_norm(x, L["n2"])
-    if masks is not None:
-        h = h * masks["mlp_in"]
-    if idx["mlp_in"] is not None:
-        h = h.index_select(1, idx["mlp_in"])
-    h = h.to(DT)
+    # Prefill always starts at position 0 here, so is_causal's top-left alignment is right.
+    a = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=t > 1)
+    x = write(a.transpose(0, 1).reshape(t, D) @ L["wo"].T, "attn_out")
+    h = read("n2", "mlp_in")
     m = F.silu(h @ L["wg"].T) * (h @ L["wu"].T)
     if masks is not None:
         m = m * masks["mlp_mid"].to(DT)
-    o = (m @ L["wd"].T).float()
-    if masks is not None:
-        o = o * masks["mlp_out"]
-    return x.index_add(1, idx["mlp_out"], o) if idx["mlp_out"] is not None else x + o
+    return write(m @ L["wd"].T, "mlp_out")
 
 
 def build(keep, layers):
