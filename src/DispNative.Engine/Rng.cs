@@ -34,6 +34,12 @@ public sealed class Rng
     /// <summary>Uniform integer in [0, n).</summary>
     public int NextInt(int n) => (int)((NextULong() >> 33) * (ulong)n >> 31);
 
+    /// <summary>Fisher–Yates shuffle in place.</summary>
+    public void Shuffle<T>(Span<T> items)
+    {
+        for (int i = items.Length - 1; i > 0; i--) { int j = NextInt(i + 1); (items[i], items[j]) = (items[j], items[i]); }
+    }
+
     /// <summary>Standard normal (Box–Muller).</summary>
     public float NextGaussian()
     {

@@ -163,7 +163,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             if (keep >= 1) return null;
             var all = Enumerable.Range(0, full).ToArray();
-            for (int i = full - 1; i > 0; i--) { int j = (int)(_rng.NextDouble() * (i + 1)); (all[i], all[j]) = (all[j], all[i]); }
+            _rng.Shuffle<int>(all);
             var kept = all[..Math.Max(1, (int)Math.Round(keep * full))];
             Array.Sort(kept);
             return kept;

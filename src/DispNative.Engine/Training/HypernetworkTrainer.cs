@@ -115,7 +115,7 @@ public sealed class HypernetworkTrainer
             {
                 var rng = new Rng(Options.Seed * 0x9E3779B97F4A7C15UL + (ulong)epoch + 1);
                 _order = Enumerable.Range(0, blocks.Count).ToArray();
-                for (int i = _order.Length - 1; i > 0; i--) { int j = rng.NextInt(i + 1); (_order[i], _order[j]) = (_order[j], _order[i]); }
+                rng.Shuffle<int>(_order);
                 _orderEpoch = epoch;
             }
             batch[b] = blocks[_order![(int)(sample % blocks.Count)]];
