@@ -1,25 +1,42 @@
 // DISP gather-norm: statistics over the full f32 residual row, output only the selected channels:
-//   out[r, j] = norm(x[r])[idx[j]] * gamma[idx[j]] (+ beta[idx[j]] for LayerNorm).
+//   out[r, j] = norm(x[r])[idx[j]] * gamma[idx[j]] (+ beta[idx[j]] for LayerNorm), j < width;
+//   out[r, j] = 0 for width <= j < out_stride (the zero padding that keeps pruned GEMM operands 16-byte aligned).
 // idx == nullptr means the dense norm (width == d). One block per row, one launch; when shared memory holds the
-// row (row_in_smem != 0, dynamic size d floats) the row is read from HBM exactly once.
+// row (row_in_smem != 0, dynamic size d floats) the row is read from HBM exactly once. Each thread keeps UNROLL
+// loads in flight: the row is short (16 KB at d 4096), so latency, not bandwidth, limits a one-load-per-step loop.
 #include "common.cuh"
+
+#define NORM_UNROLL 4
 
 template <typename T, bool LAYER>
 __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-    const int* __restrict__ idx, T* __restrict__ out, int d, int width, float eps, int row_in_smem)
+    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps, int row_in_smem)
 {
-    extern __shared__ float row[];
+    extern __shared__ float4 row4[];
+    float* row = reinterpret_cast<float*>(row4);
     const float* xr = x + (long long)blockIdx.x * d;
     float s = 0.f, ss = 0.f;
     if ((d & 3) == 0)
     {
         const float4* x4 = reinterpret_cast<const float4*>(xr);
-        for (int i = threadIdx.x; i < d / 4; i += blockDim.x)
+        int n4 = d >> 2;
+        for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
         {
-            float4 v = x4[i];
-            if (row_in_smem) reinterpret_cast<float4*>(row)[i] = v;
-            s += v.x + v.y + v.z + v.w;
-            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            float4 v[NORM_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                v[u] = i < n4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (row_in_smem && i < n4) row4[i] = v[u];
+                s += v[u].x + v[u].y + v[u].z + v[u].w;
+                ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+            }
         }
     }
     else
@@ -41,19 +58,35 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
     __syncthreads();
     const float* src = row_in_smem ? row : xr;
-    T* o = out + (long long)blockIdx.x * width;
-    for (int j = threadIdx.x; j < width; j += blockDim.x)
+    T* o = out + (long long)blockIdx.x * out_stride;
+    for (int base = threadIdx.x; base < out_stride; base += NORM_UNROLL * blockDim.x)
     {
-        int c = idx ? idx[j] : j;
-        float y = (src[c] - mean) * scale * to_f32(gamma[c]);
-        if (LAYER && beta) y += to_f32(beta[c]);
-        o[j] = from_f32<T>(y);
+        int c[NORM_UNROLL];
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int j = base + u * blockDim.x;
+            c[u] = j < width ? (idx ? idx[j] : j) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int j = base + u * blockDim.x;
+            if (j >= out_stride) break;
+            float y = 0.f;
+            if (c[u] >= 0)
+            {
+                y = (src[c[u]] - mean) * scale * to_f32(gamma[c[u]]);
+                if (LAYER && beta) y += to_f32(beta[c[u]]);
+            }
+            o[j] = from_f32<T>(y);
+        }
     }
 }
 
 #define NORMS(T, S) \
-    extern "C" __global__ void rmsnorm_gather_##S(const float* x, const T* gamma, const int* idx, T* out, int d, int width, float eps, int row_in_smem) \
-    { gather_norm<T, false>(x, gamma, nullptr, idx, out, d, width, eps, row_in_smem); } \
-    extern "C" __global__ void layernorm_gather_##S(const float* x, const T* gamma, const T* beta, const int* idx, T* out, int d, int width, float eps, int row_in_smem) \
-    { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, eps, row_in_smem); }
+    extern "C" __global__ void rmsnorm_gather_##S(const float* x, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps, int row_in_smem) \
+    { gather_norm<T, false>(x, gamma, nullptr, idx, out, d, width, out_stride, eps, row_in_smem); } \
+    extern "C" __global__ void layernorm_gather_##S(const float* x, const T* gamma, const T* beta, const int* idx, T* out, int d, int width, int out_stride, float eps, int row_in_smem) \
+    { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); }
 FOR_EACH_STORAGE(NORMS)

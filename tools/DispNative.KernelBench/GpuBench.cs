@@ -63,7 +63,7 @@ internal static class GpuBench
             // Gather-norm traffic: the full row is read for the statistics, the selected channels written once.
             Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", T * (D * 4.0 + w * 2.0), () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
             Bandwidth($"gather-rmsnorm {D}->{w}, row re-read from global (naive)", T * (D * 4.0 + w * 2.0),
-                () => dev.Launch("norm", "rmsnorm_gather_bf16", T, 1024, 0, x, gamma, idx, h, D, w, 1e-5f, 0));
+                () => dev.Launch("norm", "rmsnorm_gather_bf16", T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
             Bandwidth($"index-add {w}->{D} (f32 delta)", T * w * 12.0, () => ops.IndexAdd(x, delta, idx, null, T, D));
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
         }
@@ -91,6 +91,10 @@ internal static class GpuBench
         int mid65 = (int)(Ffn * 0.65);
         Gemm($"gemm bf16 2048 x {mid65} x {w65} (MLP up, pruned 65%)", T, mid65, w65);
         Gemm($"gemm bf16 2048 x {w65} x {mid65} (MLP down, pruned 65%)", T, w65, mid65);
+        // The engine stores pruned sites padded to a multiple of 8 (CudaOps.Padded): 16-byte aligned rows.
+        int pw = CudaOps.Padded(w65), pm = CudaOps.Padded(mid65);
+        Gemm($"gemm bf16 2048 x {pm} x {pw} (MLP up, pruned, padded to 8)", T, pm, pw);
+        Gemm($"gemm bf16 2048 x {pw} x {pm} (MLP down, pruned, padded to 8)", T, pw, pm);
 
         Console.WriteLine();
         using var q = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);

@@ -50,12 +50,18 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 /// every GEMM accumulates in f32 (cuBLASLt).</summary>
 public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 {
+    /// <summary>One decoder layer's device weights. A pruned site is stored at <see cref="CudaOps.Padded"/> of its
+    /// width with zero rows/columns (16-byte aligned GEMM operands); a dense site at its full width.</summary>
     private sealed class Layer
     {
         public required DeviceTensor AttnNorm, Wq, Wk, Wv, Wo, MlpNorm, WGate, WUp, WDown;
         public DeviceTensor? Bq, Bk, Bv, Bo, AttnIn, AttnOut, MlpIn, MlpMid, MlpOut;
         public IEnumerable<DeviceTensor?> All => [AttnNorm, Wq, Wk, Wv, Wo, MlpNorm, WGate, WUp, WDown, Bq, Bk, Bv, Bo, AttnIn, AttnOut, MlpIn, MlpMid, MlpOut];
     }
+
+    /// <summary>Stored width of a site: full when dense (idx null), else its kept channels padded to 8.</summary>
+    private static int Stored(int[]? idx, int full) => idx == null ? full : CudaOps.Padded(idx.Length);
+    private static int Stored(DeviceTensor? idx, int full) => idx == null ? full : CudaOps.Padded((int)idx.Length);
 
     private readonly CudaDevice _device;
     private readonly CudaOps _ops;
@@ -71,7 +77,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
     /// With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false)
-        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, weights, dtype)) { }
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, weights, dtype)) { }
 
     /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
     /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
@@ -115,7 +121,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         Layer Layer(int l);
     }
 
-    private sealed class UploadedWeights(CudaDevice device, ModelWeights weights, DType dtype) : IWeightSource
+    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, ModelWeights weights, DType dtype) : IWeightSource
     {
         public DeviceTensor Embedding() => device.Upload(weights.Embedding, dtype);
         public DeviceTensor FinalNorm() => device.Upload(weights.FinalNorm, dtype);
@@ -125,13 +131,25 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         public Layer Layer(int l)
         {
             var w = weights.Layers[l];
+            int d = c.HiddenSize, f = c.IntermediateSize;
+            int ai = Stored(w.AttnInIdx, d), ao = Stored(w.AttnOutIdx, d), mi = Stored(w.MlpInIdx, d), mm = Stored(w.MlpMidIdx, f), mo = Stored(w.MlpOutIdx, d);
+            int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;
             DeviceTensor? Opt(float[]? v, DType t) => v == null ? null : device.Upload(v, t);
             DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
+            // A weight [rows, cols] stored as [storedRows, storedCols] with zeros in the padding.
+            DeviceTensor Pad(float[] v, int rows, int storedRows, int storedCols)
+            {
+                int cols = v.Length / rows;
+                if (rows == storedRows && cols == storedCols) return device.Upload(v, dtype);
+                var p = new float[(long)storedRows * storedCols];
+                for (int r = 0; r < rows; r++) Array.Copy(v, (long)r * cols, p, (long)r * storedCols, cols);
+                return device.Upload(p, dtype);
+            }
             return new Layer
             {
-                AttnNorm = device.Upload(w.AttnNorm, dtype), Wq = device.Upload(w.Wq, dtype), Wk = device.Upload(w.Wk, dtype),
-                Wv = device.Upload(w.Wv, dtype), Wo = device.Upload(w.Wo, dtype), MlpNorm = device.Upload(w.MlpNorm, dtype),
-                WGate = device.Upload(w.WGate, dtype), WUp = device.Upload(w.WUp, dtype), WDown = device.Upload(w.WDown, dtype),
+                AttnNorm = device.Upload(w.AttnNorm, dtype), Wq = Pad(w.Wq, c.QDim, c.QDim, ai), Wk = Pad(w.Wk, c.KvDim, c.KvDim, ai),
+                Wv = Pad(w.Wv, c.KvDim, c.KvDim, ai), Wo = Pad(w.Wo, wo, ao, c.QDim), MlpNorm = device.Upload(w.MlpNorm, dtype),
+                WGate = Pad(w.WGate, wm, mm, mi), WUp = Pad(w.WUp, wm, mm, mi), WDown = Pad(w.WDown, wdo, mo, mm),
                 Bq = Opt(w.Bq, dtype), Bk = Opt(w.Bk, dtype), Bv = Opt(w.Bv, dtype), Bo = Opt(w.Bo, DType.F32),
                 AttnIn = Idx(w.AttnInIdx), AttnOut = Idx(w.AttnOutIdx), MlpIn = Idx(w.MlpInIdx), MlpMid = Idx(w.MlpMidIdx), MlpOut = Idx(w.MlpOutIdx),
             };
@@ -177,13 +195,17 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             int d = c.HiddenSize, f = c.IntermediateSize;
             int[]? attnIn = Subset(d), attnOut = Subset(d), mlpIn = Subset(d), mid = Subset(f), mlpOut = Subset(d);
-            int wi = attnIn?.Length ?? d, wo = attnOut?.Length ?? d, mi = mlpIn?.Length ?? d, wm = mid?.Length ?? f, mo = mlpOut?.Length ?? d;
+            int ai = Stored(attnIn, d), ao = Stored(attnOut, d), mi = Stored(mlpIn, d), mm = Stored(mid, f), mo = Stored(mlpOut, d);
             DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
+            // The padding only has to keep SwiGLU's padded columns zero: up's padding rows are zero (the norm zeroes the
+            // padded input columns, and the padded output rows are never added to the residual).
+            var up = Normal((long)mm * mi);
+            if (mid != null) _ops.FillConstant(up, 0f, (long)mid.Length * mi);
             return new Layer
             {
-                AttnNorm = Ones(d), Wq = Normal((long)c.QDim * wi), Wk = Normal((long)c.KvDim * wi), Wv = Normal((long)c.KvDim * wi),
-                Wo = Normal((long)wo * c.QDim), MlpNorm = Ones(d), WGate = Normal((long)wm * mi), WUp = Normal((long)wm * mi),
-                WDown = Normal((long)mo * wm),
+                AttnNorm = Ones(d), Wq = Normal((long)c.QDim * ai), Wk = Normal((long)c.KvDim * ai), Wv = Normal((long)c.KvDim * ai),
+                Wo = Normal((long)ao * c.QDim), MlpNorm = Ones(d), WGate = Normal((long)mm * mi), WUp = up,
+                WDown = Normal((long)mo * mm),
                 AttnIn = Idx(attnIn), AttnOut = Idx(attnOut), MlpIn = Idx(mlpIn), MlpMid = Idx(mid), MlpOut = Idx(mlpOut),
             };
         }
@@ -201,7 +223,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
-    /// <summary>Parameters of the layers' GEMMs (q/k/v/o, gate/up/down): what prefill multiplies per token.</summary>
+    /// <summary>Parameters of the layers' GEMMs (q/k/v/o, gate/up/down) as stored, padding included: what prefill multiplies per token.</summary>
     public long LayerGemmParameters
     {
         get
@@ -230,11 +252,12 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             try
             {
                 Tokens = A(DType.I32, rows);
-                X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * c.HiddenSize);
+                // H, Gate, Up and Delta hold pruned sites at their padded width, at most the padded full width.
+                X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * CudaOps.Padded(c.HiddenSize));
                 Q = A(dtype, (long)rows * c.QDim); K = A(dtype, (long)rows * c.KvDim); V = A(dtype, (long)rows * c.KvDim);
                 Att = A(dtype, (long)rows * c.QDim);
-                Gate = A(dtype, (long)rows * c.IntermediateSize); Up = A(dtype, (long)rows * c.IntermediateSize);
-                Delta = A(DType.F32, (long)rows * c.HiddenSize);
+                Gate = A(dtype, (long)rows * CudaOps.Padded(c.IntermediateSize)); Up = A(dtype, (long)rows * CudaOps.Padded(c.IntermediateSize));
+                Delta = A(DType.F32, (long)rows * CudaOps.Padded(c.HiddenSize));
                 Logits = A(DType.F32, (long)logitRows * c.VocabSize);
             }
             catch { foreach (var x in all) x.Dispose(); throw; }
@@ -338,8 +361,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         for (int l = 0; l < c.NumLayers; l++)
         {
             var w = _layers[l];
-            int attnIn = (int)(w.AttnIn?.Length ?? dm);
-            _ops.GatherRmsNorm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, dm, c.RmsNormEps);
+            int attnIn = Stored(w.AttnIn, dm);
+            _ops.GatherRmsNorm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, dm, c.RmsNormEps, attnIn);
             d.Gemm(a.H, w.Wq, a.Q, rows, qd, attnIn);
             d.Gemm(a.H, w.Wk, a.K, rows, kvd, attnIn);
             d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
@@ -350,8 +373,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow, position: position);
             Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
-            int mlpIn = (int)(w.MlpIn?.Length ?? dm), mid = (int)(w.MlpMid?.Length ?? f);
-            _ops.GatherRmsNorm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, dm, c.RmsNormEps);
+            int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);
+            _ops.GatherRmsNorm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, dm, c.RmsNormEps, mlpIn);
             d.Gemm(a.H, w.WGate, a.Gate, rows, mid, mlpIn);
             d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
             _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
@@ -367,9 +390,9 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     {
         int dm = Config.HiddenSize;
         if (idx == null && bias == null) { _device.Gemm(input, w, x, rows, dm, k, beta: 1); return; }
-        int width = (int)(idx?.Length ?? dm);
-        _device.Gemm(input, w, delta, rows, width, k);
-        _ops.IndexAdd(x, delta, idx, bias, rows, dm);
+        int stored = Stored(idx, dm);
+        _device.Gemm(input, w, delta, rows, stored, k);
+        _ops.IndexAdd(x, delta, idx, bias, rows, dm, inputStride: stored);
     }
 
     public void Dispose()

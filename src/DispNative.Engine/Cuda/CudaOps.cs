@@ -39,35 +39,53 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("attention", $"kv_append_{CudaDevice.Suffix(k.DType)}", (uint)rows, 256, 0, k, v, kCache, vCache, kvDim, start, position);
     }
 
-    /// <summary>Gather RMSNorm: out[r, j] = x[r, idx[j]] / rms(x[r]) · gamma[idx[j]]; idx null → dense (width d).</summary>
-    public void GatherRmsNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps)
+    /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of 8 with zero
+    /// padding, so every GEMM operand row starts 16-byte aligned (cuBLASLt's tensor-core kernels need it; unaligned
+    /// odd widths run several times slower).</summary>
+    public static int Padded(int width) => (width + 7) & ~7;
+
+    /// <summary>Gather RMSNorm: out[r, j] = x[r, idx[j]] / rms(x[r]) · gamma[idx[j]]; idx null → dense (width d). Output
+    /// rows are <paramref name="outputStride"/> apart (default: the width), the columns past the width zeroed.</summary>
+    public void GatherRmsNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps, int? outputStride = null)
     {
-        int width = (int)(idx?.Length ?? d);
-        Need(x, (long)rows * d, "norm input"); Need(output, (long)rows * width, "norm output");
+        var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(d), smem,
-            x, gamma, idx, output, d, width, eps, smem > 0 ? 1 : 0);
+        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+            x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
 
     /// <summary>Gather LayerNorm (OPT/Phi): statistics over the full row, selected channels out; beta may be null.</summary>
-    public void GatherLayerNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? beta, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps)
+    public void GatherLayerNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? beta, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps,
+        int? outputStride = null)
     {
-        int width = (int)(idx?.Length ?? d);
-        Need(x, (long)rows * d, "norm input"); Need(output, (long)rows * width, "norm output");
+        var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        Device.Launch("norm", $"layernorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(d), smem,
-            x, gamma, beta, idx, output, d, width, eps, smem > 0 ? 1 : 0);
+        Device.Launch("norm", $"layernorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+            x, gamma, beta, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
+    }
+
+    private static (int Width, int Stride) NormShape(DeviceTensor x, DeviceTensor? idx, DeviceTensor output, int rows, int d, int? outputStride)
+    {
+        int width = (int)(idx?.Length ?? d), stride = outputStride ?? width;
+        if (stride < width) throw new ArgumentException($"norm output stride {stride} is below its width {width}");
+        Need(x, (long)rows * d, "norm input"); Need(output, (long)rows * stride, "norm output");
+        return (width, stride);
     }
 
     private static uint RowSmem(int d) => d * 4 <= 48 * 1024 ? (uint)(d * 4) : 0;
-    private static uint NormThreads(int d) => d >= 4096 ? 1024u : d >= 1024 ? 256u : 128u;
 
-    /// <summary>x[r, idx[j]] += scale·(y[r, j] + bias[j]) into the f32 residual; idx null → x += y.</summary>
-    public void IndexAdd(DeviceTensor x, DeviceTensor y, DeviceTensor? idx, DeviceTensor? bias, int rows, int d, float scale = 1)
+    /// <summary>Block size for a row kernel whose threads each handle 4 loads in flight (NORM_UNROLL, RESIDUAL_UNROLL):
+    /// one pass over <paramref name="items"/> where possible, 128 to 1024 threads.</summary>
+    private static uint Threads(int items) => (uint)Math.Clamp((items / 4 + 31) & ~31, 128, 1024);
+
+    /// <summary>x[r, idx[j]] += scale·(y[r, j] + bias[j]) into the f32 residual; idx null → x += y. Rows of y are
+    /// <paramref name="inputStride"/> apart (default: the width).</summary>
+    public void IndexAdd(DeviceTensor x, DeviceTensor y, DeviceTensor? idx, DeviceTensor? bias, int rows, int d, float scale = 1, int? inputStride = null)
     {
-        int width = (int)(idx?.Length ?? d);
-        Need(x, (long)rows * d, "residual"); Need(y, (long)rows * width, "index-add input");
-        Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, width >= 1024 ? 256u : 128u, 0, x, y, idx, bias, scale, d, width);
+        int width = (int)(idx?.Length ?? d), stride = inputStride ?? width;
+        if (stride < width) throw new ArgumentException($"index-add input stride {stride} is below its width {width}");
+        Need(x, (long)rows * d, "residual"); Need(y, (long)rows * stride, "index-add input");
+        Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(width), 0, x, y, idx, bias, scale, d, width, stride);
     }
 
     public void AddBias(DeviceTensor y, DeviceTensor bias, int rows)
@@ -107,8 +125,15 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
     public static bool UsesTensorCores(DType dtype, int headDim) => (dtype is DType.BF16 or DType.F16) && (headDim is 64 or 128);
 
-    public void FillConstant(DeviceTensor x, float value)
-        => Device.Launch("init", $"fill_constant_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(x.Length), 256, 0, x, x.Length, value);
+    /// <summary>x[offset .. offset + count) = value (default: the whole tensor).</summary>
+    public void FillConstant(DeviceTensor x, float value, long offset = 0, long? count = null)
+    {
+        long n = count ?? x.Length - offset;
+        if (offset < 0 || n < 0 || offset + n > x.Length) throw new ArgumentException($"fill range [{offset}, {offset + n}) is outside a tensor of {x.Length}");
+        if (n == 0) return;
+        Device.Launch("init", $"fill_constant_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(n), 256, 0,
+            x.Pointer + (ulong)(offset * x.DType.Size()), n, value);
+    }
 
     /// <summary>x ~ N(0, std²), reproducible from <paramref name="seed"/> (counter hash, as <see cref="GumbelNoise"/>).</summary>
     public void FillNormal(DeviceTensor x, ulong seed, float std)

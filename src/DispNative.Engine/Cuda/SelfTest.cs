@@ -31,9 +31,11 @@ public static class SelfTest
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
             new("gather-rmsnorm bf16 (d 1000 -> 333)", dev => Norm(dev, 5, 1000, 333, DType.BF16, 1e-2)),
+            new("gather-rmsnorm bf16 (d 4096 -> 2673, output padded to 2680)", dev => Norm(dev, 3, 4096, 2673, DType.BF16, 1e-2, padded: true)),
             new("gather-layernorm f32 (d 515 -> 200, beta)", LayerNorm),
             new("index-add f32 (d 999 <- 311, bias, scale)", dev => IndexAdd(dev, 311, bias: true)),
             new("residual add f32 (d 999)", dev => IndexAdd(dev, null, bias: false)),
+            new("index-add f32 (d 999 <- 311, input rows 320 apart)", dev => IndexAdd(dev, 311, bias: false, padded: true)),
             new("swiglu f32 (n 10007)", SwiGlu),
             new("gelu f32 (n 10007)", Gelu),
             new("attention prefill f32 (t 37, heads 6/2, head_dim 64)", dev => Attention(dev, 37, 0, 6, 2, 64, null)),
@@ -165,21 +167,27 @@ public static class SelfTest
         return Compare(dev.Download(t), x, 1e-5);
     }
 
-    private static string Norm(CudaDevice dev, int rows, int d, int? width, DType dtype, double tol)
+    /// <summary>With <paramref name="padded"/> the output rows are <see cref="CudaOps.Padded"/> apart and the padding,
+    /// NaN before the call, must come back zero.</summary>
+    private static string Norm(CudaDevice dev, int rows, int d, int? width, DType dtype, double tol, bool padded = false)
     {
         var rng = new Rng(4);
         var x = Random(rng, rows * d, 3);
         var gamma = RoundTo(dtype, Random(rng, d));
         int[]? idx = width is int w ? Subset(rng, d, w) : null;
-        int outW = idx?.Length ?? d;
+        int outW = idx?.Length ?? d, stride = padded ? CudaOps.Padded(outW) : outW;
         using var tx = dev.Upload(x);
         using var tg = dev.Upload(gamma, dtype);
         using var ti = idx == null ? null : dev.Upload(idx);
-        using var y = dev.Allocate(dtype, rows * outW);
-        new CudaOps(dev).GatherRmsNorm(tx, tg, ti, y, rows, d, 1e-5f);
-        var want = new float[rows * outW];
-        if (idx == null) CpuOps.RmsNorm(x, gamma, want, rows, d, 1e-5f);
-        else CpuOps.GatherRmsNorm(x, gamma, idx, want, rows, d, 1e-5f);
+        using var y = dev.Allocate(dtype, rows * stride);
+        var ops = new CudaOps(dev);
+        ops.FillConstant(y, float.NaN);
+        ops.GatherRmsNorm(tx, tg, ti, y, rows, d, 1e-5f, stride);
+        var dense = new float[rows * outW];
+        if (idx == null) CpuOps.RmsNorm(x, gamma, dense, rows, d, 1e-5f);
+        else CpuOps.GatherRmsNorm(x, gamma, idx, dense, rows, d, 1e-5f);
+        var want = new float[rows * stride];
+        for (int r = 0; r < rows; r++) Array.Copy(dense, r * outW, want, r * stride, outW);
         return Compare(dev.Download(y), want, tol);
     }
 
@@ -199,23 +207,25 @@ public static class SelfTest
         return Compare(dev.Download(y), want, 1e-5);
     }
 
-    private static string IndexAdd(CudaDevice dev, int? width, bool bias)
+    /// <summary>With <paramref name="padded"/> the input rows are <see cref="CudaOps.Padded"/> apart, the padding holding
+    /// values that must not reach the residual.</summary>
+    private static string IndexAdd(CudaDevice dev, int? width, bool bias, bool padded = false)
     {
         var rng = new Rng(6);
         int rows = 6, d = 999;
         var x = Random(rng, rows * d);
         int[]? idx = width is int w ? Subset(rng, d, w) : null;
-        int yw = idx?.Length ?? d;
-        var y = Random(rng, rows * yw);
+        int yw = idx?.Length ?? d, stride = padded ? CudaOps.Padded(yw) : yw;
+        var y = Random(rng, rows * stride);
         var b = bias ? Random(rng, yw) : null;
         float scale = bias ? 0.5f : 1f;
         using var tx = dev.Upload(x); using var ty = dev.Upload(y);
         using var ti = idx == null ? null : dev.Upload(idx);
         using var tb = b == null ? null : dev.Upload(b);
-        new CudaOps(dev).IndexAdd(tx, ty, ti, tb, rows, d, scale);
+        new CudaOps(dev).IndexAdd(tx, ty, ti, tb, rows, d, scale, stride);
         var delta = new float[rows * yw];
         for (int r = 0; r < rows; r++)
-            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * yw + j] + (b?[j] ?? 0));
+            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * stride + j] + (b?[j] ?? 0));
         if (idx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, idx, rows, d);
         return Compare(dev.Download(tx), x, 1e-6);
     }
