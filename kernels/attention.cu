@@ -10,10 +10,11 @@
 
 // Prefill: grid (ceil(tq / PREFILL_WARPS), heads), block PREFILL_WARPS * 32. Each warp owns one query row; the
 // block stages tiles of 32 keys and values in shared memory. Scoring: lane j computes the score of key j;
-// accumulation: lane owns output dims lane, lane + 32, ...
+// accumulation: lane owns output dims lane, lane + 32, ... With lse != nullptr it also writes each row's log-sum-exp
+// of the scaled scores (what the backward pass needs to recompute the probabilities).
 template <typename T>
 __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale)
+    T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     __shared__ float ks[KEYS][MAX_HEAD_DIM + 1];
     __shared__ float vs[KEYS][MAX_HEAD_DIM];
@@ -79,6 +80,7 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
         int c = lane + 32 * e;
         if (c < head_dim) out[(long long)t * q_dim + h * head_dim + c] = from_f32<T>(acc[e] * inv);
     }
+    if (lse && lane == 0) lse[(long long)h * tq + t] = m + logf(l);   // for the backward pass: [heads, tq]
 }
 
 #define DECODE_WARPS 4
@@ -160,9 +162,167 @@ __device__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, T* _
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) { kc[dst + i] = k[src + i]; vc[dst + i] = v[src + i]; }
 }
 
+// Backward of causal GQA attention for training (queries and keys are the same tq rows, positions 0..tq-1),
+// flash style: probabilities are recomputed from the forward's log-sum-exp, never stored as [T, T].
+//   p_ij = exp(scale q_i.k_j - lse_i), dp_ij = dO_i.v_j, D_i = dO_i.O_i, ds_ij = p_ij (dp_ij - D_i)
+//   dq_i = scale sum_j ds_ij k_j;  dk_j = scale sum_i ds_ij q_i;  dv_j = sum_i p_ij dO_i   (i over every head of j's group)
+// Two kernels: dq (a warp per query row, key tiles in shared memory; also writes D) and then dk/dv (a warp per key
+// row, query tiles in shared memory). Gradients in and out are f32.
+template <typename T>
+__device__ void attention_backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ o, const float* __restrict__ dout, const float* __restrict__ lse, float* __restrict__ dq,
+    float* __restrict__ dsum, int tq, int heads, int kv_heads, int head_dim, int window, float scale)
+{
+    __shared__ float ks[KEYS][MAX_HEAD_DIM + 1];
+    __shared__ float vs[KEYS][MAX_HEAD_DIM + 1];
+    __shared__ float qs[PREFILL_WARPS][MAX_HEAD_DIM];
+    __shared__ float dos[PREFILL_WARPS][MAX_HEAD_DIM];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+    int t0 = blockIdx.x * PREFILL_WARPS, t = t0 + warp;
+    bool active = t < tq;
+    int first = window > 0 ? max(0, t - window + 1) : 0;
+    float dpart = 0.f;
+    for (int i = lane; i < head_dim; i += 32)
+    {
+        long long at = (long long)t * q_dim + h * head_dim + i;
+        qs[warp][i] = active ? to_f32(q[at]) * scale : 0.f;
+        float g = active ? dout[at] : 0.f;
+        dos[warp][i] = g;
+        if (active) dpart += g * to_f32(o[at]);
+    }
+    float dd = warp_sum(dpart);
+    float row_lse = active ? lse[(long long)h * tq + t] : 0.f;
+    if (active && lane == 0) dsum[(long long)h * tq + t] = dd;
+
+    int last_t = min(tq, t0 + PREFILL_WARPS) - 1;
+    int block_first = window > 0 ? max(0, t0 - window + 1) : 0;
+    int per_lane = (head_dim + 31) / 32;
+    float acc[MAX_HEAD_DIM / 32];
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++) acc[e] = 0.f;
+    for (int tile = block_first - block_first % KEYS; tile <= last_t; tile += KEYS)
+    {
+        __syncthreads();
+        for (int i = threadIdx.x; i < KEYS * head_dim; i += blockDim.x)
+        {
+            int j = i / head_dim, c = i % head_dim, key = tile + j;
+            bool ok = key <= last_t;
+            ks[j][c] = ok ? to_f32(k[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
+            vs[j][c] = ok ? to_f32(v[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
+        }
+        __syncthreads();
+        if (!active) continue;
+        int key = tile + lane;
+        float ds = 0.f;
+        if (key >= first && key <= t)
+        {
+            float sc = 0.f, dp = 0.f;
+            for (int c = 0; c < head_dim; c++) { sc += qs[warp][c] * ks[lane][c]; dp += dos[warp][c] * vs[lane][c]; }
+            ds = expf(sc - row_lse) * (dp - dd);
+        }
+        for (int j = 0; j < KEYS; j++)
+        {
+            float dsj = __shfl_sync(0xffffffffu, ds, j);
+            for (int e = 0; e < per_lane; e++)
+            {
+                int c = lane + 32 * e;
+                if (c < head_dim) acc[e] += dsj * ks[j][c];
+            }
+        }
+    }
+    if (!active) return;
+    for (int e = 0; e < per_lane; e++)
+    {
+        int c = lane + 32 * e;
+        if (c < head_dim) dq[(long long)t * q_dim + h * head_dim + c] = acc[e] * scale;
+    }
+}
+
+template <typename T>
+__device__ void attention_backward_dkv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ dsum,
+    float* __restrict__ dk, float* __restrict__ dv, int tq, int heads, int kv_heads, int head_dim, int window, float scale)
+{
+    __shared__ float qs[KEYS][MAX_HEAD_DIM + 1];
+    __shared__ float dos[KEYS][MAX_HEAD_DIM + 1];
+    __shared__ float ls[KEYS], ds_row[KEYS];
+    __shared__ float kr[PREFILL_WARPS][MAX_HEAD_DIM];
+    __shared__ float vr[PREFILL_WARPS][MAX_HEAD_DIM];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int kvh = blockIdx.y, group = heads / kv_heads;
+    int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+    int j0 = blockIdx.x * PREFILL_WARPS, j = j0 + warp;
+    bool active = j < tq;
+    for (int i = lane; i < head_dim; i += 32)
+    {
+        long long at = (long long)j * kv_dim + kvh * head_dim + i;
+        kr[warp][i] = active ? to_f32(k[at]) : 0.f;
+        vr[warp][i] = active ? to_f32(v[at]) : 0.f;
+    }
+    int last_j = min(tq, j0 + PREFILL_WARPS) - 1;
+    int block_last = window > 0 ? min(tq - 1, last_j + window - 1) : tq - 1;   // last query that sees a key of this block
+    int per_lane = (head_dim + 31) / 32;
+    float gk[MAX_HEAD_DIM / 32], gv[MAX_HEAD_DIM / 32];
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++) gk[e] = gv[e] = 0.f;
+    for (int h = kvh * group; h < (kvh + 1) * group; h++)
+    {
+        for (int tile = j0 - j0 % KEYS; tile <= block_last; tile += KEYS)
+        {
+            __syncthreads();
+            for (int i = threadIdx.x; i < KEYS * head_dim; i += blockDim.x)
+            {
+                int r = i / head_dim, c = i % head_dim, qi = tile + r;
+                bool ok = qi <= block_last;
+                long long at = (long long)qi * q_dim + h * head_dim + c;
+                qs[r][c] = ok ? to_f32(q[at]) * scale : 0.f;
+                dos[r][c] = ok ? dout[at] : 0.f;
+            }
+            if (threadIdx.x < KEYS)
+            {
+                int qi = tile + threadIdx.x;
+                bool ok = qi <= block_last;
+                ls[threadIdx.x] = ok ? lse[(long long)h * tq + qi] : 0.f;
+                ds_row[threadIdx.x] = ok ? dsum[(long long)h * tq + qi] : 0.f;
+            }
+            __syncthreads();
+            if (!active) continue;
+            int qi = tile + lane;
+            float p = 0.f, ds = 0.f;
+            if (qi >= j && qi <= block_last && (window <= 0 || qi <= j + window - 1))
+            {
+                float sc = 0.f, dp = 0.f;
+                for (int c = 0; c < head_dim; c++) { sc += qs[lane][c] * kr[warp][c]; dp += dos[lane][c] * vr[warp][c]; }
+                p = expf(sc - ls[lane]);
+                ds = p * (dp - ds_row[lane]);
+            }
+            for (int r = 0; r < KEYS; r++)
+            {
+                float pr = __shfl_sync(0xffffffffu, p, r), dsr = __shfl_sync(0xffffffffu, ds, r);
+                for (int e = 0; e < per_lane; e++)
+                {
+                    int c = lane + 32 * e;
+                    if (c < head_dim) { gv[e] += pr * dos[r][c]; gk[e] += dsr * qs[r][c]; }
+                }
+            }
+        }
+    }
+    if (!active) return;
+    for (int e = 0; e < per_lane; e++)
+    {
+        int c = lane + 32 * e;
+        long long at = (long long)j * kv_dim + kvh * head_dim + c;
+        if (c < head_dim) { dk[at] = gk[e]; dv[at] = gv[e]; }   // qs already carries the scale
+    }
+}
+
 #define ATTENTION(T, S) \
-    extern "C" __global__ void attention_prefill_##S(const T* q, const T* kc, const T* vc, T* out, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale) \
-    { attention_prefill<T>(q, kc, vc, out, tq, start, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_prefill_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_prefill<T>(q, kc, vc, out, lse, tq, start, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_backward_dq_##S(const T* q, const T* k, const T* v, const T* o, const float* dout, const float* lse, float* dq, float* dsum, int tq, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_backward_dq<T>(q, k, v, o, dout, lse, dq, dsum, tq, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_backward_dkv_##S(const T* q, const T* k, const T* v, const float* dout, const float* lse, const float* dsum, float* dk, float* dv, int tq, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_backward_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, tq, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_decode_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
     { attention_decode<T>(q, kc, vc, out, start, position, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void kv_append_##S(const T* k, const T* v, T* kc, T* vc, int kv_dim, int start, const int* position) \

@@ -33,23 +33,39 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
     out[i] = -logf(-logf(u));
 }
 
-// y[r, j] *= mask[j] (mask multiply of a [rows, width] activation).
-#define MASK_COLUMNS(T, S) \
-    extern "C" __global__ void mask_columns_##S(T* __restrict__ y, const float* __restrict__ mask, int width) \
+// Gradient of a column mask: dmask[j] (+)= sum_r dy[r, j] * x[r, j] (x = the activation before masking; summed into
+// dmask when accumulate != 0, e.g. for one mask shared by several sites). One thread per column; consecutive threads
+// read consecutive columns.
+#define MASK_COLUMNS_GRAD(T, S) \
+    extern "C" __global__ void mask_columns_grad_##S(const float* __restrict__ dy, const T* __restrict__ x, \
+        float* __restrict__ dmask, int rows, int width, int accumulate) \
     { \
-        T* yr = y + (long long)blockIdx.x * width; \
-        for (int j = threadIdx.x; j < width; j += blockDim.x) yr[j] = from_f32<T>(to_f32(yr[j]) * mask[j]); \
+        int j = blockIdx.x * blockDim.x + threadIdx.x; \
+        if (j >= width) return; \
+        float s = 0.f; \
+        for (int r = 0; r < rows; r++) s += dy[(long long)r * width + j] * to_f32(x[(long long)r * width + j]); \
+        dmask[j] = accumulate ? dmask[j] + s : s; \
     }
-FOR_EACH_STORAGE(MASK_COLUMNS)
+FOR_EACH_STORAGE(MASK_COLUMNS_GRAD)
 
-// Gradient of a column mask: dmask[j] = sum_r dy[r, j] * x[r, j] (x = the activation before masking).
-// One thread per column; consecutive threads read consecutive columns.
-extern "C" __global__ void mask_columns_grad_f32(const float* __restrict__ dy, const float* __restrict__ x,
-    float* __restrict__ dmask, int rows, int width)
+// out[r, j] = x[r, j] * mask[j] (mask == nullptr: a copy), converting the storage type: f32 to any, or S to S.
+// out may be x (in place).
+#define SCALE_COLUMNS(TI, TO, NAME) \
+    extern "C" __global__ void scale_columns_##NAME(const TI* x, const float* __restrict__ mask, TO* out, int width) \
+    { \
+        long long off = (long long)blockIdx.x * width; \
+        for (int j = threadIdx.x; j < width; j += blockDim.x) \
+            out[off + j] = from_f32<TO>(to_f32(x[off + j]) * (mask ? mask[j] : 1.f)); \
+    }
+SCALE_COLUMNS(float, float, f32_f32)
+SCALE_COLUMNS(float, bf16, f32_bf16)
+SCALE_COLUMNS(float, f16, f32_f16)
+SCALE_COLUMNS(bf16, bf16, bf16_bf16)
+SCALE_COLUMNS(f16, f16, f16_f16)
+
+// x[r, j] += y[r, j] * mask[j]: a masked block's write into the f32 residual stream.
+extern "C" __global__ void add_scaled_columns_f32(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ mask, int width)
 {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= width) return;
-    float s = 0.f;
-    for (int r = 0; r < rows; r++) s += dy[(long long)r * width + j] * x[(long long)r * width + j];
-    dmask[j] = s;
+    long long off = (long long)blockIdx.x * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) x[off + j] += y[off + j] * mask[j];
 }

@@ -90,3 +90,33 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     extern "C" __global__ void layernorm_gather_##S(const float* x, const T* gamma, const T* beta, const int* idx, T* out, int d, int width, int out_stride, float eps, int row_in_smem) \
     { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); }
 FOR_EACH_STORAGE(NORMS)
+
+// Backward of the RMSNorm y = x * r * gamma, r = 1 / sqrt(mean(x^2) + eps), to its f32 input, accumulated:
+//   dx[i] += r * gamma[i] * dy[i] - x[i] * r^3 / d * sum_j gamma[j] * dy[j] * x[j].
+// gamma is frozen (no gradient). One block per row.
+template <typename T>
+__device__ void rmsnorm_backward(const float* __restrict__ x, const T* __restrict__ gamma, const float* __restrict__ dy,
+    float* __restrict__ dx, int d, float eps)
+{
+    long long off = (long long)blockIdx.x * d;
+    const float* xr = x + off;
+    const float* gr = dy + off;
+    float ss = 0.f, dot = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+    {
+        float v = xr[i];
+        ss += v * v;
+        dot += to_f32(gamma[i]) * gr[i] * v;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot);
+    float r = 1.f / sqrtf(ss / d + eps);
+    float k = dot * r * r * r / d;
+    float* o = dx + off;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] += r * to_f32(gamma[i]) * gr[i] - xr[i] * k;
+}
+
+#define NORM_BACKWARD(T, S) \
+    extern "C" __global__ void rmsnorm_backward_##S(const float* x, const T* gamma, const float* dy, float* dx, int d, float eps) \
+    { rmsnorm_backward<T>(x, gamma, dy, dx, d, eps); }
+FOR_EACH_STORAGE(NORM_BACKWARD)

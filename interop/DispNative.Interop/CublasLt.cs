@@ -93,17 +93,18 @@ public static unsafe class CublasLt
 
         public MatmulPlan(CublasLtHandle handle, int m, int n, int k, CudaDataType ab, CudaDataType cd,
             long workspaceLimit, int batch = 1, long strideA = 0, long strideB = 0, long strideC = 0, int lda = 0, int ldb = 0, int ldc = 0,
-            uint alignmentBytes = 256)
+            uint alignmentBytes = 256, bool transposeB = true)
         {
-            lda = lda == 0 ? k : lda; ldb = ldb == 0 ? k : ldb; ldc = ldc == 0 ? n : ldc;
+            lda = lda == 0 ? k : lda; ldb = ldb == 0 ? (transposeB ? k : n) : ldb; ldc = ldc == 0 ? n : ldc;
             try
             {
-                // Column-major view: Dᵀ[N,M] = op(Bᵀ stored [K,N]) ᵀ · Aᵀ[K,M]; transa = T on the weight, transb = N.
+                // Column-major view: Dᵀ[N,M] = op(B)ᵀ · Aᵀ[K,M]. B row-major [N,K] (D = A·Bᵀ) is column-major [K,N]:
+                // transa = T; B row-major [K,N] (D = A·B) is column-major [N,K]: transa = N. transb = N.
                 nint desc; Check(A.cublasLtMatmulDescCreate(&desc, ComputeType32F, (int)CudaDataType.R32F), "cublasLtMatmulDescCreate"); _desc = desc;
-                int opT = 1, opN = 0;
-                Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransA, &opT, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSA)");
+                int opA = transposeB ? 1 : 0, opN = 0;
+                Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransA, &opA, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSA)");
                 Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransB, &opN, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSB)");
-                _a = Layout((int)ab, (ulong)k, (ulong)n, ldb, batch, strideB);
+                _a = transposeB ? Layout((int)ab, (ulong)k, (ulong)n, ldb, batch, strideB) : Layout((int)ab, (ulong)n, (ulong)k, ldb, batch, strideB);
                 _b = Layout((int)ab, (ulong)k, (ulong)m, lda, batch, strideA);
                 _c = Layout((int)cd, (ulong)n, (ulong)m, ldc, batch, strideC);
                 nint pref; Check(A.cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"); _pref = pref;
@@ -133,7 +134,7 @@ public static unsafe class CublasLt
             return l;
         }
 
-        /// <summary>Enqueues D = α·A·Bᵀ + β·D on <paramref name="stream"/> (device pointers).</summary>
+        /// <summary>Enqueues D = α·A·Bᵀ + β·D (or α·A·B + β·D without transposeB) on <paramref name="stream"/> (device pointers).</summary>
         public void Run(CublasLtHandle handle, ulong a, ulong b, ulong d, float alpha, float beta, ulong workspace, long workspaceBytes, nint stream)
         {
             var algo = _algo;

@@ -1,4 +1,5 @@
 using DispNative.Engine.Cuda;
+using DispNative.Engine.Disp;
 using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
 using DispNative.Engine.Models;
@@ -45,5 +46,24 @@ public static class Devices
         var gpu = CudaDevice.Open();
         try { return model with { Runner = new CudaLlama(gpu, model.Config, model.Model.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
         catch { gpu.Dispose(); throw; }
+    }
+
+    /// <summary>The masked LM pass of hypernetwork training on <paramref name="device"/>: the fp32 CPU reference, or
+    /// <see cref="CudaMaskedLlama"/> with weights stored in <paramref name="dtype"/> (auto: bf16).</summary>
+    public static IMaskedLanguageModel MaskedModel(LoadedModel model, string device, DType? dtype = null)
+    {
+        if (device == "cpu")
+        {
+            if (dtype is DType.BF16 or DType.F16) throw new InvalidSettingException($"the CPU backend computes in f32 (got dtype {dtype.Value.ToString().ToLowerInvariant()}); use --device cuda or f32");
+            return new CpuMaskedLanguageModel(model.Config, model.Model.Weights);
+        }
+        var gpu = CudaDevice.Open();
+        CudaLlama? llama = null;
+        try
+        {
+            llama = new CudaLlama(gpu, model.Config, model.Model.Weights, dtype ?? DType.BF16, ownsDevice: true);
+            return new CudaMaskedLlama(llama, ownsModel: true);
+        }
+        catch { if (llama != null) llama.Dispose(); else gpu.Dispose(); throw; }
     }
 }

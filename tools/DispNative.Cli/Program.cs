@@ -253,12 +253,14 @@ public static class Program
             var files = p.GetValue(calibration)!;
             foreach (var f in files) if (!File.Exists(f)) throw new InvalidSettingException($"calibration file not found: {f}");
 
-            if (Devices.Resolve(p.GetValue(device)!) == "cuda") stderr.WriteLine("note: hypernetwork training runs on the CPU reference in this build");
+            string dev = Devices.Resolve(p.GetValue(device)!);
             var m = ModelLoader.Load(p.GetValue(model)!, p.GetValue(tok));
             var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
-            var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options);
+            using var lm = Devices.MaskedModel(m, dev);
+            stderr.WriteLine($"LM pass on {lm.DeviceName}");
+            var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options, model: lm);
             return WithCtrlC(token =>
             {
                 var result = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>

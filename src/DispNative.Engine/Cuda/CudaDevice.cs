@@ -215,10 +215,11 @@ public sealed unsafe class CudaDevice : IDisposable
     public void Launch(string kernel, string entry, uint grid, uint block, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
         => Launch(kernel, entry, (grid, 1, 1), (block, 1, 1), sharedBytes, args);
 
-    /// <summary>Row-major D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·D through cuBLASLt (fp32 accumulation). A and B share a storage
-    /// type; D is that type or f32. Plans (descriptors + heuristic algorithm) are cached per shape.</summary>
+    /// <summary>Row-major D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·D through cuBLASLt (fp32 accumulation); with
+    /// <paramref name="transposeB"/> false, B is [K,N] and D = α·A·B + β·D (the input gradient of a linear layer). A and B
+    /// share a storage type; D is that type or f32. Plans (descriptors + heuristic algorithm) are cached per shape.</summary>
     public void Gemm(DeviceTensor a, DeviceTensor b, DeviceTensor d, int m, int n, int k, float alpha = 1, float beta = 0,
-        long offsetA = 0, long offsetB = 0, long offsetD = 0)
+        long offsetA = 0, long offsetB = 0, long offsetD = 0, bool transposeB = true)
     {
         if (a.DType != b.DType) throw new ArgumentException($"GEMM inputs differ in type ({a.DType}, {b.DType})");
         if ((long)m * k > a.Length - offsetA || (long)n * k > b.Length - offsetB || (long)m * n > d.Length - offsetD)
@@ -227,9 +228,9 @@ public sealed unsafe class CudaDevice : IDisposable
         int ea = a.DType.Size(), ed = d.DType.Size();
         ulong pa = a.Pointer + (ulong)(offsetA * ea), pb = b.Pointer + (ulong)(offsetB * ea), pd = d.Pointer + (ulong)(offsetD * ed);
         uint align = (uint)Math.Min(256UL, (pa | pb | pd | 256UL) & ~((pa | pb | pd | 256UL) - 1));  // largest power of two dividing all
-        string key = $"{m},{n},{k},{a.DType},{d.DType},{align}";
+        string key = $"{m},{n},{k},{a.DType},{d.DType},{align},{transposeB}";
         if (!_plans.TryGetValue(key, out var plan))
-            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes, alignmentBytes: align);
+            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes, alignmentBytes: align, transposeB: transposeB);
         plan.Run(Lt, pa, pb, pd, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
     }
 

@@ -52,7 +52,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 {
     /// <summary>One decoder layer's device weights. A pruned site is stored at <see cref="CudaOps.Padded"/> of its
     /// width with zero rows/columns (16-byte aligned GEMM operands); a dense site at its full width.</summary>
-    private sealed class Layer
+    internal sealed class Layer
     {
         public required DeviceTensor AttnNorm, Wq, Wk, Wv, Wo, MlpNorm, WGate, WUp, WDown;
         public DeviceTensor? Bq, Bk, Bv, Bo, AttnIn, AttnOut, MlpIn, MlpMid, MlpOut;
@@ -67,6 +67,14 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     private readonly CudaOps _ops;
     private readonly Layer[] _layers;
     private readonly DeviceTensor _embedding, _finalNorm, _lmHead, _invFreq;
+
+    // The device weights, shared with the masked training model (CudaMaskedLlama).
+    internal CudaDevice Device => _device;
+    internal IReadOnlyList<Layer> Layers => _layers;
+    internal DeviceTensor EmbeddingTable => _embedding;
+    internal DeviceTensor FinalNorm => _finalNorm;
+    internal DeviceTensor LmHead => _lmHead;
+    internal DeviceTensor InverseFrequencies => _invFreq;
     private readonly bool _ownsDevice;
     private readonly object _lock = new();
 

@@ -25,10 +25,12 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r, start read from the one-int device
     /// tensor <paramref name="position"/> when given (CUDA graph replay).</summary>
-    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null)
+    /// <summary>RoPE in place on rows at positions start..; <paramref name="inverse"/> rotates back (the backward of
+    /// the rotation, applied to a gradient).</summary>
+    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null, bool inverse = false)
     {
         Need(x, (long)rows * heads * headDim, "rope input");
-        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start, position);
+        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start, position, inverse ? -1f : 1f);
     }
 
     /// <summary>Writes k and v ([rows, kvDim]) into the caches at row start (or at the device-held position).</summary>
@@ -95,6 +97,17 @@ public sealed class CudaOps(CudaDevice device)
     public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n)
         => Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", CudaDevice.GridFor(n), 256, 0, gate, up, output, n);
 
+    /// <summary>From dout = ∂/∂(silu(gate)·up) (f32): dgate and dup in the storage type of gate.</summary>
+    public void SiluMulBackward(DeviceTensor gate, DeviceTensor up, DeviceTensor dOutput, DeviceTensor dGate, DeviceTensor dUp, long n)
+        => Device.Launch("activations", $"silu_mul_backward_{CudaDevice.Suffix(gate.DType)}", CudaDevice.GridFor(n), 256, 0, gate, up, dOutput, dGate, dUp, n);
+
+    /// <summary>dx[r] += ∂RMSNorm(x[r])·gamma / ∂x[r] applied to dy[r] (x, dy, dx f32; gamma frozen).</summary>
+    public void RmsNormBackward(DeviceTensor x, DeviceTensor gamma, DeviceTensor dy, DeviceTensor dx, int rows, int d, float eps)
+    {
+        Need(x, (long)rows * d, "norm input"); Need(dy, (long)rows * d, "norm output gradient"); Need(dx, (long)rows * d, "norm input gradient");
+        Device.Launch("norm", $"rmsnorm_backward_{CudaDevice.Suffix(gamma.DType)}", (uint)rows, Threads(d), 0, x, gamma, dy, dx, d, eps);
+    }
+
     public void Gelu(DeviceTensor input, DeviceTensor output, long n)
         => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", CudaDevice.GridFor(n), 256, 0, input, output, n);
 
@@ -106,8 +119,7 @@ public sealed class CudaOps(CudaDevice device)
         int heads, int kvHeads, int headDim, int? window, bool tensorCores = true, DeviceTensor? position = null)
     {
         if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
-        if (headDim > MaxHeadDim) throw new DispNativeException($"head_dim {headDim} is above the CUDA attention kernel's limit {MaxHeadDim}");
-        if (heads % kvHeads != 0) throw new DispNativeException($"{heads} heads are not a multiple of {kvHeads} KV heads");
+        CheckHeads(heads, kvHeads, headDim);
         float scale = 1f / MathF.Sqrt(headDim);
         string s = CudaDevice.Suffix(q.DType);
         int w = window ?? 0;
@@ -119,7 +131,42 @@ public sealed class CudaOps(CudaDevice device)
                 (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, tq, start, heads, kvHeads, w, scale);
         else
             Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, tq, start, heads, kvHeads, headDim, w, scale);
+                q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, headDim, w, scale);
+    }
+
+    private static void CheckHeads(int heads, int kvHeads, int headDim)
+    {
+        if (headDim > MaxHeadDim) throw new DispNativeException($"head_dim {headDim} is above the CUDA attention kernel's limit {MaxHeadDim}");
+        if (heads % kvHeads != 0) throw new DispNativeException($"{heads} heads are not a multiple of {kvHeads} KV heads");
+    }
+
+    /// <summary>Training forward of causal GQA attention over <paramref name="t"/> rows at positions 0..t-1 (q [t, heads·hd],
+    /// k/v [t, kvHeads·hd]): the SIMT kernel, also writing each row's log-sum-exp [heads, t] for <see cref="AttentionBackward"/>.</summary>
+    public void AttentionForTraining(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor lse, int t,
+        int heads, int kvHeads, int headDim, int? window)
+    {
+        CheckHeads(heads, kvHeads, headDim);
+        Need(lse, (long)heads * t, "attention log-sum-exp");
+        Device.Launch("attention", $"attention_prefill_{CudaDevice.Suffix(q.DType)}", ((uint)((t + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1),
+            (PrefillWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim));
+    }
+
+    /// <summary>Backward of <see cref="AttentionForTraining"/>: from dO (f32) to f32 dq, dk, dv, recomputing the probabilities
+    /// from <paramref name="lse"/>; <paramref name="dsum"/> [heads, t] is scratch (rowsum dO·O).</summary>
+    public void AttentionBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor dOutput, DeviceTensor lse,
+        DeviceTensor dq, DeviceTensor dk, DeviceTensor dv, DeviceTensor dsum, int t, int heads, int kvHeads, int headDim, int? window)
+    {
+        CheckHeads(heads, kvHeads, headDim);
+        Need(dq, (long)t * heads * headDim, "dq"); Need(dk, (long)t * kvHeads * headDim, "dk"); Need(dv, (long)t * kvHeads * headDim, "dv");
+        Need(dsum, (long)heads * t, "attention backward scratch");
+        string s = CudaDevice.Suffix(q.DType);
+        float scale = 1f / MathF.Sqrt(headDim);
+        int w = window ?? 0;
+        uint blocks = (uint)((t + PrefillWarps - 1) / PrefillWarps);
+        Device.Launch("attention", $"attention_backward_dq_{s}", (blocks, (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
+            q, k, v, output, dOutput, lse, dq, dsum, t, heads, kvHeads, headDim, w, scale);
+        Device.Launch("attention", $"attention_backward_dkv_{s}", (blocks, (uint)kvHeads, 1), (PrefillWarps * 32, 1, 1), 0,
+            q, k, v, dOutput, lse, dsum, dk, dv, t, heads, kvHeads, headDim, w, scale);
     }
 
     /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
@@ -157,11 +204,31 @@ public sealed class CudaOps(CudaDevice device)
     public void GumbelNoise(DeviceTensor output, int n, ulong seed, ulong counter)
         => Device.Launch("masks", "gumbel_noise", CudaDevice.GridFor(n), 256, 0, output, n, seed, counter);
 
-    /// <summary>y[r, j] *= mask[j].</summary>
-    public void MaskColumns(DeviceTensor y, DeviceTensor mask, int rows, int width)
-        => Device.Launch("masks", $"mask_columns_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y, mask, width);
+    /// <summary>dmask[j] = Σ_r dy[r, j]·x[r, j] (dy f32; x any storage type); with <paramref name="accumulate"/> added to dmask.
+    /// <paramref name="dmaskOffset"/> places the mask inside a larger buffer.</summary>
+    public void MaskColumnsGrad(DeviceTensor dy, DeviceTensor x, DeviceTensor dmask, int rows, int width, bool accumulate = false, long dmaskOffset = 0)
+    {
+        Need(dy, (long)rows * width, "mask gradient input"); Need(x, (long)rows * width, "masked activation");
+        Need(dmask, dmaskOffset + width, "mask gradient");
+        Device.Launch("masks", $"mask_columns_grad_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(width, 128), 128, 0,
+            dy, x, dmask.Pointer + (ulong)(dmaskOffset * 4), rows, width, accumulate ? 1 : 0);
+    }
 
-    /// <summary>dmask[j] = Σ_r dy[r, j]·x[r, j].</summary>
-    public void MaskColumnsGrad(DeviceTensor dy, DeviceTensor x, DeviceTensor dmask, int rows, int width)
-        => Device.Launch("masks", "mask_columns_grad_f32", CudaDevice.GridFor(width, 128), 128, 0, dy, x, dmask, rows, width);
+    /// <summary>output[r, j] = x[r, j]·mask[j] (mask null: a copy), f32 to any storage type or within one type; in place
+    /// allowed. <paramref name="maskOffset"/> places the mask inside a larger f32 buffer.</summary>
+    public void ScaleColumns(DeviceTensor x, DeviceTensor? mask, DeviceTensor output, int rows, int width, long maskOffset = 0)
+    {
+        if (x.DType != DType.F32 && x.DType != output.DType) throw new ArgumentException($"scale columns converts from f32 or within a type, not {x.DType} to {output.DType}");
+        Need(x, (long)rows * width, "scale columns input"); Need(output, (long)rows * width, "scale columns output");
+        if (mask != null) Need(mask, maskOffset + width, "column mask");
+        Device.Launch("masks", $"scale_columns_{CudaDevice.Suffix(x.DType)}_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(width), 0,
+            x, mask == null ? 0UL : mask.Pointer + (ulong)(maskOffset * 4), output, width);
+    }
+
+    /// <summary>x[r, j] += y[r, j]·mask[j] into the f32 residual (a masked block's write-back).</summary>
+    public void AddScaledColumns(DeviceTensor x, DeviceTensor y, DeviceTensor mask, int rows, int width, long maskOffset = 0)
+    {
+        Need(x, (long)rows * width, "residual"); Need(y, (long)rows * width, "masked block output"); Need(mask, maskOffset + width, "column mask");
+        Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Pointer + (ulong)(maskOffset * 4), width);
+    }
 }

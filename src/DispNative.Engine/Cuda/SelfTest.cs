@@ -4,6 +4,7 @@ using DispNative.Engine.Disp;
 using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
 using DispNative.Engine.Models;
+using DispNative.Engine.Training;
 
 namespace DispNative.Engine.Cuda;
 
@@ -49,16 +50,30 @@ public static class SelfTest
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),
-            new("mask columns and gradient (rows 13, width 301)", MaskColumns),
+            new("mask columns: scale, masked residual add, gradient (rows 13, width 301)", dev => MaskColumns(dev, DType.F32)),
+            new("mask columns bf16: scale in place, f32 -> bf16, accumulated gradient", dev => MaskColumns(dev, DType.BF16)),
+            new("rmsnorm backward f32 (d 999, accumulated)", RmsNormBackward),
+            new("swiglu backward f32 (n 10007)", dev => SwiGluBackward(dev, DType.F32)),
+            new("swiglu backward bf16 (n 10007)", dev => SwiGluBackward(dev, DType.BF16)),
+            new("rope backward f32 (inverse rotation, heads 3, head_dim 64)", RopeBackward),
+            new("attention backward f32 (t 45, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 45, 4, 2, 64, null, DType.F32)),
+            new("attention backward f32 sliding window 9 (t 70, heads 2/1, head_dim 48)", dev => AttentionBackward(dev, 70, 2, 1, 48, 9, DType.F32)),
+            new("attention backward bf16 (t 100, heads 4/4, head_dim 128)", dev => AttentionBackward(dev, 100, 4, 4, 128, null, DType.BF16)),
             new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32)),
             new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16)),
+            new("gemm f32, B not transposed (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32, transposeB: false)),
+            new("gemm bf16 -> f32, B not transposed, accumulate (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16, transposeB: false, beta: 1)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
+            new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
+            new("masked training step f32 vs CPU (loss, mask gradients; same)", dev => TrainingStep(dev, PruningMode.Same, DType.F32)),
+            new("masked training step bf16 vs CPU f32 (loss, mask gradients)", dev => TrainingStep(dev, PruningMode.Disp, DType.BF16)),
         };
         if (referenceModelDir != null)
         {
             checks.Add(new("ref-llama golden f32 (argmax, logsumexp, L2)", dev => Golden(dev, referenceModelDir, DType.F32)));
             checks.Add(new("ref-llama golden bf16 (argmax agreement >= 99%)", dev => Golden(dev, referenceModelDir, DType.BF16)));
+            checks.Add(new("ref-llama training step f32, CPU vs CUDA (loss, hypernetwork gradients)", dev => ReferenceTrainingStep(dev, referenceModelDir)));
         }
         return checks;
     }
@@ -339,33 +354,179 @@ public static class SelfTest
         return r + $"; noise mean {mean:F3}";
     }
 
-    private static string MaskColumns(CudaDevice dev)
+    /// <summary>ScaleColumns (in place in <paramref name="dtype"/>, and f32 → dtype), AddScaledColumns, and MaskColumnsGrad
+    /// accumulating at an offset inside a larger buffer.</summary>
+    private static string MaskColumns(CudaDevice dev, DType dtype)
     {
         var rng = new Rng(12);
-        int rows = 13, w = 301;
-        var y = Random(rng, rows * w); var mask = Random(rng, w); var dy = Random(rng, rows * w);
-        using var ty = dev.Upload(y); using var tm = dev.Upload(mask); using var tdy = dev.Upload(dy);
-        using var dm = dev.Allocate(DType.F32, w);
+        int rows = 13, w = 301, off = 17;
+        var y = RoundTo(dtype, Random(rng, rows * w)); var maskAll = Random(rng, w + off); var dy = Random(rng, rows * w);
+        var x = Random(rng, rows * w); var prior = Random(rng, w + off);
+        var mask = maskAll.AsSpan(off, w).ToArray();
+        using var ty = dev.Upload(y, dtype); using var tm = dev.Upload(maskAll); using var tdy = dev.Upload(dy);
+        using var tx = dev.Upload(x); using var dm = dev.Upload(prior);
+        using var conv = dev.Allocate(dtype, rows * w);
         var ops = new CudaOps(dev);
-        ops.MaskColumnsGrad(tdy, ty, dm, rows, w);
-        ops.MaskColumns(ty, tm, rows, w);
-        var wantY = new float[rows * w]; var wantDm = new float[w];
+        ops.MaskColumnsGrad(tdy, ty, dm, rows, w, accumulate: true, dmaskOffset: off);
+        ops.ScaleColumns(ty, tm, ty, rows, w, off);
+        ops.ScaleColumns(tdy, tm, conv, rows, w, off);
+        ops.AddScaledColumns(tx, tdy, tm, rows, w, off);
+        var wantY = new float[rows * w]; var wantConv = new float[rows * w]; var wantX = (float[])x.Clone(); var wantDm = (float[])prior.Clone();
         for (int r = 0; r < rows; r++)
-            for (int j = 0; j < w; j++) { wantY[r * w + j] = y[r * w + j] * mask[j]; wantDm[j] += dy[r * w + j] * y[r * w + j]; }
-        return Compare(dev.Download(ty), wantY, 1e-6, "masked rel err") + "; " + Compare(dev.Download(dm), wantDm, 1e-5, "grad rel err");
+            for (int j = 0; j < w; j++)
+            {
+                int i = r * w + j;
+                wantY[i] = y[i] * mask[j]; wantConv[i] = dy[i] * mask[j]; wantX[i] += dy[i] * mask[j];
+                wantDm[off + j] += dy[i] * y[i];
+            }
+        double tol = dtype == DType.F32 ? 1e-6 : 1e-2;
+        return Compare(dev.Download(ty), wantY, tol, "scaled rel err") + "; " + Compare(dev.Download(conv), wantConv, tol, "converted rel err")
+            + "; " + Compare(dev.Download(tx), wantX, 1e-6, "residual rel err") + "; " + Compare(dev.Download(dm), wantDm, 1e-5, "grad rel err");
+    }
+
+    /// <summary>Seeds the gradient of <paramref name="y"/> with <paramref name="dy"/> and runs the tape backward.</summary>
+    private static void Seed(Autograd.Tape<float> tape, Autograd.Var<float> y, float[] dy)
+    {
+        dy.CopyTo(y.G, 0);
+        tape.Backward();
+    }
+
+    private static string RmsNormBackward(CudaDevice dev)
+    {
+        var rng = new Rng(15);
+        int rows = 5, d = 999;
+        var x = Random(rng, rows * d, 2); var gamma = Random(rng, d); var dy = Random(rng, rows * d); var prior = Random(rng, rows * d);
+        var tape = new Autograd.Tape<float>();
+        var xv = tape.Leaf(x, rows, d, (float[])prior.Clone());
+        Seed(tape, tape.RmsNorm(xv, tape.Constant(gamma, 1, d), 1e-5), dy);
+        using var tx = dev.Upload(x); using var tg = dev.Upload(gamma); using var tdy = dev.Upload(dy); using var tdx = dev.Upload(prior);
+        new CudaOps(dev).RmsNormBackward(tx, tg, tdy, tdx, rows, d, 1e-5f);
+        return Compare(dev.Download(tdx), xv.Grad!, 1e-5);
+    }
+
+    private static string SwiGluBackward(CudaDevice dev, DType dtype)
+    {
+        var rng = new Rng(16);
+        int n = 10007;
+        var g = RoundTo(dtype, Random(rng, n, 3)); var u = RoundTo(dtype, Random(rng, n)); var dout = Random(rng, n);
+        var tape = new Autograd.Tape<float>();
+        var gv = tape.Leaf(g, 1, n); var uv = tape.Leaf(u, 1, n);
+        Seed(tape, tape.SiluMul(gv, uv), dout);
+        using var tg = dev.Upload(g, dtype); using var tu = dev.Upload(u, dtype); using var td = dev.Upload(dout);
+        using var dg = dev.Allocate(dtype, n); using var du = dev.Allocate(dtype, n);
+        new CudaOps(dev).SiluMulBackward(tg, tu, td, dg, du, n);
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        return Compare(dev.Download(dg), gv.Grad!, tol, "dgate rel err") + "; " + Compare(dev.Download(du), uv.Grad!, tol, "dup rel err");
+    }
+
+    private static string RopeBackward(CudaDevice dev)
+    {
+        var rng = new Rng(17);
+        int rows = 7, heads = 3, hd = 64;
+        var x = Random(rng, rows * heads * hd); var dy = Random(rng, rows * heads * hd);
+        var rope = new Rope(hd, 10000.0, null);
+        var tape = new Autograd.Tape<float>();
+        var xv = tape.Leaf(x, rows, heads * hd);
+        Seed(tape, tape.Rope(xv, heads, rope), dy);
+        var invFreq = Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray();
+        using var tf = dev.Upload(invFreq); using var tdy = dev.Upload(dy);
+        new CudaOps(dev).Rope(tdy, tf, rows, heads, hd, 0, inverse: true);
+        return Compare(dev.Download(tdy), xv.Grad!, 1e-5);
+    }
+
+    /// <summary>The training attention pair (forward with log-sum-exp, then backward) against the CPU tape's attention
+    /// backward; bf16 inputs are rounded first so both sides see the same values.</summary>
+    private static string AttentionBackward(CudaDevice dev, int t, int heads, int kvHeads, int hd, int? window, DType dtype)
+    {
+        var rng = new Rng(18);
+        int qd = heads * hd, kvd = kvHeads * hd;
+        var q = RoundTo(dtype, Random(rng, t * qd)); var k = RoundTo(dtype, Random(rng, t * kvd)); var v = RoundTo(dtype, Random(rng, t * kvd));
+        var dout = Random(rng, t * qd);
+        var tape = new Autograd.Tape<float>();
+        var qv = tape.Leaf(q, t, qd); var kv = tape.Leaf(k, t, kvd); var vv = tape.Leaf(v, t, kvd);
+        var ov = tape.Attention(qv, kv, vv, heads, kvHeads, hd, window);
+        Seed(tape, ov, dout);
+        using var tq = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype); using var td = dev.Upload(dout);
+        using var o = dev.Allocate(dtype, t * qd); using var lse = dev.Allocate(DType.F32, heads * t); using var dsum = dev.Allocate(DType.F32, heads * t);
+        using var dq = dev.Allocate(DType.F32, t * qd); using var dk = dev.Allocate(DType.F32, t * kvd); using var dv = dev.Allocate(DType.F32, t * kvd);
+        var ops = new CudaOps(dev);
+        ops.AttentionForTraining(tq, tk, tv, o, lse, t, heads, kvHeads, hd, window);
+        ops.AttentionBackward(tq, tk, tv, o, td, lse, dq, dk, dv, dsum, t, heads, kvHeads, hd, window);
+        // bf16 rounds the forward output that D = rowsum(dO·O) is taken from: a 1e-2 relative effect.
+        double tol = dtype == DType.F32 ? 1e-4 : 2e-2;
+        return Compare(dev.Download(o), ov.Data, dtype == DType.F32 ? 1e-5 : 1e-2, "out rel err") + "; " + Compare(dev.Download(dq), qv.Grad!, tol, "dq rel err")
+            + "; " + Compare(dev.Download(dk), kv.Grad!, tol, "dk rel err") + "; " + Compare(dev.Download(dv), vv.Grad!, tol, "dv rel err");
+    }
+
+    /// <summary>One block's loss and mask gradients: <see cref="CudaMaskedLlama"/> against the CPU reference, with soft masks
+    /// in (0, 1) and some exact zeros.</summary>
+    private static string TrainingStep(CudaDevice dev, PruningMode mode, DType dtype)
+    {
+        var (c, w) = RandomModel(pruned: false);
+        if (dtype != DType.F32)
+        {
+            // Both sides get the same (storage-representable) weights; only the activations' rounding differs.
+            var arrays = new List<float[]> { w.Embedding, w.FinalNorm, w.LmHead };
+            foreach (var l in w.Layers) arrays.AddRange([l.AttnNorm, l.Wq, l.Wk, l.Wv, l.Wo, l.MlpNorm, l.WGate, l.WUp, l.WDown]);
+            foreach (var a in arrays.Distinct()) RoundTo(dtype, a).CopyTo(a, 0);
+        }
+        var layout = new SiteLayout(c, mode);
+        var rng = new Rng(19);
+        var masks = layout.OutputWidths.Select(width => Enumerable.Range(0, width).Select(_ => rng.NextDouble() < 0.2 ? 0f : (float)rng.NextDouble()).ToArray()).ToList();
+        int[] block = Enumerable.Range(0, 57).Select(_ => (int)(rng.NextDouble() * c.VocabSize)).ToArray();
+        var wantGrads = masks.Select(m => new float[m.Length]).ToList();
+        double want = new CpuMaskedLanguageModel(c, w).LossAndMaskGradients(block, masks, layout.OutputOf, wantGrads, 0.5);
+        using var gpu = new CudaMaskedLlama(new CudaLlama(dev, c, w, dtype), ownsModel: true);
+        var grads = masks.Select(m => new float[m.Length]).ToList();
+        double got = gpu.LossAndMaskGradients(block, masks, layout.OutputOf, grads, 0.5);
+        double lossErr = Math.Abs(got - want) / Math.Abs(want);
+        double tol = dtype == DType.F32 ? 1e-4 : 5e-2;
+        string detail = $"loss {got:F5} vs {want:F5} (rel err {lossErr:E2})";
+        if (lossErr > (dtype == DType.F32 ? 1e-5 : 1e-2)) throw new Mismatch(detail);
+        return detail + "; " + Compare(grads.SelectMany(g => g).ToArray(), wantGrads.SelectMany(g => g).ToArray(), tol, "mask grad rel err");
+    }
+
+    /// <summary>A full hypernetwork step on ref-llama-25m (masks from the hypernetwork, Gumbel noise, regularizer): the
+    /// hypernetwork's gradients with the LM pass on the CPU and on CUDA.</summary>
+    private static string ReferenceTrainingStep(CudaDevice dev, string dir)
+    {
+        var model = ModelLoader.Load(dir);
+        var (c, w) = (model.Config, model.Model.Weights);
+        var options = new TrainingOptions { PruneRatio = 0.5, Seed = 3 };
+        var rng = new Rng(20);
+        int[] block = Enumerable.Range(0, 128).Select(_ => (int)(rng.NextDouble() * c.VocabSize)).ToArray();
+        var cpu = new HypernetworkTrainer(c, w, options);
+        var want = cpu.ComputeGradients([block]);
+        using var gpuModel = new CudaMaskedLlama(new CudaLlama(dev, c, w, DType.F32), ownsModel: true);
+        var gpu = new HypernetworkTrainer(c, w, options, model: gpuModel);
+        var got = gpu.ComputeGradients([block]);
+        double lossErr = Math.Abs(got.CrossEntropy - want.CrossEntropy) / want.CrossEntropy;
+        string detail = $"cross-entropy {got.CrossEntropy:F5} vs {want.CrossEntropy:F5} (rel err {lossErr:E2}), r {got.Ratio:F4} vs {want.Ratio:F4}";
+        if (lossErr > 1e-4 || got.Ratio != want.Ratio) throw new Mismatch(detail);
+        var g = gpu.Network.Parameters.SelectMany(p => p.Grad).ToArray();
+        var gw = cpu.Network.Parameters.SelectMany(p => p.Grad).ToArray();
+        return detail + "; " + Compare(g, gw, 1e-3, "hypernetwork grad rel err");
     }
 
     /// <summary>Inputs are rounded to the storage type first, so with f32 accumulation both types must match the
     /// CPU to summation-order error.</summary>
-    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype)
+    /// <summary>D = A·Bᵀ (B [n, k]) or, without <paramref name="transposeB"/>, D = A·B (B [k, n]), plus beta·D.</summary>
+    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, bool transposeB = true, float beta = 0)
     {
         var rng = new Rng(13);
-        var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k));
+        var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k)); var prior = Random(rng, m * n);
         using var ta = dev.Upload(a, dtype); using var tb = dev.Upload(b, dtype);
-        using var c = dev.Allocate(DType.F32, m * n);
-        dev.Gemm(ta, tb, c, m, n, k);
+        using var c = dev.Upload(prior);
+        dev.Gemm(ta, tb, c, m, n, k, beta: beta, transposeB: transposeB);
+        var bt = b;
+        if (!transposeB)
+        {
+            bt = new float[n * k];   // [k, n] → [n, k]
+            for (int i = 0; i < k; i++) for (int j = 0; j < n; j++) bt[j * k + i] = b[i * n + j];
+        }
         var want = new float[m * n];
-        Cpu.Gemm.MatMulT(a, b, want, m, n, k);
+        Cpu.Gemm.MatMulT(a, bt, want, m, n, k);
+        for (int i = 0; i < want.Length; i++) want[i] += beta * prior[i];
         return Compare(dev.Download(c), want, 1e-5);
     }
 

@@ -83,3 +83,37 @@ public sealed class MaskedLlama<T> where T : unmanaged, IFloatingPointIeee754<T>
         return tape.CrossEntropy(Logits(tape, ids, mask), targets);
     }
 }
+
+/// <summary>The frozen LLM under DISP masks as the hypernetwork trainer sees it, on any backend: one block's mean
+/// next-token cross-entropy, with ∂(scale·loss)/∂mask added into each mask output's gradient. Disposing releases
+/// device resources (none on the CPU).</summary>
+public interface IMaskedLanguageModel : IDisposable
+{
+    /// <summary>Where the LM pass runs, e.g. "cpu" or "cuda:0 bf16".</summary>
+    string DeviceName { get; }
+
+    /// <summary>Loss of <paramref name="block"/> with site (l, kind) masked by <c>masks[outputOf(l, kind)]</c>; adds
+    /// <paramref name="gradScale"/>·∂loss/∂masks[o] into <c>maskGradients[o]</c>.</summary>
+    double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
+        IReadOnlyList<float[]> maskGradients, double gradScale);
+}
+
+/// <summary>The fp32 CPU reference: <see cref="MaskedLlama{T}"/> recorded on a tape and run backward.</summary>
+public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weights) : IMaskedLanguageModel
+{
+    private readonly MaskedLlama<float> _model = new(config, weights);
+
+    public string DeviceName => "cpu";
+
+    public void Dispose() { }
+
+    public double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
+        IReadOnlyList<float[]> maskGradients, double gradScale)
+    {
+        var tape = new Tape<float>();
+        var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, maskGradients[o])).ToArray();
+        var loss = _model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
+        tape.Backward(tape.Affine(loss, gradScale, 0));
+        return loss.Scalar;
+    }
+}

@@ -56,9 +56,16 @@ public static class PruneJob
         logger.LogInformation("calibration: {Tokens} tokens in {Blocks} blocks of {Size}", ids.Length, blocks.Count, o.CalibrationBlockSize);
         progress?.Report(new JobProgress("calibration", 1, 1, $"{blocks.Count} blocks"));
 
-        var trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger);
-        var train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
-            progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
+        TrainingResult train;
+        HypernetworkTrainer trainer;
+        string trainDevice;
+        using (var lm = Devices.MaskedModel(dense, device, device == "cuda" ? o.DType : null))
+        {
+            trainDevice = lm.DeviceName;
+            trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger, lm);
+            train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
+                progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
+        }
 
         var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
         string mode = o.Training.Mode.ToString().ToLowerInvariant();
@@ -69,7 +76,7 @@ public static class PruneJob
         Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
         var pruned = ModelLoader.Load(modelDir);
 
-        // Training runs on the CPU reference; evaluation on the chosen device, in the saved storage type on CUDA.
+        // Evaluation on the chosen device, in the saved storage type on CUDA.
         PerplexityResult denseEval, prunedEval;
         DType? evalDType = device == "cuda" ? dtype : null;
         using (var onDevice = Devices.Place(dense, device, evalDType))
@@ -102,7 +109,7 @@ public static class PruneJob
             ["resumed_from_step"] = train.ResumedFrom,
             ["train_seconds"] = train.Seconds,
             ["device"] = device,
-            ["train_device"] = "cpu",
+            ["train_device"] = trainDevice,
             ["model"] = o.ModelPath,
             ["saved_dtype"] = dtype.Name(),
             ["evaluation"] = new JsonObject

@@ -72,7 +72,7 @@ public sealed class HypernetworkTrainer
     public const string CheckpointFile = "checkpoint.safetensors", LogFile = "train_log.jsonl", HypernetworkFile = "hypernetwork.safetensors";
     private const string CheckpointMeta = "dispnative-checkpoint";
 
-    private readonly MaskedLlama<float> _model;
+    private readonly IMaskedLanguageModel _model;
     private readonly AdamW _optimizer;
     private readonly ILogger _logger;
     private Rng _noise;
@@ -86,7 +86,9 @@ public sealed class HypernetworkTrainer
     /// <summary>Completed optimisation steps.</summary>
     public int Step { get; private set; }
 
-    public HypernetworkTrainer(ModelConfig config, ModelWeights weights, TrainingOptions options, ILogger? logger = null)
+    /// <summary>A trainer whose LM pass runs on <paramref name="model"/> (default: the fp32 CPU reference).</summary>
+    public HypernetworkTrainer(ModelConfig config, ModelWeights weights, TrainingOptions options, ILogger? logger = null,
+        IMaskedLanguageModel? model = null)
     {
         options.Validate();
         Config = config;
@@ -94,7 +96,7 @@ public sealed class HypernetworkTrainer
         _logger = logger ?? NullLogger.Instance;
         Layout = new SiteLayout(config, options.Mode);
         Network = new Hypernetwork<float>(Layout.OutputWidths, options.Seed);
-        _model = new MaskedLlama<float>(config, weights);
+        _model = model ?? new CpuMaskedLanguageModel(config, weights);
         _optimizer = new AdamW(Network.Parameters) { WeightDecay = options.WeightDecay, ClipNorm = options.ClipNorm };
         _noise = new Rng(options.Seed ^ 0x6A09E667F3BCC909UL);
     }
@@ -138,16 +140,12 @@ public sealed class HypernetworkTrainer
         }
         var reg = Layout.Regularizer(tape, hard, 1 - Options.PruneRatio, Options.Lambda, out double ratio);
 
+        // The LM pass's mask gradients accumulate straight into the soft masks' gradients.
         double ce = 0;
+        var masks = soft.Select(s => s.Data).ToArray();
+        var grads = soft.Select(s => s.G).ToArray();
         foreach (var block in batch)
-        {
-            // The LM pass runs on its own tape; its mask gradients accumulate straight into the soft masks.
-            var lm = new Tape<float>();
-            var masks = soft.Select(s => lm.Leaf(s.Data, 1, s.Cols, s.G)).ToArray();
-            var loss = _model.Loss(lm, block, (l, kind) => masks[Layout.OutputOf(l, kind)]);
-            ce += loss.Scalar / batch.Count;
-            lm.Backward(lm.Affine(loss, 1.0 / batch.Count, 0));
-        }
+            ce += _model.LossAndMaskGradients(block, masks, Layout.OutputOf, grads, 1.0 / batch.Count) / batch.Count;
         tape.Backward(reg);
         return new StepResult(ce, reg.Scalar, ratio);
     }
