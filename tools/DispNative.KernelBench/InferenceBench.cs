@@ -11,7 +11,7 @@ namespace DispNative.KernelBench;
 /// site (embedding-side and MLP middle), about half of the layer parameters.</summary>
 internal static class InferenceBench
 {
-    private static readonly ModelConfig Llama2_7B = new()
+    internal static readonly ModelConfig Llama2_7B = new()
     {
         Architecture = "LlamaForCausalLM", HiddenSize = 4096, IntermediateSize = 11008, NumLayers = 32, NumHeads = 32,
         NumKvHeads = 32, HeadDim = 128, VocabSize = 32000, MaxPositionEmbeddings = 4096,

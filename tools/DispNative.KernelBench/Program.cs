@@ -9,7 +9,8 @@ namespace DispNative.KernelBench;
 
 /// <summary>Kernel microbenchmarks. <c>cpu</c>: GEMM (naive baseline vs tuned, same run) against the machine's
 /// theoretical fp32 peak, and the CPU forward pass in tokens/s. <c>gpu</c>: the CUDA kernels at LLaMA-2-7B shapes
-/// (see <see cref="GpuBench"/>). <c>infer</c>: dense vs DISP-pruned inference at 7B shape (<see cref="InferenceBench"/>).</summary>
+/// (see <see cref="GpuBench"/>). <c>infer</c>: dense vs DISP-pruned inference at 7B shape (<see cref="InferenceBench"/>).
+/// <c>train</c>: the masked LM pass of a training step at 7B shape (<see cref="TrainingBench"/>).</summary>
 public static class Program
 {
     public static int Main(string[] args)
@@ -17,10 +18,11 @@ public static class Program
         if (args.Length == 0 || args[0] is "-h" or "--help")
         {
             Console.WriteLine("usage: DispNative.KernelBench cpu [--model DIR] [--tokens N] [--seconds S]\n       DispNative.KernelBench gpu [--repeats N]\n" +
-                              "       DispNative.KernelBench infer [--tokens N] [--decode N] [--keep F]   (7B-shape dense vs pruned inference)");
+                              "       DispNative.KernelBench infer [--tokens N] [--decode N] [--keep F]   (7B-shape dense vs pruned inference)\n" +
+                              "       DispNative.KernelBench train [--tokens N] [--layers N]   (7B-shape masked training step)");
             return args.Length == 0 ? 1 : 0;
         }
-        if (args[0] is "gpu" or "infer")
+        if (args[0] is "gpu" or "infer" or "train")
         {
             if (!int.TryParse(Arg(args, "--repeats") ?? "20", out int repeats) || repeats < 1)
             { Console.Error.WriteLine("error: --repeats must be a positive integer"); return 1; }
@@ -30,16 +32,20 @@ public static class Program
             { Console.Error.WriteLine("error: --decode must be a positive integer"); return 1; }
             if (!double.TryParse(Arg(args, "--keep") ?? "0.65", System.Globalization.CultureInfo.InvariantCulture, out double keep) || keep is <= 0 or >= 1)
             { Console.Error.WriteLine("error: --keep must be a fraction in (0, 1)"); return 1; }
+            if (!int.TryParse(Arg(args, "--layers") ?? "32", out int layers) || layers < 1)
+            { Console.Error.WriteLine("error: --layers must be a positive integer"); return 1; }
             if (CudaDevice.Unavailable() is string reason) { Console.Error.WriteLine($"error: no CUDA device: {reason}"); return 1; }
             try
             {
-                if (args[0] == "gpu") GpuBench.Run(repeats); else InferenceBench.Run(prefill, decode, keep);
+                if (args[0] == "gpu") GpuBench.Run(repeats);
+                else if (args[0] == "infer") InferenceBench.Run(prefill, decode, keep);
+                else TrainingBench.Run(prefill, layers);
                 return 0;
             }
             catch (Exception e) when (e is DispNativeException or Interop.CudaException or Interop.CudaOutOfMemoryException or Interop.NvrtcCompileException)
             { Console.Error.WriteLine($"error: {e.Message}"); return 1; }
         }
-        if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu, gpu, infer)"); return 1; }
+        if (args[0] != "cpu") { Console.Error.WriteLine($"error: unknown benchmark '{args[0]}' (available: cpu, gpu, infer, train)"); return 1; }
         string? model = Arg(args, "--model");
         if (!int.TryParse(Arg(args, "--tokens") ?? "512", out int tokens) || tokens < 1)
         { Console.Error.WriteLine("error: --tokens must be a positive integer"); return 1; }
