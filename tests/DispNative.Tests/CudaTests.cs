@@ -105,7 +105,7 @@ public class KernelSourceTests
             "attention:attention_prefill_##S", "attention:attention_decode_##S", "attention:kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "cross_entropy:cross_entropy_f32",
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
             "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "norm:rmsnorm_backward_##S", "activations:silu_mul_backward_##S",
-            "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S",
+            "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O",
         ];
         foreach (var e in expected)
         {

@@ -96,6 +96,25 @@ internal static class GpuBench
         Gemm($"gemm bf16 2048 x {pm} x {pw} (MLP up, pruned, padded to 8)", T, pm, pw);
         Gemm($"gemm bf16 2048 x {pw} x {pm} (MLP down, pruned, padded to 8)", T, pw, pm);
 
+        // Decode's batch-1 linear layers: the warp-per-row GEMV kernel against cuBLASLt on the same operands.
+        void Gemv(string name, int n, int k)
+        {
+            using var x = dev.Upload(Rand(k), DType.BF16);
+            using var w = dev.Upload(Rand((long)n * k), DType.BF16);
+            using var y = dev.Allocate(DType.BF16, n);
+            double bytes = 2.0 * n * k;
+            dev.UseGemv = false;
+            Bandwidth($"{name}, cuBLASLt (baseline)", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            dev.UseGemv = true;
+            Bandwidth($"{name}, gemv kernel", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+        }
+        Console.WriteLine();
+        Gemv("gemv bf16 1 x 4096 x 4096 (q/o proj)", D, D);
+        Gemv("gemv bf16 1 x 11008 x 4096 (gate/up)", Ffn, D);
+        Gemv("gemv bf16 1 x 4096 x 11008 (down)", D, Ffn);
+        Gemv($"gemv bf16 1 x {pm} x {pw} (up, pruned, padded)", pm, pw);
+        Gemv("gemv bf16 1 x 32000 x 4096 (LM head)", Vocab, D);
+
         Console.WriteLine();
         using var q = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);
         using var kc = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);

@@ -215,6 +215,12 @@ public sealed unsafe class CudaDevice : IDisposable
     public void Launch(string kernel, string entry, uint grid, uint block, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
         => Launch(kernel, entry, (grid, 1, 1), (block, 1, 1), sharedBytes, args);
 
+    /// <summary>Single-row GEMMs (decode) go to the warp-per-row GEMV kernel (kernels/gemv.cu) when K and the operands
+    /// allow 16-byte loads; off sends them to cuBLASLt too (KernelBench compares the two).</summary>
+    public bool UseGemv { get; set; } = true;
+
+    private const int GemvWarps = 8;
+
     /// <summary>Row-major D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·D through cuBLASLt (fp32 accumulation); with
     /// <paramref name="transposeB"/> false, B is [K,N] and D = α·A·B + β·D (the input gradient of a linear layer). A and B
     /// share a storage type; D is that type or f32. Plans (descriptors + heuristic algorithm) are cached per shape.</summary>
@@ -227,6 +233,12 @@ public sealed unsafe class CudaDevice : IDisposable
         MakeCurrent();
         int ea = a.DType.Size(), ed = d.DType.Size();
         ulong pa = a.Pointer + (ulong)(offsetA * ea), pb = b.Pointer + (ulong)(offsetB * ea), pd = d.Pointer + (ulong)(offsetD * ed);
+        if (m == 1 && transposeB && UseGemv && k % (16 / ea) == 0 && ((pa | pb) & 15) == 0 && (d.DType == a.DType || d.DType == DType.F32))
+        {
+            Launch("gemv", $"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", (uint)((n + GemvWarps - 1) / GemvWarps), GemvWarps * 32, 0,
+                pa, pb, pd, n, k, alpha, beta);
+            return;
+        }
         uint align = (uint)Math.Min(256UL, (pa | pb | pd | 256UL) & ~((pa | pb | pd | 256UL) - 1));  // largest power of two dividing all
         string key = $"{m},{n},{k},{a.DType},{d.DType},{align},{transposeB}";
         if (!_plans.TryGetValue(key, out var plan))

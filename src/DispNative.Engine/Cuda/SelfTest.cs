@@ -63,6 +63,10 @@ public static class SelfTest
             new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16)),
             new("gemm f32, B not transposed (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32, transposeB: false)),
             new("gemm bf16 -> f32, B not transposed, accumulate (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16, transposeB: false, beta: 1)),
+            new("gemv f32 (1 x 77 x 132)", dev => Gemm(dev, 1, 77, 132, DType.F32)),
+            new("gemv bf16 -> f32, accumulate (1 x 1000 x 4096)", dev => Gemm(dev, 1, 1000, 4096, DType.BF16, beta: 1)),
+            new("gemv bf16 -> bf16 (1 x 300 x 11008)", dev => Gemm(dev, 1, 300, 11008, DType.BF16, output: DType.BF16)),
+            new("gemm bf16 1 x 50 x 333 (K not a multiple of 8: cuBLASLt)", dev => Gemm(dev, 1, 50, 333, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
@@ -510,13 +514,14 @@ public static class SelfTest
 
     /// <summary>Inputs are rounded to the storage type first, so with f32 accumulation both types must match the
     /// CPU to summation-order error.</summary>
-    /// <summary>D = A·Bᵀ (B [n, k]) or, without <paramref name="transposeB"/>, D = A·B (B [k, n]), plus beta·D.</summary>
-    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, bool transposeB = true, float beta = 0)
+    /// <summary>D = A·Bᵀ (B [n, k]) or, without <paramref name="transposeB"/>, D = A·B (B [k, n]), plus beta·D. One row
+    /// (m 1) with K a multiple of 8 runs the GEMV kernel.</summary>
+    private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, bool transposeB = true, float beta = 0, DType output = DType.F32)
     {
         var rng = new Rng(13);
-        var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k)); var prior = Random(rng, m * n);
+        var a = RoundTo(dtype, Random(rng, m * k)); var b = RoundTo(dtype, Random(rng, n * k)); var prior = RoundTo(output, Random(rng, m * n));
         using var ta = dev.Upload(a, dtype); using var tb = dev.Upload(b, dtype);
-        using var c = dev.Upload(prior);
+        using var c = dev.Upload(prior, output);
         dev.Gemm(ta, tb, c, m, n, k, beta: beta, transposeB: transposeB);
         var bt = b;
         if (!transposeB)
@@ -527,7 +532,7 @@ public static class SelfTest
         var want = new float[m * n];
         Cpu.Gemm.MatMulT(a, bt, want, m, n, k);
         for (int i = 0; i < want.Length; i++) want[i] += beta * prior[i];
-        return Compare(dev.Download(c), want, 1e-5);
+        return Compare(dev.Download(c), want, output == DType.F32 ? 1e-5 : 1e-2);
     }
 
     // ---- whole model ----
