@@ -8,6 +8,21 @@
 #define KEYS 32            // keys per tile: one per lane when scoring
 #define PREFILL_WARPS 8     // query rows per block in prefill (one per warp)
 
+// Stages keys and values tile..tile+KEYS-1 of kv head kvh ([rows, kv_dim] tensors) in shared memory as f32, zeros
+// past `last`. Rows are padded by one float: lanes reading one key each hit distinct banks.
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(float (*ks)[MAX_HEAD_DIM + 1], float (*vs)[MAX_HEAD_DIM + 1], const T* __restrict__ k,
+    const T* __restrict__ v, int tile, int last, int kv_dim, int kvh, int head_dim)
+{
+    for (int i = threadIdx.x; i < KEYS * head_dim; i += blockDim.x)
+    {
+        int j = i / head_dim, c = i % head_dim, key = tile + j;
+        bool ok = key <= last;
+        ks[j][c] = ok ? to_f32(k[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
+        vs[j][c] = ok ? to_f32(v[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
+    }
+}
+
 // Prefill: grid (ceil(tq / PREFILL_WARPS), heads), block PREFILL_WARPS * 32. Each warp owns one query row; the
 // block stages tiles of 32 keys and values in shared memory. Scoring: lane j computes the score of key j;
 // accumulation: lane owns output dims lane, lane + 32, ... With lse != nullptr it also writes each row's log-sum-exp
@@ -17,7 +32,7 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     __shared__ float ks[KEYS][MAX_HEAD_DIM + 1];
-    __shared__ float vs[KEYS][MAX_HEAD_DIM];
+    __shared__ float vs[KEYS][MAX_HEAD_DIM + 1];
     __shared__ float qs[PREFILL_WARPS][MAX_HEAD_DIM];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int h = blockIdx.y, kvh = h / (heads / kv_heads);
@@ -39,13 +54,7 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
     for (int tile = block_first - block_first % KEYS; tile <= block_last; tile += KEYS)
     {
         __syncthreads();
-        for (int i = threadIdx.x; i < KEYS * head_dim; i += blockDim.x)
-        {
-            int j = i / head_dim, c = i % head_dim, key = tile + j;
-            bool ok = key <= block_last;
-            ks[j][c] = ok ? to_f32(kc[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
-            vs[j][c] = ok ? to_f32(vc[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
-        }
+        load_kv_tile(ks, vs, kc, vc, tile, block_last, kv_dim, kvh, head_dim);
         __syncthreads();
         if (!active) continue;
         int key = tile + lane;
@@ -204,13 +213,7 @@ __device__ void attention_backward_dq(const T* __restrict__ q, const T* __restri
     for (int tile = block_first - block_first % KEYS; tile <= last_t; tile += KEYS)
     {
         __syncthreads();
-        for (int i = threadIdx.x; i < KEYS * head_dim; i += blockDim.x)
-        {
-            int j = i / head_dim, c = i % head_dim, key = tile + j;
-            bool ok = key <= last_t;
-            ks[j][c] = ok ? to_f32(k[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
-            vs[j][c] = ok ? to_f32(v[(long long)key * kv_dim + kvh * head_dim + c]) : 0.f;
-        }
+        load_kv_tile(ks, vs, k, v, tile, last_t, kv_dim, kvh, head_dim);
         __syncthreads();
         if (!active) continue;
         int key = tile + lane;
