@@ -139,16 +139,11 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         }
     }
 
-    private unsafe void Upload(DeviceTensor dst, ReadOnlySpan<float> values)
+    /// <summary>Copies host values into an existing device tensor (same element size).</summary>
+    private unsafe void Upload<T>(DeviceTensor dst, ReadOnlySpan<T> values) where T : unmanaged
     {
-        fixed (float* p = values) CudaDriver.CopyHtoD(dst.Pointer, p, values.Length * 4L, _device.Stream.DangerousGetHandle());
+        fixed (T* p = values) CudaDriver.CopyHtoD(dst.Pointer, p, values.Length * (long)sizeof(T), _device.Stream.DangerousGetHandle());
         _device.Synchronize();   // the host span must outlive the copy
-    }
-
-    private unsafe void Upload(DeviceTensor dst, ReadOnlySpan<int> values)
-    {
-        fixed (int* p = values) CudaDriver.CopyHtoD(dst.Pointer, p, values.Length * 4L, _device.Stream.DangerousGetHandle());
-        _device.Synchronize();
     }
 
     /// <summary>Embedding, every layer (keeping its input residual), final norm, LM head, and the cross-entropy with its
