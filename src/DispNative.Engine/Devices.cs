@@ -52,18 +52,10 @@ public static class Devices
     /// <see cref="CudaMaskedLlama"/> with weights stored in <paramref name="dtype"/> (auto: bf16).</summary>
     public static IMaskedLanguageModel MaskedModel(LoadedModel model, string device, DType? dtype = null)
     {
-        if (device == "cpu")
-        {
-            if (dtype is DType.BF16 or DType.F16) throw new InvalidSettingException($"the CPU backend computes in f32 (got dtype {dtype.Value.ToString().ToLowerInvariant()}); use --device cuda or f32");
-            return new CpuMaskedLanguageModel(model.Config, model.Model.Weights);
-        }
-        var gpu = CudaDevice.Open();
-        CudaLlama? llama = null;
-        try
-        {
-            llama = new CudaLlama(gpu, model.Config, model.Model.Weights, dtype ?? DType.BF16, ownsDevice: true);
-            return new CudaMaskedLlama(llama, ownsModel: true);
-        }
-        catch { if (llama != null) llama.Dispose(); else gpu.Dispose(); throw; }
+        var placed = Place(model, device, dtype);
+        if (device == "cpu") return new CpuMaskedLanguageModel(model.Config, model.Model.Weights);
+        var gpu = (CudaLlama)placed.Runner;
+        try { return new CudaMaskedLlama(gpu, ownsModel: true); }
+        catch { gpu.Dispose(); throw; }
     }
 }

@@ -218,5 +218,8 @@ public class DeviceSelectionTests
         var m = Engine.Models.ModelLoader.Load(TestAssets.WriteTinyModel());
         Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.Place(m, "cpu", Engine.IO.DType.BF16))!.Message, Does.Contain("computes in f32"));
         Assert.That(Devices.Place(m, "cpu").Runner, Is.SameAs(m.Model));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.MaskedModel(m, "cpu", Engine.IO.DType.F16))!.Message, Does.Contain("computes in f32"));
+        using var lm = Devices.MaskedModel(m, "cpu");
+        Assert.That(lm, Is.InstanceOf<Engine.Disp.CpuMaskedLanguageModel>());
     }
 }

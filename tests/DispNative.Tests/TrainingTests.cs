@@ -17,6 +17,29 @@ public class TrainingTests
     }
 
     [Test]
+    public void CpuMaskedModel_AddsScaledMaskGradients_SharedMasksSumTheirSites()
+    {
+        var (c, w, blocks) = TinySetup();
+        var model = new CpuMaskedLanguageModel(c, w);
+        var layout = new SiteLayout(c, PruningMode.Same);
+        var rng = new Rng(9);
+        var masks = layout.OutputWidths.Select(n => Enumerable.Range(0, n).Select(_ => (float)rng.NextDouble()).ToArray()).ToList();
+        var once = masks.Select(m => new float[m.Length]).ToList();
+        var twice = masks.Select(m => new float[m.Length]).ToList();
+        double loss = model.LossAndMaskGradients(blocks[0], masks, layout.OutputOf, once, 1);
+        // Two half-scaled calls add up to one full call; the loss does not depend on the scale.
+        Assert.That(model.LossAndMaskGradients(blocks[0], masks, layout.OutputOf, twice, 0.5), Is.EqualTo(loss));
+        model.LossAndMaskGradients(blocks[0], masks, layout.OutputOf, twice, 0.5);
+        for (int o = 0; o < masks.Count; o++)
+            Assert.That(twice[o], Is.EqualTo(once[o]).Within(1e-5f * once[o].Max(Math.Abs)), $"output {o}");
+        // The tape path it wraps: the same loss with the masks as leaves.
+        var tape = new Engine.Autograd.Tape<float>();
+        var leaves = masks.Select(m => tape.Leaf(m, 1, m.Length)).ToArray();
+        Assert.That(new MaskedLlama<float>(c, w).Loss(tape, blocks[0], (l, kind) => leaves[layout.OutputOf(l, kind)]).Scalar, Is.EqualTo((float)loss));
+        Assert.That(once.All(g => g.Any(v => v != 0)), "every mask output gets a gradient");
+    }
+
+    [Test]
     public void ResumeReproducesTheUninterruptedRunExactly()
     {
         var (c, w, blocks) = TinySetup();

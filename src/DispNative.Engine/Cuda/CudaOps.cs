@@ -24,9 +24,8 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r, start read from the one-int device
-    /// tensor <paramref name="position"/> when given (CUDA graph replay).</summary>
-    /// <summary>RoPE in place on rows at positions start..; <paramref name="inverse"/> rotates back (the backward of
-    /// the rotation, applied to a gradient).</summary>
+    /// tensor <paramref name="position"/> when given (CUDA graph replay). <paramref name="inverse"/> rotates back: the
+    /// backward of the rotation, applied to a gradient.</summary>
     public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null, bool inverse = false)
     {
         Need(x, (long)rows * heads * headDim, "rope input");
@@ -172,11 +171,11 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
     public static bool UsesTensorCores(DType dtype, int headDim) => (dtype is DType.BF16 or DType.F16) && (headDim is 64 or 128);
 
-    /// <summary>x[offset .. offset + count) = value (default: the whole tensor).</summary>
-    public void FillConstant(DeviceTensor x, float value, long offset = 0, long? count = null)
+    /// <summary>x[offset ..] = value (default: the whole tensor).</summary>
+    public void FillConstant(DeviceTensor x, float value, long offset = 0)
     {
-        long n = count ?? x.Length - offset;
-        if (offset < 0 || n < 0 || offset + n > x.Length) throw new ArgumentException($"fill range [{offset}, {offset + n}) is outside a tensor of {x.Length}");
+        long n = x.Length - offset;
+        if (offset < 0 || n < 0) throw new ArgumentException($"fill offset {offset} is outside a tensor of {x.Length}");
         if (n == 0) return;
         Device.Launch("init", $"fill_constant_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(n), 256, 0,
             x.Pointer + (ulong)(offset * x.DType.Size()), n, value);
