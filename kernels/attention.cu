@@ -1,7 +1,8 @@
 // Causal attention with grouped-query heads against a KV cache ([capacity, kv_heads * head_dim] per tensor).
 // Query row t of a call has absolute position start + t and sees keys first..start + t, where first is 0 or, with
 // a sliding window w > 0, start + t - w + 1. Scores never exist as a [T, T] matrix: online softmax (flash style).
-// Decode and kv_append take the position from device memory when `position` is not null (CUDA graph replay).
+// kv_append takes the position from device memory when `position` is not null (CUDA graph replay); single-query
+// decode is in attention_decode.cu.
 #include "common.cuh"
 
 #define MAX_HEAD_DIM 128
@@ -90,75 +91,6 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
         if (c < head_dim) out[(long long)t * q_dim + h * head_dim + c] = from_f32<T>(acc[e] * inv);
     }
     if (lse && lane == 0) lse[(long long)h * tq + t] = m + logf(l);   // for the backward pass: [heads, tq]
-}
-
-#define DECODE_WARPS 4
-
-// Decode: one query row (position start) per head against the cache. Grid (heads), block DECODE_WARPS * 32.
-// Warps take interleaved tiles of 32 keys with their own online-softmax state, merged at the end.
-template <typename T>
-__device__ void attention_decode(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
-{
-    if (position) start = *position;
-    __shared__ float qs[MAX_HEAD_DIM];
-    __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
-    __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int h = blockIdx.x, kvh = h / (heads / kv_heads);
-    int kv_dim = kv_heads * head_dim;
-    int pos = start, first = window > 0 ? max(0, pos - window + 1) : 0;
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = to_f32(q[h * head_dim + i]) * scale;
-    __syncthreads();
-    int per_lane = (head_dim + 31) / 32;
-    float m = NEG_INF, l = 0.f, acc[MAX_HEAD_DIM / 32];
-    for (int e = 0; e < MAX_HEAD_DIM / 32; e++) acc[e] = 0.f;
-    for (int tile = first + warp * KEYS; tile <= pos; tile += DECODE_WARPS * KEYS)
-    {
-        int key = tile + lane;
-        bool valid = key <= pos;
-        float s = NEG_INF;
-        if (valid)
-        {
-            const T* kr = kc + (long long)key * kv_dim + kvh * head_dim;
-            s = 0.f;
-            for (int c = 0; c < head_dim; c++) s += qs[c] * to_f32(kr[c]);
-        }
-        float m_new = fmaxf(m, warp_max(s));
-        float p = valid ? expf(s - m_new) : 0.f;
-        float corr = expf(m - m_new);
-        l = l * corr + warp_sum(p);
-        for (int e = 0; e < per_lane; e++) acc[e] *= corr;
-        int count = min(KEYS, pos - tile + 1);
-        for (int j = 0; j < count; j++)
-        {
-            float pj = __shfl_sync(0xffffffffu, p, j);
-            const T* vr = vc + (long long)(tile + j) * kv_dim + kvh * head_dim;
-            for (int e = 0; e < per_lane; e++)
-            {
-                int c = lane + 32 * e;
-                if (c < head_dim) acc[e] += pj * to_f32(vr[c]);
-            }
-        }
-        m = m_new;
-    }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-    for (int e = 0; e < per_lane; e++)
-    {
-        int c = lane + 32 * e;
-        if (c < head_dim) wacc[warp][c] = acc[e];
-    }
-    __syncthreads();
-    float gm = NEG_INF;
-    for (int w = 0; w < DECODE_WARPS; w++) gm = fmaxf(gm, wm[w]);
-    float gl = 0.f;
-    for (int w = 0; w < DECODE_WARPS; w++) if (wm[w] != NEG_INF) gl += wl[w] * expf(wm[w] - gm);
-    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
-    {
-        float v = 0.f;
-        for (int w = 0; w < DECODE_WARPS; w++) if (wm[w] != NEG_INF) v += wacc[w][c] * expf(wm[w] - gm);
-        out[h * head_dim + c] = from_f32<T>(v / gl);
-    }
 }
 
 // Appends rows of k and v ([rows, kv_dim]) to the caches at row start. Grid (rows), block 256.
@@ -326,8 +258,6 @@ __device__ void attention_backward_dkv(const T* __restrict__ q, const T* __restr
     { attention_backward_dq<T>(q, k, v, o, dout, lse, dq, dsum, tq, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_backward_dkv_##S(const T* q, const T* k, const T* v, const float* dout, const float* lse, const float* dsum, float* dk, float* dv, int tq, int heads, int kv_heads, int head_dim, int window, float scale) \
     { attention_backward_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, tq, heads, kv_heads, head_dim, window, scale); } \
-    extern "C" __global__ void attention_decode_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
-    { attention_decode<T>(q, kc, vc, out, start, position, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void kv_append_##S(const T* k, const T* v, T* kc, T* vc, int kv_dim, int start, const int* position) \
     { kv_append<T>(k, v, kc, vc, kv_dim, start, position); }
 FOR_EACH_STORAGE(ATTENTION)

@@ -33,11 +33,12 @@ internal static class GpuBench
             ms.Sort();
             return ms[ms.Count / 2];
         }
-        void Bandwidth(string name, double bytes, Action work)
+        double Bandwidth(string name, double bytes, Action work)
         {
             float ms = Median(work);
             double rate = bytes / (ms * 1e-3);
             Console.WriteLine($"{name,-58} {ms,8:F3} {rate / 1e9,10:F0} GB/s {(bw is double p ? $"{100 * rate / p,6:F1}%" : "     -")}");
+            return rate;
         }
         double Flops(string name, double flops, Action work)
         {
@@ -140,8 +141,13 @@ internal static class GpuBench
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
         Console.WriteLine($"{"attention prefill (tensor cores) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
-        Bandwidth($"attention decode bf16 (position {T - 1}, KV read)", 2.0 * T * Heads * HeadDim * 2,
-            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null));
+        double kvBytes = 2.0 * T * Heads * HeadDim * 2;
+        double naiveDecode = Bandwidth($"attention decode bf16, naive: block per head (position {T - 1}, KV read)", kvBytes,
+            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, splitDecode: false));
+        using var decodeScratch = dev.Allocate(DType.F32, CudaOps.DecodeScratchLength(Heads, HeadDim));
+        double splitDecode = Bandwidth($"attention decode bf16, split-KV ({CudaOps.DecodeSplits(T, 0)} splits + combine)", kvBytes,
+            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch));
+        Console.WriteLine($"{"split-KV vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
         var st = dev.Allocator.Stats;
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");

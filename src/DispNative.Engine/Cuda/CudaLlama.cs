@@ -10,6 +10,8 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 {
     internal DeviceTensor[] K { get; }
     internal DeviceTensor[] V { get; }
+    /// <summary>The split-KV decode's per-split states (<see cref="CudaOps.DecodeScratchLength"/>), shared by the layers.</summary>
+    internal DeviceTensor? DecodeScratch { get; }
     public int Capacity { get; }
     public int Length { get; internal set; }
 
@@ -26,6 +28,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
                 K[l] = device.Allocate(dtype, (long)capacity * c.KvDim);
                 V[l] = device.Allocate(dtype, (long)capacity * c.KvDim);
             }
+            DecodeScratch = device.Allocate(DType.F32, CudaOps.DecodeScratchLength(c.NumHeads, c.HeadDim));
         }
         catch { Dispose(); throw; }
     }
@@ -40,6 +43,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
         Graph?.Dispose();
         foreach (var t in K) t?.Dispose();
         foreach (var t in V) t?.Dispose();
+        DecodeScratch?.Dispose();
     }
 }
 
@@ -378,7 +382,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             _ops.Rope(a.Q, _invFreq, rows, c.NumHeads, c.HeadDim, start, position);
             _ops.Rope(a.K, _invFreq, rows, c.NumKvHeads, c.HeadDim, start, position);
             _ops.KvAppend(a.K, a.V, cache.K[l], cache.V[l], rows, kvd, start, position);
-            _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow, position: position);
+            _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow,
+                position: position, decodeScratch: cache.DecodeScratch);
             Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
             int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);

@@ -110,12 +110,16 @@ public sealed class CudaOps(CudaDevice device)
     public void Gelu(DeviceTensor input, DeviceTensor output, long n)
         => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", CudaDevice.GridFor(n), 256, 0, input, output, n);
 
-    /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache: the
-    /// decode kernel for one query; for more, the tensor-core kernel (bf16/f16, head_dim 64 or 128) unless
-    /// <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel. Decode reads its position from
-    /// <paramref name="position"/> when given (CUDA graph replay).</summary>
+    /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache. One query
+    /// (decode): the split-KV kernel (<see cref="DecodeSplits"/> shares of the cache, merged by a combine kernel;
+    /// <paramref name="decodeScratch"/> holds the shares' states, <see cref="DecodeScratchLength"/> f32) where the head
+    /// fits its 16-byte layout and <paramref name="splitDecode"/> is true, else the naive kernel (a block per head).
+    /// It reads its position from <paramref name="position"/> when given (CUDA graph replay; then the scratch must be
+    /// given too, as a captured launch keeps its pointer). More queries: the tensor-core kernel (bf16/f16, head_dim 64
+    /// or 128) unless <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel.</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
-        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true, DeviceTensor? position = null)
+        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true, DeviceTensor? position = null,
+        DeviceTensor? decodeScratch = null, bool splitDecode = true)
     {
         if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
         CheckHeads(heads, kvHeads, headDim);
@@ -123,14 +127,54 @@ public sealed class CudaOps(CudaDevice device)
         string s = CudaDevice.Suffix(q.DType);
         int w = window ?? 0;
         if (tq == 1)
-            Device.Launch("attention", $"attention_decode_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, start, position, heads, kvHeads, headDim, w, scale);
+            Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale, position, decodeScratch, splitDecode);
         else if (tensorCores && UsesTensorCores(q.DType, headDim))
             Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
                 (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, tq, start, heads, kvHeads, w, scale);
         else
             Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, headDim, w, scale);
+    }
+
+    private const int MaxDecodeSplits = 32, DecodeKeysPerSplit = 128;
+
+    /// <summary>Shares of the visible keys the split-KV decode uses for a cache of <paramref name="capacity"/> rows
+    /// (the capacity, not the current length: a captured decode step keeps its grid for every position).</summary>
+    public static int DecodeSplits(int capacity, int window) =>
+        Math.Clamp((Math.Min(capacity, window > 0 ? window : capacity) + DecodeKeysPerSplit - 1) / DecodeKeysPerSplit, 1, MaxDecodeSplits);
+
+    /// <summary>f32 elements of the split-KV decode's scratch: every split's unnormalised output row, max and sum.</summary>
+    public static long DecodeScratchLength(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2);
+
+    private void Decode(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int start, int heads, int kvHeads,
+        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, bool split)
+    {
+        string s = CudaDevice.Suffix(q.DType);
+        int kvDim = kvHeads * headDim, vector = 16 / q.DType.Size();
+        int capacity = (int)Math.Min(kCache.Length, vCache.Length) / kvDim;
+        if (position == null && start >= capacity) throw new ArgumentException($"decode position {start} is outside a cache of {capacity} rows");
+        Need(q, (long)heads * headDim, "decode query"); Need(output, (long)heads * headDim, "decode output");
+        bool aligned = (q.Pointer | kCache.Pointer | vCache.Pointer) % 16 == 0;
+        if (!split || headDim % vector != 0 || !aligned)
+        {
+            Device.Launch("attention_decode", $"attention_decode_naive_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
+                q, kCache, vCache, output, start, position, heads, kvHeads, headDim, window, scale);
+            return;
+        }
+        int splits = DecodeSplits(capacity, window);
+        if (splits > 1 && scratch == null && position != null)
+            throw new ArgumentException("a captured split-KV decode needs a scratch tensor that outlives the graph");
+        DeviceTensor? temporary = splits > 1 && scratch == null ? Device.Allocate(DType.F32, DecodeScratchLength(heads, headDim)) : null;
+        try
+        {
+            var partial = scratch ?? temporary;
+            if (partial != null) Need(partial, DecodeScratchLength(heads, headDim), "decode scratch");
+            Device.Launch("attention_decode", $"attention_decode_split_{s}", ((uint)heads, (uint)splits, 1), (DecodeWarps * 32, 1, 1), 0,
+                q, kCache, vCache, output, partial, start, position, heads, kvHeads, headDim, window, scale);
+            if (splits > 1)
+                Device.Launch("attention_decode", $"attention_decode_combine_{s}", ((uint)heads, 1, 1), (128, 1, 1), 0, partial, output, splits, headDim);
+        }
+        finally { temporary?.Dispose(); }   // stream-ordered: the next user of the block runs after these kernels
     }
 
     private static void CheckHeads(int heads, int kvHeads, int headDim)

@@ -42,7 +42,13 @@ public static class SelfTest
             new("attention prefill f32 (t 37, heads 6/2, head_dim 64)", dev => Attention(dev, 37, 0, 6, 2, 64, null)),
             new("attention prefill f32 (t 9 after 20, heads 4/4, head_dim 48)", dev => Attention(dev, 9, 20, 4, 4, 48, null)),
             new("attention prefill f32 sliding window 16 (t 70)", dev => Attention(dev, 70, 0, 4, 1, 32, 16)),
-            new("attention decode f32 (position 150, heads 8/2, head_dim 128)", dev => Attention(dev, 1, 150, 8, 2, 128, null)),
+            new("attention decode f32 split-KV (position 150, heads 8/2, head_dim 128)", dev => Attention(dev, 1, 150, 8, 2, 128, null)),
+            new("attention decode bf16 split-KV (position 1500 of 4096, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096)),
+            new("attention decode f16 split-KV, empty shares (position 20 of 4096, heads 4/1, head_dim 64)", dev => Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 4096)),
+            new("attention decode bf16 split-KV sliding window 300 (position 1000 of 1024, head_dim 48)", dev => Attention(dev, 1, 1000, 2, 1, 48, 300, DType.BF16, capacity: 1024)),
+            new("attention decode f32 split-KV (head_dim 20: 5 of 8 lanes per key)", dev => Attention(dev, 1, 77, 3, 3, 20, null)),
+            new("attention decode bf16 naive fallback (head_dim 20: no 16-byte layout)", dev => Attention(dev, 1, 77, 3, 3, 20, null, DType.BF16)),
+            new("attention decode bf16 naive (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, splitDecode: false)),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, tensorCores: false)),
             new("attention prefill bf16 tensor cores (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
             new("attention prefill f16 tensor cores (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16)),
@@ -272,19 +278,21 @@ public static class SelfTest
         return Compare(dev.Download(ty), want, 1e-6);
     }
 
+    /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
+    /// start + tq), the rows past the queries random: the kernels must not read them.</summary>
     private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
-        bool tensorCores = true)
+        bool tensorCores = true, int? capacity = null, bool splitDecode = true)
     {
         var rng = new Rng(9);
-        int total = start + tq, qd = heads * hd, kvd = kvHeads * hd;
+        int total = start + tq, rows = capacity ?? total, qd = heads * hd, kvd = kvHeads * hd;
         var q = RoundTo(dtype, Random(rng, tq * qd));
-        var k = RoundTo(dtype, Random(rng, total * kvd));
-        var v = RoundTo(dtype, Random(rng, total * kvd));
+        var k = RoundTo(dtype, Random(rng, rows * kvd));
+        var v = RoundTo(dtype, Random(rng, rows * kvd));
         using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
         using var o = dev.Allocate(dtype, tq * qd);
-        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, tensorCores);
+        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, tensorCores, splitDecode: splitDecode);
         var want = new float[tq * qd];
-        CpuOps.Attention(q, k, v, want, tq, start, heads, kvHeads, hd, window);
+        CpuOps.Attention(q, k.AsSpan(0, total * kvd).ToArray(), v.AsSpan(0, total * kvd).ToArray(), want, tq, start, heads, kvHeads, hd, window);
         return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
     }
 

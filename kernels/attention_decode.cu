@@ -1,0 +1,221 @@
+// Single-query (decode) causal GQA attention against a KV cache ([capacity, kv_heads * head_dim] per tensor): the query
+// at position `start` (or *position, for CUDA graph replay) sees keys first..start, first = 0 or, with a sliding
+// window w > 0, start - w + 1. Online softmax in f32; nothing of size [keys] is stored.
+//
+// Split-KV ("flash decoding"): grid (heads, splits). Block (h, s) takes the s-th contiguous share of the visible keys;
+// a group of G lanes scores one key, each lane holding 16 bytes of the head (one uint4 load of K and of V per key),
+// so a warp reads 32 / G whole rows per step, UNROLL steps in flight. With one split the block writes the output;
+// otherwise it writes its unnormalised state (acc[head_dim], m, l) to `partial` and attention_decode_combine merges
+// the splits. Needs head_dim a multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
+//
+// attention_decode_naive is the first version (kept as the KernelBench baseline and for head sizes the vector layout
+// does not fit): one block per head, a lane per key reading its row element by element.
+#include "common.cuh"
+
+#define MAX_HEAD_DIM 128
+#define DECODE_WARPS 4
+#define DECODE_UNROLL 4
+
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& raw, float* out)
+{
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < (int)(16 / sizeof(T)); i++) out[i] = to_f32(e[i]);
+}
+
+// Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
+__device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
+
+template <typename T>
+__device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+    T* __restrict__ out, float* __restrict__ partial, int start, const int* position, int heads, int kv_heads, int head_dim,
+    int window, float scale)
+{
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
+    __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
+    if (position) start = *position;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int h = blockIdx.x, kvh = h / (heads / kv_heads), kv_dim = kv_heads * head_dim;
+    int splits = gridDim.y, split = blockIdx.y;
+
+    int vecs = head_dim / V, group = 1;
+    while (group < vecs) group <<= 1;              // lanes per key: a power of two, so xor shuffles stay inside it
+    int per_warp = 32 / group, slot = lane / group, gl = lane % group;
+    bool has = gl < vecs;                          // lanes past the head's width only pad the group
+    int c0 = gl * V;
+
+    int first = window > 0 ? max(0, start - window + 1) : 0;
+    int share = (start - first + 1 + splits - 1) / splits;
+    int kbeg = first + split * share, kend = min(start + 1, kbeg + share);
+
+    float qv[V], acc[V];
+    if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
+#pragma unroll
+    for (int i = 0; i < V; i++) { qv[i] = has ? qv[i] * scale : 0.f; acc[i] = 0.f; }
+    float m = NEG_INF, l = 0.f;
+
+    const int step = DECODE_WARPS * per_warp;
+    long long col = (long long)kvh * head_dim + c0;
+    // base is uniform over the warp (its shuffles need every lane); the warp's slots take keys base + slot + u * step.
+    for (int base = kbeg + warp * per_warp; base < kend; base += step * DECODE_UNROLL)
+    {
+        int k0 = base + slot;
+        uint4 kr[DECODE_UNROLL], vr[DECODE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; u++)
+        {
+            int key = k0 + u * step;
+            if (has && key < kend)
+            {
+                kr[u] = *reinterpret_cast<const uint4*>(kc + (long long)key * kv_dim + col);
+                vr[u] = *reinterpret_cast<const uint4*>(vc + (long long)key * kv_dim + col);
+            }
+            else kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; u++)
+        {
+            float kf[V], vf[V], s = 0.f;
+            unpack16<T>(kr[u], kf);
+#pragma unroll
+            for (int i = 0; i < V; i++) s += qv[i] * kf[i];
+            for (int o = group >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (k0 + u * step < kend)              // uniform over the group
+            {
+                unpack16<T>(vr[u], vf);
+                float mn = fmaxf(m, s), corr = rescale(m, mn), p = expf(s - mn);
+                l = l * corr + p;
+#pragma unroll
+                for (int i = 0; i < V; i++) acc[i] = acc[i] * corr + p * vf[i];
+                m = mn;
+            }
+        }
+    }
+
+    // Merge the warp's key slots (lanes with the same gl hold the same channels), then the warps.
+    for (int o = group; o < 32; o <<= 1)
+    {
+        float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
+        float mn = fmaxf(m, mo), a = rescale(m, mn), b = rescale(mo, mn);
+#pragma unroll
+        for (int i = 0; i < V; i++) acc[i] = acc[i] * a + __shfl_xor_sync(0xffffffffu, acc[i], o) * b;
+        l = l * a + lo * b;
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    if (slot == 0 && has)
+    {
+#pragma unroll
+        for (int i = 0; i < V; i++) wacc[warp][c0 + i] = acc[i];
+    }
+    __syncthreads();
+    float gm = NEG_INF, gsum = 0.f;
+    for (int w = 0; w < DECODE_WARPS; w++) gm = fmaxf(gm, wm[w]);
+    for (int w = 0; w < DECODE_WARPS; w++) gsum += wl[w] * rescale(wm[w], gm);
+    float* part = partial + ((long long)h * splits + split) * (head_dim + 2);
+    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    {
+        float v = 0.f;
+        for (int w = 0; w < DECODE_WARPS; w++) v += wacc[w][c] * rescale(wm[w], gm);
+        if (splits == 1) out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
+        else part[c] = v;
+    }
+    if (splits > 1 && threadIdx.x == 0) { part[head_dim] = gm; part[head_dim + 1] = gsum; }
+}
+
+// Merges the splits' states of each head: grid (heads), block 128.
+template <typename T>
+__device__ void attention_decode_combine(const float* __restrict__ partial, T* __restrict__ out, int splits, int head_dim)
+{
+    int h = blockIdx.x, stride = head_dim + 2;
+    const float* part = partial + (long long)h * splits * stride;
+    float gm = NEG_INF, gsum = 0.f;
+    for (int s = 0; s < splits; s++) gm = fmaxf(gm, part[s * stride + head_dim]);
+    for (int s = 0; s < splits; s++) gsum += part[s * stride + head_dim + 1] * rescale(part[s * stride + head_dim], gm);
+    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    {
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += part[s * stride + c] * rescale(part[s * stride + head_dim], gm);
+        out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
+    }
+}
+
+#define NAIVE_KEYS 32
+
+// Grid (heads), block DECODE_WARPS * 32. Warps take interleaved tiles of 32 keys (lane j scores key j) with their own
+// online-softmax state, merged at the end.
+template <typename T>
+__device__ void attention_decode_naive(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+    T* __restrict__ out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
+{
+    if (position) start = *position;
+    __shared__ float qs[MAX_HEAD_DIM];
+    __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
+    __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int h = blockIdx.x, kvh = h / (heads / kv_heads);
+    int kv_dim = kv_heads * head_dim;
+    int pos = start, first = window > 0 ? max(0, pos - window + 1) : 0;
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = to_f32(q[h * head_dim + i]) * scale;
+    __syncthreads();
+    int per_lane = (head_dim + 31) / 32;
+    float m = NEG_INF, l = 0.f, acc[MAX_HEAD_DIM / 32];
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++) acc[e] = 0.f;
+    for (int tile = first + warp * NAIVE_KEYS; tile <= pos; tile += DECODE_WARPS * NAIVE_KEYS)
+    {
+        int key = tile + lane;
+        bool valid = key <= pos;
+        float s = NEG_INF;
+        if (valid)
+        {
+            const T* kr = kc + (long long)key * kv_dim + kvh * head_dim;
+            s = 0.f;
+            for (int c = 0; c < head_dim; c++) s += qs[c] * to_f32(kr[c]);
+        }
+        float m_new = fmaxf(m, warp_max(s));
+        float p = valid ? expf(s - m_new) : 0.f;
+        float corr = expf(m - m_new);
+        l = l * corr + warp_sum(p);
+        for (int e = 0; e < per_lane; e++) acc[e] *= corr;
+        int count = min(NAIVE_KEYS, pos - tile + 1);
+        for (int j = 0; j < count; j++)
+        {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            const T* vr = vc + (long long)(tile + j) * kv_dim + kvh * head_dim;
+            for (int e = 0; e < per_lane; e++)
+            {
+                int c = lane + 32 * e;
+                if (c < head_dim) acc[e] += pj * to_f32(vr[c]);
+            }
+        }
+        m = m_new;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    for (int e = 0; e < per_lane; e++)
+    {
+        int c = lane + 32 * e;
+        if (c < head_dim) wacc[warp][c] = acc[e];
+    }
+    __syncthreads();
+    float gm = NEG_INF;
+    for (int w = 0; w < DECODE_WARPS; w++) gm = fmaxf(gm, wm[w]);
+    float gl = 0.f;
+    for (int w = 0; w < DECODE_WARPS; w++) if (wm[w] != NEG_INF) gl += wl[w] * expf(wm[w] - gm);
+    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    {
+        float v = 0.f;
+        for (int w = 0; w < DECODE_WARPS; w++) if (wm[w] != NEG_INF) v += wacc[w][c] * expf(wm[w] - gm);
+        out[h * head_dim + c] = from_f32<T>(v / gl);
+    }
+}
+
+#define ATTENTION_DECODE(T, S) \
+    extern "C" __global__ void attention_decode_split_##S(const T* q, const T* kc, const T* vc, T* out, float* partial, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_decode_split<T>(q, kc, vc, out, partial, start, position, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_decode_combine_##S(const float* partial, T* out, int splits, int head_dim) \
+    { attention_decode_combine<T>(partial, out, splits, head_dim); } \
+    extern "C" __global__ void attention_decode_naive_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_decode_naive<T>(q, kc, vc, out, start, position, heads, kv_heads, head_dim, window, scale); }
+FOR_EACH_STORAGE(ATTENTION_DECODE)
