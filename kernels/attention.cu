@@ -251,6 +251,43 @@ __device__ void attention_backward_dkv(const T* __restrict__ q, const T* __restr
     }
 }
 
+// The GEMM formulation of the backward (src/DispNative.Engine/Cuda/AttentionGemmBackward.cs) runs Q·Kᵀ, dO·Vᵀ and the
+// gradient products on cuBLASLt; these two kernels do the rest.
+// rowdot[h, i] = dO_i · O_i over head h (dO f32, O storage). Grid (tq), block 256: a warp per head at a time.
+template <typename T>
+__device__ void attention_row_dot(const float* __restrict__ dout, const T* __restrict__ o, float* __restrict__ rowdot, int tq, int heads, int head_dim)
+{
+    int i = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int h = warp; h < heads; h += blockDim.x >> 5)
+    {
+        long long at = ((long long)i * heads + h) * head_dim;
+        float s = 0.f;
+        for (int c = lane; c < head_dim; c += 32) s += dout[at + c] * to_f32(o[at + c]);
+        s = warp_sum(s);
+        if (lane == 0) rowdot[(long long)h * tq + i] = s;
+    }
+}
+
+// For one chunk of heads ([batch, tq, tq] f32 scores S and dP; head of batch b = first_head + b * head_step):
+//   p[b, i, j] = exp(scale * s - lse[h, i]) where key j is visible from query i, else 0;  ds = p * (dp - rowdot[h, i]).
+// p and ds are written in the storage type (the next GEMMs' inputs). Grid (tq, batch), block 256.
+template <typename T>
+__device__ void attention_probs_grad(const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse,
+    const float* __restrict__ rowdot, T* __restrict__ p, T* __restrict__ ds, int tq, int first_head, int head_step, int window, float scale)
+{
+    int i = blockIdx.x, h = first_head + (int)blockIdx.y * head_step;
+    long long row = ((long long)blockIdx.y * tq + i) * tq;
+    float L = lse[(long long)h * tq + i], D = rowdot[(long long)h * tq + i];
+    int first = window > 0 ? max(0, i - window + 1) : 0;
+    for (int j = threadIdx.x; j < tq; j += blockDim.x)
+    {
+        bool visible = j >= first && j <= i;
+        float pv = visible ? expf(scale * s[row + j] - L) : 0.f;
+        p[row + j] = from_f32<T>(pv);
+        ds[row + j] = from_f32<T>(visible ? pv * (dp[row + j] - D) : 0.f);
+    }
+}
+
 #define ATTENTION(T, S) \
     extern "C" __global__ void attention_prefill_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int head_dim, int window, float scale) \
     { attention_prefill<T>(q, kc, vc, out, lse, tq, start, heads, kv_heads, head_dim, window, scale); } \
@@ -258,6 +295,10 @@ __device__ void attention_backward_dkv(const T* __restrict__ q, const T* __restr
     { attention_backward_dq<T>(q, k, v, o, dout, lse, dq, dsum, tq, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_backward_dkv_##S(const T* q, const T* k, const T* v, const float* dout, const float* lse, const float* dsum, float* dk, float* dv, int tq, int heads, int kv_heads, int head_dim, int window, float scale) \
     { attention_backward_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, tq, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_row_dot_##S(const float* dout, const T* o, float* rowdot, int tq, int heads, int head_dim) \
+    { attention_row_dot<T>(dout, o, rowdot, tq, heads, head_dim); } \
+    extern "C" __global__ void attention_probs_grad_##S(const float* s, const float* dp, const float* lse, const float* rowdot, T* p, T* ds, int tq, int first_head, int head_step, int window, float scale) \
+    { attention_probs_grad<T>(s, dp, lse, rowdot, p, ds, tq, first_head, head_step, window, scale); } \
     extern "C" __global__ void kv_append_##S(const T* k, const T* v, T* kc, T* vc, int kv_dim, int start, const int* position) \
     { kv_append<T>(k, v, kc, vc, kv_dim, start, position); }
 FOR_EACH_STORAGE(ATTENTION)

@@ -1,6 +1,7 @@
 // Tensor-core causal GQA prefill attention for bf16/f16 storage (FlashAttention-2 style, mma.sync m16n8k16,
 // f32 accumulation). Same contract as attention_prefill in attention.cu: query row t is at position start + t and
-// sees keys first..start + t of the KV cache ([capacity, kv_heads * D] per tensor); no [T, T] matrix is stored.
+// sees keys first..start + t of the KV cache ([capacity, kv_heads * D] per tensor); no [T, T] matrix is stored. With
+// lse != nullptr it also writes each row's natural log-sum-exp of the scaled scores ([heads, tq], for the backward).
 //
 // Grid (ceil(tq / TC_M), heads), block TC_WARPS * 32. Each warp owns 16 query rows, kept as mma A fragments in
 // registers; the block streams tiles of TC_N keys and values through shared memory with cp.async (the next K tile
@@ -62,7 +63,7 @@ __device__ __forceinline__ float quad_sum(float v)
 
 template <typename T, int D>
 __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, int tq, int start, int heads, int kv_heads, int window, float scale)
+    T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
     constexpr int STRIDE = D + 8;   // shared row in elements: 16-byte aligned, fragment loads free of bank conflicts
     constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
@@ -216,6 +217,12 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
 
     l0 = quad_sum(l0); l1 = quad_sum(l1);
     float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (lse && tg == 0)   // m and the scores are in the log2 domain
+    {
+        const float ln2 = 0.6931471805599453f;
+        if (row0 < tq) lse[(long long)h * tq + row0] = (m0 + log2f(l0)) * ln2;
+        if (row1 < tq) lse[(long long)h * tq + row1] = (m1 + log2f(l1)) * ln2;
+    }
     T* or0 = out + (long long)row0 * q_dim + h * D;
     T* or1 = out + (long long)row1 * q_dim + h * D;
 #pragma unroll
@@ -228,7 +235,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
 }
 
 #define ATTENTION_TC(T, S, D) \
-    extern "C" __global__ __launch_bounds__(TC_WARPS * 32) void attention_prefill_tc##D##_##S(const T* q, const T* kc, const T* vc, T* out, int tq, int start, int heads, int kv_heads, int window, float scale) \
-    { attention_prefill_tc<T, D>(q, kc, vc, out, tq, start, heads, kv_heads, window, scale); }
+    extern "C" __global__ __launch_bounds__(TC_WARPS * 32) void attention_prefill_tc##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
+    { attention_prefill_tc<T, D>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 ATTENTION_TC(bf16, bf16, 64) ATTENTION_TC(bf16, bf16, 128)
 ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)

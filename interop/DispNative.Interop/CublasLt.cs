@@ -84,7 +84,8 @@ public static unsafe class CublasLt
 
     /// <summary>One GEMM shape, prepared once: descriptors plus the heuristic's best algorithm.
     /// Computes the row-major product D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·C (C = D), the layout of activations times
-    /// Linear weights, optionally batched with strides (elements) between the matrices of a batch.</summary>
+    /// Linear weights, optionally batched with strides (elements) between the matrices of a batch. Without
+    /// <c>transposeB</c> B is [K,N] (D = A·B); with <c>transposeA</c> A is stored [K,M] and read transposed.</summary>
     public sealed class MatmulPlan : IDisposable
     {
         private nint _desc, _a, _b, _c, _pref;
@@ -93,19 +94,20 @@ public static unsafe class CublasLt
 
         public MatmulPlan(CublasLtHandle handle, int m, int n, int k, CudaDataType ab, CudaDataType cd,
             long workspaceLimit, int batch = 1, long strideA = 0, long strideB = 0, long strideC = 0, int lda = 0, int ldb = 0, int ldc = 0,
-            uint alignmentBytes = 256, bool transposeB = true)
+            uint alignmentBytes = 256, bool transposeB = true, bool transposeA = false)
         {
-            lda = lda == 0 ? k : lda; ldb = ldb == 0 ? (transposeB ? k : n) : ldb; ldc = ldc == 0 ? n : ldc;
+            lda = lda == 0 ? (transposeA ? m : k) : lda; ldb = ldb == 0 ? (transposeB ? k : n) : ldb; ldc = ldc == 0 ? n : ldc;
             try
             {
-                // Column-major view: Dᵀ[N,M] = op(B)ᵀ · Aᵀ[K,M]. B row-major [N,K] (D = A·Bᵀ) is column-major [K,N]:
-                // transa = T; B row-major [K,N] (D = A·B) is column-major [N,K]: transa = N. transb = N.
+                // Column-major view: Dᵀ[N,M] = op(B)ᵀ · op(A)ᵀ. B row-major [N,K] (D = A·Bᵀ) is column-major [K,N]:
+                // transa = T; B row-major [K,N] (D = A·B) is column-major [N,K]: transa = N. A row-major [M,K] is
+                // column-major [K,M] = Aᵀ: transb = N; A stored row-major [K,M] is column-major [M,K]: transb = T.
                 nint desc; Check(A.cublasLtMatmulDescCreate(&desc, ComputeType32F, (int)CudaDataType.R32F), "cublasLtMatmulDescCreate"); _desc = desc;
-                int opA = transposeB ? 1 : 0, opN = 0;
+                int opA = transposeB ? 1 : 0, opB = transposeA ? 1 : 0;
                 Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransA, &opA, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSA)");
-                Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransB, &opN, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSB)");
+                Check(A.cublasLtMatmulDescSetAttribute(_desc, DescTransB, &opB, sizeof(int)), "cublasLtMatmulDescSetAttribute(TRANSB)");
                 _a = transposeB ? Layout((int)ab, (ulong)k, (ulong)n, ldb, batch, strideB) : Layout((int)ab, (ulong)n, (ulong)k, ldb, batch, strideB);
-                _b = Layout((int)ab, (ulong)k, (ulong)m, lda, batch, strideA);
+                _b = transposeA ? Layout((int)ab, (ulong)m, (ulong)k, lda, batch, strideA) : Layout((int)ab, (ulong)k, (ulong)m, lda, batch, strideA);
                 _c = Layout((int)cd, (ulong)n, (ulong)m, ldc, batch, strideC);
                 nint pref; Check(A.cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"); _pref = pref;
                 ulong ws = (ulong)workspaceLimit;

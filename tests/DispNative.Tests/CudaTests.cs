@@ -95,6 +95,74 @@ public class KernelSourceTests
     }
 
     [Test]
+    public void ParameterCount_ReadsTheDeclarationBehindAMacroBuiltName()
+    {
+        Assert.That(KernelSources.ParameterCount("attention_tc", "attention_prefill_tc128_bf16"), Is.EqualTo(11));
+        Assert.That(KernelSources.ParameterCount("attention", "attention_prefill_f32"), Is.EqualTo(12));
+        Assert.That(KernelSources.ParameterCount("gemv", "gemv_bf16_to_f32"), Is.EqualTo(7));
+        Assert.That(KernelSources.ParameterCount("masks", "gumbel_sigmoid"), Is.EqualTo(7));
+        Assert.Throws<DispNativeException>(() => KernelSources.ParameterCount("attention", "attention_prefill_tc64_bf16"));
+    }
+
+    /// <summary>Kernel arguments are untyped at launch: a missing one shifts the rest and the kernel reads garbage. Every
+    /// literal launch in the engine and tools must pass what the entry point declares (CudaDevice.Launch checks again at
+    /// run time).</summary>
+    [Test]
+    public void EveryLaunch_PassesTheArgumentCountItsKernelDeclares()
+    {
+        int checkedCalls = 0;
+        foreach (string dir in new[] { "src", "tools" })
+        foreach (string file in Directory.EnumerateFiles(Path.Combine(TestAssets.RepoRoot, dir), "*.cs", SearchOption.AllDirectories))
+        {
+            if (file.Contains($"{Path.DirectorySeparatorChar}obj{Path.DirectorySeparatorChar}")) continue;
+            string text = File.ReadAllText(file);
+            for (int at = text.IndexOf("Launch(\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf("Launch(\"", at + 1, StringComparison.Ordinal))
+            {
+                var args = SplitArguments(text, at + "Launch".Length);
+                string kernel = args[0].Trim('"'), entry = args[1];
+                if (!entry.StartsWith('"') && !entry.StartsWith("$\"")) continue;   // an entry name in a variable
+                string where = $"{Path.GetFileName(file)}: Launch(\"{kernel}\", {entry}, ...)";
+                // Fill each interpolation hole with a storage suffix or a head size, whichever combination names an entry.
+                string[] parts = System.Text.RegularExpressions.Regex.Split(entry.TrimStart('$').Trim('"'), @"\{[^}]*\}");
+                int? expected = null;
+                for (int combo = 0; combo < 1 << (parts.Length - 1) && expected == null; combo++)
+                {
+                    var name = new System.Text.StringBuilder(parts[0]);
+                    for (int h = 1; h < parts.Length; h++) name.Append((combo >> (h - 1) & 1) == 0 ? "f32" : "64").Append(parts[h]);
+                    try { expected = KernelSources.ParameterCount(kernel, name.ToString()); } catch (DispNativeException) { }
+                }
+                Assert.That(expected, Is.Not.Null, $"{where}: no such entry point");
+                Assert.That(args.Count - 5, Is.EqualTo(expected), where);   // kernel, entry, grid, block, shared bytes, then the arguments
+                checkedCalls++;
+            }
+        }
+        Assert.That(checkedCalls, Is.GreaterThan(30));
+    }
+
+    /// <summary>The top-level arguments of the call whose '(' is at <paramref name="open"/> (strings kept whole).</summary>
+    private static List<string> SplitArguments(string text, int open)
+    {
+        var args = new List<string>();
+        int depth = 0, start = open + 1;
+        for (int i = open; i < text.Length; i++)
+        {
+            char c = text[i];
+            if (c == '"')
+            {
+                for (i++; i < text.Length && text[i] != '"'; i++) if (text[i] == '\\') i++;
+                continue;
+            }
+            if (c is '(' or '[' or '{') depth++;
+            else if (c is ')' or ']' or '}')
+            {
+                if (--depth == 0) { args.Add(text[start..i].Trim()); return args; }
+            }
+            else if (c == ',' && depth == 1) { args.Add(text[start..i].Trim()); start = i + 1; }
+        }
+        throw new FormatException("unbalanced call");
+    }
+
+    [Test]
     public void EveryEntryPointTheEngineLaunches_IsDefinedInItsKernelFile()
     {
         // Entry points are literal or built as NAME_{f32,bf16,f16} by FOR_EACH_STORAGE; check the base names.

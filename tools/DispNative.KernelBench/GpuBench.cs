@@ -148,6 +148,19 @@ internal static class GpuBench
         double splitDecode = Bandwidth($"attention decode bf16, split-KV ({CudaOps.DecodeSplits(T, 0)} splits + combine)", kvBytes,
             () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch));
         Console.WriteLine($"{"split-KV vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
+
+        // Training attention (issue 4): forward with log-sum-exp, then the backward, SIMT against the GEMM formulation.
+        using var lse = dev.Allocate(DType.F32, (long)Heads * T); using var dsum = dev.Allocate(DType.F32, (long)Heads * T);
+        using var dOut = dev.Upload(Rand((long)T * Heads * HeadDim));
+        using var dq = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
+        using var dk = dev.Allocate(DType.F32, (long)T * Heads * HeadDim); using var dv = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
+        Flops("attention training forward with lse, tensor cores", causalFlops, () => ops.AttentionForTraining(q, kc, vc, o, lse, T, Heads, Heads, HeadDim, null));
+        double backwardFlops = 2.5 * causalFlops;   // S recomputed, dP, dV, dK, dQ: five causal products against the forward's two
+        double simtBackward = Flops("attention backward bf16 SIMT, naive (flash-style dq + dk/dv)", backwardFlops,
+            () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null, gemm: false));
+        double gemmBackward = Flops("attention backward bf16 GEMMs (cuBLASLt, [T, T] per chunk)", backwardFlops,
+            () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null));
+        Console.WriteLine($"{"GEMM vs SIMT attention backward",-58} {"",8} {gemmBackward / simtBackward,12:F2} x");
         var st = dev.Allocator.Stats;
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");

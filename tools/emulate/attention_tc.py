@@ -26,7 +26,7 @@ def ldmatrix_x4_trans(smem, addr):   # addr[lane] = flat element index of a 8-el
             g,t=l>>2,l&3
             r[l][m]=np.array([M[2*t,g],M[2*t+1,g]])
     return r
-def kernel(q,kc,vc,out,tq,start,heads,kvh_,window,scale,D,gridx,bx,h):
+def kernel(q,kc,vc,out,lse,tq,start,heads,kvh_,window,scale,D,gridx,bx,h):
     STRIDE=D+8; CHUNKS=D//8
     ks=np.full(TC_N*STRIDE,np.nan); vs=np.full(TC_N*STRIDE,np.nan)
     kvh=h//(heads//kvh_); q_dim=heads*D; kv_dim=kvh_*D
@@ -110,28 +110,32 @@ def kernel(q,kc,vc,out,tq,start,heads,kvh_,window,scale,D,gridx,bx,h):
             x=L[lane]; qd=lane&~3; tg=lane&3
             l0=sum(L[qd+i]['l0'] for i in range(4)); l1=sum(L[qd+i]['l1'] for i in range(4))
             i0=1/l0 if l0>0 else 0; i1=1/l1 if l1>0 else 0
+            if tg==0:   # natural-log domain here (the kernel works in log2 and converts)
+                if x['row0']<tq: lse[h*tq+x['row0']]=x['m0']+np.log(l0)
+                if x['row1']<tq: lse[h*tq+x['row1']]=x['m1']+np.log(l1)
             for d in range(D//8):
                 c=d*8+2*tg
                 if x['row0']<tq: out[x['row0']*q_dim+h*D+c:x['row0']*q_dim+h*D+c+2]=x['o'][d][0:2]*i0
                 if x['row1']<tq: out[x['row1']*q_dim+h*D+c:x['row1']*q_dim+h*D+c+2]=x['o'][d][2:4]*i1
 def reference(q,k,v,tq,start,heads,kvh,D,window):
-    out=np.zeros(tq*heads*D)
+    out=np.zeros(tq*heads*D); lse=np.zeros(heads*tq)
     Q=q.reshape(tq,heads,D); K=k.reshape(-1,kvh,D); V=v.reshape(-1,kvh,D)
     for h in range(heads):
         kh=h//(heads//kvh)
         for t in range(tq):
             pos=start+t; f=max(0,pos-window+1) if window>0 else 0
-            s=K[f:pos+1,kh]@Q[t,h]/np.sqrt(D); p=np.exp(s-s.max()); p/=p.sum()
+            s=K[f:pos+1,kh]@Q[t,h]/np.sqrt(D); p=np.exp(s-s.max()); lse[h*tq+t]=s.max()+np.log(p.sum()); p/=p.sum()
             out[(t*heads+h)*D:(t*heads+h+1)*D]=p@V[f:pos+1,kh]
-    return out
+    return out,lse
 rng=np.random.default_rng(1)
 for (tq,start,heads,kvh,D,window) in [(70,0,2,1,64,0),(19,45,2,2,64,0),(130,3,1,1,128,0),(150,0,1,1,64,50)]:
     cap=start+tq+40
     q=rng.standard_normal(tq*heads*D); k=rng.standard_normal(cap*kvh*D); v=rng.standard_normal(cap*kvh*D)
     k[(start+tq)*kvh*D:]=np.nan; v[(start+tq)*kvh*D:]=np.nan   # unwritten cache
-    out=np.full(tq*heads*D,np.nan)
+    out=np.full(tq*heads*D,np.nan); lse=np.full(heads*tq,np.nan)
     gridx=(tq+TC_M-1)//TC_M
     for h in range(heads):
-        for bx in range(gridx): kernel(q,k,v,out,tq,start,heads,kvh,window,1/np.sqrt(D),D,gridx,bx,h)
-    ref=reference(q,k,v,tq,start,heads,kvh,D,window)
-    print(tq,start,heads,kvh,D,window,"max err",np.nanmax(np.abs(out-ref)),"nan",np.isnan(out).sum())
+        for bx in range(gridx): kernel(q,k,v,out,lse,tq,start,heads,kvh,window,1/np.sqrt(D),D,gridx,bx,h)
+    ref,ref_lse=reference(q,k,v,tq,start,heads,kvh,D,window)
+    print(tq,start,heads,kvh,D,window,"max err",np.nanmax(np.abs(out-ref)),"lse max err",np.nanmax(np.abs(lse-ref_lse)),
+          "nan",np.isnan(out).sum()+np.isnan(lse).sum())

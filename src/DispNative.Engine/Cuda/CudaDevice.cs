@@ -67,6 +67,7 @@ public sealed unsafe class CudaDevice : IDisposable
     private readonly CudaContextHandle _context;
     private readonly ConcurrentDictionary<string, CudaModuleHandle> _modules = new();
     private readonly ConcurrentDictionary<string, nint> _functions = new();
+    private readonly ConcurrentDictionary<string, int> _parameterCounts = new();
     private readonly Dictionary<string, CublasLt.MatmulPlan> _plans = [];
     private readonly ulong _workspace;
     private PinnedHostBuffer? _staging;
@@ -205,6 +206,8 @@ public sealed unsafe class CudaDevice : IDisposable
         params ReadOnlySpan<KernelArg> args)
     {
         nint fn = Function(kernel, entry);
+        int expected = _parameterCounts.GetOrAdd(kernel + "/" + entry, _ => KernelSources.ParameterCount(kernel, entry));
+        if (args.Length != expected) throw new ArgumentException($"kernel {entry} takes {expected} arguments, {args.Length} given");
         MakeCurrent();   // the caller may be on a thread that has not used this device yet
         ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
@@ -244,6 +247,24 @@ public sealed unsafe class CudaDevice : IDisposable
         if (!_plans.TryGetValue(key, out var plan))
             _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes, alignmentBytes: align, transposeB: transposeB);
         plan.Run(Lt, pa, pb, pd, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
+    }
+
+    /// <summary>Strided batched row-major GEMM on device pointers (the layout of <see cref="BatchedGemm"/>): A and B in
+    /// <paramref name="ab"/>, D in <paramref name="dType"/>, f32 accumulation. Plans are cached per shape, layout and
+    /// the alignment that every pointer, leading dimension and stride shares.</summary>
+    public void BatchedGemm(ulong a, ulong b, ulong d, DType ab, DType dType, int m, int n, int k, int batch,
+        int lda, long strideA, bool transposeA, int ldb, long strideB, bool transposeB, int ldd, long strideD, float alpha, float beta)
+    {
+        MakeCurrent();
+        long ea = ab.Size(), ed = dType.Size();
+        ulong bits = a | b | d | (ulong)(lda * ea) | (ulong)(ldb * ea) | (ulong)(ldd * ed) | 256UL;
+        if (batch > 1) bits |= (ulong)(strideA * ea) | (ulong)(strideB * ea) | (ulong)(strideD * ed);
+        uint align = (uint)(bits & ~(bits - 1));   // the largest power of two (≤ 256) dividing all
+        string key = $"batched:{m},{n},{k},{batch},{ab},{dType},{lda},{strideA},{transposeA},{ldb},{strideB},{transposeB},{ldd},{strideD},{align}";
+        if (!_plans.TryGetValue(key, out var plan))
+            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(ab), LtType(dType), GemmWorkspaceBytes, batch, strideA, strideB, strideD,
+                lda, ldb, ldd, align, transposeB, transposeA);
+        plan.Run(Lt, a, b, d, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
     }
 
     public void Synchronize() { MakeCurrent(); Stream.Synchronize(); }

@@ -130,7 +130,7 @@ public sealed class CudaOps(CudaDevice device)
             Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale, position, decodeScratch, splitDecode);
         else if (tensorCores && UsesTensorCores(q.DType, headDim))
             Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
-                (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, tq, start, heads, kvHeads, w, scale);
+                (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, w, scale);
         else
             Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, headDim, w, scale);
@@ -184,32 +184,97 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>Training forward of causal GQA attention over <paramref name="t"/> rows at positions 0..t-1 (q [t, heads·hd],
-    /// k/v [t, kvHeads·hd]): the SIMT kernel, also writing each row's log-sum-exp [heads, t] for <see cref="AttentionBackward"/>.</summary>
+    /// k/v [t, kvHeads·hd]), also writing each row's log-sum-exp [heads, t] for <see cref="AttentionBackward"/>: the
+    /// tensor-core kernel where it applies (<see cref="UsesTensorCores"/>) unless <paramref name="tensorCores"/> is false,
+    /// else the SIMT kernel.</summary>
     public void AttentionForTraining(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor lse, int t,
-        int heads, int kvHeads, int headDim, int? window)
+        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true)
     {
         CheckHeads(heads, kvHeads, headDim);
         Need(lse, (long)heads * t, "attention log-sum-exp");
-        Device.Launch("attention", $"attention_prefill_{CudaDevice.Suffix(q.DType)}", ((uint)((t + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1),
-            (PrefillWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim));
+        string s = CudaDevice.Suffix(q.DType);
+        float scale = 1f / MathF.Sqrt(headDim);
+        if (tensorCores && UsesTensorCores(q.DType, headDim))
+            Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((t + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
+                (TensorCoreWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, window ?? 0, scale);
+        else
+            Device.Launch("attention", $"attention_prefill_{s}", ((uint)((t + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1),
+                (PrefillWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, scale);
     }
 
-    /// <summary>Backward of <see cref="AttentionForTraining"/>: from dO (f32) to f32 dq, dk, dv, recomputing the probabilities
-    /// from <paramref name="lse"/>; <paramref name="dsum"/> [heads, t] is scratch (rowsum dO·O).</summary>
+    /// <summary>Upper bound on the transient [T, T] buffers of the GEMM backward (a chunk of heads at a time).</summary>
+    public const long AttentionBackwardScratchBytes = 2L << 30;
+
+    /// <summary>Backward of <see cref="AttentionForTraining"/>: from dO (f32) to f32 dq, dk, dv (overwritten), recomputing the
+    /// probabilities from <paramref name="lse"/>; <paramref name="dsum"/> [heads, t] is scratch (rowsum dO·O). By default
+    /// the GEMM formulation (<see cref="AttentionGemmBackward"/>: cuBLASLt, tensor cores for bf16/f16); with
+    /// <paramref name="gemm"/> false the flash-style SIMT kernels, which never form a [T, T] matrix.</summary>
     public void AttentionBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor dOutput, DeviceTensor lse,
-        DeviceTensor dq, DeviceTensor dk, DeviceTensor dv, DeviceTensor dsum, int t, int heads, int kvHeads, int headDim, int? window)
+        DeviceTensor dq, DeviceTensor dk, DeviceTensor dv, DeviceTensor dsum, int t, int heads, int kvHeads, int headDim, int? window, bool gemm = true)
     {
         CheckHeads(heads, kvHeads, headDim);
+        Need(q, (long)t * heads * headDim, "q"); Need(k, (long)t * kvHeads * headDim, "k"); Need(v, (long)t * kvHeads * headDim, "v");
+        Need(output, (long)t * heads * headDim, "attention output"); Need(dOutput, (long)t * heads * headDim, "attention output gradient");
+        Need(lse, (long)heads * t, "attention log-sum-exp");
         Need(dq, (long)t * heads * headDim, "dq"); Need(dk, (long)t * kvHeads * headDim, "dk"); Need(dv, (long)t * kvHeads * headDim, "dv");
         Need(dsum, (long)heads * t, "attention backward scratch");
         string s = CudaDevice.Suffix(q.DType);
         float scale = 1f / MathF.Sqrt(headDim);
         int w = window ?? 0;
+        if (gemm)
+        {
+            Device.Launch("attention", $"attention_row_dot_{s}", (uint)t, 256, 0, dOutput, output, dsum, t, heads, headDim);
+            using var dOutStored = q.DType == DType.F32 ? null : Device.Convert(dOutput, q.DType);
+            int chunk = AttentionGemmBackward.ChunkKvHeads(t, kvHeads, q.DType.Size(), AttentionBackwardScratchBytes);
+            long n = (long)chunk * t * t;
+            using var scores = Device.Allocate(DType.F32, n); using var dprobs = Device.Allocate(DType.F32, n);
+            using var probs = Device.Allocate(q.DType, n); using var dscores = Device.Allocate(q.DType, n);
+            var buffers = new Dictionary<AttentionBuffer, DeviceTensor>
+            {
+                [AttentionBuffer.Q] = q, [AttentionBuffer.K] = k, [AttentionBuffer.V] = v, [AttentionBuffer.DOut] = dOutStored ?? dOutput,
+                [AttentionBuffer.Scores] = scores, [AttentionBuffer.DProbs] = dprobs, [AttentionBuffer.Probs] = probs, [AttentionBuffer.DScores] = dscores,
+                [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
+            };
+            AttentionGemmBackward.Enqueue(new GemmBackend(this, buffers, lse, dsum), t, heads, kvHeads, headDim, window, chunk);
+            return;   // the temporaries go back to the allocator; later users are ordered after these kernels on the stream
+        }
         uint blocks = (uint)((t + PrefillWarps - 1) / PrefillWarps);
         Device.Launch("attention", $"attention_backward_dq_{s}", (blocks, (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
             q, k, v, output, dOutput, lse, dq, dsum, t, heads, kvHeads, headDim, w, scale);
         Device.Launch("attention", $"attention_backward_dkv_{s}", (blocks, (uint)kvHeads, 1), (PrefillWarps * 32, 1, 1), 0,
             q, k, v, dOutput, lse, dsum, dk, dv, t, heads, kvHeads, headDim, w, scale);
+    }
+
+    /// <summary>cuBLASLt and the probability kernel behind <see cref="AttentionGemmBackward"/>.</summary>
+    private sealed class GemmBackend(CudaOps ops, Dictionary<AttentionBuffer, DeviceTensor> buffers, DeviceTensor lse, DeviceTensor rowdot)
+        : IAttentionGemmBackend
+    {
+        public void Gemm(in BatchedGemm g)
+        {
+            DeviceTensor a = buffers[g.A], b = buffers[g.B], d = buffers[g.D];
+            if (a.DType != b.DType) throw new ArgumentException($"GEMM inputs {g.A} and {g.B} differ in type");
+            Fits(a, g.A, g.OffsetA, g.StrideA, g.Batch, g.TransposeA ? g.K : g.M, g.TransposeA ? g.M : g.K, g.Lda);
+            Fits(b, g.B, g.OffsetB, g.StrideB, g.Batch, g.TransposeB ? g.N : g.K, g.TransposeB ? g.K : g.N, g.Ldb);
+            Fits(d, g.D, g.OffsetD, g.StrideD, g.Batch, g.M, g.N, g.Ldd);
+            ops.Device.BatchedGemm(Address(a, g.OffsetA), Address(b, g.OffsetB), Address(d, g.OffsetD), a.DType, d.DType, g.M, g.N, g.K, g.Batch,
+                g.Lda, g.StrideA, g.TransposeA, g.Ldb, g.StrideB, g.TransposeB, g.Ldd, g.StrideD, g.Alpha, g.Beta);
+        }
+
+        public void ProbabilityGradients(in ProbabilityGradients p)
+        {
+            var probs = buffers[AttentionBuffer.Probs];
+            ops.Device.Launch("attention", $"attention_probs_grad_{CudaDevice.Suffix(probs.DType)}", ((uint)p.T, (uint)p.Batch, 1), (256, 1, 1), 0,
+                buffers[AttentionBuffer.Scores], buffers[AttentionBuffer.DProbs], lse, rowdot, probs, buffers[AttentionBuffer.DScores],
+                p.T, p.FirstHead, p.HeadStep, p.Window, p.Scale);
+        }
+
+        private static ulong Address(DeviceTensor t, long offset) => t.Pointer + (ulong)(offset * t.DType.Size());
+
+        private static void Fits(DeviceTensor t, AttentionBuffer name, long offset, long stride, int batch, int rows, int cols, int ld)
+        {
+            long end = offset + (batch - 1) * stride + (long)(rows - 1) * ld + cols;
+            if (cols > ld || end > t.Length) throw new ArgumentException($"attention backward GEMM overruns {name} ({end} > {t.Length} elements)");
+        }
     }
 
     /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>

@@ -18,6 +18,33 @@ public static class KernelSources
     public static string Source(string kernel) => Files.TryGetValue(kernel, out var s)
         ? s : throw new DispNativeException($"no kernel source '{kernel}.cu' is embedded (have: {string.Join(", ", KernelNames)})");
 
+    private static readonly System.Text.RegularExpressions.Regex EntryPoint = new(
+        @"extern\s+""C""\s+__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+([\w#]+)\s*\(([^)]*)\)");
+
+    /// <summary>Number of parameters of the entry point <paramref name="entry"/> of <paramref name="kernel"/>.cu, read from its
+    /// <c>extern "C" __global__</c> declaration; names built by macros match their template (<c>##S</c> and <c>##O</c>
+    /// a storage suffix, <c>##D</c> a number, other upper-case parameters any name). Launches are checked against it:
+    /// a kernel given the wrong number of arguments would read garbage instead of failing.</summary>
+    public static int ParameterCount(string kernel, string entry)
+    {
+        foreach (System.Text.RegularExpressions.Match m in EntryPoint.Matches(Source(kernel)))
+        {
+            var pattern = new StringBuilder("^");
+            foreach (string part in m.Groups[1].Value.Split("##"))
+                pattern.Append(part switch
+                {
+                    "S" or "O" => "(f32|bf16|f16)",
+                    "D" => "[0-9]+",
+                    _ when part.Length > 0 && part.All(c => c is >= 'A' and <= 'Z') => "[A-Za-z0-9_]+",
+                    _ => System.Text.RegularExpressions.Regex.Escape(part),
+                });
+            if (!System.Text.RegularExpressions.Regex.IsMatch(entry, pattern.Append('$').ToString())) continue;
+            string parameters = m.Groups[2].Value.Trim();
+            return parameters.Length == 0 ? 0 : parameters.Count(c => c == ',') + 1;
+        }
+        throw new DispNativeException($"{kernel}.cu declares no entry point {entry}");
+    }
+
     private static IReadOnlyDictionary<string, string> Read()
     {
         var asm = typeof(KernelSources).Assembly;

@@ -1,0 +1,124 @@
+using DispNative.Engine;
+using DispNative.Engine.Autograd;
+using DispNative.Engine.Cuda;
+
+namespace DispNative.Tests;
+
+/// <summary>The GEMM formulation of attention's backward (<see cref="AttentionGemmBackward"/>: the strides, GQA head
+/// mapping, accumulation over a group and chunking that the CUDA path hands to cuBLASLt) executed with plain loops and
+/// compared with the autograd tape's attention backward.</summary>
+public class AttentionGemmBackwardTests
+{
+    /// <summary>Runs the steps on float arrays with exactly the layout contract of <see cref="BatchedGemm"/>.</summary>
+    private sealed class LoopBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot) : IAttentionGemmBackend
+    {
+        public int Gemms { get; private set; }
+
+        public void Gemm(in BatchedGemm g)
+        {
+            Gemms++;
+            float[] a = buffers[g.A], b = buffers[g.B], d = buffers[g.D];
+            for (int n = 0; n < g.Batch; n++)
+            for (int i = 0; i < g.M; i++)
+            for (int j = 0; j < g.N; j++)
+            {
+                double sum = 0;
+                for (int k = 0; k < g.K; k++)
+                {
+                    float x = a[g.OffsetA + n * g.StrideA + (g.TransposeA ? (long)k * g.Lda + i : (long)i * g.Lda + k)];
+                    float y = b[g.OffsetB + n * g.StrideB + (g.TransposeB ? (long)j * g.Ldb + k : (long)k * g.Ldb + j)];
+                    sum += x * y;
+                }
+                long at = g.OffsetD + n * g.StrideD + (long)i * g.Ldd + j;
+                d[at] = (float)(g.Alpha * sum + (g.Beta == 0 ? 0 : g.Beta * d[at]));   // β = 0 never reads D (cuBLASLt's rule)
+            }
+        }
+
+        public void ProbabilityGradients(in ProbabilityGradients p)
+        {
+            float[] s = buffers[AttentionBuffer.Scores], dp = buffers[AttentionBuffer.DProbs];
+            float[] probs = buffers[AttentionBuffer.Probs], ds = buffers[AttentionBuffer.DScores];
+            for (int n = 0; n < p.Batch; n++)
+            {
+                int h = p.FirstHead + n * p.HeadStep;
+                for (int i = 0; i < p.T; i++)
+                for (int j = 0; j < p.T; j++)
+                {
+                    long at = ((long)n * p.T + i) * p.T + j;
+                    bool visible = j <= i && (p.Window == 0 || j > i - p.Window);
+                    float pv = visible ? MathF.Exp(p.Scale * s[at] - lse[h * p.T + i]) : 0;
+                    probs[at] = pv;
+                    ds[at] = visible ? pv * (dp[at] - rowdot[h * p.T + i]) : 0;
+                }
+            }
+        }
+    }
+
+    [TestCase(37, 6, 2, 16, null, 1)]    // GQA groups of 3, one KV head per chunk
+    [TestCase(37, 6, 2, 16, null, 2)]    // both KV heads in one chunk
+    [TestCase(29, 4, 4, 8, 7, 3)]        // no GQA, a sliding window, an uneven last chunk
+    [TestCase(20, 4, 1, 12, null, 1)]    // every head shares one KV head
+    public void MatchesTheTapeBackward(int t, int heads, int kvHeads, int hd, int? window, int chunk)
+    {
+        var rng = new Rng(23);
+        int qd = heads * hd, kvd = kvHeads * hd;
+        float[] Rand(int n) => Enumerable.Range(0, n).Select(_ => rng.NextGaussian()).ToArray();
+        float[] q = Rand(t * qd), k = Rand(t * kvd), v = Rand(t * kvd), dOut = Rand(t * qd);
+
+        var tape = new Tape<float>();
+        var qv = tape.Leaf(q, t, qd); var kv = tape.Leaf(k, t, kvd); var vv = tape.Leaf(v, t, kvd);
+        var o = tape.Attention(qv, kv, vv, heads, kvHeads, hd, window);
+        dOut.CopyTo(o.G, 0);
+        tape.Backward();
+
+        // What the forward kernel leaves for the backward: lse[h, i] of the scaled, visible scores; rowdot = dO·O per head.
+        var lse = new float[heads * t];
+        var rowdot = new float[heads * t];
+        double scale = 1 / Math.Sqrt(hd);
+        for (int h = 0; h < heads; h++)
+        for (int i = 0; i < t; i++)
+        {
+            int g = h / (heads / kvHeads), first = window is int w ? Math.Max(0, i - w + 1) : 0;
+            var scores = Enumerable.Range(first, i - first + 1)
+                .Select(j => scale * Enumerable.Range(0, hd).Sum(c => (double)q[i * qd + h * hd + c] * k[j * kvd + g * hd + c])).ToArray();
+            double max = scores.Max();
+            lse[h * t + i] = (float)(max + Math.Log(scores.Sum(x => Math.Exp(x - max))));
+            rowdot[h * t + i] = (float)Enumerable.Range(0, hd).Sum(c => (double)dOut[i * qd + h * hd + c] * o.Data[i * qd + h * hd + c]);
+        }
+
+        float[] Garbage(int n) => Enumerable.Repeat(1e30f, n).ToArray();   // dq, dk, dv must be overwritten
+        long tt = (long)chunk * t * t;
+        var buffers = new Dictionary<AttentionBuffer, float[]>
+        {
+            [AttentionBuffer.Q] = q, [AttentionBuffer.K] = k, [AttentionBuffer.V] = v, [AttentionBuffer.DOut] = dOut,
+            [AttentionBuffer.Scores] = new float[tt], [AttentionBuffer.DProbs] = new float[tt], [AttentionBuffer.Probs] = new float[tt],
+            [AttentionBuffer.DScores] = new float[tt], [AttentionBuffer.DQ] = Garbage(t * qd), [AttentionBuffer.DK] = Garbage(t * kvd),
+            [AttentionBuffer.DV] = Garbage(t * kvd),
+        };
+        var backend = new LoopBackend(buffers, lse, rowdot);
+        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, hd, window, chunk);
+
+        int chunks = (kvHeads + chunk - 1) / chunk;
+        Assert.That(backend.Gemms, Is.EqualTo(5 * chunks * (heads / kvHeads)));
+        AssertClose(buffers[AttentionBuffer.DQ], qv.Grad!, "dq");
+        AssertClose(buffers[AttentionBuffer.DK], kv.Grad!, "dk");
+        AssertClose(buffers[AttentionBuffer.DV], vv.Grad!, "dv");
+    }
+
+    private static void AssertClose(float[] got, float[] want, string what)
+    {
+        double scale = want.Max(Math.Abs);
+        Assert.That(scale, Is.GreaterThan(1e-3), $"{what}: the reference gradient is zero");
+        for (int i = 0; i < want.Length; i++)
+            Assert.That(Math.Abs(got[i] - want[i]), Is.LessThan(1e-4 * scale), $"{what}[{i}]: {got[i]} vs {want[i]}");
+    }
+
+    [Test]
+    public void ChunkKvHeads_FitsTheBudgetAndKeepsAtLeastOne()
+    {
+        // 2048² · (8 + 2·2) bytes = 48 MiB per KV head in bf16.
+        Assert.That(AttentionGemmBackward.ChunkKvHeads(2048, 32, 2, 2L << 30), Is.EqualTo(32));
+        Assert.That(AttentionGemmBackward.ChunkKvHeads(2048, 32, 2, 480L << 20), Is.EqualTo(10));
+        Assert.That(AttentionGemmBackward.ChunkKvHeads(65536, 8, 2, 2L << 30), Is.EqualTo(1));
+    }
+}
