@@ -10,10 +10,13 @@ namespace DispNative.Engine.Cuda;
 /// h = RMSNorm(x) · m_attn_in → q, k, v → RoPE → attention → o_proj · m_attn_out;  x += that
 /// h = RMSNorm(x) · m_mlp_in  → down(silu(gate(h)) · up(h) · m_mlp_mid) · m_mlp_out; x += that
 /// </code>
-/// with a hand-written backward to the masks only (the weights stay frozen). Memory is bounded by per-layer activation
-/// checkpointing: the forward keeps only each layer's input residual; the backward recomputes one layer's activations
-/// at a time. Weights and activations use the model's storage type, the residual stream, gradients, masks and logits
-/// f32 (bf16 weights with f32 accumulation and f32 masks). Uses the device weights of a dense <see cref="CudaLlama"/>.</summary>
+/// with a hand-written backward to the masks only (the weights stay frozen). The forward keeps every layer's input
+/// residual and, unless layers are checkpointed, the activations that are costly to recompute (q, k, v, the attention
+/// output and its log-sum-exp, o_proj's output, gate, up, down's output); the backward recomputes the cheap rest (norms,
+/// the masked residual, SwiGLU) from them. With per-layer checkpointing only the input residuals are kept and the
+/// backward re-runs one layer's forward at a time: less memory, one more forward of GEMMs. Weights and activations use
+/// the model's storage type, the residual stream, gradients, masks and logits f32 (bf16 weights with f32 accumulation
+/// and f32 masks). Uses the device weights of a dense <see cref="CudaLlama"/>.</summary>
 public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
 {
     private readonly CudaLlama _model;
@@ -21,6 +24,7 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
     private readonly CudaDevice _device;
     private readonly CudaOps _ops;
     private Buffers? _buffers;
+    private readonly bool? _checkpointLayers;
     private static readonly int Sites = Enum.GetValues<SiteKind>().Length;
 
     public ModelConfig Config => _model.Config;
@@ -28,8 +32,11 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
 
     /// <param name="model">a dense model (the masks act on the full widths)</param>
     /// <param name="ownsModel">dispose <paramref name="model"/> with this</param>
-    public CudaMaskedLlama(CudaLlama model, bool ownsModel = false)
+    /// <param name="checkpointLayers">true: per-layer checkpointing; false: keep every layer's activations; null: keep
+    /// them when they fit in device memory, else checkpoint</param>
+    public CudaMaskedLlama(CudaLlama model, bool ownsModel = false, bool? checkpointLayers = null)
     {
+        _checkpointLayers = checkpointLayers;
         if (model.Layers.Any(l => l.AttnIn != null))
             throw new InvalidSettingException("hypernetwork training needs the dense model; this one is already pruned");
         _model = model;
@@ -38,19 +45,28 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         _ops = new CudaOps(_device);
     }
 
-    /// <summary>Device buffers for blocks of <c>Rows</c> tokens and masks of <c>MaskLength</c> values in all.</summary>
+    /// <summary>One layer's activations that the backward reads and that cost GEMMs or attention to recompute.</summary>
+    private sealed record Stored(DeviceTensor Q, DeviceTensor K, DeviceTensor V, DeviceTensor Att, DeviceTensor Lse, DeviceTensor O,
+        DeviceTensor G, DeviceTensor U, DeviceTensor Dn);
+
+    /// <summary>Device buffers for blocks of <c>Rows</c> tokens and masks of <c>MaskLength</c> values in all: one
+    /// <see cref="Stored"/> per layer, or a single shared one when <c>Checkpointed</c>.</summary>
     private sealed class Buffers : IDisposable
     {
         private readonly List<DeviceTensor> _all = [];
         public readonly int Rows;
         public readonly long MaskLength;
-        public readonly DeviceTensor Tokens, Targets, Loss, X1, DX, H1, Hm1, Q, K, V, Att, Lse, O, H2, Hm2, G, U, A, Am, Dn,
+        public readonly bool Checkpointed;
+        public readonly DeviceTensor Tokens, Targets, Loss, X1, DX, H1, Hm1, H2, Hm2, A, Am,
             Hf, Logits, DLogits, DLogitsS, GradS, GradF, GradD, DQ, DK, DV, DSum, DG, DU, Masks, MaskGrads;
         public readonly DeviceTensor[] Xs;
+        private readonly Stored[] _stored;
 
-        public Buffers(CudaDevice d, ModelConfig c, DType s, int rows, long maskLength)
+        public Stored Layer(int l) => _stored[Checkpointed ? 0 : l];
+
+        public Buffers(CudaDevice d, ModelConfig c, DType s, int rows, long maskLength, bool checkpointed)
         {
-            (Rows, MaskLength) = (rows, maskLength);
+            (Rows, MaskLength, Checkpointed) = (rows, maskLength, checkpointed);
             long t = rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim, v = c.VocabSize;
             DeviceTensor A_(DType type, long n) { var x = d.Allocate(type, n); _all.Add(x); return x; }
             try
@@ -59,10 +75,12 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
                 Xs = new DeviceTensor[c.NumLayers + 1];
                 for (int l = 0; l <= c.NumLayers; l++) Xs[l] = A_(DType.F32, t * dm);
                 X1 = A_(DType.F32, t * dm); DX = A_(DType.F32, t * dm);
-                H1 = A_(s, t * dm); Hm1 = A_(s, t * dm); Q = A_(s, t * qd); K = A_(s, t * kvd); V = A_(s, t * kvd);
-                Att = A_(s, t * qd); Lse = A_(DType.F32, c.NumHeads * t); O = A_(DType.F32, t * dm);
-                H2 = A_(s, t * dm); Hm2 = A_(s, t * dm); G = A_(s, t * f); U = A_(s, t * f); A = A_(s, t * f); Am = A_(s, t * f);
-                Dn = A_(DType.F32, t * dm); Hf = A_(s, t * dm);
+                H1 = A_(s, t * dm); Hm1 = A_(s, t * dm); H2 = A_(s, t * dm); Hm2 = A_(s, t * dm); A = A_(s, t * f); Am = A_(s, t * f);
+                _stored = new Stored[checkpointed ? 1 : c.NumLayers];
+                for (int l = 0; l < _stored.Length; l++)
+                    _stored[l] = new Stored(A_(s, t * qd), A_(s, t * kvd), A_(s, t * kvd), A_(s, t * qd), A_(DType.F32, c.NumHeads * t),
+                        A_(DType.F32, t * dm), A_(s, t * f), A_(s, t * f), A_(DType.F32, t * dm));
+                Hf = A_(s, t * dm);
                 Logits = A_(DType.F32, t * v); DLogits = A_(DType.F32, t * v);
                 DLogitsS = s == DType.F32 ? DLogits : A_(s, t * v);
                 GradS = A_(s, t * Math.Max(dm, qd)); GradF = A_(DType.F32, t * Math.Max(Math.Max(dm, f), qd)); GradD = A_(DType.F32, t * dm);
@@ -110,21 +128,25 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
             {
                 _buffers?.Dispose();
                 _buffers = null;
-                _buffers = new Buffers(_device, c, _model.DType, t, total);
+                _buffers = AllocateBuffers(t, total);
             }
-            var buf = _buffers;
             var flat = new float[total];
             for (int o = 0; o < masks.Count; o++) masks[o].CopyTo(flat, offsets[o]);
             var targets = new int[t];
             for (int i = 0; i + 1 < t; i++) targets[i] = block[i + 1];
             targets[t - 1] = -1;
-            Upload(buf.Masks, flat);
-            Upload(buf.Tokens, block);
-            Upload(buf.Targets, targets);
-            _ops.FillConstant(buf.MaskGrads, 0f);
-
-            Forward(buf, site);
-            Backward(buf, site, (float)(gradScale / (t - 1)));
+            var buf = _buffers;
+            try { Step(buf, flat, block, targets, site, gradScale); }
+            catch (CudaOutOfMemoryException) when (_checkpointLayers == null && !buf.Checkpointed)
+            {
+                // The kept activations fit but left too little for a step's temporaries: checkpoint from now on. Work
+                // already enqueued runs before anything that reuses its memory (one stream).
+                buf.Dispose();
+                _buffers = null;
+                _device.Allocator.Trim();
+                _buffers = buf = new Buffers(_device, c, _model.DType, t, total, checkpointed: true);
+                Step(buf, flat, block, targets, site, gradScale);
+            }
 
             var loss = _device.Download(buf.Loss);
             var grads = _device.Download(buf.MaskGrads);
@@ -138,6 +160,30 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
             return sum / (t - 1);
         }
     }
+
+    private void Step(Buffers buf, float[] masks, ReadOnlySpan<int> block, int[] targets, long[,] site, double gradScale)
+    {
+        Upload(buf.Masks, masks);
+        Upload(buf.Tokens, block);
+        Upload(buf.Targets, targets);
+        _ops.FillConstant(buf.MaskGrads, 0f);
+        Forward(buf, site);
+        Backward(buf, site, (float)(gradScale / (buf.Rows - 1)));
+    }
+
+    /// <summary>Buffers keeping every layer's activations unless checkpointing is asked for or they do not fit.</summary>
+    private Buffers AllocateBuffers(int rows, long maskLength)
+    {
+        if (_checkpointLayers != true)
+        {
+            try { return new Buffers(_device, Config, _model.DType, rows, maskLength, checkpointed: false); }
+            catch (CudaOutOfMemoryException) when (_checkpointLayers == null) { _device.Allocator.Trim(); }
+        }
+        return new Buffers(_device, Config, _model.DType, rows, maskLength, checkpointed: true);
+    }
+
+    /// <summary>Whether the current buffers checkpoint layers (null before the first step).</summary>
+    public bool? CheckpointsLayers => _buffers?.Checkpointed;
 
     /// <summary>Copies host values into an existing device tensor (same element size).</summary>
     private unsafe void Upload<T>(DeviceTensor dst, ReadOnlySpan<T> values) where T : unmanaged
@@ -167,30 +213,50 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         var d = _device;
         int t = b.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         var x = b.Xs[l];
+        var s = b.Layer(l);
         _ops.GatherRmsNorm(x, w.AttnNorm, null, b.H1, t, dm, c.RmsNormEps);
         _ops.ScaleColumns(b.H1, b.Masks, b.Hm1, t, dm, site[l, (int)SiteKind.AttnIn]);
-        d.Gemm(b.Hm1, w.Wq, b.Q, t, qd, dm);
-        d.Gemm(b.Hm1, w.Wk, b.K, t, kvd, dm);
-        d.Gemm(b.Hm1, w.Wv, b.V, t, kvd, dm);
-        if (w.Bq != null) { _ops.AddBias(b.Q, w.Bq, t); _ops.AddBias(b.K, w.Bk!, t); _ops.AddBias(b.V, w.Bv!, t); }
-        _ops.Rope(b.Q, _model.InverseFrequencies, t, c.NumHeads, c.HeadDim, 0);
-        _ops.Rope(b.K, _model.InverseFrequencies, t, c.NumKvHeads, c.HeadDim, 0);
-        _ops.AttentionForTraining(b.Q, b.K, b.V, b.Att, b.Lse, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-        d.Gemm(b.Att, w.Wo, b.O, t, dm, qd);
-        if (w.Bo != null) _ops.AddBias(b.O, w.Bo, t);
-        _ops.ScaleColumns(x, null, b.X1, t, dm);
-        _ops.AddScaledColumns(b.X1, b.O, b.Masks, t, dm, site[l, (int)SiteKind.AttnOut]);
+        d.Gemm(b.Hm1, w.Wq, s.Q, t, qd, dm);
+        d.Gemm(b.Hm1, w.Wk, s.K, t, kvd, dm);
+        d.Gemm(b.Hm1, w.Wv, s.V, t, kvd, dm);
+        if (w.Bq != null) { _ops.AddBias(s.Q, w.Bq, t); _ops.AddBias(s.K, w.Bk!, t); _ops.AddBias(s.V, w.Bv!, t); }
+        _ops.Rope(s.Q, _model.InverseFrequencies, t, c.NumHeads, c.HeadDim, 0);
+        _ops.Rope(s.K, _model.InverseFrequencies, t, c.NumKvHeads, c.HeadDim, 0);
+        _ops.AttentionForTraining(s.Q, s.K, s.V, s.Att, s.Lse, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+        d.Gemm(s.Att, w.Wo, s.O, t, dm, qd);
+        if (w.Bo != null) _ops.AddBias(s.O, w.Bo, t);
+        MaskedResidual(b, site, l);
 
-        _ops.GatherRmsNorm(b.X1, w.MlpNorm, null, b.H2, t, dm, c.RmsNormEps);
         _ops.ScaleColumns(b.H2, b.Masks, b.Hm2, t, dm, site[l, (int)SiteKind.MlpIn]);
-        d.Gemm(b.Hm2, w.WGate, b.G, t, f, dm);
-        d.Gemm(b.Hm2, w.WUp, b.U, t, f, dm);
-        _ops.SiluMul(b.G, b.U, b.A, (long)t * f);
+        d.Gemm(b.Hm2, w.WGate, s.G, t, f, dm);
+        d.Gemm(b.Hm2, w.WUp, s.U, t, f, dm);
+        _ops.SiluMul(s.G, s.U, b.A, (long)t * f);
         _ops.ScaleColumns(b.A, b.Masks, b.Am, t, f, site[l, (int)SiteKind.MlpMid]);
-        d.Gemm(b.Am, w.WDown, b.Dn, t, dm, f);
+        d.Gemm(b.Am, w.WDown, s.Dn, t, dm, f);
         if (output == null) return;
         _ops.ScaleColumns(b.X1, null, output, t, dm);
-        _ops.AddScaledColumns(output, b.Dn, b.Masks, t, dm, site[l, (int)SiteKind.MlpOut]);
+        _ops.AddScaledColumns(output, s.Dn, b.Masks, t, dm, site[l, (int)SiteKind.MlpOut]);
+    }
+
+    /// <summary>X1 = x + O·m_attn_out and H2 = RMSNorm(X1): the residual after attention and the MLP's norm.</summary>
+    private void MaskedResidual(Buffers b, long[,] site, int l)
+    {
+        var c = Config;
+        int t = b.Rows, dm = c.HiddenSize;
+        _ops.ScaleColumns(b.Xs[l], null, b.X1, t, dm);
+        _ops.AddScaledColumns(b.X1, b.Layer(l).O, b.Masks, t, dm, site[l, (int)SiteKind.AttnOut]);
+        _ops.GatherRmsNorm(b.X1, _model.Layers[l].MlpNorm, null, b.H2, t, dm, c.RmsNormEps);
+    }
+
+    /// <summary>With stored activations, what layer l's backward reads besides them, recomputed by the same ops as the
+    /// forward (norms, the masked residual, SwiGLU): no GEMMs, no attention.</summary>
+    private void RecomputeCheap(Buffers b, long[,] site, int l)
+    {
+        var c = Config;
+        var s = b.Layer(l);
+        _ops.GatherRmsNorm(b.Xs[l], _model.Layers[l].AttnNorm, null, b.H1, b.Rows, c.HiddenSize, c.RmsNormEps);
+        MaskedResidual(b, site, l);
+        _ops.SiluMul(s.G, s.U, b.A, (long)b.Rows * c.IntermediateSize);
     }
 
     /// <summary>From the scaled cross-entropy gradient back through the LM head, the final norm and every layer (each
@@ -207,7 +273,8 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         _ops.RmsNormBackward(b.Xs[c.NumLayers], _model.FinalNorm, b.GradD, b.DX, t, dm, c.RmsNormEps);
         for (int l = c.NumLayers - 1; l >= 0; l--)
         {
-            LayerForward(b, site, l, null);
+            if (b.Checkpointed) LayerForward(b, site, l, null);
+            else RecomputeCheap(b, site, l);
             LayerBackward(b, site, l);
         }
     }
@@ -222,14 +289,15 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         int t = b.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         long ai = site[l, (int)SiteKind.AttnIn], ao = site[l, (int)SiteKind.AttnOut], mi = site[l, (int)SiteKind.MlpIn],
             mm = site[l, (int)SiteKind.MlpMid], mo = site[l, (int)SiteKind.MlpOut];
+        var s = b.Layer(l);
 
         // MLP: out = X1 + Dn·m_mlp_out, Dn = Am·Wdownᵀ, Am = silu(G)·U·m_mlp_mid, G/U = (H2·m_mlp_in)·W{gate,up}ᵀ
-        _ops.MaskColumnsGrad(b.DX, b.Dn, b.MaskGrads, t, dm, accumulate: true, mo);
+        _ops.MaskColumnsGrad(b.DX, s.Dn, b.MaskGrads, t, dm, accumulate: true, mo);
         _ops.ScaleColumns(b.DX, b.Masks, b.GradS, t, dm, mo);
         d.Gemm(b.GradS, w.WDown, b.GradF, t, f, dm, transposeB: false);
         _ops.MaskColumnsGrad(b.GradF, b.A, b.MaskGrads, t, f, accumulate: true, mm);
         _ops.ScaleColumns(b.GradF, b.Masks, b.GradF, t, f, mm);
-        _ops.SiluMulBackward(b.G, b.U, b.GradF, b.DG, b.DU, (long)t * f);
+        _ops.SiluMulBackward(s.G, s.U, b.GradF, b.DG, b.DU, (long)t * f);
         d.Gemm(b.DG, w.WGate, b.GradD, t, dm, f, transposeB: false);
         d.Gemm(b.DU, w.WUp, b.GradD, t, dm, f, beta: 1, transposeB: false);
         _ops.MaskColumnsGrad(b.GradD, b.H2, b.MaskGrads, t, dm, accumulate: true, mi);
@@ -237,10 +305,10 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         _ops.RmsNormBackward(b.X1, w.MlpNorm, b.GradD, b.DX, t, dm, c.RmsNormEps);
 
         // Attention: X1 = x + O·m_attn_out, O = Att·Woᵀ, Att = attention(rope(Hm1·Wqᵀ), rope(Hm1·Wkᵀ), Hm1·Wvᵀ)
-        _ops.MaskColumnsGrad(b.DX, b.O, b.MaskGrads, t, dm, accumulate: true, ao);
+        _ops.MaskColumnsGrad(b.DX, s.O, b.MaskGrads, t, dm, accumulate: true, ao);
         _ops.ScaleColumns(b.DX, b.Masks, b.GradS, t, dm, ao);
         d.Gemm(b.GradS, w.Wo, b.GradF, t, qd, dm, transposeB: false);
-        _ops.AttentionBackward(b.Q, b.K, b.V, b.Att, b.GradF, b.Lse, b.DQ, b.DK, b.DV, b.DSum, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+        _ops.AttentionBackward(s.Q, s.K, s.V, s.Att, b.GradF, s.Lse, b.DQ, b.DK, b.DV, b.DSum, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
         _ops.Rope(b.DQ, _model.InverseFrequencies, t, c.NumHeads, c.HeadDim, 0, inverse: true);
         _ops.Rope(b.DK, _model.InverseFrequencies, t, c.NumKvHeads, c.HeadDim, 0, inverse: true);
         _ops.ScaleColumns(b.DQ, null, b.GradS, t, qd);

@@ -82,6 +82,8 @@ public static class SelfTest
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
             new("masked training step f32 vs CPU (loss, mask gradients; same)", dev => TrainingStep(dev, PruningMode.Same, DType.F32)),
             new("masked training step bf16 vs CPU f32 (loss, mask gradients)", dev => TrainingStep(dev, PruningMode.Disp, DType.BF16)),
+            new("masked training step f32, layers checkpointed (recomputed forward)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32, checkpoint: true)),
+            new("masked training step bf16, layers checkpointed", dev => TrainingStep(dev, PruningMode.Same, DType.BF16, checkpoint: true)),
         };
         if (referenceModelDir != null)
         {
@@ -477,7 +479,7 @@ public static class SelfTest
 
     /// <summary>One block's loss and mask gradients: <see cref="CudaMaskedLlama"/> against the CPU reference, with soft masks
     /// in (0, 1) and some exact zeros.</summary>
-    private static string TrainingStep(CudaDevice dev, PruningMode mode, DType dtype)
+    private static string TrainingStep(CudaDevice dev, PruningMode mode, DType dtype, bool checkpoint = false)
     {
         var (c, w) = RandomModel(pruned: false);
         if (dtype != DType.F32)
@@ -493,9 +495,10 @@ public static class SelfTest
         int[] block = Enumerable.Range(0, 57).Select(_ => (int)(rng.NextDouble() * c.VocabSize)).ToArray();
         var wantGrads = masks.Select(m => new float[m.Length]).ToList();
         double want = new CpuMaskedLanguageModel(c, w).LossAndMaskGradients(block, masks, layout.OutputOf, wantGrads, 0.5);
-        using var gpu = new CudaMaskedLlama(new CudaLlama(dev, c, w, dtype), ownsModel: true);
+        using var gpu = new CudaMaskedLlama(new CudaLlama(dev, c, w, dtype), ownsModel: true, checkpointLayers: checkpoint);
         var grads = masks.Select(m => new float[m.Length]).ToList();
         double got = gpu.LossAndMaskGradients(block, masks, layout.OutputOf, grads, 0.5);
+        if (gpu.CheckpointsLayers != checkpoint) throw new Mismatch($"layers checkpointed: {gpu.CheckpointsLayers}, asked {checkpoint}");
         double lossErr = Math.Abs(got - want) / Math.Abs(want);
         double tol = dtype == DType.F32 ? 1e-4 : 5e-2;
         string detail = $"loss {got:F5} vs {want:F5} (rel err {lossErr:E2})";
