@@ -224,7 +224,9 @@ public sealed class CudaOps(CudaDevice device)
         if (gemm)
         {
             Device.Launch("attention", $"attention_row_dot_{s}", (uint)t, 256, 0, dOutput, output, dsum, t, heads, headDim);
-            using var dOutStored = q.DType == DType.F32 ? null : Device.Convert(dOutput, q.DType);
+            using var dOutStored = q.DType == DType.F32 ? null : Device.Allocate(q.DType, (long)t * heads * headDim);
+            if (dOutStored != null)   // dO may sit in a larger buffer: convert only its t rows
+                Device.Launch("convert", $"convert_f32_to_{s}", CudaDevice.GridFor(dOutStored.Length), 256, 0, dOutput, dOutStored, dOutStored.Length);
             int chunk = AttentionGemmBackward.ChunkKvHeads(t, kvHeads, q.DType.Size(), AttentionBackwardScratchBytes);
             long n = (long)chunk * t * t;
             using var scores = Device.Allocate(DType.F32, n); using var dprobs = Device.Allocate(DType.F32, n);
