@@ -100,7 +100,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep));
     }
 
-    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, IWeightSource source)
+    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source)
     {
         if (dtype is not (DType.F32 or DType.BF16 or DType.F16)) throw new InvalidSettingException($"CUDA storage type must be f32, bf16 or f16 (got {dtype})");
         if (config.HeadDim > CudaOps.MaxHeadDim) throw new DispNativeException($"head_dim {config.HeadDim} is above the CUDA attention kernel's limit {CudaOps.MaxHeadDim}");
@@ -119,48 +119,70 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             _embedding = source.Embedding();
             _finalNorm = source.FinalNorm();
             _lmHead = source.LmHead(_embedding);
-            for (int l = 0; l < config.NumLayers; l++) _layers[l] = source.Layer(l);
+            for (int l = 0; l < config.NumLayers; l++)
+            {
+                try { _layers[l] = source.Layer(l); }
+                catch { source.ReleaseUnfinishedLayer(); throw; }
+            }
             device.Synchronize();
         }
         catch { Release(); throw; }
     }
 
-    private interface IWeightSource
+    /// <summary>Where the device weights come from. A layer's tensors are tracked until the layer is complete, so that a
+    /// failure halfway through one (out of device memory) releases what it had made.</summary>
+    private abstract class WeightSource
     {
-        DeviceTensor Embedding();
-        DeviceTensor FinalNorm();
-        DeviceTensor LmHead(DeviceTensor embedding);
-        Layer Layer(int l);
-    }
-
-    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, ModelWeights weights, DType dtype) : IWeightSource
-    {
-        public DeviceTensor Embedding() => device.Upload(weights.Embedding, dtype);
-        public DeviceTensor FinalNorm() => device.Upload(weights.FinalNorm, dtype);
-        public DeviceTensor LmHead(DeviceTensor embedding)
-            => ReferenceEquals(weights.LmHead, weights.Embedding) ? embedding : device.Upload(weights.LmHead, dtype);
+        private readonly List<DeviceTensor> _layerTensors = [];
+        public abstract DeviceTensor Embedding();
+        public abstract DeviceTensor FinalNorm();
+        public abstract DeviceTensor LmHead(DeviceTensor embedding);
 
         public Layer Layer(int l)
+        {
+            _layerTensors.Clear();   // the previous layer's tensors belong to it now
+            return BuildLayer(l);
+        }
+
+        protected abstract Layer BuildLayer(int l);
+
+        protected DeviceTensor Track(DeviceTensor t) { _layerTensors.Add(t); return t; }
+
+        public void ReleaseUnfinishedLayer()
+        {
+            foreach (var t in _layerTensors) t.Dispose();
+            _layerTensors.Clear();
+        }
+    }
+
+    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, ModelWeights weights, DType dtype) : WeightSource
+    {
+        public override DeviceTensor Embedding() => device.Upload(weights.Embedding, dtype);
+        public override DeviceTensor FinalNorm() => device.Upload(weights.FinalNorm, dtype);
+        public override DeviceTensor LmHead(DeviceTensor embedding)
+            => ReferenceEquals(weights.LmHead, weights.Embedding) ? embedding : device.Upload(weights.LmHead, dtype);
+
+        protected override Layer BuildLayer(int l)
         {
             var w = weights.Layers[l];
             int d = c.HiddenSize, f = c.IntermediateSize;
             int ai = Stored(w.AttnInIdx, d), ao = Stored(w.AttnOutIdx, d), mi = Stored(w.MlpInIdx, d), mm = Stored(w.MlpMidIdx, f), mo = Stored(w.MlpOutIdx, d);
             int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;
-            DeviceTensor? Opt(float[]? v, DType t) => v == null ? null : device.Upload(v, t);
-            DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
+            DeviceTensor? Opt(float[]? v, DType t) => v == null ? null : Track(device.Upload(v, t));
+            DeviceTensor? Idx(int[]? v) => v == null ? null : Track(device.Upload(v));
             // A weight [rows, cols] stored as [storedRows, storedCols] with zeros in the padding.
             DeviceTensor Pad(float[] v, int rows, int storedRows, int storedCols)
             {
                 int cols = v.Length / rows;
-                if (rows == storedRows && cols == storedCols) return device.Upload(v, dtype);
+                if (rows == storedRows && cols == storedCols) return Track(device.Upload(v, dtype));
                 var p = new float[(long)storedRows * storedCols];
                 for (int r = 0; r < rows; r++) Array.Copy(v, (long)r * cols, p, (long)r * storedCols, cols);
-                return device.Upload(p, dtype);
+                return Track(device.Upload(p, dtype));
             }
             return new Layer
             {
-                AttnNorm = device.Upload(w.AttnNorm, dtype), Wq = Pad(w.Wq, c.QDim, c.QDim, ai), Wk = Pad(w.Wk, c.KvDim, c.KvDim, ai),
-                Wv = Pad(w.Wv, c.KvDim, c.KvDim, ai), Wo = Pad(w.Wo, wo, ao, c.QDim), MlpNorm = device.Upload(w.MlpNorm, dtype),
+                AttnNorm = Track(device.Upload(w.AttnNorm, dtype)), Wq = Pad(w.Wq, c.QDim, c.QDim, ai), Wk = Pad(w.Wk, c.KvDim, c.KvDim, ai),
+                Wv = Pad(w.Wv, c.KvDim, c.KvDim, ai), Wo = Pad(w.Wo, wo, ao, c.QDim), MlpNorm = Track(device.Upload(w.MlpNorm, dtype)),
                 WGate = Pad(w.WGate, wm, mm, mi), WUp = Pad(w.WUp, wm, mm, mi), WDown = Pad(w.WDown, wdo, mo, mm),
                 Bq = Opt(w.Bq, dtype), Bk = Opt(w.Bk, dtype), Bv = Opt(w.Bv, dtype), Bo = Opt(w.Bo, DType.F32),
                 AttnIn = Idx(w.AttnInIdx), AttnOut = Idx(w.AttnOutIdx), MlpIn = Idx(w.MlpInIdx), MlpMid = Idx(w.MlpMidIdx), MlpOut = Idx(w.MlpOutIdx),
@@ -168,7 +190,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
-    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep) : IWeightSource
+    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep) : WeightSource
     {
         private readonly CudaOps _ops = new(device);
         private readonly Rng _rng = new(seed);
@@ -176,14 +198,14 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
         private DeviceTensor Normal(long n)
         {
-            var t = device.Allocate(dtype, n);
+            var t = Track(device.Allocate(dtype, n));
             _ops.FillNormal(t, _next++ * 0x100000001B3UL, 0.02f);
             return t;
         }
 
         private DeviceTensor Ones(long n)
         {
-            var t = device.Allocate(dtype, n);
+            var t = Track(device.Allocate(dtype, n));
             _ops.FillConstant(t, 1f);
             return t;
         }
@@ -199,16 +221,16 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             return kept;
         }
 
-        public DeviceTensor Embedding() => Normal((long)c.VocabSize * c.HiddenSize);
-        public DeviceTensor FinalNorm() => Ones(c.HiddenSize);
-        public DeviceTensor LmHead(DeviceTensor embedding) => c.TieWordEmbeddings ? embedding : Normal((long)c.VocabSize * c.HiddenSize);
+        public override DeviceTensor Embedding() => Normal((long)c.VocabSize * c.HiddenSize);
+        public override DeviceTensor FinalNorm() => Ones(c.HiddenSize);
+        public override DeviceTensor LmHead(DeviceTensor embedding) => c.TieWordEmbeddings ? embedding : Normal((long)c.VocabSize * c.HiddenSize);
 
-        public Layer Layer(int l)
+        protected override Layer BuildLayer(int l)
         {
             int d = c.HiddenSize, f = c.IntermediateSize;
             int[]? attnIn = Subset(d), attnOut = Subset(d), mlpIn = Subset(d), mid = Subset(f), mlpOut = Subset(d);
             int ai = Stored(attnIn, d), ao = Stored(attnOut, d), mi = Stored(mlpIn, d), mm = Stored(mid, f), mo = Stored(mlpOut, d);
-            DeviceTensor? Idx(int[]? v) => v == null ? null : device.Upload(v);
+            DeviceTensor? Idx(int[]? v) => v == null ? null : Track(device.Upload(v));
             // The padding only has to keep SwiGLU's padded columns zero: up's padding rows are zero (the norm zeroes the
             // padded input columns, and the padded output rows are never added to the residual).
             var up = Normal((long)mm * mi);
