@@ -16,14 +16,6 @@
 #define DECODE_WARPS 4
 #define DECODE_UNROLL 4
 
-template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& raw, float* out)
-{
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < (int)(16 / sizeof(T)); i++) out[i] = to_f32(e[i]);
-}
-
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
 

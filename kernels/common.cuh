@@ -24,6 +24,14 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float v)
     unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return f16{h};
 }
 
+// The 16 / sizeof(T) storage elements of one 16-byte load, as f32.
+template <typename T> __device__ __forceinline__ void unpack16(const uint4& raw, float* out)
+{
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < (int)(16 / sizeof(T)); i++) out[i] = to_f32(e[i]);
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 
 struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };

@@ -9,11 +9,12 @@
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
 {
-    const T* pa = reinterpret_cast<const T*>(&a);
-    const T* pb = reinterpret_cast<const T*>(&b);
-    float s = 0.f;
+    constexpr int N = 16 / sizeof(T);
+    float fa[N], fb[N], s = 0.f;
+    unpack16<T>(a, fa);
+    unpack16<T>(b, fb);
 #pragma unroll
-    for (int e = 0; e < (int)(16 / sizeof(T)); e++) s += to_f32(pa[e]) * to_f32(pb[e]);
+    for (int e = 0; e < N; e++) s += fa[e] * fb[e];
     return s;
 }
 

@@ -124,24 +124,28 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
 
         lock (_ops)
         {
-            if (_buffers is not { } b || b.Rows != t || b.MaskLength != total)
-            {
-                _buffers?.Dispose();
-                _buffers = null;
-                _buffers = AllocateBuffers(t, total);
-            }
             var flat = new float[total];
             for (int o = 0; o < masks.Count; o++) masks[o].CopyTo(flat, offsets[o]);
             var targets = new int[t];
             for (int i = 0; i + 1 < t; i++) targets[i] = block[i + 1];
             targets[t - 1] = -1;
-            var buf = _buffers;
-            try { Step(buf, flat, block, targets, site, gradScale); }
-            catch (CudaOutOfMemoryException) when (_checkpointLayers == null && !buf.Checkpointed)
+            Buffers buf;
+            try
             {
-                // The kept activations fit but left too little for a step's temporaries: checkpoint from now on. Work
-                // already enqueued runs before anything that reuses its memory (one stream).
-                buf.Dispose();
+                if (_buffers is { } b && b.Rows == t && b.MaskLength == total) buf = b;
+                else
+                {
+                    _buffers?.Dispose();
+                    _buffers = null;
+                    _buffers = buf = new Buffers(_device, c, _model.DType, t, total, checkpointed: _checkpointLayers == true);
+                }
+                Step(buf, flat, block, targets, site, gradScale);
+            }
+            catch (CudaOutOfMemoryException) when (_checkpointLayers == null && _buffers?.Checkpointed != true)
+            {
+                // Keeping every layer's activations does not fit (or leaves too little for a step's temporaries):
+                // checkpoint layers from now on. Work already enqueued runs before anything that reuses its memory.
+                _buffers?.Dispose();
                 _buffers = null;
                 _device.Allocator.Trim();
                 _buffers = buf = new Buffers(_device, c, _model.DType, t, total, checkpointed: true);
@@ -169,17 +173,6 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         _ops.FillConstant(buf.MaskGrads, 0f);
         Forward(buf, site);
         Backward(buf, site, (float)(gradScale / (buf.Rows - 1)));
-    }
-
-    /// <summary>Buffers keeping every layer's activations unless checkpointing is asked for or they do not fit.</summary>
-    private Buffers AllocateBuffers(int rows, long maskLength)
-    {
-        if (_checkpointLayers != true)
-        {
-            try { return new Buffers(_device, Config, _model.DType, rows, maskLength, checkpointed: false); }
-            catch (CudaOutOfMemoryException) when (_checkpointLayers == null) { _device.Allocator.Trim(); }
-        }
-        return new Buffers(_device, Config, _model.DType, rows, maskLength, checkpointed: true);
     }
 
     /// <summary>Whether the current buffers checkpoint layers (null before the first step).</summary>
