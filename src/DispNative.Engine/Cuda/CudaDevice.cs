@@ -25,6 +25,9 @@ public sealed class DeviceTensor : IDisposable
     public long Length { get; }
     public long Bytes => Length * DType.Size();
 
+    /// <summary>Device address of element <paramref name="offset"/>.</summary>
+    public ulong Address(long offset) => Pointer + (ulong)(offset * DType.Size());
+
     internal DeviceTensor(CudaDevice device, DType dtype, long length)
     {
         _device = device;
@@ -234,33 +237,30 @@ public sealed unsafe class CudaDevice : IDisposable
         if ((long)m * k > a.Length - offsetA || (long)n * k > b.Length - offsetB || (long)m * n > d.Length - offsetD)
             throw new ArgumentException($"GEMM {m}x{n}x{k} does not fit its buffers");
         MakeCurrent();
-        int ea = a.DType.Size(), ed = d.DType.Size();
-        ulong pa = a.Pointer + (ulong)(offsetA * ea), pb = b.Pointer + (ulong)(offsetB * ea), pd = d.Pointer + (ulong)(offsetD * ed);
+        int ea = a.DType.Size();
+        ulong pa = a.Address(offsetA), pb = b.Address(offsetB), pd = d.Address(offsetD);
         if (m == 1 && transposeB && UseGemv && k % (16 / ea) == 0 && ((pa | pb) & 15) == 0 && (d.DType == a.DType || d.DType == DType.F32))
         {
             Launch("gemv", $"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", (uint)((n + GemvWarps - 1) / GemvWarps), GemvWarps * 32, 0,
                 pa, pb, pd, n, k, alpha, beta);
             return;
         }
-        uint align = (uint)Math.Min(256UL, (pa | pb | pd | 256UL) & ~((pa | pb | pd | 256UL) - 1));  // largest power of two dividing all
-        string key = $"{m},{n},{k},{a.DType},{d.DType},{align},{transposeB}";
-        if (!_plans.TryGetValue(key, out var plan))
-            _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(a.DType), LtType(d.DType), GemmWorkspaceBytes, alignmentBytes: align, transposeB: transposeB);
-        plan.Run(Lt, pa, pb, pd, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
+        BatchedGemm(pa, pb, pd, a.DType, d.DType, m, n, k, 1, k, 0, false, transposeB ? k : n, 0, transposeB, n, 0, alpha, beta);
     }
 
     /// <summary>Strided batched row-major GEMM on device pointers (the layout of <see cref="BatchedGemm"/>): A and B in
     /// <paramref name="ab"/>, D in <paramref name="dType"/>, f32 accumulation. Plans are cached per shape, layout and
-    /// the alignment that every pointer, leading dimension and stride shares.</summary>
+    /// the buffer alignment (the largest power of two, at most 256, dividing every matrix's start: the pointers and,
+    /// batched, the strides).</summary>
     public void BatchedGemm(ulong a, ulong b, ulong d, DType ab, DType dType, int m, int n, int k, int batch,
         int lda, long strideA, bool transposeA, int ldb, long strideB, bool transposeB, int ldd, long strideD, float alpha, float beta)
     {
         MakeCurrent();
         long ea = ab.Size(), ed = dType.Size();
-        ulong bits = a | b | d | (ulong)(lda * ea) | (ulong)(ldb * ea) | (ulong)(ldd * ed) | 256UL;
+        ulong bits = a | b | d | 256UL;
         if (batch > 1) bits |= (ulong)(strideA * ea) | (ulong)(strideB * ea) | (ulong)(strideD * ed);
-        uint align = (uint)(bits & ~(bits - 1));   // the largest power of two (≤ 256) dividing all
-        string key = $"batched:{m},{n},{k},{batch},{ab},{dType},{lda},{strideA},{transposeA},{ldb},{strideB},{transposeB},{ldd},{strideD},{align}";
+        uint align = (uint)(bits & ~(bits - 1));
+        string key = $"{m},{n},{k},{batch},{ab},{dType},{lda},{strideA},{transposeA},{ldb},{strideB},{transposeB},{ldd},{strideD},{align}";
         if (!_plans.TryGetValue(key, out var plan))
             _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(ab), LtType(dType), GemmWorkspaceBytes, batch, strideA, strideB, strideD,
                 lda, ldb, ldd, align, transposeB, transposeA);

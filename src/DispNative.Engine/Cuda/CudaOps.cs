@@ -219,8 +219,6 @@ public sealed class CudaOps(CudaDevice device)
         Need(dq, (long)t * heads * headDim, "dq"); Need(dk, (long)t * kvHeads * headDim, "dk"); Need(dv, (long)t * kvHeads * headDim, "dv");
         Need(dsum, (long)heads * t, "attention backward scratch");
         string s = CudaDevice.Suffix(q.DType);
-        float scale = 1f / MathF.Sqrt(headDim);
-        int w = window ?? 0;
         if (gemm)
         {
             Device.Launch("attention", $"attention_row_dot_{s}", (uint)t, 256, 0, dOutput, output, dsum, t, heads, headDim);
@@ -240,6 +238,8 @@ public sealed class CudaOps(CudaDevice device)
             AttentionGemmBackward.Enqueue(new GemmBackend(this, buffers, lse, dsum), t, heads, kvHeads, headDim, window, chunk);
             return;   // the temporaries go back to the allocator; later users are ordered after these kernels on the stream
         }
+        float scale = 1f / MathF.Sqrt(headDim);
+        int w = window ?? 0;
         uint blocks = (uint)((t + PrefillWarps - 1) / PrefillWarps);
         Device.Launch("attention", $"attention_backward_dq_{s}", (blocks, (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
             q, k, v, output, dOutput, lse, dq, dsum, t, heads, kvHeads, headDim, w, scale);
@@ -258,7 +258,7 @@ public sealed class CudaOps(CudaDevice device)
             Fits(a, g.A, g.OffsetA, g.StrideA, g.Batch, g.TransposeA ? g.K : g.M, g.TransposeA ? g.M : g.K, g.Lda);
             Fits(b, g.B, g.OffsetB, g.StrideB, g.Batch, g.TransposeB ? g.N : g.K, g.TransposeB ? g.K : g.N, g.Ldb);
             Fits(d, g.D, g.OffsetD, g.StrideD, g.Batch, g.M, g.N, g.Ldd);
-            ops.Device.BatchedGemm(Address(a, g.OffsetA), Address(b, g.OffsetB), Address(d, g.OffsetD), a.DType, d.DType, g.M, g.N, g.K, g.Batch,
+            ops.Device.BatchedGemm(a.Address(g.OffsetA), b.Address(g.OffsetB), d.Address(g.OffsetD), a.DType, d.DType, g.M, g.N, g.K, g.Batch,
                 g.Lda, g.StrideA, g.TransposeA, g.Ldb, g.StrideB, g.TransposeB, g.Ldd, g.StrideD, g.Alpha, g.Beta);
         }
 
@@ -269,8 +269,6 @@ public sealed class CudaOps(CudaDevice device)
                 buffers[AttentionBuffer.Scores], buffers[AttentionBuffer.DProbs], lse, rowdot, probs, buffers[AttentionBuffer.DScores],
                 p.T, p.FirstHead, p.HeadStep, p.Window, p.Scale);
         }
-
-        private static ulong Address(DeviceTensor t, long offset) => t.Pointer + (ulong)(offset * t.DType.Size());
 
         private static void Fits(DeviceTensor t, AttentionBuffer name, long offset, long stride, int batch, int rows, int cols, int ld)
         {
@@ -289,7 +287,7 @@ public sealed class CudaOps(CudaDevice device)
         if (offset < 0 || n < 0) throw new ArgumentException($"fill offset {offset} is outside a tensor of {x.Length}");
         if (n == 0) return;
         Device.Launch("init", $"fill_constant_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(n), 256, 0,
-            x.Pointer + (ulong)(offset * x.DType.Size()), n, value);
+            x.Address(offset), n, value);
     }
 
     /// <summary>x ~ N(0, std²), reproducible from <paramref name="seed"/> (counter hash, as <see cref="GumbelNoise"/>).</summary>
@@ -321,7 +319,7 @@ public sealed class CudaOps(CudaDevice device)
         Need(dy, (long)rows * width, "mask gradient input"); Need(x, (long)rows * width, "masked activation");
         Need(dmask, dmaskOffset + width, "mask gradient");
         Device.Launch("masks", $"mask_columns_grad_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(width, 128), 128, 0,
-            dy, x, dmask.Pointer + (ulong)(dmaskOffset * 4), rows, width, accumulate ? 1 : 0);
+            dy, x, dmask.Address(dmaskOffset), rows, width, accumulate ? 1 : 0);
     }
 
     /// <summary>output[r, j] = x[r, j]·mask[j] (mask null: a copy), f32 to any storage type or within one type; in place
@@ -332,13 +330,13 @@ public sealed class CudaOps(CudaDevice device)
         Need(x, (long)rows * width, "scale columns input"); Need(output, (long)rows * width, "scale columns output");
         if (mask != null) Need(mask, maskOffset + width, "column mask");
         Device.Launch("masks", $"scale_columns_{CudaDevice.Suffix(x.DType)}_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(width), 0,
-            x, mask == null ? 0UL : mask.Pointer + (ulong)(maskOffset * 4), output, width);
+            x, mask?.Address(maskOffset) ?? 0UL, output, width);
     }
 
     /// <summary>x[r, j] += y[r, j]·mask[j] into the f32 residual (a masked block's write-back).</summary>
     public void AddScaledColumns(DeviceTensor x, DeviceTensor y, DeviceTensor mask, int rows, int width, long maskOffset = 0)
     {
         Need(x, (long)rows * width, "residual"); Need(y, (long)rows * width, "masked block output"); Need(mask, maskOffset + width, "column mask");
-        Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Pointer + (ulong)(maskOffset * 4), width);
+        Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Address(maskOffset), width);
     }
 }
