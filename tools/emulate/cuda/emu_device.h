@@ -1,0 +1,132 @@
+// Force-included before every kernel source that the CUDA emulator compiles with g++: CUDA's built-ins in plain
+// C++. Each CUDA thread is a fiber of the emulator's scheduler (cuda_emulator.cpp); __shared__ variables are static
+// (the blocks of a launch run one after another), warp collectives (shuffles, mma.sync, ldmatrix) go through the
+// scheduler, which resumes the lanes of a warp only when all of them have arrived.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+
+#include "emu_api.h"
+
+EmuApi* emu_api = nullptr;
+static char emu_shared_anchor;   // "shared addresses" (cvta) are offsets from here: every __shared__ array is static
+extern "C" void emu_bind(EmuApi* api) { emu_api = api; }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define threadIdx (emu_api->current->thread_idx)
+#define blockIdx (emu_api->current->block_idx)
+#define blockDim (emu_api->block_dim)
+#define gridDim (emu_api->grid_dim)
+#define warpSize 32
+
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+
+inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
+inline float __uint_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float f) { int v; memcpy(&v, &f, 4); return v; }
+inline unsigned __float_as_uint(float f) { unsigned v; memcpy(&v, &f, 4); return v; }
+inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float cospif(float x) { return (float)cos(M_PI * (double)x); }
+inline float sinpif(float x) { return (float)sin(M_PI * (double)x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+
+inline void __syncthreads() { emu_api->syncthreads(); }
+
+inline unsigned emu_lane() { return emu_api->current->linear & 31u; }
+
+template <typename T> inline T emu_shuffle(unsigned mask, T v, unsigned source)
+{
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    unsigned long long in[2] = {0, source}, out[4];
+    memcpy(&in[0], &v, sizeof(T));
+    emu_api->collective(EMU_SHUFFLE, mask, in, 2, out);
+    T r; memcpy(&r, &out[0], sizeof(T));
+    return r;
+}
+// Source lanes as the CUDA programming guide defines them for a segment of `width` lanes.
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src, int width = 32)
+{
+    unsigned lane = emu_lane();
+    return emu_shuffle(mask, v, (lane & ~(unsigned)(width - 1)) + ((unsigned)src & (unsigned)(width - 1)));
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32)
+{
+    unsigned lane = emu_lane(), src = lane ^ (unsigned)lane_mask;
+    if ((src & ~(unsigned)(width - 1)) != (lane & ~(unsigned)(width - 1))) src = lane;
+    return emu_shuffle(mask, v, src);
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
+{
+    unsigned lane = emu_lane();
+    return emu_shuffle(mask, v, (lane & (unsigned)(width - 1)) + delta < (unsigned)width ? lane + delta : lane);
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32)
+{
+    unsigned lane = emu_lane();
+    return emu_shuffle(mask, v, (lane & (unsigned)(width - 1)) >= delta ? lane - delta : lane);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_api->collective(EMU_SYNCWARP, mask, nullptr, 0, nullptr); }
+
+// The PTX that the emulator's source rewriting maps inline asm statements to.
+inline float emu_h2f(unsigned short h)
+{
+    unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) { float f = ldexpf((float)m, -24); return s ? -f : f; }
+    return __uint_as_float(e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13));
+}
+inline unsigned short emu_f2h(float f) { _Float16 h = (_Float16)f; unsigned short b; memcpy(&b, &h, 2); return b; }
+inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)((const char*)p - &emu_shared_anchor); }
+inline char* emu_shared_pointer(unsigned address) { return &emu_shared_anchor + (int)address; }
+// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill); the copy is done at once, which every wait_group allows.
+inline void emu_cp_async16(unsigned dst, const void* src, unsigned src_size)
+{
+    char* d = emu_shared_pointer(dst);
+    if (src_size == 16) memcpy(d, src, 16);
+    else if (src_size == 0) memset(d, 0, 16);
+    else emu_api->fail("cp.async: src-size other than 0 or 16");
+}
+inline void emu_mma_m16n8k16(int kind, float* c0, float* c1, float* c2, float* c3, unsigned a0, unsigned a1, unsigned a2,
+    unsigned a3, unsigned b0, unsigned b1)
+{
+    float* c[4] = {c0, c1, c2, c3};
+    unsigned long long in[10] = {a0, a1, a2, a3, b0, b1}, out[4];
+    for (int i = 0; i < 4; i++) { unsigned u; memcpy(&u, c[i], 4); in[6 + i] = u; }
+    emu_api->collective(kind, 0xffffffffu, in, 10, out);
+    for (int i = 0; i < 4; i++) { unsigned u = (unsigned)out[i]; memcpy(c[i], &u, 4); }
+}
+inline void emu_ldmatrix_x4_trans(unsigned* r0, unsigned* r1, unsigned* r2, unsigned* r3, unsigned address)
+{
+    unsigned long long in[1] = {(unsigned long long)(uintptr_t)emu_shared_pointer(address)}, out[4];
+    emu_api->collective(EMU_LDMATRIX_X4_TRANS, 0xffffffffu, in, 1, out);
+    *r0 = (unsigned)out[0]; *r1 = (unsigned)out[1]; *r2 = (unsigned)out[2]; *r3 = (unsigned)out[3];
+}
