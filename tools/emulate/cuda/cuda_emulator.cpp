@@ -7,7 +7,9 @@
 // - A launch runs the blocks one after another; each CUDA thread is a fiber with its own stack. __syncthreads and
 //   warp collectives (shuffles, mma.sync.m16n8k16, ldmatrix .x4 .trans) suspend the fiber until every thread that
 //   must arrive has arrived. A deadlock, collectives that diverge within a warp, or a lane leaving before its warp's
-//   collective fail the launch with a message instead of hanging.
+//   collective fail the launch with a message instead of hanging. Each thread runs as far as it can before the next
+//   one starts, so a missing barrier shows up as wrong results; DISPNATIVE_EMU_SCHEDULE=reverse runs the threads
+//   from the last one down, to catch the races that the first order hides.
 // - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints) so that a read of
 //   memory nothing wrote shows up, followed by a guard page so that running off the end of a buffer faults; a fault
 //   inside a kernel names the kernel, block and thread. DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
@@ -305,12 +307,13 @@ bool run_block(EmuDim3 block, int threads)
         for (int r = 0; r < 6; r++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
         f.sp = sp;
     }
+    static const bool reverse = [] { const char* e = getenv("DISPNATIVE_EMU_SCHEDULE"); return e && strcmp(e, "reverse") == 0; }();
     for (;;)
     {
         bool ran = false;
-        for (int i = 0; i < threads; i++)
+        for (int n = 0; n < threads; n++)
         {
-            Fiber& f = g_run.fibers[i];
+            Fiber& f = g_run.fibers[reverse ? threads - 1 - n : n];
             if (f.state != RUNNABLE) continue;
             g_run.current = &f;
             g_api.current = &f.thread;
