@@ -5,8 +5,8 @@ namespace DispNative.Tests;
 
 /// <summary>The CUDA backend's self-test (every kernel, GEMM, graph, forward and training step against the CPU
 /// reference) run in a child process on the CUDA emulator of <c>tools/emulate/cuda</c>: the real kernel sources and
-/// the engine's real driver, NVRTC and cuBLASLt calls, executed on the CPU. Skipped where the emulator cannot be
-/// built (it needs x86-64 Linux and g++).</summary>
+/// the engine's real driver, NVRTC and cuBLASLt calls, executed on the CPU; and the GPU benchmarks at their smoke
+/// shape. Skipped where the emulator cannot be built (it needs x86-64 Linux and g++).</summary>
 [NonParallelizable]
 public class CudaEmulatorTests
 {
@@ -36,21 +36,39 @@ public class CudaEmulatorTests
     [TestCase("reverse")]
     public void SelfTest_OnTheEmulator_PassesEveryCheck(string threadOrder)
     {
-        if (_skip != null) Assert.Ignore(_skip);
-        var args = new List<string> { Path.Combine(AppContext.BaseDirectory, "DispNative.dll"), "selftest" };
+        var args = new List<string> { "DispNative.dll", "selftest" };
         if (TestAssets.TryShared("models/ref-llama-25m") is string refLlama) args.AddRange(["--reference-model", refLlama]);
-        var env = new Dictionary<string, string>
-        {
-            ["DISPNATIVE_CUDA_LIBRARY"] = _library!, ["DISPNATIVE_NVRTC_LIBRARY"] = _library!, ["DISPNATIVE_CUBLASLT_LIBRARY"] = _library!,
-            ["DISPNATIVE_KERNEL_CACHE"] = _kernelCache!, ["DISPNATIVE_EMU_SCHEDULE"] = threadOrder,
-        };
-        var (code, stdout, stderr) = Exec(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet", args, env);
+        var (code, stdout, stderr) = OnTheEmulator(args, threadOrder);
         string output = stdout + stderr;
         Assert.That(stdout, Does.Contain("device: DispNative CUDA emulator (CPU)"), output);
         var summary = stdout.TrimEnd().Split('\n')[^1];
         Assert.That(summary, Does.Match(@"^\d+ passed, 0 failed$"), output);
         Assert.That(int.Parse(summary.Split(' ')[0]), Is.GreaterThanOrEqualTo(50), "the self-test ran fewer checks than it has");
         Assert.That(code, Is.Zero, output);
+    }
+
+    /// <summary>The GPU benchmarks' code (not their timings) at the small shape: every kernel, GEMM, CUDA graph and
+    /// training step they time runs to the end.</summary>
+    [TestCase("gpu", "GEMM vs SIMT attention backward")]
+    [TestCase("infer", "pruned vs dense: prefill")]
+    [TestCase("train", "activations kept (cheap ops recomputed): ")]
+    public void KernelBench_Smoke_RunsOnTheEmulator(string bench, string lastLine)
+    {
+        var (code, stdout, stderr) = OnTheEmulator(["DispNative.KernelBench.dll", bench, "--smoke"], "forward");
+        Assert.That(code, Is.Zero, stdout + stderr);
+        Assert.That(stdout, Does.Contain(lastLine).And.Not.Contain("out of memory"), stdout + stderr);
+    }
+
+    private (int Code, string Stdout, string Stderr) OnTheEmulator(List<string> args, string threadOrder)
+    {
+        if (_skip != null) Assert.Ignore(_skip);
+        args[0] = Path.Combine(AppContext.BaseDirectory, args[0]);
+        var env = new Dictionary<string, string>
+        {
+            ["DISPNATIVE_CUDA_LIBRARY"] = _library!, ["DISPNATIVE_NVRTC_LIBRARY"] = _library!, ["DISPNATIVE_CUBLASLT_LIBRARY"] = _library!,
+            ["DISPNATIVE_KERNEL_CACHE"] = _kernelCache!, ["DISPNATIVE_EMU_SCHEDULE"] = threadOrder,
+        };
+        return Exec(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet", args, env);
     }
 
     private static (int Code, string Stdout, string Stderr) Exec(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string>? env)

@@ -1,19 +1,19 @@
 using DispNative.Engine;
 using DispNative.Engine.Cuda;
 using DispNative.Engine.IO;
+using DispNative.Engine.Models;
 using DispNative.Interop;
 
 namespace DispNative.KernelBench;
 
 /// <summary>CUDA kernel microbenchmarks at LLaMA-2-7B shapes (d 4096, ffn 11008, 2048 tokens, bf16): CUDA-event
 /// timing, warm-up, median of N; effective bandwidth or TFLOP/s against the device's peaks, with a naive variant
-/// beside the tuned one where it teaches something.</summary>
+/// beside the tuned one where it teaches something. <c>--smoke</c> runs the same code at <see cref="BenchShapes.Smoke"/>.</summary>
 internal static class GpuBench
 {
-    private const int D = 4096, Ffn = 11008, T = 2048, Heads = 32, HeadDim = 128, Vocab = 32000;
-
-    public static void Run(int repeats)
+    public static void Run(int repeats, ModelConfig shape, int tokens)
     {
+        int D = shape.HiddenSize, Ffn = shape.IntermediateSize, T = tokens, Heads = shape.NumHeads, HeadDim = shape.HeadDim, Vocab = shape.VocabSize;
         using var dev = CudaDevice.Open();
         var info = dev.Info;
         var ops = new CudaOps(dev);
@@ -23,7 +23,7 @@ internal static class GpuBench
                           $" = 2 × {info.MemoryClockKHz} kHz × {info.BusWidthBits} bit / 8");
         Console.WriteLine($"peak dense bf16: {(tf is double f ? $"{f / 1e12:F0} TFLOP/s" : "unknown")} = {info.Multiprocessors} SMs × {info.SmClockKHz} kHz × {(info.Major >= 9 ? 4096 : 2048)} FLOP/clk/SM");
         Console.WriteLine();
-        Console.WriteLine($"{"kernel (7B shapes)",-58} {"ms",8} {"rate",14} {"% peak",7}");
+        Console.WriteLine($"{$"kernel (d {D}, ffn {Ffn}, {T} tokens)",-58} {"ms",8} {"rate",14} {"% peak",7}");
 
         float Median(Action work)
         {
@@ -64,20 +64,20 @@ internal static class GpuBench
             // Gather-norm traffic: the full row is read for the statistics, the selected channels written once.
             Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", T * (D * 4.0 + w * 2.0), () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
             Bandwidth($"gather-rmsnorm {D}->{w}, row re-read from global (naive)", T * (D * 4.0 + w * 2.0),
-                () => dev.Launch("norm", "rmsnorm_gather_bf16", T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
+                () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
             Bandwidth($"index-add {w}->{D} (f32 delta)", T * w * 12.0, () => ops.IndexAdd(x, delta, idx, null, T, D));
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
         }
 
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))
         using (var u = dev.Upload(Rand((long)T * Ffn), DType.BF16))
-            Bandwidth("swiglu bf16 (2048 x 11008)", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
+            Bandwidth($"swiglu bf16 ({T} x {Ffn})", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
 
         using (var logits = dev.Upload(Rand((long)T * Vocab)))
         using (var targets = dev.Upload(Enumerable.Range(0, T).Select(i => i % Vocab).ToArray()))
         using (var loss = dev.Allocate(DType.F32, T))
         using (var grad = dev.Allocate(DType.F32, (long)T * Vocab))
-            Bandwidth("cross-entropy + gradient (2048 x 32000, f32)", T * Vocab * 12.0, () => ops.CrossEntropy(logits, targets, loss, grad, T, Vocab, 1f / T));
+            Bandwidth($"cross-entropy + gradient ({T} x {Vocab}, f32)", T * Vocab * 12.0, () => ops.CrossEntropy(logits, targets, loss, grad, T, Vocab, 1f / T));
 
         Console.WriteLine();
         void Gemm(string name, int m, int n, int k)
@@ -87,15 +87,15 @@ internal static class GpuBench
             using var c = dev.Allocate(DType.BF16, (long)m * n);
             Flops(name, 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
         }
-        Gemm("gemm bf16 4096 x 11008 x 4096 (cuBLASLt)", 4096, Ffn, D);
-        Gemm("gemm bf16 2048 x 11008 x 4096 (MLP up, dense)", T, Ffn, D);
+        Gemm($"gemm bf16 {2 * T} x {Ffn} x {D} (cuBLASLt)", 2 * T, Ffn, D);
+        Gemm($"gemm bf16 {T} x {Ffn} x {D} (MLP up, dense)", T, Ffn, D);
         int mid65 = (int)(Ffn * 0.65);
-        Gemm($"gemm bf16 2048 x {mid65} x {w65} (MLP up, pruned 65%)", T, mid65, w65);
-        Gemm($"gemm bf16 2048 x {w65} x {mid65} (MLP down, pruned 65%)", T, w65, mid65);
+        Gemm($"gemm bf16 {T} x {mid65} x {w65} (MLP up, pruned 65%)", T, mid65, w65);
+        Gemm($"gemm bf16 {T} x {w65} x {mid65} (MLP down, pruned 65%)", T, w65, mid65);
         // The engine stores pruned sites padded to a multiple of 8 (CudaOps.Padded): 16-byte aligned rows.
         int pw = CudaOps.Padded(w65), pm = CudaOps.Padded(mid65);
-        Gemm($"gemm bf16 2048 x {pm} x {pw} (MLP up, pruned, padded to 8)", T, pm, pw);
-        Gemm($"gemm bf16 2048 x {pw} x {pm} (MLP down, pruned, padded to 8)", T, pw, pm);
+        Gemm($"gemm bf16 {T} x {pm} x {pw} (MLP up, pruned, padded to 8)", T, pm, pw);
+        Gemm($"gemm bf16 {T} x {pw} x {pm} (MLP down, pruned, padded to 8)", T, pw, pm);
 
         // Decode's batch-1 linear layers: the warp-per-row GEMV kernel against cuBLASLt on the same operands.
         void Gemv(string name, int n, int k)
@@ -110,11 +110,11 @@ internal static class GpuBench
             Bandwidth($"{name}, gemv kernel", bytes, () => dev.Gemm(x, w, y, 1, n, k));
         }
         Console.WriteLine();
-        Gemv("gemv bf16 1 x 4096 x 4096 (q/o proj)", D, D);
-        Gemv("gemv bf16 1 x 11008 x 4096 (gate/up)", Ffn, D);
-        Gemv("gemv bf16 1 x 4096 x 11008 (down)", D, Ffn);
+        Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
+        Gemv($"gemv bf16 1 x {Ffn} x {D} (gate/up)", Ffn, D);
+        Gemv($"gemv bf16 1 x {D} x {Ffn} (down)", D, Ffn);
         Gemv($"gemv bf16 1 x {pm} x {pw} (up, pruned, padded)", pm, pw);
-        Gemv("gemv bf16 1 x 32000 x 4096 (LM head)", Vocab, D);
+        Gemv($"gemv bf16 1 x {Vocab} x {D} (LM head)", Vocab, D);
 
         Console.WriteLine();
         using var q = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);
@@ -122,7 +122,7 @@ internal static class GpuBench
         using var vc = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);
         using var o = dev.Allocate(DType.BF16, (long)T * Heads * HeadDim);
         double causalFlops = 2.0 * 2 * Heads * HeadDim * T * (T + 1) / 2;
-        double simt = Flops($"attention prefill bf16 SIMT, naive (T {T}, 32 heads, head_dim 128, causal)", causalFlops,
+        double simt = Flops($"attention prefill bf16 SIMT, naive (T {T}, {Heads} heads, head_dim {HeadDim}, causal)", causalFlops,
             () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, tensorCores: false));
         double attn = Flops($"attention prefill bf16 tensor cores (same shape)", causalFlops,
             () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null));

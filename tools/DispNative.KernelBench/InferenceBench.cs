@@ -11,26 +11,19 @@ namespace DispNative.KernelBench;
 /// site (embedding-side and MLP middle), about half of the layer parameters.</summary>
 internal static class InferenceBench
 {
-    internal static readonly ModelConfig Llama2_7B = new()
-    {
-        Architecture = "LlamaForCausalLM", HiddenSize = 4096, IntermediateSize = 11008, NumLayers = 32, NumHeads = 32,
-        NumKvHeads = 32, HeadDim = 128, VocabSize = 32000, MaxPositionEmbeddings = 4096,
-    };
-
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
 
     private sealed record Result(string Name, double PrefillMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
 
-    public static void Run(int prefillTokens, int decodeTokens, double keep)
+    public static void Run(ModelConfig c, int prefillTokens, int decodeTokens, double keep)
     {
         using var dev = CudaDevice.Open();
         var info = dev.Info;
-        Console.WriteLine($"device: {info}; LLaMA-2-7B shape, random bf16 weights; prefill {prefillTokens} tokens, decode {decodeTokens} tokens after a {DecodePrompt}-token prompt");
-        var results = new List<Result> { Measure(dev, "dense", 1, prefillTokens, decodeTokens) };
-        results.Add(Measure(dev, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens));
+        Console.WriteLine($"device: {info}; {BenchShapes.Describe(c)}, random bf16 weights; prefill {prefillTokens} tokens, decode {decodeTokens} tokens after a {DecodePrompt}-token prompt");
+        var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens) };
+        results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
-        var c = Llama2_7B;
         Console.WriteLine();
         Console.WriteLine($"{"model",-32} {"GEMM params",12} {"prefill ms",11} {"bound ms",9} {"decode tok/s eager",19} {"graphs",8} {"bound",8}");
         foreach (var r in results)
@@ -50,13 +43,13 @@ internal static class InferenceBench
         Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved; kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
     }
 
-    private static Result Measure(CudaDevice dev, string name, double keep, int prefillTokens, int decodeTokens)
+    private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens)
     {
         var sw = Stopwatch.StartNew();
-        using var model = CudaLlama.RandomWeights(dev, Llama2_7B, DType.BF16, seed: 7, keep);
+        using var model = CudaLlama.RandomWeights(dev, config, DType.BF16, seed: 7, keep);
         Console.WriteLine($"{name}: built on the device in {sw.Elapsed.TotalSeconds:F1} s, {model.DecodeWeightBytes / 1e9:F2} GB read per decoded token");
         var rng = new Engine.Rng(3);
-        int[] prompt = Enumerable.Range(0, prefillTokens).Select(_ => (int)(rng.NextDouble() * Llama2_7B.VocabSize)).ToArray();
+        int[] prompt = Enumerable.Range(0, prefillTokens).Select(_ => (int)(rng.NextDouble() * config.VocabSize)).ToArray();
 
         // Prefill: median of 5 after one warm-up, logits of the last row only (what generation needs).
         var times = new List<double>();

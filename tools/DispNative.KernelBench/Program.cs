@@ -19,27 +19,30 @@ public static class Program
         {
             Console.WriteLine("usage: DispNative.KernelBench cpu [--model DIR] [--tokens N] [--seconds S]\n       DispNative.KernelBench gpu [--repeats N]\n" +
                               "       DispNative.KernelBench infer [--tokens N] [--decode N] [--keep F]   (7B-shape dense vs pruned inference)\n" +
-                              "       DispNative.KernelBench train [--tokens N] [--layers N]   (7B-shape masked training step)");
+                              "       DispNative.KernelBench train [--tokens N] [--layers N]   (7B-shape masked training step)\n" +
+                              "  gpu, infer and train take --smoke: the same code at a small shape, once (a check, not a measurement)");
             return args.Length == 0 ? 1 : 0;
         }
         if (args[0] is "gpu" or "infer" or "train")
         {
-            if (!int.TryParse(Arg(args, "--repeats") ?? "20", out int repeats) || repeats < 1)
+            bool smoke = args.Contains("--smoke");
+            var shape = smoke ? BenchShapes.Smoke : BenchShapes.Llama2_7B;
+            if (!int.TryParse(Arg(args, "--repeats") ?? (smoke ? "1" : "20"), out int repeats) || repeats < 1)
             { Console.Error.WriteLine("error: --repeats must be a positive integer"); return 1; }
-            if (!int.TryParse(Arg(args, "--tokens") ?? "2048", out int prefill) || prefill < 2)
+            if (!int.TryParse(Arg(args, "--tokens") ?? (smoke ? $"{BenchShapes.SmokeTokens}" : "2048"), out int prefill) || prefill < 2)
             { Console.Error.WriteLine("error: --tokens must be an integer of at least 2"); return 1; }
-            if (!int.TryParse(Arg(args, "--decode") ?? "128", out int decode) || decode < 1)
+            if (!int.TryParse(Arg(args, "--decode") ?? (smoke ? "4" : "128"), out int decode) || decode < 1)
             { Console.Error.WriteLine("error: --decode must be a positive integer"); return 1; }
             if (!double.TryParse(Arg(args, "--keep") ?? "0.65", System.Globalization.CultureInfo.InvariantCulture, out double keep) || keep is <= 0 or >= 1)
             { Console.Error.WriteLine("error: --keep must be a fraction in (0, 1)"); return 1; }
-            if (!int.TryParse(Arg(args, "--layers") ?? "32", out int layers) || layers < 1)
+            if (!int.TryParse(Arg(args, "--layers") ?? $"{shape.NumLayers}", out int layers) || layers < 1)
             { Console.Error.WriteLine("error: --layers must be a positive integer"); return 1; }
             if (CudaDevice.Unavailable() is string reason) { Console.Error.WriteLine($"error: no CUDA device: {reason}"); return 1; }
             try
             {
-                if (args[0] == "gpu") GpuBench.Run(repeats);
-                else if (args[0] == "infer") InferenceBench.Run(prefill, decode, keep);
-                else TrainingBench.Run(prefill, layers);
+                if (args[0] == "gpu") GpuBench.Run(repeats, shape, prefill);
+                else if (args[0] == "infer") InferenceBench.Run(shape, prefill, decode, keep);
+                else TrainingBench.Run(shape, prefill, layers);
                 return 0;
             }
             catch (Exception e) when (e is DispNativeException or Interop.CudaException or Interop.CudaOutOfMemoryException or Interop.NvrtcCompileException)

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using DispNative.Engine.Cuda;
 using DispNative.Engine.Disp;
 using DispNative.Engine.IO;
+using DispNative.Engine.Models;
 using DispNative.Interop;
 
 namespace DispNative.KernelBench;
@@ -12,11 +13,11 @@ namespace DispNative.KernelBench;
 /// warm-up) and the allocator's peak device memory, weights included, with layers checkpointed and with activations kept.</summary>
 internal static class TrainingBench
 {
-    public static void Run(int tokens, int layers)
+    public static void Run(ModelConfig shape, int tokens, int layers)
     {
         using var dev = CudaDevice.Open();
-        var c = InferenceBench.Llama2_7B with { NumLayers = layers };
-        Console.WriteLine($"device: {dev.Info}; LLaMA-2-7B shape ({layers} layers), random bf16 weights; block {tokens} tokens");
+        var c = shape with { NumLayers = layers };
+        Console.WriteLine($"device: {dev.Info}; {BenchShapes.Describe(c)}, random bf16 weights; block {tokens} tokens");
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, c, DType.BF16, seed: 7);
         Console.WriteLine($"built on the device in {sw.Elapsed.TotalSeconds:F1} s");
