@@ -259,12 +259,18 @@ public static class Program
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
             using var lm = Devices.MaskedModel(m, dev);
-            stderr.WriteLine($"LM pass on {lm.DeviceName}");
             var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options, model: lm);
+            bool named = false;
             return WithCtrlC(token =>
             {
                 var result = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
-                    stderr.WriteLine($"step {e.Step,5}  ce {e.CrossEntropy:F4}  reg {e.RegLoss:F4}  r {e.Ratio:F4}  {e.TokensPerSecond:F0} tok/s")), token);
+                {
+                    // After a step, the CUDA pass also knows whether the activations fit or layers are checkpointed.
+                    if (!named) stderr.WriteLine($"LM pass on {lm.DeviceName}");
+                    named = true;
+                    stderr.WriteLine($"step {e.Step,5}  ce {e.CrossEntropy:F4}  reg {e.RegLoss:F4}  r {e.Ratio:F4}  {e.TokensPerSecond:F0} tok/s");
+                }), token);
+                if (!named) stderr.WriteLine($"LM pass on {lm.DeviceName}");
                 var last = result.Log.Count > 0 ? result.Log[^1] : null;
                 stdout.WriteLine($"trained {result.Steps} steps{(result.ResumedFrom > 0 ? $" (resumed from {result.ResumedFrom})" : "")}" +
                                  (last != null ? $": ce {last.CrossEntropy:F4}, kept ratio {last.Ratio:F4} (target {1 - options.PruneRatio:F4})" : ""));

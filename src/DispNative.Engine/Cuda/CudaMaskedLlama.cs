@@ -28,7 +28,11 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
     private static readonly int Sites = Enum.GetValues<SiteKind>().Length;
 
     public ModelConfig Config => _model.Config;
-    public string DeviceName => _model.DeviceName;
+    /// <summary>The device and storage type, and after the first step how activations are held for the backward.</summary>
+    public string DeviceName => _model.DeviceName + CheckpointsLayers switch
+    {
+        true => ", layers checkpointed", false => ", activations kept", null => "",
+    };
 
     /// <param name="model">a dense model (the masks act on the full widths)</param>
     /// <param name="ownsModel">dispose <paramref name="model"/> with this</param>

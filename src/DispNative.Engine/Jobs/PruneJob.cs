@@ -61,10 +61,10 @@ public static class PruneJob
         string trainDevice;
         using (var lm = Devices.MaskedModel(dense, device, device == "cuda" ? o.DType : null))
         {
-            trainDevice = lm.DeviceName;
             trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger, lm);
             train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
                 progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
+            trainDevice = lm.DeviceName;
         }
 
         var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
