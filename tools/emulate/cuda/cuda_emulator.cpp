@@ -154,13 +154,6 @@ void api_fail(const char* message)
 }
 
 float bf16_to_f32(unsigned short b) { unsigned u = (unsigned)b << 16; float f; memcpy(&f, &u, 4); return f; }
-float f16_to_f32(unsigned short h)
-{
-    unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) { float f = ldexpf((float)m, -24); return s ? -f : f; }
-    unsigned u = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
-    float f; memcpy(&f, &u, 4); return f;
-}
 unsigned short f32_to_bf16(float v)
 {
     unsigned u; memcpy(&u, &v, 4);
@@ -168,7 +161,6 @@ unsigned short f32_to_bf16(float v)
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
-unsigned short f32_to_f16(float v) { _Float16 h = (_Float16)v; unsigned short b; memcpy(&b, &h, 2); return b; }
 
 // Resolves one warp's collective once all lanes of its mask wait in it. Returns false (and sets the error) when
 // the lanes cannot meet: one has left the kernel, or they wait in different collectives.
@@ -219,7 +211,7 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
     case EMU_MMA_F16:
     {
         if (mask != 0xffffffffu || lanes != 32) { g_run.error = "mma.sync needs the full warp"; return false; }
-        auto cvt = [&](unsigned short v) { return lead.kind == EMU_MMA_BF16 ? bf16_to_f32(v) : f16_to_f32(v); };
+        auto cvt = [&](unsigned short v) { return lead.kind == EMU_MMA_BF16 ? bf16_to_f32(v) : emu_h2f(v); };
         float A[16][16], B[16][8], C[16][8];
         for (int l = 0; l < 32; l++)
         {
@@ -441,7 +433,7 @@ void install_fault_handler()
 
 // ---------------------------------------------------------------------------------------------------------------
 // Modules, functions, launches.
-struct Module { void* handle; std::string path; };
+struct Module { void* handle; };
 struct Function { void (*entry)(void**); const int* params; std::string name; };
 
 int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args)
@@ -494,7 +486,7 @@ float load_element(const char* base, int type, int64_t index)
     switch (type)
     {
     case 0: return ((const float*)base)[index];
-    case 2: return f16_to_f32(((const unsigned short*)base)[index]);
+    case 2: return emu_h2f(((const unsigned short*)base)[index]);
     default: return bf16_to_f32(((const unsigned short*)base)[index]);
     }
 }
@@ -503,7 +495,7 @@ void store_element(char* base, int type, int64_t index, float v)
     switch (type)
     {
     case 0: ((float*)base)[index] = v; break;
-    case 2: ((unsigned short*)base)[index] = f32_to_f16(v); break;
+    case 2: ((unsigned short*)base)[index] = emu_f2h(v); break;
     default: ((unsigned short*)base)[index] = f32_to_bf16(v); break;
     }
 }
@@ -685,7 +677,6 @@ bool split_asm(const std::string& body, std::string& text, std::vector<std::stri
 bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
 {
     std::string out;
-    size_t pos = 0;
     std::regex start("\\basm\\s*(volatile\\s*)?\\(");
     std::smatch m;
     std::string rest = src;
@@ -732,7 +723,6 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
         rest = rest.substr(i);
     }
     out += rest;
-    (void)pos;
     src = out;
     return true;
 }
@@ -970,7 +960,7 @@ EXPORT int cuModuleLoadData(void** module, const void* image)
     g_api.collective = api_collective;
     g_api.fail = api_fail;
     bind(&g_api);
-    *module = new Module{h, path};
+    *module = new Module{h};
     return 0;
 }
 EXPORT int cuModuleUnload(void* module) { Guard g(g_lock); dlclose(((Module*)module)->handle); delete (Module*)module; return 0; }

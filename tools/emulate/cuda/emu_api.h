@@ -1,5 +1,7 @@
 // The interface between the CUDA emulator (cuda_emulator.cpp) and the kernel modules it compiles (emu_device.h).
 #pragma once
+#include <cmath>
+#include <cstring>
 
 struct EmuDim3 { unsigned x, y, z; };
 struct EmuThread { EmuDim3 thread_idx, block_idx; unsigned linear; };
@@ -18,3 +20,13 @@ struct EmuApi
 };
 
 enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5 };
+
+// f16 ↔ f32 as the PTX cvt instructions do (round to nearest even), for the kernels' rewritten asm and for cuBLASLt.
+inline float emu_h2f(unsigned short h)
+{
+    unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) { float f = ldexpf((float)m, -24); return s ? -f : f; }
+    unsigned u = e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13);
+    float f; memcpy(&f, &u, 4); return f;
+}
+inline unsigned short emu_f2h(float f) { _Float16 h = (_Float16)f; unsigned short b; memcpy(&b, &h, 2); return b; }

@@ -98,13 +98,6 @@ template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_api->collective(EMU_SYNCWARP, mask, nullptr, 0, nullptr); }
 
 // The PTX that the emulator's source rewriting maps inline asm statements to.
-inline float emu_h2f(unsigned short h)
-{
-    unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) { float f = ldexpf((float)m, -24); return s ? -f : f; }
-    return __uint_as_float(e == 31 ? s | 0x7f800000u | (m << 13) : s | ((e + 112) << 23) | (m << 13));
-}
-inline unsigned short emu_f2h(float f) { _Float16 h = (_Float16)f; unsigned short b; memcpy(&b, &h, 2); return b; }
 inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)((const char*)p - &emu_shared_anchor); }
 inline char* emu_shared_pointer(unsigned address) { return &emu_shared_anchor + (int)address; }
 // cp.async.cg 16 bytes with src-size 16 or 0 (zero fill); the copy is done at once, which every wait_group allows.
