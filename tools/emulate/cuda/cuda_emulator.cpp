@@ -907,10 +907,11 @@ EXPORT int cuMemFreeHost(void* p) { free(p); return 0; }
 static int copy(uintptr_t dst, uintptr_t src, size_t bytes, void* stream, bool dst_device, bool src_device, const char* what)
 {
     Guard g(g_lock);
-    if ((dst_device && !find_allocation(dst, bytes)) || (src_device && !find_allocation(src, bytes)))
+    bool dst_outside = dst_device && !find_allocation(dst, bytes), src_outside = src_device && !find_allocation(src, bytes);
+    if (dst_outside || src_outside)
     {
-        warn("%s of %zu bytes: %s range %s is outside any device buffer", what, bytes, dst_device && !find_allocation(dst, bytes) ? "destination" : "source",
-            describe_address(dst_device && !find_allocation(dst, bytes) ? dst : src).c_str());
+        warn("%s of %zu bytes: %s range %s is outside any device buffer", what, bytes, dst_outside ? "destination" : "source",
+            describe_address(dst_outside ? dst : src).c_str());
         return 1;
     }
     Operation op{Operation::COPY};
