@@ -284,6 +284,8 @@ std::string describe_states(int threads)
 bool run_block(EmuDim3 block, int threads)
 {
     if ((int)g_run.fibers.size() < threads) g_run.fibers.resize(threads);
+    static unsigned long long blocks_run = 0;
+    unsigned long long serial = ++blocks_run;
     for (int i = 0; i < threads; i++)
     {
         Fiber& f = g_run.fibers[i];
@@ -292,6 +294,7 @@ bool run_block(EmuDim3 block, int threads)
         f.thread.thread_idx = {(unsigned)i % bx, ((unsigned)i / bx) % by, (unsigned)i / (bx * by)};
         f.thread.block_idx = block;
         f.thread.linear = (unsigned)i;
+        f.thread.serial = serial;
         f.state = RUNNABLE;
         uint64_t* sp = (uint64_t*)(((uintptr_t)(f.stack + StackBytes)) & ~(uintptr_t)15);
         *--sp = 0;                              // fiber_main's return address (never used): keeps the ABI alignment
@@ -698,11 +701,15 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
         std::vector<std::string> o, in;
         split_asm(body, text, o, in);
         std::string call;
+        std::smatch wait;
         auto has = [&](const char* p) { return text.find(p) != std::string::npos; };
         if (has("cvt.f32.f16") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_h2f(" + in[0] + ")";
         else if (has("cvt.rn.f16.f32") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_f2h(" + in[0] + ")";
         else if (has("cp.async.cg.shared.global") && in.size() == 3) call = "emu_cp_async16(" + in[0] + ", " + in[1] + ", " + in[2] + ")";
-        else if (has("cp.async.commit_group") || has("cp.async.wait_group") || has("cp.async.wait_all")) call = "(void)0";
+        else if (has("cp.async.commit_group")) call = "emu_cp_async_commit()";
+        else if (has("cp.async.wait_all")) call = "(emu_cp_async_commit(), emu_cp_async_wait(0))";
+        else if (has("cp.async.wait_group") && std::regex_search(text, wait, std::regex("wait_group\\s+(\\d+)")))
+            call = "emu_cp_async_wait(" + wait[1].str() + ")";
         else if (has("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") || has("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"))
         {
             if (o.size() != 4 || in.size() != 6) { log += file + ": mma.sync with unexpected operands\n"; return false; }
@@ -1020,7 +1027,19 @@ EXPORT int cuGetErrorString(int rc, const char** s)
 
 // ===============================================================================================================
 // NVRTC.
-EXPORT int nvrtcVersion(int* major, int* minor) { *major = 99; *minor = 0; return 0; }   // never a real NVRTC's cache key
+// Never a real NVRTC's version; the minor hashes the device headers, so the engine's kernel cache (keyed on the NVRTC
+// version) recompiles when they change.
+EXPORT int nvrtcVersion(int* major, int* minor)
+{
+    static const int headers = [] {
+        unsigned h = 2166136261u;
+        for (const char* text : {EMU_DEVICE_H, EMU_API_H})
+            for (const char* c = text; *c; c++) h = (h ^ (unsigned char)*c) * 16777619u;
+        return (int)(h % 100000u);
+    }();
+    *major = 99; *minor = headers;
+    return 0;
+}
 EXPORT int nvrtcCreateProgram(void** prog, const char* src, const char* name, int headers, const char* const* texts, const char* const* names)
 {
     auto* p = new Program{src, name ? name : "kernel.cu", {}, {}, {}};

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <math.h>
+#include <vector>
 
 #include "emu_api.h"
 
@@ -100,13 +101,38 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_api->collective(EMU_SY
 // The PTX that the emulator's source rewriting maps inline asm statements to.
 inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)((const char*)p - &emu_shared_anchor); }
 inline char* emu_shared_pointer(unsigned address) { return &emu_shared_anchor + (int)address; }
-// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill); the copy is done at once, which every wait_group allows.
+// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill). A copy lands only when a wait_group that covers its
+// group runs; until then its destination holds 0xff bytes (NaN in f32, bf16 and f16), so reading before the wait,
+// a missing wait, or overwriting a buffer that other threads still read shows in the results.
+struct EmuAsyncCopy { char* dst; const void* src; unsigned group; };
+struct EmuAsyncState { unsigned long long serial = ~0ull; unsigned group = 0; std::vector<EmuAsyncCopy> copies; };
+static EmuAsyncState emu_async_states[1024];
+inline EmuAsyncState& emu_async_state()
+{
+    EmuAsyncState& s = emu_async_states[emu_api->current->linear];
+    if (s.serial != emu_api->current->serial) { s.serial = emu_api->current->serial; s.group = 0; s.copies.clear(); }
+    return s;
+}
 inline void emu_cp_async16(unsigned dst, const void* src, unsigned src_size)
 {
+    if (src_size != 16 && src_size != 0) emu_api->fail("cp.async: src-size other than 0 or 16");
+    EmuAsyncState& s = emu_async_state();
     char* d = emu_shared_pointer(dst);
-    if (src_size == 16) memcpy(d, src, 16);
-    else if (src_size == 0) memset(d, 0, 16);
-    else emu_api->fail("cp.async: src-size other than 0 or 16");
+    s.copies.push_back({d, src_size ? src : nullptr, s.group});
+    memset(d, 0xff, 16);
+}
+inline void emu_cp_async_commit() { emu_async_state().group++; }
+// Completes every committed group except the newest `pending` ones.
+inline void emu_cp_async_wait(unsigned pending)
+{
+    EmuAsyncState& s = emu_async_state();
+    size_t kept = 0;
+    for (const EmuAsyncCopy& c : s.copies)
+    {
+        if (c.group + pending < s.group) { if (c.src) memcpy(c.dst, c.src, 16); else memset(c.dst, 0, 16); }
+        else s.copies[kept++] = c;
+    }
+    s.copies.resize(kept);
 }
 inline void emu_mma_m16n8k16(int kind, float* c0, float* c1, float* c2, float* c3, unsigned a0, unsigned a1, unsigned a2,
     unsigned a3, unsigned b0, unsigned b1)
