@@ -1,8 +1,7 @@
 // Causal attention with grouped-query heads against a KV cache ([capacity, kv_heads * head_dim] per tensor).
 // Query row t of a call has absolute position start + t and sees keys first..start + t, where first is 0 or, with
 // a sliding window w > 0, start + t - w + 1. Scores never exist as a [T, T] matrix: online softmax (flash style).
-// kv_append takes the position from device memory when `position` is not null (CUDA graph replay); single-query
-// decode is in attention_decode.cu.
+// Single-query decode is in attention_decode.cu; rope.cu's rope_kv_append fills the cache.
 #include "common.cuh"
 
 #define MAX_HEAD_DIM 128
@@ -91,16 +90,6 @@ __device__ void attention_prefill(const T* __restrict__ q, const T* __restrict__
         if (c < head_dim) out[(long long)t * q_dim + h * head_dim + c] = from_f32<T>(acc[e] * inv);
     }
     if (lse && lane == 0) lse[(long long)h * tq + t] = m + logf(l);   // for the backward pass: [heads, tq]
-}
-
-// Appends rows of k and v ([rows, kv_dim]) to the caches at row start. Grid (rows), block 256.
-template <typename T>
-__device__ void kv_append(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kc, T* __restrict__ vc,
-    int kv_dim, int start, const int* position)
-{
-    if (position) start = *position;
-    long long src = (long long)blockIdx.x * kv_dim, dst = (long long)(start + (int)blockIdx.x) * kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) { kc[dst + i] = k[src + i]; vc[dst + i] = v[src + i]; }
 }
 
 // Backward of causal GQA attention for training (queries and keys are the same tq rows, positions 0..tq-1),
@@ -298,7 +287,5 @@ __device__ void attention_probs_grad(const float* __restrict__ s, const float* _
     extern "C" __global__ void attention_row_dot_##S(const float* dout, const T* o, float* rowdot, int tq, int heads, int head_dim) \
     { attention_row_dot<T>(dout, o, rowdot, tq, heads, head_dim); } \
     extern "C" __global__ void attention_probs_grad_##S(const float* s, const float* dp, const float* lse, const float* rowdot, T* p, T* ds, int tq, int first_head, int head_step, int window, float scale) \
-    { attention_probs_grad<T>(s, dp, lse, rowdot, p, ds, tq, first_head, head_step, window, scale); } \
-    extern "C" __global__ void kv_append_##S(const T* k, const T* v, T* kc, T* vc, int kv_dim, int start, const int* position) \
-    { kv_append<T>(k, v, kc, vc, kv_dim, start, position); }
+    { attention_probs_grad<T>(s, dp, lse, rowdot, p, ds, tq, first_head, head_step, window, scale); }
 FOR_EACH_STORAGE(ATTENTION)

@@ -1,7 +1,10 @@
-// Batch-1 linear layer for decode: y[j] = alpha * sum_i x[i] * w[j, i] + beta * y[j], w row-major [n, k].
-// One warp per output row streams the row with 16-byte loads, UNROLL loads in flight per lane, and reduces with
-// shuffles; x (a single row, at most tens of KB) stays in L1/L2. Needs k a multiple of 16 / sizeof(T) and 16-byte
-// aligned x and w (the caller checks; cuBLASLt takes the rest). Grid ceil(n / warps per block).
+// Batch-1 linear layers for decode, one warp per output row: the warp streams the weight row with 16-byte loads,
+// UNROLL loads in flight per lane, and reduces with shuffles; x (a single row, at most tens of KB) stays in L1/L2.
+// Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (the caller checks; cuBLASLt takes the rest).
+// Grid ceil(rows / warps per block). Besides the plain GEMV, the decode step's fusions:
+//   gemv (out_index set): y[out_index[row]] += dot - the pruned o_proj/down GEMM and DISP's index-add in one pass;
+//   gemv_qkv: the q, k and v projections of one input in one launch;
+//   gemv_swiglu: out[row] = silu(x.w_gate[row]) * (x.w_up[row]) - gate, up and the activation in one pass.
 #include "common.cuh"
 
 #define GEMV_UNROLL 4
@@ -18,13 +21,12 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
     return s;
 }
 
-template <typename T, typename OUT>
-__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __restrict__ y, int n, int k, float alpha, float beta)
+// x . w for one weight row of k elements, summed over the warp (every lane gets it).
+template <typename T>
+__device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __restrict__ w, int k)
 {
     int lane = threadIdx.x & 31;
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= n) return;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (long long)row * k);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     int nv = k / (int)(16 / sizeof(T));
     float acc = 0.f;
@@ -38,21 +40,64 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __re
         for (int u = 0; u < GEMV_UNROLL; u++) acc += dot16<T>(a[u], b[u]);
     }
     for (; i < nv; i += 32) acc += dot16<T>(wr[i], xv[i]);
-    acc = warp_sum(acc);
-    if (lane == 0)
+    return warp_sum(acc);
+}
+
+__device__ __forceinline__ int gemv_row() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+
+// y[o] = alpha * x . w[row] + beta * y[o], o = out_index ? out_index[row] : row; w row-major [n, k].
+template <typename T, typename OUT>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
+    int n, int k, float alpha, float beta)
+{
+    int row = gemv_row();
+    if (row >= n) return;
+    float acc = warp_dot(x, w + (long long)row * k, k);
+    if ((threadIdx.x & 31) == 0)
     {
+        int o = out_index ? out_index[row] : row;
         float v = alpha * acc;
-        if (beta != 0.f) v += beta * to_f32(y[row]);
-        y[row] = from_f32<OUT>(v);
+        if (beta != 0.f) v += beta * to_f32(y[o]);
+        y[o] = from_f32<OUT>(v);
     }
+}
+
+// Rows [0, n0) of the output are x . w0 into y0, the next n1 x . w1 into y1, the last n2 x . w2 into y2.
+template <typename T>
+__device__ void gemv_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
+{
+    int row = gemv_row();
+    const T* w = w0; T* y = y0;
+    if (row >= n0) { row -= n0; w = w1; y = y1; if (row >= n1) { row -= n1; w = w2; y = y2; if (row >= n2) return; } }
+    float acc = warp_dot(x, w + (long long)row * k, k);
+    if ((threadIdx.x & 31) == 0) y[row] = from_f32<T>(acc);
+}
+
+template <typename T>
+__device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
+    int n, int k)
+{
+    int row = gemv_row();
+    if (row >= n) return;
+    float g = warp_dot(x, w_gate + (long long)row * k, k);
+    float u = warp_dot(x, w_up + (long long)row * k, k);
+    if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(g / (1.f + expf(-g)) * u);
 }
 
 // gemv_<input>_to_<output>: output in the input's type, or f32 (the residual stream, deltas, logits).
 #define GEMV(T, OUT, S, O) \
-    extern "C" __global__ void gemv_##S##_to_##O(const T* x, const T* w, OUT* y, int n, int k, float alpha, float beta) \
-    { gemv<T, OUT>(x, w, y, n, k, alpha, beta); }
+    extern "C" __global__ void gemv_##S##_to_##O(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
+    { gemv<T, OUT>(x, w, y, out_index, n, k, alpha, beta); }
 GEMV(float, float, f32, f32)
 GEMV(bf16, bf16, bf16, bf16)
 GEMV(f16, f16, f16, f16)
 GEMV(bf16, float, bf16, f32)
 GEMV(f16, float, f16, f32)
+
+#define GEMV_FUSED(T, S) \
+    extern "C" __global__ void gemv_qkv_##S(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
+    { gemv_qkv<T>(x, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
+    extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
+    { gemv_swiglu<T>(x, w_gate, w_up, out, n, k); }
+FOR_EACH_STORAGE(GEMV_FUSED)

@@ -2,13 +2,17 @@
 // Row r has absolute position start + r (start read from device memory when position is not null, so a captured
 // CUDA graph can replay it); angle = position * inv_freq[i] in f32, as on the CPU. direction -1 rotates by the
 // negative angle: the backward of the rotation (its transpose) applied to a gradient.
+// rope_kv_append is the inference step's form: q rotated in place, k rotated into the key cache and v copied into
+// the value cache at rows start.. ([capacity, kv_heads * head_dim] caches), one launch.
 #include "common.cuh"
+
+__device__ __forceinline__ int rope_start(int start, const int* position) { return position ? *position : start; }
 
 template <typename T>
 __device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position,
     float direction)
 {
-    if (position) start = *position;
+    start = rope_start(start, position);
     int half = head_dim / 2;
     float pos = (float)(start + (int)blockIdx.x);
     T* row = x + (long long)blockIdx.x * heads * head_dim;
@@ -25,7 +29,45 @@ __device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int 
     }
 }
 
+// Grid (rows), any block size.
+template <typename T>
+__device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
+    T* __restrict__ v_cache, const float* __restrict__ inv_freq, int heads, int kv_heads, int head_dim, int start, const int* position)
+{
+    start = rope_start(start, position);
+    int half = head_dim / 2, kv_dim = kv_heads * head_dim;
+    float pos = (float)(start + (int)blockIdx.x);
+    T* qr = q + (long long)blockIdx.x * heads * head_dim;
+    const T* kr = k + (long long)blockIdx.x * kv_dim;
+    const T* vr = v + (long long)blockIdx.x * kv_dim;
+    long long dst = (long long)(start + (int)blockIdx.x) * kv_dim;
+    for (int t = threadIdx.x; t < (heads + kv_heads) * half; t += blockDim.x)
+    {
+        int h = t / half, i = t % half;
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        if (h < heads)
+        {
+            T* p = qr + h * head_dim;
+            float a = to_f32(p[i]), b = to_f32(p[i + half]);
+            p[i] = from_f32<T>(a * c - b * s);
+            p[i + half] = from_f32<T>(b * c + a * s);
+        }
+        else
+        {
+            int off = (h - heads) * head_dim;
+            float a = to_f32(kr[off + i]), b = to_f32(kr[off + i + half]);
+            k_cache[dst + off + i] = from_f32<T>(a * c - b * s);
+            k_cache[dst + off + i + half] = from_f32<T>(b * c + a * s);
+        }
+    }
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_cache[dst + i] = vr[i];
+}
+
 #define ROPE(T, S) \
     extern "C" __global__ void rope_##S(T* x, const float* inv_freq, int heads, int head_dim, int start, const int* position, float direction) \
-    { rope<T>(x, inv_freq, heads, head_dim, start, position, direction); }
+    { rope<T>(x, inv_freq, heads, head_dim, start, position, direction); } \
+    extern "C" __global__ void rope_kv_append_##S(T* q, const T* k, const T* v, T* k_cache, T* v_cache, const float* inv_freq, \
+        int heads, int kv_heads, int head_dim, int start, const int* position) \
+    { rope_kv_append<T>(q, k, v, k_cache, v_cache, inv_freq, heads, kv_heads, head_dim, start, position); }
 FOR_EACH_STORAGE(ROPE)

@@ -116,6 +116,45 @@ internal static class GpuBench
         Gemv($"gemv bf16 1 x {pm} x {pw} (up, pruned, padded)", pm, pw);
         Gemv($"gemv bf16 1 x {Vocab} x {D} (LM head)", Vocab, D);
 
+        // Decode's fused GEMVs against the separate launches they replace (the same weight bytes).
+        Console.WriteLine();
+        void Fused(string name, double bytes, Action separate, Action fused)
+        {
+            double a = Bandwidth($"{name}, separate launches (baseline)", bytes, separate);
+            double b = Bandwidth($"{name}, fused", bytes, fused);
+            Console.WriteLine($"{"  fused vs separate",-58} {"",8} {b / a,12:F2} x");
+        }
+        int QD = shape.QDim, KVD = shape.KvDim;
+        using (var x = dev.Upload(Rand(D), DType.BF16))
+        using (var wq = dev.Upload(Rand((long)QD * D), DType.BF16))
+        using (var wk = dev.Upload(Rand((long)KVD * D), DType.BF16))
+        using (var wv = dev.Upload(Rand((long)KVD * D), DType.BF16))
+        using (var yq = dev.Allocate(DType.BF16, QD))
+        using (var yk = dev.Allocate(DType.BF16, KVD))
+        using (var yv = dev.Allocate(DType.BF16, KVD))
+            Fused($"q/k/v GEMVs 1 x {QD}+{KVD}+{KVD} x {D}", 2.0 * (QD + 2 * KVD) * D,
+                () => { dev.Gemm(x, wq, yq, 1, QD, D); dev.Gemm(x, wk, yk, 1, KVD, D); dev.Gemm(x, wv, yv, 1, KVD, D); },
+                () => ops.GemvQkv(x, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, D));
+        using (var x = dev.Upload(Rand(D), DType.BF16))
+        using (var wg = dev.Upload(Rand((long)Ffn * D), DType.BF16))
+        using (var wu = dev.Upload(Rand((long)Ffn * D), DType.BF16))
+        using (var g = dev.Allocate(DType.BF16, Ffn))
+        using (var u = dev.Allocate(DType.BF16, Ffn))
+            Fused($"gate + up GEMVs + swiglu 1 x {Ffn} x {D}", 2.0 * 2 * Ffn * D,
+                () => { dev.Gemm(x, wg, g, 1, Ffn, D); dev.Gemm(x, wu, u, 1, Ffn, D); ops.SiluMul(g, u, g, Ffn); },
+                () => ops.GemvSwiGlu(x, wg, wu, g, Ffn, D));
+        using (var att = dev.Upload(Rand(QD), DType.BF16))
+        using (var wo = dev.Upload(Rand((long)pw * QD), DType.BF16))
+        using (var idx = dev.Upload(Keep(D, 0.65).Take(w65).ToArray()))   // at most w65 rows: wo holds Padded(w65)
+        using (var residual = dev.Upload(Rand(D)))
+        using (var delta = dev.Allocate(DType.F32, pw))
+        {
+            int n = (int)idx.Length;
+            Fused($"o_proj GEMV + index-add {QD} -> {n} of {D} (pruned)", 2.0 * n * QD,
+                () => { dev.Gemm(att, wo, delta, 1, CudaOps.Padded(n), QD); ops.IndexAdd(residual, delta, idx, null, 1, D, inputStride: CudaOps.Padded(n)); },
+                () => ops.GemvIndexAdd(att, wo, residual, idx, D, QD));
+        }
+
         Console.WriteLine();
         using var q = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);
         using var kc = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);

@@ -191,6 +191,8 @@ public sealed unsafe class CudaDevice : IDisposable
         _ => throw new ArgumentException($"{t} is not a GEMM type"),
     };
 
+    public static uint GemvGrid(int rows) => (uint)((rows + GemvWarps - 1) / GemvWarps);
+
     public static uint GridFor(long n, int threads = 256) => (uint)Math.Min((n + threads - 1) / threads, 65535L * 8);
 
     /// <summary>The function <paramref name="entry"/> of <c>kernels/{kernel}.cu</c>, compiled (or read from the CUBIN
@@ -225,7 +227,13 @@ public sealed unsafe class CudaDevice : IDisposable
     /// allow 16-byte loads; off sends them to cuBLASLt too (KernelBench compares the two).</summary>
     public bool UseGemv { get; set; } = true;
 
-    private const int GemvWarps = 8;
+    /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
+    public const int GemvWarps = 8;
+
+    /// <summary>Whether the GEMV kernels take x·Bᵀ for a single row x at these element offsets: <see cref="UseGemv"/> on,
+    /// K a whole number of 16-byte loads, both operands 16-byte aligned.</summary>
+    public bool GemvApplies(DeviceTensor x, DeviceTensor b, int k, long offsetX = 0, long offsetB = 0)
+        => UseGemv && x.DType == b.DType && k % (16 / x.DType.Size()) == 0 && ((x.Address(offsetX) | b.Address(offsetB)) & 15) == 0;
 
     /// <summary>Row-major D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·D through cuBLASLt (fp32 accumulation); with
     /// <paramref name="transposeB"/> false, B is [K,N] and D = α·A·B + β·D (the input gradient of a linear layer). A and B
@@ -237,12 +245,10 @@ public sealed unsafe class CudaDevice : IDisposable
         if ((long)m * k > a.Length - offsetA || (long)n * k > b.Length - offsetB || (long)m * n > d.Length - offsetD)
             throw new ArgumentException($"GEMM {m}x{n}x{k} does not fit its buffers");
         MakeCurrent();
-        int ea = a.DType.Size();
         ulong pa = a.Address(offsetA), pb = b.Address(offsetB), pd = d.Address(offsetD);
-        if (m == 1 && transposeB && UseGemv && k % (16 / ea) == 0 && ((pa | pb) & 15) == 0 && (d.DType == a.DType || d.DType == DType.F32))
+        if (m == 1 && transposeB && GemvApplies(a, b, k, offsetA, offsetB) && (d.DType == a.DType || d.DType == DType.F32))
         {
-            Launch("gemv", $"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", (uint)((n + GemvWarps - 1) / GemvWarps), GemvWarps * 32, 0,
-                pa, pb, pd, n, k, alpha, beta);
+            Launch("gemv", $"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", GemvGrid(n), GemvWarps * 32, 0, pa, pb, pd, 0UL, n, k, alpha, beta);
             return;
         }
         BatchedGemm(pa, pb, pd, a.DType, d.DType, m, n, k, 1, k, 0, false, transposeB ? k : n, 0, transposeB, n, 0, alpha, beta);

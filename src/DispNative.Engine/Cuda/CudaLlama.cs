@@ -397,34 +397,43 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             var w = _layers[l];
             int attnIn = Stored(w.AttnIn, dm);
             _ops.GatherRmsNorm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, dm, c.RmsNormEps, attnIn);
-            d.Gemm(a.H, w.Wq, a.Q, rows, qd, attnIn);
-            d.Gemm(a.H, w.Wk, a.K, rows, kvd, attnIn);
-            d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
-            if (w.Bq != null) { _ops.AddBias(a.Q, w.Bq, rows); _ops.AddBias(a.K, w.Bk!, rows); _ops.AddBias(a.V, w.Bv!, rows); }
-            _ops.Rope(a.Q, _invFreq, rows, c.NumHeads, c.HeadDim, start, position);
-            _ops.Rope(a.K, _invFreq, rows, c.NumKvHeads, c.HeadDim, start, position);
-            _ops.KvAppend(a.K, a.V, cache.K[l], cache.V[l], rows, kvd, start, position);
+            if (rows == 1 && w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn))
+                _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, a.K, kvd, w.Wv, a.V, kvd, attnIn);
+            else
+            {
+                d.Gemm(a.H, w.Wq, a.Q, rows, qd, attnIn);
+                d.Gemm(a.H, w.Wk, a.K, rows, kvd, attnIn);
+                d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
+                if (w.Bq != null) { _ops.AddBias(a.Q, w.Bq, rows); _ops.AddBias(a.K, w.Bk!, rows); _ops.AddBias(a.V, w.Bv!, rows); }
+            }
+            _ops.RopeKvAppend(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start, position);
             _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow,
                 position: position, decodeScratch: cache.DecodeScratch);
             Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
             int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);
             _ops.GatherRmsNorm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, dm, c.RmsNormEps, mlpIn);
-            d.Gemm(a.H, w.WGate, a.Gate, rows, mid, mlpIn);
-            d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
-            _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
+            if (rows == 1 && d.GemvApplies(a.H, w.WGate, mlpIn)) _ops.GemvSwiGlu(a.H, w.WGate, w.WUp, a.Gate, mid, mlpIn);
+            else
+            {
+                d.Gemm(a.H, w.WGate, a.Gate, rows, mid, mlpIn);
+                d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
+                _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
+            }
             Residual(a.X, a.Gate, w.WDown, null, w.MlpOut, a.Delta, rows, mid);
         }
         _ops.GatherRmsNorm(a.X, _finalNorm, null, a.H, rows, dm, c.RmsNormEps);
         d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
     }
 
-    /// <summary>x += input·Wᵀ (+ b): one GEMM accumulating into the f32 residual when dense; a GEMM into the f32
-    /// <paramref name="delta"/> and an index-add into the selected channels when pruned (or with a bias).</summary>
+    /// <summary>x += input·Wᵀ (+ b): one GEMM accumulating into the f32 residual when dense, or for a single row
+    /// without bias (decode: a GEMV writing the selected channels); otherwise a GEMM into the f32
+    /// <paramref name="delta"/> and an index-add into the selected channels.</summary>
     private void Residual(DeviceTensor x, DeviceTensor input, DeviceTensor w, DeviceTensor? bias, DeviceTensor? idx, DeviceTensor delta, int rows, int k)
     {
         int dm = Config.HiddenSize;
         if (idx == null && bias == null) { _device.Gemm(input, w, x, rows, dm, k, beta: 1); return; }
+        if (rows == 1 && bias == null && _device.GemvApplies(input, w, k)) { _ops.GemvIndexAdd(input, w, x, idx, dm, k); return; }
         int stored = Stored(idx, dm);
         _device.Gemm(input, w, delta, rows, stored, k);
         _ops.IndexAdd(x, delta, idx, bias, rows, dm, inputStride: stored);

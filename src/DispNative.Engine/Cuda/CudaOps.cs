@@ -32,12 +32,56 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start, position, inverse ? -1f : 1f);
     }
 
-    /// <summary>Writes k and v ([rows, kvDim]) into the caches at row start (or at the device-held position).</summary>
-    public void KvAppend(DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache, int rows, int kvDim, int start, DeviceTensor? position = null)
+    /// <summary>The inference step's RoPE and cache write in one launch: q ([rows, heads·headDim]) rotated in place, k
+    /// rotated into the key cache and v copied into the value cache at rows start.. (or at the device-held position).
+    /// The same values as <see cref="Rope"/> on q and k followed by copying k and v into the caches.</summary>
+    public void RopeKvAppend(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor invFreq,
+        int rows, int heads, int kvHeads, int headDim, int start, DeviceTensor? position = null)
     {
-        Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
+        int kvDim = kvHeads * headDim;
+        Need(q, (long)rows * heads * headDim, "queries"); Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
         if (position == null) { Need(kCache, (long)(start + rows) * kvDim, "key cache"); Need(vCache, (long)(start + rows) * kvDim, "value cache"); }
-        Device.Launch("attention", $"kv_append_{CudaDevice.Suffix(k.DType)}", (uint)rows, 256, 0, k, v, kCache, vCache, kvDim, start, position);
+        Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", (uint)rows, 128, 0, q, k, v, kCache, vCache, invFreq,
+            heads, kvHeads, headDim, start, position);
+    }
+
+    /// <summary>Decode's q, k and v projections of one row x in one launch: yq = x·Wqᵀ, yk = x·Wkᵀ, yv = x·Wvᵀ
+    /// (K = <paramref name="k"/>). Needs <see cref="CudaDevice.GemvApplies"/>.</summary>
+    public void GemvQkv(DeviceTensor x, DeviceTensor wq, DeviceTensor yq, int nq, DeviceTensor wk, DeviceTensor yk, int nk,
+        DeviceTensor wv, DeviceTensor yv, int nv, int k)
+    {
+        NeedGemv(x, wq, k); NeedGemv(x, wk, k); NeedGemv(x, wv, k);
+        Need(wq, (long)nq * k, "q weight"); Need(wk, (long)nk * k, "k weight"); Need(wv, (long)nv * k, "v weight");
+        Need(yq, nq, "q"); Need(yk, nk, "k"); Need(yv, nv, "v");
+        Device.Launch("gemv", $"gemv_qkv_{CudaDevice.Suffix(x.DType)}", CudaDevice.GemvGrid(nq + nk + nv), CudaDevice.GemvWarps * 32, 0,
+            x, wq, yq, nq, wk, yk, nk, wv, yv, nv, k);
+    }
+
+    /// <summary>Decode's MLP input side in one pass: output[j] = silu(x·gate[j]) · (x·up[j]) for j &lt; n (the same
+    /// values as two GEMMs and <see cref="SiluMul"/>, rounded once). Needs <see cref="CudaDevice.GemvApplies"/>.</summary>
+    public void GemvSwiGlu(DeviceTensor x, DeviceTensor wGate, DeviceTensor wUp, DeviceTensor output, int n, int k)
+    {
+        NeedGemv(x, wGate, k); NeedGemv(x, wUp, k);
+        Need(wGate, (long)n * k, "gate weight"); Need(wUp, (long)n * k, "up weight"); Need(output, n, "swiglu output");
+        Device.Launch("gemv", $"gemv_swiglu_{CudaDevice.Suffix(x.DType)}", CudaDevice.GemvGrid(n), CudaDevice.GemvWarps * 32, 0, x, wGate, wUp, output, n, k);
+    }
+
+    /// <summary>Decode's write-back in one pass: residual[idx[j]] += x·w[j] for j &lt; idx.Length (idx null: every
+    /// channel of the d-wide residual) - the GEMM and <see cref="IndexAdd"/> fused. Needs <see cref="CudaDevice.GemvApplies"/>.</summary>
+    public void GemvIndexAdd(DeviceTensor x, DeviceTensor w, DeviceTensor residual, DeviceTensor? idx, int d, int k)
+    {
+        int n = (int)(idx?.Length ?? d);
+        NeedGemv(x, w, k);
+        Need(w, (long)n * k, "weight"); Need(residual, d, "residual");
+        if (residual.DType != DType.F32) throw new ArgumentException("the residual stream is f32");
+        Device.Launch("gemv", $"gemv_{CudaDevice.Suffix(x.DType)}_to_f32", CudaDevice.GemvGrid(n), CudaDevice.GemvWarps * 32, 0,
+            x, w, residual, idx, n, k, 1f, 1f);
+    }
+
+    private void NeedGemv(DeviceTensor x, DeviceTensor w, int k)
+    {
+        Need(x, k, "GEMV input");
+        if (!Device.GemvApplies(x, w, k)) throw new ArgumentException($"GEMV of K {k} in {x.DType}: needs 16-byte rows and operands (CudaDevice.GemvApplies)");
     }
 
     /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of 8 with zero

@@ -28,6 +28,8 @@ public static class SelfTest
             new("convert f32<->bf16 rounding", Convert),
             new("embedding bf16 (rows 7, d 131)", Embedding),
             new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
+            new("rope + kv append f32 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.F32)),
+            new("rope + kv append bf16 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.BF16)),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -77,6 +79,8 @@ public static class SelfTest
             new("gemv bf16 -> f32, accumulate (1 x 1000 x 4096)", dev => Gemm(dev, 1, 1000, 4096, DType.BF16, beta: 1)),
             new("gemv bf16 -> bf16 (1 x 300 x 11008)", dev => Gemm(dev, 1, 300, 11008, DType.BF16, output: DType.BF16)),
             new("gemm bf16 1 x 50 x 333 (K not a multiple of 8: cuBLASLt)", dev => Gemm(dev, 1, 50, 333, DType.BF16)),
+            new("gemv fused f32: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.F32)),
+            new("gemv fused bf16: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
@@ -196,6 +200,65 @@ public static class SelfTest
         new CudaOps(dev).Rope(t, f, rows, heads, hd, start);
         rope.Apply(x, rows, heads, start);
         return Compare(dev.Download(t), x, 1e-5);
+    }
+
+    /// <summary>q rotated in place; rotated k and v land in cache rows start.., the rest of the caches untouched.</summary>
+    private static string RopeKvAppend(CudaDevice dev, DType dtype)
+    {
+        var rng = new Rng(21);
+        int rows = 5, heads = 6, kvHeads = 2, hd = 64, start = 11, capacity = 20, kvd = kvHeads * hd;
+        var q = RoundTo(dtype, Random(rng, rows * heads * hd));
+        var k = RoundTo(dtype, Random(rng, rows * kvd));
+        var v = RoundTo(dtype, Random(rng, rows * kvd));
+        var kCache = RoundTo(dtype, Random(rng, capacity * kvd));
+        var vCache = RoundTo(dtype, Random(rng, capacity * kvd));
+        var rope = new Rope(hd, 10000);
+        using var tq = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
+        using var tkc = dev.Upload(kCache, dtype); using var tvc = dev.Upload(vCache, dtype);
+        using var f = dev.Upload(Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray());
+        new CudaOps(dev).RopeKvAppend(tq, tk, tv, tkc, tvc, f, rows, heads, kvHeads, hd, start);
+        rope.Apply(q, rows, heads, start);
+        rope.Apply(k, rows, kvHeads, start);
+        k.CopyTo(kCache, start * kvd);
+        v.CopyTo(vCache, start * kvd);
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        return $"{Compare(dev.Download(tq), q, tol, "q max rel err")}; {Compare(dev.Download(tkc), kCache, tol, "key cache max rel err")}; " +
+            Compare(dev.Download(tvc), vCache, 0, "value cache max rel err");
+    }
+
+    /// <summary>The decode step's fused GEMVs against GEMMs and the separate CPU ops.</summary>
+    private static string GemvFused(CudaDevice dev, DType dtype)
+    {
+        var rng = new Rng(22);
+        int k = 264, nq = 96, nkv = 40, mid = 300, d = 96;
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        var x = RoundTo(dtype, Random(rng, k));
+        float[] Weights(int n) => RoundTo(dtype, Random(rng, n * k));
+        float[] Times(float[] w, int n) { var y = new float[n]; Cpu.Gemm.MatMulT(x, w, y, 1, n, k); return y; }
+        var ops = new CudaOps(dev);
+        using var tx = dev.Upload(x, dtype);
+
+        var (wq, wk, wv) = (Weights(nq), Weights(nkv), Weights(nkv));
+        using var twq = dev.Upload(wq, dtype); using var twk = dev.Upload(wk, dtype); using var twv = dev.Upload(wv, dtype);
+        using var yq = dev.Allocate(dtype, nq); using var yk = dev.Allocate(dtype, nkv); using var yv = dev.Allocate(dtype, nkv);
+        ops.GemvQkv(tx, twq, yq, nq, twk, yk, nkv, twv, yv, nkv, k);
+        string qkv = Compare([.. dev.Download(yq), .. dev.Download(yk), .. dev.Download(yv)], [.. Times(wq, nq), .. Times(wk, nkv), .. Times(wv, nkv)], tol, "q/k/v max rel err");
+
+        var (wg, wu) = (Weights(mid), Weights(mid));
+        using var twg = dev.Upload(wg, dtype); using var twu = dev.Upload(wu, dtype); using var act = dev.Allocate(dtype, mid);
+        ops.GemvSwiGlu(tx, twg, twu, act, mid, k);
+        var swiglu = Times(wg, mid);
+        CpuOps.SiluMul(swiglu, Times(wu, mid), mid);
+        string glu = Compare(dev.Download(act), swiglu, tol, "swiglu max rel err");
+
+        var idx = Subset(rng, d, 57);
+        var wo = Weights(idx.Length);
+        var residual = Random(rng, d);
+        using var two = dev.Upload(wo, dtype); using var ti = dev.Upload(idx); using var tres = dev.Upload(residual);
+        ops.GemvIndexAdd(tx, two, tres, ti, d, k);
+        var delta = Times(wo, idx.Length);
+        for (int j = 0; j < idx.Length; j++) residual[idx[j]] += delta[j];
+        return $"{qkv}; {glu}; {Compare(dev.Download(tres), residual, 1e-5, "index-add max rel err")}";
     }
 
     /// <summary>With <paramref name="padded"/> the output rows are <see cref="CudaOps.Padded"/> apart and the padding,
