@@ -138,7 +138,10 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>out = silu(gate)·up (out may be gate).</summary>
     public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n)
-        => Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", CudaDevice.GridFor(n), 256, 0, gate, up, output, n);
+        => Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
+
+    /// <summary>Grid of the 16-byte-per-thread elementwise kernels: a thread per 8 elements (grid-stride beyond).</summary>
+    private static uint VectorGrid(long n) => CudaDevice.GridFor((n + 7) / 8);
 
     /// <summary>From dout = ∂/∂(silu(gate)·up) (f32): dgate and dup in the storage type of gate.</summary>
     public void SiluMulBackward(DeviceTensor gate, DeviceTensor up, DeviceTensor dOutput, DeviceTensor dGate, DeviceTensor dUp, long n)
@@ -152,7 +155,7 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     public void Gelu(DeviceTensor input, DeviceTensor output, long n)
-        => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", CudaDevice.GridFor(n), 256, 0, input, output, n);
+        => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", VectorGrid(n), 256, 0, input, output, n);
 
     /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache. One query
     /// (decode): the split-KV kernel (<see cref="DecodeSplits"/> shares of the cache, merged by a combine kernel;

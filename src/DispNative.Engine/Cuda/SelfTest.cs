@@ -39,8 +39,10 @@ public static class SelfTest
             new("index-add f32 (d 999 <- 311, bias, scale)", dev => IndexAdd(dev, 311, bias: true)),
             new("residual add f32 (d 999)", dev => IndexAdd(dev, null, bias: false)),
             new("index-add f32 (d 999 <- 311, input rows 320 apart)", dev => IndexAdd(dev, 311, bias: false, padded: true)),
-            new("swiglu f32 (n 10007)", SwiGlu),
-            new("gelu f32 (n 10007)", Gelu),
+            new("swiglu f32 in place (n 10007)", dev => SwiGlu(dev, DType.F32)),
+            new("swiglu bf16 in place (n 10007: 16-byte steps and a tail)", dev => SwiGlu(dev, DType.BF16)),
+            new("gelu f32 (n 10007)", dev => Gelu(dev, DType.F32)),
+            new("gelu f16 (n 10007)", dev => Gelu(dev, DType.F16)),
             new("attention prefill f32 (t 37, heads 6/2, head_dim 64)", dev => Attention(dev, 37, 0, 6, 2, 64, null)),
             new("attention prefill f32 (t 9 after 20, heads 4/4, head_dim 48)", dev => Attention(dev, 9, 20, 4, 4, 48, null)),
             new("attention prefill f32 sliding window 16 (t 70)", dev => Attention(dev, 70, 0, 4, 1, 32, 16)),
@@ -324,27 +326,28 @@ public static class SelfTest
         return Compare(dev.Download(tx), x, 1e-6);
     }
 
-    private static string SwiGlu(CudaDevice dev)
+    /// <summary>In place (the output is the gate); n odd, so the 16-byte path leaves a tail.</summary>
+    private static string SwiGlu(CudaDevice dev, DType dtype)
     {
         var rng = new Rng(7);
         int n = 10007;
-        var g = Random(rng, n, 3); var u = Random(rng, n);
-        using var tg = dev.Upload(g); using var tu = dev.Upload(u);
+        var g = RoundTo(dtype, Random(rng, n, 3)); var u = RoundTo(dtype, Random(rng, n));
+        using var tg = dev.Upload(g, dtype); using var tu = dev.Upload(u, dtype);
         new CudaOps(dev).SiluMul(tg, tu, tg, n);
         CpuOps.SiluMul(g, u, n);
-        return Compare(dev.Download(tg), g, 1e-6);
+        return Compare(dev.Download(tg), g, dtype == DType.F32 ? 1e-6 : 1e-2);
     }
 
-    private static string Gelu(CudaDevice dev)
+    private static string Gelu(CudaDevice dev, DType dtype)
     {
         var rng = new Rng(8);
         int n = 10007;
-        var x = Random(rng, n, 3);
-        using var tx = dev.Upload(x); using var ty = dev.Allocate(DType.F32, n);
+        var x = RoundTo(dtype, Random(rng, n, 3));
+        using var tx = dev.Upload(x, dtype); using var ty = dev.Allocate(dtype, n);
         new CudaOps(dev).Gelu(tx, ty, n);
         var want = new float[n];
         CpuOps.Gelu(x, want, n);
-        return Compare(dev.Download(ty), want, 1e-6);
+        return Compare(dev.Download(ty), want, dtype == DType.F32 ? 1e-6 : 1e-2);
     }
 
     /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
