@@ -99,7 +99,8 @@ public class KernelSourceTests
     {
         Assert.That(KernelSources.ParameterCount("attention_tc", "attention_prefill_tc128_bf16"), Is.EqualTo(11));
         Assert.That(KernelSources.ParameterCount("attention", "attention_prefill_f32"), Is.EqualTo(12));
-        Assert.That(KernelSources.ParameterCount("gemv", "gemv_bf16_to_f32"), Is.EqualTo(7));
+        Assert.That(KernelSources.ParameterCount("gemv", "gemv_bf16_to_f32"), Is.EqualTo(8));
+        Assert.That(KernelSources.ParameterCount("gemv", "gemv_qkv_f16"), Is.EqualTo(11));
         Assert.That(KernelSources.ParameterCount("masks", "gumbel_sigmoid"), Is.EqualTo(7));
         Assert.Throws<DispNativeException>(() => KernelSources.ParameterCount("attention", "attention_prefill_tc64_bf16"));
     }
