@@ -8,6 +8,15 @@
 
 __device__ __forceinline__ int rope_start(int start, const int* position) { return position ? *position : start; }
 
+// (out[0], out[half]) = the pair (in[0], in[half]) rotated by the angle with sine s and cosine c.
+template <typename T>
+__device__ __forceinline__ void rotate_pair(const T* in, T* out, int half, float s, float c)
+{
+    float a = to_f32(in[0]), b = to_f32(in[half]);
+    out[0] = from_f32<T>(a * c - b * s);
+    out[half] = from_f32<T>(b * c + a * s);
+}
+
 template <typename T>
 __device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position,
     float direction)
@@ -21,11 +30,8 @@ __device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int 
         int h = t / half, i = t % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        s *= direction;
-        T* p = row + h * head_dim;
-        float a = to_f32(p[i]), b = to_f32(p[i + half]);
-        p[i] = from_f32<T>(a * c - b * s);
-        p[i + half] = from_f32<T>(b * c + a * s);
+        T* p = row + h * head_dim + i;
+        rotate_pair(p, p, half, s * direction, c);
     }
 }
 
@@ -46,19 +52,11 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
         int h = t / half, i = t % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        if (h < heads)
-        {
-            T* p = qr + h * head_dim;
-            float a = to_f32(p[i]), b = to_f32(p[i + half]);
-            p[i] = from_f32<T>(a * c - b * s);
-            p[i + half] = from_f32<T>(b * c + a * s);
-        }
+        if (h < heads) rotate_pair(qr + h * head_dim + i, qr + h * head_dim + i, half, s, c);
         else
         {
-            int off = (h - heads) * head_dim;
-            float a = to_f32(kr[off + i]), b = to_f32(kr[off + i + half]);
-            k_cache[dst + off + i] = from_f32<T>(a * c - b * s);
-            k_cache[dst + off + i + half] = from_f32<T>(b * c + a * s);
+            int off = (h - heads) * head_dim + i;
+            rotate_pair(kr + off, k_cache + dst + off, half, s, c);
         }
     }
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_cache[dst + i] = vr[i];
