@@ -4,7 +4,8 @@
 #include <cstring>
 
 struct EmuDim3 { unsigned x, y, z; };
-// serial: unique to this thread's run in one block (module-side per-thread state resets when it changes).
+// serial: numbers each run of a block, so (serial, linear) names one thread's run; module-side per-thread state
+// (cp.async groups) resets when it changes.
 struct EmuThread { EmuDim3 thread_idx, block_idx; unsigned linear; unsigned long long serial; };
 
 // Filled by the emulator when it loads the module (emu_bind).
