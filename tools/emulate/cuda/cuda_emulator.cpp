@@ -5,7 +5,7 @@
 // - "NVRTC" rewrites the kernel source's inline PTX into calls of emu_device.h, compiles it with g++ into a shared
 //   object (the "CUBIN"), and adds one wrapper per extern "C" entry point that unpacks cuLaunchKernel's arguments.
 // - A launch runs the blocks one after another; each CUDA thread is a fiber with its own stack. __syncthreads and
-//   warp collectives (shuffles, mma.sync.m16n8k16, ldmatrix .x4 .trans) suspend the fiber until every thread that
+//   warp collectives (shuffles, mma.sync.m16n8k16, ldmatrix .x4 and .x4.trans) suspend the fiber until every thread that
 //   must arrive has arrived. A deadlock, collectives that diverge within a warp, or a lane leaving before its warp's
 //   collective fail the launch with a message instead of hanging. Each thread runs as far as it can before the next
 //   one starts, so a missing barrier shows up as wrong results; DISPNATIVE_EMU_SCHEDULE=reverse runs the threads
@@ -245,15 +245,25 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
         }
         break;
     }
+    case EMU_LDMATRIX_X4:
     case EMU_LDMATRIX_X4_TRANS:
     {
         if (mask != 0xffffffffu || lanes != 32) { g_run.error = "ldmatrix needs the full warp"; return false; }
-        // Matrix m's row r is at the address of lane 8m + r; with .trans lane l gets M[2t][g], M[2t+1][g].
+        for (int l = 0; l < 32; l++)
+            if (warp[l].in[0] % 16 != 0) { g_run.error = "ldmatrix row address of lane " + std::to_string(l) + " is not 16-byte aligned"; return false; }
+        // Matrix m's row r is at the address of lane 8m + r. Lane l gets M[g][2t], M[g][2t+1]; with .trans
+        // M[2t][g], M[2t+1][g].
         for (int l = 0; l < 32; l++)
         {
             int g = l >> 2, t = l & 3;
             for (int m = 0; m < 4; m++)
             {
+                if (lead.kind == EMU_LDMATRIX_X4)
+                {
+                    const unsigned short* r = (const unsigned short*)(uintptr_t)warp[8 * m + g].in[0];
+                    warp[l].out[m] = (unsigned)r[2 * t] | ((unsigned)r[2 * t + 1] << 16);
+                    continue;
+                }
                 const unsigned short* r0 = (const unsigned short*)(uintptr_t)warp[8 * m + 2 * t].in[0];
                 const unsigned short* r1 = (const unsigned short*)(uintptr_t)warp[8 * m + 2 * t + 1].in[0];
                 warp[l].out[m] = (unsigned)r0[g] | ((unsigned)r1[g] << 16);
@@ -437,7 +447,7 @@ void install_fault_handler()
 // ---------------------------------------------------------------------------------------------------------------
 // Modules, functions, launches.
 struct Module { void* handle; };
-struct Function { void (*entry)(void**); const int* params; std::string name; };
+struct Function { void (*entry)(void**); const int* params; std::string name; unsigned max_dynamic_shared = 48 * 1024; };
 
 int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args)
 {
@@ -447,9 +457,10 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
         warn("launch of %s with grid (%u,%u,%u), block (%u,%u,%u): invalid configuration", fn.name.c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z);
         return 9;   // CUDA_ERROR_INVALID_CONFIGURATION
     }
-    if (shared_bytes > 48 * 1024)
+    if (shared_bytes > fn.max_dynamic_shared)
     {
-        warn("launch of %s asks for %u bytes of dynamic shared memory: more than 48 KiB needs cuFuncSetAttribute", fn.name.c_str(), shared_bytes);
+        warn("launch of %s asks for %u bytes of dynamic shared memory, above its limit of %u (more than 48 KiB needs "
+             "cuFuncSetAttribute)", fn.name.c_str(), shared_bytes, fn.max_dynamic_shared);
         return 1;
     }
     static std::vector<char> dynamic_shared;
@@ -457,6 +468,7 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
     g_api.block_dim = block;
     g_api.grid_dim = grid;
     g_api.dynamic_shared = dynamic_shared.data();
+    g_api.dynamic_shared_bytes = shared_bytes;
     g_run.entry = fn.entry;
     g_run.args = args;
     g_run.name = fn.name.c_str();
@@ -718,8 +730,10 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
             for (auto& x : in) call += ", (unsigned)(" + x + ")";
             call += ")";
         }
-        else if (has("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") && o.size() == 4 && in.size() == 1)
-            call = "emu_ldmatrix_x4_trans(&(" + o[0] + "), &(" + o[1] + "), &(" + o[2] + "), &(" + o[3] + "), " + in[0] + ")";
+        else if ((has("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") || has("ldmatrix.sync.aligned.m8n8.x4.shared.b16"))
+            && o.size() == 4 && in.size() == 1)
+            call = std::string("emu_ldmatrix_x4(") + (has(".trans") ? "EMU_LDMATRIX_X4_TRANS" : "EMU_LDMATRIX_X4") + ", &(" + o[0]
+                + "), &(" + o[1] + "), &(" + o[2] + "), &(" + o[3] + "), " + in[0] + ")";
         else
         {
             size_t line = std::count(src.begin(), src.begin() + (src.size() - rest.size()) + m.position(), '\n') + 1;
@@ -737,7 +751,7 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
 std::string rewrite_source(std::string s)
 {
     // extern __shared__ T name[];  →  T* name = (T*)dynamic shared memory;
-    std::regex dyn("extern\\s+__shared__\\s+(?:__align__\\s*\\(\\s*\\d+\\s*\\)\\s+)?([A-Za-z_][\\w:]*)\\s+(\\w+)\\s*\\[\\s*\\]\\s*;");
+    std::regex dyn("extern\\s+__shared__\\s+(?:__align__\\s*\\(\\s*\\d+\\s*\\)\\s+)?([A-Za-z_][\\w:]*(?:\\s+[A-Za-z_][\\w:]*)*)\\s+(\\w+)\\s*\\[\\s*\\]\\s*;");
     return std::regex_replace(s, dyn, "$1* $2 = reinterpret_cast<$1*>(emu_api->dynamic_shared);");
 }
 
@@ -884,6 +898,7 @@ EXPORT int cuDeviceGetAttribute(int* v, int attribute, int)
     case 37: *v = 5120; return 0;      // bus width (bits)
     case 75: *v = 9; return 0;         // compute capability
     case 76: *v = 0; return 0;
+    case 97: *v = 232448; return 0;    // shared memory per block, opt-in (bytes)
     default: *v = 0; return 1;
     }
 }
@@ -980,6 +995,15 @@ EXPORT int cuModuleGetFunction(void** f, void* module, const char* name)
     auto params = (const int*)dlsym(h, ("emu_params_" + std::string(name)).c_str());
     if (!entry || !params) return 500;
     *f = new Function{entry, params, name};
+    return 0;
+}
+// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8) only, up to sm_90's opt-in limit (227 KiB).
+EXPORT int cuFuncSetAttribute(void* f, int attribute, int value)
+{
+    Guard g(g_lock);
+    if (attribute != 8) { warn("cuFuncSetAttribute: attribute %d is not emulated", attribute); return 1; }
+    if (value < 0 || value > 232448) return 1;   // CUDA_ERROR_INVALID_VALUE
+    ((Function*)f)->max_dynamic_shared = (unsigned)value;
     return 0;
 }
 EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,

@@ -14,6 +14,7 @@ struct EmuApi
     EmuThread* current;   // the running thread, set before each switch to its fiber
     EmuDim3 block_dim, grid_dim;
     char* dynamic_shared;
+    unsigned dynamic_shared_bytes;
     void (*syncthreads)();
     // A warp collective: every lane of `mask` must call it with the same kind; `in` is this lane's operands,
     // `out` (4 words, or null) receives its results.
@@ -21,7 +22,7 @@ struct EmuApi
     void (*fail)(const char* message);
 };
 
-enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5 };
+enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5, EMU_LDMATRIX_X4 = 6 };
 
 // f16 ↔ f32 as the PTX cvt instructions do (round to nearest even), for the kernels' rewritten asm and for cuBLASLt.
 inline float emu_h2f(unsigned short h)

@@ -99,8 +99,21 @@ template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_api->collective(EMU_SYNCWARP, mask, nullptr, 0, nullptr); }
 
 // The PTX that the emulator's source rewriting maps inline asm statements to.
-inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)((const char*)p - &emu_shared_anchor); }
-inline char* emu_shared_pointer(unsigned address) { return &emu_shared_anchor + (int)address; }
+// Shared addresses: 0x80000000 + offset into the launch's dynamic shared memory, or 0x40000000 + the distance of a
+// static __shared__ array from the anchor.
+inline size_t __cvta_generic_to_shared(const void* p)
+{
+    const char* c = (const char*)p;
+    if (c >= emu_api->dynamic_shared && c <= emu_api->dynamic_shared + emu_api->dynamic_shared_bytes)
+        return 0x80000000u + (size_t)(c - emu_api->dynamic_shared);
+    long long distance = c - &emu_shared_anchor;
+    if (distance < -0x40000000ll || distance >= 0x40000000ll) emu_api->fail("__cvta_generic_to_shared of an address outside shared memory");
+    return (size_t)(distance + 0x40000000ll);
+}
+inline char* emu_shared_pointer(unsigned address)
+{
+    return address >= 0x80000000u ? emu_api->dynamic_shared + (address - 0x80000000u) : &emu_shared_anchor + ((long long)address - 0x40000000ll);
+}
 // cp.async.cg 16 bytes with src-size 16 or 0 (zero fill). A copy lands only when a wait_group that covers its
 // group runs; until then its destination holds 0xff bytes (NaN in f32, bf16 and f16), so reading before the wait,
 // a missing wait, or overwriting a buffer that other threads still read shows in the results.
@@ -143,9 +156,9 @@ inline void emu_mma_m16n8k16(int kind, float* c0, float* c1, float* c2, float* c
     emu_api->collective(kind, 0xffffffffu, in, 10, out);
     for (int i = 0; i < 4; i++) { unsigned u = (unsigned)out[i]; memcpy(c[i], &u, 4); }
 }
-inline void emu_ldmatrix_x4_trans(unsigned* r0, unsigned* r1, unsigned* r2, unsigned* r3, unsigned address)
+inline void emu_ldmatrix_x4(int kind, unsigned* r0, unsigned* r1, unsigned* r2, unsigned* r3, unsigned address)
 {
     unsigned long long in[1] = {(unsigned long long)(uintptr_t)emu_shared_pointer(address)}, out[4];
-    emu_api->collective(EMU_LDMATRIX_X4_TRANS, 0xffffffffu, in, 1, out);
+    emu_api->collective(kind, 0xffffffffu, in, 1, out);
     *r0 = (unsigned)out[0]; *r1 = (unsigned)out[1]; *r2 = (unsigned)out[2]; *r3 = (unsigned)out[3];
 }
