@@ -43,7 +43,14 @@ template <> __device__ __forceinline__ void mma16816<f16>(float* c, const unsign
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8x8 16-bit matrices from shared memory, transposed: lane i addresses row i % 8 of matrix i / 8.
+// Four 8x8 16-bit matrices from shared memory: lane i addresses row i % 8 of matrix i / 8 and gets, from each
+// matrix, row i / 4 columns 2(i % 4), 2(i % 4) + 1 (the A/B fragment layout of mma m16n8k16).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_address(row)));
+}
+// The same, transposed: from each matrix, rows 2(i % 4), 2(i % 4) + 1 of column i / 4.
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -239,3 +246,209 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
     { attention_prefill_tc<T, D>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 ATTENTION_TC(bf16, bf16, 64) ATTENTION_TC(bf16, bf16, 128)
 ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)
+
+// The same contract with 32 query rows per warp (FlashAttention-2's tiling): every K and V fragment loaded from
+// shared memory feeds two mma (one per 16-row half), where the kernel above uses each once. Q no longer fits in
+// registers beside the doubled accumulators, so the block stages its FA_M rows of Q in shared memory once and reads
+// the A fragments with ldmatrix at every k-step; K's B fragments come through ldmatrix too (one instruction for two
+// key groups). Dynamic shared memory: (FA_M + 2·FA_N) rows of D + 8 elements (52,224 bytes at D = 128; the launch
+// opts in above 48 KiB). At D = 128 the tiles hold 32 keys: with 64, ptxas (sm_90) spills the accumulators.
+#define FA_WARPS 4
+#define FA_M (FA_WARPS * 32)   // query rows per block
+#define FA_KEYS(D) ((D) > 64 ? 32 : 64)   // keys per tile (CudaOps.WidePrefillSharedBytes mirrors it)
+
+template <typename T, int D, int FA_N>   // FA_N: keys per tile
+__device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+    T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
+{
+    constexpr int STRIDE = D + 8, CHUNKS = D / 8;
+    extern __shared__ __align__(16) unsigned short fa_shared[];
+    unsigned short* qs = fa_shared;             // [FA_M][STRIDE]
+    unsigned short* ks = qs + FA_M * STRIDE;    // [FA_N][STRIDE]
+    unsigned short* vs = ks + FA_N * STRIDE;    // [FA_N][STRIDE]
+
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+    int h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int q_dim = heads * D, kv_dim = kv_heads * D;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FA_M;   // the longest causal rows start first
+    int warp_row = q0 + warp * 32;
+    // This thread's query rows: half i (rows warp_row + 16i ..) has accumulator rows g and g + 8, at positions
+    // pos_g + 16i (+ 8). Key k is visible to position p when 0 <= p - k < window (unsigned: one compare).
+    int pos_g = start + warp_row + g;
+    unsigned span = window > 0 ? (unsigned)window : 0x7fffffffu;
+    bool warp_active = warp_row < tq;
+    int warp_last_key = start + min(warp_row + 31, tq - 1);
+    int warp_first_key = window > 0 ? max(0, start + warp_row - window + 1) : 0;
+    int block_last = start + min(tq, q0 + FA_M) - 1;
+    int block_first = window > 0 ? max(0, start + q0 - window + 1) : 0;
+
+    // Q rows past tq are zeros; they go in the first K tile's cp.async group.
+    for (int i = threadIdx.x; i < FA_M * CHUNKS; i += FA_WARPS * 32)
+    {
+        int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+        bool ok = q0 + r < tq;
+        cp_async16(qs + r * STRIDE + c, ok ? q + (long long)(q0 + r) * q_dim + h * D + c : q, ok);
+    }
+    auto load_tile = [&](unsigned short* dst, const T* src, int tile)
+    {
+        for (int i = threadIdx.x; i < FA_N * CHUNKS; i += FA_WARPS * 32)
+        {
+            int j = i / CHUNKS, c = (i % CHUNKS) * 8, key = tile + j;
+            bool ok = key <= block_last;
+            cp_async16(dst + j * STRIDE + c, ok ? src + (long long)key * kv_dim + kvh * D + c : src, ok);
+        }
+        cp_async_commit();
+    };
+
+    float o[2][D / 8][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) o[i][d][0] = o[i][d][1] = o[i][d][2] = o[i][d][3] = 0.f;
+    float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    const float scale_log2 = scale * 1.4426950408889634f;
+    // ldmatrix row addresses of this lane: Q (matrices: rows 0-7 | 8-15 × columns 0-7 | 8-15 of a 16×16 block),
+    // K (keys 0-7 | 8-15 of a 16-key pair of groups × columns 0-7 | 8-15), V (as in the kernel above).
+    const unsigned short* q_lane = qs + (warp * 32 + (lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + (lane >> 4) * 8;
+    const unsigned short* k_lane = ks + ((lane & 7) + (lane >> 4) * 8) * STRIDE + ((lane >> 3) & 1) * 8;
+    const unsigned short* v_lane = vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * STRIDE + (lane >> 4) * 8;
+
+    int tile_begin = block_first - block_first % FA_N;
+    load_tile(ks, kc, tile_begin);
+    load_tile(vs, vc, tile_begin);
+    for (int tile = tile_begin; tile <= block_last; tile += FA_N)
+    {
+        bool has_next = tile + FA_N <= block_last;
+        bool compute = warp_active && tile <= warp_last_key && tile + FA_N - 1 >= warp_first_key;
+        cp_async_wait_all_but_one();   // Q and K(tile) have landed; V(tile) may be in flight
+        __syncthreads();
+
+        float s[2][FA_N / 8][4];
+        if (compute)
+        {
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int n = 0; n < FA_N / 8; n++) s[i][n][0] = s[i][n][1] = s[i][n][2] = s[i][n][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < D / 16; k++)
+            {
+                unsigned a[2][4];
+                ldmatrix_x4(a[0], q_lane + k * 16);
+                ldmatrix_x4(a[1], q_lane + 16 * STRIDE + k * 16);
+#pragma unroll
+                for (int n = 0; n < FA_N / 8; n += 2)
+                {
+                    unsigned b[4];   // B fragments of key groups n (b0, b1) and n + 1 (b2, b3) at k-step k
+                    ldmatrix_x4(b, k_lane + n * 8 * STRIDE + k * 16);
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+                    {
+                        mma16816<T>(s[i][n], a[i], b[0], b[1]);
+                        mma16816<T>(s[i][n + 1], a[i], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();   // every warp is done with K(tile)
+        if (has_next) load_tile(ks, kc, tile + FA_N); else cp_async_commit();
+
+        // Every key of the tile visible to every row of the warp: no masking.
+        bool interior = tile + FA_N - 1 <= start + warp_row && (window <= 0 || start + warp_row + 31 - tile < window);
+        unsigned pf[2][FA_N / 16][4];
+        if (compute)
+        {
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+            {
+                float mx0 = m[i][0], mx1 = m[i][1];
+#pragma unroll
+                for (int n = 0; n < FA_N / 8; n++)
+                {
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                    {
+                        int distance = pos_g + 16 * i - (tile + n * 8 + 2 * tg + e);   // row g's position minus the key's
+                        bool seen0 = interior || (unsigned)distance < span, seen1 = interior || (unsigned)(distance + 8) < span;
+                        s[i][n][e] = seen0 ? s[i][n][e] * scale_log2 : NEG_INF;
+                        s[i][n][2 + e] = seen1 ? s[i][n][2 + e] * scale_log2 : NEG_INF;
+                        mx0 = fmaxf(mx0, s[i][n][e]);
+                        mx1 = fmaxf(mx1, s[i][n][2 + e]);
+                    }
+                }
+                mx0 = quad_max(mx0); mx1 = quad_max(mx1);
+                // A row with nothing visible yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+                float base0 = mx0 == NEG_INF ? 0.f : mx0, base1 = mx1 == NEG_INF ? 0.f : mx1;
+                float corr0 = exp2f(m[i][0] - base0), corr1 = exp2f(m[i][1] - base1);
+                float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+                for (int n = 0; n < FA_N / 8; n++)
+                {
+                    s[i][n][0] = exp2f(s[i][n][0] - base0); s[i][n][1] = exp2f(s[i][n][1] - base0);
+                    s[i][n][2] = exp2f(s[i][n][2] - base1); s[i][n][3] = exp2f(s[i][n][3] - base1);
+                    sum0 += s[i][n][0] + s[i][n][1];
+                    sum1 += s[i][n][2] + s[i][n][3];
+                }
+                l[i][0] = l[i][0] * corr0 + sum0;   // per-thread partial sums; the quad adds them up at the end
+                l[i][1] = l[i][1] * corr1 + sum1;
+                m[i][0] = mx0; m[i][1] = mx1;
+#pragma unroll
+                for (int d = 0; d < D / 8; d++) { o[i][d][0] *= corr0; o[i][d][1] *= corr0; o[i][d][2] *= corr1; o[i][d][3] *= corr1; }
+#pragma unroll
+                for (int k = 0; k < FA_N / 16; k++)
+                {
+                    pf[i][k][0] = pack_pair<T>(s[i][2 * k][0], s[i][2 * k][1]);
+                    pf[i][k][1] = pack_pair<T>(s[i][2 * k][2], s[i][2 * k][3]);
+                    pf[i][k][2] = pack_pair<T>(s[i][2 * k + 1][0], s[i][2 * k + 1][1]);
+                    pf[i][k][3] = pack_pair<T>(s[i][2 * k + 1][2], s[i][2 * k + 1][3]);
+                }
+            }
+        }
+
+        cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
+        __syncthreads();
+        if (compute)
+        {
+#pragma unroll
+            for (int k = 0; k < FA_N / 16; k++)
+            {
+#pragma unroll
+                for (int d = 0; d < D / 8; d += 2)
+                {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, v_lane + k * 16 * STRIDE + d * 8);
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+                    {
+                        mma16816<T>(o[i][d], pf[i][k], b[0], b[1]);
+                        mma16816<T>(o[i][d + 1], pf[i][k], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();   // every warp is done with V(tile)
+        if (has_next) load_tile(vs, vc, tile + FA_N); else cp_async_commit();
+    }
+    if (!warp_active) return;
+
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+        {
+            float sum = quad_sum(l[i][j]), inv = sum > 0.f ? 1.f / sum : 0.f;
+            int r = warp_row + 16 * i + 8 * j + g;
+            if (r >= tq) continue;
+            if (lse && tg == 0) lse[(long long)h * tq + r] = (m[i][j] + log2f(sum)) * 0.6931471805599453f;   // log2 domain → natural
+            T* orow = out + (long long)r * q_dim + h * D;
+#pragma unroll
+            for (int d = 0; d < D / 8; d++)
+                *reinterpret_cast<unsigned*>(orow + d * 8 + 2 * tg) = pack_pair<T>(o[i][d][2 * j] * inv, o[i][d][2 * j + 1] * inv);
+        }
+}
+
+#define ATTENTION_FA(T, S, D) \
+    extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
+    { attention_prefill_fa<T, D, FA_KEYS(D)>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+ATTENTION_FA(bf16, bf16, 64) ATTENTION_FA(bf16, bf16, 128)
+ATTENTION_FA(f16, f16, 64) ATTENTION_FA(f16, f16, 128)

@@ -11,6 +11,7 @@ public enum CuDeviceAttribute
     GlobalMemoryBusWidth = 37,
     ComputeCapabilityMajor = 75,
     ComputeCapabilityMinor = 76,
+    MaxSharedMemoryPerBlockOptin = 97,
 }
 
 /// <summary>Thin, checked bindings to the CUDA driver API (libcuda.so.1 / nvcuda.dll) through function pointers.
@@ -51,6 +52,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint, int> cuModuleUnload;
         public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
         public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
+        public readonly delegate* unmanaged<nint, int, int, int> cuFuncSetAttribute;
         public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
         public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
         public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
@@ -92,6 +94,7 @@ public static unsafe class CudaDriver
             cuModuleUnload = (delegate* unmanaged<nint, int>)lib.Export("cuModuleUnload");
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)lib.Export("cuModuleGetFunction");
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
+            cuFuncSetAttribute = (delegate* unmanaged<nint, int, int, int>)lib.Export("cuFuncSetAttribute");
             cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
             cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
             cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
@@ -185,6 +188,14 @@ public static unsafe class CudaDriver
         var bytes = System.Text.Encoding.UTF8.GetBytes(name + "\0");
         fixed (byte* p = bytes) Check(A.cuModuleGetFunction(&f, module, p), $"cuModuleGetFunction({name})");
         return f;
+    }
+
+    /// <summary>Lets <paramref name="function"/> launch with up to <paramref name="bytes"/> of dynamic shared memory
+    /// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; needed above 48 KiB).</summary>
+    public static void SetMaxDynamicSharedMemory(nint function, string name, int bytes)
+    {
+        const int maxDynamicSharedSizeBytes = 8;
+        Check(A.cuFuncSetAttribute(function, maxDynamicSharedSizeBytes, bytes), $"cuFuncSetAttribute({name}, max dynamic shared memory {bytes} bytes)");
     }
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)

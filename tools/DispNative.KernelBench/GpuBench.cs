@@ -162,10 +162,13 @@ internal static class GpuBench
         using var o = dev.Allocate(DType.BF16, (long)T * Heads * HeadDim);
         double causalFlops = 2.0 * 2 * Heads * HeadDim * T * (T + 1) / 2;
         double simt = Flops($"attention prefill bf16 SIMT, naive (T {T}, {Heads} heads, head_dim {HeadDim}, causal)", causalFlops,
-            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, tensorCores: false));
-        double attn = Flops($"attention prefill bf16 tensor cores (same shape)", causalFlops,
-            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null));
-        Console.WriteLine($"{"tensor cores vs SIMT",-58} {"",8} {attn / simt,12:F2} x");
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.Simt));
+        double rows16 = Flops("attention prefill bf16 tensor cores, 16 rows/warp, Q in registers", causalFlops,
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.TensorCores16Rows));
+        double attn = Flops("attention prefill bf16 tensor cores, 32 rows/warp (FA2 tiling)", causalFlops,
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.TensorCores32Rows));
+        Console.WriteLine($"{"tensor cores 16 rows/warp vs SIMT",-58} {"",8} {rows16 / simt,12:F2} x");
+        Console.WriteLine($"{"tensor cores 32 rows/warp vs 16 rows/warp",-58} {"",8} {attn / rows16,12:F2} x");
         // The same FLOPs as plain GEMMs: per head S = Q·Kᵀ [T,T,hd] and O = P·V [T,hd,T], batched over heads.
         using var s = dev.Allocate(DType.BF16, (long)Heads * T * T);
         using var qkPlan = new CublasLt.MatmulPlan(dev.Lt, T, T, HeadDim, CudaDataType.R16BF, CudaDataType.R16BF, CudaDevice.GemmWorkspaceBytes,
@@ -179,7 +182,7 @@ internal static class GpuBench
             qkPlan.Run(dev.Lt, q.Pointer, kc.Pointer, s.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
-        Console.WriteLine($"{"attention prefill (tensor cores) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
+        Console.WriteLine($"{"attention prefill (32 rows/warp) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
         double kvBytes = 2.0 * T * Heads * HeadDim * 2;
         double naiveDecode = Bandwidth($"attention decode bf16, naive: block per head (position {T - 1}, KV read)", kvBytes,
             () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, splitDecode: false));
@@ -193,7 +196,7 @@ internal static class GpuBench
         using var dOut = dev.Upload(Rand((long)T * Heads * HeadDim));
         using var dq = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
         using var dk = dev.Allocate(DType.F32, (long)T * Heads * HeadDim); using var dv = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
-        Flops("attention training forward with lse, tensor cores", causalFlops, () => ops.AttentionForTraining(q, kc, vc, o, lse, T, Heads, Heads, HeadDim, null));
+        Flops("attention training forward with lse, tensor cores 32 rows/warp", causalFlops, () => ops.AttentionForTraining(q, kc, vc, o, lse, T, Heads, Heads, HeadDim, null));
         double backwardFlops = 2.5 * causalFlops;   // S recomputed, dP, dV, dK, dQ: five causal products against the forward's two
         double simtBackward = Flops("attention backward bf16 SIMT, naive (flash-style dq + dk/dv)", backwardFlops,
             () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null, gemm: false));

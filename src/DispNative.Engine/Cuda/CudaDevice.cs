@@ -71,6 +71,8 @@ public sealed unsafe class CudaDevice : IDisposable
     private readonly ConcurrentDictionary<string, CudaModuleHandle> _modules = new();
     private readonly ConcurrentDictionary<string, nint> _functions = new();
     private readonly ConcurrentDictionary<string, int> _parameterCounts = new();
+    private readonly ConcurrentDictionary<nint, uint> _dynamicSharedLimits = new();
+    private readonly int _device;   // the driver's CUdevice
     private readonly Dictionary<string, CublasLt.MatmulPlan> _plans = [];
     private readonly ulong _workspace;
     private PinnedHostBuffer? _staging;
@@ -87,7 +89,7 @@ public sealed unsafe class CudaDevice : IDisposable
         CudaDriver.Init();
         int count = CudaDriver.DeviceCount();
         if (ordinal < 0 || ordinal >= count) throw new DispNativeException($"CUDA device {ordinal} does not exist ({count} device(s))");
-        int dev = CudaDriver.Device(ordinal);
+        int dev = _device = CudaDriver.Device(ordinal);
         Info = new CudaDeviceInfo(ordinal, CudaDriver.DeviceName(dev),
             CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMajor), CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMinor),
             CudaDriver.Attribute(dev, CuDeviceAttribute.MultiprocessorCount), CudaDriver.DeviceTotalMemory(dev),
@@ -211,6 +213,7 @@ public sealed unsafe class CudaDevice : IDisposable
         params ReadOnlySpan<KernelArg> args)
     {
         nint fn = Function(kernel, entry);
+        if (sharedBytes > DefaultDynamicSharedBytes) AllowDynamicShared(fn, entry, sharedBytes);
         int expected = _parameterCounts.GetOrAdd(kernel + "/" + entry, _ => KernelSources.ParameterCount(kernel, entry));
         if (args.Length != expected) throw new ArgumentException($"kernel {entry} takes {expected} arguments, {args.Length} given");
         MakeCurrent();   // the caller may be on a thread that has not used this device yet
@@ -218,6 +221,20 @@ public sealed unsafe class CudaDevice : IDisposable
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
         for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
         CudaDriver.Launch(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
+    }
+
+    /// <summary>Dynamic shared memory a launch may use without opting in per function.</summary>
+    public const uint DefaultDynamicSharedBytes = 48 << 10;
+
+    private void AllowDynamicShared(nint fn, string entry, uint bytes)
+    {
+        if (_dynamicSharedLimits.TryGetValue(fn, out uint allowed) && allowed >= bytes) return;
+        int limit = CudaDriver.TryAttribute(_device, CuDeviceAttribute.MaxSharedMemoryPerBlockOptin) ?? (int)DefaultDynamicSharedBytes;
+        if (bytes > limit)
+            throw new DispNativeException($"kernel {entry} needs {bytes} bytes of shared memory per block; {Info.Name} allows {limit}");
+        MakeCurrent();
+        CudaDriver.SetMaxDynamicSharedMemory(fn, entry, (int)bytes);
+        _dynamicSharedLimits[fn] = bytes;
     }
 
     public void Launch(string kernel, string entry, uint grid, uint block, uint sharedBytes, params ReadOnlySpan<KernelArg> args)

@@ -8,7 +8,7 @@ namespace DispNative.Engine.Cuda;
 public sealed class CudaOps(CudaDevice device)
 {
     public const int MaxHeadDim = 128;
-    private const int PrefillWarps = 8, DecodeWarps = 4, TensorCoreWarps = 4, TensorCoreRows = TensorCoreWarps * 16;
+    private const int PrefillWarps = 8, DecodeWarps = 4, TensorCoreWarps = 4;
     public CudaDevice Device { get; } = device;
 
     private static void Need(DeviceTensor t, long elements, string what)
@@ -162,25 +162,54 @@ public sealed class CudaOps(CudaDevice device)
     /// <paramref name="decodeScratch"/> holds the shares' states, <see cref="DecodeScratchLength"/> f32) where the head
     /// fits its 16-byte layout and <paramref name="splitDecode"/> is true, else the naive kernel (a block per head).
     /// It reads its position from <paramref name="position"/> when given (CUDA graph replay; then the scratch must be
-    /// given too, as a captured launch keeps its pointer). More queries: the tensor-core kernel (bf16/f16, head_dim 64
-    /// or 128) unless <paramref name="tensorCores"/> is false, else the SIMT flash-style kernel.</summary>
+    /// given too, as a captured launch keeps its pointer). More queries: <paramref name="prefill"/>, by default
+    /// <see cref="DefaultPrefill"/>.</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
-        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true, DeviceTensor? position = null,
+        int heads, int kvHeads, int headDim, int? window, PrefillKernel? prefill = null, DeviceTensor? position = null,
         DeviceTensor? decodeScratch = null, bool splitDecode = true)
     {
         if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
         CheckHeads(heads, kvHeads, headDim);
         float scale = 1f / MathF.Sqrt(headDim);
-        string s = CudaDevice.Suffix(q.DType);
-        int w = window ?? 0;
         if (tq == 1)
-            Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, w, scale, position, decodeScratch, splitDecode);
-        else if (tensorCores && UsesTensorCores(q.DType, headDim))
-            Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
-                (TensorCoreWarps * 32, 1, 1), 0, q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, w, scale);
+            Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, window ?? 0, scale, position, decodeScratch, splitDecode);
         else
-            Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1), (PrefillWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, (DeviceTensor?)null, tq, start, heads, kvHeads, headDim, w, scale);
+            Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
+    }
+
+    /// <summary>The fastest prefill kernel for this storage type and head size: tensor cores with 32 query rows per warp
+    /// where <see cref="UsesTensorCores"/>, else SIMT.</summary>
+    public static PrefillKernel DefaultPrefill(DType dtype, int headDim) => UsesTensorCores(dtype, headDim) ? PrefillKernel.TensorCores32Rows : PrefillKernel.Simt;
+
+    /// <summary>Query rows per block of the 32-rows-per-warp tensor-core kernel (FA_M in attention_tc.cu).</summary>
+    private const int WideRows = TensorCoreWarps * 32;
+
+    /// <summary>Dynamic shared memory of the 32-rows-per-warp kernel: Q rows and one K and one V tile (FA_KEYS keys),
+    /// each row head_dim + 8 16-bit elements.</summary>
+    public static uint WidePrefillSharedBytes(int headDim) => (uint)((WideRows + 2 * (headDim > 64 ? 32 : 64)) * (headDim + 8) * 2);
+
+    private void Prefill(PrefillKernel kernel, DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor? lse,
+        int tq, int start, int heads, int kvHeads, int headDim, int window, float scale)
+    {
+        string s = CudaDevice.Suffix(q.DType);
+        if (kernel != PrefillKernel.Simt && !UsesTensorCores(q.DType, headDim))
+            throw new ArgumentException($"the tensor-core prefill takes bf16 or f16 with head_dim 64 or 128, not {q.DType} with {headDim}");
+        switch (kernel)
+        {
+            case PrefillKernel.TensorCores32Rows:
+                Device.Launch("attention_tc", $"attention_prefill_fa{headDim}_{s}", ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1),
+                    (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                break;
+            case PrefillKernel.TensorCores16Rows:
+                int rows = TensorCoreWarps * 16;
+                Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((tq + rows - 1) / rows), (uint)heads, 1),
+                    (TensorCoreWarps * 32, 1, 1), 0, q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                break;
+            default:
+                Device.Launch("attention", $"attention_prefill_{s}", ((uint)((tq + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1),
+                    (PrefillWarps * 32, 1, 1), 0, q, k, v, output, lse, tq, start, heads, kvHeads, headDim, window, scale);
+                break;
+        }
     }
 
     private const int MaxDecodeSplits = 32, DecodeKeysPerSplit = 128;
@@ -231,22 +260,14 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>Training forward of causal GQA attention over <paramref name="t"/> rows at positions 0..t-1 (q [t, heads·hd],
-    /// k/v [t, kvHeads·hd]), also writing each row's log-sum-exp [heads, t] for <see cref="AttentionBackward"/>: the
-    /// tensor-core kernel where it applies (<see cref="UsesTensorCores"/>) unless <paramref name="tensorCores"/> is false,
-    /// else the SIMT kernel.</summary>
+    /// k/v [t, kvHeads·hd]), also writing each row's log-sum-exp [heads, t] for <see cref="AttentionBackward"/>, with
+    /// <paramref name="prefill"/> (default <see cref="DefaultPrefill"/>).</summary>
     public void AttentionForTraining(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor lse, int t,
-        int heads, int kvHeads, int headDim, int? window, bool tensorCores = true)
+        int heads, int kvHeads, int headDim, int? window, PrefillKernel? prefill = null)
     {
         CheckHeads(heads, kvHeads, headDim);
         Need(lse, (long)heads * t, "attention log-sum-exp");
-        string s = CudaDevice.Suffix(q.DType);
-        float scale = 1f / MathF.Sqrt(headDim);
-        if (tensorCores && UsesTensorCores(q.DType, headDim))
-            Device.Launch("attention_tc", $"attention_prefill_tc{headDim}_{s}", ((uint)((t + TensorCoreRows - 1) / TensorCoreRows), (uint)heads, 1),
-                (TensorCoreWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, window ?? 0, scale);
-        else
-            Device.Launch("attention", $"attention_prefill_{s}", ((uint)((t + PrefillWarps - 1) / PrefillWarps), (uint)heads, 1),
-                (PrefillWarps * 32, 1, 1), 0, q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, scale);
+        Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim));
     }
 
     /// <summary>Upper bound on the transient [T, T] buffers of the GEMM backward (a chunk of heads at a time).</summary>
@@ -324,7 +345,7 @@ public sealed class CudaOps(CudaDevice device)
         }
     }
 
-    /// <summary>Whether prefill attention of this storage type and head size runs on tensor cores (attention_tc.cu).</summary>
+    /// <summary>Whether prefill attention of this storage type and head size can run on tensor cores (attention_tc.cu).</summary>
     public static bool UsesTensorCores(DType dtype, int headDim) => (dtype is DType.BF16 or DType.F16) && (headDim is 64 or 128);
 
     /// <summary>x[offset ..] = value (default: the whole tensor).</summary>
@@ -386,4 +407,15 @@ public sealed class CudaOps(CudaDevice device)
         Need(x, (long)rows * width, "residual"); Need(y, (long)rows * width, "masked block output"); Need(mask, maskOffset + width, "column mask");
         Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Address(maskOffset), width);
     }
+}
+
+/// <summary>Kernels of multi-query (prefill and training) attention.</summary>
+public enum PrefillKernel
+{
+    /// <summary>Flash-style SIMT kernel (attention.cu): any storage type and head size up to 128; the naive baseline.</summary>
+    Simt,
+    /// <summary>Tensor cores, 16 query rows per warp with Q in registers (attention_prefill_tc).</summary>
+    TensorCores16Rows,
+    /// <summary>Tensor cores, 32 query rows per warp with Q in shared memory, as in FlashAttention-2 (attention_prefill_fa).</summary>
+    TensorCores32Rows,
 }

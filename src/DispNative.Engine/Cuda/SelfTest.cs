@@ -53,10 +53,14 @@ public static class SelfTest
             new("attention decode f32 split-KV (head_dim 20: 5 of 8 lanes per key)", dev => Attention(dev, 1, 77, 3, 3, 20, null)),
             new("attention decode bf16 naive fallback (head_dim 20: no 16-byte layout)", dev => Attention(dev, 1, 77, 3, 3, 20, null, DType.BF16)),
             new("attention decode bf16 naive (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, splitDecode: false)),
-            new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, tensorCores: false)),
-            new("attention prefill bf16 tensor cores (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
-            new("attention prefill f16 tensor cores (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16)),
-            new("attention prefill bf16 tensor cores sliding window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16)),
+            new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
+            new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
+            new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
+            new("attention prefill bf16 tensor cores 16 rows/warp, window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16, PrefillKernel.TensorCores16Rows)),
+            new("attention prefill bf16 tensor cores 32 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16)),
+            new("attention prefill f16 tensor cores 32 rows/warp (t 300 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 300, 30, 4, 1, 128, null, DType.F16)),
+            new("attention prefill bf16 tensor cores 32 rows/warp, window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16)),
+            new("attention prefill bf16 tensor cores 32 rows/warp, window 100 (t 290 after 40, heads 2/1, head_dim 128)", dev => Attention(dev, 290, 40, 2, 1, 128, 100, DType.BF16)),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),
@@ -70,9 +74,11 @@ public static class SelfTest
             new("attention backward f32 SIMT sliding window 9 (t 70, heads 2/1, head_dim 48)", dev => AttentionBackward(dev, 70, 2, 1, 48, 9, DType.F32, gemm: false)),
             new("attention backward f32 GEMMs (t 45, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 45, 4, 2, 64, null, DType.F32)),
             new("attention backward f32 GEMMs sliding window 9 (t 70, heads 2/1, head_dim 48)", dev => AttentionBackward(dev, 70, 2, 1, 48, 9, DType.F32)),
-            new("attention backward bf16 GEMMs, tensor-core forward with lse (t 130, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 130, 4, 2, 64, null, DType.BF16)),
+            new("attention backward bf16 GEMMs, tensor-core forward (32 rows/warp) with lse (t 130, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 130, 4, 2, 64, null, DType.BF16)),
             new("attention backward f16 GEMMs, tensor-core forward, window 40 (t 200, heads 2/1, head_dim 128)", dev => AttentionBackward(dev, 200, 2, 1, 128, 40, DType.F16)),
             new("attention backward bf16 (t 100, heads 4/4, head_dim 128)", dev => AttentionBackward(dev, 100, 4, 4, 128, null, DType.BF16)),
+            new("attention backward bf16, forward with lse on tensor cores 16 rows/warp (t 100, heads 4/2, head_dim 128)",
+                dev => AttentionBackward(dev, 100, 4, 2, 128, null, DType.BF16, prefill: PrefillKernel.TensorCores16Rows)),
             new("gemm f32 (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32)),
             new("gemm bf16 -> f32 (64 x 1000 x 333)", dev => Gemm(dev, 64, 1000, 333, DType.BF16)),
             new("gemm f32, B not transposed (33 x 77 x 129)", dev => Gemm(dev, 33, 77, 129, DType.F32, transposeB: false)),
@@ -353,7 +359,7 @@ public static class SelfTest
     /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
     /// start + tq), the rows past the queries random: the kernels must not read them.</summary>
     private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
-        bool tensorCores = true, int? capacity = null, bool splitDecode = true)
+        PrefillKernel? prefill = null, int? capacity = null, bool splitDecode = true)
     {
         var rng = new Rng(9);
         int total = start + tq, rows = capacity ?? total, qd = heads * hd, kvd = kvHeads * hd;
@@ -362,7 +368,7 @@ public static class SelfTest
         var v = RoundTo(dtype, Random(rng, rows * kvd));
         using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
         using var o = dev.Allocate(dtype, tq * qd);
-        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, tensorCores, splitDecode: splitDecode);
+        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, prefill, splitDecode: splitDecode);
         var want = new float[tq * qd];
         CpuOps.Attention(q, k.AsSpan(0, total * kvd).ToArray(), v.AsSpan(0, total * kvd).ToArray(), want, tq, start, heads, kvHeads, hd, window);
         return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
@@ -520,7 +526,8 @@ public static class SelfTest
 
     /// <summary>The training attention pair (forward with log-sum-exp, then backward) against the CPU tape's attention
     /// backward; bf16 inputs are rounded first so both sides see the same values.</summary>
-    private static string AttentionBackward(CudaDevice dev, int t, int heads, int kvHeads, int hd, int? window, DType dtype, bool gemm = true)
+    private static string AttentionBackward(CudaDevice dev, int t, int heads, int kvHeads, int hd, int? window, DType dtype, bool gemm = true,
+        PrefillKernel? prefill = null)
     {
         var rng = new Rng(18);
         int qd = heads * hd, kvd = kvHeads * hd;
@@ -534,7 +541,7 @@ public static class SelfTest
         using var o = dev.Allocate(dtype, t * qd); using var lse = dev.Allocate(DType.F32, heads * t); using var dsum = dev.Allocate(DType.F32, heads * t);
         using var dq = dev.Allocate(DType.F32, t * qd); using var dk = dev.Allocate(DType.F32, t * kvd); using var dv = dev.Allocate(DType.F32, t * kvd);
         var ops = new CudaOps(dev);
-        ops.AttentionForTraining(tq, tk, tv, o, lse, t, heads, kvHeads, hd, window);
+        ops.AttentionForTraining(tq, tk, tv, o, lse, t, heads, kvHeads, hd, window, prefill);
         ops.AttentionBackward(tq, tk, tv, o, td, lse, dq, dk, dv, dsum, t, heads, kvHeads, hd, window, gemm);
         // bf16 rounds the forward output that D = rowsum(dO·O) is taken from (a 1e-2 relative effect) and, on the GEMM
         // path, dO, P and dS as GEMM inputs.
