@@ -229,6 +229,31 @@ public class NvrtcTests
         Assert.That((again.Compiled, again.CacheHits), Is.EqualTo((0, n)));
     }
 
+    /// <summary>A spill turns register traffic into local-memory traffic inside the hot loops (the tensor-core attention
+    /// sits at 238 of 255 registers). ptxas's report through the NVRTC found here; the emulator's has none.</summary>
+    [TestCase("sm_90")]
+    [TestCase("sm_80")]
+    public void NoKernelSpillsRegisters(string arch)
+    {
+        if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
+        var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
+        var options = new KernelCompiler(arch, TestAssets.TempDir()).Options.Append("--ptxas-options=-v").ToList();
+        int entries = 0;
+        foreach (var k in KernelSources.KernelNames)
+        {
+            Nvrtc.CompileToCubin(KernelSources.Source(k), k + ".cu", headers, options, out string log);
+            string? entry = null;
+            foreach (var line in log.Split('\n'))
+            {
+                var name = System.Text.RegularExpressions.Regex.Match(line, "Compiling entry function '(\\w+)'");
+                if (name.Success) { entry = name.Groups[1].Value; entries++; continue; }
+                var spill = System.Text.RegularExpressions.Regex.Match(line, "(\\d+) bytes spill stores");
+                if (spill.Success) Assert.That(int.Parse(spill.Groups[1].Value), Is.Zero, $"{k}.cu: {entry} spills on {arch}");
+            }
+        }
+        Assert.That(entries, Is.GreaterThan(50), "ptxas reported on too few entry points");
+    }
+
     [Test]
     public void CompileError_ReportsFileAndLine()
     {
