@@ -68,6 +68,85 @@ __device__ __forceinline__ float quad_sum(float v)
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// A 16-row slab's scores to log2 units, with the keys a row must not see at -inf. Key tile + j is visible to the row
+// at position p when 0 <= p - tile - j < span (span: the window, or 2^31 - 1 without one; unsigned, so one compare);
+// distance_g is p - tile for this thread's row g (row g + 8 is 8 further on). interior: every key of the tile is
+// visible to every row of the slab, nothing to mask.
+template <int N>
+__device__ __forceinline__ void scale_and_mask(float (&s)[N / 8][4], int distance_g, unsigned span, bool interior, float scale_log2)
+{
+    int tg = threadIdx.x & 3;
+#pragma unroll
+    for (int n = 0; n < N / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+        {
+            int distance = distance_g - (n * 8 + 2 * tg + e);
+            s[n][e] = interior || (unsigned)distance < span ? s[n][e] * scale_log2 : NEG_INF;
+            s[n][2 + e] = interior || (unsigned)(distance + 8) < span ? s[n][2 + e] * scale_log2 : NEG_INF;
+        }
+}
+
+// One tile of the online softmax for a 16-row slab (this thread's rows g and g + 8): updates the running maxima m
+// (log2 domain) and this thread's partial sums l (its quad adds them up at the end), rescales the output accumulators
+// and packs the probabilities as P·V's A fragments: the accumulators of key groups 2k and 2k + 1 are exactly the A
+// fragment of k-step k.
+template <typename T, int N, int D>
+__device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2], float (&l)[2], float (&o)[D / 8][4],
+    unsigned (&pf)[N / 16][4])
+{
+    float mx0 = m[0], mx1 = m[1];
+#pragma unroll
+    for (int n = 0; n < N / 8; n++) { mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1])); mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3])); }
+    mx0 = quad_max(mx0); mx1 = quad_max(mx1);
+    // A row with nothing visible yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+    float base0 = mx0 == NEG_INF ? 0.f : mx0, base1 = mx1 == NEG_INF ? 0.f : mx1;
+    float corr0 = exp2f(m[0] - base0), corr1 = exp2f(m[1] - base1);
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int n = 0; n < N / 8; n++)
+    {
+        s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
+        s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
+        sum0 += s[n][0] + s[n][1];
+        sum1 += s[n][2] + s[n][3];
+    }
+    l[0] = l[0] * corr0 + sum0;
+    l[1] = l[1] * corr1 + sum1;
+    m[0] = mx0; m[1] = mx1;
+#pragma unroll
+    for (int d = 0; d < D / 8; d++) { o[d][0] *= corr0; o[d][1] *= corr0; o[d][2] *= corr1; o[d][3] *= corr1; }
+#pragma unroll
+    for (int k = 0; k < N / 16; k++)
+    {
+        pf[k][0] = pack_pair<T>(s[2 * k][0], s[2 * k][1]);
+        pf[k][1] = pack_pair<T>(s[2 * k][2], s[2 * k][3]);
+        pf[k][2] = pack_pair<T>(s[2 * k + 1][0], s[2 * k + 1][1]);
+        pf[k][3] = pack_pair<T>(s[2 * k + 1][2], s[2 * k + 1][3]);
+    }
+}
+
+// A 16-row slab's normalised output rows (this thread's rows row_g and row_g + 8 of head h, those below tq) and,
+// with lse, their natural log-sum-exp.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 8][4], const float (&m)[2], const float (&l)[2], int row_g, int tq,
+    int h, int q_dim, T* __restrict__ out, float* __restrict__ lse)
+{
+    int tg = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+    {
+        float sum = quad_sum(l[j]), inv = sum > 0.f ? 1.f / sum : 0.f;
+        int r = row_g + 8 * j;
+        if (r >= tq) continue;
+        if (lse && tg == 0) lse[(long long)h * tq + r] = (m[j] + log2f(sum)) * 0.6931471805599453f;   // log2 → natural
+        T* orow = out + (long long)r * q_dim + h * D;
+#pragma unroll
+        for (int d = 0; d < D / 8; d++)
+            *reinterpret_cast<unsigned*>(orow + d * 8 + 2 * tg) = pack_pair<T>(o[d][2 * j] * inv, o[d][2 * j + 1] * inv);
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
@@ -83,8 +162,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
     int q0 = (gridDim.x - 1 - blockIdx.x) * TC_M;   // the longest causal rows start first
     int warp_row = q0 + warp * 16;
     int row0 = warp_row + g, row1 = row0 + 8;        // this thread's two query rows (accumulator rows g and g + 8)
-    int pos0 = start + row0, pos1 = start + row1;
-    int first0 = window > 0 ? max(0, pos0 - window + 1) : 0, first1 = window > 0 ? max(0, pos1 - window + 1) : 0;
+    unsigned span = window > 0 ? (unsigned)window : 0x7fffffffu;
 
     bool warp_active = warp_row < tq;
     int warp_last_key = start + min(warp_row + 15, tq - 1);
@@ -120,7 +198,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
     float o[D / 8][4];
 #pragma unroll
     for (int d = 0; d < D / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     const float scale_log2 = scale * 1.4426950408889634f;
 
     int tile_begin = block_first - block_first % TC_N;
@@ -153,50 +231,13 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
         __syncthreads();   // every warp is done with K(tile)
         if (has_next) load_tile(ks, kc, tile + TC_N); else cp_async_commit();
 
+        // Every key of the tile visible to every row of the warp: no masking.
+        bool interior = tile + TC_N - 1 <= start + warp_row && (window <= 0 || start + warp_row + 15 - tile < window);
         unsigned pf[TC_N / 16][4];
         if (compute)
         {
-            float mx0 = m0, mx1 = m1;
-#pragma unroll
-            for (int n = 0; n < TC_N / 8; n++)
-            {
-#pragma unroll
-                for (int e = 0; e < 2; e++)
-                {
-                    int key = tile + n * 8 + 2 * tg + e;
-                    s[n][e] = key >= first0 && key <= pos0 ? s[n][e] * scale_log2 : NEG_INF;
-                    s[n][2 + e] = key >= first1 && key <= pos1 ? s[n][2 + e] * scale_log2 : NEG_INF;
-                    mx0 = fmaxf(mx0, s[n][e]);
-                    mx1 = fmaxf(mx1, s[n][2 + e]);
-                }
-            }
-            mx0 = quad_max(mx0); mx1 = quad_max(mx1);
-            // A row with nothing visible yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-            float base0 = mx0 == NEG_INF ? 0.f : mx0, base1 = mx1 == NEG_INF ? 0.f : mx1;
-            float corr0 = exp2f(m0 - base0), corr1 = exp2f(m1 - base1);
-            float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-            for (int n = 0; n < TC_N / 8; n++)
-            {
-                s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
-                s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
-                sum0 += s[n][0] + s[n][1];
-                sum1 += s[n][2] + s[n][3];
-            }
-            l0 = l0 * corr0 + sum0;   // per-thread partial sums; the quad adds them up at the end
-            l1 = l1 * corr1 + sum1;
-            m0 = mx0; m1 = mx1;
-#pragma unroll
-            for (int d = 0; d < D / 8; d++) { o[d][0] *= corr0; o[d][1] *= corr0; o[d][2] *= corr1; o[d][3] *= corr1; }
-            // The accumulators of key groups 2k and 2k + 1 are exactly the A fragment of k-step k of P·V.
-#pragma unroll
-            for (int k = 0; k < TC_N / 16; k++)
-            {
-                pf[k][0] = pack_pair<T>(s[2 * k][0], s[2 * k][1]);
-                pf[k][1] = pack_pair<T>(s[2 * k][2], s[2 * k][3]);
-                pf[k][2] = pack_pair<T>(s[2 * k + 1][0], s[2 * k + 1][1]);
-                pf[k][3] = pack_pair<T>(s[2 * k + 1][2], s[2 * k + 1][3]);
-            }
+            scale_and_mask<TC_N>(s, start + row0 - tile, span, interior, scale_log2);
+            softmax_tile<T, TC_N, D>(s, m, l, o, pf);
         }
 
         cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
@@ -222,23 +263,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
     }
     if (!warp_active) return;
 
-    l0 = quad_sum(l0); l1 = quad_sum(l1);
-    float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    if (lse && tg == 0)   // m and the scores are in the log2 domain
-    {
-        const float ln2 = 0.6931471805599453f;
-        if (row0 < tq) lse[(long long)h * tq + row0] = (m0 + log2f(l0)) * ln2;
-        if (row1 < tq) lse[(long long)h * tq + row1] = (m1 + log2f(l1)) * ln2;
-    }
-    T* or0 = out + (long long)row0 * q_dim + h * D;
-    T* or1 = out + (long long)row1 * q_dim + h * D;
-#pragma unroll
-    for (int d = 0; d < D / 8; d++)
-    {
-        int c = d * 8 + 2 * tg;
-        if (row0 < tq) *reinterpret_cast<unsigned*>(or0 + c) = pack_pair<T>(o[d][0] * inv0, o[d][1] * inv0);
-        if (row1 < tq) *reinterpret_cast<unsigned*>(or1 + c) = pack_pair<T>(o[d][2] * inv1, o[d][3] * inv1);
-    }
+    store_rows<T, D>(o, m, l, row0, tq, h, q_dim, out, lse);
 }
 
 #define ATTENTION_TC(T, S, D) \
@@ -267,13 +292,13 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
     unsigned short* ks = qs + FA_M * STRIDE;    // [FA_N][STRIDE]
     unsigned short* vs = ks + FA_N * STRIDE;    // [FA_N][STRIDE]
 
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     int h = blockIdx.y, kvh = h / (heads / kv_heads);
     int q_dim = heads * D, kv_dim = kv_heads * D;
     int q0 = (gridDim.x - 1 - blockIdx.x) * FA_M;   // the longest causal rows start first
     int warp_row = q0 + warp * 32;
     // This thread's query rows: half i (rows warp_row + 16i ..) has accumulator rows g and g + 8, at positions
-    // pos_g + 16i (+ 8). Key k is visible to position p when 0 <= p - k < window (unsigned: one compare).
+    // pos_g + 16i (+ 8); scale_and_mask tells which keys they see.
     int pos_g = start + warp_row + g;
     unsigned span = window > 0 ? (unsigned)window : 0x7fffffffu;
     bool warp_active = warp_row < tq;
@@ -361,47 +386,8 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
 #pragma unroll
             for (int i = 0; i < 2; i++)
             {
-                float mx0 = m[i][0], mx1 = m[i][1];
-#pragma unroll
-                for (int n = 0; n < FA_N / 8; n++)
-                {
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-                    {
-                        int distance = pos_g + 16 * i - (tile + n * 8 + 2 * tg + e);   // row g's position minus the key's
-                        bool seen0 = interior || (unsigned)distance < span, seen1 = interior || (unsigned)(distance + 8) < span;
-                        s[i][n][e] = seen0 ? s[i][n][e] * scale_log2 : NEG_INF;
-                        s[i][n][2 + e] = seen1 ? s[i][n][2 + e] * scale_log2 : NEG_INF;
-                        mx0 = fmaxf(mx0, s[i][n][e]);
-                        mx1 = fmaxf(mx1, s[i][n][2 + e]);
-                    }
-                }
-                mx0 = quad_max(mx0); mx1 = quad_max(mx1);
-                // A row with nothing visible yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-                float base0 = mx0 == NEG_INF ? 0.f : mx0, base1 = mx1 == NEG_INF ? 0.f : mx1;
-                float corr0 = exp2f(m[i][0] - base0), corr1 = exp2f(m[i][1] - base1);
-                float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-                for (int n = 0; n < FA_N / 8; n++)
-                {
-                    s[i][n][0] = exp2f(s[i][n][0] - base0); s[i][n][1] = exp2f(s[i][n][1] - base0);
-                    s[i][n][2] = exp2f(s[i][n][2] - base1); s[i][n][3] = exp2f(s[i][n][3] - base1);
-                    sum0 += s[i][n][0] + s[i][n][1];
-                    sum1 += s[i][n][2] + s[i][n][3];
-                }
-                l[i][0] = l[i][0] * corr0 + sum0;   // per-thread partial sums; the quad adds them up at the end
-                l[i][1] = l[i][1] * corr1 + sum1;
-                m[i][0] = mx0; m[i][1] = mx1;
-#pragma unroll
-                for (int d = 0; d < D / 8; d++) { o[i][d][0] *= corr0; o[i][d][1] *= corr0; o[i][d][2] *= corr1; o[i][d][3] *= corr1; }
-#pragma unroll
-                for (int k = 0; k < FA_N / 16; k++)
-                {
-                    pf[i][k][0] = pack_pair<T>(s[i][2 * k][0], s[i][2 * k][1]);
-                    pf[i][k][1] = pack_pair<T>(s[i][2 * k][2], s[i][2 * k][3]);
-                    pf[i][k][2] = pack_pair<T>(s[i][2 * k + 1][0], s[i][2 * k + 1][1]);
-                    pf[i][k][3] = pack_pair<T>(s[i][2 * k + 1][2], s[i][2 * k + 1][3]);
-                }
+                scale_and_mask<FA_N>(s[i], pos_g + 16 * i - tile, span, interior, scale_log2);
+                softmax_tile<T, FA_N, D>(s[i], m[i], l[i], o[i], pf[i]);
             }
         }
 
@@ -432,19 +418,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
     if (!warp_active) return;
 
 #pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-        {
-            float sum = quad_sum(l[i][j]), inv = sum > 0.f ? 1.f / sum : 0.f;
-            int r = warp_row + 16 * i + 8 * j + g;
-            if (r >= tq) continue;
-            if (lse && tg == 0) lse[(long long)h * tq + r] = (m[i][j] + log2f(sum)) * 0.6931471805599453f;   // log2 domain → natural
-            T* orow = out + (long long)r * q_dim + h * D;
-#pragma unroll
-            for (int d = 0; d < D / 8; d++)
-                *reinterpret_cast<unsigned*>(orow + d * 8 + 2 * tg) = pack_pair<T>(o[i][d][2 * j] * inv, o[i][d][2 * j + 1] * inv);
-        }
+    for (int i = 0; i < 2; i++) store_rows<T, D>(o[i], m[i], l[i], warp_row + 16 * i + g, tq, h, q_dim, out, lse);
 }
 
 #define ATTENTION_FA(T, S, D) \
