@@ -177,8 +177,8 @@ public sealed class CudaOps(CudaDevice device)
             Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
     }
 
-    /// <summary>The fastest prefill kernel for this storage type and head size: tensor cores with 32 query rows per warp
-    /// where <see cref="UsesTensorCores"/>, else SIMT.</summary>
+    /// <summary>The prefill kernel used unless one is named: tensor cores with 32 query rows per warp where
+    /// <see cref="UsesTensorCores"/>, else SIMT (<c>KernelBench gpu</c> times all three).</summary>
     public static PrefillKernel DefaultPrefill(DType dtype, int headDim) => UsesTensorCores(dtype, headDim) ? PrefillKernel.TensorCores32Rows : PrefillKernel.Simt;
 
     /// <summary>Query rows per block of the 32-rows-per-warp tensor-core kernel (FA_M in attention_tc.cu).</summary>
