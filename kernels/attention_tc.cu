@@ -68,6 +68,20 @@ __device__ __forceinline__ float quad_sum(float v)
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// Rows first .. first + ROWS - 1 of one head's D columns (row stride ld, the head's columns from col) into a shared
+// tile of rows D + 8 elements long, with cp.async; rows past last are zero-filled without a read.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void copy_rows_async(unsigned short* dst, const T* src, int first, int last, long long ld, int col)
+{
+    constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS)
+    {
+        int j = i / CHUNKS, c = (i % CHUNKS) * 8, row = first + j;
+        bool ok = row <= last;
+        cp_async16(dst + j * (D + 8) + c, ok ? src + row * ld + col + c : src, ok);
+    }
+}
+
 // A 16-row slab's scores to log2 units, with the keys a row must not see at -inf. Key tile + j is visible to the row
 // at position p when 0 <= p - tile - j < span (span: the window, or 2^31 - 1 without one; unsigned, so one compare);
 // distance_g is p - tile for this thread's row g (row g + 8 is 8 further on). interior: every key of the tile is
@@ -152,7 +166,6 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
     constexpr int STRIDE = D + 8;   // shared row in elements: 16-byte aligned, fragment loads free of bank conflicts
-    constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
     __shared__ __align__(16) unsigned short ks[TC_N * STRIDE];
     __shared__ __align__(16) unsigned short vs[TC_N * STRIDE];
 
@@ -186,12 +199,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
 
     auto load_tile = [&](unsigned short* dst, const T* src, int tile)
     {
-        for (int i = threadIdx.x; i < TC_N * CHUNKS; i += TC_WARPS * 32)
-        {
-            int j = i / CHUNKS, c = (i % CHUNKS) * 8, key = tile + j;
-            bool ok = key <= block_last;
-            cp_async16(dst + j * STRIDE + c, ok ? src + (long long)key * kv_dim + kvh * D + c : src, ok);
-        }
+        copy_rows_async<T, D, TC_N, TC_WARPS * 32>(dst, src, tile, block_last, kv_dim, kvh * D);
         cp_async_commit();
     };
 
@@ -286,7 +294,7 @@ template <typename T, int D, int FA_N>   // FA_N: keys per tile
 __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
-    constexpr int STRIDE = D + 8, CHUNKS = D / 8;
+    constexpr int STRIDE = D + 8;
     extern __shared__ __align__(16) unsigned short fa_shared[];
     unsigned short* qs = fa_shared;             // [FA_M][STRIDE]
     unsigned short* ks = qs + FA_M * STRIDE;    // [FA_N][STRIDE]
@@ -308,20 +316,10 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
     int block_first = window > 0 ? max(0, start + q0 - window + 1) : 0;
 
     // Q rows past tq are zeros; they go in the first K tile's cp.async group.
-    for (int i = threadIdx.x; i < FA_M * CHUNKS; i += FA_WARPS * 32)
-    {
-        int r = i / CHUNKS, c = (i % CHUNKS) * 8;
-        bool ok = q0 + r < tq;
-        cp_async16(qs + r * STRIDE + c, ok ? q + (long long)(q0 + r) * q_dim + h * D + c : q, ok);
-    }
+    copy_rows_async<T, D, FA_M, FA_WARPS * 32>(qs, q, q0, tq - 1, q_dim, h * D);
     auto load_tile = [&](unsigned short* dst, const T* src, int tile)
     {
-        for (int i = threadIdx.x; i < FA_N * CHUNKS; i += FA_WARPS * 32)
-        {
-            int j = i / CHUNKS, c = (i % CHUNKS) * 8, key = tile + j;
-            bool ok = key <= block_last;
-            cp_async16(dst + j * STRIDE + c, ok ? src + (long long)key * kv_dim + kvh * D + c : src, ok);
-        }
+        copy_rows_async<T, D, FA_N, FA_WARPS * 32>(dst, src, tile, block_last, kv_dim, kvh * D);
         cp_async_commit();
     };
 
