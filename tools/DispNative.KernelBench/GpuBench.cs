@@ -24,6 +24,8 @@ internal static class GpuBench
         Console.WriteLine($"peak dense bf16: {(tf is double f ? $"{f / 1e12:F0} TFLOP/s" : "unknown")} = {info.Multiprocessors} SMs × {info.SmClockKHz} kHz × {(info.Major >= 9 ? 4096 : 2048)} FLOP/clk/SM");
         Console.WriteLine();
         Console.WriteLine($"{$"kernel (d {D}, ffn {Ffn}, {T} tokens)",-58} {"ms",8} {"rate",14} {"% peak",7}");
+        var acceptance = new IssueTargets(IssueTargets.AppliesTo(shape, tokens));
+        string Percent(double f) => $"{100 * f:F1}%";
 
         float Median(Action work)
         {
@@ -62,10 +64,12 @@ internal static class GpuBench
             int w = (int)idx.Length; w65 = w;
             Bandwidth("rmsnorm dense (f32 x -> bf16)", T * (D * 4.0 + D * 2.0), () => ops.GatherRmsNorm(x, gamma, null, h, T, D, 1e-5f));
             // Gather-norm traffic: the full row is read for the statistics, the selected channels written once.
-            Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", T * (D * 4.0 + w * 2.0), () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
+            double gather = Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", T * (D * 4.0 + w * 2.0), () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
             Bandwidth($"gather-rmsnorm {D}->{w}, row re-read from global (naive)", T * (D * 4.0 + w * 2.0),
                 () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
-            Bandwidth($"index-add {w}->{D} (f32 delta)", T * w * 12.0, () => ops.IndexAdd(x, delta, idx, null, T, D));
+            double indexAdd = Bandwidth($"index-add {w}->{D} (f32 delta)", T * w * 12.0, () => ops.IndexAdd(x, delta, idx, null, T, D));
+            acceptance.AtLeast(3, "gather-rmsnorm >= 70% of HBM bandwidth", gather / bw, 0.7, Percent);
+            acceptance.AtLeast(3, "index-add >= 70% of HBM bandwidth", indexAdd / bw, 0.7, Percent);
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
         }
 
@@ -80,14 +84,15 @@ internal static class GpuBench
             Bandwidth($"cross-entropy + gradient ({T} x {Vocab}, f32)", T * Vocab * 12.0, () => ops.CrossEntropy(logits, targets, loss, grad, T, Vocab, 1f / T));
 
         Console.WriteLine();
-        void Gemm(string name, int m, int n, int k)
+        double Gemm(string name, int m, int n, int k)
         {
             using var a = dev.Upload(Rand((long)m * k), DType.BF16);
             using var b = dev.Upload(Rand((long)n * k), DType.BF16);
             using var c = dev.Allocate(DType.BF16, (long)m * n);
-            Flops(name, 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            return Flops(name, 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
         }
-        Gemm($"gemm bf16 {2 * T} x {Ffn} x {D} (cuBLASLt)", 2 * T, Ffn, D);
+        double bigGemm = Gemm($"gemm bf16 {2 * T} x {Ffn} x {D} (cuBLASLt)", 2 * T, Ffn, D);
+        acceptance.AtLeast(3, "bf16 GEMM 4096 x 11008 x 4096 >= 550 TFLOP/s", bigGemm, 550e12, r => $"{r / 1e12:F0} TFLOP/s");
         Gemm($"gemm bf16 {T} x {Ffn} x {D} (MLP up, dense)", T, Ffn, D);
         int mid65 = (int)(Ffn * 0.65);
         Gemm($"gemm bf16 {T} x {mid65} x {w65} (MLP up, pruned 65%)", T, mid65, w65);
@@ -183,6 +188,8 @@ internal static class GpuBench
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
         Console.WriteLine($"{"attention prefill (32 rows/warp) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
+        double engineAttn = CudaOps.DefaultPrefill(DType.BF16, HeadDim) == PrefillKernel.TensorCores32Rows ? attn : rows16;   // the kernel the engine runs
+        acceptance.AtLeast(3, "prefill attention >= 40% of same-FLOP cuBLASLt GEMMs", engineAttn / gemmRate, 0.4, Percent);
         double kvBytes = 2.0 * T * Heads * HeadDim * 2;
         double naiveDecode = Bandwidth($"attention decode bf16, naive: block per head (position {T - 1}, KV read)", kvBytes,
             () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, splitDecode: false));
@@ -207,5 +214,6 @@ internal static class GpuBench
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");
         Console.WriteLine($"kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
+        acceptance.Print();
     }
 }

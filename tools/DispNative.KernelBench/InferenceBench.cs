@@ -41,6 +41,12 @@ internal static class InferenceBench
                           $"graphs vs eager decode: dense {dense.GraphTokS / dense.EagerTokS:F2}x, pruned {pruned.GraphTokS / pruned.EagerTokS:F2}x");
         var st = dev.Allocator.Stats;
         Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved; kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
+        var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
+        string Times(double r) => $"{r:F2}x";
+        acceptance.AtLeast(5, "pruned prefill >= 1.6x faster than dense", dense.PrefillMs / pruned.PrefillMs, 1.6, Times);
+        acceptance.AtLeast(5, "dense decode (CUDA graphs) >= 150 tokens/s", dense.GraphTokS, 150, r => $"{r:F1} tok/s");
+        acceptance.AtLeast(5, "pruned decode (CUDA graphs) >= 1.7x dense", pruned.GraphTokS / dense.GraphTokS, 1.7, Times);
+        acceptance.Print();
     }
 
     private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens)

@@ -29,6 +29,9 @@ internal static class TrainingBench
         var rng = new Engine.Rng(3);
         int[] block = Enumerable.Range(0, tokens).Select(_ => (int)(rng.NextDouble() * c.VocabSize)).ToArray();
 
+        // The issue's PyTorch eager figures on an H100; tools/reference/torch_baselines.py train measures them here.
+        const double TorchSeconds = 0.16, TorchGiB = 25;
+        var acceptance = new IssueTargets(IssueTargets.AppliesTo(shape, tokens) && layers == shape.NumLayers);
         // Checkpointed first: the allocator's peak only grows, and keeping the activations needs more.
         foreach (bool checkpoint in new[] { true, false })
         {
@@ -47,9 +50,13 @@ internal static class TrainingBench
                 times.Sort();
                 Console.WriteLine($"masked training step, {mode}: {times[times.Count / 2]:F3} s/step (min {times[0]:F3}), " +
                                   $"loss {loss:F3}, peak {masked.PeakReservedBytes / (double)(1L << 30):F1} GiB reserved");
+                string which = checkpoint ? "checkpointed" : "activations kept";
+                acceptance.AtMost(4, $"{which}: step < {TorchSeconds} s (issue's PyTorch eager figure)", times[times.Count / 2], TorchSeconds, t => $"{t:F3} s");
+                acceptance.AtMost(4, $"{which}: peak < {TorchGiB} GiB (issue's PyTorch eager figure)", masked.PeakReservedBytes / (double)(1L << 30), TorchGiB, g => $"{g:F1} GiB");
             }
             catch (CudaOutOfMemoryException e) { Console.WriteLine($"masked training step, {mode}: {e.Message}"); }
             dev.Allocator.Trim();
         }
+        acceptance.Print();
     }
 }
