@@ -7,11 +7,13 @@ namespace DispNative.Engine.Autograd;
 /// something first flows into it.</summary>
 public sealed class Var<T> where T : unmanaged, IFloatingPointIeee754<T>
 {
-    internal Var(T[] data, int rows, int cols, bool requiresGrad, T[]? grad = null)
+    private readonly Tape<T> _tape;
+
+    internal Var(Tape<T> tape, T[] data, int rows, int cols, bool requiresGrad, T[]? grad = null)
     {
         if ((long)rows * cols != data.Length) throw new ArgumentException($"data of {data.Length} values is not [{rows}, {cols}]");
         if (grad != null && grad.Length != data.Length) throw new ArgumentException("gradient buffer has the wrong length");
-        Data = data; Rows = rows; Cols = cols; RequiresGrad = requiresGrad; Grad = grad;
+        _tape = tape; Data = data; Rows = rows; Cols = cols; RequiresGrad = requiresGrad; Grad = grad;
     }
 
     public T[] Data { get; }
@@ -20,7 +22,7 @@ public sealed class Var<T> where T : unmanaged, IFloatingPointIeee754<T>
     public bool RequiresGrad { get; }
     /// <summary>∂loss/∂this after <see cref="Tape{T}.Backward"/>; null when nothing flowed here.</summary>
     public T[]? Grad { get; private set; }
-    internal T[] G => Grad ??= new T[Data.Length];
+    internal T[] G => Grad ??= _tape.Allocate(Data.Length);
     public T Scalar => Data[0];
 }
 
@@ -28,15 +30,36 @@ public sealed class Var<T> where T : unmanaged, IFloatingPointIeee754<T>
 /// gradient, records a backward step; <see cref="Backward"/> replays them in reverse. Generic over the float
 /// type so that the same code runs in fp32 (training) and float64 (finite-difference checks). Gradients flow
 /// only to values made with <see cref="Leaf"/>: frozen weights enter as <see cref="Constant"/> and get none.</summary>
-public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T>
+public sealed partial class Tape<T>(TapeBufferPool<T>? pool = null) where T : unmanaged, IFloatingPointIeee754<T>
 {
     private readonly List<Action> _steps = [];
+    private readonly List<T[]> _rented = [];
 
     /// <summary>A value that receives no gradient (frozen weights, inputs).</summary>
-    public Var<T> Constant(T[] data, int rows, int cols) => new(data, rows, cols, false);
+    public Var<T> Constant(T[] data, int rows, int cols) => new(this, data, rows, cols, false);
 
     /// <summary>A value whose gradient is wanted; <paramref name="grad"/>, if given, is accumulated into.</summary>
-    public Var<T> Leaf(T[] data, int rows, int cols, T[]? grad = null) => new(data, rows, cols, true, grad);
+    public Var<T> Leaf(T[] data, int rows, int cols, T[]? grad = null) => new(this, data, rows, cols, true, grad);
+
+    /// <summary>A zeroed buffer of <paramref name="length"/> values for an output, a gradient or a saved intermediate:
+    /// from the pool when the tape has one, otherwise new.</summary>
+    internal T[] Allocate(long length)
+    {
+        if (pool == null) return new T[length];
+        var a = pool.Rent(length);
+        lock (_rented) _rented.Add(a);
+        return a;
+    }
+
+    /// <summary>Gives every buffer this tape took from its pool back for the next tape: outputs, gradients of values
+    /// that are not leaves with caller-owned gradients, and intermediates. Nothing recorded on this tape may be read
+    /// afterwards; without a pool it does nothing.</summary>
+    public void ReturnBuffers()
+    {
+        if (pool == null) return;
+        _steps.Clear();
+        lock (_rented) { foreach (var a in _rented) pool.Return(a); _rented.Clear(); }
+    }
 
     /// <summary>Runs the recorded backward steps in reverse. With <paramref name="loss"/>, seeds ∂loss/∂loss = 1;
     /// gradients already placed on intermediate values (e.g. from another tape) flow back too.</summary>
@@ -48,7 +71,7 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
     }
 
     /// <summary>A new output; its backward step runs only if some input needs a gradient.</summary>
-    internal Var<T> Output(int rows, int cols, bool requiresGrad) => new(new T[(long)rows * cols], rows, cols, requiresGrad);
+    internal Var<T> Output(int rows, int cols, bool requiresGrad) => new(this, Allocate((long)rows * cols), rows, cols, requiresGrad);
 
     /// <summary>Records <paramref name="backward"/> for <paramref name="y"/>; it runs with y's gradient when one arrived.</summary>
     internal void Record(Var<T> y, Action<T[]> backward)
@@ -131,7 +154,7 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
         int rows = x.Rows, d = x.Cols;
         Check(gamma.Data.Length == d && beta.Data.Length == d, "layer norm: gamma/beta length differs from the row width");
         var y = Output(rows, d, x.RequiresGrad || gamma.RequiresGrad || beta.RequiresGrad);
-        var xhat = new T[x.Data.Length];
+        var xhat = Allocate(x.Data.Length);
         var rstd = new T[rows];
         T td = C(d), te = C(eps);
         for (int r = 0; r < rows; r++)
@@ -282,7 +305,7 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
     {
         Check(gate.Data.Length == up.Data.Length, "silu-mul: gate and up differ in size");
         var y = Output(gate.Rows, gate.Cols, gate.RequiresGrad || up.RequiresGrad);
-        var sig = new T[gate.Data.Length];
+        var sig = Allocate(gate.Data.Length);
         for (int i = 0; i < sig.Length; i++)
         {
             T gv = gate.Data[i];
@@ -402,7 +425,7 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
         Check(count > 0, "cross-entropy: no scored targets");
         var lse = new T[n];
         T total = T.Zero;
-        var tmp = new T[v];
+        var tmp = Allocate(v);
         for (int r = 0; r < n; r++)
         {
             if (tg[r] < 0) continue;
@@ -432,5 +455,32 @@ public sealed partial class Tape<T> where T : unmanaged, IFloatingPointIeee754<T
             }
         });
         return y;
+    }
+}
+
+/// <summary>Buffers that successive tapes of the same shapes (one per training step) reuse, so that each step does not
+/// fault in fresh pages for its activations and gradients: exact lengths, zeroed on <see cref="Rent"/>. Thread-safe.</summary>
+public sealed class TapeBufferPool<T> where T : unmanaged
+{
+    private readonly Dictionary<long, Stack<T[]>> _free = [];
+
+    public T[] Rent(long length)
+    {
+        lock (_free)
+            if (_free.TryGetValue(length, out var stack) && stack.TryPop(out var a))
+            {
+                Array.Clear(a);
+                return a;
+            }
+        return new T[length];
+    }
+
+    public void Return(T[] buffer)
+    {
+        lock (_free)
+        {
+            if (!_free.TryGetValue(buffer.LongLength, out var stack)) _free[buffer.LongLength] = stack = new Stack<T[]>();
+            stack.Push(buffer);
+        }
     }
 }

@@ -101,15 +101,17 @@ public static class TinyModel
         var model = new MaskedLlama<float>(config, weights) { GradientOf = a => gradOf.GetValueOrDefault(a) };
         var optimizer = new AdamW(parameters) { WeightDecay = 0.01, ClipNorm = 1.0 };
         var rng = new Rng(seed);
+        var buffers = new TapeBufferPool<float>();
         for (int step = 0; step < steps; step++)
         {
             ct.ThrowIfCancellationRequested();
             foreach (var p in parameters) p.ZeroGrad();
             for (int b = 0; b < batch; b++)
             {
-                var tape = new Tape<float>();
+                var tape = new Tape<float>(buffers);
                 var loss = model.Loss(tape, blocks[rng.NextInt(blocks.Count)], (_, _) => null);
                 tape.Backward(tape.Affine(loss, 1.0 / batch, 0));
+                tape.ReturnBuffers();
             }
             double warm = Math.Min(1.0, (step + 1) / 20.0);
             optimizer.Step(lr * warm * 0.5 * (1 + Math.Cos(Math.PI * step / steps)));

@@ -102,6 +102,7 @@ public interface IMaskedLanguageModel : IDisposable
 public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weights) : IMaskedLanguageModel
 {
     private readonly MaskedLlama<float> _model = new(config, weights);
+    private readonly TapeBufferPool<float> _buffers = new();
 
     public string DeviceName => "cpu";
 
@@ -110,10 +111,14 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
     public double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
         IReadOnlyList<float[]> maskGradients, double gradScale)
     {
-        var tape = new Tape<float>();
-        var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, maskGradients[o])).ToArray();
-        var loss = _model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
-        tape.Backward(tape.Affine(loss, gradScale, 0));
-        return loss.Scalar;
+        var tape = new Tape<float>(_buffers);
+        try
+        {
+            var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, maskGradients[o])).ToArray();
+            var loss = _model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
+            tape.Backward(tape.Affine(loss, gradScale, 0));
+            return loss.Scalar;
+        }
+        finally { tape.ReturnBuffers(); }
     }
 }
