@@ -5,8 +5,8 @@ using DispNative.Engine.Cuda;
 namespace DispNative.Tests;
 
 /// <summary>The GEMM formulation of attention's backward (<see cref="AttentionGemmBackward"/>: the strides, GQA head
-/// mapping, accumulation over a group and chunking that the CUDA path hands to cuBLASLt) executed with plain loops and
-/// compared with the autograd tape's attention backward.</summary>
+/// mapping, accumulation over a group and chunking that the CUDA path hands to cuBLASLt) executed with plain loops, and
+/// the fp32 tape that runs it on the CPU GEMM, both compared with the float64 tape's row-by-row attention backward.</summary>
 public class AttentionGemmBackwardTests
 {
     /// <summary>Runs the steps on float arrays with exactly the layout contract of <see cref="BatchedGemm"/>.</summary>
@@ -58,6 +58,7 @@ public class AttentionGemmBackwardTests
     [TestCase(37, 6, 2, 16, null, 2)]    // both KV heads in one chunk
     [TestCase(29, 4, 4, 8, 7, 3)]        // no GQA, a sliding window, an uneven last chunk
     [TestCase(20, 4, 1, 12, null, 1)]    // every head shares one KV head
+    [TestCase(128, 4, 2, 32, null, 2)]   // the built-in tiny model's attention at its block size
     public void MatchesTheTapeBackward(int t, int heads, int kvHeads, int hd, int? window, int chunk)
     {
         var rng = new Rng(23);
@@ -65,11 +66,15 @@ public class AttentionGemmBackwardTests
         float[] Rand(int n) => Enumerable.Range(0, n).Select(_ => rng.NextGaussian()).ToArray();
         float[] q = Rand(t * qd), k = Rand(t * kvd), v = Rand(t * kvd), dOut = Rand(t * qd);
 
-        var tape = new Tape<float>();
-        var qv = tape.Leaf(q, t, qd); var kv = tape.Leaf(k, t, kvd); var vv = tape.Leaf(v, t, kvd);
+        // The reference: the float64 tape, whose backward goes row by row (no GEMMs).
+        double[] D(float[] a) => a.Select(x => (double)x).ToArray();
+        var tape = new Tape<double>();
+        var qv = tape.Leaf(D(q), t, qd); var kv = tape.Leaf(D(k), t, kvd); var vv = tape.Leaf(D(v), t, kvd);
         var o = tape.Attention(qv, kv, vv, heads, kvHeads, hd, window);
-        dOut.CopyTo(o.G, 0);
+        D(dOut).CopyTo(o.G, 0);
         tape.Backward();
+        float[] F(double[] a) => a.Select(x => (float)x).ToArray();
+        float[] wantQ = F(qv.Grad!), wantK = F(kv.Grad!), wantV = F(vv.Grad!);
 
         // What the forward kernel leaves for the backward: lse[h, i] of the scaled, visible scores; rowdot = dO·O per head.
         var lse = new float[heads * t];
@@ -83,7 +88,7 @@ public class AttentionGemmBackwardTests
                 .Select(j => scale * Enumerable.Range(0, hd).Sum(c => (double)q[i * qd + h * hd + c] * k[j * kvd + g * hd + c])).ToArray();
             double max = scores.Max();
             lse[h * t + i] = (float)(max + Math.Log(scores.Sum(x => Math.Exp(x - max))));
-            rowdot[h * t + i] = (float)Enumerable.Range(0, hd).Sum(c => (double)dOut[i * qd + h * hd + c] * o.Data[i * qd + h * hd + c]);
+            rowdot[h * t + i] = (float)Enumerable.Range(0, hd).Sum(c => dOut[i * qd + h * hd + c] * o.Data[i * qd + h * hd + c]);
         }
 
         float[] Garbage(int n) => Enumerable.Repeat(1e30f, n).ToArray();   // dq, dk, dv must be overwritten
@@ -100,9 +105,20 @@ public class AttentionGemmBackwardTests
 
         int chunks = (kvHeads + chunk - 1) / chunk;
         Assert.That(backend.Gemms, Is.EqualTo(5 * chunks * (heads / kvHeads)));
-        AssertClose(buffers[AttentionBuffer.DQ], qv.Grad!, "dq");
-        AssertClose(buffers[AttentionBuffer.DK], kv.Grad!, "dk");
-        AssertClose(buffers[AttentionBuffer.DV], vv.Grad!, "dv");
+        AssertClose(buffers[AttentionBuffer.DQ], wantQ, "dq");
+        AssertClose(buffers[AttentionBuffer.DK], wantK, "dk");
+        AssertClose(buffers[AttentionBuffer.DV], wantV, "dv");
+
+        // The fp32 tape runs the same steps on the CPU GEMM (CpuAttentionGemmBackend) and adds into existing gradients.
+        var tape32 = new Tape<float>();
+        var q32 = tape32.Leaf(q, t, qd, Enumerable.Repeat(1f, t * qd).ToArray());
+        var k32 = tape32.Leaf(k, t, kvd); var v32 = tape32.Leaf(v, t, kvd);
+        var o32 = tape32.Attention(q32, k32, v32, heads, kvHeads, hd, window);
+        dOut.CopyTo(o32.G, 0);
+        tape32.Backward();
+        AssertClose(q32.Grad!.Select(x => x - 1).ToArray(), wantQ, "fp32 tape dq");
+        AssertClose(k32.Grad!, wantK, "fp32 tape dk");
+        AssertClose(v32.Grad!, wantV, "fp32 tape dv");
     }
 
     private static void AssertClose(float[] got, float[] want, string what)

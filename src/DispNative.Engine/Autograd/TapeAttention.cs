@@ -1,4 +1,6 @@
 using System.Numerics;
+using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
 using DispNative.Engine.Cpu;
 
 namespace DispNative.Engine.Autograd;
@@ -50,7 +52,8 @@ public sealed partial class Tape<T>
 
     /// <summary>Causal GQA attention of one sequence: q [n, heads·hd], k and v [n, kvHeads·hd] (query head h reads
     /// kv head h / (heads/kvHeads)); an optional sliding window. Only the output and one log-sum-exp per query
-    /// are kept; backward recomputes the probabilities row by row (no n×n matrix is stored).</summary>
+    /// are kept; backward recomputes the probabilities (no n×n matrix is stored on the tape): in fp32 as GEMMs over
+    /// transient [n, n] blocks per chunk of heads (<see cref="CpuAttentionGemmBackend"/>), in float64 row by row.</summary>
     public Var<T> Attention(Var<T> q, Var<T> k, Var<T> v, int heads, int kvHeads, int headDim, int? window = null)
     {
         int n = q.Rows, qDim = heads * headDim, kvDim = kvHeads * headDim, group = heads / kvHeads;
@@ -87,7 +90,19 @@ public sealed partial class Tape<T>
 
         Record(y, g =>
         {
-            // One task per kv head: the heads of its group write disjoint dq columns and share its dk/dv columns.
+            if (typeof(T) == typeof(float))
+            {
+                float[] F(T[] a) => Unsafe.As<float[]>(a);
+                T[] gq = Allocate(q.Data.Length), gk = Allocate(k.Data.Length), gv = Allocate(v.Data.Length);
+                CpuAttentionGemmBackend.Run(F(q.Data), F(k.Data), F(v.Data), F(y.Data), F(g), F(lse), F(gq), F(gk), F(gv),
+                    n, heads, kvHeads, headDim, window, len => F(Allocate(len)));
+                if (q.RequiresGrad) TensorPrimitives.Add(q.G, gq, q.G);
+                if (k.RequiresGrad) TensorPrimitives.Add(k.G, gk, k.G);
+                if (v.RequiresGrad) TensorPrimitives.Add(v.G, gv, v.G);
+                return;
+            }
+            // float64 (the finite-difference checks): row by row. One task per kv head: the heads of its group write
+            // disjoint dq columns and share its dk/dv columns.
             T[]? dq = q.RequiresGrad ? q.G : null, dk = k.RequiresGrad ? k.G : null, dv = v.RequiresGrad ? v.G : null;
             Parallel.For(0, kvHeads, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, kvh =>
             {

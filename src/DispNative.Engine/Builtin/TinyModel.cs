@@ -17,7 +17,7 @@ namespace DispNative.Engine.Builtin;
 public static class TinyModel
 {
     public const string Prefix = "builtin:tiny";
-    private const string Version = "tiny-v1";
+    private const string Version = "tiny-v2";   // bump when the built model changes (v2: fp32 attention backward on GEMMs)
     private const int TrainSteps = 400, TrainBlock = 128, TrainBatch = 4;
 
     public static ModelConfig Config => new()

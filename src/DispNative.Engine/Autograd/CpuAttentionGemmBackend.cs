@@ -1,0 +1,108 @@
+using DispNative.Engine.Cpu;
+using DispNative.Engine.Cuda;
+
+namespace DispNative.Engine.Autograd;
+
+/// <summary>The fp32 tape's attention backward as GEMMs (<see cref="AttentionGemmBackward"/>, the formulation the CUDA path
+/// gives cuBLASLt) on the CPU <see cref="Gemm"/>: each strided operand is packed into a contiguous block first. The
+/// row-by-row loop it replaces (several dot products and axpys of head_dim elements per (query, key) pair) spent more
+/// in call overhead than these GEMMs spend in arithmetic, though they also compute the masked triangle.</summary>
+internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot,
+    float[] packedA, float[] packedB, float[] product) : IAttentionGemmBackend
+{
+    /// <summary>dq, dk and dv (overwritten) of causal GQA attention over q [t, heads·hd], k and v [t, kvHeads·hd], from
+    /// the output o, its gradient dOut and the forward's log-sum-exp [heads, t] (of the scaled scores). Scratch comes
+    /// from <paramref name="allocate"/> (the tape's buffers).</summary>
+    public static void Run(float[] q, float[] k, float[] v, float[] o, float[] dOut, float[] lse, float[] dq, float[] dk, float[] dv,
+        int t, int heads, int kvHeads, int headDim, int? window, Func<long, float[]> allocate)
+    {
+        int qd = heads * headDim;
+        var rowdot = allocate(heads * t);
+        Parallel.For(0, t, new ParallelOptions { MaxDegreeOfParallelism = Cpu.Gemm.Threads }, i =>
+        {
+            for (int h = 0; h < heads; h++)
+                rowdot[h * t + i] = System.Numerics.Tensors.TensorPrimitives.Dot(dOut.AsSpan(i * qd + h * headDim, headDim), o.AsSpan(i * qd + h * headDim, headDim));
+        });
+        int chunk = AttentionGemmBackward.ChunkKvHeads(t, kvHeads, sizeof(float), 256L << 20);
+        long tt = (long)chunk * t * t;
+        var buffers = new Dictionary<AttentionBuffer, float[]>
+        {
+            [AttentionBuffer.Q] = q, [AttentionBuffer.K] = k, [AttentionBuffer.V] = v, [AttentionBuffer.DOut] = dOut,
+            [AttentionBuffer.Scores] = allocate(tt), [AttentionBuffer.DProbs] = allocate(tt), [AttentionBuffer.Probs] = allocate(tt),
+            [AttentionBuffer.DScores] = allocate(tt), [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
+        };
+        // The largest operands: A = Probs or DScores read transposed [t, t], B = a head's [t, headDim], D = S or dP [t, t].
+        var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate((long)t * t), allocate((long)t * headDim), allocate((long)t * t));
+        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, headDim, window, chunk);
+    }
+
+    public void Gemm(in BatchedGemm g)
+    {
+        float[] a = buffers[g.A], b = buffers[g.B], d = buffers[g.D];
+        for (int n = 0; n < g.Batch; n++)
+        {
+            // A as [M, K]; B as [N, K] when transposed (Gemm.MatMulT) or [K, N] (Gemm.MatMul).
+            Pack(a, g.OffsetA + n * g.StrideA, g.Lda, g.M, g.K, g.TransposeA, packedA);
+            if (g.TransposeB)
+            {
+                Pack(b, g.OffsetB + n * g.StrideB, g.Ldb, g.N, g.K, false, packedB);
+                Cpu.Gemm.MatMulT(packedA, packedB, product, g.M, g.N, g.K);
+            }
+            else
+            {
+                Pack(b, g.OffsetB + n * g.StrideB, g.Ldb, g.K, g.N, false, packedB);
+                Cpu.Gemm.MatMul(packedA, packedB, product, g.M, g.N, g.K);
+            }
+            long at = g.OffsetD + n * g.StrideD;
+            for (int i = 0; i < g.M; i++)
+            {
+                var dst = d.AsSpan((int)(at + (long)i * g.Ldd), g.N);
+                var src = product.AsSpan(i * g.N, g.N);
+                if (g.Beta == 0) System.Numerics.Tensors.TensorPrimitives.Multiply(src, g.Alpha, dst);   // β = 0 never reads D
+                else
+                {
+                    System.Numerics.Tensors.TensorPrimitives.Multiply(dst, g.Beta, dst);
+                    System.Numerics.Tensors.TensorPrimitives.MultiplyAdd(src, g.Alpha, dst, dst);
+                }
+            }
+        }
+    }
+
+    public void ProbabilityGradients(in ProbabilityGradients p)
+    {
+        float[] s = buffers[AttentionBuffer.Scores], dp = buffers[AttentionBuffer.DProbs];
+        float[] probs = buffers[AttentionBuffer.Probs], ds = buffers[AttentionBuffer.DScores];
+        var step = p;
+        Parallel.For(0, p.Batch * p.T, new ParallelOptions { MaxDegreeOfParallelism = Cpu.Gemm.Threads }, row =>
+        {
+            int n = row / step.T, i = row % step.T, h = step.FirstHead + n * step.HeadStep;
+            int first = step.Window > 0 ? Math.Max(0, i - step.Window + 1) : 0;
+            long at = (long)row * step.T;
+            float l = lse[h * step.T + i], rd = rowdot[h * step.T + i];
+            probs.AsSpan((int)at, step.T).Clear();
+            ds.AsSpan((int)at, step.T).Clear();
+            for (int j = first; j <= i; j++)
+            {
+                float pv = MathF.Exp(step.Scale * s[at + j] - l);
+                probs[at + j] = pv;
+                ds[at + j] = pv * (dp[at + j] - rd);
+            }
+        });
+    }
+
+    /// <summary>Copies the [rows, cols] matrix at <paramref name="offset"/> with rows <paramref name="ld"/> apart (with
+    /// <paramref name="transposed"/>: the stored [cols, rows] read transposed) into the contiguous <paramref name="dst"/>.</summary>
+    private static void Pack(float[] src, long offset, int ld, int rows, int cols, bool transposed, float[] dst)
+    {
+        if (transposed)
+        {
+            for (int c = 0; c < cols; c++)
+            {
+                var line = src.AsSpan((int)(offset + (long)c * ld), rows);
+                for (int r = 0; r < rows; r++) dst[r * cols + c] = line[r];
+            }
+            return;
+        }
+        for (int r = 0; r < rows; r++) src.AsSpan((int)(offset + (long)r * ld), cols).CopyTo(dst.AsSpan(r * cols, cols));
+    }
+}
