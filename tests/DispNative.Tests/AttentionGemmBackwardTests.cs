@@ -1,6 +1,5 @@
 using DispNative.Engine;
 using DispNative.Engine.Autograd;
-using DispNative.Engine.Cuda;
 
 namespace DispNative.Tests;
 

@@ -1,5 +1,4 @@
 using DispNative.Engine.Cpu;
-using DispNative.Engine.Cuda;
 
 namespace DispNative.Engine.Autograd;
 

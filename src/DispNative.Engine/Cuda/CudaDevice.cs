@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using DispNative.Engine.Autograd;
 using DispNative.Engine.IO;
 using DispNative.Interop;
 

@@ -1,3 +1,4 @@
+using DispNative.Engine.Autograd;
 using DispNative.Engine.IO;
 
 namespace DispNative.Engine.Cuda;

@@ -1,4 +1,4 @@
-namespace DispNative.Engine.Cuda;
+namespace DispNative.Engine.Autograd;
 
 /// <summary>The tensors of <see cref="AttentionGemmBackward"/>. Q/K/V/DOut/Probs/DScores are in the storage type (DOut
 /// is dO converted to it); the rest are f32. Scores, DProbs, Probs and DScores hold one chunk of heads: [chunk, T, T].</summary>
@@ -17,15 +17,15 @@ public readonly record struct BatchedGemm(int M, int N, int K, int Batch,
 /// DScores[b,i,j] = Probs[b,i,j]·(DProbs[b,i,j] − rowdot[h,i]).</summary>
 public readonly record struct ProbabilityGradients(int T, int Batch, int FirstHead, int HeadStep, int Window, float Scale);
 
-/// <summary>Executes the steps of <see cref="AttentionGemmBackward"/>: cuBLASLt and a kernel on the GPU, plain loops in the
-/// CPU test that checks the formulation.</summary>
+/// <summary>Executes the steps of <see cref="AttentionGemmBackward"/>: cuBLASLt and a kernel on the GPU, the CPU GEMM for the fp32
+/// tape (<see cref="CpuAttentionGemmBackend"/>), plain loops in the test that checks the formulation.</summary>
 public interface IAttentionGemmBackend
 {
     void Gemm(in BatchedGemm gemm);
     void ProbabilityGradients(in ProbabilityGradients step);
 }
 
-/// <summary>The backward of causal GQA attention (training: T queries and keys at positions 0..T-1) as tensor-core GEMMs:
+/// <summary>The backward of causal GQA attention (training: T queries and keys at positions 0..T-1) as GEMMs (tensor cores on the GPU):
 /// per chunk of KV heads and per head of their groups, S = Q·Kᵀ and dP = dO·Vᵀ (f32), one kernel for P (recomputed
 /// from the forward's log-sum-exp) and dS = P∘(dP − rowsum(dO∘O)), then dV += Pᵀ·dO, dK += scale·dSᵀ·Q and
 /// dQ = scale·dS·K. The [T, T] matrices exist only for the chunk being processed (transient, never kept on the tape);
