@@ -57,6 +57,7 @@ public class AttentionGemmBackwardTests
     [TestCase(37, 6, 2, 16, null, 2)]    // both KV heads in one chunk
     [TestCase(29, 4, 4, 8, 7, 3)]        // no GQA, a sliding window, an uneven last chunk
     [TestCase(20, 4, 1, 12, null, 1)]    // every head shares one KV head
+    [TestCase(45, 4, 2, 64, null, 1)]    // head_dim above T
     [TestCase(128, 4, 2, 32, null, 2)]   // the built-in tiny model's attention at its block size
     public void MatchesTheTapeBackward(int t, int heads, int kvHeads, int hd, int? window, int chunk)
     {

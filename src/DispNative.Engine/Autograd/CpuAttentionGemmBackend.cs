@@ -30,8 +30,9 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
             [AttentionBuffer.Scores] = allocate(tt), [AttentionBuffer.DProbs] = allocate(tt), [AttentionBuffer.Probs] = allocate(tt),
             [AttentionBuffer.DScores] = allocate(tt), [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
         };
-        // The largest operands: A = Probs or DScores read transposed [t, t], B = a head's [t, headDim], D = S or dP [t, t].
-        var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate((long)t * t), allocate((long)t * headDim), allocate((long)t * t));
+        // Operand sizes: A is [t, headDim] (Q, dO) or [t, t] (P, dS); B is [t, headDim]; D is [t, t] or [t, headDim].
+        long wide = (long)t * Math.Max(t, headDim);
+        var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate(wide), allocate((long)t * headDim), allocate(wide));
         AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, headDim, window, chunk);
     }
 
