@@ -12,7 +12,7 @@ namespace DispNative.Engine.Builtin;
 
 /// <summary>The embedded default model: a small LLaMA (GQA, tied embeddings, byte-level tokenizer) that the engine
 /// trains itself on a synthetic corpus it generates, so that the main job runs on a fresh clone with nothing
-/// downloaded. Built on first use (about a minute on two cores) and cached; <c>builtin:tiny</c> names its directory,
+/// downloaded. Built on first use (under a minute on two cores) and cached; <c>builtin:tiny</c> names its directory,
 /// <c>builtin:tiny/calibration.txt</c> and <c>builtin:tiny/evaluation.txt</c> its held-apart texts.</summary>
 public static class TinyModel
 {
