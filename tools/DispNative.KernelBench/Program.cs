@@ -1,8 +1,10 @@
 using System.Diagnostics;
 using System.Runtime.Intrinsics;
 using DispNative.Engine;
+using DispNative.Engine.Autograd;
 using DispNative.Engine.Cpu;
 using DispNative.Engine.Cuda;
+using DispNative.Engine.Disp;
 using DispNative.Engine.Models;
 
 namespace DispNative.KernelBench;
@@ -139,7 +141,40 @@ public static class Program
 
         Console.WriteLine();
         LlamaModelBench(modelDir, tokens, seconds);
+        Console.WriteLine();
+        TrainingStepBench(seconds);
     }
+
+    /// <summary>One DISP-LLM training step's LM pass (loss and mask gradients, block 256) at ref-llama-25m's shape: the
+    /// engine's path (tape buffers reused between steps, attention backward as GEMMs) against the plain tape (fresh
+    /// buffers every step, attention backward row by row), measured in the same run.</summary>
+    private static void TrainingStepBench(double seconds)
+    {
+        var config = RefLlamaShape;
+        var weights = ModelWeights.Random(config, 1);
+        var rng = new Rng(3);
+        int[] block = Enumerable.Range(0, 256).Select(_ => rng.NextInt(config.VocabSize)).ToArray();
+        var layout = new SiteLayout(config, PruningMode.Disp);
+        var masks = layout.OutputWidths.Select(w => Enumerable.Range(0, w).Select(_ => 0.5f + 0.5f * (float)rng.NextDouble()).ToArray()).ToList();
+        var grads = masks.Select(m => new float[m.Length]).ToList();
+        var plain = new MaskedLlama<float>(config, weights);
+        double baseline = Time(() =>
+        {
+            var tape = new Tape<float> { AttentionBackwardOnGemms = false };
+            var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, grads[o])).ToArray();
+            tape.Backward(plain.Loss(tape, block, (l, kind) => leaves[layout.OutputOf(l, kind)]));
+        }, seconds);
+        var engine = new CpuMaskedLanguageModel(config, weights);
+        double tuned = Time(() => engine.LossAndMaskGradients(block, masks, layout.OutputOf, grads, 1), seconds);
+        Console.WriteLine($"masked training step (ref-llama-25m shape, block 256): plain tape {baseline:F3} s, engine {tuned:F3} s, {baseline / tuned:F2}x");
+    }
+
+    /// <summary>ref-llama-25m's shape, for the CPU benchmarks with random weights.</summary>
+    private static readonly ModelConfig RefLlamaShape = new ModelConfig
+    {
+        Architecture = "LlamaForCausalLM", HiddenSize = 384, IntermediateSize = 1024, NumLayers = 8, NumHeads = 6,
+        NumKvHeads = 2, HeadDim = 64, VocabSize = 32000, TieWordEmbeddings = true,
+    };
 
     private static void LlamaModelBench(string? modelDir, int tokens, double seconds)
     {
@@ -154,11 +189,7 @@ public static class Program
         else
         {
             // ref-llama-25m's shape with random weights when no model is given.
-            config = new ModelConfig
-            {
-                Architecture = "LlamaForCausalLM", HiddenSize = 384, IntermediateSize = 1024, NumLayers = 8, NumHeads = 6,
-                NumKvHeads = 2, HeadDim = 64, VocabSize = 32000, TieWordEmbeddings = true,
-            };
+            config = RefLlamaShape;
             model = new Engine.Inference.LlamaModel(config, ModelWeights.Random(config, 1));
             Console.WriteLine("forward: random weights in ref-llama-25m's shape (pass --model DIR for a real checkpoint)");
         }

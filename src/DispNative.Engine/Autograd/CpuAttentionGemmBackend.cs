@@ -1,3 +1,4 @@
+using System.Numerics.Tensors;
 using DispNative.Engine.Cpu;
 
 namespace DispNative.Engine.Autograd;
@@ -20,7 +21,7 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
         Parallel.For(0, t, new ParallelOptions { MaxDegreeOfParallelism = Cpu.Gemm.Threads }, i =>
         {
             for (int h = 0; h < heads; h++)
-                rowdot[h * t + i] = System.Numerics.Tensors.TensorPrimitives.Dot(dOut.AsSpan(i * qd + h * headDim, headDim), o.AsSpan(i * qd + h * headDim, headDim));
+                rowdot[h * t + i] = TensorPrimitives.Dot(dOut.AsSpan(i * qd + h * headDim, headDim), o.AsSpan(i * qd + h * headDim, headDim));
         });
         int chunk = AttentionGemmBackward.ChunkKvHeads(t, kvHeads, sizeof(float), 256L << 20);
         long tt = (long)chunk * t * t;
@@ -58,11 +59,11 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
             {
                 var dst = d.AsSpan((int)(at + (long)i * g.Ldd), g.N);
                 var src = product.AsSpan(i * g.N, g.N);
-                if (g.Beta == 0) System.Numerics.Tensors.TensorPrimitives.Multiply(src, g.Alpha, dst);   // β = 0 never reads D
+                if (g.Beta == 0) TensorPrimitives.Multiply(src, g.Alpha, dst);   // β = 0 never reads D
                 else
                 {
-                    System.Numerics.Tensors.TensorPrimitives.Multiply(dst, g.Beta, dst);
-                    System.Numerics.Tensors.TensorPrimitives.MultiplyAdd(src, g.Alpha, dst, dst);
+                    TensorPrimitives.Multiply(dst, g.Beta, dst);
+                    TensorPrimitives.MultiplyAdd(src, g.Alpha, dst, dst);
                 }
             }
         }

@@ -35,6 +35,10 @@ public sealed partial class Tape<T>(TapeBufferPool<T>? pool = null) where T : un
     private readonly List<Action> _steps = [];
     private readonly List<T[]> _rented = [];
 
+    /// <summary>fp32 attention backward as GEMMs (<see cref="CpuAttentionGemmBackend"/>, the default) or row by row, as
+    /// float64 always runs it; <c>KernelBench cpu</c> times the two.</summary>
+    public bool AttentionBackwardOnGemms { get; init; } = true;
+
     /// <summary>A value that receives no gradient (frozen weights, inputs).</summary>
     public Var<T> Constant(T[] data, int rows, int cols) => new(this, data, rows, cols, false);
 

@@ -90,7 +90,7 @@ public sealed partial class Tape<T>
 
         Record(y, g =>
         {
-            if (typeof(T) == typeof(float))
+            if (typeof(T) == typeof(float) && AttentionBackwardOnGemms)
             {
                 float[] F(T[] a) => Unsafe.As<float[]>(a);
                 T[] gq = Allocate(q.Data.Length), gk = Allocate(k.Data.Length), gv = Allocate(v.Data.Length);
@@ -101,7 +101,7 @@ public sealed partial class Tape<T>
                 if (v.RequiresGrad) TensorPrimitives.Add(v.G, gv, v.G);
                 return;
             }
-            // float64 (the finite-difference checks): row by row. One task per kv head: the heads of its group write
+            // float64 (the finite-difference checks), or fp32 when asked: row by row. One task per kv head: the heads of its group write
             // disjoint dq columns and share its dk/dv columns.
             T[]? dq = q.RequiresGrad ? q.G : null, dk = k.RequiresGrad ? k.G : null, dv = v.RequiresGrad ? v.G : null;
             Parallel.For(0, kvHeads, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, kvh =>
