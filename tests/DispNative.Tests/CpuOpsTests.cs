@@ -112,6 +112,22 @@ public class CpuOpsTests
             }
     }
 
+    [TestCase(37, 0, 6, 2, 64, null)]        // one partial tile, GQA
+    [TestCase(150, 0, 4, 4, 48, null)]       // three tiles, the last partial
+    [TestCase(70, 20, 6, 3, 5, null)]        // after cached positions, odd head_dim
+    [TestCase(130, 10, 4, 1, 32, 16)]        // sliding window shorter than a tile
+    [TestCase(100, 0, 2, 1, 16, 90)]         // sliding window longer than a tile
+    public void AttentionOnGemms_MatchesTheReference(int tq, int start, int heads, int kvHeads, int hd, int? window)
+    {
+        int total = start + tq;
+        var q = Rand(tq * heads * hd, 20); var k = Rand(total * kvHeads * hd, 21); var v = Rand(total * kvHeads * hd, 22);
+        var expected = new float[tq * heads * hd];
+        CpuOps.Attention(q, k, v, expected, tq, start, heads, kvHeads, hd, window);
+        var actual = Enumerable.Repeat(float.NaN, expected.Length).ToArray();
+        CpuOps.AttentionOnGemms(q, k, v, actual, tq, start, heads, kvHeads, hd, window);
+        for (int i = 0; i < expected.Length; i++) Assert.That(actual[i], Is.EqualTo(expected[i]).Within(2e-6), $"element {i}");
+    }
+
     [Test]
     public void LogSumExp_IsStable()
     {

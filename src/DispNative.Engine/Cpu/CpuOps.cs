@@ -1,3 +1,5 @@
+using System.Numerics.Tensors;
+
 namespace DispNative.Engine.Cpu;
 
 /// <summary>fp32 reference ops on row-major [rows, width] activations. Each is the CPU twin of a GPU kernel.</summary>
@@ -158,6 +160,67 @@ public static unsafe class CpuOps
                 () => new float[maxKeys], (i, _, scores) => { Body(i, scores); return scores; }, _ => { });
         }
     }
+
+    /// <summary>Rows of queries per tile in <see cref="AttentionOnGemms"/>: each tile computes the scores of every key its
+    /// last row sees, so larger tiles waste more of the causal triangle.</summary>
+    public const int AttentionTileRows = 64;
+
+    /// <summary><see cref="Attention"/> as GEMMs, for prefill: for each KV head and tile of up to
+    /// <see cref="AttentionTileRows"/> query positions, the scores of the group's query rows against the keys the tile can
+    /// see (S = Q·Kᵀ), a row softmax within each row's causal (and window) limits, then O = P·V. The (KV head, tile) items
+    /// run in parallel, each on one thread. Same result as the reference up to rounding; the reference's dot product
+    /// and axpy per (query, key) pair cost more in overhead than these GEMMs spend in arithmetic.</summary>
+    public static void AttentionOnGemms(float[] q, float[] kCache, float[] vCache, float[] output, int tq, int start,
+        int heads, int kvHeads, int headDim, int? window = null)
+    {
+        int qDim = heads * headDim, kvDim = kvHeads * headDim, group = heads / kvHeads, keys = start + tq;
+        float scale = 1f / MathF.Sqrt(headDim);
+        // Each KV head's keys and values as contiguous [keys, headDim] blocks, the GEMMs' operand layout.
+        var packedK = new float[kvHeads][];
+        var packedV = new float[kvHeads][];
+        Parallel.For(0, kvHeads, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, kvh =>
+        {
+            var (kh, vh) = (packedK[kvh] = new float[(long)keys * headDim], packedV[kvh] = new float[(long)keys * headDim]);
+            for (int s = 0; s < keys; s++)
+            {
+                Array.Copy(kCache, (long)s * kvDim + kvh * headDim, kh, (long)s * headDim, headDim);
+                Array.Copy(vCache, (long)s * kvDim + kvh * headDim, vh, (long)s * headDim, headDim);
+            }
+        });
+        int tiles = (tq + AttentionTileRows - 1) / AttentionTileRows, maxRows = group * Math.Min(tq, AttentionTileRows);
+        void Tile(int item, float[] qt, float[] scores, float[] ot)
+        {
+            // The last tiles see the most keys: they go first.
+            int kvh = item % kvHeads, t0 = (tiles - 1 - item / kvHeads) * AttentionTileRows;
+            int rows = Math.Min(AttentionTileRows, tq - t0), m = group * rows;
+            // Keys [k0, k1) cover every row of the tile; row (g, t) uses [first(t), start + t0 + t].
+            int k0 = window is int w0 ? Math.Max(0, start + t0 - w0 + 1) : 0, k1 = start + t0 + rows, n = k1 - k0;
+            for (int g = 0; g < group; g++)
+                for (int t = 0; t < rows; t++)
+                    Array.Copy(q, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, qt, (long)(g * rows + t) * headDim, headDim);
+            Gemm.MatMulT(qt, 0, packedK[kvh], k0 * headDim, scores, 0, m, n, headDim, parallel: false);
+            for (int r = 0; r < m; r++)
+            {
+                int pos = start + t0 + r % rows;
+                int first = (window is int w ? Math.Max(0, pos - w + 1) : 0) - k0, last = pos - k0;
+                var row = scores.AsSpan(r * n, n);
+                row[..first].Clear();
+                row[(last + 1)..].Clear();
+                var live = row[first..(last + 1)];
+                TensorPrimitives.Multiply(live, scale, live);
+                TensorPrimitives.Subtract(live, TensorPrimitives.Max(live), live);
+                TensorPrimitives.Exp(live, live);
+                TensorPrimitives.Multiply(live, 1f / TensorPrimitives.Sum(live), live);
+            }
+            Gemm.MatMul(scores, 0, packedV[kvh], k0 * headDim, ot, 0, m, headDim, n, parallel: false);
+            for (int g = 0; g < group; g++)
+                for (int t = 0; t < rows; t++)
+                    Array.Copy(ot, (long)(g * rows + t) * headDim, output, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, headDim);
+        }
+        Parallel.For(0, kvHeads * tiles, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads },
+            () => (Q: new float[maxRows * headDim], S: new float[(long)maxRows * keys], O: new float[maxRows * headDim]),
+            (item, _, scratch) => { Tile(item, scratch.Q, scratch.S, scratch.O); return scratch; }, _ => { });
+    }
 }
 
 /// <summary>Rotary position embedding with half rotation (Hugging Face): pair (i, i + headDim/2).
@@ -209,14 +272,32 @@ public sealed class Rope
         }
     }
 
+    /// <summary>cos and sin of every pair for positions [0, Positions), row-major: what <see cref="Angles"/> gives.</summary>
+    private sealed record AngleTable(int Positions, float[] Cos, float[] Sin);
+
+    private AngleTable _table = new(0, [], []);
+
+    /// <summary>A table covering <paramref name="positions"/>, grown by doubling. Concurrent callers may each build one;
+    /// they hold the same values, and the reference swap publishes a whole table.</summary>
+    private AngleTable TableFor(int positions)
+    {
+        var table = _table;
+        if (table.Positions >= positions) return table;
+        int n = Math.Max(positions, Math.Max(256, 2 * table.Positions)), half = _invFreq.Length;
+        var (cos, sin) = (new float[(long)n * half], new float[(long)n * half]);
+        for (int p = 0; p < n; p++) Angles(p, cos.AsSpan(p * half, half), sin.AsSpan(p * half, half));
+        return _table = new AngleTable(n, cos, sin);
+    }
+
     /// <summary>Rotates each head of each row in place; row r has absolute position start + r.</summary>
     public void Apply(float[] x, int rows, int heads, int start)
     {
         int half = _headDim / 2, width = heads * _headDim;
-        Span<float> cos = stackalloc float[half], sin = stackalloc float[half];
+        var table = TableFor(start + rows);
         for (int r = 0; r < rows; r++)
         {
-            Angles(start + r, cos, sin);
+            var cos = table.Cos.AsSpan((start + r) * half, half);
+            var sin = table.Sin.AsSpan((start + r) * half, half);
             for (int h = 0; h < heads; h++)
             {
                 int o = r * width + h * _headDim;

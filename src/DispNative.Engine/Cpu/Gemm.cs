@@ -18,37 +18,44 @@ public static unsafe class Gemm
     public static void MatMulT(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
         => MatMulT(x, 0, w, 0, y, 0, m, n, k, accumulate);
 
-    public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false)
+    /// <param name="parallel">false runs on the calling thread only, for callers that parallelise over their own items.</param>
+    public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
+        bool parallel = true)
     {
         if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
             throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
         if (m == 0 || n == 0) return;
         fixed (float* px = x, pw = w, py = y)
         {
-            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate);
-            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate);
+            int threads = parallel ? Math.Max(1, Threads) : 1;
+            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads);
+            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads);
         }
     }
 
     /// <summary><c>Y[M,N] (+)= X[M,K] · W[K,N]</c> (W not transposed): the input gradient of a linear layer.</summary>
     public static void MatMul(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
+        => MatMul(x, 0, w, 0, y, 0, m, n, k, accumulate);
+
+    public static void MatMul(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
+        bool parallel = true)
     {
-        if ((long)m * k > x.Length || (long)n * k > w.Length || (long)m * n > y.Length)
+        if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
             throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
         if (m == 0 || n == 0) return;
         fixed (float* px = x, pw = w, py = y)
         {
-            if (Simd.Use512) Run<V512, Vector512<float>>(px, pw, py, m, n, k, accumulate, wTransposed: false);
-            else Run<V256, Vector256<float>>(px, pw, py, m, n, k, accumulate, wTransposed: false);
+            int threads = parallel ? Math.Max(1, Threads) : 1;
+            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed: false);
+            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed: false);
         }
     }
 
-    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, bool wTransposed = true)
+    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed = true)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
         if (k == 0) return;
-        int threads = Math.Max(1, Threads);
         if (m < MR && wTransposed)
         {
             Gemv<TOps, TVec>(x, w, y, m, n, k, threads);
@@ -62,7 +69,10 @@ public static unsafe class Gemm
         int mChunk = RoundUp((m + mChunks - 1) / mChunks, MR);
         mChunks = (m + mChunk - 1) / mChunk;
         nint px = (nint)x, pw = (nint)w, py = (nint)y;
-        Parallel.For(0, nBlocks * mChunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, item =>
+        if (threads == 1) { for (int item = 0; item < nBlocks * mChunks; item++) Item(item); }
+        else Parallel.For(0, nBlocks * mChunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, Item);
+
+        void Item(int item)
         {
             int n0 = item % nBlocks * nc, m0 = item / nBlocks * mChunk;
             int nLen = Math.Min(nc, n - n0), mLen = Math.Min(mChunk, m - m0);
@@ -88,7 +98,7 @@ public static unsafe class Gemm
                     }
                 }
             }
-        });
+        }
     }
 
     [ThreadStatic] private static float[]? _packBuffer;

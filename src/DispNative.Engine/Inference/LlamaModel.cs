@@ -22,6 +22,10 @@ public sealed class LlamaModel : ICausalLanguageModel
         _rope = new Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
     }
 
+    /// <summary>Query rows from which attention runs as GEMMs (<see cref="CpuOps.AttentionOnGemms"/>); decode steps use the
+    /// row-by-row reference.</summary>
+    public const int GemmAttentionMinRows = 16;
+
     public KvCache NewCache(int capacity) => new(Config, capacity);
 
     public string DeviceName => "cpu";
@@ -90,7 +94,8 @@ public sealed class LlamaModel : ICausalLanguageModel
                 Array.Copy(ks, 0, cache.K[l], (long)start * kvd, ks.Length);
                 Array.Copy(v, (long)offsets[b] * kvd, cache.V[l], (long)start * kvd, (long)len * kvd);
                 var ao = new float[(long)len * qd];
-                CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                if (len >= GemmAttentionMinRows) CpuOps.AttentionOnGemms(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                else CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
                 Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
             }
             Residual(x, att, w.Wo, w.Bo, w.AttnOutIdx, delta, rows, qd);
