@@ -18,7 +18,8 @@ public static unsafe class Gemm
     public static void MatMulT(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
         => MatMulT(x, 0, w, 0, y, 0, m, n, k, accumulate);
 
-    /// <param name="parallel">false runs on the calling thread only, for callers that parallelise over their own items.</param>
+    /// <summary>As above on operands starting at the offsets. <c>parallel: false</c> runs on the calling thread only, for
+    /// callers that parallelise over their own items.</summary>
     public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
         bool parallel = true)
     {
