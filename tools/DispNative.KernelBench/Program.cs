@@ -10,7 +10,8 @@ using DispNative.Engine.Models;
 namespace DispNative.KernelBench;
 
 /// <summary>Kernel microbenchmarks. <c>cpu</c>: GEMM (naive baseline vs tuned, same run) against the machine's
-/// theoretical fp32 peak, and the CPU forward pass in tokens/s. <c>gpu</c>: the CUDA kernels at LLaMA-2-7B shapes
+/// theoretical fp32 peak, prefill attention (row-by-row reference vs GEMM tiles), the CPU forward pass dense and
+/// DISP-pruned in tokens/s, and a training step's LM pass (plain tape vs the engine's). <c>gpu</c>: the CUDA kernels at LLaMA-2-7B shapes
 /// (see <see cref="GpuBench"/>). <c>infer</c>: dense vs DISP-pruned inference at 7B shape (<see cref="InferenceBench"/>).
 /// <c>train</c>: the masked LM pass of a training step at 7B shape (<see cref="TrainingBench"/>).</summary>
 public static class Program
@@ -140,6 +141,8 @@ public static class Program
         }
 
         Console.WriteLine();
+        AttentionBench(tokens, seconds);
+        Console.WriteLine();
         LlamaModelBench(modelDir, tokens, seconds);
         Console.WriteLine();
         TrainingStepBench(seconds);
@@ -169,6 +172,22 @@ public static class Program
         Console.WriteLine($"masked training step (ref-llama-25m shape, block 256): plain tape {baseline:F3} s, engine {tuned:F3} s, {baseline / tuned:F2}x");
     }
 
+    /// <summary>Causal prefill attention at ref-llama-25m's head shape (6 query heads, 2 KV heads of 64): the row-by-row
+    /// reference against the GEMM tiles the CPU forward uses, in the same run.</summary>
+    private static void AttentionBench(int tokens, double seconds)
+    {
+        var c = RefLlamaShape;
+        var rng = new Rng(4);
+        float[] Random(long n) { var a = new float[n]; for (long i = 0; i < n; i++) a[i] = rng.NextGaussian(); return a; }
+        float[] q = Random((long)tokens * c.QDim), k = Random((long)tokens * c.KvDim), v = Random((long)tokens * c.KvDim), o = new float[q.Length];
+        double rowByRow = Time(() => CpuOps.Attention(q, k, v, o, tokens, 0, c.NumHeads, c.NumKvHeads, c.HeadDim), seconds);
+        double gemms = Time(() => CpuOps.AttentionOnGemms(q, k, v, o, tokens, 0, c.NumHeads, c.NumKvHeads, c.HeadDim), seconds);
+        // Useful FLOPs: Q·Kᵀ and P·V over the causal triangle (both tilings compute at least these).
+        double flops = 2.0 * 2 * c.NumHeads * c.HeadDim * tokens * (tokens + 1) / 2;
+        Console.WriteLine($"prefill attention, {tokens} tokens, heads {c.NumHeads}/{c.NumKvHeads} of {c.HeadDim} (one layer): row by row {rowByRow * 1000:F1} ms " +
+                          $"({flops / rowByRow / 1e9:F1} GFLOP/s), GEMM tiles {gemms * 1000:F1} ms ({flops / gemms / 1e9:F1} GFLOP/s), {rowByRow / gemms:F2}x");
+    }
+
     /// <summary>ref-llama-25m's shape, for the CPU benchmarks with random weights.</summary>
     private static readonly ModelConfig RefLlamaShape = new ModelConfig
     {
@@ -179,33 +198,89 @@ public static class Program
     private static void LlamaModelBench(string? modelDir, int tokens, double seconds)
     {
         ModelConfig config;
-        Engine.Inference.LlamaModel model;
+        ModelWeights weights;
         if (modelDir != null)
         {
             var loaded = ModelLoader.Load(modelDir);
-            (config, model) = (loaded.Config, loaded.Model);
+            (config, weights) = (loaded.Config, loaded.Model.Weights);
             Console.WriteLine($"forward: {modelDir}");
         }
         else
         {
-            // ref-llama-25m's shape with random weights when no model is given.
             config = RefLlamaShape;
-            model = new Engine.Inference.LlamaModel(config, ModelWeights.Random(config, 1));
+            weights = ModelWeights.Random(config, 1);
             Console.WriteLine("forward: random weights in ref-llama-25m's shape (pass --model DIR for a real checkpoint)");
         }
         var rng = new Rng(2);
         int[] ids = Enumerable.Range(0, tokens).Select(_ => rng.NextInt(config.VocabSize)).ToArray();
-        double prefill = Time(() => model.Forward(ids, model.NewCache(tokens)), seconds);
-        var counts = config.ParameterCounts();
-        double matmulParams = counts["attention"] + counts["mlp"] + (double)config.VocabSize * config.HiddenSize;
-        double attnFlops = 2.0 * config.NumLayers * config.NumHeads * config.HeadDim * tokens * (tokens + 1);
-        double flops = 2 * matmulParams * tokens + attnFlops;
-        Console.WriteLine($"prefill {tokens} tokens: {prefill * 1000:F1} ms = {tokens / prefill:F0} tokens/s, {flops / prefill / 1e9:F1} GFLOP/s");
+        var models = new List<Engine.Inference.LlamaModel> { new(config, weights) };
+        const double keep = 0.65;
+        if (config.Disp == null)
+        {
+            // The same model DISP-pruned: every site of every layer keeps a random sorted 65% of its channels.
+            var layout = new SiteLayout(config, PruningMode.Disp);
+            var masks = layout.OutputWidths.Select(w =>
+            {
+                var kept = Enumerable.Range(0, w).OrderBy(_ => rng.NextDouble()).Take((int)Math.Round(keep * w)).ToHashSet();
+                return Enumerable.Range(0, w).Select(kept.Contains).ToArray();
+            }).ToList();
+            var (prunedConfig, prunedWeights) = Pruner.Apply(config, weights, PruningPlan.FromMasks(layout, masks), "disp", 0.5, null);
+            models.Add(new(prunedConfig, prunedWeights));
+        }
+        var times = ForwardSpeed(models, ids, seconds);
+        var dense = times[0];
+        Console.WriteLine($"prefill {tokens} tokens: {dense.PrefillSeconds * 1000:F1} ms = {tokens / dense.PrefillSeconds:F0} tokens/s, " +
+                          $"{dense.PrefillFlops / dense.PrefillSeconds / 1e9:F1} GFLOP/s; decode after {tokens} tokens: {dense.DecodeTokS:F0} tokens/s");
+        if (times.Count == 1) return;
+        var pruned = times[1];
+        double layerParams = LayerParameters(config), prunedLayerParams = LayerParameters(models[1].Config);
+        Console.WriteLine($"DISP-pruned, every site {keep:P0} ({prunedLayerParams / layerParams:P1} of the layer parameters): prefill {pruned.PrefillSeconds * 1000:F1} ms, " +
+                          $"decode {pruned.DecodeTokS:F0} tokens/s");
+        // What the ratios would be if time followed the arithmetic (prefill: FLOPs) or the weights read per token
+        // (decode: layers and LM head).
+        double head = (double)config.VocabSize * config.HiddenSize;
+        Console.WriteLine($"pruned vs dense, same run: prefill {dense.PrefillSeconds / pruned.PrefillSeconds:F2}x faster (FLOPs ratio {dense.PrefillFlops / pruned.PrefillFlops:F2}x), " +
+                          $"decode {pruned.DecodeTokS / dense.DecodeTokS:F2}x (weight-bytes ratio {(layerParams + head) / (prunedLayerParams + head):F2}x)");
+    }
 
-        var cache = model.NewCache(tokens + 65);
-        model.Forward(ids, cache, lastOnly: true);
-        var sw = Stopwatch.StartNew();
-        for (int i = 0; i < 64; i++) model.Forward([ids[i]], cache, lastOnly: true);
-        Console.WriteLine($"decode after {tokens} tokens: {64 / sw.Elapsed.TotalSeconds:F0} tokens/s");
+    private static double LayerParameters(ModelConfig c)
+    {
+        var counts = c.ParameterCounts();
+        return counts["attention"] + counts["mlp"];
+    }
+
+    private sealed record ForwardTimes(double PrefillSeconds, double PrefillFlops, double DecodeTokS);
+
+    /// <summary>Per model: prefill of <paramref name="ids"/> with the logits of the last row only (what generation needs),
+    /// and single-token decode after it (runs of 32 steps after 8 warm-up steps). The models take turns, sample by
+    /// sample, so that drifts of this shared machine hit them alike; medians.</summary>
+    private static List<ForwardTimes> ForwardSpeed(IReadOnlyList<Engine.Inference.LlamaModel> models, int[] ids, double seconds)
+    {
+        int tokens = ids.Length;
+        const int warmup = 8, steps = 32;
+        var prefill = models.Select(_ => new List<double>()).ToList();
+        var decode = models.Select(_ => new List<double>()).ToList();
+        foreach (var model in models) model.Forward(ids, model.NewCache(tokens), lastOnly: true);
+        var total = Stopwatch.StartNew();
+        while (prefill[0].Count < 3 || total.Elapsed.TotalSeconds < seconds * models.Count)
+            for (int i = 0; i < models.Count; i++)
+            {
+                var model = models[i];
+                var cache = model.NewCache(tokens + warmup + steps);
+                var sw = Stopwatch.StartNew();
+                model.Forward(ids, cache, lastOnly: true);
+                prefill[i].Add(sw.Elapsed.TotalSeconds);
+                for (int j = 0; j < warmup; j++) model.Forward([ids[j]], cache, lastOnly: true);
+                sw.Restart();
+                for (int j = 0; j < steps; j++) model.Forward([ids[j]], cache, lastOnly: true);
+                decode[i].Add(steps / sw.Elapsed.TotalSeconds);
+            }
+        return models.Select((model, i) =>
+        {
+            var c = model.Config;
+            double attnFlops = 2.0 * c.NumLayers * c.NumHeads * c.HeadDim * tokens * (tokens + 1);
+            double flops = 2 * LayerParameters(c) * tokens + attnFlops + 2.0 * c.VocabSize * c.HiddenSize;
+            return new ForwardTimes(Median(prefill[i]), flops, Median(decode[i]));
+        }).ToList();
     }
 }
