@@ -78,10 +78,13 @@ public static unsafe class Gemm
             int n0 = item % nBlocks * nc, m0 = item / nBlocks * mChunk;
             int nLen = Math.Min(nc, n - n0), mLen = Math.Min(mChunk, m - m0);
             int panels = (nLen + nr - 1) / nr;
-            var packed = PackBuffer(panels * nr * KC + 64);
+            var packed = PackBuffer(panels * nr * KC + MR * nr + 64);
             fixed (float* pb = packed)
             {
                 float* bp = (float*)(((nint)pb + 63) & ~(nint)63);
+                // The micro-kernels leave their accumulators here; AddTile adds them to Y. (Adding to Y inside a kernel
+                // puts a call after its k loop, and the JIT then spilled every accumulator at every FMA.)
+                float* tile = bp + panels * nr * KC;
                 for (int k0 = 0; k0 < k; k0 += KC)
                 {
                     int kc = Math.Min(KC, k - k0);
@@ -93,9 +96,15 @@ public static unsafe class Gemm
                         float* panel = bp + p * nr * kc;
                         int i = 0;
                         for (; i + MR <= mLen; i += MR)
-                            Kernel8<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, k, panel, kc, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, cols);
+                        {
+                            Kernel8<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, k, panel, kc, tile);
+                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, MR, cols);
+                        }
                         for (; i < mLen; i++)
-                            Kernel1<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, panel, kc, (float*)py + (long)(m0 + i) * n + n0 + p * nr, cols);
+                        {
+                            Kernel1<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, panel, kc, tile);
+                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, 1, cols);
+                        }
                     }
                 }
             }
@@ -151,7 +160,7 @@ public static unsafe class Gemm
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Kernel8<TOps, TVec>(float* a, int lda, float* b, int kc, float* c, int ldc, int cols)
+    private static void Kernel8<TOps, TVec>(float* a, int lda, float* b, int kc, float* acc)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         int v = TOps.Count, nr = 2 * v;
@@ -171,17 +180,17 @@ public static unsafe class Gemm
             t = TOps.Splat(a6[kk]); c60 = TOps.Fma(t, b0, c60); c61 = TOps.Fma(t, b1, c61);
             t = TOps.Splat(a7[kk]); c70 = TOps.Fma(t, b0, c70); c71 = TOps.Fma(t, b1, c71);
         }
-        Update<TOps, TVec>(c, c00, c01, cols);
-        Update<TOps, TVec>(c + ldc, c10, c11, cols);
-        Update<TOps, TVec>(c + 2 * ldc, c20, c21, cols);
-        Update<TOps, TVec>(c + 3 * ldc, c30, c31, cols);
-        Update<TOps, TVec>(c + 4 * ldc, c40, c41, cols);
-        Update<TOps, TVec>(c + 5 * ldc, c50, c51, cols);
-        Update<TOps, TVec>(c + 6 * ldc, c60, c61, cols);
-        Update<TOps, TVec>(c + 7 * ldc, c70, c71, cols);
+        TOps.Store(acc, c00); TOps.Store(acc + v, c01);
+        TOps.Store(acc + nr, c10); TOps.Store(acc + nr + v, c11);
+        TOps.Store(acc + 2 * nr, c20); TOps.Store(acc + 2 * nr + v, c21);
+        TOps.Store(acc + 3 * nr, c30); TOps.Store(acc + 3 * nr + v, c31);
+        TOps.Store(acc + 4 * nr, c40); TOps.Store(acc + 4 * nr + v, c41);
+        TOps.Store(acc + 5 * nr, c50); TOps.Store(acc + 5 * nr + v, c51);
+        TOps.Store(acc + 6 * nr, c60); TOps.Store(acc + 6 * nr + v, c61);
+        TOps.Store(acc + 7 * nr, c70); TOps.Store(acc + 7 * nr + v, c71);
     }
 
-    private static void Kernel1<TOps, TVec>(float* a, float* b, int kc, float* c, int cols)
+    private static void Kernel1<TOps, TVec>(float* a, float* b, int kc, float* acc)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         int v = TOps.Count, nr = 2 * v;
@@ -192,24 +201,24 @@ public static unsafe class Gemm
             c0 = TOps.Fma(t, TOps.Load(b), c0);
             c1 = TOps.Fma(t, TOps.Load(b + v), c1);
         }
-        Update<TOps, TVec>(c, c0, c1, cols);
+        TOps.Store(acc, c0);
+        TOps.Store(acc + v, c1);
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Update<TOps, TVec>(float* c, TVec lo, TVec hi, int cols)
+    /// <summary>c[r, j] += acc[r, j] for <paramref name="rows"/> rows of a tile two vectors wide, its first
+    /// <paramref name="cols"/> columns.</summary>
+    private static void AddTile<TOps, TVec>(float* acc, float* c, int ldc, int rows, int cols)
         where TOps : IVecOps<TVec> where TVec : struct
     {
-        int v = TOps.Count;
-        if (cols == 2 * v)
-        {
-            TOps.Store(c, TOps.Add(TOps.Load(c), lo));
-            TOps.Store(c + v, TOps.Add(TOps.Load(c + v), hi));
-            return;
-        }
-        float* tmp = stackalloc float[2 * v];
-        TOps.Store(tmp, lo);
-        TOps.Store(tmp + v, hi);
-        for (int j = 0; j < cols; j++) c[j] += tmp[j];
+        int v = TOps.Count, nr = 2 * v;
+        for (int r = 0; r < rows; r++, acc += nr, c += ldc)
+            if (cols == nr)
+            {
+                TOps.Store(c, TOps.Add(TOps.Load(c), TOps.Load(acc)));
+                TOps.Store(c + v, TOps.Add(TOps.Load(c + v), TOps.Load(acc + v)));
+            }
+            else
+                for (int j = 0; j < cols; j++) c[j] += acc[j];
     }
 
     private static void Gemv<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, int threads)
