@@ -150,11 +150,9 @@ public static unsafe class Gemm
             int cols = Math.Min(nr, nLen - p * nr);
             for (int kk = 0; kk < kc; kk++)
             {
-                float* src = w + (long)(k0 + kk) * ldw + n0 + p * nr;
                 float* d = dst + kk * nr;
-                int r = 0;
-                for (; r < cols; r++) d[r] = src[r];
-                for (; r < nr; r++) d[r] = 0;
+                new ReadOnlySpan<float>(w + (long)(k0 + kk) * ldw + n0 + p * nr, cols).CopyTo(new Span<float>(d, cols));
+                if (cols < nr) new Span<float>(d + cols, nr - cols).Clear();
             }
         }
     }
