@@ -127,12 +127,14 @@ public static class Program
 
     private static double Median(List<double> xs) { xs.Sort(); return xs[xs.Count / 2]; }
 
-    /// <summary>Median seconds per call after one warm-up call, over at least 3 calls and about <paramref name="budget"/> seconds.</summary>
+    /// <summary>Median seconds per call over at least 3 calls and about <paramref name="budget"/> seconds, after warm-up calls
+    /// for a third of the budget (while the JIT tiers up, the first calls run several times slower).</summary>
     private static double Time(Action run, double budget)
     {
-        run();
-        var samples = new List<double>();
         var total = Stopwatch.StartNew();
+        do run(); while (total.Elapsed.TotalSeconds < budget / 3);
+        var samples = new List<double>();
+        total.Restart();
         while (samples.Count < 3 || total.Elapsed.TotalSeconds < budget)
         {
             var sw = Stopwatch.StartNew();
@@ -292,16 +294,24 @@ public static class Program
     private sealed record ForwardTimes(double PrefillSeconds, double PrefillFlops, double DecodeTokS);
 
     /// <summary>Per model: prefill of <paramref name="ids"/> with the logits of the last row only (what generation needs),
-    /// and single-token decode after it (runs of 32 steps after 8 warm-up steps). The models take turns, sample by
-    /// sample, so that drifts of this shared machine hit them alike; medians.</summary>
+    /// and single-token decode after it (runs of 32 steps after 8 warm-up steps). After warm-up rounds, the models take
+    /// turns, sample by sample, so that drifts of this shared machine hit them alike; medians.</summary>
     private static List<ForwardTimes> ForwardSpeed(IReadOnlyList<Engine.Inference.LlamaModel> models, int[] ids, double seconds)
     {
         int tokens = ids.Length;
         const int warmup = 8, steps = 32;
         var prefill = models.Select(_ => new List<double>()).ToList();
         var decode = models.Select(_ => new List<double>()).ToList();
-        foreach (var model in models) model.Forward(ids, model.NewCache(tokens), lastOnly: true);
+        // Warm-up rounds (the first passes run while the JIT is still tiering up: 2-4x slower), then the samples.
         var total = Stopwatch.StartNew();
+        for (int round = 0; round < 3 || total.Elapsed.TotalSeconds < seconds; round++)
+            foreach (var model in models)
+            {
+                var cache = model.NewCache(tokens + warmup);
+                model.Forward(ids, cache, lastOnly: true);
+                for (int j = 0; j < warmup; j++) model.Forward([ids[j]], cache, lastOnly: true);
+            }
+        total.Restart();
         while (prefill[0].Count < 3 || total.Elapsed.TotalSeconds < seconds * models.Count)
             for (int i = 0; i < models.Count; i++)
             {
