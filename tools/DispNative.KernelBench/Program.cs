@@ -67,24 +67,12 @@ public static class Program
         return i >= 0 && i + 1 < args.Length ? args[i + 1] : null;
     }
 
-    /// <summary>The fp32 peak the GEMMs are held against, measured: every core runs a loop of independent FMAs on
-    /// registers only (12 accumulators, enough to cover the FMA latency on both pipes), nothing to load or store. The
-    /// clock the OS reports (a base clock in a VM) is printed beside it for comparison.</summary>
+    /// <summary>The fp32 peak the GEMMs are held against, measured (<see cref="Gemm.MeasureFmaPeakGflops"/>); the clock
+    /// the OS reports (a base clock in a VM) is printed beside it for comparison.</summary>
     private static (double Gflops, string How) PeakFp32()
     {
-        int threads = Gemm.Threads;
-        bool wide = Vector512.IsHardwareAccelerated;
-        int lanes = wide ? 16 : 8;
-        const long iterations = 50_000_000;
-        double Run()
-        {
-            var sw = Stopwatch.StartNew();
-            var sums = new float[threads];
-            Parallel.For(0, threads, new ParallelOptions { MaxDegreeOfParallelism = threads }, t => sums[t] = wide ? FmaLoop512(iterations) : FmaLoop256(iterations));
-            return threads * iterations * 12.0 * lanes * 2 / sw.Elapsed.TotalSeconds / 1e9;
-        }
-        Run();
-        double peak = Math.Max(Run(), Run());
+        int threads = Gemm.Threads, lanes = Vector512.IsHardwareAccelerated ? 16 : 8;
+        double peak = Gemm.MeasureFmaPeakGflops();
         string clock = "unknown";
         const string maxFreq = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq";
         if (File.Exists(maxFreq) && double.TryParse(File.ReadAllText(maxFreq).Trim(), out var khz)) clock = $"{khz / 1e6:F2} GHz (cpuinfo_max_freq)";
@@ -95,34 +83,6 @@ public static class Program
                 clock = $"{mhz / 1000:F2} GHz (/proc/cpuinfo), which gives {threads * mhz / 1000 * 2 * lanes * 2:F0} GFLOP/s at 2 FMA pipes";
         }
         return (peak, $"a register-only FMA loop on {threads} threads, {lanes} fp32 lanes; the OS reports {clock}");
-    }
-
-    private static float FmaLoop512(long n)
-    {
-        var (a, b) = (Vector512.Create(1.0000001f), Vector512.Create(0.9999999f));
-        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default, c8 = default, c9 = default, c10 = default, c11 = default;
-        for (long i = 0; i < n; i++)
-        {
-            c0 = Vector512.FusedMultiplyAdd(a, b, c0); c1 = Vector512.FusedMultiplyAdd(a, b, c1); c2 = Vector512.FusedMultiplyAdd(a, b, c2);
-            c3 = Vector512.FusedMultiplyAdd(a, b, c3); c4 = Vector512.FusedMultiplyAdd(a, b, c4); c5 = Vector512.FusedMultiplyAdd(a, b, c5);
-            c6 = Vector512.FusedMultiplyAdd(a, b, c6); c7 = Vector512.FusedMultiplyAdd(a, b, c7); c8 = Vector512.FusedMultiplyAdd(a, b, c8);
-            c9 = Vector512.FusedMultiplyAdd(a, b, c9); c10 = Vector512.FusedMultiplyAdd(a, b, c10); c11 = Vector512.FusedMultiplyAdd(a, b, c11);
-        }
-        return Vector512.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
-    }
-
-    private static float FmaLoop256(long n)
-    {
-        var (a, b) = (Vector256.Create(1.0000001f), Vector256.Create(0.9999999f));
-        Vector256<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default, c8 = default, c9 = default, c10 = default, c11 = default;
-        for (long i = 0; i < n; i++)
-        {
-            c0 = Vector256.FusedMultiplyAdd(a, b, c0); c1 = Vector256.FusedMultiplyAdd(a, b, c1); c2 = Vector256.FusedMultiplyAdd(a, b, c2);
-            c3 = Vector256.FusedMultiplyAdd(a, b, c3); c4 = Vector256.FusedMultiplyAdd(a, b, c4); c5 = Vector256.FusedMultiplyAdd(a, b, c5);
-            c6 = Vector256.FusedMultiplyAdd(a, b, c6); c7 = Vector256.FusedMultiplyAdd(a, b, c7); c8 = Vector256.FusedMultiplyAdd(a, b, c8);
-            c9 = Vector256.FusedMultiplyAdd(a, b, c9); c10 = Vector256.FusedMultiplyAdd(a, b, c10); c11 = Vector256.FusedMultiplyAdd(a, b, c11);
-        }
-        return Vector256.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
     }
 
     private static double Median(List<double> xs) { xs.Sort(); return xs[xs.Count / 2]; }

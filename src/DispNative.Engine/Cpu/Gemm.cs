@@ -111,6 +111,39 @@ public static unsafe class Gemm
         }
     }
 
+    /// <summary>GFLOP/s of a register-only loop of independent FMAs (12 accumulators, enough to hide the FMA latency
+    /// on two pipes) on <see cref="Threads"/> threads, the best of two timed runs after a warm-up: the fp32 peak as this
+    /// runtime reaches it on this machine, for benchmarks.</summary>
+    public static double MeasureFmaPeakGflops(long iterations = 50_000_000)
+    {
+        int threads = Math.Max(1, Threads), lanes = Simd.Use512 ? 16 : 8;
+        double Run()
+        {
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            var sink = new float[threads];
+            Parallel.For(0, threads, new ParallelOptions { MaxDegreeOfParallelism = threads },
+                t => sink[t] = Simd.Use512 ? FmaLoop<V512, Vector512<float>>(iterations) : FmaLoop<V256, Vector256<float>>(iterations));
+            return threads * iterations * 12.0 * lanes * 2 / sw.Elapsed.TotalSeconds / 1e9;
+        }
+        Run();
+        return Math.Max(Run(), Run());
+    }
+
+    private static float FmaLoop<TOps, TVec>(long n) where TOps : IVecOps<TVec> where TVec : struct
+    {
+        TVec a = TOps.Splat(1.0000001f), b = TOps.Splat(0.9999999f);
+        TVec c0 = TOps.Zero, c1 = TOps.Zero, c2 = TOps.Zero, c3 = TOps.Zero, c4 = TOps.Zero, c5 = TOps.Zero;
+        TVec c6 = TOps.Zero, c7 = TOps.Zero, c8 = TOps.Zero, c9 = TOps.Zero, c10 = TOps.Zero, c11 = TOps.Zero;
+        for (long i = 0; i < n; i++)
+        {
+            c0 = TOps.Fma(a, b, c0); c1 = TOps.Fma(a, b, c1); c2 = TOps.Fma(a, b, c2); c3 = TOps.Fma(a, b, c3);
+            c4 = TOps.Fma(a, b, c4); c5 = TOps.Fma(a, b, c5); c6 = TOps.Fma(a, b, c6); c7 = TOps.Fma(a, b, c7);
+            c8 = TOps.Fma(a, b, c8); c9 = TOps.Fma(a, b, c9); c10 = TOps.Fma(a, b, c10); c11 = TOps.Fma(a, b, c11);
+        }
+        TVec s = TOps.Add(TOps.Add(TOps.Add(c0, c1), TOps.Add(c2, c3)), TOps.Add(TOps.Add(c4, c5), TOps.Add(c6, c7)));
+        return TOps.Sum(TOps.Add(s, TOps.Add(TOps.Add(c8, c9), TOps.Add(c10, c11))));
+    }
+
     [ThreadStatic] private static float[]? _packBuffer;
 
     /// <summary>A per-thread packing buffer, reused across calls (allocating one per task costs more than small GEMMs).</summary>
