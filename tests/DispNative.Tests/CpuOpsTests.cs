@@ -37,6 +37,17 @@ public class CpuOpsTests
         }
     }
 
+    [TestCase(37, 100)]     // rows in fours and a remainder; a vector tail and a scalar tail
+    [TestCase(1024, 384)]   // above the size where GEMV splits the rows across threads
+    public unsafe void Gemv_EqualsOneDotProductPerRow_BitForBit(int n, int k)
+    {
+        var x = Rand(k, 7); var w = Rand(n * k, 8); var y = new float[n];
+        Gemm.MatMulT(x, w, y, 1, n, k);
+        fixed (float* px = x, pw = w)
+            for (int j = 0; j < n; j++)
+                Assert.That(y[j], Is.EqualTo(Simd.Dot(px, pw + (long)j * k, k)), $"row {j}");
+    }
+
     [Test]
     public void Gemm_SingleThread_EqualsMultiThread()
     {
