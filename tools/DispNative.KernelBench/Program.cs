@@ -269,7 +269,7 @@ public static class Program
             {
                 var cache = model.NewCache(tokens + warmup);
                 model.Forward(ids, cache, lastOnly: true);
-                for (int j = 0; j < warmup; j++) model.Forward([ids[j]], cache, lastOnly: true);
+                for (int j = 0; j < warmup; j++) model.Forward([ids[j % tokens]], cache, lastOnly: true);
             }
         total.Restart();
         while (prefill[0].Count < 3 || total.Elapsed.TotalSeconds < seconds * models.Count)
@@ -280,9 +280,9 @@ public static class Program
                 var sw = Stopwatch.StartNew();
                 model.Forward(ids, cache, lastOnly: true);
                 prefill[i].Add(sw.Elapsed.TotalSeconds);
-                for (int j = 0; j < warmup; j++) model.Forward([ids[j]], cache, lastOnly: true);
+                for (int j = 0; j < warmup; j++) model.Forward([ids[j % tokens]], cache, lastOnly: true);
                 sw.Restart();
-                for (int j = 0; j < steps; j++) model.Forward([ids[j]], cache, lastOnly: true);
+                for (int j = 0; j < steps; j++) model.Forward([ids[j % tokens]], cache, lastOnly: true);
                 decode[i].Add(steps / sw.Elapsed.TotalSeconds);
             }
         return models.Select((model, i) =>
