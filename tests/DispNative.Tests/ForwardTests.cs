@@ -93,6 +93,31 @@ public class ForwardTests
     }
 
     [Test]
+    public void ChunkedPrefillOnGemmsThenDecode_EqualsFullForward()
+    {
+        Assert.That(LlamaModel.GemmAttentionMinRows, Is.LessThanOrEqualTo(30), "the chunks below must take the GEMM path");
+        var m = Tiny().Model;
+        int[] ids = Enumerable.Range(0, 70).Select(i => 1 + i * 37 % 250).ToArray();
+        var full = m.Forward(ids, m.NewCache(ids.Length));   // 70 rows: attention on GEMM tiles from position 0
+        var cache = m.NewCache(ids.Length);
+        var step = new List<float>(m.Forward(ids[..30], cache));
+        step.AddRange(m.Forward(ids[30..66], cache));          // GEMM tiles after 30 cached positions
+        for (int t = 66; t < ids.Length; t++) step.AddRange(m.Forward([ids[t]], cache));
+        AssertClose(step.ToArray(), full, 1e-5, "chunked vs full");
+    }
+
+    [Test]
+    public async Task ConcurrentPrefills_OnAFreshModel_EqualTheSerialOne()
+    {
+        // The RoPE angle table is built on first use: concurrent first calls must each see a whole table.
+        var m = Tiny().Model;
+        int[] ids = Enumerable.Range(0, 48).Select(i => 1 + i * 11 % 250).ToArray();
+        var together = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => Task.Run(() => m.Forward(ids, m.NewCache(ids.Length)))));
+        var serial = m.Forward(ids, m.NewCache(ids.Length));
+        foreach (var logits in together) Assert.That(logits, Is.EqualTo(serial));
+    }
+
+    [Test]
     public void BatchedForward_EqualsOneSequenceAtATime()
     {
         var m = Tiny(tied: false).Model;
