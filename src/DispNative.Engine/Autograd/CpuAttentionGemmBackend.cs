@@ -97,11 +97,18 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
     {
         if (transposed)
         {
-            for (int c = 0; c < cols; c++)
-            {
-                var line = src.AsSpan((int)(offset + (long)c * ld), rows);
-                for (int r = 0; r < rows; r++) dst[r * cols + c] = line[r];
-            }
+            // In 16×16 blocks, so that the strided side of the copy stays within a few cache lines.
+            const int B = 16;
+            for (int c0 = 0; c0 < cols; c0 += B)
+                for (int r0 = 0; r0 < rows; r0 += B)
+                {
+                    int c1 = Math.Min(cols, c0 + B), r1 = Math.Min(rows, r0 + B);
+                    for (int c = c0; c < c1; c++)
+                    {
+                        long line = offset + (long)c * ld;
+                        for (int r = r0; r < r1; r++) dst[r * cols + c] = src[line + r];
+                    }
+                }
             return;
         }
         for (int r = 0; r < rows; r++) src.AsSpan((int)(offset + (long)r * ld), cols).CopyTo(dst.AsSpan(r * cols, cols));
