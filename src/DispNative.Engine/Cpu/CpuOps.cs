@@ -260,8 +260,17 @@ public sealed class Rope
     /// <summary>Inverse frequency of rotation pair i (what the GPU kernel multiplies the position by).</summary>
     public float InverseFrequency(int i) => _invFreq[i];
 
-    /// <summary>cos and sin of angle (position · inverse frequency) for one position, as the forward uses them.</summary>
+    /// <summary>cos and sin of angle (position · inverse frequency) for one position, as the forward uses them (from the
+    /// cached table).</summary>
     public void Angles(int position, Span<float> cos, Span<float> sin)
+    {
+        var table = TableFor(position + 1);
+        int half = _invFreq.Length;
+        table.Cos.AsSpan(position * half, half).CopyTo(cos);
+        table.Sin.AsSpan(position * half, half).CopyTo(sin);
+    }
+
+    private void ComputeAngles(int position, Span<float> cos, Span<float> sin)
     {
         float pos = position;
         for (int i = 0; i < _invFreq.Length; i++)
@@ -272,7 +281,7 @@ public sealed class Rope
         }
     }
 
-    /// <summary>cos and sin of every pair for positions [0, Positions), row-major: what <see cref="Angles"/> gives.</summary>
+    /// <summary>cos and sin of every pair for positions [0, Positions), row-major.</summary>
     private sealed record AngleTable(int Positions, float[] Cos, float[] Sin);
 
     private AngleTable _table = new(0, [], []);
@@ -285,7 +294,7 @@ public sealed class Rope
         if (table.Positions >= positions) return table;
         int n = Math.Max(positions, Math.Max(256, 2 * table.Positions)), half = _invFreq.Length;
         var (cos, sin) = (new float[(long)n * half], new float[(long)n * half]);
-        for (int p = 0; p < n; p++) Angles(p, cos.AsSpan(p * half, half), sin.AsSpan(p * half, half));
+        for (int p = 0; p < n; p++) ComputeAngles(p, cos.AsSpan(p * half, half), sin.AsSpan(p * half, half));
         return _table = new AngleTable(n, cos, sin);
     }
 
