@@ -51,6 +51,16 @@ public class CliTests
     }
 
     [Test]
+    public void ADirectoryHoldingALlama2cCheckpoint_PointsAtTheBinFile()
+    {
+        var dir = TestAssets.TempDir();
+        File.WriteAllBytes(Path.Combine(dir, "model.bin"), new byte[28]);
+        var (code, _, stderr) = Run("inspect", "--model", dir);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("no config.json").And.Contain($"--model {Path.Combine(dir, "model.bin")} --tokenizer"));
+    }
+
+    [Test]
     public void EmptyText_IsAClearError()
     {
         var dir = TestAssets.WriteTinyModel();

@@ -178,7 +178,7 @@ public static class Program
             var dtypes = new SortedDictionary<string, long>();
             if (Directory.Exists(path))
             {
-                c = ModelConfig.Load(Path.Combine(path, "config.json"));
+                c = ModelLoader.LoadConfig(path);
                 using var ckpt = SafeTensorsCheckpoint.Open(path);
                 foreach (var name in ckpt.Names)
                 {

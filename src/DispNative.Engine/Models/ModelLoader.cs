@@ -36,7 +36,7 @@ public static class ModelLoader
     {
         if (Directory.Exists(path))
         {
-            var config = ModelConfig.Load(Path.Combine(path, "config.json"));
+            var config = LoadConfig(path);
             ModelWeights weights;
             using (var ckpt = SafeTensorsCheckpoint.Open(path)) weights = ModelWeights.Load(ckpt, config);
             var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
@@ -55,6 +55,16 @@ public static class ModelLoader
             return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
         }
         throw new ModelFormatException($"model not found: {path}");
+    }
+
+    /// <summary>The config.json of a model directory; a directory holding a llama2.c <c>.bin</c> instead says how to load it.</summary>
+    public static ModelConfig LoadConfig(string dir)
+    {
+        string configPath = Path.Combine(dir, "config.json");
+        if (!File.Exists(configPath) && Directory.GetFiles(dir, "*.bin") is [var bin, ..])
+            throw new ModelFormatException(
+                $"{dir}: no config.json; for a llama2.c checkpoint pass the .bin file and its tokenizer (--model {bin} --tokenizer TOKENIZER.bin)");
+        return ModelConfig.Load(configPath);
     }
 
     private static void CheckVocab(ITokenizer tokenizer, ModelConfig config, string path)
