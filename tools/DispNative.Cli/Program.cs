@@ -11,6 +11,7 @@ using DispNative.Engine.IO;
 using DispNative.Engine.Disp;
 using DispNative.Engine.Models;
 using DispNative.Engine.Training;
+using DispNative.Engine.Builtin;
 using Spectre.Console;
 
 namespace DispNative.Cli;
@@ -33,7 +34,7 @@ public static class Program
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
     }
 
-    private static Option<string> ModelOption() => new("--model") { Description = "Hugging Face model directory or llama2.c .bin", Required = true };
+    private static Option<string> ModelOption() => new("--model") { Description = "Hugging Face model directory, llama2.c .bin, or builtin:tiny", Required = true };
     private static Option<string?> TokenizerOption() => new("--tokenizer") { Description = "tokenizer file (required for a llama2.c .bin)" };
     private static Option<string> DeviceOption() => new("--device") { Description = "cpu | cuda | auto", DefaultValueFactory = _ => "auto" };
     private static Option<string> DTypeOption() => new("--dtype") { Description = "auto | f32 | bf16 | f16: storage type on CUDA (auto: bf16; the CPU computes in f32)", DefaultValueFactory = _ => "auto" };
@@ -57,7 +58,7 @@ public static class Program
         string chosen = Devices.Resolve(device);
         var parsed = Devices.ParseDType(dtype);
         stderr.WriteLine($"loading {model} on {chosen}");
-        return Devices.Place(ModelLoader.Load(model, tokenizer), chosen, parsed);
+        return Devices.Place(ModelLoader.Load(TinyModel.Resolve(model), tokenizer), chosen, parsed);
     }
 
     private static Command EvalCommand(TextWriter stdout, TextWriter stderr)
@@ -70,7 +71,7 @@ public static class Program
         var cmd = new Command("eval", "Perplexity of a model on a text (DISP-LLM/SliceGPT protocol)") { model, tok, device, dtype, text, blockSize, maxBlocks, json };
         cmd.SetAction(p => Guard(stderr, () =>
         {
-            string textPath = p.GetValue(text)!;
+            string textPath = TinyModel.Resolve(p.GetValue(text)!);
             int bs = p.GetValue(blockSize);
             int? mb = p.GetValue(maxBlocks);
             if (bs < 2) throw new InvalidSettingException($"--block-size must be at least 2 (got {bs})");
@@ -173,7 +174,7 @@ public static class Program
         var cmd = new Command("inspect", "Architecture, parameter counts by kind and dtypes") { model };
         cmd.SetAction(p => Guard(stderr, () =>
         {
-            string path = p.GetValue(model)!;
+            string path = TinyModel.Resolve(p.GetValue(model)!);
             ModelConfig c;
             var dtypes = new SortedDictionary<string, long>();
             if (Directory.Exists(path))
@@ -250,11 +251,11 @@ public static class Program
             if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any() &&
                 !File.Exists(Path.Combine(outDir, HypernetworkTrainer.CheckpointFile)))
                 throw new InvalidSettingException($"{outDir} exists and holds no training checkpoint; choose a new output directory");
-            var files = p.GetValue(calibration)!;
+            var files = p.GetValue(calibration)!.Select(f => TinyModel.Resolve(f)).ToArray();
             foreach (var f in files) if (!File.Exists(f)) throw new InvalidSettingException($"calibration file not found: {f}");
 
             string dev = Devices.Resolve(p.GetValue(device)!);
-            var m = ModelLoader.Load(p.GetValue(model)!, p.GetValue(tok));
+            var m = ModelLoader.Load(TinyModel.Resolve(p.GetValue(model)!), p.GetValue(tok));
             var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
