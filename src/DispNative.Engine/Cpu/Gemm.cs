@@ -22,17 +22,7 @@ public static unsafe class Gemm
     /// callers that parallelise over their own items.</summary>
     public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
         bool parallel = true)
-    {
-        if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
-            throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
-        if (m == 0 || n == 0) return;
-        fixed (float* px = x, pw = w, py = y)
-        {
-            int threads = parallel ? Math.Max(1, Threads) : 1;
-            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads);
-            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads);
-        }
-    }
+        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: true);
 
     /// <summary><c>Y[M,N] (+)= X[M,K] · W[K,N]</c> (W not transposed): the input gradient of a linear layer.</summary>
     public static void MatMul(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
@@ -40,6 +30,10 @@ public static unsafe class Gemm
 
     public static void MatMul(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
         bool parallel = true)
+        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: false);
+
+    private static void Dispatch(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate,
+        bool parallel, bool wTransposed)
     {
         if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
             throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
@@ -47,12 +41,12 @@ public static unsafe class Gemm
         fixed (float* px = x, pw = w, py = y)
         {
             int threads = parallel ? Math.Max(1, Threads) : 1;
-            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed: false);
-            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed: false);
+            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed);
+            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed);
         }
     }
 
-    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed = true)
+    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
