@@ -48,6 +48,32 @@ public class CpuOpsTests
                 Assert.That(y[j], Is.EqualTo(Simd.Dot(px, pw + (long)j * k, k)), $"row {j}");
     }
 
+    [TestCase(1)]    // GEMV, four rows per pass
+    [TestCase(5)]    // GEMV, a dot product per row
+    [TestCase(21)]   // packed micro-kernels
+    public void Gemm_WithStridedW_EqualsThePackedCopy_BitForBit(int m)
+    {
+        // W's 37 rows of 19 floats sit 45 apart after an offset of 7, as one KV head does in a [keys, kvDim] cache.
+        int n = 37, k = 19, ld = 45, offset = 7;
+        var x = Rand(m * k, 11); var strided = Rand(offset + n * ld, 12);
+        var packed = new float[n * k];
+        for (int r = 0; r < n; r++) Array.Copy(strided, offset + r * ld, packed, r * k, k);
+        var expected = new float[m * n]; var actual = new float[m * n];
+        Gemm.MatMulT(x, packed, expected, m, n, k);
+        Gemm.MatMulT(x, 0, strided, offset, actual, 0, m, n, k, ldw: ld);
+        Assert.That(actual, Is.EqualTo(expected), "X·Wᵀ");
+
+        // Not transposed: W is [k rows of n]; here k = 37 rows of n = 19.
+        var xn = Rand(m * n, 13);
+        var expectedN = new float[m * k]; var actualN = new float[m * k];
+        Gemm.MatMul(xn, packed, expectedN, m, k, n);
+        Gemm.MatMul(xn, 0, strided, offset, actualN, 0, m, k, n, ldw: ld);
+        Assert.That(actualN, Is.EqualTo(expectedN), "X·W");
+
+        Assert.Throws<ArgumentException>(() => Gemm.MatMulT(x, 0, strided, offset + ld, actual, 0, m, n, k, ldw: ld), "the last row runs past W");
+        Assert.Throws<ArgumentException>(() => Gemm.MatMulT(x, 0, strided, 0, actual, 0, m, n, k, ldw: k - 1), "a stride shorter than a row");
+    }
+
     [Test]
     public void Gemm_SingleThread_EqualsMultiThread()
     {

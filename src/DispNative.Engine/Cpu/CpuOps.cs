@@ -95,14 +95,14 @@ public static unsafe class CpuOps
         }
     }
 
-    /// <summary>Row i of the output = embedding row tokens[i].</summary>
-    public static void Embed(float[] table, ReadOnlySpan<int> tokens, float[] y, int d, int vocab)
+    /// <summary>Output row firstRow + i = embedding row tokens[i].</summary>
+    public static void Embed(float[] table, ReadOnlySpan<int> tokens, float[] y, int d, int vocab, int firstRow = 0)
     {
         for (int i = 0; i < tokens.Length; i++)
         {
             int t = tokens[i];
             if ((uint)t >= (uint)vocab) throw new DispNativeException($"token id {t} is outside the vocabulary (size {vocab})");
-            Array.Copy(table, (long)t * d, y, (long)i * d, d);
+            Array.Copy(table, (long)t * d, y, (long)(firstRow + i) * d, d);
         }
     }
 
@@ -175,18 +175,6 @@ public static unsafe class CpuOps
     {
         int qDim = heads * headDim, kvDim = kvHeads * headDim, group = heads / kvHeads, keys = start + tq;
         float scale = 1f / MathF.Sqrt(headDim);
-        // Each KV head's keys and values as contiguous [keys, headDim] blocks, the GEMMs' operand layout.
-        var packedK = new float[kvHeads][];
-        var packedV = new float[kvHeads][];
-        Parallel.For(0, kvHeads, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, kvh =>
-        {
-            var (kh, vh) = (packedK[kvh] = new float[(long)keys * headDim], packedV[kvh] = new float[(long)keys * headDim]);
-            for (int s = 0; s < keys; s++)
-            {
-                Array.Copy(kCache, (long)s * kvDim + kvh * headDim, kh, (long)s * headDim, headDim);
-                Array.Copy(vCache, (long)s * kvDim + kvh * headDim, vh, (long)s * headDim, headDim);
-            }
-        });
         int tiles = (tq + AttentionTileRows - 1) / AttentionTileRows, maxRows = group * Math.Min(tq, AttentionTileRows);
         void Tile(int item, float[] qt, float[] scores, float[] ot)
         {
@@ -198,7 +186,8 @@ public static unsafe class CpuOps
             for (int g = 0; g < group; g++)
                 for (int t = 0; t < rows; t++)
                     Array.Copy(q, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, qt, (long)(g * rows + t) * headDim, headDim);
-            Gemm.MatMulT(qt, 0, packedK[kvh], k0 * headDim, scores, 0, m, n, headDim, parallel: false);
+            // The GEMMs read the KV head's keys and values in place: rows kvDim apart in the cache.
+            Gemm.MatMulT(qt, 0, kCache, k0 * kvDim + kvh * headDim, scores, 0, m, n, headDim, parallel: false, ldw: kvDim);
             for (int r = 0; r < m; r++)
             {
                 int pos = start + t0 + r % rows;
@@ -212,14 +201,23 @@ public static unsafe class CpuOps
                 TensorPrimitives.Exp(live, live);
                 TensorPrimitives.Multiply(live, 1f / TensorPrimitives.Sum(live), live);
             }
-            Gemm.MatMul(scores, 0, packedV[kvh], k0 * headDim, ot, 0, m, headDim, n, parallel: false);
+            Gemm.MatMul(scores, 0, vCache, k0 * kvDim + kvh * headDim, ot, 0, m, headDim, n, parallel: false, ldw: kvDim);
             for (int g = 0; g < group; g++)
                 for (int t = 0; t < rows; t++)
                     Array.Copy(ot, (long)(g * rows + t) * headDim, output, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, headDim);
         }
-        Parallel.For(0, kvHeads * tiles, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads },
-            () => (Q: new float[maxRows * headDim], S: new float[(long)maxRows * keys], O: new float[maxRows * headDim]),
-            (item, _, scratch) => { Tile(item, scratch.Q, scratch.S, scratch.O); return scratch; }, _ => { });
+        Parallel.For(0, kvHeads * tiles, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, item =>
+            Tile(item, Scratch(ref _tileQ, maxRows * headDim), Scratch(ref _tileScores, (long)maxRows * keys), Scratch(ref _tileO, maxRows * headDim)));
+    }
+
+    // Per-thread tiles of AttentionOnGemms, kept between calls: fresh arrays for every layer's prefill cost more in page
+    // faults and clearing than the tiles' arithmetic. The largest tile a thread has run stays allocated.
+    [ThreadStatic] private static float[]? _tileQ, _tileScores, _tileO;
+
+    private static float[] Scratch(ref float[]? buffer, long length)
+    {
+        if (buffer == null || buffer.Length < length) buffer = GC.AllocateUninitializedArray<float>(checked((int)length));
+        return buffer;
     }
 }
 

@@ -18,42 +18,48 @@ public static unsafe class Gemm
     public static void MatMulT(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
         => MatMulT(x, 0, w, 0, y, 0, m, n, k, accumulate);
 
-    /// <summary>As above on operands starting at the offsets. <c>parallel: false</c> runs on the calling thread only, for
-    /// callers that parallelise over their own items.</summary>
+    /// <summary>As above on operands starting at the offsets; W's rows <paramref name="ldw"/> apart (0: packed, k). <c>parallel:
+    /// false</c> runs on the calling thread only, for callers that parallelise over their own items.</summary>
     public static void MatMulT(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
-        bool parallel = true)
-        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: true);
+        bool parallel = true, int ldw = 0)
+        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: true, ldw);
 
     /// <summary><c>Y[M,N] (+)= X[M,K] · W[K,N]</c> (W not transposed): the input gradient of a linear layer.</summary>
     public static void MatMul(float[] x, float[] w, float[] y, int m, int n, int k, bool accumulate = false)
         => MatMul(x, 0, w, 0, y, 0, m, n, k, accumulate);
 
+    /// <summary>As above on operands starting at the offsets; W's rows <paramref name="ldw"/> apart (0: packed, n).</summary>
     public static void MatMul(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate = false,
-        bool parallel = true)
-        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: false);
+        bool parallel = true, int ldw = 0)
+        => Dispatch(x, xOffset, w, wOffset, y, yOffset, m, n, k, accumulate, parallel, wTransposed: false, ldw);
 
     private static void Dispatch(float[] x, int xOffset, float[] w, int wOffset, float[] y, int yOffset, int m, int n, int k, bool accumulate,
-        bool parallel, bool wTransposed)
+        bool parallel, bool wTransposed, int ldw)
     {
-        if ((long)xOffset + (long)m * k > x.Length || (long)wOffset + (long)n * k > w.Length || (long)yOffset + (long)m * n > y.Length)
+        // W is [n rows of k] (transposed) or [k rows of n], its rows ldw apart.
+        int wRows = wTransposed ? n : k, wCols = wTransposed ? k : n;
+        if (ldw == 0) ldw = wCols;
+        if (ldw < wCols) throw new ArgumentException($"GEMM: W's row stride {ldw} is shorter than its rows ({wCols})");
+        if ((long)xOffset + (long)m * k > x.Length || (wRows > 0 && wCols > 0 && (long)wOffset + (long)(wRows - 1) * ldw + wCols > w.Length) ||
+            (long)yOffset + (long)m * n > y.Length)
             throw new ArgumentException($"GEMM operands too small for M={m} N={n} K={k}");
         if (m == 0 || n == 0) return;
         fixed (float* px = x, pw = w, py = y)
         {
             int threads = parallel ? Math.Max(1, Threads) : 1;
-            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed);
-            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed);
+            if (Simd.Use512) Run<V512, Vector512<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed, ldw);
+            else Run<V256, Vector256<float>>(px + xOffset, pw + wOffset, py + yOffset, m, n, k, accumulate, threads, wTransposed, ldw);
         }
     }
 
-    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed)
-        where TOps : IVecOps<TVec> where TVec : struct
+    private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed,
+        int ldw) where TOps : IVecOps<TVec> where TVec : struct
     {
         if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
         if (k == 0) return;
         if (m < MR && wTransposed)
         {
-            Gemv<TOps, TVec>(x, w, y, m, n, k, threads);
+            Gemv<TOps, TVec>(x, w, y, m, n, k, threads, ldw);
             return;
         }
         int nr = 2 * TOps.Count;
@@ -82,8 +88,8 @@ public static unsafe class Gemm
                 for (int k0 = 0; k0 < k; k0 += KC)
                 {
                     int kc = Math.Min(KC, k - k0);
-                    if (wTransposed) Pack((float*)pw, bp, n0, nLen, k0, kc, k, nr);
-                    else PackKMajor((float*)pw, bp, n0, nLen, k0, kc, n, nr);
+                    if (wTransposed) Pack((float*)pw, bp, n0, nLen, k0, kc, ldw, nr);
+                    else PackKMajor((float*)pw, bp, n0, nLen, k0, kc, ldw, nr);
                     for (int p = 0; p < panels; p++)
                     {
                         int cols = Math.Min(nr, nLen - p * nr);
@@ -246,7 +252,7 @@ public static unsafe class Gemm
                 for (int j = 0; j < cols; j++) c[j] += acc[j];
     }
 
-    private static void Gemv<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, int threads)
+    private static void Gemv<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, int threads, int ldw)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         nint px = (nint)x, pw = (nint)w, py = (nint)y;
@@ -257,25 +263,26 @@ public static unsafe class Gemm
             int o0 = ci * chunk, o1 = Math.Min(n, o0 + chunk), o = o0;
             if (m == 1)
                 for (; o + 4 <= o1; o += 4)
-                    Dot4<TOps, TVec>((float*)px, (float*)pw + (long)o * k, k, (float*)py + o);
+                    Dot4<TOps, TVec>((float*)px, (float*)pw + (long)o * ldw, k, ldw, (float*)py + o);
             for (; o < o1; o++)
             {
-                float* wr = (float*)pw + (long)o * k;
+                float* wr = (float*)pw + (long)o * ldw;
                 for (int i = 0; i < m; i++)
                     ((float*)py)[(long)i * n + o] += Simd.Dot<TOps, TVec>((float*)px + (long)i * k, wr, k);
             }
         }
-        // Below 1 MiB of weights the hand-off to a second thread costs about what it saves (decode of ref-llama-25m).
-        if (threads == 1 || (long)n * k < 1 << 18) { for (int ci = 0; ci < chunks; ci++) Body(ci); }
+        // Below 256 KiB of weights the hand-off to a second thread costs about what it saves (decode of ref-llama-25m's
+        // shape, dense and pruned: 1 MiB was 8-13% slower, 128 KiB no faster).
+        if (threads == 1 || (long)n * k < 1 << 16) { for (int ci = 0; ci < chunks; ci++) Body(ci); }
         else Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, Body);
     }
 
-    /// <summary>y[r] += x · w[r] for the 4 rows of w from <paramref name="w"/> (row stride k): <see cref="Simd.Dot{TOps, TVec}"/>'s
+    /// <summary>y[r] += x · w[r] for the 4 rows of w from <paramref name="w"/> (row stride ldw): <see cref="Simd.Dot{TOps, TVec}"/>'s
     /// summation order for each row (bit-identical), with x loaded once for the 4 rows and 8 accumulators in flight.</summary>
-    private static void Dot4<TOps, TVec>(float* x, float* w, int k, float* y) where TOps : IVecOps<TVec> where TVec : struct
+    private static void Dot4<TOps, TVec>(float* x, float* w, int k, int ldw, float* y) where TOps : IVecOps<TVec> where TVec : struct
     {
         int v = TOps.Count, i = 0;
-        float* w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k;
+        float* w1 = w + ldw, w2 = w + 2 * ldw, w3 = w + 3 * ldw;
         TVec a0 = TOps.Zero, b0 = TOps.Zero, a1 = TOps.Zero, b1 = TOps.Zero, a2 = TOps.Zero, b2 = TOps.Zero, a3 = TOps.Zero, b3 = TOps.Zero;
         for (; i + 2 * v <= k; i += 2 * v)
         {
