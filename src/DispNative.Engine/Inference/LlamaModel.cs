@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using DispNative.Engine.Cpu;
 using DispNative.Engine.Models;
 
@@ -7,7 +8,8 @@ namespace DispNative.Engine.Inference;
 /// attention → o_proj → residual → RMSNorm → SwiGLU MLP → residual] × L → RMSNorm → LM head.
 /// DISP-pruned layers read their channels with a gather-norm, run sliced GEMMs and index-add their outputs
 /// into the full residual stream.
-/// Immutable after construction: concurrent forwards are safe, each with its own <see cref="KvCache"/>.</summary>
+/// Weights are read-only and every forward takes its own activation workspace: concurrent forwards are safe, each
+/// with its own <see cref="KvCache"/>.</summary>
 public sealed class LlamaModel : ICausalLanguageModel
 {
     private readonly Rope _rope;
@@ -45,8 +47,6 @@ public sealed class LlamaModel : ICausalLanguageModel
     public float[][] Forward(IReadOnlyList<int[]> batch, IReadOnlyList<KvCache> caches, bool lastOnly = false)
     {
         if (batch.Count != caches.Count) throw new ArgumentException("one KV cache per sequence is required");
-        var c = Config;
-        int d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         var offsets = new int[batch.Count + 1];
         for (int b = 0; b < batch.Count; b++)
         {
@@ -58,21 +58,17 @@ public sealed class LlamaModel : ICausalLanguageModel
         }
         int rows = offsets[^1];
 
-        var x = new float[(long)rows * d];
-        for (int b = 0; b < batch.Count; b++)
-        {
-            var seg = new float[(long)batch[b].Length * d];
-            CpuOps.Embed(Weights.Embedding, batch[b], seg, d, c.VocabSize);
-            Array.Copy(seg, 0, x, (long)offsets[b] * d, seg.Length);
-        }
-        var h = new float[(long)rows * d];
-        var q = new float[(long)rows * qd];
-        var k = new float[(long)rows * kvd];
-        var v = new float[(long)rows * kvd];
-        var att = new float[(long)rows * qd];
-        var gate = new float[(long)rows * f];
-        var up = new float[(long)rows * f];
-        var delta = new float[(long)rows * d];
+        var ws = RentWorkspace(rows);
+        try { return Forward(batch, caches, lastOnly, offsets, ws); }
+        finally { ReturnWorkspace(ws); }
+    }
+
+    private float[][] Forward(IReadOnlyList<int[]> batch, IReadOnlyList<KvCache> caches, bool lastOnly, int[] offsets, Workspace ws)
+    {
+        var c = Config;
+        int d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim, rows = offsets[^1];
+        var (x, h, q, k, v, att, gate, up, delta) = (ws.X, ws.H, ws.Q, ws.K, ws.V, ws.Att, ws.Gate, ws.Up, ws.Delta);
+        for (int b = 0; b < batch.Count; b++) CpuOps.Embed(Weights.Embedding, batch[b], x, d, c.VocabSize, offsets[b]);
 
         for (int l = 0; l < c.NumLayers; l++)
         {
@@ -87,16 +83,18 @@ public sealed class LlamaModel : ICausalLanguageModel
             {
                 var cache = caches[b];
                 int start = cache.Length, len = offsets[b + 1] - offsets[b];
-                var qs = Slice(q, offsets[b], len, qd);
-                var ks = Slice(k, offsets[b], len, kvd);
+                // One sequence works on the batch buffers themselves; several copy their rows out and back.
+                bool whole = batch.Count == 1;
+                var qs = whole ? q : Slice(q, offsets[b], len, qd);
+                var ks = whole ? k : Slice(k, offsets[b], len, kvd);
                 _rope.Apply(qs, len, c.NumHeads, start);
                 _rope.Apply(ks, len, c.NumKvHeads, start);
-                Array.Copy(ks, 0, cache.K[l], (long)start * kvd, ks.Length);
+                Array.Copy(ks, 0, cache.K[l], (long)start * kvd, (long)len * kvd);
                 Array.Copy(v, (long)offsets[b] * kvd, cache.V[l], (long)start * kvd, (long)len * kvd);
-                var ao = new float[(long)len * qd];
+                var ao = whole ? att : new float[(long)len * qd];
                 if (len >= GemmAttentionMinRows) CpuOps.AttentionOnGemms(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
                 else CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-                Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
+                if (!whole) Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
             }
             Residual(x, att, w.Wo, w.Bo, w.AttnOutIdx, delta, rows, qd);
 
@@ -118,6 +116,44 @@ public sealed class LlamaModel : ICausalLanguageModel
             Gemm.MatMulT(h, first * d, Weights.LmHead, 0, result[b], 0, n, c.VocabSize, d);
         }
         return result;
+    }
+
+    /// <summary>The activations of one forward, for up to <see cref="Rows"/> rows: every op writes the rows it uses before
+    /// reading them, so a reused workspace needs no clearing.</summary>
+    private sealed class Workspace
+    {
+        public readonly int Rows;
+        public readonly float[] X, H, Q, K, V, Att, Gate, Up, Delta;
+
+        public Workspace(ModelConfig c, int rows)
+        {
+            Rows = rows;
+            long r = rows;
+            X = new float[r * c.HiddenSize]; H = new float[r * c.HiddenSize]; Delta = new float[r * c.HiddenSize];
+            Q = new float[r * c.QDim]; Att = new float[r * c.QDim];
+            K = new float[r * c.KvDim]; V = new float[r * c.KvDim];
+            Gate = new float[r * c.IntermediateSize]; Up = new float[r * c.IntermediateSize];
+        }
+
+        public long Bytes => 4L * (X.Length + H.Length + Delta.Length + Q.Length + Att.Length + K.Length + V.Length + Gate.Length + Up.Length);
+    }
+
+    /// <summary>Workspaces kept between forwards (each forward takes its own, so concurrent ones never share): fresh
+    /// multi-MiB arrays every call cost the kernel a page fault per 4 KiB and the GC a clear.</summary>
+    private readonly ConcurrentBag<Workspace> _workspaces = [];
+    private const int MaxPooledWorkspaces = 4;
+    private const long MaxPooledWorkspaceBytes = 256L << 20;
+
+    private Workspace RentWorkspace(int rows)
+    {
+        // Smaller ones than needed are dropped: the pool keeps the sizes this model is actually run at.
+        while (_workspaces.TryTake(out var ws)) if (ws.Rows >= rows) return ws;
+        return new Workspace(Config, rows);
+    }
+
+    private void ReturnWorkspace(Workspace ws)
+    {
+        if (ws.Bytes <= MaxPooledWorkspaceBytes && _workspaces.Count < MaxPooledWorkspaces) _workspaces.Add(ws);
     }
 
     /// <summary>RMSNorm of the full rows, or the DISP gather-norm of the selected channels.</summary>
