@@ -4,11 +4,11 @@ using DispNative.Engine.Cpu;
 namespace DispNative.Engine.Autograd;
 
 /// <summary>The fp32 tape's attention backward as GEMMs (<see cref="AttentionGemmBackward"/>, the formulation the CUDA path
-/// gives cuBLASLt) on the CPU <see cref="Gemm"/>: each strided operand is packed into a contiguous block first. The
+/// gives cuBLASLt) on the CPU <see cref="Gemm"/>: B is read in place, A packed into a contiguous block where it is not. The
 /// row-by-row loop it replaces (several dot products and axpys of head_dim elements per (query, key) pair) spent more
 /// in call overhead than these GEMMs spend in arithmetic, though they also compute the masked triangle.</summary>
 internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot,
-    float[] packedA, float[] packedB, float[] product) : IAttentionGemmBackend
+    float[] packedA, float[] product) : IAttentionGemmBackend
 {
     /// <summary>dq, dk and dv (overwritten) of causal GQA attention over q [t, heads·hd], k and v [t, kvHeads·hd], from
     /// the output o, its gradient dOut and the forward's log-sum-exp [heads, t] (of the scaled scores). Scratch comes
@@ -31,9 +31,9 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
             [AttentionBuffer.Scores] = allocate(tt), [AttentionBuffer.DProbs] = allocate(tt), [AttentionBuffer.Probs] = allocate(tt),
             [AttentionBuffer.DScores] = allocate(tt), [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
         };
-        // Operand sizes: A is [t, headDim] (Q, dO) or [t, t] (P, dS); B is [t, headDim]; D is [t, t] or [t, headDim].
+        // Scratch: A packed, [t, headDim] (Q, dO) or [t, t] (P, dS); the product, [t, t] or [t, headDim].
         long wide = (long)t * Math.Max(t, headDim);
-        var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate(wide), allocate((long)t * headDim), allocate(wide));
+        var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate(wide), allocate(wide));
         AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, headDim, window, chunk);
     }
 
@@ -42,18 +42,14 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
         float[] a = buffers[g.A], b = buffers[g.B], d = buffers[g.D];
         for (int n = 0; n < g.Batch; n++)
         {
-            // A as [M, K]; B as [N, K] when transposed (Gemm.MatMulT) or [K, N] (Gemm.MatMul).
-            Pack(a, g.OffsetA + n * g.StrideA, g.Lda, g.M, g.K, g.TransposeA, packedA);
-            if (g.TransposeB)
-            {
-                Pack(b, g.OffsetB + n * g.StrideB, g.Ldb, g.N, g.K, false, packedB);
-                Cpu.Gemm.MatMulT(packedA, packedB, product, g.M, g.N, g.K);
-            }
-            else
-            {
-                Pack(b, g.OffsetB + n * g.StrideB, g.Ldb, g.K, g.N, false, packedB);
-                Cpu.Gemm.MatMul(packedA, packedB, product, g.M, g.N, g.K);
-            }
+            // A as a contiguous [M, K] (packed unless it already is); B read in place, [N, K] when transposed
+            // (Gemm.MatMulT) or [K, N] (Gemm.MatMul), its rows Ldb apart.
+            long offsetA = g.OffsetA + n * g.StrideA;
+            var x = a;
+            if (g.TransposeA || g.Lda != g.K) { Pack(a, offsetA, g.Lda, g.M, g.K, g.TransposeA, packedA); (x, offsetA) = (packedA, 0); }
+            int offsetB = checked((int)(g.OffsetB + n * g.StrideB));
+            if (g.TransposeB) Cpu.Gemm.MatMulT(x, checked((int)offsetA), b, offsetB, product, 0, g.M, g.N, g.K, ldw: g.Ldb);
+            else Cpu.Gemm.MatMul(x, checked((int)offsetA), b, offsetB, product, 0, g.M, g.N, g.K, ldw: g.Ldb);
             long at = g.OffsetD + n * g.StrideD;
             for (int i = 0; i < g.M; i++)
             {
