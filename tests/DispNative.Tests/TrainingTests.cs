@@ -156,6 +156,35 @@ public class TrainingTests
     }
 
     [Test]
+    public void AdamW_VectorUpdate_EqualsTheScalarUpdate_BitForBit()
+    {
+        // 8-wide vector blocks and a scalar tail; clipping scales the gradients.
+        const int n = 1003;
+        var rng = new Rng(3);
+        var p = new Parameter<float>("p", 1, n);
+        for (int j = 0; j < n; j++) p.Value[j] = rng.NextGaussian();
+        var opt = new AdamW([p]) { WeightDecay = 0.05, ClipNorm = 1.0 };
+        float[] w = (float[])p.Value.Clone(), m = new float[n], v = new float[n];
+        for (int t = 1; t <= 5; t++)
+        {
+            for (int j = 0; j < n; j++) p.Grad[j] = rng.NextGaussian();
+            double sq = 0;
+            foreach (var g in p.Grad) sq += (double)g * g;
+            double scale = Math.Sqrt(sq) > 1.0 ? 1.0 / Math.Sqrt(sq) : 1, lr = 1e-3 * t;
+            double bc1 = 1 - Math.Pow(0.9, t), bc2 = 1 - Math.Pow(0.999, t);
+            for (int j = 0; j < n; j++)
+            {
+                double g = p.Grad[j] * scale;
+                m[j] = (float)(0.9 * m[j] + (1 - 0.9) * g);
+                v[j] = (float)(0.999 * v[j] + (1 - 0.999) * g * g);
+                w[j] = (float)(w[j] * (1 - lr * 0.05) - lr * (m[j] / bc1) / (Math.Sqrt(v[j] / bc2) + 1e-8));
+            }
+            opt.Step(lr);
+            Assert.That(p.Value, Is.EqualTo(w), $"step {t}");
+        }
+    }
+
+    [Test]
     public void HypernetworkRoundTripsAndRejectsAnotherModel()
     {
         var net = new Hypernetwork<float>([48, 48, 80], seed: 5);
