@@ -131,7 +131,9 @@ public class PruneJobTests
     [TestCase("Evaluation:BlockSize", "big", "Evaluation:BlockSize: 'big' is not an integer")]
     [TestCase("Evaluation:MaxBlocks", "-1", "Evaluation:MaxBlocks: must be at least 1")]
     [TestCase("Output:Overwrite", "maybe", "Output:Overwrite: 'maybe' is not true or false")]
-    [TestCase("Training:Stepz", "5", "Training:Stepz: unknown key")]
+    [TestCase("Training:Stepz", "5", "Training:Stepz: unknown key (did you mean Training:Steps?)")]
+    [TestCase("pruning:pruneratio0", "0.5", "pruning:pruneratio0: unknown key (did you mean Pruning:PruneRatio?)")]
+    [TestCase("Training:Schedule", "cosine", "Training:Schedule: unknown key (known keys: Model:Path,")]
     public void EveryBadValueIsReportedWithItsKey(string key, string value, string message)
     {
         var (dir, config) = Setup();

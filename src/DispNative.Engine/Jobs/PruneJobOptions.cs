@@ -36,6 +36,28 @@ public sealed record PruneJobOptions
         "Evaluation:Files", "Evaluation:BlockSize", "Evaluation:MaxBlocks", "Output:Directory", "Output:Overwrite",
     ];
 
+    /// <summary>The known key a few edits away from <paramref name="key"/> (a typo), if one is.</summary>
+    private static string? ClosestKey(string key)
+    {
+        static int Distance(string a, string b)
+        {
+            var row = Enumerable.Range(0, b.Length + 1).ToArray();
+            for (int i = 1; i <= a.Length; i++)
+            {
+                int diagonal = row[0];
+                row[0] = i;
+                for (int j = 1; j <= b.Length; j++)
+                {
+                    int next = Math.Min(Math.Min(row[j], row[j - 1]) + 1, diagonal + (char.ToLowerInvariant(a[i - 1]) == char.ToLowerInvariant(b[j - 1]) ? 0 : 1));
+                    (diagonal, row[j]) = (row[j], next);
+                }
+            }
+            return row[b.Length];
+        }
+        var best = Keys.MinBy(k => Distance(key, k))!;
+        return Distance(key, best) <= Math.Max(2, best.Length / 5) ? best : null;
+    }
+
     /// <summary>Reads and validates every key; all problems are reported together, each with its key. Relative paths
     /// are taken from <paramref name="baseDirectory"/> (the configuration file's folder).</summary>
     public static PruneJobOptions FromConfiguration(IConfiguration config, string baseDirectory)
@@ -47,7 +69,9 @@ public sealed record PruneJobOptions
             if (colon < 0 || !Sections.Contains(key[..colon], StringComparer.OrdinalIgnoreCase)) continue;
             string normalized = System.Text.RegularExpressions.Regex.Replace(key, @":\d+$", "");
             if (!Keys.Contains(normalized, StringComparer.OrdinalIgnoreCase) && !Sections.Contains(normalized, StringComparer.OrdinalIgnoreCase))
-                problems.Add($"{key}: unknown key (known keys: {string.Join(", ", Keys)})");
+                problems.Add(ClosestKey(normalized) is string near
+                    ? $"{key}: unknown key (did you mean {near}?)"
+                    : $"{key}: unknown key (known keys: {string.Join(", ", Keys)})");
         }
 
         string? Str(string key) => config[key] is { } v && v.Trim().Length > 0 ? v.Trim() : null;
