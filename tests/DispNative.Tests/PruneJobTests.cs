@@ -127,6 +127,8 @@ public class PruneJobTests
     [TestCase("Training:Seed", "-3", "Training:Seed: '-3' is not a non-negative integer")]
     [TestCase("Training:LogEvery", "0", "Training:LogEvery: must be at least 1")]
     [TestCase("Training:CheckpointEvery", "-5", "Training:CheckpointEvery: must be at least 1")]
+    [TestCase("Training:CosineSchedule", "sometimes", "Training:CosineSchedule: 'sometimes' is not true or false")]
+    [TestCase("Training:ClipNorm", "0", "Training:ClipNorm: must be positive")]
     [TestCase("Evaluation:Files:0", "gone.txt", "Evaluation:Files: file not found")]
     [TestCase("Evaluation:BlockSize", "big", "Evaluation:BlockSize: 'big' is not an integer")]
     [TestCase("Evaluation:MaxBlocks", "-1", "Evaluation:MaxBlocks: must be at least 1")]

@@ -92,6 +92,26 @@ public class TrainingTests
     }
 
     [Test]
+    public void CosineScheduleDecaysTheLearningRate_AndClippingChangesTheRun()
+    {
+        var (c, w, blocks) = TinySetup();
+        var cosine = new TrainingOptions { Steps = 4, LogEvery = 1, LearningRate = 0.01, CosineSchedule = true };
+        var trainer = new HypernetworkTrainer(c, w, cosine);
+        var log = trainer.Train(blocks, TestAssets.TempDir()).Log;
+        // The rate of each update is that of the step it starts from: 0.01 · ½(1 + cos(π·s/4)) for s = 0..3.
+        Assert.That(log.Select(e => e.LearningRate), Is.EqualTo(new[] { 0.01, 0.01 * 0.5 * (1 + Math.Sqrt(0.5)), 0.005, 0.01 * 0.5 * (1 - Math.Sqrt(0.5)) })
+            .Within(1e-15));
+
+        var plain = new HypernetworkTrainer(c, w, cosine with { CosineSchedule = false, ClipNorm = null });
+        plain.Train(blocks, TestAssets.TempDir());
+        var clipped = new HypernetworkTrainer(c, w, cosine with { CosineSchedule = false, ClipNorm = 1e-6 });
+        var clippedLog = clipped.Train(blocks, TestAssets.TempDir()).Log;
+        Assert.That(clippedLog.All(e => e.GradNorm > 1e-6), "the logged norm is the one before clipping");
+        Assert.That(clipped.Network.Parameters[0].Value, Is.Not.EqualTo(plain.Network.Parameters[0].Value),
+            "gradients scaled to norm 1e-6 change Adam's steps (through its epsilon)");
+    }
+
+    [Test]
     public void ResumeRefusesACheckpointFromOtherSettings()
     {
         var (c, w, blocks) = TinySetup();

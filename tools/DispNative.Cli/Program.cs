@@ -231,9 +231,11 @@ public static class Program
         var seed = new Option<ulong>("--seed") { Description = "seed of the hypernetwork, data order and Gumbel noise", DefaultValueFactory = _ => 0 };
         var logEvery = new Option<int>("--log-every") { Description = "log every N steps", DefaultValueFactory = _ => defaults.LogEvery };
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "checkpoint every N steps", DefaultValueFactory = _ => defaults.CheckpointEvery };
+        var cosine = new Option<bool>("--cosine") { Description = "cosine decay of the learning rate to 0 over the steps (default: constant)" };
+        var clipNorm = new Option<double?>("--clip-norm") { Description = "clip the hypernetwork gradients' global norm to this (default: no clipping)" };
         var output = new Option<string>("--out") { Description = "output directory (an interrupted run in it is resumed)", Required = true };
         var cmd = new Command("train", "Train the DISP-LLM hypernetwork (the LLM stays frozen)")
-            { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, output };
+            { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, cosine, clipNorm, output };
         cmd.SetAction(p => Guard(stderr, () =>
         {
             var options = new TrainingOptions
@@ -241,6 +243,7 @@ public static class Program
                 PruneRatio = p.GetValue(ratio), Mode = SiteLayout.ParseMode(p.GetValue(mode)!), Steps = p.GetValue(steps),
                 BatchSize = p.GetValue(batch), Lambda = p.GetValue(lambda), LearningRate = p.GetValue(lr), WeightDecay = p.GetValue(wd),
                 Seed = p.GetValue(seed), LogEvery = p.GetValue(logEvery), CheckpointEvery = p.GetValue(ckptEvery),
+                CosineSchedule = p.GetValue(cosine), ClipNorm = p.GetValue(clipNorm),
             };
             var problems = options.Problems();
             int bs = p.GetValue(blockSize);

@@ -33,6 +33,7 @@ public sealed record PruneJobOptions
         "Model:Path", "Model:Tokenizer", "Model:Device", "Model:DType", "Calibration:Files", "Calibration:BlockSize", "Calibration:MaxBlocks",
         "Pruning:PruneRatio", "Pruning:Mode", "Pruning:Lambda", "Pruning:Deterministic", "Training:Steps", "Training:BatchSize",
         "Training:LearningRate", "Training:WeightDecay", "Training:Seed", "Training:LogEvery", "Training:CheckpointEvery",
+        "Training:CosineSchedule", "Training:ClipNorm",
         "Evaluation:Files", "Evaluation:BlockSize", "Evaluation:MaxBlocks", "Output:Directory", "Output:Overwrite",
     ];
 
@@ -133,6 +134,8 @@ public sealed record PruneJobOptions
             Seed = Parse("Training:Seed", 0UL, s => (ulong.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out var u), u), "a non-negative integer"),
             LogEvery = Int("Training:LogEvery", d.LogEvery, 1),
             CheckpointEvery = Int("Training:CheckpointEvery", d.CheckpointEvery, 1),
+            CosineSchedule = Bool("Training:CosineSchedule"),
+            ClipNorm = Str("Training:ClipNorm") == null ? null : Dbl("Training:ClipNorm", 1, c => c > 0 ? null : "must be positive"),
         };
         bool deterministic = Bool("Pruning:Deterministic");
         var evaluation = Files("Evaluation:Files");
