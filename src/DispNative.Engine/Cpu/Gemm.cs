@@ -55,11 +55,10 @@ public static unsafe class Gemm
     private static void Run<TOps, TVec>(float* x, float* w, float* y, int m, int n, int k, bool accumulate, int threads, bool wTransposed,
         int ldw) where TOps : IVecOps<TVec> where TVec : struct
     {
-        if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
-        if (k == 0) return;
-        if (m < MR && wTransposed)
+        if (k == 0 || (m < MR && wTransposed))
         {
-            Gemv<TOps, TVec>(x, w, y, m, n, k, threads, ldw);
+            if (!accumulate) new Span<float>(y, checked(m * n)).Clear();
+            if (k > 0) Gemv<TOps, TVec>(x, w, y, m, n, k, threads, ldw);
             return;
         }
         int nr = 2 * TOps.Count;
@@ -88,6 +87,7 @@ public static unsafe class Gemm
                 for (int k0 = 0; k0 < k; k0 += KC)
                 {
                     int kc = Math.Min(KC, k - k0);
+                    bool store = k0 == 0 && !accumulate;   // the first K block writes Y (no clearing pass before)
                     if (wTransposed) Pack((float*)pw, bp, n0, nLen, k0, kc, ldw, nr);
                     else PackKMajor((float*)pw, bp, n0, nLen, k0, kc, ldw, nr);
                     for (int p = 0; p < panels; p++)
@@ -98,12 +98,12 @@ public static unsafe class Gemm
                         for (; i + MR <= mLen; i += MR)
                         {
                             Kernel8<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, k, panel, kc, tile);
-                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, MR, cols);
+                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, MR, cols, store);
                         }
                         for (; i < mLen; i++)
                         {
                             Kernel1<TOps, TVec>((float*)px + (long)(m0 + i) * k + k0, panel, kc, tile);
-                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, 1, cols);
+                            AddTile<TOps, TVec>(tile, (float*)py + (long)(m0 + i) * n + n0 + p * nr, n, 1, cols, store);
                         }
                     }
                 }
@@ -236,18 +236,20 @@ public static unsafe class Gemm
         TOps.Store(acc + v, c1);
     }
 
-    /// <summary>c[r, j] += acc[r, j] for <paramref name="rows"/> rows of a tile two vectors wide, its first
-    /// <paramref name="cols"/> columns.</summary>
-    private static void AddTile<TOps, TVec>(float* acc, float* c, int ldc, int rows, int cols)
+    /// <summary>c[r, j] += acc[r, j] (with <paramref name="store"/>: c[r, j] = acc[r, j]) for <paramref name="rows"/> rows of a
+    /// tile two vectors wide, its first <paramref name="cols"/> columns.</summary>
+    private static void AddTile<TOps, TVec>(float* acc, float* c, int ldc, int rows, int cols, bool store)
         where TOps : IVecOps<TVec> where TVec : struct
     {
         int v = TOps.Count, nr = 2 * v;
         for (int r = 0; r < rows; r++, acc += nr, c += ldc)
             if (cols == nr)
             {
-                TOps.Store(c, TOps.Add(TOps.Load(c), TOps.Load(acc)));
-                TOps.Store(c + v, TOps.Add(TOps.Load(c + v), TOps.Load(acc + v)));
+                TOps.Store(c, store ? TOps.Load(acc) : TOps.Add(TOps.Load(c), TOps.Load(acc)));
+                TOps.Store(c + v, store ? TOps.Load(acc + v) : TOps.Add(TOps.Load(c + v), TOps.Load(acc + v)));
             }
+            else if (store)
+                for (int j = 0; j < cols; j++) c[j] = acc[j];
             else
                 for (int j = 0; j < cols; j++) c[j] += acc[j];
     }
