@@ -118,6 +118,23 @@ public class ForwardTests
     }
 
     [Test]
+    public void AReusedWorkspace_LeavesNoTrace()
+    {
+        // The model keeps its activation buffers between forwards: a batch, a prefill and a decode step after a longer
+        // forward (larger buffers, full of its values) equal the same calls on a fresh model, bit for bit.
+        var (warm, fresh) = (Tiny(tied: false).Model, Tiny(tied: false).Model);
+        int[] longSeq = Enumerable.Range(0, 40).Select(i => 1 + i * 7 % 250).ToArray();
+        warm.Forward(longSeq, warm.NewCache(longSeq.Length));
+        int[][] batch = [[1, 5, 9], [1, 20, 30, 40, 50]];
+        var a = warm.Forward(batch, batch.Select(b => warm.NewCache(b.Length)).ToArray());
+        var b = fresh.Forward(batch, batch.Select(s => fresh.NewCache(s.Length)).ToArray());
+        for (int i = 0; i < batch.Length; i++) Assert.That(a[i], Is.EqualTo(b[i]), $"sequence {i} of the batch");
+        var (cw, cf) = (warm.NewCache(24), fresh.NewCache(24));
+        Assert.That(warm.Forward(longSeq[..20], cw), Is.EqualTo(fresh.Forward(longSeq[..20], cf)), "prefill");
+        Assert.That(warm.Forward([7], cw), Is.EqualTo(fresh.Forward([7], cf)), "decode step");
+    }
+
+    [Test]
     public void BatchedForward_EqualsOneSequenceAtATime()
     {
         var m = Tiny(tied: false).Model;
