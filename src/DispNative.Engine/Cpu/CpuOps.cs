@@ -206,7 +206,7 @@ public static unsafe class CpuOps
                 for (int t = 0; t < rows; t++)
                     Array.Copy(ot, (long)(g * rows + t) * headDim, output, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, headDim);
         }
-        Parallel.For(0, kvHeads * tiles, new ParallelOptions { MaxDegreeOfParallelism = Gemm.Threads }, item =>
+        WorkTeam.For(kvHeads * tiles, Gemm.Threads, item =>
             Tile(item, Scratch(ref _tileQ, maxRows * headDim), Scratch(ref _tileScores, (long)maxRows * keys), Scratch(ref _tileO, maxRows * headDim)));
     }
 

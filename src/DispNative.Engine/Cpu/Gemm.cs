@@ -69,8 +69,7 @@ public static unsafe class Gemm
         int mChunk = RoundUp((m + mChunks - 1) / mChunks, MR);
         mChunks = (m + mChunk - 1) / mChunk;
         nint px = (nint)x, pw = (nint)w, py = (nint)y;
-        if (threads == 1) { for (int item = 0; item < nBlocks * mChunks; item++) Item(item); }
-        else Parallel.For(0, nBlocks * mChunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, Item);
+        WorkTeam.For(nBlocks * mChunks, threads, Item);
 
         void Item(int item)
         {
@@ -276,7 +275,7 @@ public static unsafe class Gemm
         // Below 256 KiB of weights the hand-off to a second thread costs about what it saves (decode of ref-llama-25m's
         // shape, dense and pruned: 1 MiB was 8-13% slower, 128 KiB no faster).
         if (threads == 1 || (long)n * k < 1 << 16) { for (int ci = 0; ci < chunks; ci++) Body(ci); }
-        else Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = threads }, Body);
+        else WorkTeam.For(chunks, threads, Body);
     }
 
     /// <summary>y[r] += x · w[r] for the 4 rows of w from <paramref name="w"/> (row stride ldw): <see cref="Simd.Dot{TOps, TVec}"/>'s
