@@ -207,18 +207,13 @@ public static unsafe class CpuOps
                     Array.Copy(ot, (long)(g * rows + t) * headDim, output, (long)(t0 + t) * qDim + (kvh * group + g) * headDim, headDim);
         }
         WorkTeam.For(kvHeads * tiles, Gemm.Threads, item =>
-            Tile(item, Scratch(ref _tileQ, maxRows * headDim), Scratch(ref _tileScores, (long)maxRows * keys), Scratch(ref _tileO, maxRows * headDim)));
+            Tile(item, Gemm.ThreadBuffer(ref _tileQ, maxRows * headDim), Gemm.ThreadBuffer(ref _tileScores, (long)maxRows * keys),
+                Gemm.ThreadBuffer(ref _tileO, maxRows * headDim)));
     }
 
     // Per-thread tiles of AttentionOnGemms, kept between calls: fresh arrays for every layer's prefill cost more in page
-    // faults and clearing than the tiles' arithmetic. The largest tile a thread has run stays allocated.
+    // faults and clearing than the tiles' arithmetic.
     [ThreadStatic] private static float[]? _tileQ, _tileScores, _tileO;
-
-    private static float[] Scratch(ref float[]? buffer, long length)
-    {
-        if (buffer == null || buffer.Length < length) buffer = GC.AllocateUninitializedArray<float>(checked((int)length));
-        return buffer;
-    }
 }
 
 /// <summary>Rotary position embedding with half rotation (Hugging Face): pair (i, i + headDim/2).

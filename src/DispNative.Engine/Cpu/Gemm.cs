@@ -146,10 +146,15 @@ public static unsafe class Gemm
     [ThreadStatic] private static float[]? _packBuffer;
 
     /// <summary>A per-thread packing buffer, reused across calls (allocating one per task costs more than small GEMMs).</summary>
-    private static float[] PackBuffer(int length)
+    private static float[] PackBuffer(int length) => ThreadBuffer(ref _packBuffer, length, MaxNC * KC + 64);
+
+    /// <summary><paramref name="buffer"/> (a [ThreadStatic] field), reallocated with max(<paramref name="length"/>,
+    /// <paramref name="minimum"/>) floats when shorter than <paramref name="length"/>; contents undefined. The largest size a
+    /// thread has needed stays allocated.</summary>
+    internal static float[] ThreadBuffer(ref float[]? buffer, long length, int minimum = 0)
     {
-        if (_packBuffer == null || _packBuffer.Length < length) _packBuffer = GC.AllocateUninitializedArray<float>(Math.Max(length, MaxNC * KC + 64));
-        return _packBuffer;
+        if (buffer == null || buffer.Length < length) buffer = GC.AllocateUninitializedArray<float>(checked((int)Math.Max(length, minimum)));
+        return buffer;
     }
 
     private static int RoundUp(int v, int multiple) => (v + multiple - 1) / multiple * multiple;
