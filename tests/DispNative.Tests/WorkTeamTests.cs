@@ -4,6 +4,9 @@ namespace DispNative.Tests;
 
 public class WorkTeamTests
 {
+    // Every core: the limit under which calls take the team rather than Parallel.For.
+    private static readonly int All = Math.Max(2, Environment.ProcessorCount);
+
     [Test]
     public void EveryItemRunsOnce_AndAllHaveFinishedWhenForReturns()
     {
@@ -11,7 +14,7 @@ public class WorkTeamTests
         {
             int count = 1 + round * 7 % 300;
             var hits = new int[count];
-            WorkTeam.For(count, 2, i => { if (i % 3 == 0) Thread.SpinWait(200); Interlocked.Increment(ref hits[i]); });
+            WorkTeam.For(count, All, i => { if (i % 3 == 0) Thread.SpinWait(200); Interlocked.Increment(ref hits[i]); });
             Assert.That(hits, Is.All.EqualTo(1), $"round {round}, {count} items");
         }
     }
@@ -19,10 +22,10 @@ public class WorkTeamTests
     [Test]
     public void AnItemsException_ReachesTheCaller_AndTheTeamKeepsWorking()
     {
-        var e = Assert.Throws<InvalidOperationException>(() => WorkTeam.For(64, 2, i => { if (i == 17) throw new InvalidOperationException("item 17"); }));
+        var e = Assert.Throws<InvalidOperationException>(() => WorkTeam.For(64, All, i => { if (i == 17) throw new InvalidOperationException("item 17"); }));
         Assert.That(e!.Message, Is.EqualTo("item 17"));
         long sum = 0;
-        WorkTeam.For(100, 2, i => Interlocked.Add(ref sum, i));
+        WorkTeam.For(100, All, i => Interlocked.Add(ref sum, i));
         Assert.That(sum, Is.EqualTo(4950));
     }
 
@@ -34,10 +37,10 @@ public class WorkTeamTests
         {
             long total = 0;
             for (int round = 0; round < 50; round++)
-                WorkTeam.For(8, 2, i =>
+                WorkTeam.For(8, All, i =>
                 {
                     long inner = 0;
-                    WorkTeam.For(10, 2, j => Interlocked.Add(ref inner, j + 1));
+                    WorkTeam.For(10, All, j => Interlocked.Add(ref inner, j + 1));
                     Interlocked.Add(ref total, inner * (t + 1));
                 });
             return total;

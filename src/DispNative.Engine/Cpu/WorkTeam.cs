@@ -5,8 +5,9 @@ namespace DispNative.Engine.Cpu;
 /// <summary>Fork-join for the CPU kernels' many short parallel loops (a decode step runs dozens per token): the caller and
 /// <c>ProcessorCount − 1</c> dedicated workers take items from a shared counter. Between jobs a worker spins for
 /// <see cref="SpinMicroseconds"/> before it sleeps, so back-to-back jobs start without waking a thread-pool thread.
-/// One job runs at a time; a call made while the team is busy (another thread's forward, or a loop nested in an item)
-/// runs through <see cref="Parallel.For(int, int, ParallelOptions, Action{int})"/> instead. Items must be independent:
+/// One job runs at a time; a call made while the team is busy (another thread's forward, or a loop nested in an item),
+/// or limited to fewer threads than there are cores, runs through <see cref="Parallel.For(int, int, ParallelOptions, Action{int})"/>
+/// instead. Items must be independent:
 /// which thread runs an item never changes its result.</summary>
 internal static class WorkTeam
 {
@@ -49,7 +50,8 @@ internal static class WorkTeam
             for (int i = 0; i < count; i++) body(i);
             return;
         }
-        if (Interlocked.CompareExchange(ref _busy, 1, 0) != 0)
+        // The team is all cores: a smaller thread limit, or a team already at work, goes through Parallel.For.
+        if (maxThreads <= WorkerCount || Interlocked.CompareExchange(ref _busy, 1, 0) != 0)
         {
             Parallel.For(0, count, new ParallelOptions { MaxDegreeOfParallelism = maxThreads }, body);
             return;
