@@ -10,6 +10,8 @@
 //   collective fail the launch with a message instead of hanging. Each thread runs as far as it can before the next
 //   one starts, so a missing barrier shows up as wrong results; DISPNATIVE_EMU_SCHEDULE=reverse runs the threads
 //   from the last one down, to catch the races that the first order hides.
+// - A vector load or store (reinterpret_cast to uint4*, float4* and the like) at an address that is not a multiple of
+//   its size fails the launch, as it faults on a GPU (x86 would read it quietly).
 // - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints) so that a read of
 //   memory nothing wrote shows up, followed by a guard page so that running off the end of a buffer faults; a fault
 //   inside a kernel names the kernel, block and thread. DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
@@ -752,7 +754,10 @@ std::string rewrite_source(std::string s)
 {
     // extern __shared__ T name[];  →  T* name = (T*)dynamic shared memory;
     std::regex dyn("extern\\s+__shared__\\s+(?:__align__\\s*\\(\\s*\\d+\\s*\\)\\s+)?([A-Za-z_][\\w:]*(?:\\s+[A-Za-z_][\\w:]*)*)\\s+(\\w+)\\s*\\[\\s*\\]\\s*;");
-    return std::regex_replace(s, dyn, "$1* $2 = reinterpret_cast<$1*>(emu_api->dynamic_shared);");
+    s = std::regex_replace(s, dyn, "$1* $2 = reinterpret_cast<$1*>(emu_api->dynamic_shared);");
+    // reinterpret_cast<const uint4*>(p)  →  emu_vector_cast<const uint4>(p), which checks the vector's alignment.
+    std::regex vec("reinterpret_cast\\s*<\\s*((?:const\\s+)?(?:u?int[24]|float[24]))\\s*\\*\\s*>");
+    return std::regex_replace(s, vec, "emu_vector_cast<$1>");
 }
 
 bool write_file(const std::string& path, const std::string& text)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <math.h>
 #include <vector>
@@ -60,6 +61,21 @@ inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
+
+// The kernels' vector loads and stores (reinterpret_cast<const uint4*>(p) and the like, which the emulator's source
+// rewriting turns into this call): a GPU faults on a vector access at an address that is not a multiple of its
+// size, where x86 would quietly read it, so the cast checks the address.
+template <typename V, typename P> inline V* emu_vector_cast(P* p)
+{
+    if ((uintptr_t)p % sizeof(V) != 0)
+    {
+        static char message[160];
+        snprintf(message, sizeof message, "misaligned address: a %zu-byte vector access at %p, which is not %zu-byte aligned",
+            sizeof(V), (const void*)p, sizeof(V));
+        emu_api->fail(message);
+    }
+    return reinterpret_cast<V*>(p);
+}
 
 inline void __syncthreads() { emu_api->syncthreads(); }
 
