@@ -17,7 +17,12 @@
 //   inside a kernel names the kernel, block and thread. DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
 // - cuBLASLt matmuls are plain f32 loops over the column-major operands their layouts describe, with the
 //   validation that cuBLASLt does (shapes, leading dimensions, the alignment the heuristic was asked for).
-// - Stream capture records launches, copies and matmuls; a graph launch replays them.
+// - Streams are asynchronous, as on a GPU: launches, matmuls, device-to-device copies and copies from or to pinned
+//   host memory (cuMemAllocHost) wait in one queue, in submission order, until a synchronization (cuStreamSynchronize,
+//   cuEventSynchronize, cuMemFree, cuMemFreeHost, cuStreamDestroy, cuModuleUnload, a copy from or to pageable host
+//   memory) runs them; so the host reading a pinned download, or rewriting a pinned upload's source, before it
+//   synchronizes shows up. A kernel's failure is reported by the synchronization that ran it.
+// - Stream capture records launches, copies and matmuls; a graph launch queues them.
 // It checks what the engine asks of CUDA, not the speed or the numerics of a real GPU.
 #include <algorithm>
 #include <atomic>
@@ -451,7 +456,8 @@ void install_fault_handler()
 struct Module { void* handle; };
 struct Function { void (*entry)(void**); const int* params; std::string name; unsigned max_dynamic_shared = 48 * 1024; };
 
-int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args)
+// What cuLaunchKernel refuses before anything runs.
+int check_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes)
 {
     long long threads = (long long)block.x * block.y * block.z;
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535)
@@ -465,6 +471,13 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
              "cuFuncSetAttribute)", fn.name.c_str(), shared_bytes, fn.max_dynamic_shared);
         return 1;
     }
+    return 0;
+}
+
+int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args)
+{
+    if (int rc = check_launch(fn, grid, block, shared_bytes)) return rc;
+    long long threads = (long long)block.x * block.y * block.z;
     static std::vector<char> dynamic_shared;
     dynamic_shared.assign(std::max(1u, shared_bytes), (char)0xff);
     g_api.block_dim = block;
@@ -614,17 +627,18 @@ int execute_matmul(const Matmul& mm)
 // Streams, capture and graphs.
 struct Operation
 {
-    enum Kind { LAUNCH, COPY, MATMUL } kind;
+    enum Kind { LAUNCH, COPY, MATMUL, EVENT } kind;
     const Function* fn = nullptr;
     EmuDim3 grid{}, block{};
     unsigned shared = 0;
     std::vector<std::vector<char>> args;
     uintptr_t dst = 0, src = 0; size_t bytes = 0;
     Matmul mm{};
+    struct Event* event = nullptr;
 };
 struct Stream { bool capturing = false; std::vector<Operation> captured; };
 struct Graph { std::vector<Operation> ops; };
-struct Event { std::chrono::steady_clock::time_point at; };
+struct Event { std::chrono::steady_clock::time_point at; bool recorded = false, pending = false; };
 
 int run_operation(const Operation& op)
 {
@@ -638,16 +652,35 @@ int run_operation(const Operation& op)
     }
     case Operation::COPY: memmove((void*)op.dst, (const void*)op.src, op.bytes); return 0;
     case Operation::MATMUL: return execute_matmul(op.mm);
+    case Operation::EVENT: op.event->at = std::chrono::steady_clock::now(); op.event->pending = false; return 0;
     }
     return 1;
 }
 
-// Runs the operation now, or records it when the stream is being captured.
+// The work submitted and not yet run (every stream's, in submission order: one valid order of a GPU's streams).
+std::vector<Operation> g_queue;
+
+// Runs the queued work; the first failure drops the rest (the GPU's context would be unusable after it).
+int synchronize()
+{
+    std::vector<Operation> ops;
+    ops.swap(g_queue);
+    for (auto& op : ops)
+        if (int rc = run_operation(op))
+        {
+            for (auto& rest : ops) if (rest.kind == Operation::EVENT) rest.event->pending = false;
+            return rc;
+        }
+    return 0;
+}
+
+// Queues the operation, or records it when the stream is being captured.
 int submit(void* stream, Operation op)
 {
     Stream* s = (Stream*)stream;
     if (s && s->capturing) { s->captured.push_back(std::move(op)); return 0; }
-    return run_operation(op);
+    g_queue.push_back(std::move(op));
+    return 0;
 }
 
 bool g_initialized = false;
@@ -877,6 +910,7 @@ const char* driver_error_name(int rc)
     case 200: return "CUDA_ERROR_INVALID_IMAGE";
     case 400: return "CUDA_ERROR_INVALID_HANDLE";
     case 500: return "CUDA_ERROR_NOT_FOUND";
+    case 600: return "CUDA_ERROR_NOT_READY";
     case 719: return "CUDA_ERROR_LAUNCH_FAILED";
     case 900: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
     default: return "CUDA_ERROR_UNKNOWN";
@@ -921,15 +955,38 @@ EXPORT int cuMemAlloc_v2(uint64_t* p, size_t bytes)
 EXPORT int cuMemFree_v2(uint64_t p)
 {
     Guard g(g_lock);
+    int rc = synchronize();   // as the driver's cuMemFree does
     auto it = g_allocations.find((uintptr_t)p);
     if (it == g_allocations.end()) { warn("cuMemFree of 0x%llx, which cuMemAlloc did not return", (unsigned long long)p); return 1; }
     munmap(it->second.map, it->second.map_bytes);
     g_allocated -= (it->second.bytes + 255) & ~(size_t)255;
     g_allocations.erase(it);
+    return rc;
+}
+std::map<uintptr_t, size_t> g_pinned;   // cuMemAllocHost's buffers: start → bytes
+bool is_pinned(uintptr_t p, size_t bytes)
+{
+    auto it = g_pinned.upper_bound(p);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return p + bytes <= it->first + it->second;
+}
+EXPORT int cuMemAllocHost_v2(void** p, size_t bytes)
+{
+    Guard g(g_lock);
+    *p = malloc(std::max<size_t>(bytes, 1));
+    if (!*p) return 2;
+    g_pinned[(uintptr_t)*p] = std::max<size_t>(bytes, 1);
     return 0;
 }
-EXPORT int cuMemAllocHost_v2(void** p, size_t bytes) { *p = malloc(std::max<size_t>(bytes, 1)); return *p ? 0 : 2; }
-EXPORT int cuMemFreeHost(void* p) { free(p); return 0; }
+EXPORT int cuMemFreeHost(void* p)
+{
+    Guard g(g_lock);
+    int rc = synchronize();
+    g_pinned.erase((uintptr_t)p);
+    free(p);
+    return rc;
+}
 
 static int copy(uintptr_t dst, uintptr_t src, size_t bytes, void* stream, bool dst_device, bool src_device, const char* what)
 {
@@ -943,21 +1000,38 @@ static int copy(uintptr_t dst, uintptr_t src, size_t bytes, void* stream, bool d
     }
     Operation op{Operation::COPY};
     op.dst = dst; op.src = src; op.bytes = bytes;
-    return submit(stream, std::move(op));
+    // A copy from or to pageable memory returns only when the host side is done with (HtoD: staged) or written (DtoH).
+    bool pageable = (!dst_device && !is_pinned(dst, bytes)) || (!src_device && !is_pinned(src, bytes));
+    Stream* s = (Stream*)stream;
+    if (!pageable || (s && s->capturing)) return submit(stream, std::move(op));
+    if (int rc = synchronize()) return rc;
+    return run_operation(op);
 }
 EXPORT int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* s) { return copy(dst, (uintptr_t)src, bytes, s, true, false, "cuMemcpyHtoDAsync"); }
 EXPORT int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t bytes, void* s) { return copy((uintptr_t)dst, src, bytes, s, false, true, "cuMemcpyDtoHAsync"); }
 EXPORT int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* s) { return copy(dst, src, bytes, s, true, true, "cuMemcpyDtoDAsync"); }
 
 EXPORT int cuStreamCreate(void** s, unsigned) { *s = new Stream(); return 0; }
-EXPORT int cuStreamDestroy_v2(void* s) { delete (Stream*)s; return 0; }
-EXPORT int cuStreamSynchronize(void* s) { return s && ((Stream*)s)->capturing ? 900 : 0; }
+EXPORT int cuStreamDestroy_v2(void* s) { Guard g(g_lock); int rc = synchronize(); delete (Stream*)s; return rc; }
+EXPORT int cuStreamSynchronize(void* s) { Guard g(g_lock); return s && ((Stream*)s)->capturing ? 900 : synchronize(); }
 EXPORT int cuEventCreate(void** e, unsigned) { *e = new Event(); return 0; }
 EXPORT int cuEventDestroy_v2(void* e) { delete (Event*)e; return 0; }
-EXPORT int cuEventRecord(void* e, void*) { ((Event*)e)->at = std::chrono::steady_clock::now(); return 0; }
-EXPORT int cuEventSynchronize(void*) { return 0; }
+EXPORT int cuEventRecord(void* e, void* stream)
+{
+    Guard g(g_lock);
+    Event* ev = (Event*)e;
+    ev->recorded = ev->pending = true;
+    Operation op{Operation::EVENT};
+    op.event = ev;
+    return submit(stream, std::move(op));
+}
+EXPORT int cuEventSynchronize(void*) { Guard g(g_lock); return synchronize(); }
 EXPORT int cuEventElapsedTime(float* ms, void* start, void* end)
 {
+    Guard g(g_lock);
+    Event* a = (Event*)start; Event* b = (Event*)end;
+    if (!a->recorded || !b->recorded) return 400;   // CUDA_ERROR_INVALID_HANDLE: an event never recorded
+    if (a->pending || b->pending) return 600;        // CUDA_ERROR_NOT_READY: recorded, not yet reached
     *ms = std::chrono::duration<float, std::milli>(((Event*)end)->at - ((Event*)start)->at).count();
     return 0;
 }
@@ -991,7 +1065,7 @@ EXPORT int cuModuleLoadData(void** module, const void* image)
     *module = new Module{h};
     return 0;
 }
-EXPORT int cuModuleUnload(void* module) { Guard g(g_lock); dlclose(((Module*)module)->handle); delete (Module*)module; return 0; }
+EXPORT int cuModuleUnload(void* module) { Guard g(g_lock); synchronize(); dlclose(((Module*)module)->handle); delete (Module*)module; return 0; }
 EXPORT int cuModuleGetFunction(void** f, void* module, const char* name)
 {
     Guard g(g_lock);
@@ -1017,6 +1091,7 @@ EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
     Guard g(g_lock);
     if (extra) { warn("cuLaunchKernel: 'extra' is not emulated"); return 1; }
     const Function* fn = (const Function*)f;
+    if (int rc = check_launch(*fn, {gx, gy, gz}, {bx, by, bz}, shared)) return rc;
     Operation op{Operation::LAUNCH};
     op.fn = fn; op.grid = {gx, gy, gz}; op.block = {bx, by, bz}; op.shared = shared;
     for (int i = 0; i < fn->params[0]; i++)
@@ -1042,7 +1117,7 @@ EXPORT int cuGraphLaunch(void* exec, void* stream)
     Guard g(g_lock);
     if (stream && ((Stream*)stream)->capturing) return 900;
     for (auto& op : ((Graph*)exec)->ops)
-        if (int rc = run_operation(op)) return rc;
+        if (int rc = submit(stream, op)) return rc;
     return 0;
 }
 EXPORT int cuGraphExecDestroy(void* exec) { delete (Graph*)exec; return 0; }
