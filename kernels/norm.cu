@@ -4,21 +4,20 @@
 // idx == nullptr means the dense norm (width == d). One block per row, one launch; when shared memory holds the
 // row (row_in_smem != 0, dynamic size d floats) the row is read from HBM exactly once. Each thread keeps UNROLL
 // loads in flight: the row is short (16 KB at d 4096), so latency, not bandwidth, limits a one-load-per-step loop.
+// add_rmsnorm_gather first applies the previous block's write-back, x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j])
+// (index_add of residual.cu), to the row staged in shared memory, writes the row back and then normalizes it: the
+// residual is read and written once for both, where the two kernels read it twice and write it once.
 #include "common.cuh"
 
 #define NORM_UNROLL 4
 
-template <typename T, bool LAYER>
-__device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps, int row_in_smem)
+// s += sum of src[0..d), ss += sum of squares; each value is also stored to copy[i] when copy is set.
+__device__ __forceinline__ void row_sums(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
 {
-    extern __shared__ float4 row4[];
-    float* row = reinterpret_cast<float*>(row4);
-    const float* xr = x + (long long)blockIdx.x * d;
-    float s = 0.f, ss = 0.f;
     if ((d & 3) == 0)
     {
-        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        const float4* src4 = reinterpret_cast<const float4*>(src);
+        float4* copy4 = reinterpret_cast<float4*>(copy);
         int n4 = d >> 2;
         for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
         {
@@ -27,13 +26,13 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
             for (int u = 0; u < NORM_UNROLL; u++)
             {
                 int i = base + u * blockDim.x;
-                v[u] = i < n4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+                v[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
             for (int u = 0; u < NORM_UNROLL; u++)
             {
                 int i = base + u * blockDim.x;
-                if (row_in_smem && i < n4) row4[i] = v[u];
+                if (copy && i < n4) copy4[i] = v[u];
                 s += v[u].x + v[u].y + v[u].z + v[u].w;
                 ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
             }
@@ -43,11 +42,18 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     {
         for (int i = threadIdx.x; i < d; i += blockDim.x)
         {
-            float v = xr[i];
-            if (row_in_smem) row[i] = v;
+            float v = src[i];
+            if (copy) copy[i] = v;
             s += v; ss += v * v;
         }
     }
+}
+
+// From the row's sums: the normalized selected channels of src, zero-padded to out_stride, into this block's out row.
+template <typename T, bool LAYER>
+__device__ __forceinline__ void store_gathered(const float* src, float s, float ss, const T* __restrict__ gamma, const T* __restrict__ beta,
+    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps)
+{
     float mean = 0.f, scale;
     if (LAYER)
     {
@@ -57,7 +63,6 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     }
     else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
     __syncthreads();
-    const float* src = row_in_smem ? row : xr;
     T* o = out + (long long)blockIdx.x * out_stride;
     for (int base = threadIdx.x; base < out_stride; base += NORM_UNROLL * blockDim.x)
     {
@@ -84,11 +89,87 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     }
 }
 
+template <typename T, bool LAYER>
+__device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps, int row_in_smem)
+{
+    extern __shared__ float4 row4[];
+    float* row = reinterpret_cast<float*>(row4);
+    const float* xr = x + (long long)blockIdx.x * d;
+    float s = 0.f, ss = 0.f;
+    row_sums(xr, row_in_smem ? row : nullptr, d, s, ss);
+    store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, gamma, beta, idx, out, d, width, out_stride, eps);
+}
+
+// Needs d floats of dynamic shared memory. y is f32 (a GEMM's output), bias the storage type; add_idx == nullptr: the
+// dense add (add_width == d).
+template <typename T>
+__device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restrict__ y, const int* __restrict__ add_idx,
+    const T* __restrict__ bias, float add_scale, int add_width, int y_stride, const T* __restrict__ gamma,
+    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps)
+{
+    extern __shared__ float4 row4[];
+    float* row = reinterpret_cast<float*>(row4);
+    float* xr = x + (long long)blockIdx.x * d;
+    if ((d & 3) == 0)
+    {
+        const float4* x4 = reinterpret_cast<const float4*>(xr);
+        int n4 = d >> 2;
+        for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
+        {
+            float4 v[NORM_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (i < n4) v[u] = x4[i];
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (i < n4) row4[i] = v[u];
+            }
+        }
+    }
+    else
+        for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = xr[i];
+    __syncthreads();
+    // Indices are unique within a row: no two threads update one channel.
+    const float* yr = y + (long long)blockIdx.x * y_stride;
+    for (int base = threadIdx.x; base < add_width; base += NORM_UNROLL * blockDim.x)
+    {
+        float v[NORM_UNROLL];
+        int c[NORM_UNROLL];
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int j = base + u * blockDim.x;
+            c[u] = -1;
+            if (j < add_width)
+            {
+                v[u] = yr[j];
+                if (bias) v[u] += to_f32(bias[j]);
+                c[u] = add_idx ? add_idx[j] : j;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++) if (c[u] >= 0) row[c[u]] = row[c[u]] + add_scale * v[u];
+    }
+    __syncthreads();
+    float s = 0.f, ss = 0.f;
+    row_sums(row, xr, d, s, ss);
+    store_gathered<T, false>(row, s, ss, gamma, nullptr, idx, out, d, width, out_stride, eps);
+}
+
 #define NORMS(T, S) \
     extern "C" __global__ void rmsnorm_gather_##S(const float* x, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps, int row_in_smem) \
     { gather_norm<T, false>(x, gamma, nullptr, idx, out, d, width, out_stride, eps, row_in_smem); } \
     extern "C" __global__ void layernorm_gather_##S(const float* x, const T* gamma, const T* beta, const int* idx, T* out, int d, int width, int out_stride, float eps, int row_in_smem) \
-    { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); }
+    { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); } \
+    extern "C" __global__ void add_rmsnorm_gather_##S(float* x, const float* y, const int* add_idx, const T* bias, float add_scale, int add_width, \
+        int y_stride, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps) \
+    { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
 
 // Backward of the RMSNorm y = x * r * gamma, r = 1 / sqrt(mean(x^2) + eps), to its f32 input, accumulated:

@@ -71,6 +71,14 @@ internal static class GpuBench
             acceptance.AtLeast(3, "gather-rmsnorm >= 70% of HBM bandwidth", gather / bw, 0.7, Percent);
             acceptance.AtLeast(3, "index-add >= 70% of HBM bandwidth", indexAdd / bw, 0.7, Percent);
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
+            // A pruned block's write-back and the next gather-norm (the forward's pattern): the residual is read twice
+            // and written once by the two kernels, read and written once by the fused one. Same bytes counted for both.
+            double pairBytes = T * (D * 8.0 + w * 4.0 + w * 2.0);
+            double twoLaunches = Bandwidth($"index-add {w}->{D} + gather-rmsnorm, two launches", pairBytes,
+                () => { ops.IndexAdd(x, delta, idx, null, T, D); ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f); });
+            double oneLaunch = Bandwidth($"index-add {w}->{D} + gather-rmsnorm, one launch (tuned)", pairBytes,
+                () => ops.IndexAddRmsNorm(x, delta, idx, null, w, gamma, idx, h, T, D, 1e-5f));
+            Console.WriteLine($"{"  one launch vs two",-58} {oneLaunch / twoLaunches,8:F2}x");
         }
 
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))

@@ -392,11 +392,12 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         var d = _device;
         int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);
+        WriteBack? pending = null;
         for (int l = 0; l < c.NumLayers; l++)
         {
             var w = _layers[l];
             int attnIn = Stored(w.AttnIn, dm);
-            _ops.GatherRmsNorm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, dm, c.RmsNormEps, attnIn);
+            Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
             if (rows == 1 && w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn))
                 _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, a.K, kvd, w.Wv, a.V, kvd, attnIn);
             else
@@ -409,10 +410,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             _ops.RopeKvAppend(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start, position);
             _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow,
                 position: position, decodeScratch: cache.DecodeScratch);
-            Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
+            pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
             int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);
-            _ops.GatherRmsNorm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, dm, c.RmsNormEps, mlpIn);
+            Norm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, mlpIn, ref pending);
             if (rows == 1 && d.GemvApplies(a.H, w.WGate, mlpIn)) _ops.GemvSwiGlu(a.H, w.WGate, w.WUp, a.Gate, mid, mlpIn);
             else
             {
@@ -420,23 +421,38 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
                 _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
             }
-            Residual(a.X, a.Gate, w.WDown, null, w.MlpOut, a.Delta, rows, mid);
+            pending = Residual(a.X, a.Gate, w.WDown, null, w.MlpOut, a.Delta, rows, mid);
         }
-        _ops.GatherRmsNorm(a.X, _finalNorm, null, a.H, rows, dm, c.RmsNormEps);
+        Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
         d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
     }
 
+    /// <summary>An index-add into the residual that the next norm applies (<see cref="CudaOps.IndexAddRmsNorm"/>):
+    /// x[:, Idx] += Delta (+ Bias), Delta's rows Stride apart.</summary>
+    private sealed record WriteBack(DeviceTensor Delta, DeviceTensor? Idx, DeviceTensor? Bias, int Stride);
+
     /// <summary>x += input·Wᵀ (+ b): one GEMM accumulating into the f32 residual when dense, or for a single row
     /// without bias (decode: a GEMV writing the selected channels); otherwise a GEMM into the f32
-    /// <paramref name="delta"/> and an index-add into the selected channels.</summary>
-    private void Residual(DeviceTensor x, DeviceTensor input, DeviceTensor w, DeviceTensor? bias, DeviceTensor? idx, DeviceTensor delta, int rows, int k)
+    /// <paramref name="delta"/>, and the index-add into the selected channels is returned for the next norm.</summary>
+    private WriteBack? Residual(DeviceTensor x, DeviceTensor input, DeviceTensor w, DeviceTensor? bias, DeviceTensor? idx, DeviceTensor delta, int rows, int k)
     {
         int dm = Config.HiddenSize;
-        if (idx == null && bias == null) { _device.Gemm(input, w, x, rows, dm, k, beta: 1); return; }
-        if (rows == 1 && bias == null && _device.GemvApplies(input, w, k)) { _ops.GemvIndexAdd(input, w, x, idx, dm, k); return; }
+        if (idx == null && bias == null) { _device.Gemm(input, w, x, rows, dm, k, beta: 1); return null; }
+        if (rows == 1 && bias == null && _device.GemvApplies(input, w, k)) { _ops.GemvIndexAdd(input, w, x, idx, dm, k); return null; }
         int stored = Stored(idx, dm);
         _device.Gemm(input, w, delta, rows, stored, k);
-        _ops.IndexAdd(x, delta, idx, bias, rows, dm, inputStride: stored);
+        return new WriteBack(delta, idx, bias, stored);
+    }
+
+    /// <summary>The gather-RMSNorm of x into <paramref name="output"/> (rows <paramref name="outputStride"/> apart),
+    /// applying the <paramref name="pending"/> write-back first, in the same launch.</summary>
+    private void Norm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int outputStride, ref WriteBack? pending)
+    {
+        int dm = Config.HiddenSize;
+        float eps = Config.RmsNormEps;
+        if (pending is { } p) _ops.IndexAddRmsNorm(x, p.Delta, p.Idx, p.Bias, p.Stride, gamma, idx, output, rows, dm, eps, outputStride: outputStride);
+        else _ops.GatherRmsNorm(x, gamma, idx, output, rows, dm, eps, outputStride);
+        pending = null;
     }
 
     public void Dispose()

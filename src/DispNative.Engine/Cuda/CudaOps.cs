@@ -100,6 +100,30 @@ public sealed class CudaOps(CudaDevice device)
             x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
 
+    /// <summary>A pruned block's write-back and the next gather-RMSNorm in one launch: x[r, addIdx[j]] +=
+    /// addScale·(y[r, j] + bias[j]) as <see cref="IndexAdd"/> (y f32, rows <paramref name="yStride"/> apart; addIdx null:
+    /// the dense add), then <see cref="GatherRmsNorm"/> of the updated rows, reading and writing the residual once.
+    /// Where a row does not fit shared memory, the two kernels.</summary>
+    public void IndexAddRmsNorm(DeviceTensor x, DeviceTensor y, DeviceTensor? addIdx, DeviceTensor? bias, int yStride,
+        DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps, float addScale = 1, int? outputStride = null)
+    {
+        uint smem = RowSmem(d);
+        if (smem == 0)
+        {
+            IndexAdd(x, y, addIdx, bias, rows, d, addScale, yStride);
+            GatherRmsNorm(x, gamma, idx, output, rows, d, eps, outputStride);
+            return;
+        }
+        if (y.DType != DType.F32) throw new ArgumentException($"the fused index-add takes an f32 input, not {y.DType}");
+        if (bias != null && bias.DType != output.DType) throw new ArgumentException($"index-add bias is {bias.DType}, the norm output {output.DType}");
+        int addWidth = (int)(addIdx?.Length ?? d);
+        if (yStride < addWidth) throw new ArgumentException($"index-add input stride {yStride} is below its width {addWidth}");
+        Need(y, (long)rows * yStride, "index-add input");
+        var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
+        Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+            x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
+    }
+
     /// <summary>Gather LayerNorm (OPT/Phi): statistics over the full row, selected channels out; beta may be null.</summary>
     public void GatherLayerNorm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? beta, DeviceTensor? idx, DeviceTensor output, int rows, int d, float eps,
         int? outputStride = null)
@@ -131,6 +155,7 @@ public sealed class CudaOps(CudaDevice device)
         int width = (int)(idx?.Length ?? d), stride = inputStride ?? width;
         if (stride < width) throw new ArgumentException($"index-add input stride {stride} is below its width {width}");
         Need(x, (long)rows * d, "residual"); Need(y, (long)rows * stride, "index-add input");
+        if (bias != null && bias.DType != y.DType) throw new ArgumentException($"index-add bias is {bias.DType}, its input {y.DType}");
         Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(width), 0, x, y, idx, bias, scale, d, width, stride);
     }
 

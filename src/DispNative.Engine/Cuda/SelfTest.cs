@@ -38,6 +38,12 @@ public static class SelfTest
             new("gather-layernorm f32 (d 515 -> 200, beta)", LayerNorm),
             new("index-add f32 (d 999 <- 311, bias, scale)", dev => IndexAdd(dev, 311, bias: true)),
             new("residual add f32 (d 999)", dev => IndexAdd(dev, null, bias: false)),
+            new("index-add + gather-rmsnorm f32 in one launch (d 4096 <- 2673 rows 2680 apart, bias, scale; -> 1237 padded)",
+                dev => IndexAddNorm(dev, 4096, 2673, 1237, DType.F32, 2e-6)),
+            new("index-add + gather-rmsnorm bf16 in one launch (d 999 <- 311; -> 333)", dev => IndexAddNorm(dev, 999, 311, 333, DType.BF16, 1e-2)),
+            new("residual add + rmsnorm f32 in one launch (d 384)", dev => IndexAddNorm(dev, 384, null, null, DType.F32, 2e-6)),
+            new("index-add + gather-rmsnorm f32, row above shared memory: two launches (d 13001 <- 5000; -> 77)",
+                dev => IndexAddNorm(dev, 13001, 5000, 77, DType.F32, 2e-6)),
             new("index-add f32 (d 999 <- 311, input rows 320 apart)", dev => IndexAdd(dev, 311, bias: false, padded: true)),
             new("swiglu f32 in place (n 10007)", dev => SwiGlu(dev, DType.F32)),
             new("swiglu bf16 in place (n 10007: 16-byte steps and a tail)", dev => SwiGlu(dev, DType.BF16)),
@@ -330,6 +336,43 @@ public static class SelfTest
             for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * stride + j] + (b?[j] ?? 0));
         if (idx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, idx, rows, d);
         return Compare(dev.Download(tx), x, 1e-6);
+    }
+
+    /// <summary><see cref="CudaOps.IndexAddRmsNorm"/> against the CPU's index-add then gather-RMSNorm: the updated
+    /// residual and the normalized channels. The first case adds a bias (storage type), scales, and pads both strides.</summary>
+    private static string IndexAddNorm(CudaDevice dev, int d, int? addWidth, int? outWidth, DType dtype, double tol)
+    {
+        var rng = new Rng(16);
+        int rows = 5;
+        bool extras = d == 4096;
+        var x = Random(rng, rows * d, 2);
+        var gamma = RoundTo(dtype, Random(rng, d));
+        int[]? addIdx = addWidth is int aw ? Subset(rng, d, aw) : null;
+        int[]? idx = outWidth is int ow ? Subset(rng, d, ow) : null;
+        int yw = addIdx?.Length ?? d, yStride = extras ? CudaOps.Padded(yw) : yw;
+        int outW = idx?.Length ?? d, stride = extras ? CudaOps.Padded(outW) : outW;
+        var y = Random(rng, rows * yStride);
+        var b = extras ? RoundTo(dtype, Random(rng, yw)) : null;
+        float scale = extras ? 0.5f : 1f;
+        using var tx = dev.Upload(x); using var ty = dev.Upload(y);
+        using var tg = dev.Upload(gamma, dtype);
+        using var tai = addIdx == null ? null : dev.Upload(addIdx);
+        using var ti = idx == null ? null : dev.Upload(idx);
+        using var tb = b == null ? null : dev.Upload(b, dtype);
+        using var tout = dev.Allocate(dtype, rows * stride);
+        var ops = new CudaOps(dev);
+        ops.FillConstant(tout, float.NaN);
+        ops.IndexAddRmsNorm(tx, ty, tai, tb, yStride, tg, ti, tout, rows, d, 1e-5f, scale, stride);
+        var delta = new float[rows * yw];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * yStride + j] + (b?[j] ?? 0));
+        if (addIdx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, addIdx, rows, d);
+        var dense = new float[rows * outW];
+        if (idx == null) CpuOps.RmsNorm(x, gamma, dense, rows, d, 1e-5f);
+        else CpuOps.GatherRmsNorm(x, gamma, idx, dense, rows, d, 1e-5f);
+        var want = new float[rows * stride];
+        for (int r = 0; r < rows; r++) Array.Copy(dense, r * outW, want, r * stride, outW);
+        return Compare(dev.Download(tx), x, 1e-6, "residual max rel err") + "; " + Compare(dev.Download(tout), want, tol, "norm max rel err");
     }
 
     /// <summary>In place (the output is the gate); n odd, so the 16-byte path leaves a tail.</summary>
