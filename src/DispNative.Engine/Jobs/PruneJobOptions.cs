@@ -59,12 +59,35 @@ public sealed record PruneJobOptions
         return Distance(key, best) <= Math.Max(2, best.Length / 5) ? best : null;
     }
 
+    /// <summary>The configuration's keys as their source spells them (the merged view's casing of a section depends on
+    /// which other keys exist); a key set by several sources once, as the one that wins spells it.</summary>
+    private static IEnumerable<string> KeysAsWritten(IConfiguration config)
+    {
+        if (config is not IConfigurationRoot root) return config.AsEnumerable().Select(kv => kv.Key);
+        static IEnumerable<string> Below(IConfigurationProvider p, string? parent)
+        {
+            foreach (var child in p.GetChildKeys([], parent).Distinct(StringComparer.OrdinalIgnoreCase))
+            {
+                string path = parent == null ? child : ConfigurationPath.Combine(parent, child);
+                if (p.TryGet(path, out _)) yield return path;
+                foreach (var k in Below(p, path)) yield return k;
+            }
+        }
+        var seen = new HashSet<string>(StringComparer.OrdinalIgnoreCase);
+        var keys = new List<string>();
+        foreach (var provider in root.Providers.Reverse())
+            foreach (var key in Below(provider, null))
+                if (seen.Add(key)) keys.Add(key);
+        keys.Sort(StringComparer.OrdinalIgnoreCase);
+        return keys;
+    }
+
     /// <summary>Reads and validates every key; all problems are reported together, each with its key. Relative paths
     /// are taken from <paramref name="baseDirectory"/> (the configuration file's folder).</summary>
     public static PruneJobOptions FromConfiguration(IConfiguration config, string baseDirectory)
     {
         var problems = new List<string>();
-        foreach (var (key, _) in config.AsEnumerable())
+        foreach (var key in KeysAsWritten(config))
         {
             int colon = key.IndexOf(':');
             if (colon < 0 || !Sections.Contains(key[..colon], StringComparer.OrdinalIgnoreCase)) continue;
