@@ -145,6 +145,20 @@ public class PruneJobTests
         Assert.That(Directory.Exists(Path.Combine(dir, "out")), Is.False, "nothing is written before validation passes");
     }
 
+    /// <summary>Keys outside the job's sections (DISPNATIVE_CUDA_LIBRARY and the like) are not the job's to judge, and
+    /// do not change how an unknown key is spelled back (the merged view's casing of a section depended on them).</summary>
+    [Test]
+    public void AnUnknownKey_IsReportedAsWritten_WhateverOtherKeysExist()
+    {
+        var (dir, configPath) = Setup();
+        var config = new ConfigurationBuilder().AddJsonFile(configPath)
+            .AddInMemoryCollection(new Dictionary<string, string?> { ["CUDA_LIBRARY"] = "a", ["NVRTC_LIBRARY"] = "b", ["CUBLASLT_LIBRARY"] = "c", ["KERNEL_CACHE"] = "d" })
+            .AddCommandLine(["--pruning:pruneratio0=0.5"]).Build();
+        var e = Assert.Throws<InvalidSettingException>(() => PruneJobOptions.FromConfiguration(config, dir));
+        Assert.That(e!.Message, Does.Contain("pruning:pruneratio0: unknown key (did you mean Pruning:PruneRatio?)"));
+        Assert.That(e.Message, Does.Not.Contain("LIBRARY").And.Not.Contain("KERNEL_CACHE"));
+    }
+
     [Test]
     public void EnvironmentVariablesOverrideTheFileAndArgumentsOverrideBoth()
     {
