@@ -229,11 +229,18 @@ public class NvrtcTests
         Assert.That((again.Compiled, again.CacheHits), Is.EqualTo((0, n)));
     }
 
+    /// <summary>The largest block a kernel may be launched with (CudaOps): 128 threads for the tensor-core prefill and
+    /// the decode attention, which hold tiles in registers; any size up to 1024 for the rest.</summary>
+    private static int MaxBlockThreads(string entry) =>
+        entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_decode") ? 128 : 1024;
+
     /// <summary>A spill turns register traffic into local-memory traffic inside the hot loops (the tensor-core attention
-    /// sits at 238 of 255 registers). ptxas's report through the NVRTC found here; the emulator's has none.</summary>
+    /// sits at 238 of 255 registers). And a block whose threads need more than the SM's 65,536 registers does not
+    /// launch at all (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES), which only a GPU would show. ptxas's report through the
+    /// NVRTC found here; the emulator's has none.</summary>
     [TestCase("sm_90")]
     [TestCase("sm_80")]
-    public void NoKernelSpillsRegisters(string arch)
+    public void NoKernelSpillsRegisters_OrNeedsMoreThanTheSmHasForItsLargestBlock(string arch)
     {
         if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
         var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
@@ -249,6 +256,10 @@ public class NvrtcTests
                 if (name.Success) { entry = name.Groups[1].Value; entries++; continue; }
                 var spill = System.Text.RegularExpressions.Regex.Match(line, "(\\d+) bytes spill stores");
                 if (spill.Success) Assert.That(int.Parse(spill.Groups[1].Value), Is.Zero, $"{k}.cu: {entry} spills on {arch}");
+                var used = System.Text.RegularExpressions.Regex.Match(line, "Used (\\d+) registers");
+                if (used.Success)
+                    Assert.That(int.Parse(used.Groups[1].Value) * MaxBlockThreads(entry!), Is.LessThanOrEqualTo(65536),
+                        $"{k}.cu: {entry} on {arch}: {used.Groups[1].Value} registers per thread for blocks of {MaxBlockThreads(entry!)} threads");
             }
         }
         Assert.That(entries, Is.GreaterThan(50), "ptxas reported on too few entry points");
