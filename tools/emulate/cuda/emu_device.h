@@ -130,7 +130,7 @@ inline char* emu_shared_pointer(unsigned address)
 {
     return address >= 0x80000000u ? emu_api->dynamic_shared + (address - 0x80000000u) : &emu_shared_anchor + ((long long)address - 0x40000000ll);
 }
-// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill). A copy lands only when a wait_group that covers its
+// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill), both addresses 16-byte aligned. A copy lands only when a wait_group that covers its
 // group runs; until then its destination holds 0xff bytes (NaN in f32, bf16 and f16), so reading before the wait,
 // a missing wait, or overwriting a buffer that other threads still read shows in the results.
 struct EmuAsyncCopy { char* dst; const void* src; unsigned group; };
@@ -147,6 +147,7 @@ inline void emu_cp_async16(unsigned dst, const void* src, unsigned src_size)
     if (src_size != 16 && src_size != 0) emu_api->fail("cp.async: src-size other than 0 or 16");
     EmuAsyncState& s = emu_async_state();
     char* d = emu_shared_pointer(dst);
+    if ((uintptr_t)d % 16 != 0 || (src_size && (uintptr_t)src % 16 != 0)) emu_api->fail("misaligned address: cp.async of 16 bytes from or to an address that is not 16-byte aligned");
     s.copies.push_back({d, src_size ? src : nullptr, s.group});
     memset(d, 0xff, 16);
 }
