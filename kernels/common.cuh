@@ -62,6 +62,36 @@ template <typename Op> __device__ __forceinline__ float block_reduce(float v, Op
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp(), 0.f); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp(), NEG_INF); }
 
+// row[idx[j]] += scale * (y[j] + bias[j]) for j < width (idx null: j; bias may be null): DISP's write-back into one
+// residual row, in global or shared memory. Indices are unique, so no two threads touch one element; each thread
+// issues UNROLL loads before their stores (one latency per UNROLL elements, not per element).
+template <int UNROLL, typename Y, typename B>
+__device__ __forceinline__ void index_add_row(float* __restrict__ row, const Y* __restrict__ y, const int* __restrict__ idx,
+    const B* __restrict__ bias, float scale, int width)
+{
+    for (int base = threadIdx.x; base < width; base += UNROLL * blockDim.x)
+    {
+        float v[UNROLL], old[UNROLL];
+        int c[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+        {
+            int j = base + u * blockDim.x;
+            c[u] = -1;
+            if (j < width)
+            {
+                v[u] = to_f32(y[j]);
+                if (bias) v[u] += to_f32(bias[j]);
+                c[u] = idx ? idx[j] : j;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) if (c[u] >= 0) old[u] = row[c[u]];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) if (c[u] >= 0) row[c[u]] = old[u] + scale * v[u];
+    }
+}
+
 // Uniform (0, 1) from a counter-based hash (splitmix64 of seed + golden-ratio step · (counter + 1)), 24 bits.
 __device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned long long counter)
 {

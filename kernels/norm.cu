@@ -5,14 +5,16 @@
 // row (row_in_smem != 0, dynamic size d floats) the row is read from HBM exactly once. Each thread keeps UNROLL
 // loads in flight: the row is short (16 KB at d 4096), so latency, not bandwidth, limits a one-load-per-step loop.
 // add_rmsnorm_gather first applies the previous block's write-back, x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j])
-// (index_add of residual.cu), to the row staged in shared memory, writes the row back and then normalizes it: the
-// residual is read and written once for both, where the two kernels read it twice and write it once.
+// (index_add_row, as residual.cu's index_add), to the row staged in shared memory, writes the row back and then
+// normalizes it: the residual is read and written once for both, where the two kernels read it twice and write it once.
 #include "common.cuh"
 
 #define NORM_UNROLL 4
 
-// s += sum of src[0..d), ss += sum of squares; each value is also stored to copy[i] when copy is set.
-__device__ __forceinline__ void row_sums(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
+// Streams src[0..d) into copy (when set) with UNROLL loads in flight per thread; with SUMS, also adds the values to s and
+// their squares to ss.
+template <bool SUMS>
+__device__ __forceinline__ void row_pass(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
 {
     if ((d & 3) == 0)
     {
@@ -33,8 +35,11 @@ __device__ __forceinline__ void row_sums(const float* __restrict__ src, float* _
             {
                 int i = base + u * blockDim.x;
                 if (copy && i < n4) copy4[i] = v[u];
-                s += v[u].x + v[u].y + v[u].z + v[u].w;
-                ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+                if (SUMS)
+                {
+                    s += v[u].x + v[u].y + v[u].z + v[u].w;
+                    ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+                }
             }
         }
     }
@@ -44,7 +49,7 @@ __device__ __forceinline__ void row_sums(const float* __restrict__ src, float* _
         {
             float v = src[i];
             if (copy) copy[i] = v;
-            s += v; ss += v * v;
+            if (SUMS) { s += v; ss += v * v; }
         }
     }
 }
@@ -97,7 +102,7 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     float* row = reinterpret_cast<float*>(row4);
     const float* xr = x + (long long)blockIdx.x * d;
     float s = 0.f, ss = 0.f;
-    row_sums(xr, row_in_smem ? row : nullptr, d, s, ss);
+    row_pass<true>(xr, row_in_smem ? row : nullptr, d, s, ss);
     store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, gamma, beta, idx, out, d, width, out_stride, eps);
 }
 
@@ -111,54 +116,12 @@ __device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restric
     extern __shared__ float4 row4[];
     float* row = reinterpret_cast<float*>(row4);
     float* xr = x + (long long)blockIdx.x * d;
-    if ((d & 3) == 0)
-    {
-        const float4* x4 = reinterpret_cast<const float4*>(xr);
-        int n4 = d >> 2;
-        for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
-        {
-            float4 v[NORM_UNROLL];
-#pragma unroll
-            for (int u = 0; u < NORM_UNROLL; u++)
-            {
-                int i = base + u * blockDim.x;
-                if (i < n4) v[u] = x4[i];
-            }
-#pragma unroll
-            for (int u = 0; u < NORM_UNROLL; u++)
-            {
-                int i = base + u * blockDim.x;
-                if (i < n4) row4[i] = v[u];
-            }
-        }
-    }
-    else
-        for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = xr[i];
-    __syncthreads();
-    // Indices are unique within a row: no two threads update one channel.
-    const float* yr = y + (long long)blockIdx.x * y_stride;
-    for (int base = threadIdx.x; base < add_width; base += NORM_UNROLL * blockDim.x)
-    {
-        float v[NORM_UNROLL];
-        int c[NORM_UNROLL];
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++)
-        {
-            int j = base + u * blockDim.x;
-            c[u] = -1;
-            if (j < add_width)
-            {
-                v[u] = yr[j];
-                if (bias) v[u] += to_f32(bias[j]);
-                c[u] = add_idx ? add_idx[j] : j;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++) if (c[u] >= 0) row[c[u]] = row[c[u]] + add_scale * v[u];
-    }
-    __syncthreads();
     float s = 0.f, ss = 0.f;
-    row_sums(row, xr, d, s, ss);
+    row_pass<false>(xr, row, d, s, ss);
+    __syncthreads();
+    index_add_row<NORM_UNROLL>(row, y + (long long)blockIdx.x * y_stride, add_idx, bias, add_scale, add_width);
+    __syncthreads();
+    row_pass<true>(row, xr, d, s, ss);
     store_gathered<T, false>(row, s, ss, gamma, nullptr, idx, out, d, width, out_stride, eps);
 }
 

@@ -10,30 +10,7 @@ template <typename T>
 __device__ void index_add(float* __restrict__ x, const T* __restrict__ y, const int* __restrict__ idx,
     const T* __restrict__ bias, float scale, int d, int width, int y_stride)
 {
-    float* xr = x + (long long)blockIdx.x * d;
-    const T* yr = y + (long long)blockIdx.x * y_stride;
-    // Loads of UNROLL elements are issued before their stores: one latency per UNROLL elements, not per element.
-    for (int base = threadIdx.x; base < width; base += RESIDUAL_UNROLL * blockDim.x)
-    {
-        float v[RESIDUAL_UNROLL], old[RESIDUAL_UNROLL];
-        int c[RESIDUAL_UNROLL];
-#pragma unroll
-        for (int u = 0; u < RESIDUAL_UNROLL; u++)
-        {
-            int j = base + u * blockDim.x;
-            c[u] = -1;
-            if (j < width)
-            {
-                v[u] = to_f32(yr[j]);
-                if (bias) v[u] += to_f32(bias[j]);
-                c[u] = idx ? idx[j] : j;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < RESIDUAL_UNROLL; u++) if (c[u] >= 0) old[u] = xr[c[u]];
-#pragma unroll
-        for (int u = 0; u < RESIDUAL_UNROLL; u++) if (c[u] >= 0) xr[c[u]] = old[u] + scale * v[u];
-    }
+    index_add_row<RESIDUAL_UNROLL>(x + (long long)blockIdx.x * d, y + (long long)blockIdx.x * y_stride, idx, bias, scale, width);
 }
 
 #define INDEX_ADD(T, S) \
