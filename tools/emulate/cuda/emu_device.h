@@ -130,9 +130,9 @@ inline char* emu_shared_pointer(unsigned address)
 {
     return address >= 0x80000000u ? emu_api->dynamic_shared + (address - 0x80000000u) : &emu_shared_anchor + ((long long)address - 0x40000000ll);
 }
-// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill), both addresses 16-byte aligned. A copy lands only when a wait_group that covers its
-// group runs; until then its destination holds 0xff bytes (NaN in f32, bf16 and f16), so reading before the wait,
-// a missing wait, or overwriting a buffer that other threads still read shows in the results.
+// cp.async.cg 16 bytes with src-size 16 or 0 (zero fill), both addresses 16-byte aligned. A copy lands only when a
+// wait_group that covers its group runs; until then its destination holds 0xff bytes (NaN in f32, bf16 and f16), so
+// reading before the wait, a missing wait, or overwriting a buffer that other threads still read shows in the results.
 struct EmuAsyncCopy { char* dst; const void* src; unsigned group; };
 struct EmuAsyncState { unsigned long long serial = ~0ull; unsigned group = 0; std::vector<EmuAsyncCopy> copies; };
 static EmuAsyncState emu_async_states[1024];
