@@ -79,6 +79,7 @@ internal static class GpuBench
             double oneLaunch = Bandwidth($"index-add {w}->{D} + gather-rmsnorm, one launch (tuned)", pairBytes,
                 () => ops.IndexAddRmsNorm(x, delta, idx, null, w, gamma, idx, h, T, D, 1e-5f));
             Console.WriteLine($"{"  one launch vs two",-58} {oneLaunch / twoLaunches,8:F2}x");
+            acceptance.AtLeast(3, "index-add fused into the next gather-norm >= 70% of HBM bandwidth", oneLaunch / bw, 0.7, Percent);
         }
 
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))
