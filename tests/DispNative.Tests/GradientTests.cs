@@ -187,6 +187,28 @@ public class GradientTests
         Check((t, v) => model.Loss(t, ids, (l, kind) => v[layout.OutputOf(l, kind)]), inputs, probes: 5, tol: 1e-5);
     }
 
+    /// <summary>Activation checkpointing: through the recomputed forward the gradient reaches the segment's input, a
+    /// mask and a weight of the outer tape that the segment reads, and the mask's use after the segment.</summary>
+    [Test]
+    public void Checkpoint()
+    {
+        var r = new Rng(21);
+        Check((t, v) => t.MaskColumns(t.Checkpoint(t.Linear(v[0], v[1]), (s, x) => s.MaskColumns(s.SiluMul(x, s.Linear(x, v[2])), v[3])), v[3]),
+            [Rand(r, 5, 6), Rand(r, 4, 6), Rand(r, 4, 4), Rand(r, 1, 4)]);
+    }
+
+    [Test]
+    public void MaskedModelWithCheckpointedLayers_PassesFiniteDifferences()
+    {
+        var c = TestAssets.TinyConfig(vocab: 40) with { NumLayers = 2 };
+        var model = new MaskedLlama<double>(c, ModelWeights.Random(c, 5, std: 0.2f)) { CheckpointLayers = true };
+        var layout = new SiteLayout(c, PruningMode.Disp);
+        var r = new Rng(18);
+        int[] ids = [1, 5, 9, 33, 2, 17, 8];
+        var inputs = layout.OutputWidths.Select(w => new Input(Enumerable.Range(0, w).Select(_ => 0.2 + 0.8 * r.NextDouble()).ToArray(), 1, w)).ToArray();
+        Check((t, v) => model.Loss(t, ids, (l, kind) => v[layout.OutputOf(l, kind)]), inputs, probes: 5, tol: 1e-5);
+    }
+
     [Test]
     public void MaskedModelWithUnitMasksMatchesInference()
     {

@@ -39,6 +39,43 @@ public class TrainingTests
         Assert.That(once.All(g => g.Any(v => v != 0)), "every mask output gets a gradient");
     }
 
+    /// <summary>Per-layer checkpointing recomputes each layer's forward in the backward: the same numbers, bit for bit,
+    /// while the tape holds one layer's intermediates at a time instead of all six layers'.</summary>
+    [Test]
+    public void CheckpointedLayers_GiveTheSameLossAndMaskGradients_FromFewerBuffers()
+    {
+        var c = TestAssets.TinyConfig(vocab: 64) with { NumLayers = 6 };
+        var w = ModelWeights.Random(c, 3, std: 0.2f);
+        var layout = new SiteLayout(c, PruningMode.Disp);
+        var rng = new Rng(6);
+        var ids = Enumerable.Range(0, 48).Select(_ => 1 + rng.NextInt(63)).ToArray();
+        var masks = layout.OutputWidths.Select(n => Enumerable.Range(0, n).Select(_ => (float)rng.NextDouble()).ToArray()).ToList();
+        (float Loss, List<float[]> Grads, long Created) Run(bool checkpoint)
+        {
+            var pool = new Engine.Autograd.TapeBufferPool<float>();
+            var tape = new Engine.Autograd.Tape<float>(pool);
+            var grads = masks.Select(m => new float[m.Length]).ToList();
+            var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, grads[o])).ToArray();
+            var loss = new MaskedLlama<float>(c, w) { CheckpointLayers = checkpoint }.Loss(tape, ids, (l, kind) => leaves[layout.OutputOf(l, kind)]);
+            tape.Backward(loss);
+            return (loss.Scalar, grads, pool.Created);
+        }
+        var kept = Run(false);
+        var recomputed = Run(true);
+        Assert.That(recomputed.Loss, Is.EqualTo(kept.Loss));
+        for (int o = 0; o < masks.Count; o++) Assert.That(recomputed.Grads[o], Is.EqualTo(kept.Grads[o]), $"mask output {o}");
+        Assert.That(recomputed.Created, Is.LessThan(kept.Created / 2), $"buffer values created: {recomputed.Created} checkpointed, {kept.Created} kept");
+
+        // The wrapper picks checkpointing when told, or when a block's activations would not fit memory.
+        Assert.That(new CpuMaskedLanguageModel(c, w, checkpointLayers: true).Checkpoints(48), Is.True);
+        Assert.That(new CpuMaskedLanguageModel(c, w).Checkpoints(48), Is.False);
+        Assert.That(new CpuMaskedLanguageModel(c, w).Checkpoints(int.MaxValue / 2), Is.True);
+        var onGrads = masks.Select(m => new float[m.Length]).ToList();
+        double on = new CpuMaskedLanguageModel(c, w, checkpointLayers: true).LossAndMaskGradients(ids, masks, layout.OutputOf, onGrads, 1);
+        Assert.That((float)on, Is.EqualTo(kept.Loss));
+        for (int o = 0; o < masks.Count; o++) Assert.That(onGrads[o], Is.EqualTo(kept.Grads[o]), $"mask output {o}, through the wrapper");
+    }
+
     [Test]
     public void CpuMaskedModel_RecyclingItsTapeBuffers_MatchesFreshTapesBitForBit()
     {

@@ -84,6 +84,39 @@ public sealed partial class Tape<T>(TapeBufferPool<T>? pool = null) where T : un
         _steps.Add(() => { if (y.Grad != null) backward(y.Grad); });
     }
 
+    /// <summary>y = segment(x) without keeping the segment's intermediates (activation checkpointing): the segment runs
+    /// on a scratch tape whose buffers go back to the pool at once; the backward runs it again from x on another scratch
+    /// tape and backpropagates y's gradient through it, into x and into every earlier value of this tape the segment
+    /// reads (masks, trainable weights). The segment must record its own work on the tape it is given and be
+    /// deterministic.</summary>
+    public Var<T> Checkpoint(Var<T> x, Func<Tape<T>, Var<T>, Var<T>> segment)
+    {
+        var scratch = Scratch();
+        Var<T> y;
+        try
+        {
+            var inner = segment(scratch, scratch.Constant(x.Data, x.Rows, x.Cols));
+            y = Output(inner.Rows, inner.Cols, x.RequiresGrad || inner.RequiresGrad);
+            inner.Data.CopyTo(y.Data, 0);
+        }
+        finally { scratch.ReturnBuffers(); }
+        Record(y, g =>
+        {
+            var again = Scratch();
+            try
+            {
+                var input = x.RequiresGrad ? again.Leaf(x.Data, x.Rows, x.Cols, x.G) : again.Constant(x.Data, x.Rows, x.Cols);
+                var output = segment(again, input);
+                TensorPrimitives.Add(output.G, g, output.G);
+                again.Backward();
+            }
+            finally { again.ReturnBuffers(); }
+        });
+        return y;
+    }
+
+    private Tape<T> Scratch() => new(pool) { AttentionBackwardOnGemms = AttentionBackwardOnGemms };
+
     private static T C(double v) => T.CreateChecked(v);
 
     private static void Check(bool ok, string what)
@@ -468,6 +501,9 @@ public sealed class TapeBufferPool<T> where T : unmanaged
 {
     private readonly Dictionary<long, Stack<T[]>> _free = [];
 
+    /// <summary>Values in the buffers this pool has created (not reused): the high-water mark of what its tapes held.</summary>
+    public long Created { get; private set; }
+
     public T[] Rent(long length)
     {
         lock (_free)
@@ -476,6 +512,7 @@ public sealed class TapeBufferPool<T> where T : unmanaged
                 Array.Clear(a);
                 return a;
             }
+        lock (_free) Created += length;
         return new T[length];
     }
 

@@ -44,33 +44,51 @@ public sealed class MaskedLlama<T> where T : unmanaged, IFloatingPointIeee754<T>
 
     private static T[]? CastOpt(float[]? a) => a == null ? null : Cast(a);
 
+    /// <summary>Per-layer activation checkpointing (<see cref="Tape{T}.Checkpoint"/>): the tape keeps each layer's input
+    /// only and runs the layer's forward again in the backward, so a pass holds one layer's intermediates instead of
+    /// all of them, for one more forward. Off by default.</summary>
+    public bool CheckpointLayers { get; init; }
+
     /// <summary>Logits [n, vocab] of one sequence from position 0. <paramref name="mask"/> gives the [1, width]
     /// mask of a (layer, site), or null for an unmasked site.</summary>
     public Var<T> Logits(Tape<T> tape, ReadOnlySpan<int> ids, Func<int, SiteKind, Var<T>?> mask)
     {
         var c = Config;
-        int n = ids.Length, d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
-        Var<T> K(T[] a, int rows, int cols) => GradientOf?.Invoke(a) is { } g ? tape.Leaf(a, rows, cols, g) : tape.Constant(a, rows, cols);
-        Var<T>? B(T[]? a) => a == null ? null : K(a, 1, a.Length);
-        Var<T> Mask(Var<T> x, int l, SiteKind kind) => mask(l, kind) is { } m ? tape.MaskColumns(x, m) : x;
-
-        var x = tape.Embedding(K(_embedding, c.VocabSize, d), ids);
+        int d = c.HiddenSize;
+        var x = tape.Embedding(Weight(tape, _embedding, c.VocabSize, d), ids);
         for (int l = 0; l < _layers.Length; l++)
         {
-            var w = _layers[l];
-            var h = Mask(tape.RmsNorm(x, K(w.AttnNorm, 1, d), c.RmsNormEps), l, SiteKind.AttnIn);
-            var q = tape.Rope(tape.Linear(h, K(w.Wq, qd, d), B(w.Bq)), c.NumHeads, _rope);
-            var k = tape.Rope(tape.Linear(h, K(w.Wk, kvd, d), B(w.Bk)), c.NumKvHeads, _rope);
-            var v = tape.Linear(h, K(w.Wv, kvd, d), B(w.Bv));
-            var a = tape.Attention(q, k, v, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-            x = tape.Add(x, Mask(tape.Linear(a, K(w.Wo, d, qd), B(w.Bo)), l, SiteKind.AttnOut));
-
-            h = Mask(tape.RmsNorm(x, K(w.MlpNorm, 1, d), c.RmsNormEps), l, SiteKind.MlpIn);
-            var mid = Mask(tape.SiluMul(tape.Linear(h, K(w.WGate, f, d)), tape.Linear(h, K(w.WUp, f, d))), l, SiteKind.MlpMid);
-            x = tape.Add(x, Mask(tape.Linear(mid, K(w.WDown, d, f)), l, SiteKind.MlpOut));
+            int layer = l;
+            x = CheckpointLayers ? tape.Checkpoint(x, (t, input) => Block(t, input, layer, mask)) : Block(tape, x, layer, mask);
         }
-        var final = tape.RmsNorm(x, K(_finalNorm, 1, d), c.RmsNormEps);
-        return tape.Linear(final, K(_lmHead, c.VocabSize, d));
+        var final = tape.RmsNorm(x, Weight(tape, _finalNorm, 1, d), c.RmsNormEps);
+        return tape.Linear(final, Weight(tape, _lmHead, c.VocabSize, d));
+    }
+
+    /// <summary>A frozen weight as a constant, or a leaf when <see cref="GradientOf"/> trains it.</summary>
+    private Var<T> Weight(Tape<T> tape, T[] a, int rows, int cols)
+        => GradientOf?.Invoke(a) is { } g ? tape.Leaf(a, rows, cols, g) : tape.Constant(a, rows, cols);
+
+    /// <summary>Decoder layer <paramref name="l"/> on the residual stream x, every value recorded on <paramref name="tape"/>.</summary>
+    private Var<T> Block(Tape<T> tape, Var<T> x, int l, Func<int, SiteKind, Var<T>?> mask)
+    {
+        var c = Config;
+        int d = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
+        var w = _layers[l];
+        Var<T> K(T[] a, int rows, int cols) => Weight(tape, a, rows, cols);
+        Var<T>? B(T[]? a) => a == null ? null : K(a, 1, a.Length);
+        Var<T> Mask(Var<T> v, SiteKind kind) => mask(l, kind) is { } m ? tape.MaskColumns(v, m) : v;
+
+        var h = Mask(tape.RmsNorm(x, K(w.AttnNorm, 1, d), c.RmsNormEps), SiteKind.AttnIn);
+        var q = tape.Rope(tape.Linear(h, K(w.Wq, qd, d), B(w.Bq)), c.NumHeads, _rope);
+        var k = tape.Rope(tape.Linear(h, K(w.Wk, kvd, d), B(w.Bk)), c.NumKvHeads, _rope);
+        var v = tape.Linear(h, K(w.Wv, kvd, d), B(w.Bv));
+        var a = tape.Attention(q, k, v, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+        x = tape.Add(x, Mask(tape.Linear(a, K(w.Wo, d, qd), B(w.Bo)), SiteKind.AttnOut));
+
+        h = Mask(tape.RmsNorm(x, K(w.MlpNorm, 1, d), c.RmsNormEps), SiteKind.MlpIn);
+        var mid = Mask(tape.SiluMul(tape.Linear(h, K(w.WGate, f, d)), tape.Linear(h, K(w.WUp, f, d))), SiteKind.MlpMid);
+        return tape.Add(x, Mask(tape.Linear(mid, K(w.WDown, d, f)), SiteKind.MlpOut));
     }
 
     /// <summary>Mean next-token cross-entropy over positions 0..n-2 of one block.</summary>
@@ -99,14 +117,28 @@ public interface IMaskedLanguageModel : IDisposable
 }
 
 /// <summary>The fp32 CPU reference: <see cref="MaskedLlama{T}"/> recorded on a tape and run backward.</summary>
-public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weights) : IMaskedLanguageModel
+/// <param name="checkpointLayers">true: per-layer activation checkpointing; false: the tape keeps every layer's
+/// activations; null (the default): keep them unless <see cref="ActivationBytes"/> of a block exceeds a quarter of the
+/// memory the runtime may use.</param>
+public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weights, bool? checkpointLayers = null) : IMaskedLanguageModel
 {
     private readonly MaskedLlama<float> _model = new(config, weights);
+    private readonly MaskedLlama<float> _checkpointed = new(config, weights) { CheckpointLayers = true };
     private readonly TapeBufferPool<float> _buffers = new();
 
     public string DeviceName => "cpu";
 
     public void Dispose() { }
+
+    /// <summary>About the bytes of the intermediates the tape keeps for a block of <paramref name="tokens"/> when no
+    /// layer is checkpointed: per layer and token, the norm outputs, q/k/v before and after RoPE, attention output,
+    /// gate, up, their product and the masked copies, in f32.</summary>
+    public static long ActivationBytes(ModelConfig c, int tokens)
+        => 4L * tokens * c.NumLayers * (8L * c.HiddenSize + 3L * (c.QDim + 2L * c.KvDim) + 5L * c.IntermediateSize);
+
+    /// <summary>Whether a block of <paramref name="tokens"/> runs with per-layer checkpointing.</summary>
+    public bool Checkpoints(int tokens)
+        => checkpointLayers ?? ActivationBytes(config, tokens) > GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4;
 
     public double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
         IReadOnlyList<float[]> maskGradients, double gradScale)
@@ -115,7 +147,8 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
         try
         {
             var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, maskGradients[o])).ToArray();
-            var loss = _model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
+            var model = Checkpoints(block.Length) ? _checkpointed : _model;
+            var loss = model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
             tape.Backward(tape.Affine(loss, gradScale, 0));
             return loss.Scalar;
         }
