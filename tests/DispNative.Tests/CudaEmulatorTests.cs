@@ -47,6 +47,21 @@ public class CudaEmulatorTests
         Assert.That(code, Is.Zero, output);
     }
 
+    /// <summary>The emulator's own checks (tools/emulate/cuda/emu_selftest.cpp): misaligned vector loads and cp.async,
+    /// a missing barrier, a barrier/shuffle deadlock, an out-of-bounds write, and pinned-memory copies that land only at
+    /// a synchronization are reported as a GPU would, and their correct twins pass. Without them the self-test above
+    /// could pass for the wrong reason.</summary>
+    [TestCase("forward")]
+    [TestCase("reverse")]
+    public void TheEmulator_ReportsWhatAGpuWould(string threadOrder)
+    {
+        if (_skip != null) Assert.Ignore(_skip);
+        var env = new Dictionary<string, string> { ["DISPNATIVE_EMU_SCHEDULE"] = threadOrder };
+        var (code, stdout, stderr) = Exec(Path.Combine(Path.GetDirectoryName(_library)!, "emu_selftest"), [_library!], env);
+        Assert.That(stdout.TrimEnd().Split('\n')[^1], Is.EqualTo("10 passed, 0 failed"), stdout + stderr);
+        Assert.That(code, Is.Zero, stdout + stderr);
+    }
+
     /// <summary>The GPU benchmarks' code (not their timings) at the small shape: every kernel, GEMM, CUDA graph and
     /// training step they time runs to the end, and the acceptance-target lines they close with are printed.</summary>
     [TestCase("gpu", "issue 3: prefill attention >= 40% of same-FLOP cuBLASLt GEMMs")]

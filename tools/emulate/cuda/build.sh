@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA emulator: one shared library that stands in for libcuda, NVRTC and cuBLASLt (see cuda_emulator.cpp).
+# Builds the CUDA emulator: one shared library that stands in for libcuda, NVRTC and cuBLASLt (see cuda_emulator.cpp),
+# and emu_selftest, which checks that it reports what a GPU would (out/emu_selftest out/libcudaemu.so).
 #   bash tools/emulate/cuda/build.sh [OUT_DIR]   (default: tools/emulate/cuda/out; needs g++ ≥ 12 on x86-64 Linux)
 # Then, for example:
 #   export DISPNATIVE_CUDA_LIBRARY=$PWD/tools/emulate/cuda/out/libcudaemu.so
@@ -17,4 +18,6 @@ mkdir -p "$out"
 "${DISPNATIVE_EMU_CXX:-g++}" -std=c++17 -O2 -g -fPIC -shared -fvisibility=hidden -I "$here" -I "$out" \
   -o "$out/libcudaemu.so.tmp" "$here/cuda_emulator.cpp" -ldl
 mv "$out/libcudaemu.so.tmp" "$out/libcudaemu.so"
+# emu_selftest: the emulator's own checks (run it with the library's path).
+"${DISPNATIVE_EMU_CXX:-g++}" -std=c++17 -O1 -o "$out/emu_selftest" "$here/emu_selftest.cpp" -ldl
 echo "$out/libcudaemu.so"

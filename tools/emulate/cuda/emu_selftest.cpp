@@ -1,0 +1,240 @@
+// Checks that the CUDA emulator reports what a GPU would: each case compiles a small kernel through the emulator's
+// NVRTC, runs it through its driver API, and expects the failure or the wrong result that a GPU would give (or, for the
+// control cases, the right result). Without these, the engine's self-test on the emulator could pass for the wrong
+// reason. Built by build.sh; run as `emu_selftest path/to/libcudaemu.so`; ends with "N passed, N failed".
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dlfcn.h>
+#include <string>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+void* lib;
+template <typename F> F get(const char* name)
+{
+    void* p = dlsym(lib, name);
+    if (!p) { fprintf(stderr, "emu_selftest: %s is not exported\n", name); std::exit(2); }
+    return (F)p;
+}
+
+int (*cuInit)(unsigned);
+int (*cuMemAlloc)(uint64_t*, size_t);
+int (*cuMemFree)(uint64_t);
+int (*cuMemAllocHost)(void**, size_t);
+int (*cuMemFreeHost)(void*);
+int (*cuMemcpyHtoDAsync)(uint64_t, const void*, size_t, void*);
+int (*cuMemcpyDtoHAsync)(void*, uint64_t, size_t, void*);
+int (*cuStreamCreate)(void**, unsigned);
+int (*cuStreamSynchronize)(void*);
+int (*cuModuleLoadData)(void**, const void*);
+int (*cuModuleGetFunction)(void**, void*, const char*);
+int (*cuLaunchKernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**, void**);
+int (*nvrtcCreateProgram)(void**, const char*, const char*, int, const char* const*, const char* const*);
+int (*nvrtcCompileProgram)(void*, int, const char* const*);
+int (*nvrtcGetCUBINSize)(void*, size_t*);
+int (*nvrtcGetCUBIN)(void*, char*);
+int (*nvrtcGetProgramLogSize)(void*, size_t*);
+int (*nvrtcGetProgramLog)(void*, char*);
+
+void* stream;
+int passed = 0, failed = 0;
+
+void report(bool ok, const char* name, const std::string& detail)
+{
+    printf("%s  %s: %s\n", ok ? "PASS" : "FAIL", name, detail.c_str());
+    (ok ? passed : failed)++;
+}
+
+void* function(const char* source, const char* entry)
+{
+    void* prog = nullptr;
+    nvrtcCreateProgram(&prog, source, "case.cu", 0, nullptr, nullptr);
+    if (nvrtcCompileProgram(prog, 0, nullptr) != 0)
+    {
+        size_t n = 0; nvrtcGetProgramLogSize(prog, &n);
+        std::string log(n, '\0'); nvrtcGetProgramLog(prog, log.data());
+        fprintf(stderr, "emu_selftest: the case does not compile:\n%s\n", log.c_str());
+        std::exit(2);
+    }
+    size_t size = 0; nvrtcGetCUBINSize(prog, &size);
+    std::vector<char> image(size); nvrtcGetCUBIN(prog, image.data());
+    void* module = nullptr; void* f = nullptr;
+    if (cuModuleLoadData(&module, image.data()) || cuModuleGetFunction(&f, module, entry)) { fprintf(stderr, "emu_selftest: cannot load %s\n", entry); std::exit(2); }
+    return f;
+}
+
+// Launches f on (grid, block) with dynamic shared memory, then synchronizes: the first non-zero code of the two.
+int run(void* f, unsigned grid, unsigned block, unsigned shared, std::vector<void*> args)
+{
+    int rc = cuLaunchKernel(f, grid, 1, 1, block, 1, 1, shared, stream, args.data(), nullptr);
+    int sync = cuStreamSynchronize(stream);
+    return rc ? rc : sync;
+}
+
+std::vector<float> download(uint64_t d, size_t n)
+{
+    std::vector<float> h(n);
+    cuMemcpyDtoHAsync(h.data(), d, n * 4, stream);   // pageable: returns when the copy is done
+    return h;
+}
+
+uint64_t upload(const std::vector<float>& h)
+{
+    uint64_t d = 0;
+    cuMemAlloc(&d, h.size() * 4);
+    cuMemcpyHtoDAsync(d, h.data(), h.size() * 4, stream);
+    return d;
+}
+
+const char* kVector = R"(
+extern "C" __global__ void load4(const float* x, float* y, int offset)
+{
+    y[threadIdx.x] = reinterpret_cast<const float4*>(x + offset)[threadIdx.x].x;
+}
+)";
+
+const char* kCpAsync = R"(
+__device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+extern "C" __global__ void stage(const float* x, float* y, int offset)
+{
+    extern __shared__ __align__(16) float tile[];
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_address(tile + 4 * threadIdx.x)), "l"(x + offset + 4 * threadIdx.x), "r"(16));
+    asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+    y[threadIdx.x] = tile[4 * ((threadIdx.x + 1) % blockDim.x)];
+}
+)";
+
+const char* kBarrier = R"(
+extern "C" __global__ void neighbour(float* y, int sync)
+{
+    extern __shared__ float s[];
+    s[threadIdx.x] = (float)threadIdx.x;
+    if (sync) __syncthreads();
+    y[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+extern "C" __global__ void divergent(float* y)
+{
+    float v = (float)threadIdx.x;
+    if (threadIdx.x < 16) __syncthreads();
+    else v = __shfl_xor_sync(0xffffffffu, v, 1);
+    y[threadIdx.x] = v;
+}
+extern "C" __global__ void overrun(float* y, int n)
+{
+    for (int i = threadIdx.x; i < n + 4096; i += blockDim.x) y[i] = 1.f;
+}
+extern "C" __global__ void fill(float* y, float v) { y[threadIdx.x] = v; }
+)";
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    lib = dlopen(argc > 1 ? argv[1] : "libcudaemu.so", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) { fprintf(stderr, "emu_selftest: %s\n", dlerror()); return 2; }
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    cuInit = get<decltype(cuInit)>("cuInit");
+    cuMemAlloc = get<decltype(cuMemAlloc)>("cuMemAlloc_v2");
+    cuMemFree = get<decltype(cuMemFree)>("cuMemFree_v2");
+    cuMemAllocHost = get<decltype(cuMemAllocHost)>("cuMemAllocHost_v2");
+    cuMemFreeHost = get<decltype(cuMemFreeHost)>("cuMemFreeHost");
+    cuMemcpyHtoDAsync = get<decltype(cuMemcpyHtoDAsync)>("cuMemcpyHtoDAsync_v2");
+    cuMemcpyDtoHAsync = get<decltype(cuMemcpyDtoHAsync)>("cuMemcpyDtoHAsync_v2");
+    cuStreamCreate = get<decltype(cuStreamCreate)>("cuStreamCreate");
+    cuStreamSynchronize = get<decltype(cuStreamSynchronize)>("cuStreamSynchronize");
+    cuModuleLoadData = get<decltype(cuModuleLoadData)>("cuModuleLoadData");
+    cuModuleGetFunction = get<decltype(cuModuleGetFunction)>("cuModuleGetFunction");
+    cuLaunchKernel = get<decltype(cuLaunchKernel)>("cuLaunchKernel");
+    nvrtcCreateProgram = get<decltype(nvrtcCreateProgram)>("nvrtcCreateProgram");
+    nvrtcCompileProgram = get<decltype(nvrtcCompileProgram)>("nvrtcCompileProgram");
+    nvrtcGetCUBINSize = get<decltype(nvrtcGetCUBINSize)>("nvrtcGetCUBINSize");
+    nvrtcGetCUBIN = get<decltype(nvrtcGetCUBIN)>("nvrtcGetCUBIN");
+    nvrtcGetProgramLogSize = get<decltype(nvrtcGetProgramLogSize)>("nvrtcGetProgramLogSize");
+    nvrtcGetProgramLog = get<decltype(nvrtcGetProgramLog)>("nvrtcGetProgramLog");
+    if (cuInit(0) || cuStreamCreate(&stream, 0)) { fprintf(stderr, "emu_selftest: no emulated device\n"); return 2; }
+
+    std::vector<float> ramp(4096);
+    for (size_t i = 0; i < ramp.size(); i++) ramp[i] = (float)i;
+    uint64_t x = upload(ramp), y = 0;
+    cuMemAlloc(&y, 4096 * 4);
+
+    {
+        void* f = function(kVector, "load4");
+        int offset = 0;
+        int rc = run(f, 1, 32, 0, {&x, &y, &offset});
+        report(rc == 0 && download(y, 32)[5] == 20.f, "aligned float4 load", "rc " + std::to_string(rc));
+        offset = 1;
+        rc = run(f, 1, 32, 0, {&x, &y, &offset});
+        report(rc != 0, "float4 load one element off 16-byte alignment fails", "rc " + std::to_string(rc));
+    }
+    {
+        void* f = function(kCpAsync, "stage");
+        int offset = 0;
+        int rc = run(f, 1, 32, 32 * 16, {&x, &y, &offset});
+        report(rc == 0 && download(y, 32)[0] == 4.f, "cp.async of aligned rows, waited for", "rc " + std::to_string(rc));
+        offset = 2;
+        rc = run(f, 1, 32, 32 * 16, {&x, &y, &offset});
+        report(rc != 0, "cp.async from an address off 16-byte alignment fails", "rc " + std::to_string(rc));
+    }
+    {
+        void* f = function(kBarrier, "neighbour");
+        int sync = 1;
+        int rc = run(f, 1, 64, 64 * 4, {&y, &sync});
+        auto with = download(y, 64);
+        report(rc == 0 && with[0] == 1.f && with[63] == 0.f, "shared-memory exchange behind __syncthreads", "rc " + std::to_string(rc));
+        sync = 0;
+        rc = run(f, 1, 64, 64 * 4, {&y, &sync});
+        auto without = download(y, 64);
+        int unwritten = 0;
+        for (float v : without) unwritten += std::isnan(v);
+        report(rc == 0 && unwritten > 0, "the same exchange without the barrier reads what no thread wrote yet",
+            std::to_string(unwritten) + " of 64 threads read the 0xff fill");
+        void* g = function(kBarrier, "divergent");
+        rc = run(g, 1, 32, 0, {&y});
+        report(rc != 0, "half a warp at __syncthreads, half at a full-warp shuffle: fails instead of hanging", "rc " + std::to_string(rc));
+    }
+    {
+        // Device → pinned host: the copy lands at the synchronization, not when it is submitted.
+        void* f = function(kBarrier, "fill");
+        float* pinned = nullptr;
+        cuMemAllocHost((void**)&pinned, 32 * 4);
+        for (int i = 0; i < 32; i++) pinned[i] = -1.f;
+        float seven = 7.f;
+        cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 0, stream, std::vector<void*>{&y, &seven}.data(), nullptr);
+        cuMemcpyDtoHAsync(pinned, y, 32 * 4, stream);
+        float before = pinned[0];
+        cuStreamSynchronize(stream);
+        float after = pinned[0];
+        report(before == -1.f && after == 7.f, "a download into pinned memory lands at the synchronization",
+            "before " + std::to_string(before) + ", after " + std::to_string(after));
+        // Pinned host → device: the source is read when the copy runs, so rewriting it before synchronizing shows.
+        for (int i = 0; i < 32; i++) pinned[i] = 1.f;
+        cuMemcpyHtoDAsync(y, pinned, 32 * 4, stream);
+        for (int i = 0; i < 32; i++) pinned[i] = 2.f;
+        cuStreamSynchronize(stream);
+        report(download(y, 32)[0] == 2.f, "an upload from pinned memory reads its source when it runs", "device holds " + std::to_string(download(y, 32)[0]));
+        cuMemFreeHost(pinned);
+    }
+    {
+        // A kernel's invalid access ends the process (a GPU's context is lost after it): run it in a child.
+        void* h = function(kBarrier, "overrun");
+        int n = 4096, status = 0;
+        fflush(stdout);
+        pid_t child = fork();
+        if (child == 0) { run(h, 1, 128, 0, {&y, &n}); _exit(0); }
+        waitpid(child, &status, 0);
+        report(WIFEXITED(status) && WEXITSTATUS(status) == 99, "a write past the end of a device buffer is reported and ends the process",
+            "child exit status " + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+    }
+    cuMemFree(x); cuMemFree(y);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
