@@ -12,8 +12,8 @@
 //   from the last one down, to catch the races that the first order hides.
 // - A vector load or store (reinterpret_cast to uint4*, float4* and the like) at an address that is not a multiple of
 //   its size fails the launch, as it faults on a GPU (x86 would read it quietly).
-// - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints) so that a read of
-//   memory nothing wrote shows up, followed by a guard page so that running off the end of a buffer faults; a fault
+// - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints), as shared memory is
+//   at the start of every block, so that a read of memory nothing wrote shows up, followed by a guard page so that running off the end of a buffer faults; a fault
 //   inside a kernel names the kernel, block and thread. DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
 // - cuBLASLt matmuls are plain f32 loops over the column-major operands their layouts describe, with the
 //   validation that cuBLASLt does (shapes, leading dimensions, the alignment the heuristic was asked for).
@@ -453,8 +453,13 @@ void install_fault_handler()
 
 // ---------------------------------------------------------------------------------------------------------------
 // Modules, functions, launches.
-struct Module { void* handle; };
-struct Function { void (*entry)(void**); const int* params; std::string name; unsigned max_dynamic_shared = 48 * 1024; };
+// shared_begin..shared_end: the module's static __shared__ arrays (emu_device.h), refilled with 0xff for each block.
+struct Module { void* handle; char* shared_begin; char* shared_end; };
+struct Function
+{
+    void (*entry)(void**); const int* params; std::string name; const Module* module;
+    unsigned max_dynamic_shared = 48 * 1024;
+};
 
 // What cuLaunchKernel refuses before anything runs.
 int check_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes)
@@ -479,7 +484,7 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
 {
     long long threads = (long long)block.x * block.y * block.z;
     static std::vector<char> dynamic_shared;
-    dynamic_shared.assign(std::max(1u, shared_bytes), (char)0xff);
+    dynamic_shared.resize(std::max(1u, shared_bytes));
     g_api.block_dim = block;
     g_api.grid_dim = grid;
     g_api.dynamic_shared = dynamic_shared.data();
@@ -494,12 +499,17 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
     for (unsigned z = 0; z < grid.z && ok; z++)
         for (unsigned y = 0; y < grid.y && ok; y++)
             for (unsigned x = 0; x < grid.x && ok; x++)
+            {
+                // Each block starts with shared memory that holds nothing it wrote: 0xff bytes, NaN as floats.
+                memset(dynamic_shared.data(), 0xff, dynamic_shared.size());
+                if (fn.module->shared_begin) memset(fn.module->shared_begin, 0xff, fn.module->shared_end - fn.module->shared_begin);
                 if (!run_block({x, y, z}, (int)threads))
                 {
                     warn("kernel %s, block (%u,%u,%u) of (%u,%u,%u), %lld threads: %s", fn.name.c_str(), x, y, z, grid.x, grid.y,
                         grid.z, threads, g_run.error.c_str());
                     ok = false;
                 }
+            }
     g_run.running = false;
     return ok ? 0 : 719;   // CUDA_ERROR_LAUNCH_FAILED
 }
@@ -1062,7 +1072,10 @@ EXPORT int cuModuleLoadData(void** module, const void* image)
     g_api.collective = api_collective;
     g_api.fail = api_fail;
     bind(&g_api);
-    *module = new Module{h};
+    auto section = (void (*)(char**, char**))dlsym(h, "emu_shared_section");
+    char* begin = nullptr; char* end = nullptr;
+    if (section) section(&begin, &end);
+    *module = new Module{h, begin, end};
     return 0;
 }
 EXPORT int cuModuleUnload(void* module) { Guard g(g_lock); synchronize(); dlclose(((Module*)module)->handle); delete (Module*)module; return 0; }
@@ -1073,7 +1086,7 @@ EXPORT int cuModuleGetFunction(void** f, void* module, const char* name)
     auto entry = (void (*)(void**))dlsym(h, ("emu_entry_" + std::string(name)).c_str());
     auto params = (const int*)dlsym(h, ("emu_params_" + std::string(name)).c_str());
     if (!entry || !params) return 500;
-    *f = new Function{entry, params, name};
+    *f = new Function{entry, params, name, (const Module*)module};
     return 0;
 }
 // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8) only, up to sm_90's opt-in limit (227 KiB).

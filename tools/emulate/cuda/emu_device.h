@@ -16,6 +16,8 @@
 EmuApi* emu_api = nullptr;
 static char emu_shared_anchor;   // "shared addresses" (cvta) are offsets from here: every __shared__ array is static
 extern "C" void emu_bind(EmuApi* api) { emu_api = api; }
+extern "C" char __start_emu_shared[] __attribute__((weak)), __stop_emu_shared[] __attribute__((weak));
+extern "C" void emu_shared_section(char** begin, char** end) { *begin = __start_emu_shared; *end = __stop_emu_shared; }
 
 #define __global__
 #define __device__
@@ -24,7 +26,9 @@ extern "C" void emu_bind(EmuApi* api) { emu_api = api; }
 #define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static
+// Static __shared__ arrays share one section, which the emulator fills with 0xff bytes before each block runs, as it
+// does dynamic shared memory: a block reading shared memory it did not write sees NaN, not a previous block's data.
+#define __shared__ static __attribute__((section("emu_shared")))
 #define threadIdx (emu_api->current->thread_idx)
 #define blockIdx (emu_api->current->block_idx)
 #define blockDim (emu_api->block_dim)

@@ -132,6 +132,21 @@ extern "C" __global__ void overrun(float* y, int n)
     for (int i = threadIdx.x; i < n + 4096; i += blockDim.x) y[i] = 1.f;
 }
 extern "C" __global__ void fill(float* y, float v) { y[threadIdx.x] = v; }
+// Block 0 writes shared memory, block 1 only reads it.
+extern "C" __global__ void stale_static(float* y)
+{
+    __shared__ float s[32];
+    if (blockIdx.x == 0) s[threadIdx.x] = 5.f;
+    __syncthreads();
+    y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+extern "C" __global__ void stale_dynamic(float* y)
+{
+    extern __shared__ float s[];
+    if (blockIdx.x == 0) s[threadIdx.x] = 5.f;
+    __syncthreads();
+    y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
 )";
 
 } // namespace
@@ -200,6 +215,13 @@ int main(int argc, char** argv)
         void* g = function(kBarrier, "divergent");
         rc = run(g, 1, 32, 0, {&y});
         report(rc != 0, "half a warp at __syncthreads, half at a full-warp shuffle: fails instead of hanging", "rc " + std::to_string(rc));
+    }
+    for (const char* entry : {"stale_static", "stale_dynamic"})
+    {
+        int rc = run(function(kBarrier, entry), 2, 32, 128, {&y});
+        auto out = download(y, 64);
+        report(rc == 0 && out[0] == 5.f && std::isnan(out[32]), (std::string(entry) + ": a block reads no other block's shared memory").c_str(),
+            "block 0 read " + std::to_string(out[0]) + ", block 1 read " + std::to_string(out[32]));
     }
     {
         // Device → pinned host: the copy lands at the synchronization, not when it is submitted.
