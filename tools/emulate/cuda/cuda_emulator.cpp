@@ -13,8 +13,9 @@
 // - A vector load or store (reinterpret_cast to uint4*, float4* and the like) at an address that is not a multiple of
 //   its size fails the launch, as it faults on a GPU (x86 would read it quietly).
 // - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints), as shared memory is
-//   at the start of every block, so that a read of memory nothing wrote shows up, followed by a guard page so that running off the end of a buffer faults; a fault
-//   inside a kernel names the kernel, block and thread. DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
+//   at the start of every block, so that a read of memory nothing wrote shows up; each buffer is followed by a guard
+//   page so that running off its end faults, and a fault inside a kernel names the kernel, block and thread.
+//   DISPNATIVE_EMU_MEMORY caps the bytes (out-of-memory paths).
 // - cuBLASLt matmuls are plain f32 loops over the column-major operands their layouts describe, with the
 //   validation that cuBLASLt does (shapes, leading dimensions, the alignment the heuristic was asked for).
 // - Streams are asynchronous, as on a GPU: launches, matmuls, device-to-device copies and copies from or to pinned
