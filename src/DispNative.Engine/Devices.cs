@@ -49,13 +49,15 @@ public static class Devices
     }
 
     /// <summary>The masked LM pass of hypernetwork training on <paramref name="device"/>: the fp32 CPU reference, or
-    /// <see cref="CudaMaskedLlama"/> with weights stored in <paramref name="dtype"/> (auto: bf16).</summary>
-    public static IMaskedLanguageModel MaskedModel(LoadedModel model, string device, DType? dtype = null)
+    /// <see cref="CudaMaskedLlama"/> with weights stored in <paramref name="dtype"/> (auto: bf16).
+    /// <paramref name="checkpointLayers"/>: per-layer activation checkpointing on or off; null: on where a block's
+    /// activations would not fit (the CPU: a quarter of the memory the runtime may use; CUDA: the free device memory).</summary>
+    public static IMaskedLanguageModel MaskedModel(LoadedModel model, string device, DType? dtype = null, bool? checkpointLayers = null)
     {
         var placed = Place(model, device, dtype);
-        if (device == "cpu") return new CpuMaskedLanguageModel(model.Config, model.Model.Weights);
+        if (device == "cpu") return new CpuMaskedLanguageModel(model.Config, model.Model.Weights, checkpointLayers);
         var gpu = (CudaLlama)placed.Runner;
-        try { return new CudaMaskedLlama(gpu, ownsModel: true); }
+        try { return new CudaMaskedLlama(gpu, ownsModel: true, checkpointLayers: checkpointLayers); }
         catch { gpu.Dispose(); throw; }
     }
 }

@@ -97,6 +97,22 @@ public class PruneJobTests
     }
 
     [Test]
+    public void ARunWithCheckpointedLayers_TrainsTheSameHypernetwork()
+    {
+        var (dir, configPath) = Setup();
+        PruneJobResult Run(string outDir, string checkpoint) => PruneJob.Run(PruneJobOptions.FromConfiguration(new ConfigurationBuilder()
+            .AddJsonFile(configPath).AddInMemoryCollection(new Dictionary<string, string?>
+                { ["Output:Directory"] = outDir, ["Training:CheckpointLayers"] = checkpoint }).Build(), dir));
+        var kept = Run("a", "false");
+        var recomputed = Run("b", "true");
+        Assert.That(kept.Metrics["train_device"]!.GetValue<string>(), Is.EqualTo("cpu"));
+        Assert.That(recomputed.Metrics["train_device"]!.GetValue<string>(), Is.EqualTo("cpu, layers checkpointed"));
+        Assert.That(File.ReadAllBytes(Path.Combine(dir, "b", "hypernetwork.safetensors")),
+            Is.EqualTo(File.ReadAllBytes(Path.Combine(dir, "a", "hypernetwork.safetensors"))));
+        Assert.That(recomputed.PrunedPerplexity, Is.EqualTo(kept.PrunedPerplexity));
+    }
+
+    [Test]
     public void AForeignOutputDirectoryIsNeverTouched()
     {
         var (dir, config) = Setup();
@@ -129,6 +145,7 @@ public class PruneJobTests
     [TestCase("Training:CheckpointEvery", "-5", "Training:CheckpointEvery: must be at least 1")]
     [TestCase("Training:CosineSchedule", "sometimes", "Training:CosineSchedule: 'sometimes' is not true or false")]
     [TestCase("Training:ClipNorm", "0", "Training:ClipNorm: must be positive")]
+    [TestCase("Training:CheckpointLayers", "sometimes", "Training:CheckpointLayers: 'sometimes' is not one of auto | true | false")]
     [TestCase("Evaluation:Files:0", "gone.txt", "Evaluation:Files: file not found")]
     [TestCase("Evaluation:BlockSize", "big", "Evaluation:BlockSize: 'big' is not an integer")]
     [TestCase("Evaluation:MaxBlocks", "-1", "Evaluation:MaxBlocks: must be at least 1")]

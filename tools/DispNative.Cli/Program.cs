@@ -233,9 +233,15 @@ public static class Program
         var ckptEvery = new Option<int>("--checkpoint-every") { Description = "checkpoint every N steps", DefaultValueFactory = _ => defaults.CheckpointEvery };
         var cosine = new Option<bool>("--cosine") { Description = "cosine decay of the learning rate to 0 over the steps (default: constant)" };
         var clipNorm = new Option<double?>("--clip-norm") { Description = "clip the hypernetwork gradients' global norm to this (default: no clipping)" };
+        var checkpointLayers = new Option<string>("--checkpoint-layers")
+        {
+            Description = "per-layer activation checkpointing in the LM pass: auto (where a block's activations would not fit), on, off",
+            DefaultValueFactory = _ => "auto",
+        };
+        checkpointLayers.AcceptOnlyFromAmong("auto", "on", "off");
         var output = new Option<string>("--out") { Description = "output directory (an interrupted run in it is resumed)", Required = true };
         var cmd = new Command("train", "Train the DISP-LLM hypernetwork (the LLM stays frozen)")
-            { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, cosine, clipNorm, output };
+            { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, cosine, clipNorm, checkpointLayers, output };
         cmd.SetAction(p => Guard(stderr, () =>
         {
             var options = new TrainingOptions
@@ -262,7 +268,7 @@ public static class Program
             var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
-            using var lm = Devices.MaskedModel(m, dev);
+            using var lm = Devices.MaskedModel(m, dev, checkpointLayers: p.GetValue(checkpointLayers) switch { "on" => true, "off" => false, _ => null });
             var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options, model: lm);
             bool named = false;
             return WithCtrlC(token =>

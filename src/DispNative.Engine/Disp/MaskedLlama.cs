@@ -125,8 +125,10 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
     private readonly MaskedLlama<float> _model = new(config, weights);
     private readonly MaskedLlama<float> _checkpointed = new(config, weights) { CheckpointLayers = true };
     private readonly TapeBufferPool<float> _buffers = new();
+    private bool _checkpointedLast;
 
-    public string DeviceName => "cpu";
+    /// <summary>"cpu", with ", layers checkpointed" once a step has run so.</summary>
+    public string DeviceName => _checkpointedLast ? "cpu, layers checkpointed" : "cpu";
 
     public void Dispose() { }
 
@@ -147,7 +149,8 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
         try
         {
             var leaves = masks.Select((m, o) => tape.Leaf(m, 1, m.Length, maskGradients[o])).ToArray();
-            var model = Checkpoints(block.Length) ? _checkpointed : _model;
+            _checkpointedLast = Checkpoints(block.Length);
+            var model = _checkpointedLast ? _checkpointed : _model;
             var loss = model.Loss(tape, block, (l, kind) => leaves[outputOf(l, kind)]);
             tape.Backward(tape.Affine(loss, gradScale, 0));
             return loss.Scalar;

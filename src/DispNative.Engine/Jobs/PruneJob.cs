@@ -59,7 +59,7 @@ public static class PruneJob
         TrainingResult train;
         HypernetworkTrainer trainer;
         string trainDevice;
-        using (var lm = Devices.MaskedModel(dense, device, device == "cuda" ? o.DType : null))
+        using (var lm = Devices.MaskedModel(dense, device, device == "cuda" ? o.DType : null, o.CheckpointLayers))
         {
             trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger, lm);
             train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>

@@ -20,6 +20,9 @@ public sealed record PruneJobOptions
     public int CalibrationBlockSize { get; init; } = 2048;
     public int? CalibrationMaxBlocks { get; init; }
     public bool DeterministicMasks { get; init; }
+    /// <summary>Per-layer activation checkpointing in the LM pass of training: null = where a block's activations would
+    /// not fit (see <see cref="Devices.MaskedModel"/>).</summary>
+    public bool? CheckpointLayers { get; init; }
     public required TrainingOptions Training { get; init; }
     public required IReadOnlyList<string> EvaluationFiles { get; init; }
     public int EvaluationBlockSize { get; init; } = 2048;
@@ -33,7 +36,7 @@ public sealed record PruneJobOptions
         "Model:Path", "Model:Tokenizer", "Model:Device", "Model:DType", "Calibration:Files", "Calibration:BlockSize", "Calibration:MaxBlocks",
         "Pruning:PruneRatio", "Pruning:Mode", "Pruning:Lambda", "Pruning:Deterministic", "Training:Steps", "Training:BatchSize",
         "Training:LearningRate", "Training:WeightDecay", "Training:Seed", "Training:LogEvery", "Training:CheckpointEvery",
-        "Training:CosineSchedule", "Training:ClipNorm",
+        "Training:CosineSchedule", "Training:ClipNorm", "Training:CheckpointLayers",
         "Evaluation:Files", "Evaluation:BlockSize", "Evaluation:MaxBlocks", "Output:Directory", "Output:Overwrite",
     ];
 
@@ -161,6 +164,7 @@ public sealed record PruneJobOptions
             ClipNorm = Str("Training:ClipNorm") == null ? null : Dbl("Training:ClipNorm", 1, c => c > 0 ? null : "must be positive"),
         };
         bool deterministic = Bool("Pruning:Deterministic");
+        bool? checkpointLayers = Choice("Training:CheckpointLayers", "auto", "auto", "true", "false") switch { "true" => true, "false" => false, _ => null };
         var evaluation = Files("Evaluation:Files");
         int evalBlock = Int("Evaluation:BlockSize", 2048, 2);
         int? evalMax = OptInt("Evaluation:MaxBlocks", 1);
@@ -176,7 +180,7 @@ public sealed record PruneJobOptions
             DType = dtype switch { "f32" => IO.DType.F32, "bf16" => IO.DType.BF16, "f16" => IO.DType.F16, _ => null },
             CalibrationFiles = calibration, CalibrationBlockSize = calBlock, CalibrationMaxBlocks = calMax, DeterministicMasks = deterministic,
             Training = training, EvaluationFiles = evaluation, EvaluationBlockSize = evalBlock, EvaluationMaxBlocks = evalMax,
-            OutputDirectory = output!, Overwrite = overwrite,
+            OutputDirectory = output!, Overwrite = overwrite, CheckpointLayers = checkpointLayers,
         };
     }
 
