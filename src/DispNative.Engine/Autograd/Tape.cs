@@ -507,12 +507,14 @@ public sealed class TapeBufferPool<T> where T : unmanaged
     public T[] Rent(long length)
     {
         lock (_free)
+        {
             if (_free.TryGetValue(length, out var stack) && stack.TryPop(out var a))
             {
                 Array.Clear(a);
                 return a;
             }
-        lock (_free) Created += length;
+            Created += length;
+        }
         return new T[length];
     }
 
