@@ -331,11 +331,18 @@ public static class SelfTest
         using var ti = idx == null ? null : dev.Upload(idx);
         using var tb = b == null ? null : dev.Upload(b);
         new CudaOps(dev).IndexAdd(tx, ty, ti, tb, rows, d, scale, stride);
+        ReferenceIndexAdd(x, y, stride, idx, b, scale, rows, d);
+        return Compare(dev.Download(tx), x, 1e-6);
+    }
+
+    /// <summary>The CPU's x[r, idx[j]] += scale·(y[r, j] + bias[j]) (idx null: the dense add), y's rows yStride apart.</summary>
+    private static void ReferenceIndexAdd(float[] x, float[] y, int yStride, int[]? idx, float[]? bias, float scale, int rows, int d)
+    {
+        int yw = idx?.Length ?? d;
         var delta = new float[rows * yw];
         for (int r = 0; r < rows; r++)
-            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * stride + j] + (b?[j] ?? 0));
+            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * yStride + j] + (bias?[j] ?? 0));
         if (idx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, idx, rows, d);
-        return Compare(dev.Download(tx), x, 1e-6);
     }
 
     /// <summary><see cref="CudaOps.IndexAddRmsNorm"/> against the CPU's index-add then gather-RMSNorm: the updated
@@ -363,10 +370,7 @@ public static class SelfTest
         var ops = new CudaOps(dev);
         ops.FillConstant(tout, float.NaN);
         ops.IndexAddRmsNorm(tx, ty, tai, tb, yStride, tg, ti, tout, rows, d, 1e-5f, scale, stride);
-        var delta = new float[rows * yw];
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < yw; j++) delta[r * yw + j] = scale * (y[r * yStride + j] + (b?[j] ?? 0));
-        if (addIdx == null) CpuOps.Add(delta, x, x.Length); else CpuOps.IndexAdd(x, delta, addIdx, rows, d);
+        ReferenceIndexAdd(x, y, yStride, addIdx, b, scale, rows, d);
         var dense = new float[rows * outW];
         if (idx == null) CpuOps.RmsNorm(x, gamma, dense, rows, d, 1e-5f);
         else CpuOps.GatherRmsNorm(x, gamma, idx, dense, rows, d, 1e-5f);
