@@ -50,6 +50,32 @@ public class CliTests
         Assert.That(stderr, Does.Not.Contain("   at "), "no stack trace");
     }
 
+    /// <summary>The test model has 256 positions (max_position_embeddings): longer blocks or generations are refused
+    /// before any work, where they used to run on past the model's context (and, far enough, overflow).</summary>
+    [Test]
+    public void SequencesLongerThanTheModelsContext_AreRefusedUpFront()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var text = Path.Combine(TestAssets.TempDir(), "t.txt");
+        File.WriteAllText(text, string.Concat(Enumerable.Repeat("the cat sat in the sun. ", 60)));
+        const string limit = "exceeds the model's context of 256 positions (max_position_embeddings)";
+
+        var (code, _, stderr) = Run("eval", "--model", dir, "--text", text, "--block-size", "257", "--device", "cpu");
+        Assert.That((code, stderr), Is.EqualTo((1, $"loading {dir} on cpu\nerror: block size 257 {limit}\n")));
+        (code, _, _) = Run("eval", "--model", dir, "--text", text, "--block-size", "256", "--max-blocks", "1", "--device", "cpu");
+        Assert.That(code, Is.Zero, "a block of exactly the context is allowed");
+
+        (code, var stdout, stderr) = Run("generate", "--model", dir, "--prompt", "the cat", "--max-new-tokens", "253", "--device", "cpu");
+        Assert.That(stderr, Does.EndWith($"error: a sequence of 257 tokens (4 prompt + 253 new; at most 252 new fit) {limit}\n"));
+        Assert.That((code, stdout), Is.EqualTo((1, "")), "nothing is printed before the check");
+
+        var outDir = Path.Combine(TestAssets.TempDir(), "hn");
+        (code, _, stderr) = Run("train", "--model", dir, "--calibration", text, "--prune-ratio", "0.5", "--block-size", "300",
+            "--steps", "1", "--device", "cpu", "--out", outDir);
+        Assert.That(stderr, Does.EndWith($"error: a calibration block of 300 tokens {limit}\n"));
+        Assert.That(code, Is.EqualTo(1));
+    }
+
     [Test]
     public void ADirectoryHoldingALlama2cCheckpoint_PointsAtTheBinFile()
     {

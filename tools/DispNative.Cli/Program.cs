@@ -49,6 +49,7 @@ public static class Program
         catch (DispNative.Interop.CudaOutOfMemoryException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
         catch (DispNative.Interop.CudaException e) { stderr.WriteLine($"error: CUDA: {e.Message}"); return 1; }
         catch (DispNative.Interop.NvrtcCompileException e) { stderr.WriteLine($"error: {e.Message}"); return 1; }
+        catch (OutOfMemoryException e) { stderr.WriteLine($"error: out of host memory ({e.Message})"); return 1; }
         catch (OperationCanceledException) { stderr.WriteLine("cancelled"); return 130; }
     }
 
@@ -132,13 +133,14 @@ public static class Program
             if (text.Length == 0) throw new InvalidSettingException("--prompt is empty");
             using var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, p.GetValue(dtype)!, stderr);
             var ids = m.Tokenizer.Encode(text);
+            var tokens = Generator.Stream(m, ids, n, sampling);   // checks the prompt and length before anything is printed
             stdout.Write(text);
             var streamer = new TextStreamer(m.Tokenizer, ids);
-            Generator.Generate(m, ids, n, sampling, id =>
+            foreach (int id in tokens)
             {
                 stdout.Write(streamer.Push(id));
                 stdout.Flush();
-            });
+            }
             stdout.WriteLine();
             return 0;
         }));

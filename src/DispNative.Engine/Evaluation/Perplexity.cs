@@ -29,6 +29,7 @@ public static class Perplexity
         IProgress<PerplexityProgress>? progress = null, CancellationToken cancellationToken = default)
     {
         var blocks = Blocks(ids, blockSize, maxBlocks);
+        model.Config.RequireContext(blockSize, $"block size {blockSize}");
         if (blocks.Count == 0) throw new InvalidSettingException($"the text has {ids.Length} tokens: nothing to score (a block needs at least 2)");
         int vocab = model.Config.VocabSize;
         double nll = 0;

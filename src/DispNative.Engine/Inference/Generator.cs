@@ -36,6 +36,9 @@ public static class Generator
         if (prompt.Length == 0) throw new InvalidSettingException("the prompt is empty");
         if (maxNewTokens < 0) throw new InvalidSettingException($"max new tokens must be non-negative (got {maxNewTokens})");
         sampling.Validate();
+        model.Config.RequireContext(prompt.Length, $"the prompt ({prompt.Length} tokens)");
+        model.Config.RequireContext(prompt.Length + maxNewTokens, $"a sequence of {prompt.Length + maxNewTokens} tokens ({prompt.Length} prompt + " +
+            $"{maxNewTokens} new; at most {model.Config.MaxPositionEmbeddings - prompt.Length} new fit)");
         return Iterate();
 
         IEnumerable<int> Iterate()

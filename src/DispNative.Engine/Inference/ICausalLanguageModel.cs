@@ -31,6 +31,8 @@ public static class CausalLanguageModelExtensions
     /// <summary>Logits [tokens, vocab] of <paramref name="tokens"/> as a new sequence (its cache released after).</summary>
     public static float[] Logits(this ICausalLanguageModel model, int[] tokens)
     {
+        if ((long)tokens.Length * model.Config.VocabSize > Array.MaxLength)
+            throw new InvalidSettingException($"{tokens.Length} tokens × {model.Config.VocabSize} vocabulary logits do not fit in one array; use shorter blocks");
         var cache = model.NewCache(tokens.Length);
         using (cache as IDisposable) return model.Forward(tokens, cache);
     }

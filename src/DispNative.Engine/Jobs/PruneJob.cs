@@ -36,7 +36,7 @@ public static class PruneJob
     {
         logger ??= NullLogger.Instance;
         string outDir = o.OutputDirectory;
-        PrepareOutput(o);
+        CheckOutput(o);
         string device = Devices.Resolve(o.Device);
 
         string Resolve(string path) => TinyModel.Resolve(path,
@@ -48,6 +48,9 @@ public static class PruneJob
         progress?.Report(new JobProgress("load model", 0, 1));
         var dense = ModelLoader.Load(modelPath, o.TokenizerPath);
         if (dense.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
+        dense.Config.RequireContext(o.CalibrationBlockSize, $"Calibration:BlockSize {o.CalibrationBlockSize}");
+        dense.Config.RequireContext(o.EvaluationBlockSize, $"Evaluation:BlockSize {o.EvaluationBlockSize}");
+        ClaimOutput(o);
         progress?.Report(new JobProgress("load model", 1, 1));
 
         progress?.Report(new JobProgress("calibration", 0, 1));
@@ -144,16 +147,24 @@ public static class PruneJob
         return new PerplexityResult(Math.Exp(nll / scored), nll, scored, blocks, tokens);
     }
 
-    /// <summary>Refuses to touch a directory that holds something else or a finished run (unless overwriting);
-    /// with Overwrite, removes only what a job writes.</summary>
-    private static void PrepareOutput(PruneJobOptions o)
+    /// <summary>Refuses an output directory that holds something not ours, or a finished run, unless told to overwrite.</summary>
+    private static void CheckOutput(PruneJobOptions o)
     {
         string dir = o.OutputDirectory;
         if (File.Exists(dir)) throw new InvalidSettingException($"Output:Directory: {dir} is a file");
-        bool exists = Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any();
-        bool ours = File.Exists(Path.Combine(dir, RunFile));
-        bool finished = File.Exists(Path.Combine(dir, MetricsFile));
-        if (exists && o.Overwrite)
+        if (o.Overwrite || !Directory.Exists(dir) || !Directory.EnumerateFileSystemEntries(dir).Any()) return;
+        if (!File.Exists(Path.Combine(dir, RunFile)))
+            throw new InvalidSettingException($"Output:Directory: {dir} exists and is not a DispNative run directory; choose another or set Output:Overwrite=true");
+        if (File.Exists(Path.Combine(dir, MetricsFile)))
+            throw new InvalidSettingException($"Output:Directory: {dir} already holds a finished run; set Output:Overwrite=true to replace it");
+    }
+
+    /// <summary>Creates the output directory (with Overwrite, first deletes what an earlier run produced there) and
+    /// writes <see cref="RunFile"/>, which marks it as ours.</summary>
+    private static void ClaimOutput(PruneJobOptions o)
+    {
+        string dir = o.OutputDirectory;
+        if (o.Overwrite && Directory.Exists(dir))
         {
             foreach (var name in Produced)
             {
@@ -162,10 +173,6 @@ public static class PruneJob
                 else if (File.Exists(p)) File.Delete(p);
             }
         }
-        else if (exists && !ours)
-            throw new InvalidSettingException($"Output:Directory: {dir} exists and is not a DispNative run directory; choose another or set Output:Overwrite=true");
-        else if (finished)
-            throw new InvalidSettingException($"Output:Directory: {dir} already holds a finished run; set Output:Overwrite=true to replace it");
         Directory.CreateDirectory(dir);
         var run = new JsonObject
         {

@@ -95,6 +95,16 @@ public sealed record ModelConfig
         Require(VocabSize > 0, $"vocab_size must be positive (got {VocabSize})");
         Require(RmsNormEps > 0, $"rms_norm_eps must be positive (got {RmsNormEps})");
         Require(RopeTheta > 0, $"rope_theta must be positive (got {RopeTheta})");
+        Require(MaxPositionEmbeddings > 0, $"max_position_embeddings must be positive (got {MaxPositionEmbeddings})");
+    }
+
+    /// <summary>Rejects a sequence longer than the positions the model was trained for (max_position_embeddings):
+    /// what a model scores or generates past its context is not meaningful.</summary>
+    /// <param name="what">the setting that asked for <paramref name="positions"/>, e.g. "Calibration:BlockSize 2048"</param>
+    public void RequireContext(int positions, string what)
+    {
+        if (positions > MaxPositionEmbeddings)
+            throw new InvalidSettingException($"{what} exceeds the model's context of {MaxPositionEmbeddings} positions (max_position_embeddings)");
     }
 
     /// <summary>Kept widths of layer l: [attn_in, attn_out, mlp_in, mlp_mid, mlp_out] (full widths when dense).</summary>

@@ -156,6 +156,8 @@ public sealed class HypernetworkTrainer
         CancellationToken cancellationToken = default)
     {
         if (blocks.Count == 0) throw new InvalidSettingException("no calibration blocks to train on");
+        int longest = blocks.Max(b => b.Length);
+        Config.RequireContext(longest, $"a calibration block of {longest} tokens");
         Directory.CreateDirectory(directory);
         string fingerprint = Fingerprint(blocks);
         string ckptPath = Path.Combine(directory, CheckpointFile), logPath = Path.Combine(directory, LogFile);
