@@ -30,11 +30,14 @@ public class ConfigTests
     [Test]
     public void TopLevelRopeTheta_DefaultHeadDim_AndRoundTrip()
     {
-        var c = ModelConfig.Parse(Base(), "cfg");
+        var j = Base(); j["rms_norm_eps"] = 1e-5;   // not the default, so the round trip below has to carry it
+        var c = ModelConfig.Parse(j, "cfg");
         Assert.That(c.RopeTheta, Is.EqualTo(500000.0));
+        Assert.That(c.RmsNormEps, Is.EqualTo(1e-5f));
         Assert.That(c.HeadDim, Is.EqualTo(16));
         Assert.That(c.QkvBias, Is.False);
         var again = ModelConfig.Parse(c.ToJson(), "cfg2");
+        Assert.That(again.RmsNormEps, Is.EqualTo(1e-5f));
         Assert.That(again, Is.EqualTo(c).Using<ModelConfig>((a, b) => a.ToJson().ToJsonString() == b.ToJson().ToJsonString()));
     }
 
@@ -62,6 +65,33 @@ public class ConfigTests
     {
         var j = Base(); j.Remove(field);
         Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"))!.Message, Does.Contain($"'{field}'"));
+    }
+
+    /// <summary>An optional field of the wrong type is an error, not its default.</summary>
+    [TestCase("rms_norm_eps", "\"1e-5\"", "field 'rms_norm_eps' must be a number (got \"1e-5\")")]
+    [TestCase("max_position_embeddings", "4096.5", "field 'max_position_embeddings' must be an integer (got 4096.5)")]
+    [TestCase("tie_word_embeddings", "\"true\"", "field 'tie_word_embeddings' must be true or false (got \"true\")")]
+    [TestCase("hidden_act", "[\"silu\"]", "field 'hidden_act' must be a string (got [\"silu\"])")]
+    [TestCase("eos_token_id", "[2, \"3\"]", "field 'eos_token_id' must be an integer or a list of integers (got [2,\"3\"])")]
+    [TestCase("rope_scaling", "{\"rope_type\": 3}", "field 'rope_type' must be a string (got 3)")]
+    public void AnOptionalFieldOfTheWrongType_IsNamed(string field, string json, string message)
+    {
+        var j = Base(); j[field] = JsonNode.Parse(json);
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message, Is.EqualTo($"c: {message}"));
+        j[field] = null;
+        Assert.DoesNotThrow(() => ModelConfig.Parse(j, "c"), "null means absent");
+    }
+
+    [Test]
+    public void ACheckpointWithMoreLayersThanTheConfig_IsRejected()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var path = Path.Combine(dir, "config.json");
+        var j = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        j["num_hidden_layers"] = 1;
+        File.WriteAllText(path, j.ToJsonString());
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelLoader.Load(dir))!.Message,
+            Is.EqualTo($"{dir}: the checkpoint holds 2 layers, config.json's num_hidden_layers says 1"));
     }
 
     [Test]

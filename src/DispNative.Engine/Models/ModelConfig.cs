@@ -6,7 +6,31 @@ namespace DispNative.Engine.Models;
 /// <summary>RoPE frequency scaling (Hugging Face <c>rope_scaling</c>/<c>rope_parameters</c>).</summary>
 public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositions);
 
-/// <summary>Architecture of a LLaMA-family decoder (LLaMA, Mistral, Qwen2 share this layout).</summary>
+/// <summary>Typed reads of optional config fields: absent or null gives null; present with another type is an error
+/// naming the field (a value of the wrong type used to fall back to the default without a word).</summary>
+internal static class ConfigFields
+{
+    public static T? Optional<T>(JsonObject o, string key, string source) where T : struct => o[key] switch
+    {
+        null => null,
+        JsonValue v when TryRead(v, out T x) => x,
+        var other => throw new ModelFormatException($"{source}: field '{key}' must be {Kind<T>()} (got {other.ToJsonString()})"),
+    };
+
+    /// <summary>A value built in memory keeps its CLR type (a float does not read as a double); its JSON text does.</summary>
+    private static bool TryRead<T>(JsonValue v, out T x) =>
+        v.TryGetValue(out x) || (JsonNode.Parse(v.ToJsonString()) is JsonValue parsed && parsed.TryGetValue(out x));
+
+    public static string? OptionalString(JsonObject o, string key, string source) => o[key] switch
+    {
+        null => null,
+        JsonValue v when v.TryGetValue(out string? x) => x,
+        var other => throw new ModelFormatException($"{source}: field '{key}' must be a string (got {other.ToJsonString()})"),
+    };
+
+    private static string Kind<T>() => typeof(T) == typeof(int) ? "an integer" : typeof(T) == typeof(bool) ? "true or false" : "a number";
+}
+
 /// <summary>The <c>disp</c> section of a pruned model's config: kept width of each site of each layer
 /// ([layer][attn_in, attn_out, mlp_in, mlp_mid, mlp_out]) and where the model came from.</summary>
 public sealed record DispInfo(int FormatVersion, int[][] Widths, string Mode, double PruneRatioTarget, string? SourceModel)
@@ -46,11 +70,13 @@ public sealed record DispInfo(int FormatVersion, int[][] Widths, string Mode, do
                 widths[l][i] = w;
             }
         }
-        return new DispInfo(version, widths, o["mode"]?.GetValue<string>() ?? "disp",
-            o["prune_ratio_target"] is JsonValue pv && pv.TryGetValue(out double p) ? p : double.NaN, o["source_model"]?.GetValue<string>());
+        string where = $"{source}: disp section";
+        return new DispInfo(version, widths, ConfigFields.OptionalString(o, "mode", where) ?? "disp",
+            ConfigFields.Optional<double>(o, "prune_ratio_target", where) ?? double.NaN, ConfigFields.OptionalString(o, "source_model", where));
     }
 }
 
+/// <summary>Architecture of a LLaMA-family decoder (LLaMA, Mistral, Qwen2 share this layout).</summary>
 public sealed record ModelConfig
 {
     public static readonly string[] SupportedArchitectures = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
@@ -142,7 +168,7 @@ public sealed record ModelConfig
 
     public static ModelConfig Parse(JsonObject c, string source)
     {
-        string arch = c["architectures"] is JsonArray a && a.Count > 0 ? a[0]!.GetValue<string>() : "";
+        string arch = c["architectures"] is JsonArray a && a.Count > 0 && a[0] is JsonValue av && av.TryGetValue(out string? name) ? name : "";
         if (arch == "")
             throw new ModelFormatException($"{source}: missing 'architectures'; supported: {string.Join(", ", SupportedArchitectures)}");
         if (!SupportedArchitectures.Contains(arch))
@@ -150,13 +176,14 @@ public sealed record ModelConfig
 
         int RequiredInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i
             : throw new ModelFormatException($"{source}: missing or non-integer field '{key}'");
-        int? OptInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i : null;
-        double? OptDouble(string key, JsonObject? o = null) => (o ?? c)[key] is JsonValue v && v.TryGetValue(out double d) ? d : null;
-        bool OptBool(string key, bool dflt) => c[key] is JsonValue v && v.TryGetValue(out bool b) ? b : dflt;
+        int? OptInt(string key) => ConfigFields.Optional<int>(c, key, source);
+        double? OptDouble(string key, JsonObject? o = null) => ConfigFields.Optional<double>(o ?? c, key, source);
+        bool OptBool(string key, bool dflt) => ConfigFields.Optional<bool>(c, key, source) ?? dflt;
+        string? OptString(string key, JsonObject? o = null) => ConfigFields.OptionalString(o ?? c, key, source);
 
         int hidden = RequiredInt("hidden_size");
         int heads = RequiredInt("num_attention_heads");
-        string act = c["hidden_act"]?.GetValue<string>() ?? "silu";
+        string act = OptString("hidden_act") ?? "silu";
         if (act != "silu") throw new ModelFormatException($"{source}: unsupported hidden_act '{act}' (only silu/SwiGLU)");
         if (OptBool("mlp_bias", false)) throw new ModelFormatException($"{source}: mlp_bias=true is not supported");
 
@@ -167,7 +194,7 @@ public sealed record ModelConfig
         RopeScaling? scaling = null;
         if (scalingObj != null)
         {
-            string type = (scalingObj["rope_type"] ?? scalingObj["type"])?.GetValue<string>() ?? "default";
+            string type = OptString("rope_type", scalingObj) ?? OptString("type", scalingObj) ?? "default";
             if (type is "linear" or "llama3")
                 scaling = new RopeScaling(type, OptDouble("factor", scalingObj) ?? 1.0, OptDouble("low_freq_factor", scalingObj) ?? 1.0,
                     OptDouble("high_freq_factor", scalingObj) ?? 4.0, (int)(OptDouble("original_max_position_embeddings", scalingObj) ?? 8192));
@@ -177,9 +204,10 @@ public sealed record ModelConfig
 
         int[] eos = c["eos_token_id"] switch
         {
-            JsonArray arr => arr.Select(x => x!.GetValue<int>()).ToArray(),
+            null => [],
+            JsonArray arr when arr.All(x => x is JsonValue v && v.TryGetValue(out int _)) => arr.Select(x => x!.GetValue<int>()).ToArray(),
             JsonValue v when v.TryGetValue(out int e) => [e],
-            _ => [],
+            var other => throw new ModelFormatException($"{source}: field 'eos_token_id' must be an integer or a list of integers (got {other.ToJsonString()})"),
         };
         bool isQwen = arch == "Qwen2ForCausalLM";
         bool attnBias = OptBool("attention_bias", false);
@@ -209,7 +237,7 @@ public sealed record ModelConfig
             SlidingWindow = window,
             BosTokenId = OptInt("bos_token_id"),
             EosTokenIds = eos,
-            WeightDType = (c["torch_dtype"] ?? c["dtype"])?.GetValue<string>() ?? "float32",
+            WeightDType = OptString("torch_dtype") ?? OptString("dtype") ?? "float32",
         };
         cfg.Validate(source);
         if (c["disp"] is JsonObject disp) cfg = cfg with { Disp = DispInfo.Parse(disp, cfg, source) };

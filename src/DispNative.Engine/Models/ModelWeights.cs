@@ -69,8 +69,20 @@ public sealed class ModelWeights
 
     /// <summary>Loads the Hugging Face tensor names, checking every shape against the config; a pruned model's
     /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
+    /// <summary>The layer index of a tensor named <c>model.layers.N.…</c>, else -1.</summary>
+    private static int LayerOf(string name)
+    {
+        const string prefix = "model.layers.";
+        if (!name.StartsWith(prefix, StringComparison.Ordinal)) return -1;
+        int end = name.IndexOf('.', prefix.Length);
+        return end > prefix.Length && int.TryParse(name.AsSpan(prefix.Length, end - prefix.Length), out int l) ? l : -1;
+    }
+
     public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
+        int layersInCheckpoint = ckpt.Names.Select(LayerOf).DefaultIfEmpty(-1).Max() + 1;
+        if (layersInCheckpoint > c.NumLayers)
+            throw new ModelFormatException($"{ckpt.Source}: the checkpoint holds {layersInCheckpoint} layers, config.json's num_hidden_layers says {c.NumLayers}");
         var layers = new LayerWeights[c.NumLayers];
         ParallelRethrow(c.NumLayers, l =>
         {
