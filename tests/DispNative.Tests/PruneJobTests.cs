@@ -203,6 +203,18 @@ public class PruneJobTests
     }
 
     [Test]
+    public void AMalformedConfigFile_IsReportedWithTheParsersLine()
+    {
+        var dir = TestAssets.TempDir();
+        var path = Path.Combine(dir, "prune.json");
+        File.WriteAllText(path, "{\n  \"Model\": { \"Path\": \"m\" \n  \"Output\": {}\n}");
+        var (code, _, err) = Cli("run", path);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err, Does.StartWith($"error: {path}: Failed to load configuration").And.Contain("LineNumber: 2"));
+        Assert.That(err, Does.Not.Contain("   at "));
+    }
+
+    [Test]
     public void TheEmbeddedDefaultExampleRunsOnAFreshCheckout()
     {
         // The README's main job, shortened: the built-in model is built (or taken from the cache) by the engine itself.

@@ -315,7 +315,9 @@ public static class Program
             }
             catch (Exception e) when (e is FormatException or InvalidDataException or System.Text.Json.JsonException)
             {
-                throw new InvalidSettingException($"{path}: {e.Message}");
+                var messages = new List<string>();   // the innermost is the JSON parser's, with line and position
+                for (Exception? x = e; x != null; x = x.InnerException) messages.Add(x.Message);
+                throw new InvalidSettingException($"{path}: {string.Join(" ", messages)}");
             }
             var options = PruneJobOptions.FromConfiguration(config, Path.GetDirectoryName(Path.GetFullPath(path))!);
             return WithCtrlC(token =>
