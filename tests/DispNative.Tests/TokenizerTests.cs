@@ -88,6 +88,33 @@ public class TokenizerTests
         Assert.That(tok.Encode("x</s>", false)[^1], Is.EqualTo(2));
     }
 
+    /// <summary>Each edit of a valid tokenizer.json used to crash the loader (a cast or index exception) or pass.</summary>
+    [TestCase("model.merges", "[[\"a\"]]", "malformed merge [\"a\"] (expected two strings)")]
+    [TestCase("model.merges", "[5]", "field 'merges' must be a string (got 5)")]
+    [TestCase("model.byte_fallback", "\"yes\"", "field 'byte_fallback' must be true or false (got \"yes\")")]
+    [TestCase("added_tokens", "[{\"id\": -1, \"content\": \"<x>\"}]", "added_tokens id: token id -1 is out of range")]
+    [TestCase("added_tokens", "[{\"id\": 3, \"content\": 7}]", "field 'content' must be a string (got 7)")]
+    [TestCase("decoder", "{\"type\": 5}", "field 'type' must be a string (got 5)")]
+    [TestCase("normalizer", "{\"type\": \"Replace\", \"pattern\": {\"Regex\": \"([\"}, \"content\": \"x\"}", "invalid regex '(['")]
+    [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [3]}", "TemplateProcessing item 3 is neither a Sequence nor a SpecialToken")]
+    public void AMalformedTokenizerJson_IsAClearError(string path, string json, string message)
+    {
+        var tokenizer = TestAssets.ByteLevelTokenizerJson();
+        var parts = path.Split('.');
+        var parent = parts.Length == 1 ? tokenizer : tokenizer[parts[0]]!.AsObject();
+        parent[parts[^1]] = JsonNode.Parse(json);
+        Assert.That(Assert.Throws<ModelFormatException>(() => new HfTokenizer(tokenizer, "t.json"))!.Message, Does.StartWith($"t.json: {message}"));
+    }
+
+    [Test]
+    public void AVocabularyIdOutOfRange_IsAClearError()
+    {
+        var tokenizer = TestAssets.ByteLevelTokenizerJson();
+        tokenizer["model"]!["vocab"]!["zz"] = 2_000_000_000;
+        Assert.That(Assert.Throws<ModelFormatException>(() => new HfTokenizer(tokenizer, "t.json"))!.Message,
+            Is.EqualTo("t.json: model.vocab 'zz': token id 2000000000 is out of range"));
+    }
+
     [Test]
     public void UnsupportedModelType_IsAClearError()
     {

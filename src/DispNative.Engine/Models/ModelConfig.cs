@@ -1,35 +1,11 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using DispNative.Engine.IO;
 
 namespace DispNative.Engine.Models;
 
 /// <summary>RoPE frequency scaling (Hugging Face <c>rope_scaling</c>/<c>rope_parameters</c>).</summary>
 public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositions);
-
-/// <summary>Typed reads of optional config fields: absent or null gives null; present with another type is an error
-/// naming the field (a value of the wrong type used to fall back to the default without a word).</summary>
-internal static class ConfigFields
-{
-    public static T? Optional<T>(JsonObject o, string key, string source) where T : struct => o[key] switch
-    {
-        null => null,
-        JsonValue v when TryRead(v, out T x) => x,
-        var other => throw new ModelFormatException($"{source}: field '{key}' must be {Kind<T>()} (got {other.ToJsonString()})"),
-    };
-
-    /// <summary>A value built in memory keeps its CLR type (a float does not read as a double); its JSON text does.</summary>
-    private static bool TryRead<T>(JsonValue v, out T x) =>
-        v.TryGetValue(out x) || (JsonNode.Parse(v.ToJsonString()) is JsonValue parsed && parsed.TryGetValue(out x));
-
-    public static string? OptionalString(JsonObject o, string key, string source) => o[key] switch
-    {
-        null => null,
-        JsonValue v when v.TryGetValue(out string? x) => x,
-        var other => throw new ModelFormatException($"{source}: field '{key}' must be a string (got {other.ToJsonString()})"),
-    };
-
-    private static string Kind<T>() => typeof(T) == typeof(int) ? "an integer" : typeof(T) == typeof(bool) ? "true or false" : "a number";
-}
 
 /// <summary>The <c>disp</c> section of a pruned model's config: kept width of each site of each layer
 /// ([layer][attn_in, attn_out, mlp_in, mlp_mid, mlp_out]) and where the model came from.</summary>
@@ -71,8 +47,8 @@ public sealed record DispInfo(int FormatVersion, int[][] Widths, string Mode, do
             }
         }
         string where = $"{source}: disp section";
-        return new DispInfo(version, widths, ConfigFields.OptionalString(o, "mode", where) ?? "disp",
-            ConfigFields.Optional<double>(o, "prune_ratio_target", where) ?? double.NaN, ConfigFields.OptionalString(o, "source_model", where));
+        return new DispInfo(version, widths, JsonFields.OptionalString(o, "mode", where) ?? "disp",
+            JsonFields.Optional<double>(o, "prune_ratio_target", where) ?? double.NaN, JsonFields.OptionalString(o, "source_model", where));
     }
 }
 
@@ -176,10 +152,10 @@ public sealed record ModelConfig
 
         int RequiredInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i
             : throw new ModelFormatException($"{source}: missing or non-integer field '{key}'");
-        int? OptInt(string key) => ConfigFields.Optional<int>(c, key, source);
-        double? OptDouble(string key, JsonObject? o = null) => ConfigFields.Optional<double>(o ?? c, key, source);
-        bool OptBool(string key, bool dflt) => ConfigFields.Optional<bool>(c, key, source) ?? dflt;
-        string? OptString(string key, JsonObject? o = null) => ConfigFields.OptionalString(o ?? c, key, source);
+        int? OptInt(string key) => JsonFields.Optional<int>(c, key, source);
+        double? OptDouble(string key, JsonObject? o = null) => JsonFields.Optional<double>(o ?? c, key, source);
+        bool OptBool(string key, bool dflt) => JsonFields.Optional<bool>(c, key, source) ?? dflt;
+        string? OptString(string key, JsonObject? o = null) => JsonFields.OptionalString(o ?? c, key, source);
 
         int hidden = RequiredInt("hidden_size");
         int heads = RequiredInt("num_attention_heads");

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using DispNative.Engine.IO;
 
 namespace DispNative.Engine.Tokenization;
 
@@ -43,16 +44,16 @@ public sealed class HfTokenizer : ITokenizer
     {
         _source = source;
         var model = json["model"] as JsonObject ?? throw Error("missing 'model'");
-        string type = model["type"]?.GetValue<string>() ?? "BPE";
+        string type = OptStr(model, "type") ?? "BPE";
         if (type != "BPE") throw Error($"unsupported tokenizer model type '{type}' (only BPE)");
         if (model["continuing_subword_prefix"] is JsonValue || model["end_of_word_suffix"] is JsonValue)
             throw Error("BPE continuing_subword_prefix/end_of_word_suffix are not supported");
 
         _vocab = new Dictionary<string, int>(StringComparer.Ordinal);
         foreach (var (k, v) in model["vocab"] as JsonObject ?? throw Error("missing model.vocab"))
-            _vocab[k] = v!.GetValue<int>();
+            _vocab[k] = TokenId(v, $"model.vocab '{k}'");
         var added = (json["added_tokens"] as JsonArray ?? []).OfType<JsonObject>()
-            .Select(a => (Content: a["content"]!.GetValue<string>(), Id: a["id"]!.GetValue<int>(), Special: a["special"]?.GetValue<bool>() ?? false))
+            .Select(a => (Content: Str(a, "content"), Id: TokenId(a["id"], "added_tokens id"), Special: Flag(a, "special", false)))
             .ToList();
         int size = Math.Max(_vocab.Count == 0 ? 0 : _vocab.Values.Max() + 1, added.Count == 0 ? 0 : added.Max(a => a.Id) + 1);
         _idToToken = new string[size];
@@ -71,10 +72,14 @@ public sealed class HfTokenizer : ITokenizer
         foreach (var m in model["merges"] as JsonArray ?? [])
         {
             string a, b;
-            if (m is JsonArray pair) { a = pair[0]!.GetValue<string>(); b = pair[1]!.GetValue<string>(); }
+            if (m is JsonArray pair)
+            {
+                if (pair.Count != 2) throw Error($"malformed merge {pair.ToJsonString()} (expected two strings)");
+                a = JsonFields.Element<string>(pair[0], "merges", _source); b = JsonFields.Element<string>(pair[1], "merges", _source);
+            }
             else
             {
-                string s = m!.GetValue<string>();
+                string s = JsonFields.Element<string>(m, "merges", _source);
                 int sp = s.IndexOf(' ', 1);
                 if (sp < 0) throw Error($"malformed merge '{s}'");
                 a = s[..sp]; b = s[(sp + 1)..];
@@ -84,10 +89,10 @@ public sealed class HfTokenizer : ITokenizer
             rank++;
         }
         _merger = new BpeMerger(merges);
-        _byteFallback = model["byte_fallback"]?.GetValue<bool>() ?? false;
-        _ignoreMerges = model["ignore_merges"]?.GetValue<bool>() ?? false;
-        _fuseUnk = model["fuse_unk"]?.GetValue<bool>() ?? false;
-        string? unk = model["unk_token"]?.GetValue<string>();
+        _byteFallback = Flag(model, "byte_fallback", false);
+        _ignoreMerges = Flag(model, "ignore_merges", false);
+        _fuseUnk = Flag(model, "fuse_unk", false);
+        string? unk = OptStr(model, "unk_token");
         _unkId = unk != null && _vocab.TryGetValue(unk, out int u) ? u : null;
         for (int i = 0; i < 256; i++) _byteTokenIds[i] = _vocab.TryGetValue($"<0x{i:X2}>", out int id) ? id : -1;
 
@@ -102,6 +107,23 @@ public sealed class HfTokenizer : ITokenizer
     }
 
     private int? Lookup(string token) => _vocab.TryGetValue(token, out int id) ? id : null;
+
+    private string Str(JsonObject o, string key) => JsonFields.RequiredString(o, key, _source);
+    private string? OptStr(JsonObject o, string key) => JsonFields.OptionalString(o, key, _source);
+    private bool Flag(JsonObject o, string key, bool absent) => JsonFields.Optional<bool>(o, key, _source) ?? absent;
+
+    /// <summary>A token id: an integer in [0, 2^24) (the largest vocabularies have a few hundred thousand).</summary>
+    private int TokenId(JsonNode? n, string what)
+    {
+        int id = JsonFields.Element<int>(n, what, _source);
+        return id is >= 0 and < 1 << 24 ? id : throw Error($"{what}: token id {id} is out of range");
+    }
+
+    private Regex Pattern(string pattern)
+    {
+        try { return new Regex(pattern, RegexOptions.CultureInvariant); }
+        catch (ArgumentException e) { throw Error($"invalid regex '{pattern}' ({e.Message})"); }
+    }
 
     private ModelFormatException Error(string what) => new($"{_source}: {what}");
 
@@ -184,14 +206,14 @@ public sealed class HfTokenizer : ITokenizer
     private Func<string, bool, string> BuildNormalizer(JsonObject? n)
     {
         if (n == null) return (s, _) => s;
-        string type = n["type"]!.GetValue<string>();
+        string type = Str(n, "type");
         switch (type)
         {
             case "Sequence":
                 var parts = (n["normalizers"] as JsonArray ?? []).Select(x => BuildNormalizer(x as JsonObject)).ToList();
                 return (s, first) => parts.Aggregate(s, (acc, f) => f(acc, first));
             case "Prepend":
-                string pre = n["prepend"]!.GetValue<string>();
+                string pre = Str(n, "prepend");
                 return (s, _) => s.Length == 0 ? s : pre + s;
             case "Replace":
                 return BuildReplace(n);
@@ -206,10 +228,10 @@ public sealed class HfTokenizer : ITokenizer
 
     private Func<string, bool, string> BuildReplace(JsonObject n)
     {
-        string content = n["content"]!.GetValue<string>();
+        string content = Str(n, "content");
         var pattern = n["pattern"] as JsonObject ?? throw Error("Replace without pattern");
-        if (pattern["String"] is JsonValue str) { string p = str.GetValue<string>(); return (s, _) => s.Replace(p, content, StringComparison.Ordinal); }
-        var regex = new Regex(pattern["Regex"]!.GetValue<string>(), RegexOptions.CultureInvariant);
+        if (OptStr(pattern, "String") is string p) return (s, _) => s.Replace(p, content, StringComparison.Ordinal);
+        var regex = Pattern(Str(pattern, "Regex"));
         return (s, _) => regex.Replace(s, content);
     }
 
@@ -217,7 +239,7 @@ public sealed class HfTokenizer : ITokenizer
     private Func<string, bool, IEnumerable<string>> BuildPreTokenizer(JsonObject? p)
     {
         if (p == null) return (s, _) => [s];
-        string type = p["type"]!.GetValue<string>();
+        string type = Str(p, "type");
         switch (type)
         {
             case "Sequence":
@@ -225,9 +247,9 @@ public sealed class HfTokenizer : ITokenizer
                 return (s, first) => parts.Aggregate((IEnumerable<string>)[s], (acc, f) => acc.SelectMany(x => f(x, first)).ToList());
             case "Metaspace":
             {
-                string rep = p["replacement"]?.GetValue<string>() ?? "\u2581";
-                string scheme = p["prepend_scheme"]?.GetValue<string>() ?? ((p["add_prefix_space"]?.GetValue<bool>() ?? true) ? "always" : "never");
-                bool split = p["split"]?.GetValue<bool>() ?? true;
+                string rep = OptStr(p, "replacement") ?? "\u2581";
+                string scheme = OptStr(p, "prepend_scheme") ?? (Flag(p, "add_prefix_space", true) ? "always" : "never");
+                bool split = Flag(p, "split", true);
                 return (s, first) =>
                 {
                     s = s.Replace(" ", rep, StringComparison.Ordinal);
@@ -237,8 +259,8 @@ public sealed class HfTokenizer : ITokenizer
             }
             case "ByteLevel":
             {
-                bool prefixSpace = p["add_prefix_space"]?.GetValue<bool>() ?? true;
-                bool useRegex = p["use_regex"]?.GetValue<bool>() ?? true;
+                bool prefixSpace = Flag(p, "add_prefix_space", true);
+                bool useRegex = Flag(p, "use_regex", true);
                 var regex = new Regex(Gpt2Pattern, RegexOptions.CultureInvariant);
                 return (s, first) =>
                 {
@@ -250,16 +272,15 @@ public sealed class HfTokenizer : ITokenizer
             case "Split":
             {
                 var pat = p["pattern"] as JsonObject ?? throw Error("Split without pattern");
-                var regex = pat["Regex"] is JsonValue r ? new Regex(r.GetValue<string>(), RegexOptions.CultureInvariant)
-                    : new Regex(Regex.Escape(pat["String"]!.GetValue<string>()), RegexOptions.CultureInvariant);
-                string behavior = p["behavior"]?.GetValue<string>() ?? "Isolated";
-                bool invert = p["invert"]?.GetValue<bool>() ?? false;
+                var regex = pat["Regex"] != null ? Pattern(Str(pat, "Regex")) : Pattern(Regex.Escape(Str(pat, "String")));
+                string behavior = OptStr(p, "behavior") ?? "Isolated";
+                bool invert = Flag(p, "invert", false);
                 if (invert) throw Error("Split with invert=true is not supported");
                 return (s, _) => SplitRegex(s, regex, behavior);
             }
             case "Digits":
             {
-                bool individual = p["individual_digits"]?.GetValue<bool>() ?? false;
+                bool individual = Flag(p, "individual_digits", false);
                 var regex = new Regex(individual ? @"\p{Nd}" : @"\p{Nd}+", RegexOptions.CultureInvariant);
                 return (s, _) => SplitRegex(s, regex, "Isolated");
             }
@@ -308,7 +329,7 @@ public sealed class HfTokenizer : ITokenizer
     private (int[], int[]) BuildTemplate(JsonObject? p)
     {
         if (p == null) return ([], []);
-        string type = p["type"]!.GetValue<string>();
+        string type = Str(p, "type");
         switch (type)
         {
             case "ByteLevel": return ([], []);
@@ -321,9 +342,11 @@ public sealed class HfTokenizer : ITokenizer
                 bool seenSequence = false;
                 foreach (var item in p["single"] as JsonArray ?? [])
                 {
-                    if (item!["Sequence"] != null) { seenSequence = true; continue; }
-                    string id = item["SpecialToken"]!["id"]!.GetValue<string>();
-                    var ids = specials?[id]?["ids"] is JsonArray arr ? arr.Select(x => x!.GetValue<int>()).ToList()
+                    if (item is not JsonObject entry || (entry["Sequence"] == null && entry["SpecialToken"] is not JsonObject))
+                        throw Error($"TemplateProcessing item {item?.ToJsonString()} is neither a Sequence nor a SpecialToken");
+                    if (entry["Sequence"] != null) { seenSequence = true; continue; }
+                    string id = Str((JsonObject)entry["SpecialToken"]!, "id");
+                    var ids = specials?[id]?["ids"] is JsonArray arr ? arr.Select(x => TokenId(x, $"special_tokens '{id}' ids")).ToList()
                         : [Lookup(id) ?? throw Error($"template special token '{id}' is not in the vocabulary")];
                     (seenSequence ? post : pre).AddRange(ids);
                 }
@@ -336,7 +359,7 @@ public sealed class HfTokenizer : ITokenizer
     private Func<List<string>, List<string>> BuildDecoder(JsonObject? d)
     {
         if (d == null) return t => t;
-        string type = d["type"]!.GetValue<string>();
+        string type = Str(d, "type");
         switch (type)
         {
             case "Sequence":
@@ -351,8 +374,8 @@ public sealed class HfTokenizer : ITokenizer
                 return t => [string.Concat(t)];
             case "Strip":
             {
-                string c = d["content"]!.GetValue<string>();
-                int start = d["start"]?.GetValue<int>() ?? 0, stop = d["stop"]?.GetValue<int>() ?? 0;
+                string c = Str(d, "content");
+                int start = JsonFields.Optional<int>(d, "start", _source) ?? 0, stop = JsonFields.Optional<int>(d, "stop", _source) ?? 0;
                 return t => t.Select(x =>
                 {
                     int a = 0, b = x.Length;
@@ -365,8 +388,8 @@ public sealed class HfTokenizer : ITokenizer
                 return t => [ByteLevelMap.Decode(string.Concat(t))];
             case "Metaspace":
             {
-                string rep = d["replacement"]?.GetValue<string>() ?? "\u2581";
-                string scheme = d["prepend_scheme"]?.GetValue<string>() ?? ((d["add_prefix_space"]?.GetValue<bool>() ?? true) ? "always" : "never");
+                string rep = OptStr(d, "replacement") ?? "\u2581";
+                string scheme = OptStr(d, "prepend_scheme") ?? (Flag(d, "add_prefix_space", true) ? "always" : "never");
                 return t => t.Select((x, i) =>
                 {
                     x = x.Replace(rep, " ", StringComparison.Ordinal);

@@ -1,0 +1,39 @@
+using System.Text.Json.Nodes;
+
+namespace DispNative.Engine.IO;
+
+/// <summary>Typed reads of the fields of model files (config.json, tokenizer.json). An optional field that is absent
+/// or null reads as null; a field of another type is an error naming it, never its default or a crash.</summary>
+internal static class JsonFields
+{
+    public static T? Optional<T>(JsonObject o, string key, string source) where T : struct => o[key] switch
+    {
+        null => null,
+        JsonValue v when TryRead(v, out T x) => x,
+        var other => throw WrongType(key, Kind<T>(), other, source),
+    };
+
+    public static string? OptionalString(JsonObject o, string key, string source) => o[key] switch
+    {
+        null => null,
+        JsonValue v when v.TryGetValue(out string? x) => x,
+        var other => throw WrongType(key, "a string", other, source),
+    };
+
+    public static string RequiredString(JsonObject o, string key, string source) =>
+        OptionalString(o, key, source) ?? throw new ModelFormatException($"{source}: missing field '{key}'");
+
+    /// <summary>An element of a list that must be <typeparamref name="T"/>; <paramref name="what"/> names the list.</summary>
+    public static T Element<T>(JsonNode? n, string what, string source) =>
+        n is JsonValue v && TryRead(v, out T x) && x is not null ? x : throw WrongType(what, Kind<T>(), n, source);
+
+    /// <summary>A value built in memory keeps its CLR type (a float does not read as a double); its JSON text does.</summary>
+    private static bool TryRead<T>(JsonValue v, out T x) =>
+        v.TryGetValue(out x) || (JsonNode.Parse(v.ToJsonString()) is JsonValue parsed && parsed.TryGetValue(out x));
+
+    private static ModelFormatException WrongType(string key, string kind, JsonNode? got, string source) =>
+        new($"{source}: field '{key}' must be {kind} (got {got?.ToJsonString() ?? "null"})");
+
+    private static string Kind<T>() =>
+        typeof(T) == typeof(int) ? "an integer" : typeof(T) == typeof(bool) ? "true or false" : typeof(T) == typeof(string) ? "a string" : "a number";
+}
