@@ -149,7 +149,7 @@ public class TrainingTests
     }
 
     [Test]
-    public void ResumeRefusesACheckpointFromOtherSettings()
+    public void ResumeRefusesACheckpointFromOtherSettings_OrACorruptOne()
     {
         var (c, w, blocks) = TinySetup();
         var dir = TestAssets.TempDir();
@@ -157,6 +157,12 @@ public class TrainingTests
         var e = Assert.Throws<InvalidSettingException>(() =>
             new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 4, PruneRatio = 0.3 }).Train(blocks, dir));
         Assert.That(e!.Message, Does.Contain("different model, calibration data or training settings"));
+
+        string ckpt = Path.Combine(dir, HypernetworkTrainer.CheckpointFile);
+        File.WriteAllBytes(ckpt, File.ReadAllBytes(ckpt)[..500]);
+        var corrupt = Assert.Throws<ModelFormatException>(() =>
+            new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 2, PruneRatio = 0.5 }).Train(blocks, dir));
+        Assert.That(corrupt!.Message, Does.StartWith($"{ckpt}: ").And.EndWith("; to train from step 0 instead of resuming, delete the checkpoint"));
     }
 
     [TestCase(PruningMode.Disp)]

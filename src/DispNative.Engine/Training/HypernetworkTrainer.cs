@@ -165,7 +165,12 @@ public sealed class HypernetworkTrainer
         var log = new List<TrainLogEntry>();
         if (File.Exists(ckptPath))
         {
-            LoadCheckpoint(ckptPath, fingerprint);
+            try { LoadCheckpoint(ckptPath, fingerprint); }
+            catch (Exception e) when (e is ModelFormatException or JsonException or InvalidOperationException or FormatException)
+            {
+                string why = e.Message.StartsWith(ckptPath, StringComparison.Ordinal) ? e.Message : $"{ckptPath}: {e.Message}";
+                throw new ModelFormatException($"{why}; to train from step 0 instead of resuming, delete the checkpoint");
+            }
             resumedFrom = Step;
             log = ReadLog(logPath).Where(e => e.Step <= Step).ToList();
             _logger.LogInformation("resuming from step {Step} ({Path})", Step, ckptPath);
