@@ -118,8 +118,10 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         {
             if (d.ValueKind != JsonValueKind.Number || !d.TryGetInt64(out long v) || v < 0)
                 throw new ModelFormatException($"{where}: invalid shape {sh.GetRawText()}");
+            if (v != 0 && count > long.MaxValue / 8 / v)   // 8: the widest dtype, so the byte count below fits too
+                throw new ModelFormatException($"{where}: shape {sh.GetRawText()} is too large");
             shape[i++] = v;
-            count = checked(count * v);
+            count *= v;
         }
         if (!e.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
             throw new ModelFormatException($"{where}: missing data_offsets");
