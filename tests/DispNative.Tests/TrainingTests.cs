@@ -1,5 +1,6 @@
 using DispNative.Engine;
 using DispNative.Engine.Disp;
+using DispNative.Engine.IO;
 using DispNative.Engine.Models;
 using DispNative.Engine.Training;
 
@@ -258,6 +259,16 @@ public class TrainingTests
         for (int i = 0; i < net.Parameters.Count; i++) Assert.That(back.Parameters[i].Value, Is.EqualTo(net.Parameters[i].Value));
         var e = Assert.Throws<ModelFormatException>(() => Hypernetwork<float>.Load(path, [64, 64, 128]));
         Assert.That(e!.Message, Does.Contain("this model and mode need 3 outputs"));
+
+        void WithMetadata(string json, string message)
+        {
+            var bad = Path.Combine(TestAssets.TempDir(), "bad.safetensors");
+            SafeTensorsWriter.Write(bad, [TensorData.FromFloat("inputs", [0f], [1])], new Dictionary<string, string> { [Hypernetwork<float>.FormatName] = json });
+            Assert.That(Assert.Throws<ModelFormatException>(() => Hypernetwork<float>.Load(bad, [48]))!.Message, Does.StartWith($"{bad}: {message}"));
+        }
+        WithMetadata("{\"output_widths\": [48, \"x\"]}", "field 'output_widths' must be an integer (got \"x\")");
+        WithMetadata("[1]", "hypernetwork metadata is not a JSON object");
+        WithMetadata("{", "hypernetwork metadata is not valid JSON");
     }
 
     [Test]

@@ -145,15 +145,19 @@ public sealed class Hypernetwork<T> where T : unmanaged, IFloatingPointIeee754<T
         using var file = SafeTensorsFile.Open(path);
         if (!file.Metadata.TryGetValue(FormatName, out var json))
             throw new ModelFormatException($"{path}: not a DispNative hypernetwork (no '{FormatName}' metadata)");
-        return JsonNode.Parse(json)?.AsObject() ?? throw new ModelFormatException($"{path}: empty hypernetwork metadata");
+        try
+        {
+            return JsonNode.Parse(json) as JsonObject ?? throw new ModelFormatException($"{path}: hypernetwork metadata is not a JSON object");
+        }
+        catch (JsonException e) { throw new ModelFormatException($"{path}: hypernetwork metadata is not valid JSON ({e.Message})"); }
     }
 
     /// <summary>Loads a saved hypernetwork; its outputs must have <paramref name="expectedWidths"/>.</summary>
     public static Hypernetwork<T> Load(string path, IReadOnlyList<int> expectedWidths)
     {
         var meta = ReadMetadata(path);
-        var widths = meta["output_widths"]?.AsArray().Select(n => n!.GetValue<int>()).ToArray()
-                     ?? throw new ModelFormatException($"{path}: metadata lacks output_widths");
+        var widths = meta["output_widths"] is JsonArray list ? list.Select(n => JsonFields.Element<int>(n, "output_widths", path)).ToArray()
+                     : throw new ModelFormatException($"{path}: metadata lacks output_widths");
         if (!widths.SequenceEqual(expectedWidths))
             throw new ModelFormatException($"{path}: the hypernetwork has {widths.Length} outputs of widths [{Summarize(widths)}] " +
                                            $"but this model and mode need {expectedWidths.Count} outputs of widths [{Summarize(expectedWidths)}]");

@@ -37,7 +37,7 @@ public sealed class SafeTensorsCheckpoint : IDisposable
         try
         {
             using var doc = JsonDocument.Parse(File.ReadAllText(index));
-            if (!doc.RootElement.TryGetProperty("weight_map", out var wm) || wm.ValueKind != JsonValueKind.Object)
+            if (doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("weight_map", out var wm) || wm.ValueKind != JsonValueKind.Object)
                 throw new ModelFormatException($"{index}: missing weight_map");
             foreach (var p in wm.EnumerateObject())
             {
