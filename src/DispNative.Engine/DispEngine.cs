@@ -63,6 +63,7 @@ public sealed class DispEngine : IDisposable
         var m = Model;
         var ids = m.EncodeForScoring(text);
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
+        m.Config.RequireContext(ids.Length, $"the text ({ids.Length} tokens with BOS; Perplexity scores longer texts in blocks)");
         cancellationToken.ThrowIfCancellationRequested();
         return (-Evaluation.Perplexity.BlockNll(m.Runner.Logits(ids), ids, m.Config.VocabSize), ids.Length - 1);
     }

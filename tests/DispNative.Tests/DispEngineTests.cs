@@ -27,6 +27,9 @@ public class DispEngineTests
         var parallel = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => Task.Run(() => engine.Perplexity(text, 8))));
         Assert.That(parallel.Select(r => r.Perplexity), Is.All.EqualTo(serial.Perplexity));
         Assert.That(Math.Exp(-logProb / tokens), Is.GreaterThan(1.0));
+        string longText = string.Concat(Enumerable.Repeat(text + " ", 30));   // past the test model's 256 positions
+        Assert.That(Assert.Throws<InvalidSettingException>(() => engine.Score(longText))!.Message,
+            Does.Contain("exceeds the model's context of 256 positions"));
 
         engine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => engine.Score(text));
