@@ -154,6 +154,9 @@ public class PruneJobTests
     [TestCase("Output:Overwrite", "maybe", "Output:Overwrite: 'maybe' is not true or false")]
     [TestCase("Training:Stepz", "5", "Training:Stepz: unknown key (did you mean Training:Steps?)")]
     [TestCase("pruning:pruneratio0", "0.5", "pruning:pruneratio0: unknown key (did you mean Pruning:PruneRatio?)")]
+    [TestCase("Training:Steps:0", "5", "Training:Steps: expected one value, not a list")]
+    [TestCase("Model:Path:0", "model", "Model:Path: expected one value, not a list")]
+    [TestCase("Training", "5", "Training: expected a section (Training:Steps, Training:BatchSize,")]
     [TestCase("Training:Schedule", "cosine", "Training:Schedule: unknown key (known keys: Model:Path,")]
     public void EveryBadValueIsReportedWithItsKey(string key, string value, string message)
     {

@@ -30,6 +30,8 @@ public sealed record PruneJobOptions
     public required string OutputDirectory { get; init; }
     public bool Overwrite { get; init; }
 
+    /// <summary>The keys that take a list (JSON arrays; <c>Key:0</c>, <c>Key:1</c> on the command line).</summary>
+    private static readonly string[] ListKeys = ["Calibration:Files", "Evaluation:Files"];
     private static readonly string[] Sections = ["Model", "Calibration", "Pruning", "Training", "Evaluation", "Output"];
     private static readonly string[] Keys =
     [
@@ -90,12 +92,26 @@ public sealed record PruneJobOptions
     public static PruneJobOptions FromConfiguration(IConfiguration config, string baseDirectory)
     {
         var problems = new List<string>();
+        var ignoreCase = StringComparer.OrdinalIgnoreCase;
         foreach (var key in KeysAsWritten(config))
         {
             int colon = key.IndexOf(':');
-            if (colon < 0 || !Sections.Contains(key[..colon], StringComparer.OrdinalIgnoreCase)) continue;
-            string normalized = System.Text.RegularExpressions.Regex.Replace(key, @":\d+$", "");
-            if (!Keys.Contains(normalized, StringComparer.OrdinalIgnoreCase) && !Sections.Contains(normalized, StringComparer.OrdinalIgnoreCase))
+            if (colon < 0)
+            {
+                if (Sections.Contains(key, ignoreCase))
+                    problems.Add($"{key}: expected a section ({string.Join(", ", Keys.Where(k => k.StartsWith(key + ":", StringComparison.OrdinalIgnoreCase)))}), not a value");
+                continue;
+            }
+            if (!Sections.Contains(key[..colon], ignoreCase)) continue;
+            var indexed = System.Text.RegularExpressions.Regex.Match(key, @"^(.*):\d+$");
+            string normalized = indexed.Success ? indexed.Groups[1].Value : key;
+            if (indexed.Success && Keys.Contains(normalized, ignoreCase) && !ListKeys.Contains(normalized, ignoreCase))
+            {
+                string problem = $"{normalized}: expected one value, not a list";
+                if (!problems.Contains(problem)) problems.Add(problem);
+                continue;
+            }
+            if (!Keys.Contains(normalized, ignoreCase) && !Sections.Contains(normalized, ignoreCase))
                 problems.Add(ClosestKey(normalized) is string near
                     ? $"{key}: unknown key (did you mean {near}?)"
                     : $"{key}: unknown key (known keys: {string.Join(", ", Keys)})");
@@ -106,7 +122,11 @@ public sealed record PruneJobOptions
         string? RequiredPath(string key)
         {
             var v = Str(key);
-            if (v == null) { problems.Add($"{key}: required"); return null; }
+            if (v == null)
+            {
+                if (!problems.Any(p => p.StartsWith(key + ": ", StringComparison.OrdinalIgnoreCase))) problems.Add($"{key}: required");
+                return null;
+            }
             return FullPath(v);
         }
         T Parse<T>(string key, T fallback, Func<string, (bool Ok, T Value)> parse, string expected, Func<T, string?>? check = null)
