@@ -150,6 +150,17 @@ public class TrainingTests
     }
 
     [Test]
+    public void AnOutputDirectoryThatIsAFile_IsAClearError()
+    {
+        var (c, w, blocks) = TinySetup();
+        var file = Path.Combine(TestAssets.TempDir(), "taken");
+        File.WriteAllText(file, "mine");
+        var e = Assert.Throws<InvalidSettingException>(() => new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 1 }).Train(blocks, file));
+        Assert.That(e!.Message, Is.EqualTo($"the output directory {file} is a file"));
+        Assert.That(File.ReadAllText(file), Is.EqualTo("mine"));
+    }
+
+    [Test]
     public void ResumeRefusesACheckpointFromOtherSettings_OrACorruptOne()
     {
         var (c, w, blocks) = TinySetup();

@@ -158,6 +158,7 @@ public sealed class HypernetworkTrainer
         if (blocks.Count == 0) throw new InvalidSettingException("no calibration blocks to train on");
         int longest = blocks.Max(b => b.Length);
         Config.RequireContext(longest, $"a calibration block of {longest} tokens");
+        if (File.Exists(directory)) throw new InvalidSettingException($"the output directory {directory} is a file");
         Directory.CreateDirectory(directory);
         string fingerprint = Fingerprint(blocks);
         string ckptPath = Path.Combine(directory, CheckpointFile), logPath = Path.Combine(directory, LogFile);
