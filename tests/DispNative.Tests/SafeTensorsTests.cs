@@ -103,6 +103,23 @@ public class SafeTensorsTests
         Assert.That(Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path))!.Message, Does.Contain("truncated"));
     }
 
+    [TestCase(3, float.NaN, DType.F32)]
+    [TestCase(36, float.PositiveInfinity, DType.F32)]
+    [TestCase(17, float.NegativeInfinity, DType.BF16)]
+    [TestCase(20, float.NaN, DType.F16)]
+    public void ANonFiniteWeight_IsRejectedWithItsPlace(int index, float value, DType dtype)
+    {
+        var values = Enumerable.Range(0, 37).Select(i => i * 0.25f - 3f).ToArray();
+        var path = Path.Combine(TestAssets.TempDir(), "w.safetensors");
+        SafeTensorsWriter.Write(path, [TensorData.FromFloat("w", values, [37], dtype)]);
+        using (var ok = SafeTensorsFile.Open(path)) Assert.That(ok.ReadFloat32("w"), Is.EqualTo(values));
+        values[index] = value;
+        SafeTensorsWriter.Write(path, [TensorData.FromFloat("w", values, [37], dtype)]);
+        using var file = SafeTensorsFile.Open(path);
+        Assert.That(Assert.Throws<ModelFormatException>(() => file.ReadFloat32("w"))!.Message,
+            Is.EqualTo($"{path}: tensor 'w' element {index} is {value}: weights must be finite (the file is corrupt)"));
+    }
+
     [Test]
     public void CorruptHeaders_AreRejectedWithTheReason()
     {
