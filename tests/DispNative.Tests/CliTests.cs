@@ -35,13 +35,16 @@ public class CliTests
         (code, stdout, stderr) = Run("inspect", "--model", dir);
         Assert.That(code, Is.Zero, stderr);
         Assert.That(stdout, Does.Contain("LlamaForCausalLM").And.Contain("F32"));
+        string notAModel = Path.Combine(dir, "config.json");
+        (code, _, stderr) = Run("inspect", "--model", notAModel);
+        Assert.That((code, stderr), Is.EqualTo((1, $"error: {notAModel}: expected a Hugging Face model directory or a llama2.c .bin checkpoint\n")));
     }
 
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "x.txt", "--block-size", "8" }, "text file not found")]
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "1" }, "--block-size must be at least 2")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi" }, "model not found: /no/such/model")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--temperature", "-1" }, "temperature must be positive")]
-    [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "not found")]
+    [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "error: model not found: /no/such/model")]
     public void BadInput_PrintsOneClearLine_WithoutStackTrace(string[] args, string expected)
     {
         var (code, _, stderr) = Run(args);

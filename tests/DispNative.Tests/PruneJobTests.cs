@@ -65,6 +65,8 @@ public class PruneJobTests
         Assert.That(evalOut, Does.Contain($"perplexity: {metrics["pruned_ppl"]!.GetValue<double>():F4}"));
         var inspect = Cli("inspect", "--model", Path.Combine(outDir, "model"));
         Assert.That(inspect.Out, Does.Contain($"{metrics["params_pruned_total"]!.GetValue<long>():N0}"));
+        var layer1 = metrics["widths"]![1]!.AsObject();   // inspect lists the kept widths as metrics.json does
+        Assert.That(inspect.Out, Does.Contain("  1     " + string.Concat(DispInfo.SiteKeys.Select(k => $"{layer1[k]!.GetValue<int>(),10}"))));
 
         // A finished run is not replaced without Output:Overwrite; with it, the run starts over.
         var again = Cli("run", config);

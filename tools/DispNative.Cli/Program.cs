@@ -189,12 +189,15 @@ public static class Program
                     dtypes[info.DType.Name()] = dtypes.GetValueOrDefault(info.DType.Name()) + info.ElementCount;
                 }
             }
-            else
+            else if (File.Exists(path) && path.EndsWith(".bin", StringComparison.OrdinalIgnoreCase))
             {
                 c = Llama2cImport.Load(path).Config;
                 long total = c.ParameterCounts().Values.Sum();
                 dtypes["F32"] = total;
             }
+            else throw new ModelFormatException(File.Exists(path)
+                ? $"{path}: expected a Hugging Face model directory or a llama2.c .bin checkpoint"
+                : $"model not found: {path}");
             var sb = new StringBuilder();
             sb.AppendLine($"model:         {path}");
             sb.AppendLine($"architecture:  {c.Architecture}");
@@ -208,6 +211,13 @@ public static class Program
             sb.AppendLine("parameters:");
             foreach (var (kind, n) in c.ParameterCounts()) sb.AppendLine($"  {kind,-11} {n,14:N0}");
             sb.AppendLine($"  {"total",-11} {c.ParameterCounts().Values.Sum(),14:N0}");
+            if (c.Disp is { } disp)
+            {
+                sb.AppendLine($"DISP-pruned:   mode {disp.Mode}, target prune ratio {disp.PruneRatioTarget}, from {disp.SourceModel ?? "(unknown)"}");
+                sb.AppendLine($"  {"layer",-6}{string.Concat(DispInfo.SiteKeys.Select(k => $"{k,10}"))}");
+                for (int l = 0; l < c.NumLayers; l++)
+                    sb.AppendLine($"  {l,-6}{string.Concat(disp.Widths[l].Select(w => $"{w,10}"))}");
+            }
             sb.AppendLine("stored dtypes (elements):");
             foreach (var (dt, n) in dtypes) sb.AppendLine($"  {dt,-11} {n,14:N0}");
             stdout.Write(sb.ToString());
