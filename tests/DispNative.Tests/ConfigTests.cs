@@ -61,10 +61,13 @@ public class ConfigTests
     [TestCase("hidden_size")]
     [TestCase("num_hidden_layers")]
     [TestCase("vocab_size")]
-    public void MissingField_IsNamed(string field)
+    public void AMissingOrMistypedRequiredField_IsNamed(string field)
     {
         var j = Base(); j.Remove(field);
-        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"))!.Message, Does.Contain($"'{field}'"));
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"))!.Message, Is.EqualTo($"config.json: missing field '{field}'"));
+        j[field] = "64";
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "config.json"))!.Message,
+            Is.EqualTo($"config.json: field '{field}' must be an integer (got \"64\")"));
     }
 
     /// <summary>An optional field of the wrong type is an error, not its default.</summary>

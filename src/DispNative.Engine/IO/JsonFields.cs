@@ -20,8 +20,10 @@ internal static class JsonFields
         var other => throw WrongType(key, "a string", other, source),
     };
 
-    public static string RequiredString(JsonObject o, string key, string source) =>
-        OptionalString(o, key, source) ?? throw new ModelFormatException($"{source}: missing field '{key}'");
+    public static T Required<T>(JsonObject o, string key, string source) where T : struct =>
+        Optional<T>(o, key, source) ?? throw Missing(key, source);
+
+    public static string RequiredString(JsonObject o, string key, string source) => OptionalString(o, key, source) ?? throw Missing(key, source);
 
     /// <summary>An element of a list that must be <typeparamref name="T"/>; <paramref name="what"/> names the list.</summary>
     public static T Element<T>(JsonNode? n, string what, string source) =>
@@ -30,6 +32,8 @@ internal static class JsonFields
     /// <summary>A value built in memory keeps its CLR type (a float does not read as a double); its JSON text does.</summary>
     private static bool TryRead<T>(JsonValue v, out T x) =>
         v.TryGetValue(out x) || (JsonNode.Parse(v.ToJsonString()) is JsonValue parsed && parsed.TryGetValue(out x));
+
+    private static ModelFormatException Missing(string key, string source) => new($"{source}: missing field '{key}'");
 
     private static ModelFormatException WrongType(string key, string kind, JsonNode? got, string source) =>
         new($"{source}: field '{key}' must be {kind} (got {got?.ToJsonString() ?? "null"})");

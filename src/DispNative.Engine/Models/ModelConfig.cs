@@ -150,8 +150,7 @@ public sealed record ModelConfig
         if (!SupportedArchitectures.Contains(arch))
             throw new ModelFormatException($"{source}: unsupported architecture '{arch}'; supported: {string.Join(", ", SupportedArchitectures)}");
 
-        int RequiredInt(string key) => c[key] is JsonValue v && v.TryGetValue(out int i) ? i
-            : throw new ModelFormatException($"{source}: missing or non-integer field '{key}'");
+        int RequiredInt(string key) => JsonFields.Required<int>(c, key, source);
         int? OptInt(string key) => JsonFields.Optional<int>(c, key, source);
         double? OptDouble(string key, JsonObject? o = null) => JsonFields.Optional<double>(o ?? c, key, source);
         bool OptBool(string key, bool dflt) => JsonFields.Optional<bool>(c, key, source) ?? dflt;
