@@ -75,7 +75,8 @@ public class ConfigTests
     [TestCase("max_position_embeddings", "4096.5", "field 'max_position_embeddings' must be an integer (got 4096.5)")]
     [TestCase("tie_word_embeddings", "\"true\"", "field 'tie_word_embeddings' must be true or false (got \"true\")")]
     [TestCase("hidden_act", "[\"silu\"]", "field 'hidden_act' must be a string (got [\"silu\"])")]
-    [TestCase("eos_token_id", "[2, \"3\"]", "field 'eos_token_id' must be an integer or a list of integers (got [2,\"3\"])")]
+    [TestCase("eos_token_id", "[2, \"3\"]", "field 'eos_token_id' must be an integer (got \"3\")")]
+    [TestCase("eos_token_id", "\"2\"", "field 'eos_token_id' must be an integer (got \"2\")")]
     [TestCase("rope_scaling", "{\"rope_type\": 3}", "field 'rope_type' must be a string (got 3)")]
     public void AnOptionalFieldOfTheWrongType_IsNamed(string field, string json, string message)
     {

@@ -180,9 +180,8 @@ public sealed record ModelConfig
         int[] eos = c["eos_token_id"] switch
         {
             null => [],
-            JsonArray arr when arr.All(x => x is JsonValue v && v.TryGetValue(out int _)) => arr.Select(x => x!.GetValue<int>()).ToArray(),
-            JsonValue v when v.TryGetValue(out int e) => [e],
-            var other => throw new ModelFormatException($"{source}: field 'eos_token_id' must be an integer or a list of integers (got {other.ToJsonString()})"),
+            JsonArray list => list.Select(x => JsonFields.Element<int>(x, "eos_token_id", source)).ToArray(),
+            var single => [JsonFields.Element<int>(single, "eos_token_id", source)],
         };
         bool isQwen = arch == "Qwen2ForCausalLM";
         bool attnBias = OptBool("attention_bias", false);

@@ -67,8 +67,6 @@ public sealed class ModelWeights
         yield return ("mlp.down_proj.weight", [mo, mm], w?.WDown);
     }
 
-    /// <summary>Loads the Hugging Face tensor names, checking every shape against the config; a pruned model's
-    /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
     /// <summary>The layer index of a tensor named <c>model.layers.N.…</c>, else -1.</summary>
     private static int LayerOf(string name)
     {
@@ -78,6 +76,8 @@ public sealed class ModelWeights
         return end > prefix.Length && int.TryParse(name.AsSpan(prefix.Length, end - prefix.Length), out int l) ? l : -1;
     }
 
+    /// <summary>Loads the Hugging Face tensor names, checking every shape against the config; a pruned model's
+    /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
     public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
         int layersInCheckpoint = ckpt.Names.Select(LayerOf).DefaultIfEmpty(-1).Max() + 1;
