@@ -179,7 +179,7 @@ public static class Program
             string path = TinyModel.Resolve(p.GetValue(model)!);
             ModelConfig c;
             var dtypes = new SortedDictionary<string, long>();
-            if (Directory.Exists(path))
+            if (ModelLoader.FormatOf(path) == ModelFormat.HuggingFace)
             {
                 c = ModelLoader.LoadConfig(path);
                 using var ckpt = SafeTensorsCheckpoint.Open(path);
@@ -189,15 +189,12 @@ public static class Program
                     dtypes[info.DType.Name()] = dtypes.GetValueOrDefault(info.DType.Name()) + info.ElementCount;
                 }
             }
-            else if (File.Exists(path) && path.EndsWith(".bin", StringComparison.OrdinalIgnoreCase))
+            else
             {
                 c = Llama2cImport.Load(path).Config;
                 long total = c.ParameterCounts().Values.Sum();
                 dtypes["F32"] = total;
             }
-            else throw new ModelFormatException(File.Exists(path)
-                ? $"{path}: expected a Hugging Face model directory or a llama2.c .bin checkpoint"
-                : $"model not found: {path}");
             var sb = new StringBuilder();
             sb.AppendLine($"model:         {path}");
             sb.AppendLine($"architecture:  {c.Architecture}");

@@ -28,33 +28,42 @@ public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel M
     }
 }
 
+public enum ModelFormat { HuggingFace, Llama2c }
+
 public static class ModelLoader
 {
     /// <summary>Loads a Hugging Face directory (config.json + safetensors + tokenizer.json) or a llama2.c
     /// <c>.bin</c> (its tokenizer given by <paramref name="tokenizerPath"/>).</summary>
     public static LoadedModel Load(string path, string? tokenizerPath = null)
     {
-        if (Directory.Exists(path))
+        ModelConfig config;
+        ModelWeights weights;
+        if (FormatOf(path) == ModelFormat.HuggingFace)
         {
-            var config = LoadConfig(path);
-            ModelWeights weights;
-            using (var ckpt = SafeTensorsCheckpoint.Open(path)) weights = ModelWeights.Load(ckpt, config);
-            var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
-            CheckVocab(tokenizer, config, path);
-            return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+            config = LoadConfig(path);
+            using var ckpt = SafeTensorsCheckpoint.Open(path);
+            weights = ModelWeights.Load(ckpt, config);
         }
-        if (File.Exists(path))
+        else
         {
-            if (!path.EndsWith(".bin", StringComparison.OrdinalIgnoreCase))
-                throw new ModelFormatException($"{path}: expected a Hugging Face model directory or a llama2.c .bin checkpoint");
             if (tokenizerPath == null)
                 throw new ModelFormatException($"{path}: a llama2.c checkpoint needs its tokenizer (--tokenizer tokenizer.bin)");
-            var (config, weights) = Llama2cImport.Load(path);
-            var tokenizer = TokenizerLoader.Load(tokenizerPath);
-            CheckVocab(tokenizer, config, path);
-            return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+            (config, weights) = Llama2cImport.Load(path);
         }
-        throw new ModelFormatException($"model not found: {path}");
+        var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
+        CheckVocab(tokenizer, config, path);
+        return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+    }
+
+    /// <summary>What <paramref name="path"/> holds: a Hugging Face directory or a llama2.c <c>.bin</c> file; anything
+    /// else (nothing, another kind of file) is an error.</summary>
+    public static ModelFormat FormatOf(string path)
+    {
+        if (Directory.Exists(path)) return ModelFormat.HuggingFace;
+        if (!File.Exists(path)) throw new ModelFormatException($"model not found: {path}");
+        if (!path.EndsWith(".bin", StringComparison.OrdinalIgnoreCase))
+            throw new ModelFormatException($"{path}: expected a Hugging Face model directory or a llama2.c .bin checkpoint");
+        return ModelFormat.Llama2c;
     }
 
     /// <summary>The config.json of a model directory; a directory holding a llama2.c <c>.bin</c> instead says how to load it.</summary>
