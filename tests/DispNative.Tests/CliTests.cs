@@ -42,6 +42,7 @@ public class CliTests
 
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "x.txt", "--block-size", "8" }, "text file not found")]
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "1" }, "--block-size must be at least 2")]
+    [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "8", "--json", "/" }, "--json: / is a directory; give a file name")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi" }, "model not found: /no/such/model")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--temperature", "-1" }, "temperature must be positive")]
     [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "error: model not found: /no/such/model")]

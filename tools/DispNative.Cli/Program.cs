@@ -78,6 +78,8 @@ public static class Program
             if (bs < 2) throw new InvalidSettingException($"--block-size must be at least 2 (got {bs})");
             if (mb is <= 0) throw new InvalidSettingException($"--max-blocks must be positive (got {mb})");
             if (!File.Exists(textPath)) throw new DispNativeException($"text file not found: {textPath}");
+            if (p.GetValue(json) is string target && Directory.Exists(target))   // checked before the scoring, not after
+                throw new InvalidSettingException($"--json: {target} is a directory; give a file name");
             var content = File.ReadAllText(textPath);
             if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
             using var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, p.GetValue(dtype)!, stderr);
