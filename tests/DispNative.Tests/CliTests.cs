@@ -45,6 +45,8 @@ public class CliTests
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "8", "--json", "/" }, "--json: / is a directory; give a file name")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi" }, "model not found: /no/such/model")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--temperature", "-1" }, "temperature must be positive")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--top-p", "0.9" }, "--top-p applies only to sampling: give --temperature too")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--greedy", "--seed", "3" }, "--seed applies only to sampling")]
     [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "error: model not found: /no/such/model")]
     public void BadInput_PrintsOneClearLine_WithoutStackTrace(string[] args, string expected)
     {

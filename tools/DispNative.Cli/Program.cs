@@ -127,6 +127,9 @@ public static class Program
         {
             float? t = p.GetValue(temperature);
             if (p.GetValue(greedy) && t != null) throw new InvalidSettingException("--greedy and --temperature exclude each other");
+            foreach (var samplingOnly in new Option[] { topP, seed })
+                if (t == null && p.GetResult(samplingOnly) is { Implicit: false })
+                    throw new InvalidSettingException($"{samplingOnly.Name} applies only to sampling: give --temperature too (without it decoding is greedy)");
             var sampling = t is float temp ? new SamplingOptions(false, temp, p.GetValue(topP), p.GetValue(seed)) : new SamplingOptions();
             sampling.Validate();
             int n = p.GetValue(maxNew);
