@@ -169,6 +169,22 @@ public class PruneJobTests
         Assert.That(Directory.Exists(Path.Combine(dir, "out")), Is.False, "nothing is written before validation passes");
     }
 
+    /// <summary>Problems that show only once the model and the calibration text are read are still found before the
+    /// output directory is created.</summary>
+    [TestCase("--Training:BatchSize=4", "--Calibration:MaxBlocks=3", "Training:BatchSize: 4 exceeds Calibration:MaxBlocks 3")]
+    [TestCase("--Training:BatchSize=100000", "--Training:Steps=1", "batch size 100000 exceeds the 8 calibration blocks")]
+    [TestCase("--Calibration:BlockSize=256", "--Training:Steps=1", "the calibration text has 200 tokens, shorter than one block of 256")]
+    public void InputsThatFailTheirChecks_LeaveNoOutputDirectory(string first, string second, string message)
+    {
+        var (dir, config) = Setup();
+        File.WriteAllText(Path.Combine(dir, "cal.txt"), new string('a', 199));   // byte-level: BOS + 199 tokens, 8 blocks of 25
+        File.WriteAllText(config, File.ReadAllText(config).Replace("\"BlockSize\":32", "\"BlockSize\":25"));
+        var (code, _, err) = Cli("run", config, first, second);
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err, Does.Contain(message));
+        Assert.That(Directory.Exists(Path.Combine(dir, "out")), Is.False);
+    }
+
     /// <summary>Keys outside the job's sections (DISPNATIVE_CUDA_LIBRARY and the like) are not the job's to judge, and
     /// do not change how an unknown key is spelled back (the merged view's casing of a section depended on them).</summary>
     [Test]

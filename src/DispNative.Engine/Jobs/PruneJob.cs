@@ -50,14 +50,15 @@ public static class PruneJob
         if (dense.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
         dense.Config.RequireContext(o.CalibrationBlockSize, $"Calibration:BlockSize {o.CalibrationBlockSize}");
         dense.Config.RequireContext(o.EvaluationBlockSize, $"Evaluation:BlockSize {o.EvaluationBlockSize}");
-        ClaimOutput(o);
         progress?.Report(new JobProgress("load model", 1, 1));
 
         progress?.Report(new JobProgress("calibration", 0, 1));
         var ids = Calibration.Tokenize(calibrationFiles, dense.Tokenizer, dense.BosId, cancellationToken);
         var blocks = Calibration.Blocks(ids, o.CalibrationBlockSize, o.CalibrationMaxBlocks);
+        HypernetworkTrainer.CheckBlocks(dense.Config, o.Training, blocks);
         logger.LogInformation("calibration: {Tokens} tokens in {Blocks} blocks of {Size}", ids.Length, blocks.Count, o.CalibrationBlockSize);
         progress?.Report(new JobProgress("calibration", 1, 1, $"{blocks.Count} blocks"));
+        ClaimOutput(o);   // only now that every input has passed its checks
 
         TrainingResult train;
         HypernetworkTrainer trainer;

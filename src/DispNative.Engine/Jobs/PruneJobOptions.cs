@@ -183,6 +183,8 @@ public sealed record PruneJobOptions
             CosineSchedule = Bool("Training:CosineSchedule"),
             ClipNorm = Str("Training:ClipNorm") == null ? null : Dbl("Training:ClipNorm", 1, c => c > 0 ? null : "must be positive"),
         };
+        if (calMax is int maxBlocks && training.BatchSize > maxBlocks)
+            problems.Add($"Training:BatchSize: {training.BatchSize} exceeds Calibration:MaxBlocks {maxBlocks}; a batch cannot repeat a block");
         bool deterministic = Bool("Pruning:Deterministic");
         bool? checkpointLayers = Choice("Training:CheckpointLayers", "auto", "auto", "true", "false") switch { "true" => true, "false" => false, _ => null };
         var evaluation = Files("Evaluation:Files");

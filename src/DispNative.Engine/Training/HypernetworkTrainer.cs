@@ -150,14 +150,24 @@ public sealed class HypernetworkTrainer
         return new StepResult(ce, reg.Scalar, ratio);
     }
 
+    /// <summary>Refuses calibration blocks this model and these options cannot train on: none, longer than the model's
+    /// context, or fewer than one batch (a step would repeat a block, with the same masks: work for nothing).</summary>
+    public static void CheckBlocks(ModelConfig config, TrainingOptions options, IReadOnlyList<int[]> blocks)
+    {
+        if (blocks.Count == 0) throw new InvalidSettingException("no calibration blocks to train on");
+        int longest = blocks.Max(b => b.Length);
+        config.RequireContext(longest, $"a calibration block of {longest} tokens");
+        if (options.BatchSize > blocks.Count)
+            throw new InvalidSettingException($"batch size {options.BatchSize} exceeds the {blocks.Count} calibration blocks; " +
+                "give more calibration text or a smaller batch size");
+    }
+
     /// <summary>Trains to <see cref="TrainingOptions.Steps"/> in <paramref name="directory"/>, resuming from its checkpoint
     /// when there is one. Cancelling saves a checkpoint before <see cref="OperationCanceledException"/> propagates.</summary>
     public TrainingResult Train(IReadOnlyList<int[]> blocks, string directory, IProgress<TrainLogEntry>? progress = null,
         CancellationToken cancellationToken = default)
     {
-        if (blocks.Count == 0) throw new InvalidSettingException("no calibration blocks to train on");
-        int longest = blocks.Max(b => b.Length);
-        Config.RequireContext(longest, $"a calibration block of {longest} tokens");
+        CheckBlocks(Config, Options, blocks);
         if (File.Exists(directory)) throw new InvalidSettingException($"the output directory {directory} is a file");
         Directory.CreateDirectory(directory);
         string fingerprint = Fingerprint(blocks);
