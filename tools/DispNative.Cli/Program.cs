@@ -77,9 +77,9 @@ public static class Program
             int? mb = p.GetValue(maxBlocks);
             if (bs < 2) throw new InvalidSettingException($"--block-size must be at least 2 (got {bs})");
             if (mb is <= 0) throw new InvalidSettingException($"--max-blocks must be positive (got {mb})");
-            if (!File.Exists(textPath)) throw new DispNativeException($"text file not found: {textPath}");
-            if (p.GetValue(json) is string target && Directory.Exists(target))   // checked before the scoring, not after
-                throw new InvalidSettingException($"--json: {target} is a directory; give a file name");
+            FilePaths.RequireInput(textPath, "text file");
+            if (p.GetValue(json) is string target && FilePaths.OutputProblem(target, "--json") is { } why)   // before the scoring, not after
+                throw new InvalidSettingException(why);
             var content = File.ReadAllText(textPath);
             if (content.Length == 0) throw new InvalidSettingException($"text file is empty: {textPath}");
             using var m = LoadModel(p.GetValue(model)!, p.GetValue(tok), p.GetValue(device)!, p.GetValue(dtype)!, stderr);
@@ -275,7 +275,7 @@ public static class Program
                 !File.Exists(Path.Combine(outDir, HypernetworkTrainer.CheckpointFile)))
                 throw new InvalidSettingException($"{outDir} exists and holds no training checkpoint; choose a new output directory");
             var files = p.GetValue(calibration)!.Select(f => TinyModel.Resolve(f)).ToArray();
-            foreach (var f in files) if (!File.Exists(f)) throw new InvalidSettingException($"calibration file not found: {f}");
+            foreach (var f in files) FilePaths.RequireInput(f, "calibration file");
 
             string dev = Devices.Resolve(p.GetValue(device)!);
             var m = ModelLoader.Load(TinyModel.Resolve(p.GetValue(model)!), p.GetValue(tok));
@@ -315,7 +315,7 @@ public static class Program
         cmd.SetAction(p => Guard(stderr, () =>
         {
             string path = p.GetValue(file)!;
-            if (!File.Exists(path)) throw new InvalidSettingException($"configuration file not found: {path}");
+            FilePaths.RequireInput(path, "configuration file");
             IConfiguration config;
             try
             {

@@ -152,7 +152,8 @@ public sealed record PruneJobOptions
             var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => FullPath(v!.Trim())).ToList();
             if (list.Count == 0 && Str(key) is { } single) list.Add(FullPath(single));
             if (list.Count == 0) problems.Add($"{key}: at least one file is required");
-            foreach (var f in list) if (!TinyModel.IsBuiltin(f) && !File.Exists(f)) problems.Add($"{key}: file not found: {f}");
+            foreach (var f in list)
+                if (!TinyModel.IsBuiltin(f) && FilePaths.InputProblem(f, "file") is { } why) problems.Add($"{key}: {why}");
             return list;
         }
 
@@ -160,7 +161,7 @@ public sealed record PruneJobOptions
         if (model != null && !TinyModel.IsBuiltin(model) && !File.Exists(model) && !Directory.Exists(model))
             problems.Add($"Model:Path: not found: {model}");
         string? tokenizer = Str("Model:Tokenizer") is { } t ? FullPath(t) : null;
-        if (tokenizer != null && !File.Exists(tokenizer)) problems.Add($"Model:Tokenizer: not found: {tokenizer}");
+        if (tokenizer != null && FilePaths.InputProblem(tokenizer, "tokenizer") is { } tokWhy) problems.Add($"Model:Tokenizer: {tokWhy}");
         string device = Choice("Model:Device", "auto", "auto", "cpu", "cuda");
         string dtype = Choice("Model:DType", "auto", "auto", "f32", "bf16", "f16");
         var calibration = Files("Calibration:Files");

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using DispNative.Engine.IO;
 using DispNative.Engine.Tokenization;
 
 namespace DispNative.Engine.Training;
@@ -14,7 +15,7 @@ public static partial class Calibration
 
     public static List<string> ReadDocuments(string path)
     {
-        if (!File.Exists(path)) throw new InvalidSettingException($"calibration file not found: {path}");
+        FilePaths.RequireInput(path, "calibration file");
         var docs = new List<string>();
         if (path.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase))
         {
