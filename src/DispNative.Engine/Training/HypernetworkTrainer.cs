@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
 using DispNative.Engine.Autograd;
 using DispNative.Engine.Disp;
 using DispNative.Engine.IO;
@@ -57,6 +58,11 @@ public sealed record TrainingOptions
 /// <summary>One line of <c>train_log.jsonl</c>.</summary>
 public sealed record TrainLogEntry(int Step, double CrossEntropy, double RegLoss, double Ratio, double LearningRate,
     double GradNorm, double TokensPerSecond, double Seconds);
+
+/// <summary>train_log.jsonl's serializer, generated at build time (no reflection: safe in trimmed publishes).</summary>
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower)]
+[JsonSerializable(typeof(TrainLogEntry))]
+internal sealed partial class TrainLogJson : JsonSerializerContext;
 
 /// <summary>What one optimisation step saw.</summary>
 public sealed record StepResult(double CrossEntropy, double RegLoss, double Ratio);
@@ -208,7 +214,7 @@ public sealed class HypernetworkTrainer
                     double secs = interval.Elapsed.TotalSeconds;
                     var entry = new TrainLogEntry(Step, r.CrossEntropy, r.RegLoss, r.Ratio, lr, gradNorm, intervalTokens / Math.Max(secs, 1e-9), total.Elapsed.TotalSeconds);
                     log.Add(entry);
-                    File.AppendAllText(logPath, JsonSerializer.Serialize(entry, LogJson) + "\n");
+                    File.AppendAllText(logPath, JsonSerializer.Serialize(entry, TrainLogJson.Default.TrainLogEntry) + "\n");
                     progress?.Report(entry);
                     _logger.LogInformation("step {Step}: ce {Ce:F4} reg {Reg:F4} r {Ratio:F4} ({Tps:F0} tokens/s)", Step, r.CrossEntropy, r.RegLoss, r.Ratio, entry.TokensPerSecond);
                     interval.Restart();
@@ -239,8 +245,6 @@ public sealed class HypernetworkTrainer
         return new TrainingResult(Step, resumedFrom, total.Elapsed.TotalSeconds, log, hyperPath);
     }
 
-    private static readonly JsonSerializerOptions LogJson = new() { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
-
     public static List<TrainLogEntry> ReadLog(string path)
     {
         if (!File.Exists(path)) return [];
@@ -248,7 +252,7 @@ public sealed class HypernetworkTrainer
         foreach (var line in File.ReadLines(path))
         {
             if (string.IsNullOrWhiteSpace(line)) continue;
-            try { if (JsonSerializer.Deserialize<TrainLogEntry>(line, LogJson) is { } e) entries.Add(e); }
+            try { if (JsonSerializer.Deserialize(line, TrainLogJson.Default.TrainLogEntry) is { } e) entries.Add(e); }
             catch (JsonException) { break; }   // a line cut short by an interruption ends the log
         }
         return entries;
@@ -257,7 +261,7 @@ public sealed class HypernetworkTrainer
     private static void WriteLog(string path, IEnumerable<TrainLogEntry> entries)
     {
         string tmp = path + ".tmp";
-        File.WriteAllLines(tmp, entries.Select(e => JsonSerializer.Serialize(e, LogJson)));
+        File.WriteAllLines(tmp, entries.Select(e => JsonSerializer.Serialize(e, TrainLogJson.Default.TrainLogEntry)));
         File.Move(tmp, path, overwrite: true);
     }
 
