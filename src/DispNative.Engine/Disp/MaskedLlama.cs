@@ -117,6 +117,8 @@ public interface IMaskedLanguageModel : IDisposable
 }
 
 /// <summary>The fp32 CPU reference: <see cref="MaskedLlama{T}"/> recorded on a tape and run backward.</summary>
+/// <param name="config">the frozen model's architecture</param>
+/// <param name="weights">its weights (read, never changed)</param>
 /// <param name="checkpointLayers">true: per-layer activation checkpointing; false: the tape keeps every layer's
 /// activations; null (the default): keep them unless <see cref="ActivationBytes"/> of a block exceeds a quarter of the
 /// memory the runtime may use.</param>

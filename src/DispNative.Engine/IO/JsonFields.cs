@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using System.Text.Json.Nodes;
 
 namespace DispNative.Engine.IO;
@@ -27,10 +28,10 @@ internal static class JsonFields
 
     /// <summary>An element of a list that must be <typeparamref name="T"/>; <paramref name="what"/> names the list.</summary>
     public static T Element<T>(JsonNode? n, string what, string source) =>
-        n is JsonValue v && TryRead(v, out T x) && x is not null ? x : throw WrongType(what, Kind<T>(), n, source);
+        n is JsonValue v && TryRead(v, out T? x) && x is not null ? x : throw WrongType(what, Kind<T>(), n, source);
 
     /// <summary>A value built in memory keeps its CLR type (a float does not read as a double); its JSON text does.</summary>
-    private static bool TryRead<T>(JsonValue v, out T x) =>
+    private static bool TryRead<T>(JsonValue v, [MaybeNullWhen(false)] out T x) =>
         v.TryGetValue(out x) || (JsonNode.Parse(v.ToJsonString()) is JsonValue parsed && parsed.TryGetValue(out x));
 
     private static ModelFormatException Missing(string key, string source) => new($"{source}: missing field '{key}'");

@@ -102,6 +102,7 @@ public sealed record ModelConfig
 
     /// <summary>Rejects a sequence longer than the positions the model was trained for (max_position_embeddings):
     /// what a model scores or generates past its context is not meaningful.</summary>
+    /// <param name="positions">the sequence length asked for</param>
     /// <param name="what">the setting that asked for <paramref name="positions"/>, e.g. "Calibration:BlockSize 2048"</param>
     public void RequireContext(int positions, string what)
     {
