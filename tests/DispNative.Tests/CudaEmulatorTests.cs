@@ -74,7 +74,33 @@ public class CudaEmulatorTests
         Assert.That(stdout, Does.Contain(lastLine).And.Not.Contain("out of memory"), stdout + stderr);
     }
 
-    private (int Code, string Stdout, string Stderr) OnTheEmulator(List<string> args, string threadOrder)
+    /// <summary>A device with too little memory (the emulator's cap), short at the first allocation (the GEMM
+    /// workspace) or midway (weights and workspaces placed, then the cache or activations): each verb ends with one
+    /// "out of device memory" line and exit code 1, no stack trace.</summary>
+    [TestCase("eval", 1_000_000)]
+    [TestCase("eval", 33_650_000)]
+    [TestCase("generate", 33_650_000)]
+    [TestCase("train", 33_650_000)]
+    public void OutOfDeviceMemory_EndsWithOneClearLine(string verb, long deviceBytes)
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var text = Path.Combine(TestAssets.TempDir(), "t.txt");
+        File.WriteAllText(text, string.Concat(Enumerable.Repeat("the cat sat in the sun. ", 40)));
+        List<string> args = verb switch
+        {
+            "eval" => ["DispNative.dll", "eval", "--model", dir, "--text", text, "--block-size", "128", "--device", "cuda"],
+            "generate" => ["DispNative.dll", "generate", "--model", dir, "--prompt", "the cat", "--max-new-tokens", "8", "--device", "cuda"],
+            _ => ["DispNative.dll", "train", "--model", dir, "--calibration", text, "--prune-ratio", "0.5", "--steps", "2",
+                  "--block-size", "128", "--device", "cuda", "--out", Path.Combine(TestAssets.TempDir(), "hn")],
+        };
+        var (code, stdout, stderr) = OnTheEmulator(args, "forward", new() { ["DISPNATIVE_EMU_MEMORY"] = deviceBytes.ToString() });
+        Assert.That(stderr.TrimEnd().Split('\n')[^1], Does.StartWith("error: out of device memory: "), stdout + stderr);
+        Assert.That(stderr, Does.Not.Contain("   at "), "no stack trace");
+        Assert.That(code, Is.EqualTo(1));
+    }
+
+    private (int Code, string Stdout, string Stderr) OnTheEmulator(List<string> args, string threadOrder,
+        Dictionary<string, string>? extraEnvironment = null)
     {
         if (_skip != null) Assert.Ignore(_skip);
         args[0] = Path.Combine(AppContext.BaseDirectory, args[0]);
@@ -83,6 +109,7 @@ public class CudaEmulatorTests
             ["DISPNATIVE_CUDA_LIBRARY"] = _library!, ["DISPNATIVE_NVRTC_LIBRARY"] = _library!, ["DISPNATIVE_CUBLASLT_LIBRARY"] = _library!,
             ["DISPNATIVE_KERNEL_CACHE"] = _kernelCache!, ["DISPNATIVE_EMU_SCHEDULE"] = threadOrder,
         };
+        foreach (var (k, v) in extraEnvironment ?? []) env[k] = v;
         return Exec(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet", args, env);
     }
 
