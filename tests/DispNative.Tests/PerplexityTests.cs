@@ -69,3 +69,54 @@ public class PerplexityTests
         Assert.That(r.Perplexity, Is.GreaterThan(5).And.LessThan(5000));
     }
 }
+
+public class SpeedProbeTests
+{
+    [TestCase(1000, 256, 32, 1024, 256, 32)]
+    [TestCase(100, 256, 32, 1024, 68, 32)]     // the prompt shrinks to leave the decode tokens in the text
+    [TestCase(10, 256, 32, 1024, 1, 9)]
+    [TestCase(2000, 1024, 32, 1024, 992, 32)]  // prompt and decode within the context
+    public void Plan_KeepsPromptAndDecodeWithinTheTextAndTheContext(int text, int prompt, int decode, int context, int wantPrompt, int wantDecode)
+    {
+        Assert.That(SpeedProbe.Plan(text, prompt, decode, context), Is.EqualTo(((int, int)?)(wantPrompt, wantDecode)));
+    }
+
+    [Test]
+    public void Plan_IsNullForATextTooShortToTime()
+    {
+        Assert.That(SpeedProbe.Plan(1, 256, 32, 1024), Is.Null);
+        Assert.That(SpeedProbe.Plan(0, 256, 32, 1024), Is.Null);
+    }
+
+    /// <summary>Every round feeds the same tokens, the text's own: the prompt in one call, then one token per call.</summary>
+    [Test]
+    public void Measure_FeedsTheTextsTokens_WarmsUp_AndTimesAtLeastTheMinimumRounds()
+    {
+        var c = TestAssets.TinyConfig();
+        var model = new Recording(new LlamaModel(c, ModelWeights.Random(c, 5, 0.2f)));
+        int[] ids = Enumerable.Range(1, 40).ToArray();
+        var r = SpeedProbe.Measure(model, ids, promptTokens: 30, decodeTokens: 8);
+        Assert.That((r.PromptTokens, r.DecodeTokens), Is.EqualTo((30, 8)));
+        Assert.That(r.TimedRounds, Is.GreaterThanOrEqualTo(SpeedProbe.Rounds));
+        Assert.That(new[] { r.PrefillTokensPerSecond, r.DecodeTokensPerSecond }, Is.All.GreaterThan(0).And.All.LessThan(double.PositiveInfinity));
+        var round = new List<int[]> { ids[..30] };
+        round.AddRange(Enumerable.Range(30, 8).Select(i => new[] { ids[i] }));
+        Assert.That(model.Calls.Count % round.Count, Is.Zero);
+        Assert.That(model.Calls.Count / round.Count, Is.GreaterThan(r.TimedRounds), "untimed warm-up rounds come first");
+        Assert.That(model.Calls.Chunk(round.Count), Has.All.EqualTo(round));
+        Assert.Throws<InvalidSettingException>(() => SpeedProbe.Measure(model, [1], 30, 8));
+    }
+
+    private sealed class Recording(ICausalLanguageModel inner) : ICausalLanguageModel
+    {
+        public readonly List<int[]> Calls = [];
+        public ModelConfig Config => inner.Config;
+        public string DeviceName => inner.DeviceName;
+        public IInferenceCache NewCache(int capacity) => inner.NewCache(capacity);
+        public float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false)
+        {
+            Calls.Add(tokens.ToArray());
+            return inner.Forward(tokens, cache, lastOnly);
+        }
+    }
+}

@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Text.Json.Nodes;
 using DispNative.Cli;
 using DispNative.Engine;
@@ -56,6 +57,21 @@ public class PruneJobTests
             Assert.That(metrics.ContainsKey(key), key);
         Assert.That(metrics["widths"]!.AsArray().Count, Is.EqualTo(2));
         Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain("![kept widths](widths.svg)"));
+
+        // Prefill and decode speeds of both models, timed in the run: positive, the ratio as stored, shown as stored.
+        var speed = metrics["speed"]!.AsObject();
+        double S(string key) => speed[key]!.GetValue<double>();
+        Assert.That((speed["prompt_tokens"]!.GetValue<int>(), speed["decode_tokens"]!.GetValue<int>()), Is.EqualTo((64, PruneJob.SpeedDecodeTokens)));
+        foreach (var kind in new[] { "prefill", "decode" })
+        {
+            double dense = S($"dense_{kind}_tokens_per_second"), pruned = S($"pruned_{kind}_tokens_per_second");
+            Assert.That(new[] { dense, pruned }, Is.All.GreaterThan(0).And.All.LessThan(double.PositiveInfinity), kind);
+            Assert.That(S($"{kind}_speedup"), Is.EqualTo(pruned / dense), kind);
+            Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain(string.Create(CultureInfo.InvariantCulture,
+                $" tokens/s | {dense:F0} | {pruned:F0} ({pruned / dense:F2}×) |")), kind);
+        }
+        Assert.That(speed["dense_rounds"]!.GetValue<int>(), Is.GreaterThanOrEqualTo(SpeedProbe.Rounds));
+        Assert.That(stdout, Does.Contain($"prefill (64 tokens): {S("dense_prefill_tokens_per_second"):F0} tokens/s dense"));
         Assert.That(File.ReadAllText(Path.Combine(outDir, "widths.svg")), Does.StartWith("<svg").And.Contain("polyline"));
 
         // `eval` on the saved pruned model gives exactly the reported perplexity.

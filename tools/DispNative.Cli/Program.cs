@@ -351,6 +351,13 @@ public static class Program
                 stdout.WriteLine($"dense perplexity:  {result.DensePerplexity:F4}");
                 stdout.WriteLine($"pruned perplexity: {result.PrunedPerplexity:F4}");
                 stdout.WriteLine($"kept {result.KeptRatioPrunable:P2} of prunable parameters ({result.PrunedParams:N0} of {result.DenseParams:N0} in total)");
+                if (result is { DenseSpeed: { } ds, PrunedSpeed: { } ps })
+                {
+                    stdout.WriteLine($"prefill ({ds.PromptTokens} tokens): {ds.PrefillTokensPerSecond:F0} tokens/s dense, {ps.PrefillTokensPerSecond:F0} pruned " +
+                                     $"({ps.PrefillTokensPerSecond / ds.PrefillTokensPerSecond:F2}x, {result.Metrics["device"]})");
+                    stdout.WriteLine($"decode:  {ds.DecodeTokensPerSecond:F0} tokens/s dense, {ps.DecodeTokensPerSecond:F0} pruned " +
+                                     $"({ps.DecodeTokensPerSecond / ds.DecodeTokensPerSecond:F2}x)");
+                }
                 stdout.WriteLine($"pruned model: {result.ModelDirectory}");
                 stdout.WriteLine($"report: {Path.Combine(result.OutputDirectory, PruneJob.ReportFile)}");
                 return 0;

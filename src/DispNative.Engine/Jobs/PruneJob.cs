@@ -5,6 +5,7 @@ using DispNative.Engine.Builtin;
 using DispNative.Engine.Disp;
 using DispNative.Engine.Evaluation;
 using DispNative.Engine.IO;
+using DispNative.Engine.Inference;
 using DispNative.Engine.Models;
 using DispNative.Engine.Training;
 using Microsoft.Extensions.Logging;
@@ -15,9 +16,10 @@ namespace DispNative.Engine.Jobs;
 /// <summary>Progress of one phase of a job: <paramref name="Done"/> of <paramref name="Total"/> units.</summary>
 public readonly record struct JobProgress(string Phase, double Done, double Total, string? Detail = null);
 
-/// <summary>Perplexities and sizes of a finished job (also written as <c>metrics.json</c>).</summary>
+/// <summary>Perplexities, sizes and speeds (prefill and decode on the job's device, dense and pruned timed in the same
+/// run; null when the evaluation text is under two tokens) of a finished job (also written as <c>metrics.json</c>).</summary>
 public sealed record PruneJobResult(double DensePerplexity, double PrunedPerplexity, double KeptRatioPrunable, long DenseParams,
-    long PrunedParams, string OutputDirectory, string ModelDirectory, JsonObject Metrics);
+    long PrunedParams, string OutputDirectory, string ModelDirectory, JsonObject Metrics, SpeedResult? DenseSpeed, SpeedResult? PrunedSpeed);
 
 /// <summary>The main job: load → calibrate → train the hypernetwork → prune → save → evaluate dense and pruned →
 /// report. An interrupted job resumes from its training checkpoint; an output directory is never replaced
@@ -80,13 +82,22 @@ public static class PruneJob
         Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
         var pruned = ModelLoader.Load(modelDir);
 
-        // Evaluation on the chosen device, in the saved storage type on CUDA.
+        // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
+        var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
+        var speedPlan = SpeedProbe.Plan(evalIds[0].Length, o.EvaluationBlockSize, SpeedDecodeTokens, dense.Config.MaxPositionEmbeddings);
         PerplexityResult denseEval, prunedEval;
+        SpeedResult? denseSpeed = null, prunedSpeed = null;
         DType? evalDType = device == "cuda" ? dtype : null;
         using (var onDevice = Devices.Place(dense, device, evalDType))
-            denseEval = Evaluate("evaluate dense", onDevice, evaluationFiles, o, progress, cancellationToken);
+        {
+            denseEval = Evaluate("evaluate dense", onDevice.Runner, evalIds, o, progress, cancellationToken);
+            if (speedPlan != null) denseSpeed = TimeModel("time dense", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
+        }
         using (var onDevice = Devices.Place(pruned, device, evalDType))
-            prunedEval = Evaluate("evaluate pruned", onDevice, evaluationFiles, o, progress, cancellationToken);
+        {
+            prunedEval = Evaluate("evaluate pruned", onDevice.Runner, evalIds, o, progress, cancellationToken);
+            if (speedPlan != null) prunedSpeed = TimeModel("time pruned", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
+        }
 
         var dc = dense.Config.ParameterCounts();
         var pc = pruned.Config.ParameterCounts();
@@ -123,25 +134,49 @@ public static class PruneJob
             },
             ["widths"] = widths,
         };
+        if (denseSpeed != null && prunedSpeed != null)
+            metrics["speed"] = new JsonObject
+            {
+                ["prompt_tokens"] = denseSpeed.PromptTokens, ["decode_tokens"] = denseSpeed.DecodeTokens,
+                ["dense_rounds"] = denseSpeed.TimedRounds, ["pruned_rounds"] = prunedSpeed.TimedRounds,
+                ["dense_prefill_tokens_per_second"] = denseSpeed.PrefillTokensPerSecond,
+                ["pruned_prefill_tokens_per_second"] = prunedSpeed.PrefillTokensPerSecond,
+                ["prefill_speedup"] = prunedSpeed.PrefillTokensPerSecond / denseSpeed.PrefillTokensPerSecond,
+                ["dense_decode_tokens_per_second"] = denseSpeed.DecodeTokensPerSecond,
+                ["pruned_decode_tokens_per_second"] = prunedSpeed.DecodeTokensPerSecond,
+                ["decode_speedup"] = prunedSpeed.DecodeTokensPerSecond / denseSpeed.DecodeTokensPerSecond,
+            };
         File.WriteAllText(Path.Combine(outDir, MetricsFile), metrics.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         Report.Write(outDir, metrics, prunedConfig, HypernetworkTrainer.ReadLog(Path.Combine(outDir, HypernetworkTrainer.LogFile)));
         logger.LogInformation("dense perplexity {Dense:F4}, pruned {Pruned:F4}, kept {Kept:P2} of prunable parameters", denseEval.Perplexity, prunedEval.Perplexity, kept);
-        return new PruneJobResult(denseEval.Perplexity, prunedEval.Perplexity, kept, dc.Values.Sum(), pc.Values.Sum(), outDir, modelDir, metrics);
+        return new PruneJobResult(denseEval.Perplexity, prunedEval.Perplexity, kept, dc.Values.Sum(), pc.Values.Sum(), outDir, modelDir, metrics,
+            denseSpeed, prunedSpeed);
     }
 
-    /// <summary>Perplexity over several files: each tokenized once with BOS at its start, blocks per file, NLL pooled.</summary>
-    public static PerplexityResult Evaluate(string phase, LoadedModel model, IReadOnlyList<string> files, PruneJobOptions o,
+    /// <summary>Decode steps timed per round by the job's speed measurement.</summary>
+    public const int SpeedDecodeTokens = 32;
+
+    private static SpeedResult TimeModel(string phase, ICausalLanguageModel model, int[] ids, PruneJobOptions o,
+        IProgress<JobProgress>? progress, CancellationToken ct)
+    {
+        progress?.Report(new JobProgress(phase, 0, 1));
+        var speed = SpeedProbe.Measure(model, ids, o.EvaluationBlockSize, SpeedDecodeTokens, ct);
+        progress?.Report(new JobProgress(phase, 1, 1, $"prefill {speed.PrefillTokensPerSecond:F0} tok/s, decode {speed.DecodeTokensPerSecond:F0} tok/s"));
+        return speed;
+    }
+
+    /// <summary>Perplexity over several texts (each tokenized with BOS at its start): blocks per text, NLL pooled.</summary>
+    public static PerplexityResult Evaluate(string phase, ICausalLanguageModel model, IReadOnlyList<int[]> perFile, PruneJobOptions o,
         IProgress<JobProgress>? progress, CancellationToken ct)
     {
         double nll = 0;
         long scored = 0;
         int blocks = 0, tokens = 0;
-        var perFile = files.Select(f => model.EncodeForScoring(File.ReadAllText(f))).ToList();
         int total = perFile.Sum(ids => Perplexity.Blocks(ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks).Count), done = 0;
         foreach (var ids in perFile)
         {
             int before = done;
-            var r = Perplexity.Evaluate(model.Runner, ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks,
+            var r = Perplexity.Evaluate(model, ids, o.EvaluationBlockSize, o.EvaluationMaxBlocks,
                 new SyncProgress<PerplexityProgress>(p => { done = before + p.BlocksDone; progress?.Report(new JobProgress(phase, done, total, $"ppl {p.RunningPerplexity:F3}")); }), ct);
             nll += r.TotalNll; scored += r.ScoredTokens; blocks += r.Blocks; tokens += r.TotalTokens;
         }

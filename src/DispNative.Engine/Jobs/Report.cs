@@ -36,7 +36,19 @@ public static class Report
         sb.AppendLine($"| perplexity | {F("dense_ppl")} | {F("pruned_ppl")} |");
         sb.AppendLine($"| parameters (total) | {metrics["params_dense_total"]} | {metrics["params_pruned_total"]} |");
         sb.AppendLine($"| parameters (prunable) | {metrics["params_dense_prunable"]} | {metrics["params_pruned_prunable"]} |");
-        sb.AppendLine($"| kept ratio of prunable parameters | 1 | {F("kept_ratio_prunable")} |").AppendLine();
+        sb.AppendLine($"| kept ratio of prunable parameters | 1 | {F("kept_ratio_prunable")} |");
+        if (metrics["speed"] is JsonObject speed)
+        {
+            double S(string key) => speed[key]!.GetValue<double>();
+            string Row(string what, string kind) => string.Create(CultureInfo.InvariantCulture,
+                $"| {what}, tokens/s | {S($"dense_{kind}_tokens_per_second"):F0} | {S($"pruned_{kind}_tokens_per_second"):F0} ({S($"{kind}_speedup"):F2}×) |");
+            sb.AppendLine(Row($"prefill of {speed["prompt_tokens"]} tokens", "prefill"));
+            sb.AppendLine(Row("decode, one token at a time", "decode"));
+            sb.AppendLine().AppendLine($"Speeds on {metrics["device"]}, measured in this run, one model after the other: the median over " +
+                                       $"{speed["dense_rounds"]} (dense) and {speed["pruned_rounds"]} (pruned) rounds, each a prefill then " +
+                                       $"{speed["decode_tokens"]} decode steps in a fresh KV cache (as a request is served), after untimed warm-up rounds.");
+        }
+        sb.AppendLine();
         sb.AppendLine("## Kept widths across layers").AppendLine().AppendLine("![kept widths](widths.svg)").AppendLine();
         sb.AppendLine("| layer | " + string.Join(" | ", DispInfo.SiteKeys) + " |").AppendLine("|---:|" + string.Concat(Enumerable.Repeat("---:|", 5)));
         for (int l = 0; l < layers; l++) sb.AppendLine($"| {l} | " + string.Join(" | ", widths[l]) + " |");
