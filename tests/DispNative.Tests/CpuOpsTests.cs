@@ -170,6 +170,14 @@ public class CpuOpsTests
     {
         Assert.That(CpuOps.LogSumExp([1000f, 1000f]), Is.EqualTo(1000 + Math.Log(2)).Within(1e-3));
         Assert.That(CpuOps.LogSumExp([-1f, 0f, 2f]), Is.EqualTo(Math.Log(Math.Exp(-1) + 1 + Math.Exp(2))).Within(1e-6));
+        var rng = new Rng(3);
+        foreach (int n in new[] { 8, 37, 32000 })   // the vector loop alone, with a tail, a vocabulary
+        {
+            var row = Enumerable.Range(0, n).Select(_ => (float)(rng.NextDouble() - 0.5) * 40).ToArray();
+            double max = row.Max(), reference = max + Math.Log(row.Sum(v => Math.Exp(v - max)));
+            Assert.That(CpuOps.LogSumExp(row), Is.EqualTo((float)reference).Within(1e-6 * Math.Abs(reference)), $"n = {n}");
+        }
+        Assert.That(CpuOps.LogSumExp([1f, float.NaN, 2f]), Is.NaN);
     }
 
     [Test]

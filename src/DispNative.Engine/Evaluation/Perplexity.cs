@@ -45,15 +45,24 @@ public static class Perplexity
         return new PerplexityResult(Math.Exp(nll / scored), nll, scored, blocks.Count, ids.Length);
     }
 
-    /// <summary>Σ over positions t = 0..n-2 of −log p(block[t+1] | block[..t]).</summary>
+    /// <summary>Σ over positions t = 0..n-2 of −log p(block[t+1] | block[..t]). The rows are scored in parallel and
+    /// summed in order, so the result does not depend on the thread count.</summary>
     public static double BlockNll(float[] logits, int[] block, int vocab)
     {
-        double nll = 0;
-        for (int t = 0; t + 1 < block.Length; t++)
+        const int RowsPerItem = 16;
+        int rows = block.Length - 1;
+        if (rows <= 0) return 0;
+        var perRow = new double[rows];
+        WorkTeam.For((rows + RowsPerItem - 1) / RowsPerItem, Gemm.Threads, item =>
         {
-            var row = logits.AsSpan(t * vocab, vocab);
-            nll += CpuOps.LogSumExp(row) - row[block[t + 1]];
-        }
+            for (int t = item * RowsPerItem; t < Math.Min(rows, (item + 1) * RowsPerItem); t++)
+            {
+                var row = logits.AsSpan(t * vocab, vocab);
+                perRow[t] = CpuOps.LogSumExp(row) - row[block[t + 1]];
+            }
+        });
+        double nll = 0;
+        foreach (double x in perRow) nll += x;
         return nll;
     }
 }
