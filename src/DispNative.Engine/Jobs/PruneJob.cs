@@ -84,19 +84,19 @@ public static class PruneJob
 
         // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
         var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
-        var speedPlan = SpeedProbe.Plan(evalIds[0].Length, o.EvaluationBlockSize, SpeedDecodeTokens, dense.Config.MaxPositionEmbeddings);
+        bool timeable = SpeedProbe.Plan(evalIds[0].Length, o.EvaluationBlockSize, SpeedDecodeTokens, dense.Config.MaxPositionEmbeddings) != null;
         PerplexityResult denseEval, prunedEval;
         SpeedResult? denseSpeed = null, prunedSpeed = null;
         DType? evalDType = device == "cuda" ? dtype : null;
         using (var onDevice = Devices.Place(dense, device, evalDType))
         {
             denseEval = Evaluate("evaluate dense", onDevice.Runner, evalIds, o, progress, cancellationToken);
-            if (speedPlan != null) denseSpeed = TimeModel("time dense", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
+            if (timeable) denseSpeed = TimeModel("time dense", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
         }
         using (var onDevice = Devices.Place(pruned, device, evalDType))
         {
             prunedEval = Evaluate("evaluate pruned", onDevice.Runner, evalIds, o, progress, cancellationToken);
-            if (speedPlan != null) prunedSpeed = TimeModel("time pruned", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
+            if (timeable) prunedSpeed = TimeModel("time pruned", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
         }
 
         var dc = dense.Config.ParameterCounts();
