@@ -1,4 +1,6 @@
+using System.Text.RegularExpressions;
 using DispNative.Cli;
+using DispNative.Engine;
 
 namespace DispNative.Tests;
 
@@ -38,6 +40,18 @@ public class CliTests
         string notAModel = Path.Combine(dir, "config.json");
         (code, _, stderr) = Run("inspect", "--model", notAModel);
         Assert.That((code, stderr), Is.EqualTo((1, $"error: {notAModel}: expected a Hugging Face model directory or a llama2.c .bin checkpoint\n")));
+    }
+
+    [Test]
+    public void AModelLargerThanHostMemory_IsRefusedBeforeItsWeightsAreRead()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        var huge = TestAssets.TinyConfig() with { IntermediateSize = 1 << 30 };   // 309 billion parameters: 1.13 TiB as f32
+        File.WriteAllText(Path.Combine(dir, "config.json"), huge.ToJson().ToJsonString());
+        var (code, stdout, stderr) = Run("generate", "--model", dir, "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu");
+        Assert.That(code, Is.EqualTo(1), stdout + stderr);
+        Assert.That(stderr, Does.Match(
+            $@"^loading .*\nerror: {Regex.Escape(dir)}: loading its 309\.238 billion parameters as f32 \(the engine's host copy, kept for --device cuda too\) needs 1\.13 TiB of host memory, more than the \d+\.\d\d [GT]iB this process may use\n$"));
     }
 
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "x.txt", "--block-size", "8" }, "text file not found")]

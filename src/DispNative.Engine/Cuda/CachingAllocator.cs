@@ -60,7 +60,7 @@ public sealed class CachingAllocator(IDeviceMemory memory) : IDisposable
                 p = memory.TryAllocate(size);
                 if (p == 0) { TrimLocked(); p = memory.TryAllocate(size); }
                 if (p == 0)
-                    throw new CudaOutOfMemoryException($"out of device memory: {Size(bytes)} requested, {Size(_inUse)} in use by this engine " +
+                    throw new CudaOutOfMemoryException($"out of device memory: {ByteCount.Format(bytes)} requested, {ByteCount.Format(_inUse)} in use by this engine " +
                         "(the cache was released and the request retried); use a smaller block size, a shorter context or bf16");
                 _deviceAllocations++;
             }
@@ -107,13 +107,6 @@ public sealed class CachingAllocator(IDeviceMemory memory) : IDisposable
             _inUse = 0;
         }
     }
-
-    private static string Size(long b) => b switch
-    {
-        < 1L << 20 => $"{b / 1024.0:F1} KiB",
-        < 1L << 30 => $"{b / (1024.0 * 1024):F1} MiB",
-        _ => $"{b / (1024.0 * 1024 * 1024):F2} GiB",
-    };
 }
 
 /// <summary>The CUDA driver as the allocator's backing store.</summary>

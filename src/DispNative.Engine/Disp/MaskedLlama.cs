@@ -142,7 +142,7 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
 
     /// <summary>Whether a block of <paramref name="tokens"/> runs with per-layer checkpointing.</summary>
     public bool Checkpoints(int tokens)
-        => checkpointLayers ?? ActivationBytes(config, tokens) > GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4;
+        => checkpointLayers ?? ActivationBytes(config, tokens) > HostMemory.Limit / 4;
 
     public double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
         IReadOnlyList<float[]> maskGradients, double gradScale)

@@ -8,6 +8,7 @@ public static class Llama2cImport
     public static (ModelConfig Config, ModelWeights Weights) Load(string path)
     {
         if (!File.Exists(path)) throw new ModelFormatException($"llama2.c checkpoint not found: {path}");
+        HostMemory.Require(2 * new FileInfo(path).Length, $"{path}: reading the llama2.c checkpoint (the file, then its weights)");
         byte[] bytes = File.ReadAllBytes(path);
         if (bytes.Length < 28) throw new ModelFormatException($"{path}: truncated llama2.c checkpoint (header needs 28 bytes, file has {bytes.Length})");
         var header = new int[7];

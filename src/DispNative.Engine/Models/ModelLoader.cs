@@ -41,6 +41,9 @@ public static class ModelLoader
         if (FormatOf(path) == ModelFormat.HuggingFace)
         {
             config = LoadConfig(path);
+            long parameters = config.ParameterCounts().Values.Sum();
+            HostMemory.Require(4 * parameters,
+                $"{path}: loading its {parameters / 1e9:0.###} billion parameters as f32 (the engine's host copy, kept for --device cuda too)");
             using var ckpt = SafeTensorsCheckpoint.Open(path);
             weights = ModelWeights.Load(ckpt, config);
         }
