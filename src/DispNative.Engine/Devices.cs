@@ -34,6 +34,22 @@ public static class Devices
         _ => throw new InvalidSettingException($"unknown dtype '{dtype}' (expected auto, f32, bf16 or f16)"),
     };
 
+    /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). On CUDA a Hugging
+    /// Face checkpoint goes to the GPU tensor by tensor and the host keeps no copy of the weights (the result's
+    /// <see cref="LoadedModel.HasHostWeights"/> is false); anything else loads as <see cref="ModelLoader.Load"/> and is
+    /// placed with <see cref="Place"/>.</summary>
+    public static LoadedModel Load(string path, string? tokenizerPath, string device, DType? dtype = null)
+    {
+        if (device == "cpu" || ModelLoader.FormatOf(path) != ModelFormat.HuggingFace)
+            return Place(ModelLoader.Load(path, tokenizerPath), device, dtype);
+        var config = ModelLoader.LoadConfig(path);
+        var tokenizer = ModelLoader.LoadTokenizer(path, tokenizerPath, config);
+        using var checkpoint = SafeTensorsCheckpoint.Open(path);
+        var gpu = CudaDevice.Open();
+        try { return new LoadedModel(path, config, tokenizer) { Runner = CudaLlama.Load(gpu, config, checkpoint, dtype ?? DType.BF16, ownsDevice: true) }; }
+        catch { gpu.Dispose(); throw; }
+    }
+
     /// <summary>The model's runner on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). The CPU
     /// reference computes in f32 only; CUDA stores weights and activations in <paramref name="dtype"/> (auto: bf16).</summary>
     public static LoadedModel Place(LoadedModel model, string device, DType? dtype = null)

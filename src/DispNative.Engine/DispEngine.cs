@@ -44,7 +44,7 @@ public sealed class DispEngine : IDisposable
         var logger = options.LoggerFactory?.CreateLogger<DispEngine>() ?? (ILogger)NullLogger.Instance;
         string device = Devices.Resolve(options.Device);
         var dtype = Devices.ParseDType(options.DType);
-        var model = Devices.Place(ModelLoader.Load(TinyModel.Resolve(path), options.TokenizerPath), device, dtype);
+        var model = Devices.Load(TinyModel.Resolve(path), options.TokenizerPath, device, dtype);
         logger.LogInformation("loaded {Path} ({Layers} layers, {Kind}) on {Device}", path, model.Config.NumLayers,
             model.Config.Disp != null ? "DISP-pruned" : "dense", model.Runner.DeviceName);
         return new DispEngine(model, device, logger);

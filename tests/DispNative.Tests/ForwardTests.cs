@@ -68,7 +68,7 @@ public class ForwardTests
     {
         var c = TestAssets.TinyConfig(qkvBias: qkvBias, tied: tied);
         var tok = new Engine.Tokenization.HfTokenizer(TestAssets.ByteLevelTokenizerJson(), "tiny");
-        return new LoadedModel("tiny", c, new LlamaModel(c, ModelWeights.Random(c, 3, 0.1f)), tok);
+        return new LoadedModel("tiny", c, tok) { Model = new LlamaModel(c, ModelWeights.Random(c, 3, 0.1f)) };
     }
 
     private static void AssertClose(float[] actual, float[] expected, double rel, string what)

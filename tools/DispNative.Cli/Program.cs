@@ -59,7 +59,7 @@ public static class Program
         string chosen = Devices.Resolve(device);
         var parsed = Devices.ParseDType(dtype);
         stderr.WriteLine($"loading {model} on {chosen}");
-        return Devices.Place(ModelLoader.Load(TinyModel.Resolve(model), tokenizer), chosen, parsed);
+        return Devices.Load(TinyModel.Resolve(model), tokenizer, chosen, parsed);
     }
 
     private static Command EvalCommand(TextWriter stdout, TextWriter stderr)

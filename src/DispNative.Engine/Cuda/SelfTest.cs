@@ -97,6 +97,8 @@ public static class SelfTest
             new("gemv fused bf16: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
+            new("load streamed from a dense checkpoint = uploaded from host weights (bf16, tied, sharded)", dev => StreamedLoad(dev, pruned: false)),
+            new("load streamed from a DISP-pruned checkpoint = uploaded from host weights (bf16, untied, sharded)", dev => StreamedLoad(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
             new("masked training step f32 vs CPU (loss, mask gradients; same)", dev => TrainingStep(dev, PruningMode.Same, DType.F32)),
             new("masked training step bf16 vs CPU f32 (loss, mask gradients)", dev => TrainingStep(dev, PruningMode.Disp, DType.BF16)),
@@ -710,6 +712,38 @@ public static class SelfTest
             detail += ", eager " + Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4);
         }
         return detail;
+    }
+
+    /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="CudaLlama.Load"/>, what <c>eval</c> and
+    /// <c>generate</c> do on CUDA) holds the weights that uploading the host's copy of it gives: the same logits, bit for bit.</summary>
+    private static string StreamedLoad(CudaDevice dev, bool pruned)
+    {
+        var (c, w) = RandomModel(pruned);
+        if (pruned)
+        {
+            c = c with { TieWordEmbeddings = false };
+            w = new ModelWeights { Embedding = w.Embedding, Layers = w.Layers, FinalNorm = w.FinalNorm, LmHead = w.Embedding.Select(x => -0.5f * x).ToArray() };
+        }
+        var dir = Directory.CreateTempSubdirectory("dispnative-selftest-").FullName;
+        try
+        {
+            var tensors = w.ToTensors(c, DType.BF16).ToList();
+            var shards = SafeTensorsWriter.WriteSharded(dir, tensors, tensors.Sum(t => (long)t.Data.Length) / 3 + 1);
+            if (shards.Count < 2) throw new Mismatch($"wrote {shards.Count} shard, meant several");
+            File.WriteAllText(Path.Combine(dir, "config.json"), c.ToJson().ToJsonString());
+            using var checkpoint = SafeTensorsCheckpoint.Open(dir);
+            using var uploaded = new CudaLlama(dev, c, ModelWeights.Load(checkpoint, c), DType.BF16);
+            using var streamed = CudaLlama.Load(dev, c, checkpoint, DType.BF16);
+            int[] prompt = [1, 5, 77, 300, 2, 516, 9];
+            using var c1 = uploaded.NewCache(prompt.Length);
+            using var c2 = streamed.NewCache(prompt.Length);
+            var want = uploaded.Forward(prompt, c1);
+            var got = streamed.Forward(prompt, c2);
+            int differ = want.Zip(got).Count(p => BitConverter.SingleToInt32Bits(p.First) != BitConverter.SingleToInt32Bits(p.Second));
+            if (differ > 0) throw new Mismatch($"{differ} of {want.Length} logits differ");
+            return $"all {want.Length} logits identical";
+        }
+        finally { Directory.Delete(dir, true); }
     }
 
     private static string Golden(CudaDevice dev, string dir, DType dtype)

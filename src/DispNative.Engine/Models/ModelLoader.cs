@@ -4,11 +4,22 @@ using DispNative.Engine.Tokenization;
 
 namespace DispNative.Engine.Models;
 
-/// <summary>A model ready to run: config, fp32 weights in a <see cref="LlamaModel"/> (the CPU reference), tokenizer,
-/// and the <see cref="Runner"/> that scores and generates (the CPU model, or a GPU copy from <see cref="Devices.Place"/>).</summary>
-public sealed record LoadedModel(string Source, ModelConfig Config, LlamaModel Model, ITokenizer Tokenizer) : IDisposable
+/// <summary>A model ready to run: config, tokenizer, the fp32 weights in a <see cref="LlamaModel"/> (the CPU reference),
+/// and the <see cref="Runner"/> that scores and generates (the CPU model, or a GPU copy from <see cref="Devices.Place"/>).
+/// A model streamed straight to the GPU (<see cref="Devices.Load"/>) has no host weights.</summary>
+public sealed record LoadedModel(string Source, ModelConfig Config, ITokenizer Tokenizer) : IDisposable
 {
+    private readonly LlamaModel? _host;
     private readonly ICausalLanguageModel? _runner;
+
+    /// <summary>The fp32 CPU model.</summary>
+    public LlamaModel Model
+    {
+        get => _host ?? throw new InvalidOperationException($"{Source} was streamed to the GPU: it has no host weights (load it with ModelLoader.Load)");
+        init => _host = value;
+    }
+
+    public bool HasHostWeights => _host != null;
 
     public ICausalLanguageModel Runner { get => _runner ?? Model; init => _runner = value; }
 
@@ -43,7 +54,7 @@ public static class ModelLoader
             config = LoadConfig(path);
             long parameters = config.ParameterCounts().Values.Sum();
             HostMemory.Require(4 * parameters,
-                $"{path}: loading its {parameters / 1e9:0.###} billion parameters as f32 (the engine's host copy, kept for --device cuda too)");
+                $"{path}: loading its {parameters / 1e9:0.###} billion parameters as f32");
             using var ckpt = SafeTensorsCheckpoint.Open(path);
             weights = ModelWeights.Load(ckpt, config);
         }
@@ -53,9 +64,7 @@ public static class ModelLoader
                 throw new ModelFormatException($"{path}: a llama2.c checkpoint needs its tokenizer (--tokenizer tokenizer.bin)");
             (config, weights) = Llama2cImport.Load(path);
         }
-        var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
-        CheckVocab(tokenizer, config, path);
-        return new LoadedModel(path, config, new LlamaModel(config, weights), tokenizer);
+        return new LoadedModel(path, config, LoadTokenizer(path, tokenizerPath, config)) { Model = new LlamaModel(config, weights) };
     }
 
     /// <summary>What <paramref name="path"/> holds: a Hugging Face directory or a llama2.c <c>.bin</c> file; anything
@@ -79,9 +88,13 @@ public static class ModelLoader
         return ModelConfig.Load(configPath);
     }
 
-    private static void CheckVocab(ITokenizer tokenizer, ModelConfig config, string path)
+    /// <summary>The model's tokenizer (<paramref name="tokenizerPath"/>, else the one in the model's directory), which must
+    /// not name more tokens than the model's vocabulary.</summary>
+    public static ITokenizer LoadTokenizer(string path, string? tokenizerPath, ModelConfig config)
     {
+        var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
         if (tokenizer.VocabSize > config.VocabSize)
             throw new ModelFormatException($"{path}: the tokenizer has {tokenizer.VocabSize} tokens but the model's vocabulary is {config.VocabSize}");
+        return tokenizer;
     }
 }

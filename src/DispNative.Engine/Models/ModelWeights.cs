@@ -80,52 +80,65 @@ public sealed class ModelWeights
     /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
     public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
-        int layersInCheckpoint = ckpt.Names.Select(LayerOf).DefaultIfEmpty(-1).Max() + 1;
-        if (layersInCheckpoint > c.NumLayers)
-            throw new ModelFormatException($"{ckpt.Source}: the checkpoint holds {layersInCheckpoint} layers, config.json's num_hidden_layers says {c.NumLayers}");
+        CheckLayerCount(ckpt, c);
         var layers = new LayerWeights[c.NumLayers];
-        ParallelRethrow(c.NumLayers, l =>
-        {
-            string p = $"model.layers.{l}.";
-            var t = LayerTensors(c, l, null).ToDictionary(e => e.Name, e => ckpt.ReadFloat32(p + e.Name, e.Shape));
-            int[][]? idx = null;
-            if (c.Disp != null)
-            {
-                var widths = c.LayerWidths(l);
-                idx = new int[IndexTensorNames.Length][];
-                for (int i = 0; i < idx.Length; i++)
-                {
-                    string name = p + IndexTensorNames[i];
-                    if (!ckpt.Contains(name)) throw new ModelFormatException($"{ckpt.Source}: pruned model lacks index tensor '{name}'");
-                    idx[i] = ckpt.ReadInt32(name);
-                    int full = i == 3 ? c.IntermediateSize : c.HiddenSize;
-                    ValidateIndices(idx[i], widths[i], full, $"{ckpt.Source}: '{name}'");
-                }
-            }
-            layers[l] = new LayerWeights
-            {
-                AttnNorm = t["input_layernorm.weight"], Wq = t["self_attn.q_proj.weight"], Wk = t["self_attn.k_proj.weight"],
-                Wv = t["self_attn.v_proj.weight"], Wo = t["self_attn.o_proj.weight"],
-                Bq = t.GetValueOrDefault("self_attn.q_proj.bias"), Bk = t.GetValueOrDefault("self_attn.k_proj.bias"),
-                Bv = t.GetValueOrDefault("self_attn.v_proj.bias"), Bo = t.GetValueOrDefault("self_attn.o_proj.bias"),
-                MlpNorm = t["post_attention_layernorm.weight"], WGate = t["mlp.gate_proj.weight"], WUp = t["mlp.up_proj.weight"],
-                WDown = t["mlp.down_proj.weight"],
-                AttnInIdx = idx?[0], AttnOutIdx = idx?[1], MlpInIdx = idx?[2], MlpMidIdx = idx?[3], MlpOutIdx = idx?[4],
-            };
-        });
-        long d = c.HiddenSize;
-        var embed = ckpt.ReadFloat32("model.embed_tokens.weight", c.VocabSize, d);
-        float[] head = c.TieWordEmbeddings && !ckpt.Contains("lm_head.weight")
-            ? embed
-            : ckpt.ReadFloat32("lm_head.weight", c.VocabSize, d);
+        ParallelRethrow(c.NumLayers, l => layers[l] = LoadLayer(ckpt, c, l));
+        var embed = LoadEmbedding(ckpt, c);
         return new ModelWeights
         {
             Embedding = embed,
             Layers = layers,
-            FinalNorm = ckpt.ReadFloat32("model.norm.weight", d),
-            LmHead = head,
+            FinalNorm = LoadFinalNorm(ckpt, c),
+            LmHead = LoadUntiedLmHead(ckpt, c) ?? embed,
         };
     }
+
+    /// <summary>A checkpoint with more layers than the config names is refused (they would be ignored silently).</summary>
+    public static void CheckLayerCount(SafeTensorsCheckpoint ckpt, ModelConfig c)
+    {
+        int layersInCheckpoint = ckpt.Names.Select(LayerOf).DefaultIfEmpty(-1).Max() + 1;
+        if (layersInCheckpoint > c.NumLayers)
+            throw new ModelFormatException($"{ckpt.Source}: the checkpoint holds {layersInCheckpoint} layers, config.json's num_hidden_layers says {c.NumLayers}");
+    }
+
+    /// <summary>Layer <paramref name="l"/>'s tensors, shapes checked, and a pruned layer's validated index tensors.</summary>
+    public static LayerWeights LoadLayer(SafeTensorsCheckpoint ckpt, ModelConfig c, int l)
+    {
+        string p = $"model.layers.{l}.";
+        var t = LayerTensors(c, l, null).ToDictionary(e => e.Name, e => ckpt.ReadFloat32(p + e.Name, e.Shape));
+        int[][]? idx = null;
+        if (c.Disp != null)
+        {
+            var widths = c.LayerWidths(l);
+            idx = new int[IndexTensorNames.Length][];
+            for (int i = 0; i < idx.Length; i++)
+            {
+                string name = p + IndexTensorNames[i];
+                if (!ckpt.Contains(name)) throw new ModelFormatException($"{ckpt.Source}: pruned model lacks index tensor '{name}'");
+                idx[i] = ckpt.ReadInt32(name);
+                int full = i == 3 ? c.IntermediateSize : c.HiddenSize;
+                ValidateIndices(idx[i], widths[i], full, $"{ckpt.Source}: '{name}'");
+            }
+        }
+        return new LayerWeights
+        {
+            AttnNorm = t["input_layernorm.weight"], Wq = t["self_attn.q_proj.weight"], Wk = t["self_attn.k_proj.weight"],
+            Wv = t["self_attn.v_proj.weight"], Wo = t["self_attn.o_proj.weight"],
+            Bq = t.GetValueOrDefault("self_attn.q_proj.bias"), Bk = t.GetValueOrDefault("self_attn.k_proj.bias"),
+            Bv = t.GetValueOrDefault("self_attn.v_proj.bias"), Bo = t.GetValueOrDefault("self_attn.o_proj.bias"),
+            MlpNorm = t["post_attention_layernorm.weight"], WGate = t["mlp.gate_proj.weight"], WUp = t["mlp.up_proj.weight"],
+            WDown = t["mlp.down_proj.weight"],
+            AttnInIdx = idx?[0], AttnOutIdx = idx?[1], MlpInIdx = idx?[2], MlpMidIdx = idx?[3], MlpOutIdx = idx?[4],
+        };
+    }
+
+    public static float[] LoadEmbedding(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("model.embed_tokens.weight", c.VocabSize, c.HiddenSize);
+
+    public static float[] LoadFinalNorm(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("model.norm.weight", c.HiddenSize);
+
+    /// <summary>The LM head, or null when it is the embedding (tied, and the checkpoint has no separate copy).</summary>
+    public static float[]? LoadUntiedLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c)
+        => c.TieWordEmbeddings && !ckpt.Contains("lm_head.weight") ? null : ckpt.ReadFloat32("lm_head.weight", c.VocabSize, c.HiddenSize);
 
     /// <summary>Indices must be strictly increasing (sorted and unique), within [0, full), and as many as the width.</summary>
     public static void ValidateIndices(int[] idx, int width, int full, string what)
