@@ -80,7 +80,6 @@ public static class PruneJob
         if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
         var dtype = o.DType ?? (dense.Config.WeightDType switch { "bfloat16" => DType.BF16, "float16" => DType.F16, _ => DType.F32 });
         Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
-        var pruned = ModelLoader.Load(modelDir);
 
         // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
         var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
@@ -93,14 +92,16 @@ public static class PruneJob
             denseEval = Evaluate("evaluate dense", onDevice.Runner, evalIds, o, progress, cancellationToken);
             if (timeable) denseSpeed = TimeModel("time dense", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
         }
-        using (var onDevice = Devices.Place(pruned, device, evalDType))
+        ModelConfig savedConfig;
+        using (var pruned = Devices.Load(modelDir, null, device, evalDType))   // the saved model, as eval loads it
         {
-            prunedEval = Evaluate("evaluate pruned", onDevice.Runner, evalIds, o, progress, cancellationToken);
-            if (timeable) prunedSpeed = TimeModel("time pruned", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
+            savedConfig = pruned.Config;
+            prunedEval = Evaluate("evaluate pruned", pruned.Runner, evalIds, o, progress, cancellationToken);
+            if (timeable) prunedSpeed = TimeModel("time pruned", pruned.Runner, evalIds[0], o, progress, cancellationToken);
         }
 
         var dc = dense.Config.ParameterCounts();
-        var pc = pruned.Config.ParameterCounts();
+        var pc = savedConfig.ParameterCounts();
         double kept = (double)(pc["attention"] + pc["mlp"]) / (dc["attention"] + dc["mlp"]);
         var widths = new JsonArray(prunedConfig.Disp!.Widths.Select((w, l) =>
         {
