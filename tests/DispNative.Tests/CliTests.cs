@@ -54,6 +54,29 @@ public class CliTests
             $@"^loading .*\nerror: {Regex.Escape(dir)}: loading its 309\.238 billion parameters as f32 needs 1\.13 TiB of host memory, more than the \d+\.\d\d [GT]iB this process may use\n$"));
     }
 
+    [Test]
+    public void HostMemoryCheck_RefusesOnlyAboveTheLimit_AndNamesBothSizes()
+    {
+        Assert.DoesNotThrow(() => HostMemory.Require(3L << 30, "x", limit: 3L << 30));
+        var e = Assert.Throws<DispNativeException>(() => HostMemory.Require((3L << 30) + 1, "loading x", limit: 3L << 30))!;
+        Assert.That(e.Message, Is.EqualTo("loading x needs 3.00 GiB of host memory, more than the 3.00 GiB this process may use"));
+        Assert.That(new[] { 1536L, 5L << 20, 1L << 40 }.Select(ByteCount.Format), Is.EqualTo(new[] { "1.5 KiB", "5.0 MiB", "1.00 TiB" }));
+    }
+
+    /// <summary>A key given twice (System.Text.Json's nodes would throw their own exception when first enumerating it).</summary>
+    [TestCase("config.json", "\"vocab_size\"")]
+    [TestCase("tokenizer.json", "\"model\"")]
+    public void AModelFileWithAKeyGivenTwice_IsRefusedByName(string file, string key)
+    {
+        var dir = TestAssets.WriteTinyModel();
+        string path = Path.Combine(dir, file);
+        var text = File.ReadAllText(path);
+        File.WriteAllText(path, text.Insert(1, key + ":null,"));
+        var (code, _, stderr) = Run("generate", "--model", dir, "--prompt", "hi", "--max-new-tokens", "1", "--device", "cpu");
+        Assert.That((code, stderr.TrimEnd().Split('\n')[^1]),
+            Is.EqualTo((1, $"error: {path}: not valid JSON (Duplicate property '{key.Trim('"')}' encountered during deserialization.)")));
+    }
+
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "x.txt", "--block-size", "8" }, "text file not found")]
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "1" }, "--block-size must be at least 2")]
     [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "8", "--json", "/" }, "--json: / is a directory; give a file name")]

@@ -130,17 +130,19 @@ public class SafeTensorsTests
         File.WriteAllBytes(path, big);
         Assert.That(Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path))!.Message, Does.Contain("header length"));
 
-        void WithHeader(string json, string expected)
+        void WithHeader(string json, string expected) => WithHeaderBytes(Encoding.UTF8.GetBytes(json), expected);
+        void WithHeaderBytes(byte[] h, string expected)
         {
-            var h = Encoding.UTF8.GetBytes(json);
             var file = new byte[8 + h.Length + 256];
             BinaryPrimitives.WriteUInt64LittleEndian(file, (ulong)h.Length);
             h.CopyTo(file, 8);
             File.WriteAllBytes(path, file);
             var e = Assert.Throws<ModelFormatException>(() => SafeTensorsFile.Open(path));
-            Assert.That(e!.Message, Does.Contain(expected), json);
+            Assert.That(e!.Message, Does.Contain(expected), Encoding.UTF8.GetString(h));
         }
         WithHeader("{not json", "not valid JSON");
+        WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}""", "Duplicate property 'w'");
+        WithHeaderBytes([.. "{\"w"u8, 0xD6, .. "\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}"u8], "not valid UTF-8 at byte 3 of the header");
         WithHeader("""{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}""", "unsupported dtype Q4");
         WithHeader("""{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}""", "do not match dtype F32");
         WithHeader("""{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}""", "invalid shape");

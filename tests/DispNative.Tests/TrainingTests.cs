@@ -177,6 +177,39 @@ public class TrainingTests
         Assert.That(corrupt!.Message, Does.StartWith($"{ckpt}: ").And.EndWith("; to train from step 0 instead of resuming, delete the checkpoint"));
     }
 
+    [TestCase("step", null, "missing field 'step'")]
+    [TestCase("step", "\"7\"", "field 'step' must be an integer")]
+    [TestCase("step", "-1", "field 'step' is -1")]
+    [TestCase("rng", "[\"1\",\"2\",\"3\"]", "field 'rng' must be the 4 words")]
+    [TestCase("rng", "[\"1\",\"2\",\"3\",\"xyz\"]", "field 'rng' must be the 4 words")]
+    [TestCase("rng", "[1,2,3,4]", "field 'rng' must be a string")]
+    [TestCase("step", "DUPLICATE", "not a DispNative training checkpoint")]
+    public void ResumeRefusesACheckpointWithCorruptMetadata(string key, string? json, string expected)
+    {
+        var (c, w, blocks) = TinySetup();
+        var dir = TestAssets.TempDir();
+        var options = new TrainingOptions { Steps = 2, PruneRatio = 0.5 };
+        new HypernetworkTrainer(c, w, options).Train(blocks, dir);
+        string ckpt = Path.Combine(dir, HypernetworkTrainer.CheckpointFile);
+        var bytes = File.ReadAllBytes(ckpt);
+        int headerLength = (int)BitConverter.ToUInt64(bytes, 0);
+        var header = System.Text.Json.Nodes.JsonNode.Parse(bytes.AsSpan(8, headerLength))!.AsObject();
+        var metadata = header["__metadata__"]!.AsObject();
+        var meta = System.Text.Json.Nodes.JsonNode.Parse(metadata["dispnative-checkpoint"]!.GetValue<string>())!.AsObject();
+        string metaText;
+        if (json == "DUPLICATE") metaText = meta.ToJsonString()[..^1] + $",\"{key}\":{meta[key]!.ToJsonString()}}}";
+        else
+        {
+            if (json == null) meta.Remove(key); else meta[key] = System.Text.Json.Nodes.JsonNode.Parse(json);
+            metaText = meta.ToJsonString();
+        }
+        metadata["dispnative-checkpoint"] = metaText;
+        var newHeader = System.Text.Encoding.UTF8.GetBytes(header.ToJsonString());
+        File.WriteAllBytes(ckpt, [.. BitConverter.GetBytes((ulong)newHeader.Length), .. newHeader, .. bytes.AsSpan(8 + headerLength)]);
+        var e = Assert.Throws<ModelFormatException>(() => new HypernetworkTrainer(c, w, options with { Steps = 4 }).Train(blocks, dir))!;
+        Assert.That(e.Message, Does.StartWith($"{ckpt}: ").And.Contain(expected).And.EndWith("; to train from step 0 instead of resuming, delete the checkpoint"));
+    }
+
     [TestCase(PruningMode.Disp)]
     [TestCase(PruningMode.Same)]
     public void RegularizerDrivesTheKeptRatioToTheTarget(PruningMode mode)

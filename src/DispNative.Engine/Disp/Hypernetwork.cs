@@ -147,7 +147,7 @@ public sealed class Hypernetwork<T> where T : unmanaged, IFloatingPointIeee754<T
             throw new ModelFormatException($"{path}: not a DispNative hypernetwork (no '{FormatName}' metadata)");
         try
         {
-            return JsonNode.Parse(json) as JsonObject ?? throw new ModelFormatException($"{path}: hypernetwork metadata is not a JSON object");
+            return JsonNode.Parse(json, null, JsonFields.Strict) as JsonObject ?? throw new ModelFormatException($"{path}: hypernetwork metadata is not a JSON object");
         }
         catch (JsonException e) { throw new ModelFormatException($"{path}: hypernetwork metadata is not valid JSON ({e.Message})"); }
     }

@@ -1,4 +1,5 @@
 using System.Diagnostics.CodeAnalysis;
+using System.Text.Json;
 using System.Text.Json.Nodes;
 
 namespace DispNative.Engine.IO;
@@ -7,6 +8,10 @@ namespace DispNative.Engine.IO;
 /// or null reads as null; a field of another type is an error naming it, never its default or a crash.</summary>
 internal static class JsonFields
 {
+    /// <summary>Parsing options for model files: a key given twice is an error (System.Text.Json's nodes otherwise fail
+    /// with an exception of their own when such an object is first read).</summary>
+    public static readonly JsonDocumentOptions Strict = new() { AllowDuplicateProperties = false };
+
     public static T? Optional<T>(JsonObject o, string key, string source) where T : struct => o[key] switch
     {
         null => null,

@@ -36,7 +36,7 @@ public sealed class SafeTensorsCheckpoint : IDisposable
         var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(index));
+            using var doc = JsonDocument.Parse(File.ReadAllText(index), JsonFields.Strict);
             if (doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("weight_map", out var wm) || wm.ValueKind != JsonValueKind.Object)
                 throw new ModelFormatException($"{index}: missing weight_map");
             foreach (var p in wm.EnumerateObject())

@@ -69,10 +69,18 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         }
     }
 
+    private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
     private static (Dictionary<string, TensorInfo>, Dictionary<string, string>) ParseHeader(string path, ReadOnlySpan<byte> header, long dataLength)
     {
+        // System.Text.Json parses bytes that are not UTF-8 inside strings and fails only when such a string is read.
+        try { StrictUtf8.GetCharCount(header); }
+        catch (DecoderFallbackException e)
+        {
+            throw new ModelFormatException($"{path}: corrupt safetensors header (not valid UTF-8 at byte {e.Index} of the header)");
+        }
         JsonDocument doc;
-        try { doc = JsonDocument.Parse(header.ToArray()); }
+        try { doc = JsonDocument.Parse(header.ToArray(), JsonFields.Strict); }
         catch (JsonException e) { throw new ModelFormatException($"{path}: corrupt safetensors header (not valid JSON: {e.Message})"); }
         using (doc)
         {

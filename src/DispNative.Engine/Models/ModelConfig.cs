@@ -137,7 +137,7 @@ public sealed record ModelConfig
     {
         if (!File.Exists(configPath)) throw new ModelFormatException($"config not found: {configPath}");
         JsonNode? root;
-        try { root = JsonNode.Parse(File.ReadAllText(configPath)); }
+        try { root = JsonNode.Parse(File.ReadAllText(configPath), null, JsonFields.Strict); }
         catch (JsonException e) { throw new ModelFormatException($"{configPath}: not valid JSON ({e.Message})"); }
         if (root is not JsonObject obj) throw new ModelFormatException($"{configPath}: not a JSON object");
         return Parse(obj, configPath);

@@ -34,7 +34,7 @@ public sealed class HfTokenizer : ITokenizer
     {
         if (!File.Exists(path)) throw new ModelFormatException($"tokenizer not found: {path}");
         JsonNode? root;
-        try { root = JsonNode.Parse(File.ReadAllText(path)); }
+        try { root = JsonNode.Parse(File.ReadAllText(path), null, JsonFields.Strict); }
         catch (System.Text.Json.JsonException e) { throw new ModelFormatException($"{path}: not valid JSON ({e.Message})"); }
         if (root is not JsonObject o) throw new ModelFormatException($"{path}: not a JSON object");
         return new HfTokenizer(o, path);

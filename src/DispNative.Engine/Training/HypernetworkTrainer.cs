@@ -183,7 +183,7 @@ public sealed class HypernetworkTrainer
         if (File.Exists(ckptPath))
         {
             try { LoadCheckpoint(ckptPath, fingerprint); }
-            catch (Exception e) when (e is ModelFormatException or JsonException or InvalidOperationException or FormatException)
+            catch (ModelFormatException e)
             {
                 string why = e.Message.StartsWith(ckptPath, StringComparison.Ordinal) ? e.Message : $"{ckptPath}: {e.Message}";
                 throw new ModelFormatException($"{why}; to train from step 0 instead of resuming, delete the checkpoint");
@@ -294,16 +294,24 @@ public sealed class HypernetworkTrainer
     private void LoadCheckpoint(string path, string fingerprint)
     {
         using var file = SafeTensorsFile.Open(path);
-        if (!file.Metadata.TryGetValue(CheckpointMeta, out var json) || JsonNode.Parse(json) is not JsonObject meta)
-            throw new ModelFormatException($"{path}: not a DispNative training checkpoint");
-        if (meta["fingerprint"]?.GetValue<string>() != fingerprint)
+        JsonObject? meta = null;
+        if (file.Metadata.TryGetValue(CheckpointMeta, out var json))
+            try { meta = JsonNode.Parse(json, null, JsonFields.Strict) as JsonObject; } catch (JsonException) { }
+        if (meta == null) throw new ModelFormatException($"{path}: not a DispNative training checkpoint");
+        if (JsonFields.OptionalString(meta, "fingerprint", path) != fingerprint)
             throw new InvalidSettingException($"{path} was written by a run with a different model, calibration data or training settings; " +
                                               "use a new output directory (or restore the original settings to resume)");
+        int step = JsonFields.Required<int>(meta, "step", path);
+        if (step < 0) throw new ModelFormatException($"{path}: field 'step' is {step}");
+        var rng = (meta["rng"] as JsonArray)?.Select(n => JsonFields.Element<string>(n, "rng", path)).ToArray();
+        var state = new ulong[4];
+        if (rng is not { Length: 4 } || Enumerable.Range(0, 4).Any(i => !ulong.TryParse(rng[i], NumberStyles.HexNumber, null, out state[i])))
+            throw new ModelFormatException($"{path}: field 'rng' must be the 4 words of the noise generator's state in hexadecimal");
         Hypernetwork<float>.Fill(file, "inputs", Network.Inputs, path);
         foreach (var p in Network.Parameters) Hypernetwork<float>.Fill(file, p.Name, p.Value, path);
-        Step = meta["step"]!.GetValue<int>();
+        Step = step;
         _optimizer.LoadState(file, Step);
         _noise = new Rng(0);
-        _noise.SetState(meta["rng"]!.AsArray().Select(n => ulong.Parse(n!.GetValue<string>(), NumberStyles.HexNumber)).ToArray());
+        _noise.SetState(state);
     }
 }
