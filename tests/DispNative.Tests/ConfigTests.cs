@@ -78,6 +78,9 @@ public class ConfigTests
     [TestCase("eos_token_id", "[2, \"3\"]", "field 'eos_token_id' must be an integer (got \"3\")")]
     [TestCase("eos_token_id", "\"2\"", "field 'eos_token_id' must be an integer (got \"2\")")]
     [TestCase("rope_scaling", "{\"rope_type\": 3}", "field 'rope_type' must be a string (got 3)")]
+    [TestCase("rope_scaling", "\"linear\"", "field 'rope_scaling' must be an object (got \"linear\")")]
+    [TestCase("rope_parameters", "[10000]", "field 'rope_parameters' must be an object (got [10000])")]
+    [TestCase("disp", "0", "field 'disp' must be an object (got 0)")]
     public void AnOptionalFieldOfTheWrongType_IsNamed(string field, string json, string message)
     {
         var j = Base(); j[field] = JsonNode.Parse(json);

@@ -95,6 +95,11 @@ public class TokenizerTests
     [TestCase("added_tokens", "[{\"id\": -1, \"content\": \"<x>\"}]", "added_tokens id: token id -1 is out of range")]
     [TestCase("added_tokens", "[{\"id\": 3, \"content\": 7}]", "field 'content' must be a string (got 7)")]
     [TestCase("decoder", "{\"type\": 5}", "field 'type' must be a string (got 5)")]
+    [TestCase("normalizer", "\"NFC\"", "field 'normalizer' must be an object (got \"NFC\")")]
+    [TestCase("model.vocab", "[\"a\"]", "field 'vocab' must be an object (got [\"a\"])")]
+    [TestCase("added_tokens", "[5]", "field 'added_tokens' must be a list of objects (got 5)")]
+    [TestCase("added_tokens", "{}", "field 'added_tokens' must be an array (got {})")]
+    [TestCase("pre_tokenizer", "{\"type\": \"Sequence\", \"pretokenizers\": [\"ByteLevel\"]}", "field 'pretokenizers' must be a list of objects (got \"ByteLevel\")")]
     [TestCase("normalizer", "{\"type\": \"Replace\", \"pattern\": {\"Regex\": \"([\"}, \"content\": \"x\"}", "invalid regex '(['")]
     [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [3]}", "TemplateProcessing item 3 is neither a Sequence nor a SpecialToken")]
     public void AMalformedTokenizerJson_IsAClearError(string path, string json, string message)

@@ -26,6 +26,24 @@ internal static class JsonFields
         var other => throw WrongType(key, "a string", other, source),
     };
 
+    public static JsonObject? OptionalObject(JsonObject o, string key, string source) => o[key] switch
+    {
+        null => null,
+        JsonObject x => x,
+        var other => throw WrongType(key, "an object", other, source),
+    };
+
+    public static JsonArray? OptionalArray(JsonObject o, string key, string source) => o[key] switch
+    {
+        null => null,
+        JsonArray x => x,
+        var other => throw WrongType(key, "an array", other, source),
+    };
+
+    /// <summary>An element of a list that must be an object; <paramref name="what"/> names the list.</summary>
+    public static JsonObject ObjectElement(JsonNode? n, string what, string source) =>
+        n as JsonObject ?? throw WrongType(what, "a list of objects", n, source);
+
     public static T Required<T>(JsonObject o, string key, string source) where T : struct =>
         Optional<T>(o, key, source) ?? throw Missing(key, source);
 

@@ -164,9 +164,9 @@ public sealed record ModelConfig
         if (OptBool("mlp_bias", false)) throw new ModelFormatException($"{source}: mlp_bias=true is not supported");
 
         // rope theta: top-level rope_theta (transformers 4) or rope_parameters.rope_theta (transformers 5).
-        var ropeParams = c["rope_parameters"] as JsonObject;
+        var ropeParams = JsonFields.OptionalObject(c, "rope_parameters", source);
         double theta = OptDouble("rope_theta") ?? (ropeParams != null ? OptDouble("rope_theta", ropeParams) : null) ?? 10000.0;
-        var scalingObj = c["rope_scaling"] as JsonObject ?? ropeParams;
+        var scalingObj = JsonFields.OptionalObject(c, "rope_scaling", source) ?? ropeParams;
         RopeScaling? scaling = null;
         if (scalingObj != null)
         {
@@ -215,7 +215,7 @@ public sealed record ModelConfig
             WeightDType = OptString("torch_dtype") ?? OptString("dtype") ?? "float32",
         };
         cfg.Validate(source);
-        if (c["disp"] is JsonObject disp) cfg = cfg with { Disp = DispInfo.Parse(disp, cfg, source) };
+        if (JsonFields.OptionalObject(c, "disp", source) is { } disp) cfg = cfg with { Disp = DispInfo.Parse(disp, cfg, source) };
         return cfg;
     }
 

@@ -43,16 +43,16 @@ public sealed class HfTokenizer : ITokenizer
     public HfTokenizer(JsonObject json, string source)
     {
         _source = source;
-        var model = json["model"] as JsonObject ?? throw Error("missing 'model'");
+        var model = Obj(json, "model") ?? throw Error("missing 'model'");
         string type = OptStr(model, "type") ?? "BPE";
         if (type != "BPE") throw Error($"unsupported tokenizer model type '{type}' (only BPE)");
         if (model["continuing_subword_prefix"] is JsonValue || model["end_of_word_suffix"] is JsonValue)
             throw Error("BPE continuing_subword_prefix/end_of_word_suffix are not supported");
 
         _vocab = new Dictionary<string, int>(StringComparer.Ordinal);
-        foreach (var (k, v) in model["vocab"] as JsonObject ?? throw Error("missing model.vocab"))
+        foreach (var (k, v) in Obj(model, "vocab") ?? throw Error("missing model.vocab"))
             _vocab[k] = TokenId(v, $"model.vocab '{k}'");
-        var added = (json["added_tokens"] as JsonArray ?? []).OfType<JsonObject>()
+        var added = Arr(json, "added_tokens").Select(n => Item(n, "added_tokens"))
             .Select(a => (Content: Str(a, "content"), Id: TokenId(a["id"], "added_tokens id"), Special: Flag(a, "special", false)))
             .ToList();
         int size = Math.Max(_vocab.Count == 0 ? 0 : _vocab.Values.Max() + 1, added.Count == 0 ? 0 : added.Max(a => a.Id) + 1);
@@ -69,7 +69,7 @@ public sealed class HfTokenizer : ITokenizer
 
         var merges = new Dictionary<long, (int, int)>();
         int rank = 0;
-        foreach (var m in model["merges"] as JsonArray ?? [])
+        foreach (var m in Arr(model, "merges"))
         {
             string a, b;
             if (m is JsonArray pair)
@@ -96,15 +96,19 @@ public sealed class HfTokenizer : ITokenizer
         _unkId = unk != null && _vocab.TryGetValue(unk, out int u) ? u : null;
         for (int i = 0; i < 256; i++) _byteTokenIds[i] = _vocab.TryGetValue($"<0x{i:X2}>", out int id) ? id : -1;
 
-        _normalize = BuildNormalizer(json["normalizer"] as JsonObject);
-        _preTokenize = BuildPreTokenizer(json["pre_tokenizer"] as JsonObject);
-        (_prefix, _suffix) = BuildTemplate(json["post_processor"] as JsonObject);
-        _decode = BuildDecoder(json["decoder"] as JsonObject);
+        _normalize = BuildNormalizer(Obj(json, "normalizer"));
+        _preTokenize = BuildPreTokenizer(Obj(json, "pre_tokenizer"));
+        (_prefix, _suffix) = BuildTemplate(Obj(json, "post_processor"));
+        _decode = BuildDecoder(Obj(json, "decoder"));
 
         BosId = _prefix.Length > 0 ? _prefix[0] : Lookup("<s>") ?? Lookup("<|begin_of_text|>");
         EosIds = new[] { Lookup("</s>"), Lookup("<|end_of_text|>"), Lookup("<|eot_id|>"), Lookup("<|endoftext|>"), Lookup("<|im_end|>") }
             .Where(x => x.HasValue).Select(x => x!.Value).ToArray();
     }
+
+    private JsonObject? Obj(JsonObject o, string key) => JsonFields.OptionalObject(o, key, _source);
+    private JsonArray Arr(JsonObject o, string key) => JsonFields.OptionalArray(o, key, _source) ?? [];
+    private JsonObject Item(JsonNode? n, string list) => JsonFields.ObjectElement(n, list, _source);
 
     private int? Lookup(string token) => _vocab.TryGetValue(token, out int id) ? id : null;
 
@@ -210,7 +214,7 @@ public sealed class HfTokenizer : ITokenizer
         switch (type)
         {
             case "Sequence":
-                var parts = (n["normalizers"] as JsonArray ?? []).Select(x => BuildNormalizer(x as JsonObject)).ToList();
+                var parts = Arr(n, "normalizers").Select(x => BuildNormalizer(Item(x, "normalizers"))).ToList();
                 return (s, first) => parts.Aggregate(s, (acc, f) => f(acc, first));
             case "Prepend":
                 string pre = Str(n, "prepend");
@@ -229,7 +233,7 @@ public sealed class HfTokenizer : ITokenizer
     private Func<string, bool, string> BuildReplace(JsonObject n)
     {
         string content = Str(n, "content");
-        var pattern = n["pattern"] as JsonObject ?? throw Error("Replace without pattern");
+        var pattern = Obj(n, "pattern") ?? throw Error("Replace without pattern");
         if (OptStr(pattern, "String") is string p) return (s, _) => s.Replace(p, content, StringComparison.Ordinal);
         var regex = Pattern(Str(pattern, "Regex"));
         return (s, _) => regex.Replace(s, content);
@@ -243,7 +247,7 @@ public sealed class HfTokenizer : ITokenizer
         switch (type)
         {
             case "Sequence":
-                var parts = (p["pretokenizers"] as JsonArray ?? []).Select(x => BuildPreTokenizer(x as JsonObject)).ToList();
+                var parts = Arr(p, "pretokenizers").Select(x => BuildPreTokenizer(Item(x, "pretokenizers"))).ToList();
                 return (s, first) => parts.Aggregate((IEnumerable<string>)[s], (acc, f) => acc.SelectMany(x => f(x, first)).ToList());
             case "Metaspace":
             {
@@ -271,7 +275,7 @@ public sealed class HfTokenizer : ITokenizer
             }
             case "Split":
             {
-                var pat = p["pattern"] as JsonObject ?? throw Error("Split without pattern");
+                var pat = Obj(p, "pattern") ?? throw Error("Split without pattern");
                 var regex = pat["Regex"] != null ? Pattern(Str(pat, "Regex")) : Pattern(Regex.Escape(Str(pat, "String")));
                 string behavior = OptStr(p, "behavior") ?? "Isolated";
                 bool invert = Flag(p, "invert", false);
@@ -334,13 +338,13 @@ public sealed class HfTokenizer : ITokenizer
         {
             case "ByteLevel": return ([], []);
             case "Sequence":
-                var parts = (p["processors"] as JsonArray ?? []).Select(x => BuildTemplate(x as JsonObject)).ToList();
+                var parts = Arr(p, "processors").Select(x => BuildTemplate(Item(x, "processors"))).ToList();
                 return (parts.SelectMany(x => x.Item1).ToArray(), parts.SelectMany(x => x.Item2).ToArray());
             case "TemplateProcessing":
-                var specials = p["special_tokens"] as JsonObject;
+                var specials = Obj(p, "special_tokens");
                 List<int> pre = new(), post = new();
                 bool seenSequence = false;
-                foreach (var item in p["single"] as JsonArray ?? [])
+                foreach (var item in Arr(p, "single"))
                 {
                     if (item is not JsonObject entry || (entry["Sequence"] == null && entry["SpecialToken"] is not JsonObject))
                         throw Error($"TemplateProcessing item {item?.ToJsonString()} is neither a Sequence nor a SpecialToken");
@@ -363,7 +367,7 @@ public sealed class HfTokenizer : ITokenizer
         switch (type)
         {
             case "Sequence":
-                var parts = (d["decoders"] as JsonArray ?? []).Select(x => BuildDecoder(x as JsonObject)).ToList();
+                var parts = Arr(d, "decoders").Select(x => BuildDecoder(Item(x, "decoders"))).ToList();
                 return t => parts.Aggregate(t, (acc, f) => f(acc));
             case "Replace":
                 var replace = BuildReplace(d);
