@@ -35,9 +35,9 @@ public static class Devices
     };
 
     /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). On CUDA a Hugging
-    /// Face checkpoint goes to the GPU tensor by tensor and the host keeps no copy of the weights (the result's
-    /// <see cref="LoadedModel.HasHostWeights"/> is false); anything else loads as <see cref="ModelLoader.Load"/> and is
-    /// placed with <see cref="Place"/>.</summary>
+    /// Face checkpoint goes to the GPU tensor by tensor and the host keeps no copy of the weights (the result has no
+    /// <see cref="LoadedModel.Model"/>); anything else loads as <see cref="ModelLoader.Load"/> and is placed with
+    /// <see cref="Place"/>.</summary>
     public static LoadedModel Load(string path, string? tokenizerPath, string device, DType? dtype = null)
     {
         if (device == "cpu" || ModelLoader.FormatOf(path) != ModelFormat.HuggingFace)

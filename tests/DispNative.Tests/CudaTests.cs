@@ -1,5 +1,6 @@
 using DispNative.Engine;
 using DispNative.Engine.Cuda;
+using DispNative.Engine.Inference;
 using DispNative.Interop;
 
 namespace DispNative.Tests;
@@ -313,6 +314,21 @@ public class DeviceSelectionTests
         var e = Assert.Throws<DispNativeException>(() => Devices.Resolve("cuda"))!;
         Assert.That(e.Message, Does.StartWith("--device cuda: ").And.Contain(CudaDevice.Unavailable()!));
         Assert.That(Devices.Resolve("auto"), Is.EqualTo("cpu"));
+    }
+
+    [Test]
+    public void OnCuda_ACheckpointIsStreamedToTheGpu_WithoutAHostCopy()
+    {
+        if (CudaDevice.Unavailable() is string reason) Assert.Ignore($"no CUDA device: {reason}");
+        var dir = TestAssets.WriteTinyModel();
+        using var m = Devices.Load(dir, null, "cuda");
+        Assert.That(m.Runner, Is.InstanceOf<CudaLlama>());
+        Assert.That(Assert.Throws<InvalidOperationException>(() => _ = m.Model)!.Message, Does.Contain("was streamed to the GPU"));
+        int[] ids = [1, 40, 41, 42];
+        var want = Engine.Models.ModelLoader.Load(dir).Model.Logits(ids);
+        var got = m.Runner.Logits(ids);
+        float scale = want.Max(Math.Abs), worst = want.Zip(got).Max(p => Math.Abs(p.First - p.Second));
+        Assert.That(worst, Is.LessThan(2e-2f * scale), "bf16 storage against the f32 CPU model");
     }
 
     [Test]

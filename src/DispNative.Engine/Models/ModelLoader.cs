@@ -19,8 +19,6 @@ public sealed record LoadedModel(string Source, ModelConfig Config, ITokenizer T
         init => _host = value;
     }
 
-    public bool HasHostWeights => _host != null;
-
     public ICausalLanguageModel Runner { get => _runner ?? Model; init => _runner = value; }
 
     /// <summary>Releases the GPU copy, if any.</summary>
