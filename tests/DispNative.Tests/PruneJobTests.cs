@@ -42,6 +42,45 @@ public class PruneJobTests
         return (code, o.ToString(), e.ToString());
     }
 
+    /// <summary><c>train</c>'s or <c>run</c>'s hypernetwork file, pruned with <c>prune</c>, gives the model <c>run</c>
+    /// saved, byte for byte; and the bad inputs of <c>prune</c> each get their own message.</summary>
+    [Test]
+    public void PruneWithTheRunsHypernetwork_SavesTheRunsModel()
+    {
+        var (dir, config) = Setup(c => c["Model"]!["DType"] = "bf16");
+        Assert.That(Cli("run", config).Code, Is.Zero);
+        string model = Path.Combine(dir, "model"), hyper = Path.Combine(dir, "out", "hypernetwork.safetensors"), target = Path.Combine(dir, "again");
+        var (code, stdout, stderr) = Cli("prune", "--model", model, "--hypernetwork", hyper, "--out", target, "--dtype", "bf16");
+        Assert.That(code, Is.Zero, stderr);
+        var metrics = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "out", "metrics.json")))!;
+        Assert.That(stdout, Does.StartWith($"kept {metrics["kept_ratio_prunable"]!.GetValue<double>():P2} of prunable parameters " +
+                                           $"({metrics["params_pruned_total"]!.GetValue<long>():N0} of {metrics["params_dense_total"]!.GetValue<long>():N0} in total; target 60 %, mode disp)"));
+        var saved = Directory.GetFiles(Path.Combine(dir, "out", "model")).Select(Path.GetFileName).Order().ToArray();
+        Assert.That(Directory.GetFiles(target).Select(Path.GetFileName).Order(), Is.EqualTo(saved));
+        foreach (var f in saved)
+            Assert.That(File.ReadAllBytes(Path.Combine(target, f!)), Is.EqualTo(File.ReadAllBytes(Path.Combine(dir, "out", "model", f!))), f);
+
+        string Error(params string[] args)
+        {
+            var (c, _, e) = Cli(["prune", .. args]);
+            Assert.That((c, e.Contains("   at ")), Is.EqualTo((1, false)), e);
+            return e.TrimEnd().Split('\n')[^1];
+        }
+        Assert.That(Error("--model", model, "--hypernetwork", hyper, "--out", target), Is.EqualTo($"error: --out: {target} already exists; not overwriting it"));
+        string fresh = Path.Combine(dir, "fresh");
+        Assert.That(Error("--model", model, "--hypernetwork", Path.Combine(dir, "none"), "--out", fresh), Does.Contain("hypernetwork file").And.Contain("not found"));
+        Assert.That(Error("--model", model, "--hypernetwork", Path.Combine(target, "model.safetensors"), "--out", fresh),
+            Does.Contain("not a DispNative hypernetwork"));
+        Assert.That(Error("--model", target, "--hypernetwork", hyper, "--out", fresh), Does.Contain("is already pruned; give its dense source"));
+        var other = Path.Combine(dir, "other");   // another MLP width: the hypernetwork's mlp_mid heads do not fit
+        var otherConfig = TestAssets.TinyConfig() with { IntermediateSize = 96 };
+        Engine.IO.SafeTensorsWriter.WriteSharded(other, ModelWeights.Random(otherConfig, 5).ToTensors(otherConfig, Engine.IO.DType.F32).ToList(), long.MaxValue);
+        File.WriteAllText(Path.Combine(other, "config.json"), otherConfig.ToJson().ToJsonString());
+        File.Copy(Path.Combine(model, "tokenizer.json"), Path.Combine(other, "tokenizer.json"));
+        Assert.That(Error("--model", other, "--hypernetwork", hyper, "--out", fresh), Does.Contain("but this model and mode need"));
+        Assert.That(Directory.Exists(fresh), Is.False);
+    }
+
     [Test]
     public void RunWritesEverythingAndTheSavedModelScoresAsReported()
     {

@@ -28,6 +28,7 @@ public static class Program
         root.Subcommands.Add(GenerateCommand(stdout, stderr));
         root.Subcommands.Add(InspectCommand(stdout, stderr));
         root.Subcommands.Add(TrainCommand(stdout, stderr));
+        root.Subcommands.Add(PruneCommand(stdout, stderr));
         root.Subcommands.Add(SelfTestCommand(stdout, stderr));
         root.Subcommands.Add(RunCommand(stdout, stderr));
         var parse = root.Parse(args);
@@ -301,6 +302,37 @@ public static class Program
                 stdout.WriteLine($"hypernetwork: {result.HypernetworkPath}");
                 return 0;
             }, () => stderr.WriteLine($"interrupted at step {trainer.Step}; checkpoint saved in {outDir} (run the same command to resume)"));
+        }));
+        return cmd;
+    }
+
+    private static Command PruneCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var model = ModelOption(); var tok = TokenizerOption();
+        var hypernetwork = new Option<string>("--hypernetwork") { Description = "hypernetwork.safetensors written by train or run", Required = true };
+        var deterministic = new Option<bool>("--deterministic") { Description = "hard masks without Gumbel noise (default: the noise of the training seed, as run does)" };
+        var dtype = new Option<string>("--dtype") { Description = "auto | f32 | bf16 | f16: storage of the pruned weights (auto: as the dense model)", DefaultValueFactory = _ => "auto" };
+        var output = new Option<string>("--out") { Description = "directory of the pruned model (must not exist)", Required = true };
+        var cmd = new Command("prune", "Slice a dense model by the masks of a trained hypernetwork and save the pruned model")
+            { model, tok, hypernetwork, deterministic, dtype, output };
+        cmd.SetAction(p => Guard(stderr, () =>
+        {
+            string outDir = p.GetValue(output)!, hyperPath = p.GetValue(hypernetwork)!;
+            var saveAs = Devices.ParseDType(p.GetValue(dtype)!);
+            if (Directory.Exists(outDir) || File.Exists(outDir)) throw new InvalidSettingException($"--out: {outDir} already exists; not overwriting it");
+            FilePaths.RequireInput(hyperPath, "hypernetwork file");
+            string modelPath = TinyModel.Resolve(p.GetValue(model)!);
+            var dense = ModelLoader.Load(modelPath, p.GetValue(tok));
+            if (dense.Config.Disp != null) throw new InvalidSettingException($"--model: {modelPath} is already pruned; give its dense source");
+            var saved = SavedHypernetwork.Load(hyperPath, dense.Config);
+            var (config, weights) = Pruner.Apply(dense.Config, dense.Model.Weights, saved.Plan(p.GetValue(deterministic)),
+                saved.Mode.ToString().ToLowerInvariant(), saved.PruneRatio, p.GetValue(model));
+            Pruner.Save(outDir, config, weights, Pruner.SavedDType(dense.Config, saveAs), Pruner.TokenizerFilesOf(modelPath, p.GetValue(tok)));
+            var (dc, pc) = (dense.Config.ParameterCounts(), config.ParameterCounts());
+            double kept = (double)(pc["attention"] + pc["mlp"]) / (dc["attention"] + dc["mlp"]);
+            stdout.WriteLine($"kept {kept:P2} of prunable parameters ({pc.Values.Sum():N0} of {dc.Values.Sum():N0} in total; target {1 - saved.PruneRatio:P0}, mode {config.Disp!.Mode})");
+            stdout.WriteLine($"pruned model: {outDir}");
+            return 0;
         }));
         return cmd;
     }

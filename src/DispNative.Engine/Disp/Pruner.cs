@@ -43,6 +43,33 @@ public sealed record PruningPlan(int[][][] Indices)
     }
 }
 
+/// <summary>A hypernetwork saved by training (<c>train</c>, <c>run</c>), with what pruning takes from its metadata:
+/// the mode and target it was trained for and the seed of its Gumbel noise.</summary>
+public sealed record SavedHypernetwork(Hypernetwork<float> Network, SiteLayout Layout, PruningMode Mode, double PruneRatio, ulong Seed)
+{
+    /// <summary>Loads <paramref name="path"/> for a model of <paramref name="config"/>; its outputs must fit that model
+    /// in the mode it was trained in.</summary>
+    public static SavedHypernetwork Load(string path, ModelConfig config)
+    {
+        FilePaths.RequireInput(path, "hypernetwork file");
+        var meta = Hypernetwork<float>.ReadMetadata(path);
+        var mode = JsonFields.OptionalString(meta, "mode", path) switch
+        {
+            "disp" => PruningMode.Disp,
+            "same" => PruningMode.Same,
+            var other => throw new ModelFormatException($"{path}: metadata field 'mode' is {(other == null ? "missing" : $"'{other}'")} (expected disp or same)"),
+        };
+        double ratio = JsonFields.Required<double>(meta, "prune_ratio", path);
+        if (!(ratio > 0 && ratio < 1)) throw new ModelFormatException($"{path}: metadata field 'prune_ratio' is {ratio}, outside (0, 1)");
+        var layout = new SiteLayout(config, mode);
+        return new SavedHypernetwork(Hypernetwork<float>.Load(path, layout.OutputWidths), layout, mode, ratio,
+            JsonFields.Optional<ulong>(meta, "seed", path) ?? 0);
+    }
+
+    /// <summary>The hard masks as <see cref="PruningPlan.FromHypernetwork"/> draws them in the <c>run</c> job.</summary>
+    public PruningPlan Plan(bool deterministic) => PruningPlan.FromHypernetwork(Network, Layout, deterministic, Seed);
+}
+
 /// <summary>Slices a dense model by a <see cref="PruningPlan"/>: q/k/v keep the columns attn_in; o_proj the rows
 /// attn_out; gate/up the rows mlp_mid and columns mlp_in; down the rows mlp_out and columns mlp_mid. Norm weights
 /// stay full length (statistics come from the full row); biases follow their rows.</summary>
@@ -78,6 +105,10 @@ public static class Pruner
         var prunedConfig = config with { Disp = new DispInfo(DispInfo.CurrentFormatVersion, plan.Widths, mode, pruneRatioTarget, sourceModel) };
         return (prunedConfig, new ModelWeights { Embedding = dense.Embedding, Layers = layers, FinalNorm = dense.FinalNorm, LmHead = dense.LmHead });
     }
+
+    /// <summary>The storage type of a pruned model: <paramref name="requested"/>, else the dense model's own.</summary>
+    public static DType SavedDType(ModelConfig dense, DType? requested)
+        => requested ?? (dense.WeightDType switch { "bfloat16" => DType.BF16, "float16" => DType.F16, _ => DType.F32 });
 
     /// <summary>Rows <paramref name="rows"/> (all when null) and columns <paramref name="cols"/> (all when null) of a
     /// row-major matrix with <paramref name="rowCount"/> rows of <paramref name="width"/>.</summary>

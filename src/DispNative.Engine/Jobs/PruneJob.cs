@@ -78,7 +78,7 @@ public static class PruneJob
         var (prunedConfig, prunedWeights) = Pruner.Apply(dense.Config, dense.Model.Weights, plan, mode, o.Training.PruneRatio, o.ModelPath);
         string modelDir = Path.Combine(outDir, ModelDir);
         if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
-        var dtype = o.DType ?? (dense.Config.WeightDType switch { "bfloat16" => DType.BF16, "float16" => DType.F16, _ => DType.F32 });
+        var dtype = Pruner.SavedDType(dense.Config, o.DType);
         Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
 
         // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
