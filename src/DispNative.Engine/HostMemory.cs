@@ -19,6 +19,7 @@ public static class HostMemory
     }
 }
 
+/// <summary>Byte counts for messages.</summary>
 public static class ByteCount
 {
     /// <summary>A byte count in KiB, MiB, GiB or TiB.</summary>

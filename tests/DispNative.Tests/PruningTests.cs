@@ -78,9 +78,9 @@ public class PruningTests
         Assert.That(p.WDown[2 * idx[3].Length + 4], Is.EqualTo(w.WDown[idx[4][2] * f + idx[3][4]]));
         Assert.That(p.AttnNorm, Is.SameAs(w.AttnNorm));
         Assert.That(pc.Disp!.Widths[1], Is.EqualTo(idx.Select(i => i.Length).ToArray()));
-        long prunable = pc.ParameterCounts()["attention"] + pc.ParameterCounts()["mlp"];
+        long prunable = pc.PrunableParameters();
         double ratio = new SiteLayout(c, PruningMode.Disp).KeptRatio(ToGrid(pc.Disp.Widths));
-        long densePrunable = c.ParameterCounts()["attention"] + c.ParameterCounts()["mlp"];
+        long densePrunable = c.PrunableParameters();
         Assert.That((double)prunable / densePrunable, Is.EqualTo(ratio).Within(1e-12));
         Assert.Throws<InvalidSettingException>(() => Pruner.Apply(pc, pw, plan, "disp", 0.5, null));
     }

@@ -328,9 +328,9 @@ public static class Program
             var (config, weights) = Pruner.Apply(dense.Config, dense.Model.Weights, saved.Plan(p.GetValue(deterministic)),
                 saved.Mode.ToString().ToLowerInvariant(), saved.PruneRatio, p.GetValue(model));
             Pruner.Save(outDir, config, weights, Pruner.SavedDType(dense.Config, saveAs), Pruner.TokenizerFilesOf(modelPath, p.GetValue(tok)));
-            var (dc, pc) = (dense.Config.ParameterCounts(), config.ParameterCounts());
-            double kept = (double)(pc["attention"] + pc["mlp"]) / (dc["attention"] + dc["mlp"]);
-            stdout.WriteLine($"kept {kept:P2} of prunable parameters ({pc.Values.Sum():N0} of {dc.Values.Sum():N0} in total; target {1 - saved.PruneRatio:P0}, mode {config.Disp!.Mode})");
+            double kept = (double)config.PrunableParameters() / dense.Config.PrunableParameters();
+            stdout.WriteLine($"kept {kept:P2} of prunable parameters ({config.ParameterCounts().Values.Sum():N0} of " +
+                             $"{dense.Config.ParameterCounts().Values.Sum():N0} in total; target {1 - saved.PruneRatio:P0}, mode {config.Disp!.Mode})");
             stdout.WriteLine($"pruned model: {outDir}");
             return 0;
         }));

@@ -235,7 +235,7 @@ public static class Program
                           $"{dense.PrefillFlops / dense.PrefillSeconds / 1e9:F1} GFLOP/s; decode after {tokens} tokens: {dense.DecodeTokS:F0} tokens/s");
         if (times.Count == 1) return;
         var pruned = times[1];
-        double layerParams = LayerParameters(config), prunedLayerParams = LayerParameters(models[1].Config);
+        double layerParams = config.PrunableParameters(), prunedLayerParams = models[1].Config.PrunableParameters();
         Console.WriteLine($"DISP-pruned, every site {keep:P0} ({prunedLayerParams / layerParams:P1} of the layer parameters): prefill {pruned.PrefillSeconds * 1000:F1} ms, " +
                           $"decode {pruned.DecodeTokS:F0} tokens/s");
         // What the ratios would be if time followed the arithmetic (prefill: FLOPs) or the weights read per token
@@ -245,11 +245,6 @@ public static class Program
                           $"decode {pruned.DecodeTokS / dense.DecodeTokS:F2}x (weight-bytes ratio {(layerParams + head) / (prunedLayerParams + head):F2}x)");
     }
 
-    private static double LayerParameters(ModelConfig c)
-    {
-        var counts = c.ParameterCounts();
-        return counts["attention"] + counts["mlp"];
-    }
 
     private sealed record ForwardTimes(double PrefillSeconds, double PrefillFlops, double DecodeTokS);
 
@@ -289,7 +284,7 @@ public static class Program
         {
             var c = model.Config;
             double attnFlops = 2.0 * c.NumLayers * c.NumHeads * c.HeadDim * tokens * (tokens + 1);
-            double flops = 2 * LayerParameters(c) * tokens + attnFlops + 2.0 * c.VocabSize * c.HiddenSize;
+            double flops = 2.0 * c.PrunableParameters() * tokens + attnFlops + 2.0 * c.VocabSize * c.HiddenSize;
             return new ForwardTimes(Median(prefill[i]), flops, Median(decode[i]));
         }).ToList();
     }

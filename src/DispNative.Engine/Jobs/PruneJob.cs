@@ -102,7 +102,7 @@ public static class PruneJob
 
         var dc = dense.Config.ParameterCounts();
         var pc = savedConfig.ParameterCounts();
-        double kept = (double)(pc["attention"] + pc["mlp"]) / (dc["attention"] + dc["mlp"]);
+        double kept = (double)savedConfig.PrunableParameters() / dense.Config.PrunableParameters();
         var widths = new JsonArray(prunedConfig.Disp!.Widths.Select((w, l) =>
         {
             var layer = new JsonObject { ["layer"] = l };
@@ -117,8 +117,8 @@ public static class PruneJob
             ["kept_ratio_prunable"] = kept,
             ["params_dense_total"] = dc.Values.Sum(),
             ["params_pruned_total"] = pc.Values.Sum(),
-            ["params_dense_prunable"] = dc["attention"] + dc["mlp"],
-            ["params_pruned_prunable"] = pc["attention"] + pc["mlp"],
+            ["params_dense_prunable"] = dense.Config.PrunableParameters(),
+            ["params_pruned_prunable"] = savedConfig.PrunableParameters(),
             ["mode"] = mode,
             ["lambda"] = o.Training.Lambda,
             ["steps"] = train.Steps,

@@ -133,6 +133,13 @@ public sealed record ModelConfig
         };
     }
 
+    /// <summary>The parameters DISP-LLM prunes: attention and MLP projections (with their biases).</summary>
+    public long PrunableParameters()
+    {
+        var counts = ParameterCounts();
+        return counts["attention"] + counts["mlp"];
+    }
+
     public static ModelConfig Load(string configPath)
     {
         if (!File.Exists(configPath)) throw new ModelFormatException($"config not found: {configPath}");
