@@ -319,6 +319,7 @@ public static class Program
         {
             string outDir = p.GetValue(output)!, hyperPath = p.GetValue(hypernetwork)!;
             var saveAs = Devices.ParseDType(p.GetValue(dtype)!);
+            // Both checked again where they are used; here before the model loads.
             if (Directory.Exists(outDir) || File.Exists(outDir)) throw new InvalidSettingException($"--out: {outDir} already exists; not overwriting it");
             FilePaths.RequireInput(hyperPath, "hypernetwork file");
             string modelPath = TinyModel.Resolve(p.GetValue(model)!);

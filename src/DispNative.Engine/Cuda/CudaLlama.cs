@@ -98,8 +98,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     public static CudaLlama Load(CudaDevice device, ModelConfig config, SafeTensorsCheckpoint checkpoint, DType dtype, bool ownsDevice = false)
     {
         ModelWeights.CheckLayerCount(checkpoint, config);
-        var lmHead = config.TieWordEmbeddings && !checkpoint.Contains("lm_head.weight")
-            ? null : (Func<float[]>)(() => ModelWeights.LoadUntiedLmHead(checkpoint, config)!);
+        Func<float[]>? lmHead = ModelWeights.HasOwnLmHead(checkpoint, config) ? () => ModelWeights.LoadLmHead(checkpoint, config) : null;
         return new CudaLlama(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype,
             () => ModelWeights.LoadEmbedding(checkpoint, config), () => ModelWeights.LoadFinalNorm(checkpoint, config), lmHead,
             l => ModelWeights.LoadLayer(checkpoint, config, l)));

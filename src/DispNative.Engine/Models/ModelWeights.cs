@@ -89,7 +89,7 @@ public sealed class ModelWeights
             Embedding = embed,
             Layers = layers,
             FinalNorm = LoadFinalNorm(ckpt, c),
-            LmHead = LoadUntiedLmHead(ckpt, c) ?? embed,
+            LmHead = HasOwnLmHead(ckpt, c) ? LoadLmHead(ckpt, c) : embed,
         };
     }
 
@@ -136,9 +136,10 @@ public sealed class ModelWeights
 
     public static float[] LoadFinalNorm(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("model.norm.weight", c.HiddenSize);
 
-    /// <summary>The LM head, or null when it is the embedding (tied, and the checkpoint has no separate copy).</summary>
-    public static float[]? LoadUntiedLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c)
-        => c.TieWordEmbeddings && !ckpt.Contains("lm_head.weight") ? null : ckpt.ReadFloat32("lm_head.weight", c.VocabSize, c.HiddenSize);
+    /// <summary>Whether the LM head is a tensor of its own; else it is the embedding (tied, and no separate copy stored).</summary>
+    public static bool HasOwnLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c) => !c.TieWordEmbeddings || ckpt.Contains("lm_head.weight");
+
+    public static float[] LoadLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("lm_head.weight", c.VocabSize, c.HiddenSize);
 
     /// <summary>Indices must be strictly increasing (sorted and unique), within [0, full), and as many as the width.</summary>
     public static void ValidateIndices(int[] idx, int width, int full, string what)
