@@ -34,19 +34,15 @@ public static class Devices
         _ => throw new InvalidSettingException($"unknown dtype '{dtype}' (expected auto, f32, bf16 or f16)"),
     };
 
-    /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). On CUDA a Hugging
-    /// Face checkpoint goes to the GPU tensor by tensor and the host keeps no copy of the weights (the result has no
-    /// <see cref="LoadedModel.Model"/>); anything else loads as <see cref="ModelLoader.Load"/> and is placed with
-    /// <see cref="Place"/>.</summary>
+    /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). On the CPU
+    /// as <see cref="ModelLoader.Load"/>; on CUDA the weights go to the GPU as they are read (<see cref="ModelLoader.Open"/>),
+    /// a layer's at a time, and the host keeps no copy of them (the result has no <see cref="LoadedModel.Model"/>).</summary>
     public static LoadedModel Load(string path, string? tokenizerPath, string device, DType? dtype = null)
     {
-        if (device == "cpu" || ModelLoader.FormatOf(path) != ModelFormat.HuggingFace)
-            return Place(ModelLoader.Load(path, tokenizerPath), device, dtype);
-        var config = ModelLoader.LoadConfig(path);
-        var tokenizer = ModelLoader.LoadTokenizer(path, tokenizerPath, config);
-        using var checkpoint = SafeTensorsCheckpoint.Open(path);
+        if (device == "cpu") return Place(ModelLoader.Load(path, tokenizerPath), device, dtype);
+        using var opened = ModelLoader.Open(path, tokenizerPath);
         var gpu = CudaDevice.Open();
-        try { return new LoadedModel(path, config, tokenizer) { Runner = CudaLlama.Load(gpu, config, checkpoint, dtype ?? DType.BF16, ownsDevice: true) }; }
+        try { return new LoadedModel(path, opened.Config, opened.Tokenizer) { Runner = new CudaLlama(gpu, opened.Config, opened.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
         catch { gpu.Dispose(); throw; }
     }
 

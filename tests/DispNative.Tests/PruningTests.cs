@@ -120,6 +120,49 @@ public class PruningTests
         Assert.Throws<InvalidSettingException>(() => Pruner.Save(dir, pc, pw, DType.F32, []), "an existing directory is never overwritten");
     }
 
+    [Test]
+    public void SavingLayerByLayer_SlicesEachLayerOnce_HoldsNoMoreThanAFewLayers_AndWritesTheSameFiles()
+    {
+        var c = TestAssets.TinyConfig(vocab: 64) with { HiddenSize = 256, IntermediateSize = 768, NumLayers = 24, NumHeads = 8, NumKvHeads = 4, HeadDim = 32 };
+        var dense = ModelWeights.Random(c, 4);
+        var plan = RandomPlan(c, PruningMode.Disp, 0.6, 8);
+        var (pc, pw) = Pruner.Apply(c, dense, plan, "disp", 0.4, "src");
+        string root = TestAssets.TempDir(), inMemory = Path.Combine(root, "in-memory"), layerwise = Path.Combine(root, "layerwise");
+        const long shardBytes = 4 << 20;
+        Pruner.Save(inMemory, pc, pw, DType.F32, [], shardBytes);
+        pw = null;
+
+        // Each dense layer is a fresh copy, as a checkpoint read makes it: what the save keeps alive shows as heap growth.
+        static float[] Copy(float[]? a) => a == null ? null! : (float[])a.Clone();
+        long layerBytes = 4L * (2 * c.QDim * c.HiddenSize + 2 * c.KvDim * c.HiddenSize + 3L * c.IntermediateSize * c.HiddenSize);
+        var asked = new List<int>();
+        long baseline = 0, most = 0;
+        var source = LayerwiseWeights.Of(dense) with
+        {
+            Layer = l =>
+            {
+                most = Math.Max(most, GC.GetTotalMemory(forceFullCollection: true) - baseline);
+                asked.Add(l);
+                var w = dense.Layers[l];
+                return new LayerWeights
+                {
+                    AttnNorm = Copy(w.AttnNorm), Wq = Copy(w.Wq), Wk = Copy(w.Wk), Wv = Copy(w.Wv), Wo = Copy(w.Wo),
+                    MlpNorm = Copy(w.MlpNorm), WGate = Copy(w.WGate), WUp = Copy(w.WUp), WDown = Copy(w.WDown),
+                };
+            },
+        };
+        baseline = GC.GetTotalMemory(forceFullCollection: true);
+        Pruner.Save(layerwise, pc, Pruner.Slicing(c, source, plan), DType.F32, [], shardBytes);
+
+        Assert.That(asked, Is.EqualTo(Enumerable.Range(0, c.NumLayers)), "each layer asked for once, in order");
+        Assert.That(most, Is.LessThan(2 * layerBytes), $"heap growth while saving: {most:N0} bytes; one dense layer is {layerBytes:N0}");
+        var files = Directory.GetFiles(inMemory).Select(Path.GetFileName).Order().ToList();
+        Assert.That(files.Count(f => f!.EndsWith(".safetensors")), Is.GreaterThan(1), "sharded");
+        Assert.That(Directory.GetFiles(layerwise).Select(Path.GetFileName).Order(), Is.EqualTo(files));
+        foreach (var f in files)
+            Assert.That(File.ReadAllBytes(Path.Combine(layerwise, f!)), Is.EqualTo(File.ReadAllBytes(Path.Combine(inMemory, f!))), f);
+    }
+
     [TestCase("unsorted")]
     [TestCase("duplicate")]
     [TestCase("range")]

@@ -323,12 +323,13 @@ public static class Program
             if (Directory.Exists(outDir) || File.Exists(outDir)) throw new InvalidSettingException($"--out: {outDir} already exists; not overwriting it");
             FilePaths.RequireInput(hyperPath, "hypernetwork file");
             string modelPath = TinyModel.Resolve(p.GetValue(model)!);
-            var dense = ModelLoader.Load(modelPath, p.GetValue(tok));
+            using var dense = ModelLoader.Open(modelPath, p.GetValue(tok));   // read and sliced a layer at a time
             if (dense.Config.Disp != null) throw new InvalidSettingException($"--model: {modelPath} is already pruned; give its dense source");
             var saved = SavedHypernetwork.Load(hyperPath, dense.Config);
-            var (config, weights) = Pruner.Apply(dense.Config, dense.Model.Weights, saved.Plan(p.GetValue(deterministic)),
-                saved.Mode.ToString().ToLowerInvariant(), saved.PruneRatio, p.GetValue(model));
-            Pruner.Save(outDir, config, weights, Pruner.SavedDType(dense.Config, saveAs), Pruner.TokenizerFilesOf(modelPath, p.GetValue(tok)));
+            var plan = saved.Plan(p.GetValue(deterministic));
+            var config = Pruner.PrunedConfig(dense.Config, plan, saved.Mode.ToString().ToLowerInvariant(), saved.PruneRatio, p.GetValue(model));
+            Pruner.Save(outDir, config, Pruner.Slicing(dense.Config, dense.Weights, plan), Pruner.SavedDType(dense.Config, saveAs),
+                Pruner.TokenizerFilesOf(modelPath, p.GetValue(tok)));
             double kept = (double)config.PrunableParameters() / dense.Config.PrunableParameters();
             stdout.WriteLine($"kept {kept:P2} of prunable parameters ({config.ParameterCounts().Values.Sum():N0} of " +
                              $"{dense.Config.ParameterCounts().Values.Sum():N0} in total; target {1 - saved.PruneRatio:P0}, mode {config.Disp!.Mode})");

@@ -89,20 +89,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
     /// With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false)
-        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, () => weights.Embedding, () => weights.FinalNorm,
-            ReferenceEquals(weights.LmHead, weights.Embedding) ? null : () => weights.LmHead, l => weights.Layers[l])) { }
+        : this(device, config, LayerwiseWeights.Of(weights), dtype, ownsDevice) { }
 
-    /// <summary>Streams a Hugging Face checkpoint's tensors to <paramref name="device"/> in <paramref name="dtype"/>, one at a
-    /// time (a layer's at most), so the host never holds the whole model; shapes and index tensors are checked as in
-    /// <see cref="ModelWeights.Load"/>. With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
-    public static CudaLlama Load(CudaDevice device, ModelConfig config, SafeTensorsCheckpoint checkpoint, DType dtype, bool ownsDevice = false)
-    {
-        ModelWeights.CheckLayerCount(checkpoint, config);
-        Func<float[]>? lmHead = ModelWeights.HasOwnLmHead(checkpoint, config) ? () => ModelWeights.LoadLmHead(checkpoint, config) : null;
-        return new CudaLlama(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype,
-            () => ModelWeights.LoadEmbedding(checkpoint, config), () => ModelWeights.LoadFinalNorm(checkpoint, config), lmHead,
-            l => ModelWeights.LoadLayer(checkpoint, config, l)));
-    }
+    /// <summary>Uploads <paramref name="weights"/> one part at a time (a layer's at most): from a checkpoint
+    /// (<see cref="LayerwiseWeights.Read"/>) the host never holds the whole model. With <paramref name="ownsDevice"/> the
+    /// device is disposed with the model.</summary>
+    public CudaLlama(CudaDevice device, ModelConfig config, LayerwiseWeights weights, DType dtype, bool ownsDevice = false)
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights)) { }
 
     /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
     /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
@@ -168,17 +161,16 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
-    /// <summary>f32 host weights, uploaded as each is asked for. <paramref name="lmHead"/> null: tied to the embedding.</summary>
-    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, Func<float[]> embedding, Func<float[]> finalNorm,
-        Func<float[]>? lmHead, Func<int, LayerWeights> layer) : WeightSource
+    /// <summary>f32 host weights, uploaded as each is asked for.</summary>
+    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host) : WeightSource
     {
-        public override DeviceTensor Embedding() => device.Upload(embedding(), dtype);
-        public override DeviceTensor FinalNorm() => device.Upload(finalNorm(), dtype);
-        public override DeviceTensor LmHead(DeviceTensor embedding) => lmHead == null ? embedding : device.Upload(lmHead(), dtype);
+        public override DeviceTensor Embedding() => device.Upload(host.Embedding(), dtype);
+        public override DeviceTensor FinalNorm() => device.Upload(host.FinalNorm(), dtype);
+        public override DeviceTensor LmHead(DeviceTensor embedding) => host.OwnLmHead is { } lmHead ? device.Upload(lmHead(), dtype) : embedding;
 
         protected override Layer BuildLayer(int l)
         {
-            var w = layer(l);
+            var w = host.Layer(l);
             int d = c.HiddenSize, f = c.IntermediateSize;
             int ai = Stored(w.AttnInIdx, d), ao = Stored(w.AttnOutIdx, d), mi = Stored(w.MlpInIdx, d), mm = Stored(w.MlpMidIdx, f), mo = Stored(w.MlpOutIdx, d);
             int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;

@@ -714,7 +714,7 @@ public static class SelfTest
         return detail;
     }
 
-    /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="CudaLlama.Load"/>, what <c>eval</c> and
+    /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="LayerwiseWeights.Read"/>, what <c>eval</c> and
     /// <c>generate</c> do on CUDA) holds the weights that uploading the host's copy of it gives: the same logits, bit for bit.</summary>
     private static string StreamedLoad(CudaDevice dev, bool pruned)
     {
@@ -733,7 +733,7 @@ public static class SelfTest
             File.WriteAllText(Path.Combine(dir, "config.json"), c.ToJson().ToJsonString());
             using var checkpoint = SafeTensorsCheckpoint.Open(dir);
             using var uploaded = new CudaLlama(dev, c, ModelWeights.Load(checkpoint, c), DType.BF16);
-            using var streamed = CudaLlama.Load(dev, c, checkpoint, DType.BF16);
+            using var streamed = new CudaLlama(dev, c, LayerwiseWeights.Read(checkpoint, c), DType.BF16);
             int[] prompt = [1, 5, 77, 300, 2, 516, 9];
             using var c1 = uploaded.NewCache(prompt.Length);
             using var c2 = streamed.NewCache(prompt.Length);

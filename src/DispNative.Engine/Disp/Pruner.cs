@@ -75,35 +75,54 @@ public sealed record SavedHypernetwork(Hypernetwork<float> Network, SiteLayout L
 /// stay full length (statistics come from the full row); biases follow their rows.</summary>
 public static class Pruner
 {
+    /// <summary>The pruned model in memory: its config and sliced weights.</summary>
     public static (ModelConfig Config, ModelWeights Weights) Apply(ModelConfig config, ModelWeights dense, PruningPlan plan,
         string mode, double pruneRatioTarget, string? sourceModel)
     {
+        var pruned = PrunedConfig(config, plan, mode, pruneRatioTarget, sourceModel);
+        var layers = new LayerWeights[config.NumLayers];
+        for (int l = 0; l < layers.Length; l++) layers[l] = SliceLayer(config, dense.Layers[l], plan.Indices[l]);
+        return (pruned, new ModelWeights { Embedding = dense.Embedding, Layers = layers, FinalNorm = dense.FinalNorm, LmHead = dense.LmHead });
+    }
+
+    /// <summary>The pruned model's weights, each layer sliced when it is asked for: saved from these, the host holds one
+    /// dense and one pruned layer at a time.</summary>
+    public static LayerwiseWeights Slicing(ModelConfig config, LayerwiseWeights dense, PruningPlan plan)
+        => dense with { Layer = l => SliceLayer(config, dense.Layer(l), plan.Indices[l]) };
+
+    /// <summary>The config of the dense <paramref name="config"/> pruned by <paramref name="plan"/>, whose indices are
+    /// checked here (sorted, unique, in range), before anything is sliced or written.</summary>
+    public static ModelConfig PrunedConfig(ModelConfig config, PruningPlan plan, string mode, double pruneRatioTarget, string? sourceModel)
+    {
         if (config.Disp != null) throw new InvalidSettingException("the model is already pruned; prune its dense source instead");
         if (plan.Indices.Length != config.NumLayers) throw new ArgumentException($"plan has {plan.Indices.Length} layers, the model {config.NumLayers}");
-        int d = config.HiddenSize, f = config.IntermediateSize, qd = config.QDim, kvd = config.KvDim;
-        var layers = new LayerWeights[config.NumLayers];
-        for (int l = 0; l < layers.Length; l++)
+        for (int l = 0; l < plan.Indices.Length; l++)
         {
             var idx = plan.Indices[l];
             for (int s = 0; s < idx.Length; s++)
-                ModelWeights.ValidateIndices(idx[s], idx[s].Length, s == (int)SiteKind.MlpMid ? f : d, $"layer {l} {SiteLayout.SiteName((SiteKind)s)}");
-            var w = dense.Layers[l];
-            int[] ai = idx[0], ao = idx[1], mi = idx[2], mm = idx[3], mo = idx[4];
-            layers[l] = new LayerWeights
-            {
-                AttnNorm = w.AttnNorm,
-                Wq = Slice(w.Wq, d, null, ai, qd), Wk = Slice(w.Wk, d, null, ai, kvd), Wv = Slice(w.Wv, d, null, ai, kvd),
-                Wo = Slice(w.Wo, qd, ao, null, d),
-                Bq = w.Bq, Bk = w.Bk, Bv = w.Bv,
-                Bo = w.Bo == null ? null : ao.Select(i => w.Bo[i]).ToArray(),
-                MlpNorm = w.MlpNorm,
-                WGate = Slice(w.WGate, d, mm, mi, f), WUp = Slice(w.WUp, d, mm, mi, f),
-                WDown = Slice(w.WDown, f, mo, mm, d),
-                AttnInIdx = ai, AttnOutIdx = ao, MlpInIdx = mi, MlpMidIdx = mm, MlpOutIdx = mo,
-            };
+                ModelWeights.ValidateIndices(idx[s], idx[s].Length, s == (int)SiteKind.MlpMid ? config.IntermediateSize : config.HiddenSize,
+                    $"layer {l} {SiteLayout.SiteName((SiteKind)s)}");
         }
-        var prunedConfig = config with { Disp = new DispInfo(DispInfo.CurrentFormatVersion, plan.Widths, mode, pruneRatioTarget, sourceModel) };
-        return (prunedConfig, new ModelWeights { Embedding = dense.Embedding, Layers = layers, FinalNorm = dense.FinalNorm, LmHead = dense.LmHead });
+        return config with { Disp = new DispInfo(DispInfo.CurrentFormatVersion, plan.Widths, mode, pruneRatioTarget, sourceModel) };
+    }
+
+    /// <summary>One dense layer sliced by its indices <paramref name="idx"/> (site order).</summary>
+    public static LayerWeights SliceLayer(ModelConfig config, LayerWeights w, int[][] idx)
+    {
+        int d = config.HiddenSize, f = config.IntermediateSize, qd = config.QDim, kvd = config.KvDim;
+        int[] ai = idx[0], ao = idx[1], mi = idx[2], mm = idx[3], mo = idx[4];
+        return new LayerWeights
+        {
+            AttnNorm = w.AttnNorm,
+            Wq = Slice(w.Wq, d, null, ai, qd), Wk = Slice(w.Wk, d, null, ai, kvd), Wv = Slice(w.Wv, d, null, ai, kvd),
+            Wo = Slice(w.Wo, qd, ao, null, d),
+            Bq = w.Bq, Bk = w.Bk, Bv = w.Bv,
+            Bo = w.Bo == null ? null : ao.Select(i => w.Bo[i]).ToArray(),
+            MlpNorm = w.MlpNorm,
+            WGate = Slice(w.WGate, d, mm, mi, f), WUp = Slice(w.WUp, d, mm, mi, f),
+            WDown = Slice(w.WDown, f, mo, mm, d),
+            AttnInIdx = ai, AttnOutIdx = ao, MlpInIdx = mi, MlpMidIdx = mm, MlpOutIdx = mo,
+        };
     }
 
     /// <summary>The storage type of a pruned model: <paramref name="requested"/>, else the dense model's own.</summary>
@@ -138,9 +157,14 @@ public static class Pruner
         return files;
     }
 
-    /// <summary>Saves a model directory (config.json, sharded safetensors, tokenizer files) atomically: it is
-    /// written beside <paramref name="directory"/> and moved into place, which must not exist yet.</summary>
     public static void Save(string directory, ModelConfig config, ModelWeights weights, DType dtype, IEnumerable<(string Source, string Name)> tokenizerFiles,
+        long maxShardBytes = 2L << 30)
+        => Save(directory, config, LayerwiseWeights.Of(weights), dtype, tokenizerFiles, maxShardBytes);
+
+    /// <summary>Saves a model directory (config.json, sharded safetensors, tokenizer files) atomically: it is
+    /// written beside <paramref name="directory"/> and moved into place, which must not exist yet. The weights are
+    /// asked for layer by layer as the shards are written.</summary>
+    public static void Save(string directory, ModelConfig config, LayerwiseWeights weights, DType dtype, IEnumerable<(string Source, string Name)> tokenizerFiles,
         long maxShardBytes = 2L << 30)
     {
         if (Directory.Exists(directory) || File.Exists(directory)) throw new InvalidSettingException($"{directory} already exists; not overwriting it");
@@ -150,7 +174,7 @@ public static class Pruner
         Directory.CreateDirectory(tmp);
         try
         {
-            SafeTensorsWriter.WriteSharded(tmp, weights.ToTensors(config, dtype).ToList(), maxShardBytes);
+            SafeTensorsWriter.WriteSharded(tmp, weights.Tensors(config, dtype).ToList(), maxShardBytes);
             var json = config with { WeightDType = dtype switch { DType.BF16 => "bfloat16", DType.F16 => "float16", _ => "float32" } };
             File.WriteAllText(Path.Combine(tmp, "config.json"), json.ToJson().ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
             foreach (var (source, name) in tokenizerFiles) File.Copy(source, Path.Combine(tmp, name));

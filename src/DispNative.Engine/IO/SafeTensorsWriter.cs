@@ -11,14 +11,19 @@ public sealed record TensorData(string Name, DType DType, long[] Shape, byte[] D
     public static TensorData FromFloat(string name, float[] values, long[] shape, DType dtype = DType.F32)
         => Check(new TensorData(name, dtype, shape, DTypes.FromFloat32(dtype, values)));
 
-    public static TensorData FromInt32(string name, int[] values, long[] shape)
+    public static TensorData FromInt32(string name, int[] values, long[] shape) => Check(new TensorData(name, DType.I32, shape, Int32Bytes(values)));
+
+    internal static byte[] Int32Bytes(int[] values)
     {
         var bytes = new byte[values.Length * 4];
         for (int i = 0; i < values.Length; i++) BinaryPrimitives.WriteInt32LittleEndian(bytes.AsSpan(4 * i), values[i]);
-        return Check(new TensorData(name, DType.I32, shape, bytes));
+        return bytes;
     }
 
-    private static TensorData Check(TensorData t)
+    /// <summary>This tensor for a writer that takes <see cref="PendingTensor"/>s.</summary>
+    public PendingTensor Pending => new(Name, DType, Shape, () => Data);
+
+    internal static TensorData Check(TensorData t)
     {
         long count = t.Shape.Aggregate(1L, (a, b) => a * b);
         if (count * t.DType.Size() != t.Data.Length)
@@ -27,11 +32,31 @@ public sealed record TensorData(string Name, DType DType, long[] Shape, byte[] D
     }
 }
 
+/// <summary>A tensor to write whose bytes are made only when the writer comes to it, so that a model written tensor by
+/// tensor is never whole in memory.</summary>
+public sealed record PendingTensor(string Name, DType DType, long[] Shape, Func<byte[]> Bytes)
+{
+    public long ByteCount => Shape.Aggregate(1L, (a, b) => a * b) * DType.Size();
+
+    /// <summary>Makes the bytes, checked against the shape.</summary>
+    public TensorData Produce() => TensorData.Check(new TensorData(Name, DType, Shape, Bytes()));
+
+    public static PendingTensor FromFloat(string name, Func<float[]> values, long[] shape, DType dtype)
+        => new(name, dtype, shape, () => DTypes.FromFloat32(dtype, values()));
+
+    public static PendingTensor FromInt32(string name, Func<int[]> values, long[] shape)
+        => new(name, DType.I32, shape, () => TensorData.Int32Bytes(values()));
+}
+
 /// <summary>Writes safetensors files, single or sharded with a <c>model.safetensors.index.json</c>.
 /// Files are written to a temporary name and moved into place, so a failure never leaves a half file.</summary>
 public static class SafeTensorsWriter
 {
     public static void Write(string path, IReadOnlyList<TensorData> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+        => Write(path, tensors.Select(t => t.Pending).ToList(), metadata);
+
+    /// <summary>Writes <paramref name="tensors"/>, making each one's bytes in turn as it is written.</summary>
+    public static void Write(string path, IReadOnlyList<PendingTensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
         var header = new JsonObject();
         if (metadata is { Count: > 0 })
@@ -49,9 +74,9 @@ public static class SafeTensorsWriter
             {
                 ["dtype"] = t.DType.Name(),
                 ["shape"] = new JsonArray(t.Shape.Select(s => (JsonNode)JsonValue.Create(s)).ToArray()),
-                ["data_offsets"] = new JsonArray(JsonValue.Create(offset), JsonValue.Create(offset + t.Data.Length)),
+                ["data_offsets"] = new JsonArray(JsonValue.Create(offset), JsonValue.Create(offset + t.ByteCount)),
             };
-            offset += t.Data.Length;
+            offset += t.ByteCount;
         }
         var headerBytes = Encoding.UTF8.GetBytes(header.ToJsonString());
         int padded = (headerBytes.Length + 7) / 8 * 8;
@@ -66,7 +91,7 @@ public static class SafeTensorsWriter
                 fs.Write(len);
                 fs.Write(headerBytes);
                 for (int i = headerBytes.Length; i < padded; i++) fs.WriteByte((byte)' ');
-                foreach (var t in tensors) fs.Write(t.Data);
+                foreach (var t in tensors) fs.Write(t.Produce().Data);
             }
             File.Move(tmp, path, overwrite: true);
         }
@@ -81,15 +106,21 @@ public static class SafeTensorsWriter
     /// A single shard is written as <c>model.safetensors</c> without an index.</summary>
     public static IReadOnlyList<string> WriteSharded(string dir, IReadOnlyList<TensorData> tensors, long maxShardBytes,
         IReadOnlyDictionary<string, string>? metadata = null)
+        => WriteSharded(dir, tensors.Select(t => t.Pending).ToList(), maxShardBytes, metadata);
+
+    /// <summary><see cref="WriteSharded(string, IReadOnlyList{TensorData}, long, IReadOnlyDictionary{string, string}?)"/>,
+    /// making each tensor's bytes in turn as it is written.</summary>
+    public static IReadOnlyList<string> WriteSharded(string dir, IReadOnlyList<PendingTensor> tensors, long maxShardBytes,
+        IReadOnlyDictionary<string, string>? metadata = null)
     {
         Directory.CreateDirectory(dir);
-        var shards = new List<List<TensorData>> { new() };
+        var shards = new List<List<PendingTensor>> { new() };
         long current = 0;
         foreach (var t in tensors)
         {
-            if (current > 0 && current + t.Data.Length > maxShardBytes) { shards.Add(new()); current = 0; }
+            if (current > 0 && current + t.ByteCount > maxShardBytes) { shards.Add(new()); current = 0; }
             shards[^1].Add(t);
-            current += t.Data.Length;
+            current += t.ByteCount;
         }
         if (shards.Count == 1)
         {
@@ -108,7 +139,7 @@ public static class SafeTensorsWriter
         }
         var index = new JsonObject
         {
-            ["metadata"] = new JsonObject { ["total_size"] = tensors.Sum(t => (long)t.Data.Length) },
+            ["metadata"] = new JsonObject { ["total_size"] = tensors.Sum(t => t.ByteCount) },
             ["weight_map"] = weightMap,
         };
         File.WriteAllText(Path.Combine(dir, SafeTensorsCheckpoint.IndexFileName),

@@ -75,11 +75,12 @@ public static class PruneJob
 
         var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
         string mode = o.Training.Mode.ToString().ToLowerInvariant();
-        var (prunedConfig, prunedWeights) = Pruner.Apply(dense.Config, dense.Model.Weights, plan, mode, o.Training.PruneRatio, o.ModelPath);
+        var prunedConfig = Pruner.PrunedConfig(dense.Config, plan, mode, o.Training.PruneRatio, o.ModelPath);
         string modelDir = Path.Combine(outDir, ModelDir);
         if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
         var dtype = Pruner.SavedDType(dense.Config, o.DType);
-        Pruner.Save(modelDir, prunedConfig, prunedWeights, dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
+        Pruner.Save(modelDir, prunedConfig, Pruner.Slicing(dense.Config, LayerwiseWeights.Of(dense.Model.Weights), plan), dtype,
+            Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
 
         // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
         var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();

@@ -37,6 +37,12 @@ public sealed record LoadedModel(string Source, ModelConfig Config, ITokenizer T
     }
 }
 
+/// <summary>A model opened by <see cref="ModelLoader.Open"/>: its weights are read when asked for, while this is not disposed.</summary>
+public sealed record OpenedModel(string Source, ModelConfig Config, ITokenizer Tokenizer, LayerwiseWeights Weights, IDisposable? Checkpoint) : IDisposable
+{
+    public void Dispose() => Checkpoint?.Dispose();
+}
+
 public enum ModelFormat { HuggingFace, Llama2c }
 
 public static class ModelLoader
@@ -63,6 +69,22 @@ public static class ModelLoader
             (config, weights) = Llama2cImport.Load(path);
         }
         return new LoadedModel(path, config, LoadTokenizer(path, tokenizerPath, config)) { Model = new LlamaModel(config, weights) };
+    }
+
+    /// <summary>Opens a model to be read part by part: a Hugging Face checkpoint stays open and each tensor is read when
+    /// it is asked for; a llama2.c <c>.bin</c> (small) loads whole. The config and tokenizer are checked as by <see cref="Load"/>.</summary>
+    public static OpenedModel Open(string path, string? tokenizerPath = null)
+    {
+        if (FormatOf(path) != ModelFormat.HuggingFace)
+        {
+            var whole = Load(path, tokenizerPath);
+            return new OpenedModel(path, whole.Config, whole.Tokenizer, LayerwiseWeights.Of(whole.Model.Weights), null);
+        }
+        var config = LoadConfig(path);
+        var tokenizer = LoadTokenizer(path, tokenizerPath, config);
+        var checkpoint = SafeTensorsCheckpoint.Open(path);
+        try { return new OpenedModel(path, config, tokenizer, LayerwiseWeights.Read(checkpoint, config), checkpoint); }
+        catch { checkpoint.Dispose(); throw; }
     }
 
     /// <summary>What <paramref name="path"/> holds: a Hugging Face directory or a llama2.c <c>.bin</c> file; anything

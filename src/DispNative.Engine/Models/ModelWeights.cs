@@ -44,27 +44,28 @@ public sealed class ModelWeights
     /// <summary>Names of the per-layer index tensors of a pruned model, in site order.</summary>
     public static readonly string[] IndexTensorNames = ["disp.attn_in_idx", "disp.attn_out_idx", "disp.mlp_in_idx", "disp.mlp_mid_idx", "disp.mlp_out_idx"];
 
-    /// <summary>The one table of a layer's Hugging Face tensors: name, shape for the layer's widths, and the array.</summary>
-    private static IEnumerable<(string Name, long[] Shape, float[]? Value)> LayerTensors(ModelConfig c, int layer, LayerWeights? w)
+    /// <summary>The one table of a layer's Hugging Face tensors: name, shape for the layer's widths, and which array of
+    /// <see cref="LayerWeights"/> holds it.</summary>
+    internal static IEnumerable<(string Name, long[] Shape, Func<LayerWeights, float[]?> Value)> LayerTensors(ModelConfig c, int layer)
     {
         var widths = c.LayerWidths(layer);
         long ai = widths[0], ao = widths[1], mi = widths[2], mm = widths[3], mo = widths[4], d = c.HiddenSize, q = c.QDim, kv = c.KvDim;
-        yield return ("input_layernorm.weight", [d], w?.AttnNorm);
-        yield return ("self_attn.q_proj.weight", [q, ai], w?.Wq);
-        yield return ("self_attn.k_proj.weight", [kv, ai], w?.Wk);
-        yield return ("self_attn.v_proj.weight", [kv, ai], w?.Wv);
-        yield return ("self_attn.o_proj.weight", [ao, q], w?.Wo);
+        yield return ("input_layernorm.weight", [d], w => w.AttnNorm);
+        yield return ("self_attn.q_proj.weight", [q, ai], w => w.Wq);
+        yield return ("self_attn.k_proj.weight", [kv, ai], w => w.Wk);
+        yield return ("self_attn.v_proj.weight", [kv, ai], w => w.Wv);
+        yield return ("self_attn.o_proj.weight", [ao, q], w => w.Wo);
         if (c.QkvBias)
         {
-            yield return ("self_attn.q_proj.bias", [q], w?.Bq);
-            yield return ("self_attn.k_proj.bias", [kv], w?.Bk);
-            yield return ("self_attn.v_proj.bias", [kv], w?.Bv);
+            yield return ("self_attn.q_proj.bias", [q], w => w.Bq);
+            yield return ("self_attn.k_proj.bias", [kv], w => w.Bk);
+            yield return ("self_attn.v_proj.bias", [kv], w => w.Bv);
         }
-        if (c.OutputBias) yield return ("self_attn.o_proj.bias", [ao], w?.Bo);
-        yield return ("post_attention_layernorm.weight", [d], w?.MlpNorm);
-        yield return ("mlp.gate_proj.weight", [mm, mi], w?.WGate);
-        yield return ("mlp.up_proj.weight", [mm, mi], w?.WUp);
-        yield return ("mlp.down_proj.weight", [mo, mm], w?.WDown);
+        if (c.OutputBias) yield return ("self_attn.o_proj.bias", [ao], w => w.Bo);
+        yield return ("post_attention_layernorm.weight", [d], w => w.MlpNorm);
+        yield return ("mlp.gate_proj.weight", [mm, mi], w => w.WGate);
+        yield return ("mlp.up_proj.weight", [mm, mi], w => w.WUp);
+        yield return ("mlp.down_proj.weight", [mo, mm], w => w.WDown);
     }
 
     /// <summary>The layer index of a tensor named <c>model.layers.N.…</c>, else -1.</summary>
@@ -105,7 +106,7 @@ public sealed class ModelWeights
     public static LayerWeights LoadLayer(SafeTensorsCheckpoint ckpt, ModelConfig c, int l)
     {
         string p = $"model.layers.{l}.";
-        var t = LayerTensors(c, l, null).ToDictionary(e => e.Name, e => ckpt.ReadFloat32(p + e.Name, e.Shape));
+        var t = LayerTensors(c, l).ToDictionary(e => e.Name, e => ckpt.ReadFloat32(p + e.Name, e.Shape));
         int[][]? idx = null;
         if (c.Disp != null)
         {
@@ -165,22 +166,7 @@ public sealed class ModelWeights
     }
 
     /// <summary>The weights as Hugging Face named tensors (plus the index tensors of pruned layers), stored in <paramref name="dtype"/>.</summary>
-    public IEnumerable<TensorData> ToTensors(ModelConfig c, DType dtype)
-    {
-        long d = c.HiddenSize;
-        yield return TensorData.FromFloat("model.embed_tokens.weight", Embedding, [c.VocabSize, d], dtype);
-        for (int l = 0; l < Layers.Length; l++)
-        {
-            string p = $"model.layers.{l}.";
-            foreach (var (name, shape, value) in LayerTensors(c, l, Layers[l]))
-                yield return TensorData.FromFloat(p + name, value ?? throw new InvalidOperationException($"layer {l} lacks {name}"), shape, dtype);
-            if (Layers[l].Indices is { } idx)
-                for (int i = 0; i < idx.Length; i++) yield return TensorData.FromInt32(p + IndexTensorNames[i], idx[i], [idx[i].Length]);
-        }
-        yield return TensorData.FromFloat("model.norm.weight", FinalNorm, [d], dtype);
-        if (!ReferenceEquals(LmHead, Embedding))
-            yield return TensorData.FromFloat("lm_head.weight", LmHead, [c.VocabSize, d], dtype);
-    }
+    public IEnumerable<TensorData> ToTensors(ModelConfig c, DType dtype) => LayerwiseWeights.Of(this).Tensors(c, dtype).Select(t => t.Produce());
 
     /// <summary>Random weights (N(0, std)) with unit norms, for tests and benchmarks.</summary>
     public static ModelWeights Random(ModelConfig c, ulong seed, float std = 0.02f)
@@ -200,5 +186,55 @@ public sealed class ModelWeights
             };
         var embed = R(c.VocabSize * d);
         return new ModelWeights { Embedding = embed, Layers = layers, FinalNorm = Ones(d), LmHead = c.TieWordEmbeddings ? embed : R(c.VocabSize * d) };
+    }
+}
+
+/// <summary>A model's f32 weights handed out part by part, each part made when it is asked for: from a
+/// <see cref="ModelWeights"/> in memory, or read from a checkpoint, so that what goes layer by layer (the upload to a GPU,
+/// the pruner's save) never holds the whole model on the host. <see cref="OwnLmHead"/> null: the head is the embedding.</summary>
+public sealed record LayerwiseWeights(Func<float[]> Embedding, Func<int, LayerWeights> Layer, Func<float[]> FinalNorm, Func<float[]>? OwnLmHead)
+{
+    public static LayerwiseWeights Of(ModelWeights w) =>
+        new(() => w.Embedding, l => w.Layers[l], () => w.FinalNorm, ReferenceEquals(w.LmHead, w.Embedding) ? null : () => w.LmHead);
+
+    /// <summary>Parts read from <paramref name="ckpt"/> (open while they are asked for), with the checks of <see cref="ModelWeights.Load"/>.</summary>
+    public static LayerwiseWeights Read(SafeTensorsCheckpoint ckpt, ModelConfig c)
+    {
+        ModelWeights.CheckLayerCount(ckpt, c);
+        return new(() => ModelWeights.LoadEmbedding(ckpt, c), l => ModelWeights.LoadLayer(ckpt, c, l), () => ModelWeights.LoadFinalNorm(ckpt, c),
+            ModelWeights.HasOwnLmHead(ckpt, c) ? () => ModelWeights.LoadLmHead(ckpt, c) : null);
+    }
+
+    /// <summary>The Hugging Face named tensors of a model of <paramref name="c"/> (plus a pruned model's index tensors) in
+    /// file order, each made in <paramref name="dtype"/> when its bytes are asked for. Asked for in that order, each layer is
+    /// made once, at its first tensor, and let go of at the next layer's.</summary>
+    public IEnumerable<PendingTensor> Tensors(ModelConfig c, DType dtype)
+    {
+        int current = -1;
+        LayerWeights? held = null;
+        LayerWeights LayerAt(int l)
+        {
+            if (current != l) { held = null; held = Layer(l); current = l; }
+            return held!;
+        }
+        long d = c.HiddenSize;
+        yield return PendingTensor.FromFloat("model.embed_tokens.weight", Embedding, [c.VocabSize, d], dtype);
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            int layer = l;
+            string p = $"model.layers.{l}.";
+            foreach (var (name, shape, value) in ModelWeights.LayerTensors(c, l))
+                yield return PendingTensor.FromFloat(p + name, () => value(LayerAt(layer)) ?? throw new InvalidOperationException($"layer {layer} lacks {name}"), shape, dtype);
+            if (c.Disp == null) continue;
+            var widths = c.LayerWidths(l);
+            for (int i = 0; i < ModelWeights.IndexTensorNames.Length; i++)
+            {
+                int site = i;
+                yield return PendingTensor.FromInt32(p + ModelWeights.IndexTensorNames[i],
+                    () => LayerAt(layer).Indices?[site] ?? throw new InvalidOperationException($"layer {layer} has no indices"), [widths[i]]);
+            }
+        }
+        yield return PendingTensor.FromFloat("model.norm.weight", FinalNorm, [d], dtype);
+        if (OwnLmHead != null) yield return PendingTensor.FromFloat("lm_head.weight", OwnLmHead, [c.VocabSize, d], dtype);
     }
 }
