@@ -34,42 +34,35 @@ public static class Devices
         _ => throw new InvalidSettingException($"unknown dtype '{dtype}' (expected auto, f32, bf16 or f16)"),
     };
 
-    /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). On the CPU
-    /// as <see cref="ModelLoader.Load"/>; on CUDA the weights go to the GPU as they are read (<see cref="ModelLoader.Open"/>),
-    /// a layer's at a time, and the host keeps no copy of them (the result has no <see cref="LoadedModel.Model"/>).</summary>
+    /// <summary>Loads a model to run on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>): see <see cref="Place"/>.</summary>
     public static LoadedModel Load(string path, string? tokenizerPath, string device, DType? dtype = null)
     {
-        if (device == "cpu") return Place(ModelLoader.Load(path, tokenizerPath), device, dtype);
         using var opened = ModelLoader.Open(path, tokenizerPath);
-        var gpu = CudaDevice.Open();
-        try { return new LoadedModel(path, opened.Config, opened.Tokenizer) { Runner = new CudaLlama(gpu, opened.Config, opened.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
-        catch { gpu.Dispose(); throw; }
+        return Place(opened, device, dtype);
     }
 
     /// <summary>The model's runner on <paramref name="device"/> ("cpu" or "cuda" from <see cref="Resolve"/>). The CPU
-    /// reference computes in f32 only; CUDA stores weights and activations in <paramref name="dtype"/> (auto: bf16).</summary>
-    public static LoadedModel Place(LoadedModel model, string device, DType? dtype = null)
+    /// reference computes in f32 only and holds the whole model on the host; CUDA stores weights and activations in
+    /// <paramref name="dtype"/> (auto: bf16), and its weights go to the GPU as they are read, a layer's at a time, so the
+    /// host keeps no copy of them (the result has no <see cref="LoadedModel.Model"/>).</summary>
+    public static LoadedModel Place(OpenedModel model, string device, DType? dtype = null)
     {
         if (device == "cpu")
         {
             if (dtype is DType.BF16 or DType.F16) throw new InvalidSettingException($"the CPU backend computes in f32 (got dtype {dtype.Value.ToString().ToLowerInvariant()}); use --device cuda or f32");
-            return model;
+            return model.ToHost();
         }
         var gpu = CudaDevice.Open();
-        try { return model with { Runner = new CudaLlama(gpu, model.Config, model.Model.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
+        try { return new LoadedModel(model.Source, model.Config, model.Tokenizer) { Runner = new CudaLlama(gpu, model.Config, model.Weights, dtype ?? DType.BF16, ownsDevice: true) }; }
         catch { gpu.Dispose(); throw; }
     }
 
-    /// <summary>The masked LM pass of hypernetwork training on <paramref name="device"/>: the fp32 CPU reference, or
-    /// <see cref="CudaMaskedLlama"/> with weights stored in <paramref name="dtype"/> (auto: bf16).
-    /// <paramref name="checkpointLayers"/>: per-layer activation checkpointing on or off; null: on where a block's
-    /// activations would not fit (the CPU: a quarter of the memory the runtime may use; CUDA: the free device memory).</summary>
-    public static IMaskedLanguageModel MaskedModel(LoadedModel model, string device, DType? dtype = null, bool? checkpointLayers = null)
-    {
-        var placed = Place(model, device, dtype);
-        if (device == "cpu") return new CpuMaskedLanguageModel(model.Config, model.Model.Weights, checkpointLayers);
-        var gpu = (CudaLlama)placed.Runner;
-        try { return new CudaMaskedLlama(gpu, ownsModel: true, checkpointLayers: checkpointLayers); }
-        catch { gpu.Dispose(); throw; }
-    }
+    /// <summary>The masked LM pass of hypernetwork training on the device <paramref name="model"/> was placed on
+    /// (<see cref="Place"/>): the fp32 CPU reference, or <see cref="CudaMaskedLlama"/> over the model's GPU weights (which
+    /// stay the model's). <paramref name="checkpointLayers"/>: per-layer activation checkpointing on or off; null: on where
+    /// a block's activations would not fit (the CPU: a quarter of the memory the runtime may use; CUDA: the free device memory).</summary>
+    public static IMaskedLanguageModel MaskedModel(LoadedModel model, bool? checkpointLayers = null)
+        => model.Runner is CudaLlama gpu
+            ? new CudaMaskedLlama(gpu, ownsModel: false, checkpointLayers: checkpointLayers)
+            : new CpuMaskedLanguageModel(model.Config, model.Model.Weights, checkpointLayers);
 }

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using System.Text.Json.Nodes;
 
 namespace DispNative.Tests;
 
@@ -97,6 +98,37 @@ public class CudaEmulatorTests
         Assert.That(stderr.TrimEnd().Split('\n')[^1], Does.StartWith("error: out of device memory: "), stdout + stderr);
         Assert.That(stderr, Does.Not.Contain("   at "), "no stack trace");
         Assert.That(code, Is.EqualTo(1));
+    }
+
+    /// <summary>The <c>run</c> job on the (emulated) GPU, where the dense model goes to the device as it is read and the
+    /// pruner reads it again from the file: its dense perplexity is the CPU job's (f32 evaluation of an f32 model, after
+    /// training in bf16), <c>eval</c> on the CPU scores its saved model as its metrics say, and <c>prune</c> makes the same
+    /// model from its hypernetwork, byte for byte.</summary>
+    [Test]
+    public void RunJob_OnTheGpu_AgreesWithTheCpu()
+    {
+        var (dir, config) = PruneJobTests.Setup();
+        var cpu = PruneJobTests.Cli("run", config, "--Output:Directory=cpu");
+        Assert.That(cpu.Code, Is.Zero, cpu.Err);
+        var gpu = OnTheEmulator(["DispNative.dll", "run", config, "--Model:Device=cuda", "--Output:Directory=gpu"], "forward");
+        Assert.That(gpu.Code, Is.Zero, gpu.Stdout + gpu.Stderr);
+        double Metric(string run, string key) => JsonNode.Parse(File.ReadAllText(Path.Combine(dir, run, "metrics.json")))![key]!.GetValue<double>();
+        Assert.That(JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "gpu", "metrics.json")))!["device"]!.GetValue<string>(), Is.EqualTo("cuda"));
+        Assert.That(Metric("gpu", "dense_ppl"), Is.EqualTo(Metric("cpu", "dense_ppl")).Within(1e-3).Percent);
+
+        string gpuModel = Path.Combine(dir, "gpu", "model");
+        var eval = PruneJobTests.Cli("eval", "--model", gpuModel, "--text", Path.Combine(dir, "eval.txt"), "--block-size", "64", "--max-blocks", "4", "--device", "cpu");
+        Assert.That(eval.Code, Is.Zero, eval.Err);
+        double scored = double.Parse(eval.Out.Split("perplexity: ")[1].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
+        Assert.That(scored, Is.EqualTo(Metric("gpu", "pruned_ppl")).Within(1e-3).Percent);
+
+        string again = Path.Combine(dir, "again");
+        var prune = PruneJobTests.Cli("prune", "--model", Path.Combine(dir, "model"), "--hypernetwork", Path.Combine(dir, "gpu", "hypernetwork.safetensors"), "--out", again);
+        Assert.That(prune.Code, Is.Zero, prune.Err);
+        var files = Directory.GetFiles(gpuModel).Select(Path.GetFileName).Order().ToArray();
+        Assert.That(Directory.GetFiles(again).Select(Path.GetFileName).Order(), Is.EqualTo(files));
+        foreach (var f in files)
+            Assert.That(File.ReadAllBytes(Path.Combine(again, f!)), Is.EqualTo(File.ReadAllBytes(Path.Combine(gpuModel, f!))), f);
     }
 
     private (int Code, string Stdout, string Stderr) OnTheEmulator(List<string> args, string threadOrder,

@@ -337,11 +337,12 @@ public class DeviceSelectionTests
         Assert.That(Devices.ParseDType("auto"), Is.Null);
         Assert.That(Devices.ParseDType("bf16"), Is.EqualTo(Engine.IO.DType.BF16));
         Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.ParseDType("fp8"))!.Message, Does.Contain("'fp8'"));
-        var m = Engine.Models.ModelLoader.Load(TestAssets.WriteTinyModel());
-        Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.Place(m, "cpu", Engine.IO.DType.BF16))!.Message, Does.Contain("computes in f32"));
-        Assert.That(Devices.Place(m, "cpu").Runner, Is.SameAs(m.Model));
-        Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.MaskedModel(m, "cpu", Engine.IO.DType.F16))!.Message, Does.Contain("computes in f32"));
-        using var lm = Devices.MaskedModel(m, "cpu");
+        var dir = TestAssets.WriteTinyModel();
+        foreach (var narrow in new[] { Engine.IO.DType.BF16, Engine.IO.DType.F16 })
+            Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.Load(dir, null, "cpu", narrow))!.Message, Does.Contain("computes in f32"));
+        using var m = Devices.Load(dir, null, "cpu");
+        Assert.That(m.Runner, Is.SameAs(m.Model));
+        using var lm = Devices.MaskedModel(m);
         Assert.That(lm, Is.InstanceOf<Engine.Disp.CpuMaskedLanguageModel>());
     }
 }

@@ -13,7 +13,7 @@ namespace DispNative.Tests;
 public class PruneJobTests
 {
     /// <summary>A tiny random model, calibration and evaluation texts, and a job config in a fresh folder.</summary>
-    private static (string Dir, string ConfigPath) Setup(Action<JsonObject>? edit = null)
+    internal static (string Dir, string ConfigPath) Setup(Action<JsonObject>? edit = null)
     {
         var dir = TestAssets.TempDir();
         TestAssets.WriteTinyModel(Path.Combine(dir, "model"));
@@ -34,7 +34,7 @@ public class PruneJobTests
         return (dir, path);
     }
 
-    private static (int Code, string Out, string Err) Cli(params string[] args)
+    internal static (int Code, string Out, string Err) Cli(params string[] args)
     {
         var o = new StringWriter();
         var e = new StringWriter();

@@ -279,12 +279,12 @@ public static class Program
             foreach (var f in files) FilePaths.RequireInput(f, "calibration file");
 
             string dev = Devices.Resolve(p.GetValue(device)!);
-            var m = ModelLoader.Load(TinyModel.Resolve(p.GetValue(model)!), p.GetValue(tok));
+            using var m = Devices.Load(TinyModel.Resolve(p.GetValue(model)!), p.GetValue(tok), dev);
             var ids = Calibration.Tokenize(files, m.Tokenizer, m.BosId);
             var blocks = Calibration.Blocks(ids, bs, p.GetValue(maxBlocks));
             stderr.WriteLine($"calibration: {ids.Length} tokens, {blocks.Count} blocks of {bs}");
-            using var lm = Devices.MaskedModel(m, dev, checkpointLayers: p.GetValue(checkpointLayers) switch { "on" => true, "off" => false, _ => null });
-            var trainer = new HypernetworkTrainer(m.Config, m.Model.Weights, options, model: lm);
+            using var lm = Devices.MaskedModel(m, p.GetValue(checkpointLayers) switch { "on" => true, "off" => false, _ => null });
+            var trainer = new HypernetworkTrainer(lm, options);
             bool named = false;
             return WithCtrlC(token =>
             {

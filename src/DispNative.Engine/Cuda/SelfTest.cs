@@ -640,7 +640,7 @@ public static class SelfTest
         var cpu = new HypernetworkTrainer(c, w, options);
         var want = cpu.ComputeGradients([block]);
         using var gpuModel = new CudaMaskedLlama(new CudaLlama(dev, c, w, DType.F32), ownsModel: true);
-        var gpu = new HypernetworkTrainer(c, w, options, model: gpuModel);
+        var gpu = new HypernetworkTrainer(gpuModel, options);
         var got = gpu.ComputeGradients([block]);
         double lossErr = Math.Abs(got.CrossEntropy - want.CrossEntropy) / want.CrossEntropy;
         string detail = $"cross-entropy {got.CrossEntropy:F5} vs {want.CrossEntropy:F5} (rel err {lossErr:E2}), r {got.Ratio:F4} vs {want.Ratio:F4}";

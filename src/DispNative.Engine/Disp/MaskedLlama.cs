@@ -110,6 +110,9 @@ public interface IMaskedLanguageModel : IDisposable
     /// <summary>Where the LM pass runs, e.g. "cpu" or "cuda:0 bf16".</summary>
     string DeviceName { get; }
 
+    /// <summary>The frozen model's architecture.</summary>
+    ModelConfig Config { get; }
+
     /// <summary>Loss of <paramref name="block"/> with site (l, kind) masked by <c>masks[outputOf(l, kind)]</c>; adds
     /// <paramref name="gradScale"/>·∂loss/∂masks[o] into <c>maskGradients[o]</c>.</summary>
     double LossAndMaskGradients(ReadOnlySpan<int> block, IReadOnlyList<float[]> masks, Func<int, SiteKind, int> outputOf,
@@ -128,6 +131,8 @@ public sealed class CpuMaskedLanguageModel(ModelConfig config, ModelWeights weig
     private readonly MaskedLlama<float> _checkpointed = new(config, weights) { CheckpointLayers = true };
     private readonly TapeBufferPool<float> _buffers = new();
     private bool _checkpointedLast;
+
+    public ModelConfig Config => config;
 
     /// <summary>"cpu", with ", layers checkpointed" once a step has run so.</summary>
     public string DeviceName => _checkpointedLast ? "cpu, layers checkpointed" : "cpu";

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using DispNative.Engine.Builtin;
+using DispNative.Engine.Cuda;
 using DispNative.Engine.Disp;
 using DispNative.Engine.Evaluation;
 using DispNative.Engine.IO;
@@ -47,112 +48,121 @@ public static class PruneJob
         var calibrationFiles = o.CalibrationFiles.Select(Resolve).ToList();
         var evaluationFiles = o.EvaluationFiles.Select(Resolve).ToList();
 
+        // The dense model: on the CPU whole in host memory; on CUDA its weights go to the GPU as they are read, stored as
+        // training stores them. The pruner reads them from the file again, a layer at a time.
         progress?.Report(new JobProgress("load model", 0, 1));
-        var dense = ModelLoader.Load(modelPath, o.TokenizerPath);
-        if (dense.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
-        dense.Config.RequireContext(o.CalibrationBlockSize, $"Calibration:BlockSize {o.CalibrationBlockSize}");
-        dense.Config.RequireContext(o.EvaluationBlockSize, $"Evaluation:BlockSize {o.EvaluationBlockSize}");
-        progress?.Report(new JobProgress("load model", 1, 1));
-
-        progress?.Report(new JobProgress("calibration", 0, 1));
-        var ids = Calibration.Tokenize(calibrationFiles, dense.Tokenizer, dense.BosId, cancellationToken);
-        var blocks = Calibration.Blocks(ids, o.CalibrationBlockSize, o.CalibrationMaxBlocks);
-        HypernetworkTrainer.CheckBlocks(dense.Config, o.Training, blocks);
-        logger.LogInformation("calibration: {Tokens} tokens in {Blocks} blocks of {Size}", ids.Length, blocks.Count, o.CalibrationBlockSize);
-        progress?.Report(new JobProgress("calibration", 1, 1, $"{blocks.Count} blocks"));
-        ClaimOutput(o);   // only now that every input has passed its checks
-
-        TrainingResult train;
-        HypernetworkTrainer trainer;
-        string trainDevice;
-        using (var lm = Devices.MaskedModel(dense, device, device == "cuda" ? o.DType : null, o.CheckpointLayers))
+        using var source = ModelLoader.Open(modelPath, o.TokenizerPath);
+        if (source.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
+        source.Config.RequireContext(o.CalibrationBlockSize, $"Calibration:BlockSize {o.CalibrationBlockSize}");
+        source.Config.RequireContext(o.EvaluationBlockSize, $"Evaluation:BlockSize {o.EvaluationBlockSize}");
+        var dense = Devices.Place(source, device, device == "cuda" ? o.DType : null);
+        try
         {
-            trainer = new HypernetworkTrainer(dense.Config, dense.Model.Weights, o.Training, logger, lm);
-            train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
-                progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
-            trainDevice = lm.DeviceName;
-        }
+            progress?.Report(new JobProgress("load model", 1, 1));
 
-        var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
-        string mode = o.Training.Mode.ToString().ToLowerInvariant();
-        var prunedConfig = Pruner.PrunedConfig(dense.Config, plan, mode, o.Training.PruneRatio, o.ModelPath);
-        string modelDir = Path.Combine(outDir, ModelDir);
-        if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
-        var dtype = Pruner.SavedDType(dense.Config, o.DType);
-        Pruner.Save(modelDir, prunedConfig, Pruner.Slicing(dense.Config, LayerwiseWeights.Of(dense.Model.Weights), plan), dtype,
-            Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
+            progress?.Report(new JobProgress("calibration", 0, 1));
+            var ids = Calibration.Tokenize(calibrationFiles, dense.Tokenizer, dense.BosId, cancellationToken);
+            var blocks = Calibration.Blocks(ids, o.CalibrationBlockSize, o.CalibrationMaxBlocks);
+            HypernetworkTrainer.CheckBlocks(dense.Config, o.Training, blocks);
+            logger.LogInformation("calibration: {Tokens} tokens in {Blocks} blocks of {Size}", ids.Length, blocks.Count, o.CalibrationBlockSize);
+            progress?.Report(new JobProgress("calibration", 1, 1, $"{blocks.Count} blocks"));
+            ClaimOutput(o);   // only now that every input has passed its checks
 
-        // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
-        var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
-        bool timeable = SpeedProbe.Plan(evalIds[0].Length, o.EvaluationBlockSize, SpeedDecodeTokens, dense.Config.MaxPositionEmbeddings) != null;
-        PerplexityResult denseEval, prunedEval;
-        SpeedResult? denseSpeed = null, prunedSpeed = null;
-        DType? evalDType = device == "cuda" ? dtype : null;
-        using (var onDevice = Devices.Place(dense, device, evalDType))
-        {
-            denseEval = Evaluate("evaluate dense", onDevice.Runner, evalIds, o, progress, cancellationToken);
-            if (timeable) denseSpeed = TimeModel("time dense", onDevice.Runner, evalIds[0], o, progress, cancellationToken);
-        }
-        ModelConfig savedConfig;
-        using (var pruned = Devices.Load(modelDir, null, device, evalDType))   // the saved model, as eval loads it
-        {
-            savedConfig = pruned.Config;
-            prunedEval = Evaluate("evaluate pruned", pruned.Runner, evalIds, o, progress, cancellationToken);
-            if (timeable) prunedSpeed = TimeModel("time pruned", pruned.Runner, evalIds[0], o, progress, cancellationToken);
-        }
-
-        var dc = dense.Config.ParameterCounts();
-        var pc = savedConfig.ParameterCounts();
-        double kept = (double)savedConfig.PrunableParameters() / dense.Config.PrunableParameters();
-        var widths = new JsonArray(prunedConfig.Disp!.Widths.Select((w, l) =>
-        {
-            var layer = new JsonObject { ["layer"] = l };
-            for (int s = 0; s < w.Length; s++) layer[DispInfo.SiteKeys[s]] = w[s];
-            return (JsonNode)layer;
-        }).ToArray());
-        var metrics = new JsonObject
-        {
-            ["dense_ppl"] = denseEval.Perplexity,
-            ["pruned_ppl"] = prunedEval.Perplexity,
-            ["prune_ratio_target"] = o.Training.PruneRatio,
-            ["kept_ratio_prunable"] = kept,
-            ["params_dense_total"] = dc.Values.Sum(),
-            ["params_pruned_total"] = pc.Values.Sum(),
-            ["params_dense_prunable"] = dense.Config.PrunableParameters(),
-            ["params_pruned_prunable"] = savedConfig.PrunableParameters(),
-            ["mode"] = mode,
-            ["lambda"] = o.Training.Lambda,
-            ["steps"] = train.Steps,
-            ["resumed_from_step"] = train.ResumedFrom,
-            ["train_seconds"] = train.Seconds,
-            ["device"] = device,
-            ["train_device"] = trainDevice,
-            ["model"] = o.ModelPath,
-            ["saved_dtype"] = dtype.Name(),
-            ["evaluation"] = new JsonObject
+            TrainingResult train;
+            HypernetworkTrainer trainer;
+            string trainDevice;
+            using (var lm = Devices.MaskedModel(dense, o.CheckpointLayers))
             {
-                ["files"] = new JsonArray(o.EvaluationFiles.Select(f => (JsonNode)f).ToArray()),
-                ["block_size"] = o.EvaluationBlockSize, ["max_blocks"] = o.EvaluationMaxBlocks, ["scored_tokens"] = denseEval.ScoredTokens,
-            },
-            ["widths"] = widths,
-        };
-        if (denseSpeed != null && prunedSpeed != null)
-            metrics["speed"] = new JsonObject
+                trainer = new HypernetworkTrainer(lm, o.Training, logger);
+                train = trainer.Train(blocks, outDir, new SyncProgress<TrainLogEntry>(e =>
+                    progress?.Report(new JobProgress("train hypernetwork", e.Step, o.Training.Steps, $"ce {e.CrossEntropy:F3} r {e.Ratio:F3}"))), cancellationToken);
+                trainDevice = lm.DeviceName;
+            }
+
+            var plan = PruningPlan.FromHypernetwork(trainer.Network, trainer.Layout, o.DeterministicMasks, o.Training.Seed);
+            string mode = o.Training.Mode.ToString().ToLowerInvariant();
+            var prunedConfig = Pruner.PrunedConfig(dense.Config, plan, mode, o.Training.PruneRatio, o.ModelPath);
+            string modelDir = Path.Combine(outDir, ModelDir);
+            if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
+            var dtype = Pruner.SavedDType(dense.Config, o.DType);
+            Pruner.Save(modelDir, prunedConfig, Pruner.Slicing(dense.Config, source.Weights, plan), dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
+
+            // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
+            var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
+            bool timeable = SpeedProbe.Plan(evalIds[0].Length, o.EvaluationBlockSize, SpeedDecodeTokens, dense.Config.MaxPositionEmbeddings) != null;
+            PerplexityResult denseEval, prunedEval;
+            SpeedResult? denseSpeed = null, prunedSpeed = null;
+            DType? evalDType = device == "cuda" ? dtype : null;
+            if (dense.Runner is CudaLlama trained && trained.DType != dtype)
             {
-                ["prompt_tokens"] = denseSpeed.PromptTokens, ["decode_tokens"] = denseSpeed.DecodeTokens,
-                ["dense_rounds"] = denseSpeed.TimedRounds, ["pruned_rounds"] = prunedSpeed.TimedRounds,
-                ["dense_prefill_tokens_per_second"] = denseSpeed.PrefillTokensPerSecond,
-                ["pruned_prefill_tokens_per_second"] = prunedSpeed.PrefillTokensPerSecond,
-                ["prefill_speedup"] = prunedSpeed.PrefillTokensPerSecond / denseSpeed.PrefillTokensPerSecond,
-                ["dense_decode_tokens_per_second"] = denseSpeed.DecodeTokensPerSecond,
-                ["pruned_decode_tokens_per_second"] = prunedSpeed.DecodeTokensPerSecond,
-                ["decode_speedup"] = prunedSpeed.DecodeTokensPerSecond / denseSpeed.DecodeTokensPerSecond,
+                dense.Dispose();
+                dense = Devices.Place(source, device, dtype);
+            }
+            denseEval = Evaluate("evaluate dense", dense.Runner, evalIds, o, progress, cancellationToken);
+            if (timeable) denseSpeed = TimeModel("time dense", dense.Runner, evalIds[0], o, progress, cancellationToken);
+            dense.Dispose();   // before the pruned model takes its place
+            ModelConfig savedConfig;
+            using (var pruned = Devices.Load(modelDir, null, device, evalDType))   // the saved model, as eval loads it
+            {
+                savedConfig = pruned.Config;
+                prunedEval = Evaluate("evaluate pruned", pruned.Runner, evalIds, o, progress, cancellationToken);
+                if (timeable) prunedSpeed = TimeModel("time pruned", pruned.Runner, evalIds[0], o, progress, cancellationToken);
+            }
+
+            var dc = dense.Config.ParameterCounts();
+            var pc = savedConfig.ParameterCounts();
+            double kept = (double)savedConfig.PrunableParameters() / dense.Config.PrunableParameters();
+            var widths = new JsonArray(prunedConfig.Disp!.Widths.Select((w, l) =>
+            {
+                var layer = new JsonObject { ["layer"] = l };
+                for (int s = 0; s < w.Length; s++) layer[DispInfo.SiteKeys[s]] = w[s];
+                return (JsonNode)layer;
+            }).ToArray());
+            var metrics = new JsonObject
+            {
+                ["dense_ppl"] = denseEval.Perplexity,
+                ["pruned_ppl"] = prunedEval.Perplexity,
+                ["prune_ratio_target"] = o.Training.PruneRatio,
+                ["kept_ratio_prunable"] = kept,
+                ["params_dense_total"] = dc.Values.Sum(),
+                ["params_pruned_total"] = pc.Values.Sum(),
+                ["params_dense_prunable"] = dense.Config.PrunableParameters(),
+                ["params_pruned_prunable"] = savedConfig.PrunableParameters(),
+                ["mode"] = mode,
+                ["lambda"] = o.Training.Lambda,
+                ["steps"] = train.Steps,
+                ["resumed_from_step"] = train.ResumedFrom,
+                ["train_seconds"] = train.Seconds,
+                ["device"] = device,
+                ["train_device"] = trainDevice,
+                ["model"] = o.ModelPath,
+                ["saved_dtype"] = dtype.Name(),
+                ["evaluation"] = new JsonObject
+                {
+                    ["files"] = new JsonArray(o.EvaluationFiles.Select(f => (JsonNode)f).ToArray()),
+                    ["block_size"] = o.EvaluationBlockSize, ["max_blocks"] = o.EvaluationMaxBlocks, ["scored_tokens"] = denseEval.ScoredTokens,
+                },
+                ["widths"] = widths,
             };
-        File.WriteAllText(Path.Combine(outDir, MetricsFile), metrics.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        Report.Write(outDir, metrics, prunedConfig, HypernetworkTrainer.ReadLog(Path.Combine(outDir, HypernetworkTrainer.LogFile)));
-        logger.LogInformation("dense perplexity {Dense:F4}, pruned {Pruned:F4}, kept {Kept:P2} of prunable parameters", denseEval.Perplexity, prunedEval.Perplexity, kept);
-        return new PruneJobResult(denseEval.Perplexity, prunedEval.Perplexity, kept, dc.Values.Sum(), pc.Values.Sum(), outDir, modelDir, metrics,
-            denseSpeed, prunedSpeed);
+            if (denseSpeed != null && prunedSpeed != null)
+                metrics["speed"] = new JsonObject
+                {
+                    ["prompt_tokens"] = denseSpeed.PromptTokens, ["decode_tokens"] = denseSpeed.DecodeTokens,
+                    ["dense_rounds"] = denseSpeed.TimedRounds, ["pruned_rounds"] = prunedSpeed.TimedRounds,
+                    ["dense_prefill_tokens_per_second"] = denseSpeed.PrefillTokensPerSecond,
+                    ["pruned_prefill_tokens_per_second"] = prunedSpeed.PrefillTokensPerSecond,
+                    ["prefill_speedup"] = prunedSpeed.PrefillTokensPerSecond / denseSpeed.PrefillTokensPerSecond,
+                    ["dense_decode_tokens_per_second"] = denseSpeed.DecodeTokensPerSecond,
+                    ["pruned_decode_tokens_per_second"] = prunedSpeed.DecodeTokensPerSecond,
+                    ["decode_speedup"] = prunedSpeed.DecodeTokensPerSecond / denseSpeed.DecodeTokensPerSecond,
+                };
+            File.WriteAllText(Path.Combine(outDir, MetricsFile), metrics.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            Report.Write(outDir, metrics, prunedConfig, HypernetworkTrainer.ReadLog(Path.Combine(outDir, HypernetworkTrainer.LogFile)));
+            logger.LogInformation("dense perplexity {Dense:F4}, pruned {Pruned:F4}, kept {Kept:P2} of prunable parameters", denseEval.Perplexity, prunedEval.Perplexity, kept);
+            return new PruneJobResult(denseEval.Perplexity, prunedEval.Perplexity, kept, dc.Values.Sum(), pc.Values.Sum(), outDir, modelDir, metrics,
+                denseSpeed, prunedSpeed);
+        }
+        finally { dense.Dispose(); }
     }
 
     /// <summary>Decode steps timed per round by the job's speed measurement.</summary>

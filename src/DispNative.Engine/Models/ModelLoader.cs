@@ -6,7 +6,7 @@ namespace DispNative.Engine.Models;
 
 /// <summary>A model ready to run: config, tokenizer, the fp32 weights in a <see cref="LlamaModel"/> (the CPU reference),
 /// and the <see cref="Runner"/> that scores and generates (the CPU model, or a GPU copy from <see cref="Devices.Place"/>).
-/// A model streamed straight to the GPU (<see cref="Devices.Load"/>) has no host weights.</summary>
+/// A model placed on the GPU has no host weights: they went there as they were read.</summary>
 public sealed record LoadedModel(string Source, ModelConfig Config, ITokenizer Tokenizer) : IDisposable
 {
     private readonly LlamaModel? _host;
@@ -40,6 +40,15 @@ public sealed record LoadedModel(string Source, ModelConfig Config, ITokenizer T
 /// <summary>A model opened by <see cref="ModelLoader.Open"/>: its weights are read when asked for, while this is not disposed.</summary>
 public sealed record OpenedModel(string Source, ModelConfig Config, ITokenizer Tokenizer, LayerwiseWeights Weights, IDisposable? Checkpoint) : IDisposable
 {
+    /// <summary>The whole model in host memory as f32, refused up front where it would not fit (on Linux, running out of
+    /// memory is the kernel killing the process without a word).</summary>
+    public LoadedModel ToHost()
+    {
+        long parameters = Config.ParameterCounts().Values.Sum();
+        HostMemory.Require(4 * parameters, $"{Source}: loading its {parameters / 1e9:0.###} billion parameters as f32");
+        return new LoadedModel(Source, Config, Tokenizer) { Model = new LlamaModel(Config, ModelWeights.Load(Weights, Config)) };
+    }
+
     public void Dispose() => Checkpoint?.Dispose();
 }
 
@@ -51,34 +60,20 @@ public static class ModelLoader
     /// <c>.bin</c> (its tokenizer given by <paramref name="tokenizerPath"/>).</summary>
     public static LoadedModel Load(string path, string? tokenizerPath = null)
     {
-        ModelConfig config;
-        ModelWeights weights;
-        if (FormatOf(path) == ModelFormat.HuggingFace)
-        {
-            config = LoadConfig(path);
-            long parameters = config.ParameterCounts().Values.Sum();
-            HostMemory.Require(4 * parameters,
-                $"{path}: loading its {parameters / 1e9:0.###} billion parameters as f32");
-            using var ckpt = SafeTensorsCheckpoint.Open(path);
-            weights = ModelWeights.Load(ckpt, config);
-        }
-        else
+        using var opened = Open(path, tokenizerPath);
+        return opened.ToHost();
+    }
+
+    /// <summary>Opens a model (config, tokenizer, checkpoint headers) to read its weights part by part: a Hugging Face
+    /// checkpoint stays open and each tensor is read when it is asked for; a llama2.c <c>.bin</c> (small) loads whole.</summary>
+    public static OpenedModel Open(string path, string? tokenizerPath = null)
+    {
+        if (FormatOf(path) == ModelFormat.Llama2c)
         {
             if (tokenizerPath == null)
                 throw new ModelFormatException($"{path}: a llama2.c checkpoint needs its tokenizer (--tokenizer tokenizer.bin)");
-            (config, weights) = Llama2cImport.Load(path);
-        }
-        return new LoadedModel(path, config, LoadTokenizer(path, tokenizerPath, config)) { Model = new LlamaModel(config, weights) };
-    }
-
-    /// <summary>Opens a model to be read part by part: a Hugging Face checkpoint stays open and each tensor is read when
-    /// it is asked for; a llama2.c <c>.bin</c> (small) loads whole. The config and tokenizer are checked as by <see cref="Load"/>.</summary>
-    public static OpenedModel Open(string path, string? tokenizerPath = null)
-    {
-        if (FormatOf(path) != ModelFormat.HuggingFace)
-        {
-            var whole = Load(path, tokenizerPath);
-            return new OpenedModel(path, whole.Config, whole.Tokenizer, LayerwiseWeights.Of(whole.Model.Weights), null);
+            var (c, weights) = Llama2cImport.Load(path);
+            return new OpenedModel(path, c, LoadTokenizer(path, tokenizerPath, c), LayerwiseWeights.Of(weights), null);
         }
         var config = LoadConfig(path);
         var tokenizer = LoadTokenizer(path, tokenizerPath, config);

@@ -79,19 +79,15 @@ public sealed class ModelWeights
 
     /// <summary>Loads the Hugging Face tensor names, checking every shape against the config; a pruned model's
     /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
-    public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c)
+    public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c) => Load(LayerwiseWeights.Read(ckpt, c), c);
+
+    /// <summary>All parts of <paramref name="source"/>, the layers read in parallel.</summary>
+    public static ModelWeights Load(LayerwiseWeights source, ModelConfig c)
     {
-        CheckLayerCount(ckpt, c);
         var layers = new LayerWeights[c.NumLayers];
-        ParallelRethrow(c.NumLayers, l => layers[l] = LoadLayer(ckpt, c, l));
-        var embed = LoadEmbedding(ckpt, c);
-        return new ModelWeights
-        {
-            Embedding = embed,
-            Layers = layers,
-            FinalNorm = LoadFinalNorm(ckpt, c),
-            LmHead = HasOwnLmHead(ckpt, c) ? LoadLmHead(ckpt, c) : embed,
-        };
+        ParallelRethrow(c.NumLayers, l => layers[l] = source.Layer(l));
+        var embed = source.Embedding();
+        return new ModelWeights { Embedding = embed, Layers = layers, FinalNorm = source.FinalNorm(), LmHead = source.OwnLmHead?.Invoke() ?? embed };
     }
 
     /// <summary>A checkpoint with more layers than the config names is refused (they would be ignored silently).</summary>
@@ -197,7 +193,8 @@ public sealed record LayerwiseWeights(Func<float[]> Embedding, Func<int, LayerWe
     public static LayerwiseWeights Of(ModelWeights w) =>
         new(() => w.Embedding, l => w.Layers[l], () => w.FinalNorm, ReferenceEquals(w.LmHead, w.Embedding) ? null : () => w.LmHead);
 
-    /// <summary>Parts read from <paramref name="ckpt"/> (open while they are asked for), with the checks of <see cref="ModelWeights.Load"/>.</summary>
+    /// <summary>Parts read from <paramref name="ckpt"/> (open while they are asked for), shapes and index tensors checked as
+    /// each is read; the checkpoint's layer count is checked against the config here.</summary>
     public static LayerwiseWeights Read(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
         ModelWeights.CheckLayerCount(ckpt, c);

@@ -92,17 +92,21 @@ public sealed class HypernetworkTrainer
     /// <summary>Completed optimisation steps.</summary>
     public int Step { get; private set; }
 
-    /// <summary>A trainer whose LM pass runs on <paramref name="model"/> (default: the fp32 CPU reference).</summary>
-    public HypernetworkTrainer(ModelConfig config, ModelWeights weights, TrainingOptions options, ILogger? logger = null,
-        IMaskedLanguageModel? model = null)
+    /// <summary>A trainer whose LM pass runs on the fp32 CPU reference.</summary>
+    public HypernetworkTrainer(ModelConfig config, ModelWeights weights, TrainingOptions options, ILogger? logger = null)
+        : this(new CpuMaskedLanguageModel(config, weights), options, logger) { }
+
+    /// <summary>A trainer whose LM pass runs on <paramref name="model"/> (which the caller disposes).</summary>
+    public HypernetworkTrainer(IMaskedLanguageModel model, TrainingOptions options, ILogger? logger = null)
     {
         options.Validate();
+        var config = model.Config;
         Config = config;
         Options = options;
         _logger = logger ?? NullLogger.Instance;
         Layout = new SiteLayout(config, options.Mode);
         Network = new Hypernetwork<float>(Layout.OutputWidths, options.Seed);
-        _model = model ?? new CpuMaskedLanguageModel(config, weights);
+        _model = model;
         _optimizer = new AdamW(Network.Parameters) { WeightDecay = options.WeightDecay, ClipNorm = options.ClipNorm };
         _noise = new Rng(options.Seed ^ 0x6A09E667F3BCC909UL);
     }
