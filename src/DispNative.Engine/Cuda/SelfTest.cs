@@ -714,8 +714,9 @@ public static class SelfTest
         return detail;
     }
 
-    /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="LayerwiseWeights.Read"/>, what <c>eval</c> and
-    /// <c>generate</c> do on CUDA) holds the weights that uploading the host's copy of it gives: the same logits, bit for bit.</summary>
+    /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="LayerwiseWeights.Read"/>, as <c>eval</c>,
+    /// <c>generate</c>, <c>train</c> and <c>run</c> load a Hugging Face model on CUDA) holds the weights that uploading the
+    /// host's copy of it gives: the same logits, bit for bit.</summary>
     private static string StreamedLoad(CudaDevice dev, bool pruned)
     {
         var (c, w) = RandomModel(pruned);
