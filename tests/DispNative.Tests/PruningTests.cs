@@ -163,6 +163,20 @@ public class PruningTests
             Assert.That(File.ReadAllBytes(Path.Combine(layerwise, f!)), Is.EqualTo(File.ReadAllBytes(Path.Combine(inMemory, f!))), f);
     }
 
+    [Test]
+    public void ALayerThatFailsToReadMidSave_LeavesNothingBehind()
+    {
+        var c = TestAssets.TinyConfig(vocab: 30) with { NumLayers = 4 };
+        var dense = ModelWeights.Random(c, 3);
+        var plan = RandomPlan(c, PruningMode.Disp, 0.5, 2);
+        var source = LayerwiseWeights.Of(dense) with { Layer = l => l < 2 ? dense.Layers[l] : throw new ModelFormatException($"layer {l} is damaged") };
+        string root = TestAssets.TempDir(), dir = Path.Combine(root, "pruned");
+        var pc = Pruner.PrunedConfig(c, plan, "disp", 0.5, null);
+        var e = Assert.Throws<ModelFormatException>(() => Pruner.Save(dir, pc, Pruner.Slicing(c, source, plan), DType.F32, [], maxShardBytes: 4_000));
+        Assert.That(e!.Message, Is.EqualTo("layer 2 is damaged"));
+        Assert.That(Directory.EnumerateFileSystemEntries(root), Is.Empty, "neither the model nor its half-written shards");
+    }
+
     [TestCase("unsorted")]
     [TestCase("duplicate")]
     [TestCase("range")]
