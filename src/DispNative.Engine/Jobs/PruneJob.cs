@@ -49,7 +49,7 @@ public static class PruneJob
         var evaluationFiles = o.EvaluationFiles.Select(Resolve).ToList();
 
         // The dense model: on the CPU whole in host memory; on CUDA its weights go to the GPU as they are read, stored as
-        // training stores them. The pruner reads them from the file again, a layer at a time.
+        // training stores them, and the pruner reads them from the file again, a layer at a time.
         progress?.Report(new JobProgress("load model", 0, 1));
         using var source = ModelLoader.Open(modelPath, o.TokenizerPath);
         if (source.Config.Disp != null) throw new InvalidSettingException($"Model:Path: {modelPath} is already pruned; give its dense source");
@@ -85,7 +85,8 @@ public static class PruneJob
             string modelDir = Path.Combine(outDir, ModelDir);
             if (Directory.Exists(modelDir)) Directory.Delete(modelDir, true);   // ours, from an interrupted run
             var dtype = Pruner.SavedDType(dense.Config, o.DType);
-            Pruner.Save(modelDir, prunedConfig, Pruner.Slicing(dense.Config, source.Weights, plan), dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
+            var denseWeights = dense.Runner is CudaLlama ? source.Weights : LayerwiseWeights.Of(dense.Model.Weights);
+            Pruner.Save(modelDir, prunedConfig, Pruner.Slicing(dense.Config, denseWeights, plan), dtype, Pruner.TokenizerFilesOf(modelPath, o.TokenizerPath));
 
             // Evaluation on the chosen device, in the saved storage type on CUDA, then each model's speed there.
             var evalIds = evaluationFiles.Select(f => dense.EncodeForScoring(File.ReadAllText(f))).ToList();
