@@ -105,7 +105,7 @@ public static class ModelLoader
 
     /// <summary>The model's tokenizer (<paramref name="tokenizerPath"/>, else the one in the model's directory), which must
     /// not name more tokens than the model's vocabulary.</summary>
-    public static ITokenizer LoadTokenizer(string path, string? tokenizerPath, ModelConfig config)
+    private static ITokenizer LoadTokenizer(string path, string? tokenizerPath, ModelConfig config)
     {
         var tokenizer = TokenizerLoader.Load(tokenizerPath ?? path);
         if (tokenizer.VocabSize > config.VocabSize)

@@ -129,15 +129,6 @@ public sealed class ModelWeights
         };
     }
 
-    public static float[] LoadEmbedding(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("model.embed_tokens.weight", c.VocabSize, c.HiddenSize);
-
-    public static float[] LoadFinalNorm(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("model.norm.weight", c.HiddenSize);
-
-    /// <summary>Whether the LM head is a tensor of its own; else it is the embedding (tied, and no separate copy stored).</summary>
-    public static bool HasOwnLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c) => !c.TieWordEmbeddings || ckpt.Contains("lm_head.weight");
-
-    public static float[] LoadLmHead(SafeTensorsCheckpoint ckpt, ModelConfig c) => ckpt.ReadFloat32("lm_head.weight", c.VocabSize, c.HiddenSize);
-
     /// <summary>Indices must be strictly increasing (sorted and unique), within [0, full), and as many as the width.</summary>
     public static void ValidateIndices(int[] idx, int width, int full, string what)
     {
@@ -198,8 +189,11 @@ public sealed record LayerwiseWeights(Func<float[]> Embedding, Func<int, LayerWe
     public static LayerwiseWeights Read(SafeTensorsCheckpoint ckpt, ModelConfig c)
     {
         ModelWeights.CheckLayerCount(ckpt, c);
-        return new(() => ModelWeights.LoadEmbedding(ckpt, c), l => ModelWeights.LoadLayer(ckpt, c, l), () => ModelWeights.LoadFinalNorm(ckpt, c),
-            ModelWeights.HasOwnLmHead(ckpt, c) ? () => ModelWeights.LoadLmHead(ckpt, c) : null);
+        // The LM head is a tensor of its own unless tied with no separate copy stored.
+        bool ownLmHead = !c.TieWordEmbeddings || ckpt.Contains("lm_head.weight");
+        return new(() => ckpt.ReadFloat32("model.embed_tokens.weight", c.VocabSize, c.HiddenSize), l => ModelWeights.LoadLayer(ckpt, c, l),
+            () => ckpt.ReadFloat32("model.norm.weight", c.HiddenSize),
+            ownLmHead ? () => ckpt.ReadFloat32("lm_head.weight", c.VocabSize, c.HiddenSize) : null);
     }
 
     /// <summary>The Hugging Face named tensors of a model of <paramref name="c"/> (plus a pruned model's index tensors) in
