@@ -24,11 +24,18 @@ public sealed record DispEngineOptions
 
 /// <summary>The engine as a library: load a dense or DISP-pruned model once, then score, evaluate and generate from
 /// any number of threads (the loaded weights are read-only; each call keeps its own KV cache). <see cref="Prune"/>
-/// runs the whole pruning job.</summary>
+/// runs the whole pruning job. <see cref="Dispose"/> may race with calls: it stops the calls in progress at their next
+/// block or token (they throw <see cref="ObjectDisposedException"/>), waits for them to leave the model, then frees
+/// it; calls made after it began throw <see cref="ObjectDisposedException"/>.</summary>
 public sealed class DispEngine : IDisposable
 {
     private readonly ILogger _logger;
     private LoadedModel? _model;
+    private readonly object _gate = new();
+    private bool _closing;
+    private int _calls;
+    private readonly ThreadLocal<int> _callsOnThisThread = new();
+    private readonly CancellationTokenSource _closed = new();
 
     private DispEngine(LoadedModel model, string device, ILogger logger)
     {
@@ -60,11 +67,12 @@ public sealed class DispEngine : IDisposable
     /// <summary>Total log-probability of <paramref name="text"/> (after BOS) under the model, and its token count.</summary>
     public (double LogProb, int Tokens) Score(string text, CancellationToken cancellationToken = default)
     {
-        var m = Model;
+        using var call = Begin(cancellationToken);
+        var m = call.Model;
         var ids = m.EncodeForScoring(text);
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
         m.Config.RequireContext(ids.Length, $"the text ({ids.Length} tokens with BOS; Perplexity scores longer texts in blocks)");
-        cancellationToken.ThrowIfCancellationRequested();
+        call.ThrowIfStopped();
         return (-Evaluation.Perplexity.BlockNll(m.Runner.Logits(ids), ids, m.Config.VocabSize), ids.Length - 1);
     }
 
@@ -72,23 +80,41 @@ public sealed class DispEngine : IDisposable
     public PerplexityResult Perplexity(string text, int blockSize, int? maxBlocks = null, IProgress<PerplexityProgress>? progress = null,
         CancellationToken cancellationToken = default)
     {
-        var m = Model;
-        var ids = m.EncodeForScoring(text);
-        return Evaluation.Perplexity.Evaluate(m.Runner, ids, blockSize, maxBlocks, progress, cancellationToken);
+        using var call = Begin(cancellationToken);
+        var ids = call.Model.EncodeForScoring(text);
+        return call.Run(token => Evaluation.Perplexity.Evaluate(call.Model.Runner, ids, blockSize, maxBlocks, progress, token));
     }
 
-    /// <summary>Streams the continuation of <paramref name="prompt"/> as text pieces, one per generated token.</summary>
+    /// <summary>Streams the continuation of <paramref name="prompt"/> as text pieces, one per generated token. Each step
+    /// is a call of its own: between pieces the stream holds its KV cache but does not keep <see cref="Dispose"/> waiting.</summary>
     public async IAsyncEnumerable<string> GenerateAsync(string prompt, int maxNewTokens, SamplingOptions? sampling = null,
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
-        var m = Model;
-        var ids = m.Tokenizer.Encode(prompt);
-        var streamer = new TextStreamer(m.Tokenizer, ids);
-        using var tokens = Generator.Stream(m, ids, maxNewTokens, sampling ?? new SamplingOptions(), cancellationToken).GetEnumerator();
-        while (await Task.Run(tokens.MoveNext, cancellationToken).ConfigureAwait(false))
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _closed.Token);
+        IEnumerator<int> tokens;
+        TextStreamer streamer;
+        using (var call = Begin(cancellationToken, onThisThread: false))
         {
-            string piece = streamer.Push(tokens.Current);
-            if (piece.Length > 0) yield return piece;
+            var ids = call.Model.Tokenizer.Encode(prompt);
+            streamer = new TextStreamer(call.Model.Tokenizer, ids);
+            tokens = Generator.Stream(call.Model, ids, maxNewTokens, sampling ?? new SamplingOptions(), stop.Token).GetEnumerator();
+        }
+        try
+        {
+            while (true)
+            {
+                bool more;
+                using (var call = Begin(cancellationToken, onThisThread: false))
+                    more = await call.Run(_ => Task.Run(tokens.MoveNext, cancellationToken)).ConfigureAwait(false);
+                if (!more) break;
+                string piece = streamer.Push(tokens.Current);
+                if (piece.Length > 0) yield return piece;
+            }
+        }
+        finally
+        {
+            // The KV cache goes back as a call; once the engine is disposed it went with the model's device memory.
+            if (TryBegin(onThisThread: false, default, out var call)) using (call) tokens.Dispose();
         }
     }
 
@@ -97,11 +123,83 @@ public sealed class DispEngine : IDisposable
         CancellationToken cancellationToken = default)
         => PruneJob.Run(options, progress, loggerFactory?.CreateLogger(typeof(PruneJob)), cancellationToken);
 
+    /// <summary>Stops the calls in progress, waits until they have left the model, and frees it. Calling it from inside
+    /// one of this engine's calls (a progress callback) would wait for itself, and throws instead.</summary>
     public void Dispose()
     {
-        if (_model == null) return;
-        _logger.LogDebug("unloading {Path}", _model.Source);
+        lock (_gate)
+        {
+            if (_closing) return;
+            if (_callsOnThisThread.Value > 0)
+                throw new InvalidOperationException("DispEngine.Dispose was called from inside one of its own calls (a progress callback?); dispose after the call returns");
+            _closing = true;
+        }
+        _closed.Cancel();
+        lock (_gate)
+            while (_calls > 0) Monitor.Wait(_gate);
+        _logger.LogDebug("unloading {Path}", _model!.Source);
         _model.Dispose();
         _model = null;
+        _callsOnThisThread.Dispose();
+    }
+
+    /// <summary>Enters a call, or throws <see cref="ObjectDisposedException"/> once Dispose has begun.
+    /// <paramref name="onThisThread"/>: the call begins and ends on this thread (so Dispose can tell it is inside it).</summary>
+    private Call Begin(CancellationToken cancellationToken, bool onThisThread = true) =>
+        TryBegin(onThisThread, cancellationToken, out var call) ? call : throw new ObjectDisposedException(nameof(DispEngine));
+
+    private bool TryBegin(bool onThisThread, CancellationToken cancellationToken, out Call call)
+    {
+        lock (_gate)
+        {
+            if (_closing) { call = null!; return false; }
+            _calls++;
+        }
+        if (onThisThread) _callsOnThisThread.Value++;
+        call = new Call(this, _model!, onThisThread, cancellationToken);
+        return true;
+    }
+
+    private void End(bool onThisThread)
+    {
+        if (onThisThread) _callsOnThisThread.Value--;
+        lock (_gate)
+            if (--_calls == 0) Monitor.PulseAll(_gate);
+    }
+
+    /// <summary>One call in progress on the model. Its token is cancelled by the caller's or by <see cref="Dispose"/>,
+    /// which waits for the call to end; a stop by Dispose surfaces as <see cref="ObjectDisposedException"/>.</summary>
+    private sealed class Call(DispEngine engine, LoadedModel model, bool onThisThread, CancellationToken caller) : IDisposable
+    {
+        private readonly CancellationTokenSource _stop = CancellationTokenSource.CreateLinkedTokenSource(caller, engine._closed.Token);
+        private bool _ended;
+
+        public LoadedModel Model { get; } = model;
+
+        public void ThrowIfStopped() => Run<int>(token => { token.ThrowIfCancellationRequested(); return 0; });
+
+        public T Run<T>(Func<CancellationToken, T> work)
+        {
+            try { return work(_stop.Token); }
+            catch (OperationCanceledException) when (StoppedByDispose) { throw Disposed(); }
+        }
+
+        public async Task<T> Run<T>(Func<CancellationToken, Task<T>> work)
+        {
+            try { return await work(_stop.Token).ConfigureAwait(false); }
+            catch (OperationCanceledException) when (StoppedByDispose) { throw Disposed(); }
+        }
+
+        private bool StoppedByDispose => engine._closed.IsCancellationRequested && !caller.IsCancellationRequested;
+
+        private static ObjectDisposedException Disposed() => new(nameof(DispEngine), "the engine was disposed while this call ran");
+
+        public void Dispose()
+        {
+            if (_ended) return;
+            _ended = true;
+            _stop.Dispose();
+            engine.End(onThisThread);
+        }
     }
 }

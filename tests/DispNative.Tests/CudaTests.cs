@@ -329,6 +329,9 @@ public class DeviceSelectionTests
         var got = m.Runner.Logits(ids);
         float scale = want.Max(Math.Abs), worst = want.Zip(got).Max(p => Math.Abs(p.First - p.Second));
         Assert.That(worst, Is.LessThan(2e-2f * scale), "bf16 storage against the f32 CPU model");
+
+        m.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => m.Runner.Logits(ids), "a forward on freed device memory");
     }
 
     [Test]

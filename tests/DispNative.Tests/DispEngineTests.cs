@@ -1,4 +1,6 @@
 using DispNative.Engine;
+using DispNative.Engine.Cuda;
+using DispNative.Engine.Evaluation;
 using DispNative.Engine.Inference;
 
 namespace DispNative.Tests;
@@ -33,5 +35,69 @@ public class DispEngineTests
 
         engine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => engine.Score(text));
+    }
+
+    /// <summary>Runs <paramref name="onReport"/> on the reporting thread (<see cref="Progress{T}"/> would post it).</summary>
+    private sealed class InlineProgress(Action<PerplexityProgress> onReport) : IProgress<PerplexityProgress>
+    {
+        public void Report(PerplexityProgress value) => onReport(value);
+    }
+
+    [TestCase("cpu")]
+    [TestCase("cuda")]
+    public async Task Dispose_StopsAndWaitsForTheCallsInProgress_AndRefusesNewOnes(string device)
+    {
+        if (device == "cuda" && CudaDevice.Unavailable() is string reason) Assert.Ignore($"no CUDA device: {reason}");
+        var dir = TestAssets.WriteTinyModel();
+        var engine = DispEngine.Load(dir, new DispEngineOptions { Device = device, DType = "f32" });
+        const string text = "the cat sat in the sun and the dog sat in the shade";
+        string longText = string.Concat(Enumerable.Repeat(text + " ", 8));   // 40 blocks of 12
+
+        // A stream that has produced a piece holds its KV cache between pieces without holding up Dispose.
+        var stream = engine.GenerateAsync("the cat", 40, new SamplingOptions { Greedy = true }).GetAsyncEnumerator();
+        Assert.That(await stream.MoveNextAsync(), Is.True);
+
+        using var inside = new ManualResetEventSlim();
+        using var goOn = new ManualResetEventSlim();
+        int blocksScored = 0;
+        var running = Task.Run(() => engine.Perplexity(longText, 12, progress: new InlineProgress(p =>
+        {
+            blocksScored = p.BlocksDone;
+            if (p.BlocksDone == 1) { inside.Set(); goOn.Wait(TimeSpan.FromSeconds(30)); }
+        })));
+        Assert.That(inside.Wait(TimeSpan.FromSeconds(30)), "the evaluation never reported its first block");
+
+        var disposing = Task.Run(engine.Dispose);
+        Assert.That(SpinWait.SpinUntil(() => Refused(() => engine.Score(text)), TimeSpan.FromSeconds(30)),
+            "calls made after Dispose began still ran");
+        await Task.Delay(200);
+        Assert.That(disposing.IsCompleted, Is.False, "Dispose returned while a call was still using the model");
+
+        goOn.Set();
+        var stopped = Assert.ThrowsAsync<ObjectDisposedException>(async () => await running);
+        Assert.That(stopped!.Message, Does.Contain("disposed while this call ran"));
+        Assert.That(blocksScored, Is.EqualTo(1), "the evaluation went on after Dispose began");
+        await disposing.WaitAsync(TimeSpan.FromSeconds(30));
+
+        Assert.ThrowsAsync<ObjectDisposedException>(async () => await stream.MoveNextAsync());
+        await stream.DisposeAsync();   // the KV cache went with the model: nothing left to free, and no error
+        Assert.Throws<ObjectDisposedException>(() => engine.Perplexity(text, 8));
+        engine.Dispose();
+    }
+
+    private static bool Refused(Action call)
+    {
+        try { call(); return false; }
+        catch (ObjectDisposedException) { return true; }
+    }
+
+    [Test]
+    public void Dispose_FromInsideOneOfItsCalls_IsRefused_NotADeadlock()
+    {
+        using var engine = DispEngine.Load(TestAssets.WriteTinyModel(), new DispEngineOptions { Device = "cpu" });
+        var error = Assert.Throws<InvalidOperationException>(() =>
+            engine.Perplexity("the cat sat in the sun", 4, progress: new InlineProgress(_ => engine.Dispose())));
+        Assert.That(error!.Message, Does.Contain("inside one of its own calls"));
+        Assert.That(engine.Score("the cat sat in the sun").Tokens, Is.GreaterThan(1), "the refused Dispose left the engine usable");
     }
 }

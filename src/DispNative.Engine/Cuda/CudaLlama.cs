@@ -81,6 +81,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     internal DeviceTensor InverseFrequencies => _invFreq;
     private readonly bool _ownsDevice;
     private readonly object _lock = new();
+    private bool _released;
 
     public ModelConfig Config { get; }
     public DType DType { get; }
@@ -341,6 +342,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             if ((uint)t >= (uint)c.VocabSize) throw new DispNativeException($"token id {t} is outside the vocabulary (size {c.VocabSize})");
         lock (_lock)
         {
+            ObjectDisposedException.ThrowIf(_released, this);
             float[] logits = rows == 1 && UseCudaGraphs ? DecodeWithGraph(tokens[0], cache, start) : ForwardEager(tokens, cache, start, lastOnly);
             cache.Length += rows;
             return logits;
@@ -468,6 +470,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     private void Release()
     {
+        if (_released) return;
+        _released = true;
         foreach (var layer in _layers) if (layer != null) foreach (var t in layer.All) t?.Dispose();
         _embedding?.Dispose(); _finalNorm?.Dispose(); _invFreq?.Dispose();
         if (!ReferenceEquals(_lmHead, _embedding)) _lmHead?.Dispose();
