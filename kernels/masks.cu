@@ -34,8 +34,8 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
 }
 
 // Gradient of a column mask: dmask[j] (+)= sum_r dy[r, j] * x[r, j] (x = the activation before masking; summed into
-// dmask when accumulate != 0, e.g. for one mask shared by several sites). One thread per column; consecutive threads
-// read consecutive columns.
+// dmask when accumulate != 0, e.g. for one mask shared by several sites). Naive baseline (KernelBench): one thread per
+// column walks every row, so a 4096-wide site runs 4096 threads, too few loads in flight for the GPU's bandwidth.
 #define MASK_COLUMNS_GRAD(T, S) \
     extern "C" __global__ void mask_columns_grad_##S(const float* __restrict__ dy, const T* __restrict__ x, \
         float* __restrict__ dmask, int rows, int width, int accumulate) \
@@ -47,6 +47,42 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
         dmask[j] = accumulate ? dmask[j] + s : s; \
     }
 FOR_EACH_STORAGE(MASK_COLUMNS_GRAD)
+
+// The same sum, tiled: a block of MASK_GRAD_WARPS warps owns 32 consecutive columns (one per lane); warp w sums rows
+// w, w + MASK_GRAD_WARPS, ..., four rows' loads in flight at a time, and the warps' partial sums are then added in
+// shared memory in a fixed order, so the result does not depend on scheduling. A 4096-wide site runs 2048 warps.
+#define MASK_GRAD_WARPS 16
+#define MASK_COLUMNS_GRAD_TILED(T, S) \
+    extern "C" __global__ __launch_bounds__(32 * MASK_GRAD_WARPS) void mask_columns_grad_tiled_##S(const float* __restrict__ dy, \
+        const T* __restrict__ x, float* __restrict__ dmask, int rows, int width, int accumulate) \
+    { \
+        __shared__ float partial[MASK_GRAD_WARPS][32]; \
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5; \
+        int j = blockIdx.x * 32 + lane; \
+        float s = 0.f; \
+        if (j < width) \
+        { \
+            const int step = MASK_GRAD_WARPS; \
+            int r = warp; \
+            for (; r + 3 * step < rows; r += 4 * step) \
+            { \
+                long long i = (long long)r * width + j, st = (long long)step * width; \
+                float d0 = dy[i], d1 = dy[i + st], d2 = dy[i + 2 * st], d3 = dy[i + 3 * st]; \
+                float x0 = to_f32(x[i]), x1 = to_f32(x[i + st]), x2 = to_f32(x[i + 2 * st]), x3 = to_f32(x[i + 3 * st]); \
+                s += d0 * x0; s += d1 * x1; s += d2 * x2; s += d3 * x3; \
+            } \
+            for (; r < rows; r += step) s += dy[(long long)r * width + j] * to_f32(x[(long long)r * width + j]); \
+        } \
+        partial[warp][lane] = s; \
+        __syncthreads(); \
+        if (warp == 0 && j < width) \
+        { \
+            float t = 0.f; \
+            for (int k = 0; k < MASK_GRAD_WARPS; k++) t += partial[k][lane]; \
+            dmask[j] = accumulate ? dmask[j] + t : t; \
+        } \
+    }
+FOR_EACH_STORAGE(MASK_COLUMNS_GRAD_TILED)
 
 // out[r, j] = x[r, j] * mask[j] (mask == nullptr: a copy), converting the storage type: f32 to any, or S to S.
 // out may be x (in place).

@@ -92,6 +92,21 @@ internal static class GpuBench
         using (var grad = dev.Allocate(DType.F32, (long)T * Vocab))
             Bandwidth($"cross-entropy + gradient ({T} x {Vocab}, f32)", T * Vocab * 12.0, () => ops.CrossEntropy(logits, targets, loss, grad, T, Vocab, 1f / T));
 
+        // Training's mask gradients: a column sum over the block's rows, five per layer (f32 and bf16 activations).
+        void MaskGrad(int width, DType xType)
+        {
+            using var dy = dev.Upload(Rand((long)T * width));
+            using var x = dev.Upload(Rand((long)T * width), xType);
+            using var dmask = dev.Allocate(DType.F32, width);
+            double bytes = (double)T * width * (4 + xType.Size());
+            string name = $"mask gradient {T} x {width}, {xType.ToString().ToLowerInvariant()} activation";
+            double naive = Bandwidth($"{name}, thread per column (naive)", bytes, () => ops.MaskColumnsGrad(dy, x, dmask, T, width, naive: true));
+            double tiled = Bandwidth($"{name}, tiled (tuned)", bytes, () => ops.MaskColumnsGrad(dy, x, dmask, T, width));
+            Console.WriteLine($"{"  tiled vs naive",-58} {tiled / naive,8:F2}x");
+        }
+        MaskGrad(D, DType.F32);
+        MaskGrad(Ffn, DType.BF16);
+
         Console.WriteLine();
         double Gemm(string name, int m, int n, int k)
         {

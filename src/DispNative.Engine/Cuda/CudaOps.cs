@@ -407,14 +407,23 @@ public sealed class CudaOps(CudaDevice device)
         => Device.Launch("masks", "gumbel_noise", CudaDevice.GridFor(n), 256, 0, output, n, seed, counter);
 
     /// <summary>dmask[j] = Σ_r dy[r, j]·x[r, j] (dy f32; x any storage type); with <paramref name="accumulate"/> added to dmask.
-    /// <paramref name="dmaskOffset"/> places the mask inside a larger buffer.</summary>
-    public void MaskColumnsGrad(DeviceTensor dy, DeviceTensor x, DeviceTensor dmask, int rows, int width, bool accumulate = false, long dmaskOffset = 0)
+    /// <paramref name="dmaskOffset"/> places the mask inside a larger buffer. <paramref name="naive"/>: the one-thread-per-column
+    /// baseline that KernelBench times against the tiled kernel.</summary>
+    public void MaskColumnsGrad(DeviceTensor dy, DeviceTensor x, DeviceTensor dmask, int rows, int width, bool accumulate = false, long dmaskOffset = 0,
+        bool naive = false)
     {
         Need(dy, (long)rows * width, "mask gradient input"); Need(x, (long)rows * width, "masked activation");
         Need(dmask, dmaskOffset + width, "mask gradient");
-        Device.Launch("masks", $"mask_columns_grad_{CudaDevice.Suffix(x.DType)}", CudaDevice.GridFor(width, 128), 128, 0,
-            dy, x, dmask.Address(dmaskOffset), rows, width, accumulate ? 1 : 0);
+        string suffix = CudaDevice.Suffix(x.DType);
+        if (naive)
+            Device.Launch("masks", $"mask_columns_grad_{suffix}", CudaDevice.GridFor(width, 128), 128, 0,
+                dy, x, dmask.Address(dmaskOffset), rows, width, accumulate ? 1 : 0);
+        else
+            Device.Launch("masks", $"mask_columns_grad_tiled_{suffix}", (uint)((width + 31) / 32), MaskGradWarps * 32, 0,
+                dy, x, dmask.Address(dmaskOffset), rows, width, accumulate ? 1 : 0);
     }
+
+    private const int MaskGradWarps = 16;   // MASK_GRAD_WARPS in masks.cu
 
     /// <summary>output[r, j] = x[r, j]·mask[j] (mask null: a copy), f32 to any storage type or within one type; in place
     /// allowed. <paramref name="maskOffset"/> places the mask inside a larger f32 buffer.</summary>
