@@ -258,17 +258,20 @@ __device__ void attention_row_dot(const float* __restrict__ dout, const T* __res
 }
 
 // For one chunk of heads ([batch, tq, tq] f32 scores S and dP; head of batch b = first_head + b * head_step):
-//   p[b, i, j] = exp(scale * s - lse[h, i]) where key j is visible from query i, else 0;  ds = p * (dp - rowdot[h, i]).
+//   p[b, i, j] = exp(scale * s - lse[h, i]) where key j is visible from query i, else 0;  ds = p * (dp - rowdot[h, i]),
+// for the keys j before the end of i's block of row_block rows (the GEMMs computed no more).
 // p and ds are written in the storage type (the next GEMMs' inputs). Grid (tq, batch), block 256.
 template <typename T>
 __device__ void attention_probs_grad(const float* __restrict__ s, const float* __restrict__ dp, const float* __restrict__ lse,
-    const float* __restrict__ rowdot, T* __restrict__ p, T* __restrict__ ds, int tq, int first_head, int head_step, int window, float scale)
+    const float* __restrict__ rowdot, T* __restrict__ p, T* __restrict__ ds, int tq, int first_head, int head_step, int window, float scale,
+    int row_block)
 {
     int i = blockIdx.x, h = first_head + (int)blockIdx.y * head_step;
     long long row = ((long long)blockIdx.y * tq + i) * tq;
     float L = lse[(long long)h * tq + i], D = rowdot[(long long)h * tq + i];
     int first = window > 0 ? max(0, i - window + 1) : 0;
-    for (int j = threadIdx.x; j < tq; j += blockDim.x)
+    int end = min(tq, (i / row_block + 1) * row_block);
+    for (int j = threadIdx.x; j < end; j += blockDim.x)
     {
         bool visible = j >= first && j <= i;
         float pv = visible ? expf(scale * s[row + j] - L) : 0.f;
@@ -286,6 +289,6 @@ __device__ void attention_probs_grad(const float* __restrict__ s, const float* _
     { attention_backward_dkv<T>(q, k, v, dout, lse, dsum, dk, dv, tq, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_row_dot_##S(const float* dout, const T* o, float* rowdot, int tq, int heads, int head_dim) \
     { attention_row_dot<T>(dout, o, rowdot, tq, heads, head_dim); } \
-    extern "C" __global__ void attention_probs_grad_##S(const float* s, const float* dp, const float* lse, const float* rowdot, T* p, T* ds, int tq, int first_head, int head_step, int window, float scale) \
-    { attention_probs_grad<T>(s, dp, lse, rowdot, p, ds, tq, first_head, head_step, window, scale); }
+    extern "C" __global__ void attention_probs_grad_##S(const float* s, const float* dp, const float* lse, const float* rowdot, T* p, T* ds, int tq, int first_head, int head_step, int window, float scale, int row_block) \
+    { attention_probs_grad<T>(s, dp, lse, rowdot, p, ds, tq, first_head, head_step, window, scale, row_block); }
 FOR_EACH_STORAGE(ATTENTION)

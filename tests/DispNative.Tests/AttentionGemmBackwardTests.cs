@@ -12,10 +12,12 @@ public class AttentionGemmBackwardTests
     private sealed class LoopBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot) : IAttentionGemmBackend
     {
         public int Gemms { get; private set; }
+        public long MultiplyAdds { get; private set; }
 
         public void Gemm(in BatchedGemm g)
         {
             Gemms++;
+            MultiplyAdds += (long)g.M * g.N * g.K * g.Batch;
             float[] a = buffers[g.A], b = buffers[g.B], d = buffers[g.D];
             for (int n = 0; n < g.Batch; n++)
             for (int i = 0; i < g.M; i++)
@@ -41,7 +43,7 @@ public class AttentionGemmBackwardTests
             {
                 int h = p.FirstHead + n * p.HeadStep;
                 for (int i = 0; i < p.T; i++)
-                for (int j = 0; j < p.T; j++)
+                for (int j = 0; j < AttentionGemmBackward.RowEnd(i, p.T, p.RowBlock); j++)
                 {
                     long at = ((long)n * p.T + i) * p.T + j;
                     bool visible = j <= i && (p.Window == 0 || j > i - p.Window);
@@ -53,13 +55,13 @@ public class AttentionGemmBackwardTests
         }
     }
 
-    [TestCase(37, 6, 2, 16, null, 1)]    // GQA groups of 3, one KV head per chunk
-    [TestCase(37, 6, 2, 16, null, 2)]    // both KV heads in one chunk
-    [TestCase(29, 4, 4, 8, 7, 3)]        // no GQA, a sliding window, an uneven last chunk
-    [TestCase(20, 4, 1, 12, null, 1)]    // every head shares one KV head
-    [TestCase(45, 4, 2, 64, null, 1)]    // head_dim above T
-    [TestCase(128, 4, 2, 32, null, 2)]   // the built-in tiny model's attention at its block size
-    public void MatchesTheTapeBackward(int t, int heads, int kvHeads, int hd, int? window, int chunk)
+    [TestCase(37, 6, 2, 16, null, 1, 8)]     // GQA groups of 3, one KV head per chunk, a short last row block
+    [TestCase(37, 6, 2, 16, null, 2, 37)]    // both KV heads in one chunk, one row block
+    [TestCase(29, 4, 4, 8, 7, 3, 8)]         // no GQA, a sliding window, an uneven last chunk
+    [TestCase(20, 4, 1, 12, null, 1, 1)]     // every head shares one KV head; a row per block
+    [TestCase(45, 4, 2, 64, null, 1, 16)]    // head_dim above T
+    [TestCase(128, 4, 2, 32, null, 2, 64)]   // the built-in tiny model's attention at its block size, the CPU's blocks
+    public void MatchesTheTapeBackward(int t, int heads, int kvHeads, int hd, int? window, int chunk, int rowBlock)
     {
         var rng = new Rng(23);
         int qd = heads * hd, kvd = kvHeads * hd;
@@ -91,20 +93,25 @@ public class AttentionGemmBackwardTests
             rowdot[h * t + i] = (float)Enumerable.Range(0, hd).Sum(c => dOut[i * qd + h * hd + c] * o.Data[i * qd + h * hd + c]);
         }
 
-        float[] Garbage(int n) => Enumerable.Repeat(1e30f, n).ToArray();   // dq, dk, dv must be overwritten
+        float[] Garbage(long n) => Enumerable.Repeat(1e30f, (int)n).ToArray();   // dq, dk, dv must be overwritten
+        float[] Unwritten(long n) => Enumerable.Repeat(float.NaN, (int)n).ToArray();   // a read of what no step wrote shows
         long tt = (long)chunk * t * t;
         var buffers = new Dictionary<AttentionBuffer, float[]>
         {
             [AttentionBuffer.Q] = q, [AttentionBuffer.K] = k, [AttentionBuffer.V] = v, [AttentionBuffer.DOut] = dOut,
-            [AttentionBuffer.Scores] = new float[tt], [AttentionBuffer.DProbs] = new float[tt], [AttentionBuffer.Probs] = new float[tt],
-            [AttentionBuffer.DScores] = new float[tt], [AttentionBuffer.DQ] = Garbage(t * qd), [AttentionBuffer.DK] = Garbage(t * kvd),
+            [AttentionBuffer.Scores] = Unwritten(tt), [AttentionBuffer.DProbs] = Unwritten(tt), [AttentionBuffer.Probs] = Unwritten(tt),
+            [AttentionBuffer.DScores] = Unwritten(tt), [AttentionBuffer.DQ] = Garbage(t * qd), [AttentionBuffer.DK] = Garbage(t * kvd),
             [AttentionBuffer.DV] = Garbage(t * kvd),
         };
         var backend = new LoopBackend(buffers, lse, rowdot);
-        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, hd, window, chunk);
+        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, hd, window, chunk, rowBlock);
 
-        int chunks = (kvHeads + chunk - 1) / chunk;
-        Assert.That(backend.Gemms, Is.EqualTo(5 * chunks * (heads / kvHeads)));
+        int chunks = (kvHeads + chunk - 1) / chunk, blocks = (t + rowBlock - 1) / rowBlock;
+        Assert.That(backend.Gemms, Is.EqualTo(5 * blocks * chunks * (heads / kvHeads)));
+        // Each of the five products covers the block triangle: Σ over row blocks of rows × (keys up to the block's end).
+        long triangle = 0;
+        for (int i0 = 0; i0 < t; i0 += rowBlock) triangle += (long)Math.Min(rowBlock, t - i0) * Math.Min(t, i0 + rowBlock);
+        Assert.That(backend.MultiplyAdds, Is.EqualTo(5 * triangle * hd * heads), "multiply-adds: the block triangle, no more");
         AssertClose(buffers[AttentionBuffer.DQ], wantQ, "dq");
         AssertClose(buffers[AttentionBuffer.DK], wantK, "dk");
         AssertClose(buffers[AttentionBuffer.DV], wantV, "dv");

@@ -144,6 +144,8 @@ public static class Program
 
         Console.WriteLine();
         AttentionBench(tokens, seconds);
+        AttentionBackwardBench(256, seconds);
+        AttentionBackwardBench(1024, seconds);
         Console.WriteLine();
         LlamaModelBench(modelDir, tokens, seconds);
         Console.WriteLine();
@@ -188,6 +190,24 @@ public static class Program
         double flops = 2.0 * 2 * c.NumHeads * c.HeadDim * tokens * (tokens + 1) / 2;
         Console.WriteLine($"prefill attention, {tokens} tokens, heads {c.NumHeads}/{c.NumKvHeads} of {c.HeadDim} (one layer): row by row {rowByRow * 1000:F1} ms " +
                           $"({flops / rowByRow / 1e9:F1} GFLOP/s), GEMM tiles {gemms * 1000:F1} ms ({flops / gemms / 1e9:F1} GFLOP/s), {rowByRow / gemms:F2}x");
+    }
+
+    /// <summary>Training's attention backward as GEMMs at ref-llama-25m's head shape: the whole [T, T] square (one row
+    /// block) against the block triangle the engine computes, in the same run.</summary>
+    private static void AttentionBackwardBench(int tokens, double seconds)
+    {
+        var c = RefLlamaShape;
+        var rng = new Rng(5);
+        float[] Random(long n) { var a = new float[n]; for (long i = 0; i < n; i++) a[i] = rng.NextGaussian(); return a; }
+        float[] q = Random((long)tokens * c.QDim), k = Random((long)tokens * c.KvDim), v = Random((long)tokens * c.KvDim);
+        float[] o = Random(q.Length), dOut = Random(q.Length), lse = Random((long)c.NumHeads * tokens);
+        float[] dq = new float[q.Length], dk = new float[k.Length], dv = new float[v.Length];
+        double Run(int rowBlock) => Time(() => CpuAttentionGemmBackend.Run(q, k, v, o, dOut, lse, dq, dk, dv, tokens, c.NumHeads, c.NumKvHeads,
+            c.HeadDim, null, n => new float[n], rowBlock), seconds);
+        int block = AttentionGemmBackward.RowBlock(tokens, minimum: CpuAttentionGemmBackend.MinimumRowBlock);
+        double square = Run(tokens), triangle = Run(block);
+        Console.WriteLine($"attention backward as GEMMs, {tokens} tokens, heads {c.NumHeads}/{c.NumKvHeads} of {c.HeadDim} (one layer): " +
+                          $"whole square {square * 1000:F1} ms, block triangle (blocks of {block}) {triangle * 1000:F1} ms, {square / triangle:F2}x");
     }
 
     /// <summary>ref-llama-25m's shape, for the CPU benchmarks with random weights.</summary>

@@ -6,15 +6,20 @@ namespace DispNative.Engine.Autograd;
 /// <summary>The fp32 tape's attention backward as GEMMs (<see cref="AttentionGemmBackward"/>, the formulation the CUDA path
 /// gives cuBLASLt) on the CPU <see cref="Gemm"/>: B is read in place, A packed into a contiguous block where it is not. The
 /// row-by-row loop it replaces (several dot products and axpys of head_dim elements per (query, key) pair) spent more
-/// in call overhead than these GEMMs spend in arithmetic, though they also compute the masked triangle.</summary>
+/// in call overhead than these GEMMs spend in arithmetic, though they also compute the masked part of the diagonal blocks.</summary>
 internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot,
     float[] packedA, float[] product) : IAttentionGemmBackend
 {
     /// <summary>dq, dk and dv (overwritten) of causal GQA attention over q [t, heads·hd], k and v [t, kvHeads·hd], from
     /// the output o, its gradient dOut and the forward's log-sum-exp [heads, t] (of the scaled scores). Scratch comes
-    /// from <paramref name="allocate"/> (the tape's buffers).</summary>
+    /// from <paramref name="allocate"/> (the tape's buffers). <paramref name="rowBlock"/>: rows per block of the block
+    /// triangle (default <see cref="AttentionGemmBackward.RowBlock"/> with <see cref="MinimumRowBlock"/> rows at least; t
+    /// computes the whole square).</summary>
+    /// <summary>Smaller blocks lose more to the CPU GEMM's packing and short loops than the triangle saves (KernelBench cpu).</summary>
+    public const int MinimumRowBlock = 64;
+
     public static void Run(float[] q, float[] k, float[] v, float[] o, float[] dOut, float[] lse, float[] dq, float[] dk, float[] dv,
-        int t, int heads, int kvHeads, int headDim, int? window, Func<long, float[]> allocate)
+        int t, int heads, int kvHeads, int headDim, int? window, Func<long, float[]> allocate, int? rowBlock = null)
     {
         int qd = heads * headDim;
         var rowdot = allocate(heads * t);
@@ -34,7 +39,7 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
         // Scratch: A packed, [t, headDim] (Q, dO) or [t, t] (P, dS); the product, [t, t] or [t, headDim].
         long wide = (long)t * Math.Max(t, headDim);
         var backend = new CpuAttentionGemmBackend(buffers, lse, rowdot, allocate(wide), allocate(wide));
-        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, headDim, window, chunk);
+        AttentionGemmBackward.Enqueue(backend, t, heads, kvHeads, headDim, window, chunk, rowBlock ?? AttentionGemmBackward.RowBlock(t, MinimumRowBlock));
     }
 
     public void Gemm(in BatchedGemm g)
@@ -74,10 +79,11 @@ internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[
         {
             int n = row / step.T, i = row % step.T, h = step.FirstHead + n * step.HeadStep;
             int first = step.Window > 0 ? Math.Max(0, i - step.Window + 1) : 0;
+            int end = AttentionGemmBackward.RowEnd(i, step.T, step.RowBlock);
             long at = (long)row * step.T;
             float l = lse[h * step.T + i], rd = rowdot[h * step.T + i];
-            probs.AsSpan((int)at, step.T).Clear();
-            ds.AsSpan((int)at, step.T).Clear();
+            probs.AsSpan((int)at, end).Clear();
+            ds.AsSpan((int)at, end).Clear();
             for (int j = first; j <= i; j++)
             {
                 float pv = MathF.Exp(step.Scale * s[at + j] - l);

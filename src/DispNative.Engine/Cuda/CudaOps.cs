@@ -329,7 +329,8 @@ public sealed class CudaOps(CudaDevice device)
                 [AttentionBuffer.Scores] = scores, [AttentionBuffer.DProbs] = dprobs, [AttentionBuffer.Probs] = probs, [AttentionBuffer.DScores] = dscores,
                 [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
             };
-            AttentionGemmBackward.Enqueue(new GemmBackend(this, buffers, lse, dsum), t, heads, kvHeads, headDim, window, chunk);
+            AttentionGemmBackward.Enqueue(new GemmBackend(this, buffers, lse, dsum), t, heads, kvHeads, headDim, window, chunk,
+                AttentionGemmBackward.RowBlock(t, minimum: 128));   // blocks of 128+ rows keep the GEMMs at tensor-core speed
             return;   // the temporaries go back to the allocator; later users are ordered after these kernels on the stream
         }
         float scale = 1f / MathF.Sqrt(headDim);
@@ -361,7 +362,7 @@ public sealed class CudaOps(CudaDevice device)
             var probs = buffers[AttentionBuffer.Probs];
             ops.Device.Launch("attention", $"attention_probs_grad_{CudaDevice.Suffix(probs.DType)}", ((uint)p.T, (uint)p.Batch, 1), (256, 1, 1), 0,
                 buffers[AttentionBuffer.Scores], buffers[AttentionBuffer.DProbs], lse, rowdot, probs, buffers[AttentionBuffer.DScores],
-                p.T, p.FirstHead, p.HeadStep, p.Window, p.Scale);
+                p.T, p.FirstHead, p.HeadStep, p.Window, p.Scale, p.RowBlock);
         }
 
         private static void Fits(DeviceTensor t, AttentionBuffer name, long offset, long stride, int batch, int rows, int cols, int ld)
