@@ -1,4 +1,5 @@
 using DispNative.Engine;
+using DispNative.Engine.Autograd;
 using DispNative.Engine.Cuda;
 using DispNative.Engine.IO;
 using DispNative.Engine.Models;
@@ -231,9 +232,12 @@ internal static class GpuBench
         double backwardFlops = 2.5 * causalFlops;   // S recomputed, dP, dV, dK, dQ: five causal products against the forward's two
         double simtBackward = Flops("attention backward bf16 SIMT, naive (flash-style dq + dk/dv)", backwardFlops,
             () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null, gemm: false));
-        double gemmBackward = Flops("attention backward bf16 GEMMs (cuBLASLt, [T, T] per chunk)", backwardFlops,
-            () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null));
-        Console.WriteLine($"{"GEMM vs SIMT attention backward",-58} {"",8} {gemmBackward / simtBackward,12:F2} x");
+        double squareBackward = Flops("attention backward bf16 GEMMs over the whole [T, T] square", backwardFlops,
+            () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null, rowBlock: T));
+        double gemmBackward = Flops($"attention backward bf16 GEMMs, block triangle (blocks of {AttentionGemmBackward.RowBlock(T, CudaOps.MinimumAttentionRowBlock)})",
+            backwardFlops, () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null));
+        Console.WriteLine($"{"block triangle vs whole square",-58} {"",8} {gemmBackward / squareBackward,12:F2} x");
+        Console.WriteLine($"{"GEMM (block triangle) vs SIMT attention backward",-58} {"",8} {gemmBackward / simtBackward,12:F2} x");
         var st = dev.Allocator.Stats;
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");

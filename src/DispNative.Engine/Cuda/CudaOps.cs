@@ -299,12 +299,17 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Upper bound on the transient [T, T] buffers of the GEMM backward (a chunk of heads at a time).</summary>
     public const long AttentionBackwardScratchBytes = 2L << 30;
 
+    /// <summary>Rows per block of the attention backward's block triangle at the least: smaller GEMMs fall off tensor-core speed.</summary>
+    public const int MinimumAttentionRowBlock = 128;
+
     /// <summary>Backward of <see cref="AttentionForTraining"/>: from dO (f32) to f32 dq, dk, dv (overwritten), recomputing the
     /// probabilities from <paramref name="lse"/>; <paramref name="dsum"/> [heads, t] is scratch (rowsum dO·O). By default
     /// the GEMM formulation (<see cref="AttentionGemmBackward"/>: cuBLASLt, tensor cores for bf16/f16); with
-    /// <paramref name="gemm"/> false the flash-style SIMT kernels, which never form a [T, T] matrix.</summary>
+    /// <paramref name="gemm"/> false the flash-style SIMT kernels, which never form a [T, T] matrix. <paramref name="rowBlock"/>:
+    /// rows per block of the GEMMs' block triangle (default <see cref="AttentionGemmBackward.RowBlock"/>; t: the whole square).</summary>
     public void AttentionBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor dOutput, DeviceTensor lse,
-        DeviceTensor dq, DeviceTensor dk, DeviceTensor dv, DeviceTensor dsum, int t, int heads, int kvHeads, int headDim, int? window, bool gemm = true)
+        DeviceTensor dq, DeviceTensor dk, DeviceTensor dv, DeviceTensor dsum, int t, int heads, int kvHeads, int headDim, int? window, bool gemm = true,
+        int? rowBlock = null)
     {
         CheckHeads(heads, kvHeads, headDim);
         Need(q, (long)t * heads * headDim, "q"); Need(k, (long)t * kvHeads * headDim, "k"); Need(v, (long)t * kvHeads * headDim, "v");
@@ -330,7 +335,7 @@ public sealed class CudaOps(CudaDevice device)
                 [AttentionBuffer.DQ] = dq, [AttentionBuffer.DK] = dk, [AttentionBuffer.DV] = dv,
             };
             AttentionGemmBackward.Enqueue(new GemmBackend(this, buffers, lse, dsum), t, heads, kvHeads, headDim, window, chunk,
-                AttentionGemmBackward.RowBlock(t, minimum: 128));   // blocks of 128+ rows keep the GEMMs at tensor-core speed
+                rowBlock ?? AttentionGemmBackward.RowBlock(t, MinimumAttentionRowBlock));
             return;   // the temporaries go back to the allocator; later users are ordered after these kernels on the stream
         }
         float scale = 1f / MathF.Sqrt(headDim);
