@@ -105,7 +105,7 @@ public sealed class DispEngine : IDisposable
             {
                 bool more;
                 using (var call = Begin(cancellationToken, onThisThread: false))
-                    more = await call.Run(_ => Task.Run(tokens.MoveNext, cancellationToken)).ConfigureAwait(false);
+                    more = await call.Run(() => Task.Run(tokens.MoveNext, cancellationToken)).ConfigureAwait(false);
                 if (!more) break;
                 string piece = streamer.Push(tokens.Current);
                 if (piece.Length > 0) yield return piece;
@@ -167,26 +167,33 @@ public sealed class DispEngine : IDisposable
             if (--_calls == 0) Monitor.PulseAll(_gate);
     }
 
-    /// <summary>One call in progress on the model. Its token is cancelled by the caller's or by <see cref="Dispose"/>,
-    /// which waits for the call to end; a stop by Dispose surfaces as <see cref="ObjectDisposedException"/>.</summary>
+    /// <summary>One call in progress on the model. <see cref="Dispose"/> cancels it and waits for it to end; a stop by
+    /// Dispose surfaces as <see cref="ObjectDisposedException"/>, a stop by the caller's token as cancellation.</summary>
     private sealed class Call(DispEngine engine, LoadedModel model, bool onThisThread, CancellationToken caller) : IDisposable
     {
-        private readonly CancellationTokenSource _stop = CancellationTokenSource.CreateLinkedTokenSource(caller, engine._closed.Token);
+        private CancellationTokenSource? _stop;   // made when a step asks for the token
         private bool _ended;
 
         public LoadedModel Model { get; } = model;
 
-        public void ThrowIfStopped() => Run<int>(token => { token.ThrowIfCancellationRequested(); return 0; });
+        public void ThrowIfStopped()
+        {
+            caller.ThrowIfCancellationRequested();
+            if (engine._closed.IsCancellationRequested) throw Disposed();
+        }
 
+        /// <summary>Runs <paramref name="work"/> with a token that the caller or Dispose cancels.</summary>
         public T Run<T>(Func<CancellationToken, T> work)
         {
+            _stop ??= CancellationTokenSource.CreateLinkedTokenSource(caller, engine._closed.Token);
             try { return work(_stop.Token); }
             catch (OperationCanceledException) when (StoppedByDispose) { throw Disposed(); }
         }
 
-        public async Task<T> Run<T>(Func<CancellationToken, Task<T>> work)
+        /// <summary>Awaits <paramref name="work"/>, which watches its own token (a generation stream's).</summary>
+        public async Task<T> Run<T>(Func<Task<T>> work)
         {
-            try { return await work(_stop.Token).ConfigureAwait(false); }
+            try { return await work().ConfigureAwait(false); }
             catch (OperationCanceledException) when (StoppedByDispose) { throw Disposed(); }
         }
 
@@ -198,7 +205,7 @@ public sealed class DispEngine : IDisposable
         {
             if (_ended) return;
             _ended = true;
-            _stop.Dispose();
+            _stop?.Dispose();
             engine.End(onThisThread);
         }
     }
