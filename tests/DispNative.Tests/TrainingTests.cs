@@ -160,21 +160,79 @@ public class TrainingTests
         Assert.That(File.ReadAllText(file), Is.EqualTo("mine"));
     }
 
+    /// <summary>Every option that changes the trajectory must match for a checkpoint to resume; the step count does not
+    /// (except under the cosine schedule, whose learning rates it sets), nor do the log and checkpoint intervals.</summary>
+    [TestCase("PruneRatio")]
+    [TestCase("Mode")]
+    [TestCase("Lambda")]
+    [TestCase("BatchSize")]
+    [TestCase("LearningRate")]
+    [TestCase("WeightDecay")]
+    [TestCase("Seed")]
+    [TestCase("CosineSchedule")]
+    [TestCase("StepsUnderCosine")]
+    [TestCase("ClipNorm")]
+    public void ResumeRefusesACheckpointFromOtherTrainingSettings(string option)
+    {
+        var (c, w, blocks) = TinySetup();
+        var first = new TrainingOptions { Steps = 2, PruneRatio = 0.5, CosineSchedule = option == "StepsUnderCosine" };
+        var next = first with { Steps = 4 };
+        next = option switch
+        {
+            "PruneRatio" => next with { PruneRatio = 0.3 },
+            "Mode" => next with { Mode = PruningMode.Same },
+            "Lambda" => next with { Lambda = 16 },
+            "BatchSize" => next with { BatchSize = 2 },
+            "LearningRate" => next with { LearningRate = 2e-3 },
+            "WeightDecay" => next with { WeightDecay = 0 },
+            "Seed" => next with { Seed = 1 },
+            "CosineSchedule" => next with { CosineSchedule = true },
+            "ClipNorm" => next with { ClipNorm = 1.0 },
+            _ => next,
+        };
+        var dir = TestAssets.TempDir();
+        new HypernetworkTrainer(c, w, first).Train(blocks, dir);
+        var e = Assert.Throws<InvalidSettingException>(() => new HypernetworkTrainer(c, w, next).Train(blocks, dir));
+        Assert.That(e!.Message, Does.Contain("different model, calibration data or training settings"));
+    }
+
     [Test]
-    public void ResumeRefusesACheckpointFromOtherSettings_OrACorruptOne()
+    public void ResumeTakesMoreStepsAndOtherIntervals_OrRefusesACorruptCheckpoint()
     {
         var (c, w, blocks) = TinySetup();
         var dir = TestAssets.TempDir();
-        new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 2, PruneRatio = 0.5 }).Train(blocks, dir);
-        var e = Assert.Throws<InvalidSettingException>(() =>
-            new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 4, PruneRatio = 0.3 }).Train(blocks, dir));
-        Assert.That(e!.Message, Does.Contain("different model, calibration data or training settings"));
+        var options = new TrainingOptions { Steps = 2, PruneRatio = 0.5 };
+        new HypernetworkTrainer(c, w, options).Train(blocks, dir);
+        var resumed = new HypernetworkTrainer(c, w, options with { Steps = 3, LogEvery = 1, CheckpointEvery = 1 }).Train(blocks, dir);
+        Assert.That((resumed.ResumedFrom, resumed.Steps), Is.EqualTo((2, 3)));
 
         string ckpt = Path.Combine(dir, HypernetworkTrainer.CheckpointFile);
         File.WriteAllBytes(ckpt, File.ReadAllBytes(ckpt)[..500]);
         var corrupt = Assert.Throws<ModelFormatException>(() =>
-            new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 2, PruneRatio = 0.5 }).Train(blocks, dir));
+            new HypernetworkTrainer(c, w, options with { Steps = 4 }).Train(blocks, dir));
         Assert.That(corrupt!.Message, Does.StartWith($"{ckpt}: ").And.EndWith("; to train from step 0 instead of resuming, delete the checkpoint"));
+    }
+
+    /// <summary>A process killed after logging steps past its last checkpoint (no Ctrl+C, so no checkpoint of its own)
+    /// resumes from that checkpoint: the log lines after it are dropped and written again, not repeated.</summary>
+    [Test]
+    public void AKilledRun_ResumesFromItsLastCheckpoint_WithoutRepeatingLogLines()
+    {
+        var (c, w, blocks) = TinySetup();
+        var dir = TestAssets.TempDir();
+        var options = new TrainingOptions { Steps = 2, LogEvery = 1 };
+        new HypernetworkTrainer(c, w, options).Train(blocks, dir);
+        string ckpt = Path.Combine(dir, HypernetworkTrainer.CheckpointFile), log = Path.Combine(dir, HypernetworkTrainer.LogFile);
+        var atStep2 = File.ReadAllBytes(ckpt);
+        new HypernetworkTrainer(c, w, options with { Steps = 4 }).Train(blocks, dir);
+        var uninterrupted = HypernetworkTrainer.ReadLog(log);
+        File.WriteAllBytes(ckpt, atStep2);     // as if killed after logging step 4, before its checkpoint
+
+        var resumed = new HypernetworkTrainer(c, w, options with { Steps = 4 }).Train(blocks, dir);
+        Assert.That(resumed.ResumedFrom, Is.EqualTo(2));
+        var again = HypernetworkTrainer.ReadLog(log);
+        Assert.That(again.Select(e => e.Step), Is.EqualTo(new[] { 1, 2, 3, 4 }));
+        Assert.That(again.Select(e => (e.CrossEntropy, e.Ratio)), Is.EqualTo(uninterrupted.Select(e => (e.CrossEntropy, e.Ratio))));
     }
 
     [TestCase("step", null, "missing field 'step'")]
@@ -347,5 +405,23 @@ public class TrainingTests
         Assert.That(problems, Has.Some.Contains("lambda"));
         Assert.That(problems, Has.Some.Contains("batch size"));
         Assert.That(Assert.Throws<InvalidSettingException>(() => SiteLayout.ParseMode("dense"))!.Message, Does.Contain("unknown pruning mode 'dense'"));
+    }
+
+    [Test]
+    public void Batches_TakeEveryBlockOncePerEpoch_InASeededOrderThatChangesEachEpoch()
+    {
+        var (c, w, blocks) = TinySetup(blocks: 12);
+        var options = new TrainingOptions { BatchSize = 5, Seed = 11 };
+        var trainer = new HypernetworkTrainer(c, w, options);
+        // 12 steps of 5 blocks: 5 epochs, with batches that straddle the epochs' ends.
+        var samples = Enumerable.Range(0, 12).SelectMany(s => trainer.BatchAt(blocks, s)).ToList();
+        var epochs = samples.Chunk(12).Select(e => e.Select(b => blocks.IndexOf(b)).ToArray()).ToList();
+        foreach (var e in epochs) Assert.That(e.Order(), Is.EqualTo(Enumerable.Range(0, 12)), "every block once per epoch");
+        Assert.That(epochs[0], Is.Not.EqualTo(Enumerable.Range(0, 12)), "shuffled");
+        Assert.That(epochs.Select(e => string.Join(",", e)).Distinct().Count(), Is.EqualTo(epochs.Count), "each epoch has its own order");
+        // The order depends on the seed only, not on which steps were asked for before (a resumed run starts mid-way).
+        Assert.That(new HypernetworkTrainer(c, w, options).BatchAt(blocks, 7), Is.EqualTo(trainer.BatchAt(blocks, 7)));
+        var other = new HypernetworkTrainer(c, w, options with { Seed = 12 });
+        Assert.That(Enumerable.Range(0, 3).SelectMany(s => other.BatchAt(blocks, s)), Is.Not.EqualTo(samples.Take(15)));
     }
 }
