@@ -191,17 +191,34 @@ public class ForwardTests
         Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 1f, 1.5f).Validate());
     }
 
-    [Test]
-    public void Sample_FollowsTheSoftmaxDistribution()
+    /// <summary>Softmax probabilities 0.1, 0.3, 0 and 0.6 at temperature 1; at temperature T they go as p^(1/T); top-p keeps
+    /// the most likely tokens until their mass reaches p (0.6 + 0.3 for 0.8) and renormalizes.</summary>
+    [TestCase(1f, 1f, 0.1, 0.3, 0.6)]
+    [TestCase(0.5f, 1f, 1 / 46.0, 9 / 46.0, 36 / 46.0)]
+    [TestCase(2f, 1f, 0.19300, 0.33429, 0.47271)]
+    [TestCase(1f, 0.8f, 0.0, 1 / 3.0, 2 / 3.0)]
+    public void Sample_FollowsTheSoftmaxDistribution_AtTheTemperature_WithinTopP(float temperature, float topP, double p0, double p1, double p3)
     {
         float[] logits = [0f, MathF.Log(3f), float.NegativeInfinity, MathF.Log(6f)];
         var rng = new Rng(1);
         var counts = new int[4];
-        const int n = 20000;
-        for (int i = 0; i < n; i++) counts[Generator.Sample(logits, new SamplingOptions(false), rng)]++;
+        const int n = 40000;
+        for (int i = 0; i < n; i++) counts[Generator.Sample(logits, new SamplingOptions(false, temperature, topP), rng)]++;
         Assert.That(counts[2], Is.Zero);
-        Assert.That(counts[0] / (double)n, Is.EqualTo(0.1).Within(0.01));
-        Assert.That(counts[1] / (double)n, Is.EqualTo(0.3).Within(0.015));
-        Assert.That(counts[3] / (double)n, Is.EqualTo(0.6).Within(0.015));
+        if (p0 == 0) Assert.That(counts[0], Is.Zero, "outside top-p");
+        Assert.That(counts.Select(c => c / (double)n), Is.EqualTo(new[] { p0, p1, 0, p3 }).Within(0.01));
+    }
+
+    [Test]
+    public void Generation_StopsAfterTheFirstEndOfSequenceToken()
+    {
+        var m = Tiny();
+        int[] prompt = [1, 40, 41];
+        var free = Generator.Generate(m, prompt, 12, new SamplingOptions());
+        int eos = free[prompt.Length + 4];
+        int first = Array.IndexOf(free, eos, prompt.Length);     // the first time greedy decoding emits it
+        var stopped = Generator.Generate(m with { Config = m.Config with { EosTokenIds = [eos] } }, prompt, 12, new SamplingOptions());
+        Assert.That(stopped, Is.EqualTo(free[..(first + 1)]), "up to and including the end-of-sequence token");
+        Assert.That(stopped.Length, Is.LessThan(free.Length));
     }
 }
