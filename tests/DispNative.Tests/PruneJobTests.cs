@@ -4,6 +4,7 @@ using DispNative.Cli;
 using DispNative.Engine;
 using DispNative.Engine.Builtin;
 using DispNative.Engine.Evaluation;
+using DispNative.Engine.IO;
 using DispNative.Engine.Jobs;
 using DispNative.Engine.Models;
 using Microsoft.Extensions.Configuration;
@@ -95,6 +96,11 @@ public class PruneJobTests
         foreach (var key in new[] { "dense_ppl", "pruned_ppl", "prune_ratio_target", "kept_ratio_prunable", "params_dense_total", "params_pruned_total", "widths", "train_seconds", "device" })
             Assert.That(metrics.ContainsKey(key), key);
         Assert.That(metrics["widths"]!.AsArray().Count, Is.EqualTo(2));
+        var (denseTotal, densePrunable) = CountSavedParameters(Path.Combine(dir, "model"));
+        var (prunedTotal, prunedPrunable) = CountSavedParameters(Path.Combine(outDir, "model"));
+        Assert.That((metrics["params_dense_total"]!.GetValue<long>(), metrics["params_pruned_total"]!.GetValue<long>()), Is.EqualTo((denseTotal, prunedTotal)));
+        Assert.That(metrics["kept_ratio_prunable"]!.GetValue<double>(), Is.EqualTo((double)prunedPrunable / densePrunable).Within(1e-12),
+            "the saved projections' share of the dense ones");
         Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain("![kept widths](widths.svg)"));
 
         // Prefill and decode speeds of both models, timed in the run: positive, the ratio as stored, shown as stored.
@@ -310,5 +316,22 @@ public class PruneJobTests
         (code, stdout, err) = Cli("eval", "--model", TinyModel.Prefix, "--text", TinyModel.Prefix + "/evaluation.txt", "--block-size", "256", "--max-blocks", "8", "--device", "cpu");
         Assert.That(code, Is.EqualTo(0), err);
         Assert.That(stdout, Does.Contain($"perplexity: {ppl:F4}"));
+    }
+
+    /// <summary>Float tensors of the safetensors files in <paramref name="modelDir"/>: all of them, and the q/k/v/o and MLP
+    /// projections (with their biases) that DISP-LLM prunes. The index tensors (I32) are not parameters.</summary>
+    private static (long Total, long Prunable) CountSavedParameters(string modelDir)
+    {
+        long total = 0, prunable = 0;
+        foreach (var path in Directory.GetFiles(modelDir, "*.safetensors"))
+        {
+            using var file = Engine.IO.SafeTensorsFile.Open(path);
+            foreach (var t in file.Tensors.Where(t => t.DType.IsFloat()))
+            {
+                total += t.ElementCount;
+                if (t.Name.Contains("_proj.")) prunable += t.ElementCount;
+            }
+        }
+        return (total, prunable);
     }
 }
