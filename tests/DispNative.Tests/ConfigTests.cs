@@ -128,4 +128,43 @@ public class ConfigTests
         var w = new float[] { 10, 11, 12, 13 };
         Assert.That(Llama2cImport.PermuteToHalfRotation(w, 1, 4, 1), Is.EqualTo(new float[] { 10, 12, 11, 13 }));
     }
+
+    [Test]
+    public void RopeScaling_IsReadFromRopeScalingOrRopeParameters()
+    {
+        var j = Base();
+        j["rope_scaling"] = new JsonObject
+        {
+            ["rope_type"] = "llama3", ["factor"] = 8.0, ["low_freq_factor"] = 1.0, ["high_freq_factor"] = 4.0,
+            ["original_max_position_embeddings"] = 8192,
+        };
+        Assert.That(ModelConfig.Parse(j, "c").RopeScaling, Is.EqualTo(new RopeScaling("llama3", 8, 1, 4, 8192)));
+        var t5 = Base(); t5.Remove("rope_theta");   // transformers 5 keeps θ and the scaling in rope_parameters
+        t5["rope_parameters"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = 2.0, ["rope_theta"] = 1e6 };
+        var c = ModelConfig.Parse(t5, "c");
+        Assert.That((c.RopeScaling!.Type, c.RopeScaling.Factor, c.RopeTheta), Is.EqualTo(("linear", 2.0, 1e6)));
+        Assert.That(ModelConfig.Parse(c.ToJson(), "again").RopeScaling, Is.EqualTo(c.RopeScaling), "saved configs keep the scaling");
+    }
+
+    [TestCase("linear", 0.0, 1.0, 4.0, 8192, "rope_scaling factor must be a positive number (got 0)")]
+    [TestCase("llama3", 8.0, 4.0, 4.0, 8192, "rope_scaling needs 0 < low_freq_factor < high_freq_factor (got 4 and 4)")]
+    [TestCase("llama3", 8.0, 1.0, 4.0, 0, "rope_scaling original_max_position_embeddings must be positive (got 0)")]
+    public void RopeScaling_OutOfRange_IsNamed(string type, double factor, double low, double high, int original, string message)
+    {
+        var j = Base();
+        j["rope_scaling"] = new JsonObject
+        {
+            ["rope_type"] = type, ["factor"] = factor, ["low_freq_factor"] = low, ["high_freq_factor"] = high,
+            ["original_max_position_embeddings"] = original,
+        };
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message, Is.EqualTo($"c: {message}"));
+    }
+
+    [Test]
+    public void ASlidingWindowOfNoPositions_IsRejected()
+    {
+        var m = Base(); m["architectures"] = new JsonArray("MistralForCausalLM"); m["sliding_window"] = 0;
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(m, "c"))!.Message,
+            Is.EqualTo("c: sliding_window must be positive (got 0)"));
+    }
 }

@@ -187,4 +187,40 @@ public class CpuOpsTests
         Assert.Throws<DispNativeException>(() => CpuOps.Embed(table, [4], new float[3], 3, 4));
         Assert.Throws<DispNativeException>(() => CpuOps.Embed(table, [-1], new float[3], 3, 4));
     }
+
+    /// <summary>transformers' <c>_compute_llama3_parameters</c>: wavelengths shorter than original/high_freq_factor keep
+    /// their frequency, longer than original/low_freq_factor are divided by the factor, and the band between is
+    /// interpolated. Llama-3.1's values, so all three bands occur.</summary>
+    [Test]
+    public void Rope_Llama3Scaling_FollowsTransformers()
+    {
+        var scaling = new Engine.Models.RopeScaling("llama3", Factor: 8, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositions: 8192);
+        var scaled = new Rope(128, 500000, scaling);
+        var plain = new Rope(128, 500000);
+        var bands = new int[3];
+        for (int i = 0; i < 64; i++)
+        {
+            double inv = plain.InverseFrequency(i), wavelen = 2 * Math.PI / inv, expected;
+            if (wavelen < 8192 / 4.0) { expected = inv; bands[0]++; }
+            else if (wavelen > 8192 / 1.0) { expected = inv / 8; bands[2]++; }
+            else
+            {
+                double smooth = (8192 / wavelen - 1) / (4 - 1);
+                expected = (1 - smooth) * inv / 8 + smooth * inv;
+                bands[1]++;
+            }
+            Assert.That(scaled.InverseFrequency(i), Is.EqualTo(expected).Within(1e-6 * expected), $"pair {i}");
+        }
+        Assert.That(bands, Is.All.GreaterThan(0), "high-frequency, interpolated and low-frequency pairs");
+        Assert.That(plain.InverseFrequency(1), Is.EqualTo(Math.Pow(500000, -2.0 / 128)).Within(1e-6), "θ^(−2i/d)");
+    }
+
+    [Test]
+    public void Rope_LinearScaling_DividesEveryFrequencyByTheFactor()
+    {
+        var scaled = new Rope(64, 10000, new Engine.Models.RopeScaling("linear", 4, 1, 4, 8192));
+        var plain = new Rope(64, 10000);
+        for (int i = 0; i < 32; i++)
+            Assert.That(scaled.InverseFrequency(i), Is.EqualTo(plain.InverseFrequency(i) / 4.0).Within(1e-6 * plain.InverseFrequency(i)), $"pair {i}");
+    }
 }

@@ -98,6 +98,17 @@ public sealed record ModelConfig
         Require(RmsNormEps > 0, $"rms_norm_eps must be positive (got {RmsNormEps})");
         Require(RopeTheta > 0, $"rope_theta must be positive (got {RopeTheta})");
         Require(MaxPositionEmbeddings > 0, $"max_position_embeddings must be positive (got {MaxPositionEmbeddings})");
+        Require(SlidingWindow is null or > 0, $"sliding_window must be positive (got {SlidingWindow})");
+        if (RopeScaling is { } s)
+        {
+            Require(s.Factor > 0 && double.IsFinite(s.Factor), $"rope_scaling factor must be a positive number (got {s.Factor})");
+            if (s.Type == "llama3")
+            {
+                Require(s.LowFreqFactor > 0 && s.HighFreqFactor > s.LowFreqFactor,
+                    $"rope_scaling needs 0 < low_freq_factor < high_freq_factor (got {s.LowFreqFactor} and {s.HighFreqFactor})");
+                Require(s.OriginalMaxPositions > 0, $"rope_scaling original_max_position_embeddings must be positive (got {s.OriginalMaxPositions})");
+            }
+        }
     }
 
     /// <summary>Rejects a sequence longer than the positions the model was trained for (max_position_embeddings):
@@ -180,7 +191,7 @@ public sealed record ModelConfig
             string type = OptString("rope_type", scalingObj) ?? OptString("type", scalingObj) ?? "default";
             if (type is "linear" or "llama3")
                 scaling = new RopeScaling(type, OptDouble("factor", scalingObj) ?? 1.0, OptDouble("low_freq_factor", scalingObj) ?? 1.0,
-                    OptDouble("high_freq_factor", scalingObj) ?? 4.0, (int)(OptDouble("original_max_position_embeddings", scalingObj) ?? 8192));
+                    OptDouble("high_freq_factor", scalingObj) ?? 4.0, JsonFields.Optional<int>(scalingObj, "original_max_position_embeddings", source) ?? 8192);
             else if (type != "default")
                 throw new ModelFormatException($"{source}: unsupported RoPE scaling type '{type}' (supported: default, linear, llama3)");
         }
