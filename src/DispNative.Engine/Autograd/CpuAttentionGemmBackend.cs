@@ -10,14 +10,14 @@ namespace DispNative.Engine.Autograd;
 internal sealed class CpuAttentionGemmBackend(Dictionary<AttentionBuffer, float[]> buffers, float[] lse, float[] rowdot,
     float[] packedA, float[] product) : IAttentionGemmBackend
 {
+    /// <summary>Smaller blocks lose more to the CPU GEMM's packing and short loops than the triangle saves (KernelBench cpu).</summary>
+    public const int MinimumRowBlock = 64;
+
     /// <summary>dq, dk and dv (overwritten) of causal GQA attention over q [t, heads·hd], k and v [t, kvHeads·hd], from
     /// the output o, its gradient dOut and the forward's log-sum-exp [heads, t] (of the scaled scores). Scratch comes
     /// from <paramref name="allocate"/> (the tape's buffers). <paramref name="rowBlock"/>: rows per block of the block
     /// triangle (default <see cref="AttentionGemmBackward.RowBlock"/> with <see cref="MinimumRowBlock"/> rows at least; t
     /// computes the whole square).</summary>
-    /// <summary>Smaller blocks lose more to the CPU GEMM's packing and short loops than the triangle saves (KernelBench cpu).</summary>
-    public const int MinimumRowBlock = 64;
-
     public static void Run(float[] q, float[] k, float[] v, float[] o, float[] dOut, float[] lse, float[] dq, float[] dk, float[] dv,
         int t, int heads, int kvHeads, int headDim, int? window, Func<long, float[]> allocate, int? rowBlock = null)
     {
