@@ -139,4 +139,39 @@ public class TokenizerTests
         foreach (var s in VariedText.Where(s => !s.Contains("<s>")))
             Assert.That(tok.Decode(tok.Encode(s)), Is.EqualTo(s), s);
     }
+
+    /// <summary>A BPE without byte fallback: a character outside the vocabulary becomes unk, a run of them one unk under
+    /// fuse_unk; added tokens match longest first, wherever they stand in the list.</summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void Bpe_UnknownCharacters_AndOverlappingAddedTokens(bool fuseUnk)
+    {
+        var json = JsonNode.Parse("""
+            {
+              "added_tokens": [
+                {"id": 0, "content": "<unk>", "special": true},
+                {"id": 5, "content": "<|im", "special": true},
+                {"id": 6, "content": "<|im_end|>", "special": true}
+              ],
+              "model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "b": 2, "ab": 3, "<": 4},
+                        "merges": ["a b"], "unk_token": "<unk>", "byte_fallback": false}
+            }
+            """)!.AsObject();
+        json["model"]!["fuse_unk"] = fuseUnk;
+        var tok = new HfTokenizer(json, "t.json");
+        Assert.That(tok.Encode("ab☃☃b", false), Is.EqualTo(fuseUnk ? new[] { 3, 0, 2 } : new[] { 3, 0, 0, 2 }));
+        Assert.That(tok.Encode("a<|im_end|>b<|imab", false), Is.EqualTo(new[] { 1, 6, 2, 5, 3 }));
+    }
+
+    /// <summary>ignore_merges (Llama 3): a pre-token that is itself in the vocabulary is that token, whatever the merges make.</summary>
+    [TestCase(true, new[] { 6 })]
+    [TestCase(false, new[] { 1, 5 })]
+    public void Bpe_IgnoreMerges_TakesAWholePieceFromTheVocabulary(bool ignoreMerges, int[] expected)
+    {
+        var json = JsonNode.Parse("""
+            {"model": {"type": "BPE", "vocab": {"a": 1, "b": 2, "c": 3, "ab": 4, "bc": 5, "abc": 6}, "merges": ["b c"]}}
+            """)!.AsObject();
+        json["model"]!["ignore_merges"] = ignoreMerges;
+        Assert.That(new HfTokenizer(json, "t.json").Encode("abc", false), Is.EqualTo(expected));
+    }
 }
