@@ -424,4 +424,24 @@ public class TrainingTests
         var other = new HypernetworkTrainer(c, w, options with { Seed = 12 });
         Assert.That(Enumerable.Range(0, 3).SelectMany(s => other.BatchAt(blocks, s)), Is.Not.EqualTo(samples.Take(15)));
     }
+
+    [Test]
+    public void CalibrationBlocks_AreConsecutiveFullBlocks_UpToMaxBlocks()
+    {
+        var ids = Enumerable.Range(0, 23).ToArray();
+        var blocks = Calibration.Blocks(ids, 5);
+        Assert.That(blocks, Is.EqualTo(Enumerable.Range(0, 4).Select(b => Enumerable.Range(5 * b, 5).ToArray())), "the 3-token tail is dropped");
+        Assert.That(Calibration.Blocks(ids, 5, maxBlocks: 2), Is.EqualTo(blocks.Take(2)));
+        Assert.That(Calibration.Blocks(ids, 5, maxBlocks: 9), Is.EqualTo(blocks));
+    }
+
+    [TestCase("{\"text\": 5}")]
+    [TestCase("[\"text\"]")]
+    [TestCase("{\"text\": \"a\"")]
+    public void ACalibrationJsonlLineWithoutAStringText_IsNamedByItsLine(string line)
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "c.jsonl");
+        File.WriteAllText(path, "{\"text\": \"fine\"}\n" + line + "\n");
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Calibration.ReadDocuments(path))!.Message, Does.StartWith($"{path}:2: "));
+    }
 }
