@@ -334,4 +334,19 @@ public class PruneJobTests
         }
         return (total, prunable);
     }
+
+    /// <summary>The report's charts: x from the data's range to the plot's left and right edges, y from the given range
+    /// (or the data's) to its bottom and top; one polyline and legend entry per series, text escaped.</summary>
+    [Test]
+    public void Chart_PlacesEveryPointOnTheAxes()
+    {
+        var svg = Report.Chart("a < b", "layer",
+            [("kept", [(0, 0), (2, 0.5), (4, 1)]), ("r & s", [(0, 1), (4, 0)])], yMin: 0, yMax: 1);
+        // The plot spans x 50..490 and y 280 (bottom) .. 30 (top) of the 640×320 picture.
+        Assert.That(svg, Does.Contain("points=\"50,280 270,155 490,30\"").And.Contain("points=\"50,30 490,280\""));
+        Assert.That(svg, Does.Contain(">a &lt; b</text>").And.Contain(">r &amp; s</text>").And.Contain(">layer</text>"));
+        Assert.That(svg, Does.Contain("text-anchor=\"middle\">4</text>").And.Contain("text-anchor=\"end\">1</text>"));
+        var auto = Report.Chart("t", "step", [("ce", [(10, 3), (20, 5), (30, 4)])], null, null);
+        Assert.That(auto, Does.Contain("points=\"50,280 270,30 490,155\"").And.Contain("text-anchor=\"end\">3</text>").And.Contain("text-anchor=\"end\">5</text>"));
+    }
 }
