@@ -325,7 +325,7 @@ public class PruneJobTests
         long total = 0, prunable = 0;
         foreach (var path in Directory.GetFiles(modelDir, "*.safetensors"))
         {
-            using var file = Engine.IO.SafeTensorsFile.Open(path);
+            using var file = SafeTensorsFile.Open(path);
             foreach (var t in file.Tensors.Where(t => t.DType.IsFloat()))
             {
                 total += t.ElementCount;
