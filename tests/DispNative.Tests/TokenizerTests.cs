@@ -174,4 +174,125 @@ public class TokenizerTests
         json["model"]!["ignore_merges"] = ignoreMerges;
         Assert.That(new HfTokenizer(json, "t.json").Encode("abc", false), Is.EqualTo(expected));
     }
+
+    // ---- pipeline components, against the behaviour the tokenizers library documents and tests ----
+
+    /// <summary>The pieces a tokenizer with <paramref name="normalizer"/> and <paramref name="preTokenizer"/> gives its
+    /// BPE model for <paramref name="text"/> ("&lt;x&gt;" is an added token).</summary>
+    private static string[] Pieces(string? normalizer, string? preTokenizer, string text)
+    {
+        var json = new JsonObject
+        {
+            ["added_tokens"] = JsonNode.Parse("""[{"id": 0, "content": "<x>", "special": false}]"""),
+            ["normalizer"] = normalizer == null ? null : JsonNode.Parse(normalizer),
+            ["pre_tokenizer"] = preTokenizer == null ? null : JsonNode.Parse(preTokenizer),
+            ["model"] = JsonNode.Parse("""{"type": "BPE", "vocab": {"<x>": 0}, "merges": []}"""),
+        };
+        return new HfTokenizer(json, "t.json").PreTokenized(text).Select(p => p.Piece).ToArray();
+    }
+
+    /// <summary>The example of the tokenizers library's SplitDelimiterBehavior documentation.</summary>
+    [TestCase("Removed", new[] { "the", "final", "countdown" })]
+    [TestCase("Isolated", new[] { "the", "-", "final", "-", "-", "countdown" })]
+    [TestCase("MergedWithPrevious", new[] { "the-", "final-", "-", "countdown" })]
+    [TestCase("MergedWithNext", new[] { "the", "-final", "-", "-countdown" })]
+    [TestCase("Contiguous", new[] { "the", "-", "final", "--", "countdown" })]
+    public void Split_CutsAtTheDelimiter_AsItsBehaviourSays(string behavior, string[] expected)
+    {
+        string split = $$"""{"type": "Split", "pattern": {"String": "-"}, "behavior": "{{behavior}}", "invert": false}""";
+        Assert.That(Pieces(null, split, "the-final--countdown"), Is.EqualTo(expected));
+        string regex = $$"""{"type": "Split", "pattern": {"Regex": "-"}, "behavior": "{{behavior}}", "invert": false}""";
+        Assert.That(Pieces(null, regex, "the-final--countdown"), Is.EqualTo(expected));
+    }
+
+    [Test]
+    public void Split_WithAnUnknownBehaviourOrInverted_IsAClearErrorAtLoad()
+    {
+        Assert.That(Assert.Throws<ModelFormatException>(() => Pieces(null, """{"type": "Split", "pattern": {"String": "-"}, "behavior": "Sideways"}""", "a"))!.Message,
+            Is.EqualTo("t.json: unsupported Split behavior 'Sideways'"));
+        Assert.That(Assert.Throws<ModelFormatException>(() => Pieces(null, """{"type": "Split", "pattern": {"String": "-"}, "invert": true}""", "a"))!.Message,
+            Is.EqualTo("t.json: Split with invert=true is not supported"));
+    }
+
+    [TestCase(false, new[] { "Call ", "123", " please" })]
+    [TestCase(true, new[] { "Call ", "1", "2", "3", " please" })]
+    public void Digits_IsolatesNumbers_OrEachDigit(bool individual, string[] expected)
+    {
+        string digits = $$"""{"type": "Digits", "individual_digits": {{(individual ? "true" : "false")}}}""";
+        Assert.That(Pieces(null, digits, "Call 123 please"), Is.EqualTo(expected));
+    }
+
+    /// <summary>ByteLevel adds its prefix space to every piece it is given (each text between added tokens), as the
+    /// tokenizers library does; use_regex false keeps the piece whole.</summary>
+    [TestCase(true, true, new[] { "Ġa", "Ġb", "<x>", "Ġc" })]
+    [TestCase(true, false, new[] { "ĠaĠb", "<x>", "Ġc" })]
+    [TestCase(false, true, new[] { "a", "Ġb", "<x>", "c" })]
+    public void ByteLevel_PrefixSpaceAndRegex(bool addPrefixSpace, bool useRegex, string[] expected)
+    {
+        string byteLevel = $$"""{"type": "ByteLevel", "add_prefix_space": {{(addPrefixSpace ? "true" : "false")}}, "use_regex": {{(useRegex ? "true" : "false")}}}""";
+        Assert.That(Pieces(null, byteLevel, "a b<x>c"), Is.EqualTo(expected));
+    }
+
+    /// <summary>Metaspace's prepend_scheme: "first" prepends only where the text begins, not after an added token.</summary>
+    [TestCase("always", "a b<x>c d", new[] { "▁a", "▁b", "<x>", "▁c", "▁d" })]
+    [TestCase("first", "a b<x>c d", new[] { "▁a", "▁b", "<x>", "c", "▁d" })]
+    [TestCase("first", "<x>c d", new[] { "<x>", "c", "▁d" })]
+    [TestCase("never", "a b<x>c d", new[] { "a", "▁b", "<x>", "c", "▁d" })]
+    public void Metaspace_PrependScheme(string scheme, string text, string[] expected)
+    {
+        string metaspace = $$"""{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "{{scheme}}", "split": true}""";
+        Assert.That(Pieces(null, metaspace, text), Is.EqualTo(expected));
+    }
+
+    [TestCase("""{"type": "Lowercase"}""", "HeLLo ÉTÉ", "hello été")]
+    [TestCase("""{"type": "Sequence", "normalizers": [{"type": "Lowercase"}, {"type": "Replace", "pattern": {"String": " "}, "content": "_"}]}""", "AB C", "ab_c")]
+    public void Normalizers(string normalizer, string text, string expected)
+        => Assert.That(Pieces(normalizer, null, text), Is.EqualTo(new[] { expected }));
+
+    /// <summary>A tokenizer whose tokens are <paramref name="tokens"/> (ids 0..n-1), with <paramref name="decoder"/>.</summary>
+    private static string DecodeTokens(string decoder, params string[] tokens)
+    {
+        var vocab = new JsonObject();
+        foreach (var t in tokens.Distinct()) vocab[t] = vocab.Count;
+        var json = new JsonObject
+        {
+            ["decoder"] = JsonNode.Parse(decoder),
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray() },
+        };
+        var tok = new HfTokenizer(json, "t.json");
+        return tok.Decode(tokens.Select(t => vocab[t]!.GetValue<int>()).ToArray());
+    }
+
+    /// <summary>Strip removes up to start/stop copies of its content from each token; after Fuse, from the whole text.
+    /// ByteFallback turns each byte of an invalid UTF-8 run into one U+FFFD (the tokenizers library's own test case).</summary>
+    [TestCase("""{"type": "Strip", "content": " ", "start": 1, "stop": 0}""", new[] { " a", " b" }, "ab")]
+    [TestCase("""{"type": "Sequence", "decoders": [{"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}""", new[] { " a", " b" }, "a b")]
+    [TestCase("""{"type": "Strip", "content": " ", "start": 0, "stop": 1}""", new[] { "a  ", "b " }, "a b")]
+    [TestCase("""{"type": "Strip", "content": "_", "start": 2, "stop": 2}""", new[] { "___a___" }, "_a_")]
+    [TestCase("""{"type": "ByteFallback"}""", new[] { "<0xE2>", "<0x82>", "<0xAC>", "x" }, "€x")]
+    [TestCase("""{"type": "ByteFallback"}""", new[] { "<0xE2>", "<0x82>", "x", "<0xFF>" }, "\uFFFD\uFFFDx\uFFFD")]
+    [TestCase("""{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}""", new[] { "▁a", "▁b" }, "a b")]
+    [TestCase("""{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "never"}""", new[] { "▁a", "▁b" }, " a b")]
+    public void Decoders(string decoder, string[] tokens, string expected) => Assert.That(DecodeTokens(decoder, tokens), Is.EqualTo(expected));
+
+    /// <summary>TemplateProcessing puts special tokens before and after the text; decoding leaves special tokens out.</summary>
+    [Test]
+    public void Template_AddsPrefixAndSuffix_AndDecodingSkipsSpecialTokens()
+    {
+        var json = JsonNode.Parse("""
+            {
+              "added_tokens": [{"id": 0, "content": "<s>", "special": true}, {"id": 1, "content": "</s>", "special": true}],
+              "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}, "</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+              "model": {"type": "BPE", "vocab": {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}, "merges": ["a b"]}
+            }
+            """)!.AsObject();
+        var tok = new HfTokenizer(json, "t.json");
+        Assert.That(tok.Encode("abb"), Is.EqualTo(new[] { 0, 4, 3, 1 }));
+        Assert.That(tok.Encode("abb", addSpecialTokens: false), Is.EqualTo(new[] { 4, 3 }));
+        Assert.That(tok.BosId, Is.EqualTo(0));
+        Assert.That(tok.EosIds, Is.EqualTo(new[] { 1 }));
+        Assert.That(tok.Decode([0, 4, 3, 1]), Is.EqualTo("abb"));
+    }
 }

@@ -137,17 +137,26 @@ public sealed class HfTokenizer : ITokenizer
     {
         var ids = new List<int>(text.Length / 3 + 4);
         if (addSpecialTokens) ids.AddRange(_prefix);
-        bool first = true;
-        foreach (var (segment, addedId) in SplitOnAdded(text))
+        foreach (var (piece, addedId) in PreTokenized(text))
         {
-            if (addedId >= 0) { ids.Add(addedId); first = false; continue; }
-            string normalized = _normalize(segment, first);
-            foreach (var piece in _preTokenize(normalized, first))
-                EncodePiece(piece, ids);
-            first = false;
+            if (addedId >= 0) ids.Add(addedId);
+            else EncodePiece(piece, ids);
         }
         if (addSpecialTokens) ids.AddRange(_suffix);
         return ids.ToArray();
+    }
+
+    /// <summary>The pieces the BPE model is given: the text between added tokens normalized and pre-tokenized, each
+    /// added token as itself (with its id).</summary>
+    internal IEnumerable<(string Piece, int AddedId)> PreTokenized(string text)
+    {
+        bool first = true;
+        foreach (var (segment, addedId) in SplitOnAdded(text))
+        {
+            if (addedId >= 0) yield return (segment, addedId);
+            else foreach (var piece in _preTokenize(_normalize(segment, first), first)) yield return (piece, -1);
+            first = false;
+        }
     }
 
     private IEnumerable<(string Segment, int AddedId)> SplitOnAdded(string text)
@@ -160,7 +169,7 @@ public sealed class HfTokenizer : ITokenizer
                 if (content.Length > 0 && string.CompareOrdinal(text, i, content, 0, content.Length) == 0) { match = id; len = content.Length; break; }
             if (match < 0) { i++; continue; }
             if (i > start) yield return (text[start..i], -1);
-            yield return ("", match);
+            yield return (text.Substring(i, len), match);
             i += len;
             start = i;
         }
@@ -248,7 +257,8 @@ public sealed class HfTokenizer : ITokenizer
         {
             case "Sequence":
                 var parts = Arr(p, "pretokenizers").Select(x => BuildPreTokenizer(Item(x, "pretokenizers"))).ToList();
-                return (s, first) => parts.Aggregate((IEnumerable<string>)[s], (acc, f) => acc.SelectMany(x => f(x, first)).ToList());
+                // Only the first piece begins where the text does ("first" for Metaspace's prepend_scheme).
+                return (s, first) => parts.Aggregate((IEnumerable<string>)[s], (acc, f) => acc.SelectMany((x, i) => f(x, first && i == 0)).ToList());
             case "Metaspace":
             {
                 string rep = OptStr(p, "replacement") ?? "\u2581";
@@ -266,9 +276,10 @@ public sealed class HfTokenizer : ITokenizer
                 bool prefixSpace = Flag(p, "add_prefix_space", true);
                 bool useRegex = Flag(p, "use_regex", true);
                 var regex = new Regex(Gpt2Pattern, RegexOptions.CultureInvariant);
-                return (s, first) =>
+                // Like the tokenizers library, the prefix space goes before every piece, not only the text's first.
+                return (s, _) =>
                 {
-                    if (prefixSpace && first && s.Length > 0 && s[0] != ' ') s = " " + s;
+                    if (prefixSpace && s.Length > 0 && s[0] != ' ') s = " " + s;
                     var pieces = useRegex ? regex.Matches(s).Select(m => m.Value) : [s];
                     return pieces.Select(ByteLevelMap.Encode).ToList();
                 };
@@ -278,6 +289,7 @@ public sealed class HfTokenizer : ITokenizer
                 var pat = Obj(p, "pattern") ?? throw Error("Split without pattern");
                 var regex = pat["Regex"] != null ? Pattern(Str(pat, "Regex")) : Pattern(Regex.Escape(Str(pat, "String")));
                 string behavior = OptStr(p, "behavior") ?? "Isolated";
+                if (!SplitBehaviors.Contains(behavior)) throw Error($"unsupported Split behavior '{behavior}'");
                 bool invert = Flag(p, "invert", false);
                 if (invert) throw Error("Split with invert=true is not supported");
                 return (s, _) => SplitRegex(s, regex, behavior);
@@ -302,7 +314,11 @@ public sealed class HfTokenizer : ITokenizer
         return result;
     }
 
-    private IEnumerable<string> SplitRegex(string s, Regex regex, string behavior)
+    private static readonly string[] SplitBehaviors = ["Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous"];
+
+    /// <summary>The pieces of <paramref name="s"/> cut at each match of <paramref name="regex"/>, the match kept or dropped
+    /// as the tokenizers library's SplitDelimiterBehavior says.</summary>
+    private static List<string> SplitRegex(string s, Regex regex, string behavior)
     {
         var result = new List<string>();
         int last = 0;
@@ -319,7 +335,10 @@ public sealed class HfTokenizer : ITokenizer
                 case "MergedWithNext":
                     if (pendingMatch != null) result.Add(pendingMatch + gap); else if (gap.Length > 0) result.Add(gap);
                     pendingMatch = m.Value; break;
-                default: throw Error($"unsupported Split behavior '{behavior}'");
+                case "Contiguous":
+                    if (gap.Length == 0 && result.Count > 0) result[^1] += m.Value;   // right after the previous match
+                    else { if (gap.Length > 0) result.Add(gap); result.Add(m.Value); }
+                    break;
             }
             last = m.Index + m.Length;
         }
