@@ -1,3 +1,4 @@
+using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using DispNative.Engine;
@@ -245,7 +246,11 @@ public class TokenizerTests
     }
 
     [TestCase("""{"type": "Lowercase"}""", "HeLLo ÉTÉ", "hello été")]
-    [TestCase("""{"type": "Sequence", "normalizers": [{"type": "Lowercase"}, {"type": "Replace", "pattern": {"String": " "}, "content": "_"}]}""", "AB C", "ab_c")]
+    [TestCase("""{"type": "NFKC"}""", "ﬁ² Ａ", "fi2 A")]
+    [TestCase("""{"type": "NFKD"}""", "ﬁé", "fie\u0301")]
+    [TestCase("""{"type": "NFD"}""", "ﬁé", "ﬁe\u0301")]
+    [TestCase("""{"type": "NFC"}""", "e\u0301", "é")]
+    [TestCase("""{"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Replace", "pattern": {"String": " "}, "content": "_"}]}""", "ＡＢ Ｃ", "ab_c")]
     public void Normalizers(string normalizer, string text, string expected)
         => Assert.That(Pieces(normalizer, null, text), Is.EqualTo(new[] { expected }));
 
@@ -294,5 +299,29 @@ public class TokenizerTests
         Assert.That(tok.BosId, Is.EqualTo(0));
         Assert.That(tok.EosIds, Is.EqualTo(new[] { 1 }));
         Assert.That(tok.Decode([0, 4, 3, 1]), Is.EqualTo("abb"));
+    }
+
+    /// <summary>NFC, NFD, NFKC and NFKD against Python's unicodedata (tools/reference/unicode_normalization.py): every
+    /// character with a decomposition, Hangul, and runs of combining marks that reorder and compose. The runtime's own
+    /// string.Normalize would pass none of the changing cases: under invariant globalization it returns its input.</summary>
+    [Test]
+    public void UnicodeNormalization_MatchesPythonsUnicodedata()
+    {
+        static string Text(string hex, string input) => hex == "=" ? input
+            : string.Concat(hex.Split(' ').Select(h => char.ConvertFromUtf32(Convert.ToInt32(h, 16))));
+        var forms = new[] { NormalizationForm.FormC, NormalizationForm.FormD, NormalizationForm.FormKC, NormalizationForm.FormKD };
+        var failures = new List<string>();
+        int cases = 0;
+        foreach (var line in File.ReadLines(Path.Combine(TestAssets.RepoRoot, "tests/DispNative.Tests/Reference/unicode-normalization.tsv")))
+        {
+            if (line.StartsWith('#')) continue;
+            var fields = line.Split('\t');
+            string input = Text(fields[0], "");
+            for (int f = 0; f < forms.Length; f++, cases++)
+                if (UnicodeNormalization.Normalize(input, forms[f]) != Text(fields[f + 1], input) && failures.Count < 10)
+                    failures.Add($"{forms[f]} of {fields[0]}: expected {fields[f + 1]}");
+        }
+        Assert.That(cases, Is.GreaterThan(20_000));
+        Assert.That(failures, Is.Empty);
     }
 }

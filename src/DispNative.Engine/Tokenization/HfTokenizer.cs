@@ -230,10 +230,10 @@ public sealed class HfTokenizer : ITokenizer
                 return (s, _) => s.Length == 0 ? s : pre + s;
             case "Replace":
                 return BuildReplace(n);
-            case "NFC": return (s, _) => s.Normalize(NormalizationForm.FormC);
-            case "NFD": return (s, _) => s.Normalize(NormalizationForm.FormD);
-            case "NFKC": return (s, _) => s.Normalize(NormalizationForm.FormKC);
-            case "NFKD": return (s, _) => s.Normalize(NormalizationForm.FormKD);
+            case "NFC": return (s, _) => UnicodeNormalization.Normalize(s, NormalizationForm.FormC);
+            case "NFD": return (s, _) => UnicodeNormalization.Normalize(s, NormalizationForm.FormD);
+            case "NFKC": return (s, _) => UnicodeNormalization.Normalize(s, NormalizationForm.FormKC);
+            case "NFKD": return (s, _) => UnicodeNormalization.Normalize(s, NormalizationForm.FormKD);
             case "Lowercase": return (s, _) => s.ToLowerInvariant();
             default: throw Error($"unsupported normalizer type '{type}'");
         }
