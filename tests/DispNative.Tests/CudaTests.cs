@@ -47,6 +47,9 @@ public class CachingAllocatorTests
         a.Release(p2); a.Release(p3);
         Assert.That(a.Stats.CachedBytes, Is.EqualTo(1024 + 5120));
         Assert.That(a.Stats.PeakInUseBytes, Is.EqualTo(1024 + 5120));
+        ulong p4 = a.Allocate(2000);     // a new bucket while both blocks wait in the cache
+        Assert.That((a.Stats.PeakInUseBytes, a.Stats.PeakReservedBytes), Is.EqualTo((1024L + 5120, 2048L + 1024 + 5120)));
+        a.Release(p4);
         a.Trim();
         Assert.That(mem.Live, Is.Empty);
         Assert.That(a.Stats.CachedBytes, Is.Zero);
@@ -58,11 +61,12 @@ public class CachingAllocatorTests
         var mem = new FakeMemory(6 << 20);
         using var a = new CachingAllocator(mem);
         ulong big = a.Allocate(4 << 20);
-        a.Release(big);                  // cached, still held from the device
-        ulong other = a.Allocate(3 << 20); // does not fit beside the cache: trimmed, then served
+        a.Release(big);                    // cached, still held from the device
+        ulong other = a.Allocate(5 << 20); // a 6 MiB bucket, which does not fit beside the cache: trimmed, then served
         Assert.That(a.Stats.CachedBytes, Is.Zero);
-        var e = Assert.Throws<CudaOutOfMemoryException>(() => a.Allocate(5 << 20))!;
-        Assert.That(e.Message, Does.Contain("out of device memory").And.Contain("5.0 MiB requested"));
+        Assert.That((a.Stats.CacheHits, a.Stats.DeviceAllocations, mem.Used), Is.EqualTo((0L, 2L, 6L << 20)));
+        var e = Assert.Throws<CudaOutOfMemoryException>(() => a.Allocate(1 << 20))!;
+        Assert.That(e.Message, Does.Contain("out of device memory").And.Contain("1.0 MiB requested"));
         a.Release(other);
     }
 
@@ -228,6 +232,13 @@ public class NvrtcTests
         var again = new KernelCompiler(arch, dir);
         foreach (var k in KernelSources.KernelNames) again.Cubin(k);
         Assert.That((again.Compiled, again.CacheHits), Is.EqualTo((0, n)));
+        // An empty cache entry (a write cut short) is compiled again and replaced.
+        string norm = Directory.GetFiles(dir, "norm-*.cubin").Single();
+        var compiled = File.ReadAllBytes(norm);
+        File.WriteAllBytes(norm, []);
+        var third = new KernelCompiler(arch, dir);
+        Assert.That(third.Cubin("norm"), Is.EqualTo(compiled));
+        Assert.That((third.Compiled, third.CacheHits, new FileInfo(norm).Length > 0), Is.EqualTo((1, 0, true)));
     }
 
     /// <summary>The largest block a kernel may be launched with (CudaOps): 128 threads for the tensor-core prefill and

@@ -92,16 +92,31 @@ public class PruningTests
         return g;
     }
 
+    [TestCase("bfloat16", null, DType.BF16)]
+    [TestCase("float16", null, DType.F16)]
+    [TestCase("float32", null, DType.F32)]
+    [TestCase("bfloat16", DType.F32, DType.F32)]
+    [TestCase("float32", DType.F16, DType.F16)]
+    public void APrunedModelIsStoredInTheDenseModelsType_UnlessAskedOtherwise(string denseType, DType? requested, DType saved)
+        => Assert.That(Pruner.SavedDType(TestAssets.TinyConfig() with { WeightDType = denseType }, requested), Is.EqualTo(saved));
+
     [Test]
     public void SavedPrunedModelLoadsWithIdenticalLogitsAndDecodesWithTheCache()
     {
         var src = TestAssets.WriteTinyModel();
+        // The tokenizer and generation files go with the model, byte for byte; nothing else does.
+        var companions = new[] { "tokenizer_config.json", "special_tokens_map.json", "generation_config.json" };
+        foreach (var name in companions) File.WriteAllText(Path.Combine(src, name), $$"""{"file": "{{name}}"}""");
+        File.WriteAllText(Path.Combine(src, "README.md"), "model card");
         var dense = ModelLoader.Load(src);
         var plan = RandomPlan(dense.Config, PruningMode.Disp, 0.7, 5);
         var (pc, pw) = Pruner.Apply(dense.Config, dense.Model.Weights, plan, "disp", 0.3, src);
         var dir = Path.Combine(TestAssets.TempDir(), "pruned");
         Pruner.Save(dir, pc, pw, DType.F32, Pruner.TokenizerFilesOf(src, null), maxShardBytes: 30_000);
         Assert.That(Directory.GetFiles(dir, "*.safetensors").Length, Is.GreaterThan(1), "sharded");
+        foreach (var name in companions.Append("tokenizer.json"))
+            Assert.That(File.ReadAllBytes(Path.Combine(dir, name)), Is.EqualTo(File.ReadAllBytes(Path.Combine(src, name))), name);
+        Assert.That(File.Exists(Path.Combine(dir, "README.md")), Is.False);
 
         var loaded = ModelLoader.Load(dir);
         Assert.That(loaded.Config.Disp!.Widths, Is.EqualTo(pc.Disp!.Widths));

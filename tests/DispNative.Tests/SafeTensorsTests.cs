@@ -59,6 +59,10 @@ public class SafeTensorsTests
         // 1 + 3·2^-8 is halfway between 1.0078125 (odd) and 1.015625 (even): rounds up to even.
         Assert.That(DTypes.FloatToBF16(1.01171875f), Is.EqualTo((ushort)0x3F82));
         Assert.That(float.IsNaN(DTypes.BF16ToFloat(DTypes.FloatToBF16(float.NaN))));
+        // NaNs whose payload is in the low bits only: rounding would carry them into infinity or wrap them to zero.
+        foreach (uint bits in new uint[] { 0x7F800001, 0xFFFFFFFF, 0x7FC00000 })
+            Assert.That(float.IsNaN(DTypes.BF16ToFloat(DTypes.FloatToBF16(BitConverter.UInt32BitsToSingle(bits)))), $"0x{bits:X8}");
+        Assert.That(DTypes.FloatToBF16(float.MaxValue), Is.EqualTo((ushort)0x7F80), "the largest float rounds to infinity");
         Assert.That(DTypes.BF16ToFloat(DTypes.FloatToBF16(-2.5f)), Is.EqualTo(-2.5f));
     }
 
@@ -73,6 +77,28 @@ public class SafeTensorsTests
         using var ckpt = SafeTensorsCheckpoint.Open(dir);
         Assert.That(ckpt.Names, Is.EquivalentTo(tensors.Select(t => t.Name)));
         foreach (var t in tensors) Assert.That(ckpt.FileOf(t.Name).Bytes(t.Name).ToArray(), Is.EqualTo(t.Data));
+    }
+
+    [Test]
+    public void AnI64IndexBeyond32Bits_IsRejected_AndOtherDTypesAreNotIndices()
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "i.safetensors");
+        SafeTensorsWriter.Write(path, [new TensorData("idx", DType.I64, [2], [.. BitConverter.GetBytes(7L), .. BitConverter.GetBytes(1L << 32)]),
+            TensorData.FromFloat("w", [1f], [1])]);
+        using var file = SafeTensorsFile.Open(path);
+        Assert.That(Assert.Throws<ModelFormatException>(() => file.ReadInt32("idx"))!.Message,
+            Is.EqualTo($"{path}: tensor 'idx' element 1 = 4294967296 does not fit in 32 bits"));
+        Assert.That(Assert.Throws<ModelFormatException>(() => file.ReadInt32("w"))!.Message, Does.EndWith("has dtype F32, expected I32 or I64"));
+        Assert.That(Assert.Throws<ModelFormatException>(() => file.ReadFloat32("idx"))!.Message, Does.EndWith("has dtype I64, expected a float type"));
+    }
+
+    [Test]
+    public void Writing_TwoTensorsOfOneName_IsRefused_AndLeavesNoFile()
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "d.safetensors");
+        var e = Assert.Throws<ArgumentException>(() => SafeTensorsWriter.Write(path, [TensorData.FromFloat("w", [1f], [1]), TensorData.FromFloat("w", [2f], [1])]));
+        Assert.That(e!.Message, Is.EqualTo("duplicate tensor name 'w'"));
+        Assert.That(Directory.GetFiles(Path.GetDirectoryName(path)!), Is.Empty);
     }
 
     [Test]
@@ -145,6 +171,7 @@ public class SafeTensorsTests
         WithHeaderBytes([.. "{\"w"u8, 0xD6, .. "\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}"u8], "not valid UTF-8 at byte 3 of the header");
         WithHeader("""{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}""", "unsupported dtype Q4");
         WithHeader("""{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}""", "do not match dtype F32");
+        WithHeader("""{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}""", "8 bytes do not match dtype F32 and shape [1] (4 bytes)");
         WithHeader("""{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}""", "invalid shape");
         WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}""", "invalid data_offsets");
         WithHeader("""{"w":{"dtype":"F32","shape":[10000000000,10000000000],"data_offsets":[0,8]}}""", "shape [10000000000,10000000000] is too large");
