@@ -158,6 +158,26 @@ public class ForwardTests
         Assert.That(loaded.Model.Forward(ids, loaded.Model.NewCache(8)), Is.EqualTo(expected));
     }
 
+    /// <summary>A tied model whose checkpoint also stores lm_head.weight: an identical copy is dropped (the head is the
+    /// embedding again), a head that differs is the one the logits use.</summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void ATiedModelsStoredHead_IsDroppedWhenACopy_AndUsedWhenItDiffers(bool copy)
+    {
+        var c = TestAssets.TinyConfig();
+        var w = ModelWeights.Random(c, 1, 0.1f);
+        var head = copy ? (float[])w.Embedding.Clone() : ModelWeights.Random(TestAssets.TinyConfig(tied: false), 2, 0.1f).LmHead;
+        var dir = TestAssets.TempDir();
+        SafeTensorsWriter.WriteSharded(dir, [.. w.ToTensors(c, DType.F32), TensorData.FromFloat("lm_head.weight", head, [c.VocabSize, c.HiddenSize])], long.MaxValue);
+        using var ckpt = SafeTensorsCheckpoint.Open(dir);
+        var loaded = ModelWeights.Load(ckpt, c);
+        Assert.That(ReferenceEquals(loaded.LmHead, loaded.Embedding), Is.EqualTo(copy));
+        Assert.That(loaded.LmHead, Is.EqualTo(head));
+        int[] ids = [1, 3, 99];
+        var untied = new ModelWeights { Embedding = w.Embedding, Layers = w.Layers, FinalNorm = w.FinalNorm, LmHead = head };
+        Assert.That(new LlamaModel(c, loaded).Forward(ids, new KvCache(c, 4)), Is.EqualTo(new LlamaModel(c, untied).Forward(ids, new KvCache(c, 4))));
+    }
+
     private static ModelWeights RoundTripBf16(ModelWeights w, ModelConfig c)
     {
         var dir = TestAssets.TempDir();

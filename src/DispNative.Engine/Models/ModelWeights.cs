@@ -81,13 +81,17 @@ public sealed class ModelWeights
     /// index tensors are validated (unique, sorted, in range, matching the widths).</summary>
     public static ModelWeights Load(SafeTensorsCheckpoint ckpt, ModelConfig c) => Load(LayerwiseWeights.Read(ckpt, c), c);
 
-    /// <summary>All parts of <paramref name="source"/>, the layers read in parallel.</summary>
+    /// <summary>All parts of <paramref name="source"/>, the layers read in parallel. A tied model's checkpoint that also
+    /// stores <c>lm_head.weight</c> keeps it where it differs from the embedding, and drops an identical copy (as
+    /// transformers' tie_weights does).</summary>
     public static ModelWeights Load(LayerwiseWeights source, ModelConfig c)
     {
         var layers = new LayerWeights[c.NumLayers];
         ParallelRethrow(c.NumLayers, l => layers[l] = source.Layer(l));
         var embed = source.Embedding();
-        return new ModelWeights { Embedding = embed, Layers = layers, FinalNorm = source.FinalNorm(), LmHead = source.OwnLmHead?.Invoke() ?? embed };
+        var head = source.OwnLmHead?.Invoke();
+        if (head != null && c.TieWordEmbeddings && head.AsSpan().SequenceEqual(embed)) head = null;
+        return new ModelWeights { Embedding = embed, Layers = layers, FinalNorm = source.FinalNorm(), LmHead = head ?? embed };
     }
 
     /// <summary>A checkpoint with more layers than the config names is refused (they would be ignored silently).</summary>
