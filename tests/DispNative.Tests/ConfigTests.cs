@@ -50,6 +50,64 @@ public class ConfigTests
         Assert.That(ModelConfig.Parse(m, "m").SlidingWindow, Is.EqualTo(4096));
     }
 
+    /// <summary>Fields config.json leaves out take transformers' defaults for the architecture, and survive a round trip.</summary>
+    [TestCase("LlamaForCausalLM", 2048, null)]
+    [TestCase("MistralForCausalLM", 131072, 4096)]
+    [TestCase("Qwen2ForCausalLM", 32768, null)]
+    public void MissingFields_TakeTransformersDefaults(string arch, int context, int? window)
+    {
+        var j = new JsonObject
+        {
+            ["architectures"] = new JsonArray(arch), ["hidden_size"] = 64, ["intermediate_size"] = 128, ["num_hidden_layers"] = 2,
+            ["num_attention_heads"] = 4, ["vocab_size"] = 100,
+        };
+        var c = ModelConfig.Parse(j, "c");
+        Assert.That((c.MaxPositionEmbeddings, c.SlidingWindow, c.NumKvHeads, c.HeadDim, c.RmsNormEps, c.RopeTheta, c.TieWordEmbeddings),
+            Is.EqualTo((context, window, 4, 16, 1e-6f, 10000.0, false)));
+        var again = ModelConfig.Parse(c.ToJson(), "c2");
+        Assert.That((again.MaxPositionEmbeddings, again.SlidingWindow), Is.EqualTo((context, window)));
+        j["head_dim"] = 32;
+        Assert.That(ModelConfig.Parse(j, "c").HeadDim, Is.EqualTo(32), "an explicit head_dim wins over hidden / heads");
+    }
+
+    /// <summary>Llama's attention_bias puts biases on q/k/v and o_proj; Qwen2 has q/k/v biases always and none on o_proj.</summary>
+    [TestCase("LlamaForCausalLM", false, false, false)]
+    [TestCase("LlamaForCausalLM", true, true, true)]
+    [TestCase("Qwen2ForCausalLM", false, true, false)]
+    [TestCase("Qwen2ForCausalLM", true, true, false)]
+    public void Biases_FollowTheArchitecture(string arch, bool attentionBias, bool qkv, bool output)
+    {
+        var j = Base(); j["architectures"] = new JsonArray(arch); j["attention_bias"] = attentionBias;
+        var c = ModelConfig.Parse(j, "c");
+        Assert.That((c.QkvBias, c.OutputBias), Is.EqualTo((qkv, output)));
+        var again = ModelConfig.Parse(c.ToJson(), "c2");
+        Assert.That((again.QkvBias, again.OutputBias), Is.EqualTo((qkv, output)));
+    }
+
+    /// <summary>Qwen2 windows only the layers from max_window_layers (default 28) on: all of them, none, or a mix the
+    /// engine refuses; a saved window reads back as one on every layer.</summary>
+    [TestCase(0, 1024)]
+    [TestCase(2, null)]
+    [TestCase(null, null)]
+    public void Qwen2_SlidingWindow_CoversTheLayersFromMaxWindowLayers(int? maxWindowLayers, int? window)
+    {
+        var j = Base(); j["architectures"] = new JsonArray("Qwen2ForCausalLM"); j["use_sliding_window"] = true; j["sliding_window"] = 1024;
+        if (maxWindowLayers != null) j["max_window_layers"] = maxWindowLayers;
+        var c = ModelConfig.Parse(j, "c");
+        Assert.That(c.SlidingWindow, Is.EqualTo(window));
+        Assert.That(ModelConfig.Parse(c.ToJson(), "c2").SlidingWindow, Is.EqualTo(window));
+        j["use_sliding_window"] = false;
+        Assert.That(ModelConfig.Parse(j, "c").SlidingWindow, Is.Null, "no window without use_sliding_window");
+    }
+
+    [Test]
+    public void Qwen2_AWindowOnSomeLayersOnly_IsRefused()
+    {
+        var j = Base(); j["architectures"] = new JsonArray("Qwen2ForCausalLM"); j["use_sliding_window"] = true; j["max_window_layers"] = 1;
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message,
+            Is.EqualTo("c: a sliding window on layers 1 to 1 only (max_window_layers) is not supported; the engine applies one window to every layer"));
+    }
+
     [Test]
     public void UnknownArchitecture_IsAClearError()
     {

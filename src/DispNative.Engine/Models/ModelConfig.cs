@@ -204,10 +204,19 @@ public sealed record ModelConfig
         };
         bool isQwen = arch == "Qwen2ForCausalLM";
         bool attnBias = OptBool("attention_bias", false);
+        int layers = RequiredInt("num_hidden_layers");
+        // transformers' defaults: Mistral's window is 4096 unless given (null: none); Qwen2's applies only with
+        // use_sliding_window, and then only to the layers from max_window_layers (default 28) on.
         int? window = arch switch
         {
-            "MistralForCausalLM" => OptInt("sliding_window"),
-            "Qwen2ForCausalLM" when OptBool("use_sliding_window", false) => OptInt("sliding_window"),
+            "MistralForCausalLM" => c.ContainsKey("sliding_window") ? OptInt("sliding_window") : 4096,
+            "Qwen2ForCausalLM" when OptBool("use_sliding_window", false) => (OptInt("max_window_layers") ?? 28) switch
+            {
+                0 => OptInt("sliding_window") ?? 4096,
+                var from when from >= layers => null,
+                var from => throw new ModelFormatException($"{source}: a sliding window on layers {from} to {layers - 1} only " +
+                    "(max_window_layers) is not supported; the engine applies one window to every layer"),
+            },
             _ => null,
         };
         var cfg = new ModelConfig
@@ -215,7 +224,7 @@ public sealed record ModelConfig
             Architecture = arch,
             HiddenSize = hidden,
             IntermediateSize = RequiredInt("intermediate_size"),
-            NumLayers = RequiredInt("num_hidden_layers"),
+            NumLayers = layers,
             NumHeads = heads,
             NumKvHeads = OptInt("num_key_value_heads") ?? heads,
             HeadDim = OptInt("head_dim") ?? (heads > 0 ? hidden / heads : 0),
@@ -226,7 +235,7 @@ public sealed record ModelConfig
             TieWordEmbeddings = OptBool("tie_word_embeddings", false),
             QkvBias = isQwen || attnBias,
             OutputBias = !isQwen && attnBias,
-            MaxPositionEmbeddings = OptInt("max_position_embeddings") ?? 2048,
+            MaxPositionEmbeddings = OptInt("max_position_embeddings") ?? arch switch { "MistralForCausalLM" => 131072, "Qwen2ForCausalLM" => 32768, _ => 2048 },
             SlidingWindow = window,
             BosTokenId = OptInt("bos_token_id"),
             EosTokenIds = eos,
@@ -265,7 +274,12 @@ public sealed record ModelConfig
                 ["rope_type"] = s.Type, ["factor"] = s.Factor, ["low_freq_factor"] = s.LowFreqFactor,
                 ["high_freq_factor"] = s.HighFreqFactor, ["original_max_position_embeddings"] = s.OriginalMaxPositions,
             };
-        if (SlidingWindow is { } w) { o["sliding_window"] = w; if (Architecture == "Qwen2ForCausalLM") o["use_sliding_window"] = true; }
+        if (SlidingWindow is { } w)
+        {
+            o["sliding_window"] = w;
+            if (Architecture == "Qwen2ForCausalLM") { o["use_sliding_window"] = true; o["max_window_layers"] = 0; }
+        }
+        else if (Architecture == "MistralForCausalLM") o["sliding_window"] = null;
         if (Disp != null) o["disp"] = Disp.ToJson();
         if (BosTokenId is { } b) o["bos_token_id"] = b;
         if (EosTokenIds.Length == 1) o["eos_token_id"] = EosTokenIds[0];
