@@ -180,6 +180,38 @@ public class CpuOpsTests
         Assert.That(CpuOps.LogSumExp([1f, float.NaN, 2f]), Is.NaN);
     }
 
+    /// <summary>The twins that only the GPU self-test uses: GELU against x·Φ(x) at known values, the gather LayerNorm
+    /// against its definition in double (statistics over the whole row, beta optional, every channel when idx is null).</summary>
+    [Test]
+    public void Gelu_AndGatherLayerNorm_MatchTheirDefinitions()
+    {
+        float[] x = [-1f, 0.5f, 1f, 2f];
+        var y = new float[4];
+        CpuOps.Gelu(x, y, 4);
+        Assert.That(y, Is.EqualTo(new[] { -0.15865525393145707f, 0.34573123063700656f, 0.8413447460685429f, 1.9544997361036416f }).Within(1e-6f));
+
+        int rows = 3, d = 11;
+        var v = Rand(rows * d, 30); var gamma = Rand(d, 31); var beta = Rand(d, 32);
+        foreach (int[]? idx in new[] { new[] { 0, 4, 5, 10 }, null })
+            foreach (var b in new[] { beta, null })
+            {
+                int w = idx?.Length ?? d;
+                var actual = new float[rows * w];
+                CpuOps.GatherLayerNorm(v, gamma, b, idx, actual, rows, d, 1e-5f);
+                for (int r = 0; r < rows; r++)
+                {
+                    var row = v.Skip(r * d).Take(d).Select(e => (double)e).ToArray();
+                    double mean = row.Average(), variance = row.Select(e => (e - mean) * (e - mean)).Average();
+                    for (int j = 0; j < w; j++)
+                    {
+                        int c = idx?[j] ?? j;
+                        double expected = (row[c] - mean) / Math.Sqrt(variance + 1e-5) * gamma[c] + (b?[c] ?? 0);
+                        Assert.That(actual[r * w + j], Is.EqualTo(expected).Within(1e-5), $"row {r} channel {c}, beta {b != null}");
+                    }
+                }
+            }
+    }
+
     [Test]
     public void Embed_RejectsOutOfRangeIds()
     {

@@ -32,6 +32,7 @@ public class DispEngineTests
         string longText = string.Concat(Enumerable.Repeat(text + " ", 30));   // past the test model's 256 positions
         Assert.That(Assert.Throws<InvalidSettingException>(() => engine.Score(longText))!.Message,
             Does.Contain("exceeds the model's context of 256 positions"));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => engine.Score(""))!.Message, Does.StartWith("the text is too short to score"));
 
         engine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => engine.Score(text));

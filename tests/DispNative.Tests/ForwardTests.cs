@@ -195,6 +195,13 @@ public class ForwardTests
     }
 
     [Test]
+    public void ArgMax_TakesTheFirstOfTiedMaxima_AsTorchDoes()
+    {
+        Assert.That(Generator.ArgMax([1f, 3f, 3f, 0f]), Is.EqualTo(1));
+        Assert.That(Generator.ArgMax([5f, 5f]), Is.EqualTo(0));
+    }
+
+    [Test]
     public void Sampling_IsSeededAndRespectsTopP()
     {
         var m = Tiny();

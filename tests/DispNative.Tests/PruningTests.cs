@@ -92,6 +92,21 @@ public class PruningTests
         return g;
     }
 
+    /// <summary>The parameter counts behind metrics.json are the elements of the tensors the model is saved as (index
+    /// tensors aside), with every bias kind, tied or untied, dense or pruned.</summary>
+    [TestCase(false, false, true, false)]
+    [TestCase(true, false, false, false)]
+    [TestCase(false, true, true, true)]
+    [TestCase(true, true, false, true)]
+    public void ParameterCounts_AreTheElementsOfTheSavedTensors(bool qkvBias, bool outputBias, bool tied, bool pruned)
+    {
+        var c = TestAssets.TinyConfig(tied: tied, qkvBias: qkvBias) with { OutputBias = outputBias };
+        var w = ModelWeights.Random(c, 1);
+        if (pruned) (c, w) = Pruner.Apply(c, w, RandomPlan(c, PruningMode.Disp, 0.6, 3), "disp", 0.4, null);
+        long elements = w.ToTensors(c, DType.F32).Where(t => t.DType != DType.I32).Sum(t => t.Shape.Aggregate(1L, (a, b) => a * b));
+        Assert.That(c.ParameterCounts().Values.Sum(), Is.EqualTo(elements));
+    }
+
     [TestCase("bfloat16", null, DType.BF16)]
     [TestCase("float16", null, DType.F16)]
     [TestCase("float32", null, DType.F32)]

@@ -139,6 +139,9 @@ public class TokenizerTests
         Assert.That(tok.Encode("Once upon a time"), Is.EqualTo(new[] { 1, 403, 407, 261, 378 }));
         foreach (var s in VariedText.Where(s => !s.Contains("<s>")))
             Assert.That(tok.Decode(tok.Encode(s)), Is.EqualTo(s), s);
+        // SentencePiece drops the dummy-prefix space of the first piece with or without BOS, and EOS decodes to nothing.
+        Assert.That(tok.Decode(tok.Encode("Once upon a time", addSpecialTokens: false)), Is.EqualTo("Once upon a time"));
+        Assert.That(tok.Decode([.. tok.Encode("Once upon"), 2]), Is.EqualTo("Once upon"));
     }
 
     /// <summary>A BPE without byte fallback: a character outside the vocabulary becomes unk, a run of them one unk under
