@@ -92,8 +92,11 @@ public static class UnicodeNormalization
             return SBase + ((first - LBase) * VCount + second - VBase) * TCount;
         if (first is >= SBase and < SBase + SCount && (first - SBase) % TCount == 0 && second is > TBase and < TBase + TCount)
             return first + second - TBase;
-        return t.Composition.TryGetValue(((long)first << 21) | (uint)second, out int c) ? c : null;
+        return t.Composition.TryGetValue(PairKey(first, second), out int c) ? c : null;
     }
+
+    /// <summary>The composition table's key of a pair of code points (21 bits each).</summary>
+    private static long PairKey(int first, int second) => ((long)first << 21) | (uint)second;
 
     private static Tables Load()
     {
@@ -115,7 +118,7 @@ public static class UnicodeNormalization
             compatibilityOne[cp] = parts;
             if (f[2] == "k") continue;
             canonicalOne[cp] = parts;
-            if (f[2] == "c") composition[((long)parts[0] << 21) | (uint)parts[1]] = cp;
+            if (f[2] == "c") composition[PairKey(parts[0], parts[1])] = cp;
         }
         return new(classes, Full(canonicalOne), Full(compatibilityOne), composition);
     }
