@@ -43,6 +43,54 @@ public class HypernetworkTests
     }
 
     [Test]
+    public void HardMask_ThatWouldKeepNothing_BreaksTiesTowardsTheFirstChannel_AndKeepsAWidthOneSite()
+    {
+        Assert.That(GumbelSigmoid.Hard<float>([-4f, -4f, -4f], default), Is.EqualTo(new[] { true, false, false }), "first of equal scores, as argmax");
+        Assert.That(GumbelSigmoid.Hard<float>([-7f], default), Is.EqualTo(new[] { true }));
+    }
+
+    /// <summary>PyTorch's initialisation: GRU weights and biases U(−1/√64, 1/√64), heads U(−1/√128, 1/√128) (nn.Linear's
+    /// default), LayerNorm weight 1 and bias 0; the fixed inputs N(0, 1).</summary>
+    [Test]
+    public void Initialisation_FollowsPyTorchsDefaults()
+    {
+        var net = new Hypernetwork<double>([3000, 3000], seed: 9);
+        foreach (var p in net.Parameters)
+        {
+            double bound = p.Name.StartsWith("Bi_GRU.") ? 1 / Math.Sqrt(64) : p.Name.StartsWith("linear_list.") ? 1 / Math.Sqrt(128) : double.NaN;
+            if (double.IsNaN(bound))
+            {
+                Assert.That(p.Value, Is.All.EqualTo(p.Name == "ln.weight" ? 1.0 : 0.0), p.Name);
+                continue;
+            }
+            Assert.That(p.Value.Max(Math.Abs), Is.LessThanOrEqualTo(bound).And.GreaterThan(0.97 * bound), p.Name);
+            Assert.That(p.Value.Average(), Is.EqualTo(0).Within(0.15 * bound), p.Name);
+        }
+        double mean = net.Inputs.Average(), sd = Math.Sqrt(net.Inputs.Average(v => (v - mean) * (v - mean)));
+        Assert.That(mean, Is.EqualTo(0).Within(0.3), "inputs: mean of 64 N(0, 1) draws");
+        Assert.That(sd, Is.EqualTo(1).Within(0.3), "inputs: their standard deviation");
+    }
+
+    /// <summary>A saved hypernetwork has the tensor names and shapes of the authors' PyTorch module's state dict (inputs
+    /// [sites, 1, 32], GRU biases 1-D), so either side can read the other's file.</summary>
+    [Test]
+    public void SavedTensors_HaveThePyTorchModulesShapes()
+    {
+        var path = Path.Combine(TestAssets.TempDir(), "h.safetensors");
+        new Hypernetwork<float>([48, 80], seed: 1).Save(path);
+        using var file = Engine.IO.SafeTensorsFile.Open(path);
+        var shapes = file.Tensors.ToDictionary(t => t.Name, t => t.ShapeText);
+        Assert.That(shapes, Is.EquivalentTo(new Dictionary<string, string>
+        {
+            ["inputs"] = "[2, 1, 32]",
+            ["Bi_GRU.weight_ih_l0"] = "[192, 32]", ["Bi_GRU.weight_hh_l0"] = "[192, 64]", ["Bi_GRU.bias_ih_l0"] = "[192]", ["Bi_GRU.bias_hh_l0"] = "[192]",
+            ["Bi_GRU.weight_ih_l0_reverse"] = "[192, 32]", ["Bi_GRU.weight_hh_l0_reverse"] = "[192, 64]",
+            ["Bi_GRU.bias_ih_l0_reverse"] = "[192]", ["Bi_GRU.bias_hh_l0_reverse"] = "[192]",
+            ["ln.weight"] = "[128]", ["ln.bias"] = "[128]", ["linear_list.0.weight"] = "[48, 128]", ["linear_list.1.weight"] = "[80, 128]",
+        }));
+    }
+
+    [Test]
     public void Noise_IsStandardGumbel()
     {
         const int n = 400_000;

@@ -172,6 +172,8 @@ public class TrainingTests
     [TestCase("CosineSchedule")]
     [TestCase("StepsUnderCosine")]
     [TestCase("ClipNorm")]
+    [TestCase("CalibrationToken")]
+    [TestCase("CalibrationBlockCount")]
     public void ResumeRefusesACheckpointFromOtherTrainingSettings(string option)
     {
         var (c, w, blocks) = TinySetup();
@@ -190,9 +192,12 @@ public class TrainingTests
             "ClipNorm" => next with { ClipNorm = 1.0 },
             _ => next,
         };
+        var nextBlocks = blocks.Select(b => b.ToArray()).ToList();
+        if (option == "CalibrationToken") nextBlocks[7][9] ^= 1;
+        if (option == "CalibrationBlockCount") nextBlocks.RemoveAt(11);
         var dir = TestAssets.TempDir();
         new HypernetworkTrainer(c, w, first).Train(blocks, dir);
-        var e = Assert.Throws<InvalidSettingException>(() => new HypernetworkTrainer(c, w, next).Train(blocks, dir));
+        var e = Assert.Throws<InvalidSettingException>(() => new HypernetworkTrainer(c, w, next).Train(nextBlocks, dir));
         Assert.That(e!.Message, Does.Contain("different model, calibration data or training settings"));
     }
 
@@ -293,6 +298,53 @@ public class TrainingTests
             Assert.That(p.Grad.Any(g => g != 0), $"{p.Name} receives a gradient");
     }
 
+    /// <summary>A batch's cross-entropy and mask gradients are the means over its blocks: two blocks in one step give the
+    /// average of the two single-block steps (the same noise: each trainer's first draw).</summary>
+    [Test]
+    public void ABatchAveragesItsBlocks()
+    {
+        var (c, w, blocks) = TinySetup();
+        var options = new TrainingOptions { Seed = 3, BatchSize = 2 };
+        HypernetworkTrainer Trainer() => new(c, w, options);
+        var both = Trainer();
+        var stepBoth = both.ComputeGradients([blocks[0], blocks[1]]);
+        var (first, second) = (Trainer(), Trainer());
+        var (step0, step1) = (first.ComputeGradients([blocks[0]]), second.ComputeGradients([blocks[1]]));
+        Assert.That(stepBoth.CrossEntropy, Is.EqualTo((step0.CrossEntropy + step1.CrossEntropy) / 2).Within(1e-6));
+        Assert.That(step0.CrossEntropy, Is.Not.EqualTo(step1.CrossEntropy).Within(1e-3), "the blocks differ");
+        for (int i = 0; i < both.Network.Parameters.Count; i++)
+        {
+            var (g, g0, g1) = (both.Network.Parameters[i].Grad, first.Network.Parameters[i].Grad, second.Network.Parameters[i].Grad);
+            double scale = g.Max(v => Math.Abs(v));
+            for (int j = 0; j < g.Length; j++)
+                Assert.That(g[j], Is.EqualTo((g0[j] + g1[j]) / 2).Within(1e-4 * scale), $"{both.Network.Parameters[i].Name}[{j}]");
+        }
+    }
+
+    /// <summary>The log has a line every LogEvery steps, at the last step, and at the first step of every (resumed) run;
+    /// each line's tokens/s counts the tokens since the line before; the saved hypernetwork records the steps taken.</summary>
+    [Test]
+    public void LogLines_AtTheIntervals_TheLastStep_AndTheFirstStepOfEachRun()
+    {
+        var (c, w, blocks) = TinySetup(blockSize: 64);
+        var dir = TestAssets.TempDir();
+        var options = new TrainingOptions { Steps = 3, LogEvery = 4, CheckpointEvery = 100 };
+        new HypernetworkTrainer(c, w, options).Train(blocks, dir);
+        var result = new HypernetworkTrainer(c, w, options with { Steps = 13 }).Train(blocks, dir);
+        Assert.That(result.Log.Select(e => e.Step), Is.EqualTo(new[] { 1, 3, 4, 8, 12, 13 }));
+        Assert.That(HypernetworkTrainer.ReadLog(Path.Combine(dir, HypernetworkTrainer.LogFile)).Select(e => e.Step), Is.EqualTo(new[] { 1, 3, 4, 8, 12, 13 }));
+        Assert.That(Hypernetwork<float>.ReadMetadata(result.HypernetworkPath)["steps"]!.GetValue<int>(), Is.EqualTo(13));
+
+        // Tokens in each interval of the resumed run (its lines at 4, 8, 12, 13): 1, 4, 4 and 1 blocks of 64.
+        var resumed = result.Log.Skip(2).ToList();
+        int[] tokens = [64, 256, 256, 64];
+        for (int i = 1; i < resumed.Count; i++)
+        {
+            double seconds = resumed[i].Seconds - resumed[i - 1].Seconds;
+            Assert.That(resumed[i].TokensPerSecond * seconds / tokens[i], Is.InRange(0.6, 1.4), $"step {resumed[i].Step}");
+        }
+    }
+
     [Test]
     public void AdamWMatchesTheReferenceUpdate()
     {
@@ -380,9 +432,15 @@ public class TrainingTests
         var txt = Path.Combine(dir, "c.txt");
         File.WriteAllText(txt, "first doc\nline two\n\n\nsecond doc\n  \nthird\n");
         Assert.That(Calibration.ReadDocuments(txt), Is.EqualTo(new[] { "first doc\nline two", "second doc", "third" }));
+        var crlf = Path.Combine(dir, "crlf.txt");
+        File.WriteAllText(crlf, "first doc\r\nline two\r\n\r\n\r\nsecond doc\r\n  \r\nthird\r\n");
+        Assert.That(Calibration.ReadDocuments(crlf), Is.EqualTo(Calibration.ReadDocuments(txt)), "Windows line ends");
         var jsonl = Path.Combine(dir, "c.jsonl");
         File.WriteAllText(jsonl, "{\"text\": \"a b\"}\n\n{\"text\": \"c\", \"id\": 3}\n");
         Assert.That(Calibration.ReadDocuments(jsonl), Is.EqualTo(new[] { "a b", "c" }));
+        var upper = Path.Combine(dir, "C.JSONL");
+        File.WriteAllText(upper, "{\"text\": \"x\"}\n{\"text\": \" \\n\"}\n{\"text\": \"y\"}\n");
+        Assert.That(Calibration.ReadDocuments(upper), Is.EqualTo(new[] { "x", "y" }), "any case of .jsonl; a blank text is no document");
         File.WriteAllText(jsonl, "{\"txt\": \"a\"}\n");
         Assert.That(Assert.Throws<InvalidSettingException>(() => Calibration.ReadDocuments(jsonl))!.Message, Does.Contain("c.jsonl:1"));
 
@@ -405,6 +463,7 @@ public class TrainingTests
         Assert.That(problems, Has.Some.Contains("lambda"));
         Assert.That(problems, Has.Some.Contains("batch size"));
         Assert.That(Assert.Throws<InvalidSettingException>(() => SiteLayout.ParseMode("dense"))!.Message, Does.Contain("unknown pruning mode 'dense'"));
+        Assert.That((SiteLayout.ParseMode(" DISP "), SiteLayout.ParseMode("Same")), Is.EqualTo((PruningMode.Disp, PruningMode.Same)));
     }
 
     [Test]
@@ -433,6 +492,18 @@ public class TrainingTests
         Assert.That(blocks, Is.EqualTo(Enumerable.Range(0, 4).Select(b => Enumerable.Range(5 * b, 5).ToArray())), "the 3-token tail is dropped");
         Assert.That(Calibration.Blocks(ids, 5, maxBlocks: 2), Is.EqualTo(blocks.Take(2)));
         Assert.That(Calibration.Blocks(ids, 5, maxBlocks: 9), Is.EqualTo(blocks));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Calibration.Blocks(ids, 1))!.Message, Is.EqualTo("block size must be at least 2 (got 1)"));
+    }
+
+    [Test]
+    public void CheckBlocks_TakesABatchOfEveryBlock_AndRefusesOneMore()
+    {
+        var (c, _, blocks) = TinySetup(blocks: 4);
+        Assert.DoesNotThrow(() => HypernetworkTrainer.CheckBlocks(c, new TrainingOptions { BatchSize = 4 }, blocks));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => HypernetworkTrainer.CheckBlocks(c, new TrainingOptions { BatchSize = 5 }, blocks))!.Message,
+            Does.StartWith("batch size 5 exceeds the 4 calibration blocks"));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => HypernetworkTrainer.CheckBlocks(c, new TrainingOptions(), []))!.Message,
+            Is.EqualTo("no calibration blocks to train on"));
     }
 
     [TestCase("{\"text\": 5}")]
