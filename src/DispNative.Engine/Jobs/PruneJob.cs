@@ -34,6 +34,20 @@ public static class PruneJob
         HypernetworkTrainer.LogFile, "widths.svg", "loss.svg",
     ];
 
+    /// <summary>The entry of <paramref name="outputDirectory"/> that the job writes (or, with Overwrite, deletes) and that
+    /// <paramref name="path"/> is or lies in; null when the job leaves <paramref name="path"/> alone.</summary>
+    public static string? ProducedEntryHolding(string outputDirectory, string path)
+    {
+        var comparison = OperatingSystem.IsWindows() || OperatingSystem.IsMacOS() ? StringComparison.OrdinalIgnoreCase : StringComparison.Ordinal;
+        string full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
+        foreach (var name in Produced)
+        {
+            string entry = Path.GetFullPath(Path.Combine(outputDirectory, name));
+            if (string.Equals(full, entry, comparison) || full.StartsWith(entry + Path.DirectorySeparatorChar, comparison)) return name;
+        }
+        return null;
+    }
+
     public static PruneJobResult Run(PruneJobOptions o, IProgress<JobProgress>? progress = null, ILogger? logger = null,
         CancellationToken cancellationToken = default)
     {

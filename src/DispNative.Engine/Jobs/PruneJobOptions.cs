@@ -195,6 +195,14 @@ public sealed record PruneJobOptions
         bool overwrite = Bool("Output:Overwrite");
         if (output != null && model != null && Path.GetFullPath(output).TrimEnd('/') == Path.GetFullPath(model).TrimEnd('/'))
             problems.Add("Output:Directory: must differ from Model:Path");
+        // An input where the run writes its own files would be deleted or overwritten while it is being read.
+        var inputs = new List<(string Key, string? Path)> { ("Model:Path", model), ("Model:Tokenizer", tokenizer) };
+        inputs.AddRange(calibration.Select(f => ("Calibration:Files", (string?)f)));
+        inputs.AddRange(evaluation.Select(f => ("Evaluation:Files", (string?)f)));
+        if (output != null)
+            foreach (var (key, path) in inputs)
+                if (path != null && !TinyModel.IsBuiltin(path) && PruneJob.ProducedEntryHolding(output, path) is { } entry)
+                    problems.Add($"{key}: {path} is where the run writes its {entry}; move it or choose another Output:Directory");
 
         if (problems.Count > 0) throw new InvalidSettingException("invalid configuration:\n  " + string.Join("\n  ", problems));
         return new PruneJobOptions
