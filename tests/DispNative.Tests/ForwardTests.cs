@@ -216,6 +216,47 @@ public class ForwardTests
             Is.EqualTo(Generator.Generate(m, prompt, 12, new SamplingOptions())));
         Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 0f, 0.9f).Validate());
         Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 1f, 1.5f).Validate());
+        Assert.Throws<InvalidSettingException>(() => new SamplingOptions(false, 1f, 0f).Validate());
+        Assert.DoesNotThrow(() => new SamplingOptions(false, 1f, 1f).Validate(), "top-p 1: the whole distribution");
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Generator.Stream(m, prompt, -1, new SamplingOptions()))!.Message,
+            Is.EqualTo("max new tokens must be non-negative (got -1)"));
+        Assert.That(Generator.Generate(m, prompt, 0, new SamplingOptions()), Is.EqualTo(prompt));
+    }
+
+    /// <summary>Text to score is BOS then the text's tokens (no other specials); BOS and EOS come from config.json when it
+    /// names them, else from the tokenizer.</summary>
+    [Test]
+    public void ScoringIds_AreBosThenTheText_WithBosAndEosFromTheConfigFirst()
+    {
+        var m = Tiny();
+        var text = m.Tokenizer.Encode("the cat", addSpecialTokens: false);
+        Assert.That(m.EncodeForScoring("the cat"), Is.EqualTo(new[] { 1 }.Concat(text)));
+        var other = m with { Config = m.Config with { BosTokenId = 7, EosTokenIds = [9, 10] } };
+        Assert.That((other.BosId, other.EosIds), Is.EqualTo(((int?)7, new[] { 9, 10 })));
+        Assert.That(other.EncodeForScoring("the cat"), Is.EqualTo(new[] { 7 }.Concat(text)));
+        var fromTokenizer = m with { Config = m.Config with { BosTokenId = null, EosTokenIds = [] } };
+        Assert.That((fromTokenizer.BosId, fromTokenizer.EosIds), Is.EqualTo((m.Tokenizer.BosId, m.Tokenizer.EosIds)));
+        Assert.That(m.Tokenizer.BosId, Is.Not.Null);
+    }
+
+    /// <summary>A tokenizer may name fewer tokens than the model's vocabulary (padded embeddings), never more.</summary>
+    [Test]
+    public void ATokenizerLargerThanTheVocabulary_IsRefused()
+    {
+        int tokens = new Engine.Tokenization.HfTokenizer(TestAssets.ByteLevelTokenizerJson(), "t").VocabSize;
+        string Write(int vocab)
+        {
+            var dir = TestAssets.TempDir();
+            var c = TestAssets.TinyConfig(vocab: vocab);
+            Engine.IO.SafeTensorsWriter.WriteSharded(dir, ModelWeights.Random(c, 1).ToTensors(c, Engine.IO.DType.F32).ToList(), long.MaxValue);
+            File.WriteAllText(Path.Combine(dir, "config.json"), c.ToJson().ToJsonString());
+            File.WriteAllText(Path.Combine(dir, "tokenizer.json"), TestAssets.ByteLevelTokenizerJson().ToJsonString());
+            return dir;
+        }
+        Assert.That(ModelLoader.Load(Write(tokens)).Tokenizer.VocabSize, Is.EqualTo(tokens));
+        var small = Write(tokens - 1);
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelLoader.Load(small))!.Message,
+            Is.EqualTo($"{small}: the tokenizer has {tokens} tokens but the model's vocabulary is {tokens - 1}"));
     }
 
     /// <summary>Softmax probabilities 0.1, 0.3, 0 and 0.6 at temperature 1; at temperature T they go as p^(1/T); top-p keeps

@@ -88,6 +88,13 @@ public class SpeedProbeTests
         Assert.That(SpeedProbe.Plan(0, 256, 32, 1024), Is.Null);
     }
 
+    [Test]
+    public void Median_OfOddAndEvenCounts()
+    {
+        Assert.That(SpeedProbe.Median([5, 1, 3]), Is.EqualTo(3));
+        Assert.That(SpeedProbe.Median([4, 1, 3, 10]), Is.EqualTo(3.5));
+    }
+
     /// <summary>Every round feeds the same tokens, the text's own: the prompt in one call, then one token per call.</summary>
     [Test]
     public void Measure_FeedsTheTextsTokens_WarmsUp_AndTimesAtLeastTheMinimumRounds()

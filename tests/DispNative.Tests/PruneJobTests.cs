@@ -4,9 +4,11 @@ using DispNative.Cli;
 using DispNative.Engine;
 using DispNative.Engine.Builtin;
 using DispNative.Engine.Evaluation;
+using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
 using DispNative.Engine.Jobs;
 using DispNative.Engine.Models;
+using DispNative.Engine.Training;
 using Microsoft.Extensions.Configuration;
 
 namespace DispNative.Tests;
@@ -86,10 +88,11 @@ public class PruneJobTests
     public void RunWritesEverythingAndTheSavedModelScoresAsReported()
     {
         var (dir, config) = Setup();
+        var outDir = Path.Combine(dir, "out");
+        Directory.CreateDirectory(outDir);   // an empty directory is free to use
         var (code, stdout, stderr) = Cli("run", config);
         Assert.That(code, Is.EqualTo(0), stderr);
         Assert.That(stdout, Does.Contain("dense perplexity:").And.Contain("pruned perplexity:"));
-        var outDir = Path.Combine(dir, "out");
         foreach (var f in new[] { "model/config.json", "model/tokenizer.json", "hypernetwork.safetensors", "train_log.jsonl", "metrics.json", "report.md", "widths.svg", "loss.svg" })
             Assert.That(File.Exists(Path.Combine(outDir, f)), f);
         var metrics = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "metrics.json")))!.AsObject();
@@ -101,6 +104,7 @@ public class PruneJobTests
         Assert.That((metrics["params_dense_total"]!.GetValue<long>(), metrics["params_pruned_total"]!.GetValue<long>()), Is.EqualTo((denseTotal, prunedTotal)));
         Assert.That(metrics["kept_ratio_prunable"]!.GetValue<double>(), Is.EqualTo((double)prunedPrunable / densePrunable).Within(1e-12),
             "the saved projections' share of the dense ones");
+        Assert.That((metrics["params_dense_prunable"]!.GetValue<long>(), metrics["params_pruned_prunable"]!.GetValue<long>()), Is.EqualTo((densePrunable, prunedPrunable)));
         Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain("![kept widths](widths.svg)"));
 
         // Prefill and decode speeds of both models, timed in the run: positive, the ratio as stored, shown as stored.
@@ -120,14 +124,26 @@ public class PruneJobTests
         Assert.That(File.ReadAllText(Path.Combine(outDir, "widths.svg")), Does.StartWith("<svg").And.Contain("polyline"));
 
         // `eval` on the saved pruned model gives exactly the reported perplexity.
+        var evalJson = Path.Combine(dir, "eval.json");
         var (evalCode, evalOut, evalErr) = Cli("eval", "--model", Path.Combine(outDir, "model"), "--text", Path.Combine(dir, "eval.txt"),
-            "--block-size", "64", "--max-blocks", "4", "--device", "cpu");
+            "--block-size", "64", "--max-blocks", "4", "--device", "cpu", "--json", evalJson);
         Assert.That(evalCode, Is.EqualTo(0), evalErr);
         Assert.That(evalOut, Does.Contain($"perplexity: {metrics["pruned_ppl"]!.GetValue<double>():F4}"));
+        var evalResult = JsonNode.Parse(File.ReadAllText(evalJson))!;
+        Assert.That(metrics["evaluation"]!["scored_tokens"]!.GetValue<long>(), Is.EqualTo(evalResult["scored_tokens"]!.GetValue<long>()).And.EqualTo(4 * 63));
+        Assert.That(evalResult["perplexity"]!.GetValue<double>(), Is.EqualTo(metrics["pruned_ppl"]!.GetValue<double>()));
         var inspect = Cli("inspect", "--model", Path.Combine(outDir, "model"));
         Assert.That(inspect.Out, Does.Contain($"{metrics["params_pruned_total"]!.GetValue<long>():N0}"));
         var layer1 = metrics["widths"]![1]!.AsObject();   // inspect lists the kept widths as metrics.json does
         Assert.That(inspect.Out, Does.Contain("  1     " + string.Concat(DispInfo.SiteKeys.Select(k => $"{layer1[k]!.GetValue<int>(),10}"))));
+
+        // The report's table lists the kept widths of every layer as metrics.json does.
+        var report = File.ReadAllText(Path.Combine(outDir, "report.md"));
+        for (int l = 0; l < 2; l++)
+        {
+            var layer = metrics["widths"]![l]!.AsObject();
+            Assert.That(report, Does.Contain($"| {l} | " + string.Join(" | ", DispInfo.SiteKeys.Select(k => layer[k]!.GetValue<int>())) + " |"));
+        }
 
         // A finished run is not replaced without Output:Overwrite; with it, the run starts over.
         var again = Cli("run", config);
@@ -224,6 +240,8 @@ public class PruneJobTests
     [TestCase("Model:Path:0", "model", "Model:Path: expected one value, not a list")]
     [TestCase("Training", "5", "Training: expected a section (Training:Steps, Training:BatchSize,")]
     [TestCase("Training:Schedule", "cosine", "Training:Schedule: unknown key (known keys: Model:Path,")]
+    [TestCase("Training:LearnRate", "0.1", "Training:LearnRate: unknown key (did you mean Training:LearningRate?)")]
+    [TestCase("Output:Directory", "model/", "Output:Directory: must differ from Model:Path")]
     public void EveryBadValueIsReportedWithItsKey(string key, string value, string message)
     {
         var (dir, config) = Setup();
@@ -335,6 +353,102 @@ public class PruneJobTests
         return (total, prunable);
     }
 
+    /// <summary>With Output:Overwrite the earlier run's outputs go before the new run starts (an interrupted new run leaves
+    /// none of them behind to be taken for its own), while files the run did not make stay.</summary>
+    [Test]
+    public void Overwrite_RemovesTheEarlierRunsOutputsOnly()
+    {
+        var (dir, configPath) = Setup(c => c["Training"]!["Steps"] = 2);
+        Assert.That(Cli("run", configPath).Code, Is.Zero);
+        var outDir = Path.Combine(dir, "out");
+        File.WriteAllText(Path.Combine(outDir, "notes.txt"), "mine");
+        var options = PruneJobOptions.FromConfiguration(new ConfigurationBuilder().AddJsonFile(configPath)
+            .AddInMemoryCollection(new Dictionary<string, string?> { ["Output:Overwrite"] = "true", ["Training:CheckpointEvery"] = "100" }).Build(), dir);
+        using var cts = new CancellationTokenSource();
+        Assert.Throws<OperationCanceledException>(() => PruneJob.Run(options, new SyncProgress<JobProgress>(p =>
+        {
+            if (p.Phase == "train hypernetwork" && p.Done >= 1) cts.Cancel();
+        }), cancellationToken: cts.Token));
+        Assert.That(Directory.GetFileSystemEntries(outDir).Select(Path.GetFileName).Order(),
+            Is.EqualTo(new[] { "checkpoint.safetensors", "notes.txt", "run.json", "train_log.jsonl" }));
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "notes.txt")), Is.EqualTo("mine"));
+        Assert.That(HypernetworkTrainer.ReadLog(Path.Combine(outDir, "train_log.jsonl")).Select(e => e.Step), Is.EqualTo(new[] { 1 }));
+    }
+
+    /// <summary>An input that lies where the run writes (its model/ folder, its log) would be deleted or overwritten while
+    /// it is read: refused before anything is touched.</summary>
+    [Test]
+    public void AnInputWhereTheRunWrites_IsRefused_AndKept()
+    {
+        var (dir, configPath) = Setup();
+        var outDir = Path.Combine(dir, "out");
+        Directory.CreateDirectory(outDir);
+        Directory.Move(Path.Combine(dir, "model"), Path.Combine(outDir, "model"));
+        File.Copy(Path.Combine(dir, "eval.txt"), Path.Combine(outDir, "train_log.jsonl"));
+        var (code, _, err) = Cli("run", configPath, "--Model:Path=out/model", "--Evaluation:Files:0=out/train_log.jsonl", "--Output:Overwrite=true");
+        Assert.That(code, Is.EqualTo(1));
+        Assert.That(err, Does.Contain($"Model:Path: {Path.Combine(outDir, "model")} is where the run writes its model; move it or choose another Output:Directory"));
+        Assert.That(err, Does.Contain($"Evaluation:Files: {Path.Combine(outDir, "train_log.jsonl")} is where the run writes its train_log.jsonl"));
+        Assert.That(File.Exists(Path.Combine(outDir, "model", "config.json")) && File.Exists(Path.Combine(outDir, "train_log.jsonl")));
+        Assert.That(PruneJob.ProducedEntryHolding(outDir, Path.Combine(outDir, "model", "tokenizer.json")), Is.EqualTo("model"));
+        Assert.That(PruneJob.ProducedEntryHolding(outDir, Path.Combine(outDir, "models")), Is.Null);
+        Assert.That(PruneJob.ProducedEntryHolding(outDir, outDir), Is.Null);
+    }
+
+    /// <summary>Values are read trimmed, choices in any case, and a file list may be a single string.</summary>
+    [Test]
+    public void Values_AreTrimmed_ChoicesTakeAnyCase_AndAFileListMayBeOneString()
+    {
+        var (dir, _) = Setup();
+        var config = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>
+        {
+            ["Model:Path"] = " model ", ["Model:Device"] = "CPU", ["Model:DType"] = " BF16", ["Calibration:Files"] = "cal.txt",
+            ["Pruning:PruneRatio"] = " 0.3 ", ["Pruning:Mode"] = "Same", ["Training:Steps"] = " 7", ["Training:CheckpointLayers"] = "True",
+            ["Evaluation:Files"] = "eval.txt", ["Output:Directory"] = "out ", ["Output:Overwrite"] = " true ",
+        }).Build();
+        var o = PruneJobOptions.FromConfiguration(config, dir);
+        Assert.That((o.ModelPath, o.Device, o.DType, o.Training.PruneRatio, o.Training.Mode, o.Training.Steps, o.CheckpointLayers, o.OutputDirectory, o.Overwrite),
+            Is.EqualTo((Path.Combine(dir, "model"), "cpu", (DType?)DType.BF16, 0.3, Engine.Disp.PruningMode.Same, 7, (bool?)true, Path.Combine(dir, "out"), true)));
+        Assert.That((o.CalibrationFiles, o.EvaluationFiles), Is.EqualTo((new[] { Path.Combine(dir, "cal.txt") }, new[] { Path.Combine(dir, "eval.txt") })));
+    }
+
+    /// <summary>A list where one value belongs is one problem, however long the list, and not also a missing value.</summary>
+    [Test]
+    public void AListForAValue_IsOneProblem_NotAlsoAMissingValue()
+    {
+        var (dir, configPath) = Setup();
+        var config = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>
+        {
+            ["Model:Path:0"] = "model", ["Model:Path:1"] = "model", ["Calibration:Files:0"] = "cal.txt", ["Pruning:PruneRatio"] = "0.5",
+            ["Evaluation:Files:0"] = "eval.txt", ["Output:Directory"] = "out",
+        }).Build();
+        var message = Assert.Throws<InvalidSettingException>(() => PruneJobOptions.FromConfiguration(config, dir))!.Message;
+        Assert.That(message, Is.EqualTo("invalid configuration:\n  Model:Path: expected one value, not a list"));
+    }
+
+    /// <summary>The job's perplexity over several texts pools their NLL and token counts; its progress counts the blocks of
+    /// all texts in order.</summary>
+    [Test]
+    public void Evaluate_PoolsTheTexts_AndReportsProgressAcrossThem()
+    {
+        var c = TestAssets.TinyConfig();
+        var model = new LlamaModel(c, ModelWeights.Random(c, 5, 0.2f));
+        var rng = new Rng(3);
+        int[] a = Enumerable.Range(0, 20).Select(_ => rng.NextInt(c.VocabSize)).ToArray(), b = Enumerable.Range(0, 13).Select(_ => rng.NextInt(c.VocabSize)).ToArray();
+        var options = new PruneJobOptions
+        {
+            ModelPath = "m", CalibrationFiles = ["c"], Training = new(), EvaluationFiles = ["a", "b"], OutputDirectory = "o",
+            EvaluationBlockSize = 8, EvaluationMaxBlocks = 2,
+        };
+        var seen = new List<(double, double)>();
+        var pooled = PruneJob.Evaluate("eval", model, [a, b], options, new SyncProgress<JobProgress>(p => seen.Add((p.Done, p.Total))), default);
+        var (ra, rb) = (Perplexity.Evaluate(model, a, 8, 2), Perplexity.Evaluate(model, b, 8, 2));
+        Assert.That((pooled.TotalNll, pooled.ScoredTokens, pooled.Blocks, pooled.TotalTokens),
+            Is.EqualTo((ra.TotalNll + rb.TotalNll, ra.ScoredTokens + rb.ScoredTokens, 4, 33)));
+        Assert.That(pooled.Perplexity, Is.EqualTo(Math.Exp((ra.TotalNll + rb.TotalNll) / (14 + 11))), "7 + 7 and 7 + 4 tokens scored");
+        Assert.That(seen, Is.EqualTo(new[] { (1.0, 4.0), (2.0, 4.0), (3.0, 4.0), (4.0, 4.0) }));
+    }
+
     /// <summary>The report's charts: x from the data's range to the plot's left and right edges, y from the given range
     /// (or the data's) to its bottom and top; one polyline and legend entry per series, text escaped.</summary>
     [Test]
@@ -348,5 +462,14 @@ public class PruneJobTests
         Assert.That(svg, Does.Contain("text-anchor=\"middle\">4</text>").And.Contain("text-anchor=\"end\">1</text>"));
         var auto = Report.Chart("t", "step", [("ce", [(10, 3), (20, 5), (30, 4)])], null, null);
         Assert.That(auto, Does.Contain("points=\"50,280 270,30 490,155\"").And.Contain("text-anchor=\"end\">3</text>").And.Contain("text-anchor=\"end\">5</text>"));
+        // The widths chart: each site's kept width as a fraction of its full width (mlp_mid of the intermediate size).
+        var dir = TestAssets.TempDir();
+        var pruned = TestAssets.TinyConfig() with { Disp = new DispInfo(1, [[48, 24, 12, 40, 6], [48, 24, 12, 40, 6]], "disp", 0.5, null) };
+        Report.Write(dir, new JsonObject(), pruned, []);
+        var widths = File.ReadAllText(Path.Combine(dir, "widths.svg"));
+        Assert.That(widths, Does.Contain("points=\"50,30 490,30\"").And.Contain("points=\"50,217.5 490,217.5\"").And.Contain("points=\"50,248.75 490,248.75\""));
+        Assert.That(widths.Split("points=\"50,155 490,155\"").Length - 1, Is.EqualTo(2), "attn_out 24/48 and mlp_mid 40/80");
+        var flat = Report.Chart("t", "step", [("r", [(1, 0.5), (2, 0.5)])], null, null);   // one y value: the axis spans it to y + 1
+        Assert.That(flat, Does.Contain("points=\"50,280 490,280\"").And.Contain("text-anchor=\"end\">1.5</text>"));
     }
 }

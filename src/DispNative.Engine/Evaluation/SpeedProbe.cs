@@ -71,7 +71,7 @@ public static class SpeedProbe
         return (prefill, Stopwatch.GetElapsedTime(start).TotalSeconds);
     }
 
-    private static double Median(List<double> xs)
+    internal static double Median(List<double> xs)
     {
         xs.Sort();
         return xs.Count % 2 == 1 ? xs[xs.Count / 2] : (xs[xs.Count / 2 - 1] + xs[xs.Count / 2]) / 2;
