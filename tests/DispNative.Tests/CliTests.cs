@@ -36,7 +36,11 @@ public class CliTests
         Assert.That(stdout, Does.StartWith("the cat"));
         (code, stdout, stderr) = Run("inspect", "--model", dir);
         Assert.That(code, Is.Zero, stderr);
-        Assert.That(stdout, Does.Contain("LlamaForCausalLM").And.Contain("F32"));
+        long parameters = TestAssets.TinyConfig().ParameterCounts().Values.Sum();
+        Assert.That(stdout, Does.Contain("LlamaForCausalLM").And.Contain($"  {"F32",-11} {parameters,14:N0}\n"), "every stored element counted");
+        string[] Sample(string seed) => ["generate", "--model", dir, "--prompt", "the cat", "--max-new-tokens", "12", "--temperature", "1.5", "--seed", seed, "--device", "cpu"];
+        var (a, again, other) = (Run(Sample("1")).Out, Run(Sample("1")).Out, Run(Sample("2")).Out);
+        Assert.That((again, other == a), Is.EqualTo((a, false)), "sampling follows --seed");
         string notAModel = Path.Combine(dir, "config.json");
         (code, _, stderr) = Run("inspect", "--model", notAModel);
         Assert.That((code, stderr), Is.EqualTo((1, $"error: {notAModel}: expected a Hugging Face model directory or a llama2.c .bin checkpoint\n")));
@@ -88,12 +92,88 @@ public class CliTests
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--top-p", "0.9" }, "--top-p applies only to sampling: give --temperature too")]
     [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--greedy", "--seed", "3" }, "--seed applies only to sampling")]
     [TestCase(new[] { "inspect", "--model", "/no/such/model" }, "error: model not found: /no/such/model")]
+    [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "8", "--max-blocks", "0" }, "error: --max-blocks must be positive (got 0)")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "hi", "--greedy", "--temperature", "1" }, "error: --greedy and --temperature exclude each other")]
+    [TestCase(new[] { "generate", "--model", "/no/such/model", "--prompt", "" }, "error: --prompt is empty")]
+    [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "--prune-ratio", "0.5", "--block-size", "1", "--out", "/no/such/out" },
+        "error: block size must be at least 2 (got 1)")]
+    [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "--prune-ratio", "0.5", "--max-blocks", "0", "--out", "/no/such/out" },
+        "error: max blocks must be positive (got 0)")]
+    [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "--prune-ratio", "1", "--steps", "0", "--out", "/no/such/out" },
+        "error: prune ratio must be in (0, 1) (got 1); steps must be at least 1 (got 0)")]
     public void BadInput_PrintsOneClearLine_WithoutStackTrace(string[] args, string expected)
     {
         var (code, _, stderr) = Run(args);
         Assert.That(code, Is.Not.Zero);
         Assert.That(stderr, Does.Contain(expected));
         Assert.That(stderr, Does.Not.Contain("   at "), "no stack trace");
+    }
+
+    /// <summary><c>train</c> passes its options to the trainer, writes the hypernetwork, resumes when run again with more
+    /// steps, and never writes into a directory that holds something other than its checkpoint; <c>prune</c> refuses
+    /// an output path that exists, file or directory.</summary>
+    [Test]
+    public void Train_TakesItsOptions_Resumes_AndKeepsOutOfForeignDirectories()
+    {
+        var model = TestAssets.WriteTinyModel();
+        var text = Path.Combine(TestAssets.TempDir(), "t.txt");
+        File.WriteAllText(text, string.Concat(Enumerable.Repeat("the cat sat in the sun. ", 60)));
+        string[] Train(string outDir, int steps, params string[] more) =>
+            ["train", "--model", model, "--calibration", text, "--prune-ratio", "0.5", "--block-size", "32", "--steps", $"{steps}", "--device", "cpu", "--out", outDir, .. more];
+
+        var cosine = Path.Combine(TestAssets.TempDir(), "cosine");
+        var (code, stdout, stderr) = Run(Train(cosine, 2, "--cosine", "--seed", "5", "--lr", "0.002", "--checkpoint-layers", "on"));
+        Assert.That(code, Is.Zero, stderr);
+        Assert.That(stderr, Does.Contain("LM pass on cpu, layers checkpointed"));
+        string hyper = Path.Combine(cosine, "hypernetwork.safetensors");
+        Assert.That(stdout, Does.StartWith("trained 2 steps: ce ").And.EndWith($"hypernetwork: {hyper}\n"));
+        Assert.That(Engine.Disp.Hypernetwork<float>.ReadMetadata(hyper)["seed"]!.GetValue<ulong>(), Is.EqualTo(5));
+        var log = Engine.Training.HypernetworkTrainer.ReadLog(Path.Combine(cosine, "train_log.jsonl"));
+        Assert.That(log.Select(e => e.LearningRate), Is.EqualTo(new[] { 0.002, 0.001 }).Within(1e-15), "cosine: ½(1 + cos(π/2)) at the second step");
+
+        var plain = Path.Combine(TestAssets.TempDir(), "plain");
+        Assert.That(Run(Train(plain, 2)).Code, Is.Zero);
+        (code, stdout, _) = Run(Train(plain, 3));
+        Assert.That(code, Is.Zero);
+        Assert.That(stdout, Does.StartWith("trained 3 steps (resumed from 2): ce "));
+
+        var foreign = TestAssets.TempDir();
+        File.WriteAllText(Path.Combine(foreign, "notes.txt"), "mine");
+        (code, _, stderr) = Run(Train(foreign, 1));
+        Assert.That((code, stderr.TrimEnd()), Is.EqualTo((1, $"error: {foreign} exists and holds no training checkpoint; choose a new output directory")));
+        Assert.That(Directory.GetFileSystemEntries(foreign), Has.Length.EqualTo(1));
+
+        var taken = Path.Combine(TestAssets.TempDir(), "taken");
+        File.WriteAllText(taken, "mine");
+        (code, _, stderr) = Run("prune", "--model", model, "--hypernetwork", hyper, "--out", taken);
+        Assert.That((code, stderr.TrimEnd()), Is.EqualTo((1, $"error: --out: {taken} already exists; not overwriting it")));
+        Assert.That(File.ReadAllText(taken), Is.EqualTo("mine"));
+    }
+
+    /// <summary><c>prune</c> draws the hard masks with the hypernetwork's seeded noise, or without noise when asked.</summary>
+    [Test]
+    public void Prune_DrawsTheMasksWithTheSeedsNoise_OrNoneWhenDeterministic()
+    {
+        var model = TestAssets.WriteTinyModel();
+        var config = TestAssets.TinyConfig();
+        var layout = new Engine.Disp.SiteLayout(config, Engine.Disp.PruningMode.Disp);
+        var net = new Engine.Disp.Hypernetwork<float>(layout.OutputWidths, seed: 2);
+        foreach (var head in net.Parameters.Where(p => p.Name.StartsWith("linear_list.")))
+            for (int i = 0; i < head.Value.Length; i++) head.Value[i] *= 12;   // logits of a few units: some near the threshold −3
+        var hyper = Path.Combine(TestAssets.TempDir(), "h.safetensors");
+        net.Save(hyper, new System.Text.Json.Nodes.JsonObject { ["mode"] = "disp", ["prune_ratio"] = 0.5, ["seed"] = 8 });
+        int[][] Widths(params string[] more)
+        {
+            var outDir = Path.Combine(TestAssets.TempDir(), "pruned");
+            var (code, _, stderr) = Run(["prune", "--model", model, "--hypernetwork", hyper, "--out", outDir, .. more]);
+            Assert.That(code, Is.Zero, stderr);
+            return Engine.Models.ModelConfig.Load(Path.Combine(outDir, "config.json")).Disp!.Widths;
+        }
+        var noisy = Engine.Disp.PruningPlan.FromHypernetwork(net, layout, deterministic: false, seed: 8).Widths;
+        var noiseFree = Engine.Disp.PruningPlan.FromHypernetwork(net, layout, deterministic: true, seed: 8).Widths;
+        Assert.That(noisy, Is.Not.EqualTo(noiseFree), "the noise moves some channels across the threshold");
+        Assert.That(Widths(), Is.EqualTo(noisy));
+        Assert.That(Widths("--deterministic"), Is.EqualTo(noiseFree));
     }
 
     /// <summary>The test model has 256 positions (max_position_embeddings): longer blocks or generations are refused

@@ -349,7 +349,8 @@ public class DeviceSelectionTests
     public void DTypes_AreValidated_AndTheCpuRefusesNarrowStorage()
     {
         Assert.That(Devices.ParseDType("auto"), Is.Null);
-        Assert.That(Devices.ParseDType("bf16"), Is.EqualTo(Engine.IO.DType.BF16));
+        Assert.That((Devices.ParseDType("bf16"), Devices.ParseDType("f16"), Devices.ParseDType("f32")),
+            Is.EqualTo(((Engine.IO.DType?)Engine.IO.DType.BF16, (Engine.IO.DType?)Engine.IO.DType.F16, (Engine.IO.DType?)Engine.IO.DType.F32)));
         Assert.That(Assert.Throws<InvalidSettingException>(() => Devices.ParseDType("fp8"))!.Message, Does.Contain("'fp8'"));
         var dir = TestAssets.WriteTinyModel();
         foreach (var narrow in new[] { Engine.IO.DType.BF16, Engine.IO.DType.F16 })

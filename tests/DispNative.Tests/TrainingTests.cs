@@ -1,6 +1,7 @@
 using DispNative.Engine;
 using DispNative.Engine.Disp;
 using DispNative.Engine.IO;
+using DispNative.Engine.Inference;
 using DispNative.Engine.Models;
 using DispNative.Engine.Training;
 
@@ -296,6 +297,22 @@ public class TrainingTests
         Assert.That(step.RegLoss, Is.EqualTo(6 * Math.Log(step.Ratio / 0.5)).Within(1e-5));
         foreach (var p in trainer.Network.Parameters)
             Assert.That(p.Grad.Any(g => g != 0), $"{p.Name} receives a gradient");
+    }
+
+    /// <summary>The training loss of a block is the perplexity protocol's mean NLL over its positions 0..n-2 (the last
+    /// position has no next token); a block of one token has none and is refused.</summary>
+    [Test]
+    public void MaskedLoss_IsTheMeanNextTokenNll_OfTheBlock()
+    {
+        var (c, w, blocks) = TinySetup();
+        var tape = new Engine.Autograd.Tape<double>();
+        var masked = new MaskedLlama<double>(c, w);
+        double loss = masked.Loss(tape, blocks[0], (_, _) => null).Scalar;
+        var dense = new LlamaModel(c, w);
+        double nll = Engine.Evaluation.Perplexity.BlockNll(dense.Logits(blocks[0]), blocks[0], c.VocabSize);
+        Assert.That(loss, Is.EqualTo(nll / (blocks[0].Length - 1)).Within(1e-5 * loss));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => masked.Loss(tape, [3], (_, _) => null))!.Message,
+            Is.EqualTo("a training block needs at least 2 tokens"));
     }
 
     /// <summary>A batch's cross-entropy and mask gradients are the means over its blocks: two blocks in one step give the
