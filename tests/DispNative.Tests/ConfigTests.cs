@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using DispNative.Engine;
 using DispNative.Engine.Models;
+using DispNative.Engine.Tokenization;
 
 namespace DispNative.Tests;
 
@@ -179,32 +180,47 @@ public class ConfigTests
         Assert.That(Assert.Throws<ModelFormatException>(() => Llama2cImport.Load(path))!.Message, Does.Contain("does not match the header"));
     }
 
-    /// <summary>A llama2.c file: header, then the tensors in llama2.c's order, each element numbered (its index / 1000);
-    /// a negative vocabulary size means a separate classifier after the (unused) RoPE tables.</summary>
-    private static string Llama2cFile(int dim, int hidden, int layers, int heads, int kvHeads, int vocab, int seqLen, bool shared)
+    /// <summary>Damage found by <see cref="CorruptFileTests"/>-style fuzzing: each ended in an exception of .NET's own.</summary>
+    [Test]
+    public void Llama2cFiles_DamagedHeadersLengthsAndValues_AreClearErrors()
     {
-        int headDim = dim / heads, kvDim = kvHeads * headDim, v = Math.Abs(vocab);
-        long floats = (long)v * dim + layers * (2L * dim + 2L * dim * dim + 2L * dim * kvDim + 3L * dim * hidden) + dim + (long)seqLen * headDim + (shared ? 0 : (long)v * dim);
-        var bytes = new List<byte>(new[] { dim, hidden, layers, heads, kvHeads, shared ? v : -v, seqLen }.SelectMany(BitConverter.GetBytes));
-        for (long i = 0; i < floats; i++) bytes.AddRange(BitConverter.GetBytes(i / 1000f));
-        var path = Path.Combine(TestAssets.TempDir(), "m.bin");
-        File.WriteAllBytes(path, bytes.ToArray());
-        return path;
+        var path = TestAssets.Llama2cFile(8, 12, 1, 2, 1, 16, 4, shared: true);
+        var good = File.ReadAllBytes(path);
+        string Error(byte[] bytes, Action<string> load)
+        {
+            File.WriteAllBytes(path, bytes);
+            return Assert.Throws<ModelFormatException>(() => load(path))!.Message;
+        }
+        var bytes = (byte[])good.Clone();
+        BitConverter.TryWriteBytes(bytes.AsSpan(20), int.MinValue);   // the vocabulary size, whose sign says "shared"
+        Assert.That(Error(bytes, p => Llama2cImport.Load(p)), Does.StartWith($"{path}: not a llama2.c checkpoint (header dim=8 hidden=12 layers=1 heads=2 kv_heads=1 vocab=-2147483648"));
+        bytes = [.. new[] { 1 << 30, 1 << 30, 1 << 30, 1, 1, 1 << 30, 1 << 30 }.SelectMany(BitConverter.GetBytes), .. good[28..]];
+        Assert.That(Error(bytes, p => Llama2cImport.Load(p)), Does.Match(@"does not match the header \(expected \d{28,} bytes\)$"), "no long overflow");
+        bytes = (byte[])good.Clone();
+        BitConverter.TryWriteBytes(bytes.AsSpan(28 + 4 * 5), float.NaN);
+        Assert.That(Error(bytes, p => Llama2cImport.Load(p)), Is.EqualTo($"{path}: float 5 after the header is NaN: weights must be finite (the file is corrupt)"));
+
+        var tokenizer = TestAssets.Llama2cTokenizerFile(TestAssets.TempDir(), "ab");
+        var tok = File.ReadAllBytes(tokenizer);
+        BitConverter.TryWriteBytes(tok.AsSpan(4 + 4), int.MaxValue);   // piece 0's length: past the end, by more than an int holds
+        File.WriteAllBytes(tokenizer, tok);
+        Assert.That(Assert.Throws<ModelFormatException>(() => Llama2cTokenizer.Load(tokenizer))!.Message,
+            Is.EqualTo($"{tokenizer}: piece 0 has invalid length 2147483647"));
     }
 
     [Test]
     public void Llama2cImport_ReadsTiedAndSeparateClassifiers_AndRefusesHeadsThatDoNotGroup()
     {
-        var (tiedConfig, tied) = Llama2cImport.Load(Llama2cFile(8, 12, 1, 2, 1, 16, 4, shared: true));
+        var (tiedConfig, tied) = Llama2cImport.Load(TestAssets.Llama2cFile(8, 12, 1, 2, 1, 16, 4, shared: true));
         Assert.That((tiedConfig.TieWordEmbeddings, tied.LmHead), Is.EqualTo((true, tied.Embedding)));
-        var (config, separate) = Llama2cImport.Load(Llama2cFile(8, 12, 1, 2, 1, 16, 4, shared: false));
+        var (config, separate) = Llama2cImport.Load(TestAssets.Llama2cFile(8, 12, 1, 2, 1, 16, 4, shared: false));
         Assert.That((config.TieWordEmbeddings, config.VocabSize, config.NumKvHeads, config.MaxPositionEmbeddings), Is.EqualTo((false, 16, 1, 4)));
         // The classifier comes after embedding, the layer, the final norm and 4 positions × head_dim 4 of RoPE tables.
         long first = 16 * 8 + (2 * 8 + 2 * 64 + 2 * 8 * 4 + 3 * 8 * 12) + 8 + 4 * 4;
         Assert.That(separate.LmHead, Is.EqualTo(Enumerable.Range(0, 16 * 8).Select(i => (first + i) / 1000f)));
         Assert.That(separate.Embedding[5], Is.EqualTo(5 / 1000f));
 
-        var path = Llama2cFile(12, 12, 1, 4, 3, 16, 4, shared: true);
+        var path = TestAssets.Llama2cFile(12, 12, 1, 4, 3, 16, 4, shared: true);
         Assert.That(Assert.Throws<ModelFormatException>(() => Llama2cImport.Load(path))!.Message, Does.StartWith($"{path}: not a llama2.c checkpoint (header dim=12"));
     }
 

@@ -78,4 +78,37 @@ public static class TestAssets
         File.WriteAllText(Path.Combine(dir, "tokenizer.json"), ByteLevelTokenizerJson().ToJsonString());
         return dir;
     }
+
+    /// <summary>A llama2.c file: header, then the tensors in llama2.c's order, each element numbered (its index / 1000);
+    /// a negative vocabulary size means a separate classifier after the (unused) RoPE tables.</summary>
+    public static string Llama2cFile(int dim, int hidden, int layers, int heads, int kvHeads, int vocab, int seqLen, bool shared)
+    {
+        int headDim = dim / heads, kvDim = kvHeads * headDim, v = Math.Abs(vocab);
+        long floats = (long)v * dim + layers * (2L * dim + 2L * dim * dim + 2L * dim * kvDim + 3L * dim * hidden) + dim + (long)seqLen * headDim + (shared ? 0 : (long)v * dim);
+        var bytes = new List<byte>(new[] { dim, hidden, layers, heads, kvHeads, shared ? v : -v, seqLen }.SelectMany(BitConverter.GetBytes));
+        for (long i = 0; i < floats; i++) bytes.AddRange(BitConverter.GetBytes(i / 1000f));
+        var path = Path.Combine(TempDir(), "m.bin");
+        File.WriteAllBytes(path, bytes.ToArray());
+        return path;
+    }
+
+    /// <summary>A llama2.c tokenizer.bin: &lt;unk&gt;, &lt;s&gt;, &lt;/s&gt;, the 256 byte pieces &lt;0xNN&gt;, then
+    /// <paramref name="merges"/> scored by their order (earlier merges first).</summary>
+    public static string Llama2cTokenizerFile(string dir, params string[] merges)
+    {
+        var pieces = new List<string> { "<unk>", "<s>", "</s>" };
+        pieces.AddRange(Enumerable.Range(0, 256).Select(b => $"<0x{b:X2}>"));
+        pieces.AddRange(merges);
+        var bytes = new List<byte>(BitConverter.GetBytes(pieces.Max(p => System.Text.Encoding.UTF8.GetByteCount(p))));
+        for (int i = 0; i < pieces.Count; i++)
+        {
+            var utf8 = System.Text.Encoding.UTF8.GetBytes(pieces[i]);
+            bytes.AddRange(BitConverter.GetBytes(i < 259 ? 0f : -(i - 259f)));
+            bytes.AddRange(BitConverter.GetBytes(utf8.Length));
+            bytes.AddRange(utf8);
+        }
+        var path = Path.Combine(dir, "tokenizer.bin");
+        File.WriteAllBytes(path, bytes.ToArray());
+        return path;
+    }
 }

@@ -183,7 +183,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     }
 
     /// <summary>Index of the first NaN or infinity in <paramref name="x"/>, or -1 (x − x is 0 exactly for finite x).</summary>
-    private static int FirstNonFinite(ReadOnlySpan<float> x)
+    internal static int FirstNonFinite(ReadOnlySpan<float> x)
     {
         int i = 0;
         if (Vector.IsHardwareAccelerated)

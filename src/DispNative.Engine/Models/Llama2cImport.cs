@@ -1,3 +1,6 @@
+using System.Runtime.InteropServices;
+using DispNative.Engine.IO;
+
 namespace DispNative.Engine.Models;
 
 /// <summary>Reads Karpathy's llama2.c legacy checkpoint (<c>.bin</c>): 7 int32 header fields, then fp32
@@ -15,15 +18,18 @@ public static class Llama2cImport
         for (int i = 0; i < 7; i++) header[i] = BitConverter.ToInt32(bytes, 4 * i);
         int dim = header[0], hidden = header[1], layers = header[2], heads = header[3], kvHeads = header[4], vocabRaw = header[5], seqLen = header[6];
         bool shared = vocabRaw > 0;
-        int vocab = Math.Abs(vocabRaw);
+        int vocab = vocabRaw == int.MinValue ? 0 : Math.Abs(vocabRaw);
         if (dim <= 0 || hidden <= 0 || layers <= 0 || heads <= 0 || kvHeads <= 0 || vocab == 0 || seqLen <= 0 || dim % heads != 0 || heads % kvHeads != 0)
             throw new ModelFormatException($"{path}: not a llama2.c checkpoint (header dim={dim} hidden={hidden} layers={layers} heads={heads} kv_heads={kvHeads} vocab={vocabRaw} seq_len={seqLen})");
         int headDim = dim / heads, kvDim = kvHeads * headDim;
 
-        long floats = (long)vocab * dim + layers * (2L * dim + 2L * dim * dim + 2L * dim * kvDim + 3L * dim * hidden)
-                      + dim + (long)seqLen * headDim + (shared ? 0 : (long)vocab * dim);
+        // In double: a damaged header can describe more floats than a long holds.
+        double floats = (double)vocab * dim + layers * (2.0 * dim + 2.0 * dim * dim + 2.0 * dim * kvDim + 3.0 * dim * hidden)
+                        + dim + (double)seqLen * headDim + (shared ? 0 : (double)vocab * dim);
         if (bytes.Length != 28 + 4 * floats)
-            throw new ModelFormatException($"{path}: size {bytes.Length} bytes does not match the header (expected {28 + 4 * floats} bytes)");
+            throw new ModelFormatException($"{path}: size {bytes.Length} bytes does not match the header (expected {28 + 4 * floats:F0} bytes)");
+        if (SafeTensorsFile.FirstNonFinite(MemoryMarshal.Cast<byte, float>(bytes.AsSpan(28))) is int bad and >= 0)
+            throw new ModelFormatException($"{path}: float {bad} after the header is {BitConverter.ToSingle(bytes, 28 + 4 * bad)}: weights must be finite (the file is corrupt)");
 
         int pos = 28;
         float[] Take(long n)

@@ -53,7 +53,7 @@ public sealed class Llama2cTokenizer : ITokenizer
             float score = BitConverter.ToSingle(data, pos);
             int len = BitConverter.ToInt32(data, pos + 4);
             pos += 8;
-            if (len < 0 || pos + len > data.Length) throw new ModelFormatException($"{path}: piece {pieces.Count} has invalid length {len}");
+            if (len < 0 || len > data.Length - pos) throw new ModelFormatException($"{path}: piece {pieces.Count} has invalid length {len}");
             pieces.Add(data[pos..(pos + len)]);
             scores.Add(score);
             pos += len;
