@@ -390,6 +390,71 @@ public class TrainingTests
         Assert.That(p.Value[1], Is.EqualTo(expected[1]).Within(1e-6));
     }
 
+    [TestCase(float.NaN)]
+    [TestCase(float.PositiveInfinity)]
+    public void AdamW_ANonFiniteGradient_UpdatesNothing(float bad)
+    {
+        var p = new Parameter<float>("p", 1, 3);
+        p.Value[0] = 1f; p.Value[1] = -2f; p.Value[2] = 3f;
+        var opt = new AdamW([p]) { WeightDecay = 0.05 };
+        p.Grad[0] = 0.5f; p.Grad[1] = bad; p.Grad[2] = 1f;
+        Assert.That(opt.Step(1e-3), Is.EqualTo(bad == bad ? double.PositiveInfinity : double.NaN));
+        Assert.That((p.Value, opt.Steps), Is.EqualTo((new[] { 1f, -2f, 3f }, 0)));
+        // The moments were not touched either: the next step is the first one.
+        p.Grad[1] = -1f;
+        opt.Step(1e-3);
+        var fresh = new Parameter<float>("p", 1, 3);
+        fresh.Value[0] = 1f; fresh.Value[1] = -2f; fresh.Value[2] = 3f;
+        fresh.Grad[0] = 0.5f; fresh.Grad[1] = -1f; fresh.Grad[2] = 1f;
+        new AdamW([fresh]) { WeightDecay = 0.05 }.Step(1e-3);
+        Assert.That(p.Value, Is.EqualTo(fresh.Value));
+    }
+
+    /// <summary>A model whose logits overflow (a final norm near float's range) stops the run at its first step with the
+    /// reason, before NaNs reach the hypernetwork, a checkpoint or the log; a checkpoint written earlier stays.</summary>
+    [Test]
+    public void ARunWhoseLossIsNotANumber_StopsWithTheReason_AndKeepsItsLastCheckpoint()
+    {
+        var (c, w, blocks) = TinySetup();
+        var options = new TrainingOptions { Steps = 3, LogEvery = 1, CheckpointEvery = 2 };
+        var dir = TestAssets.TempDir();
+        var huge = ModelWeights.Random(c, 3, std: 0.2f);
+        Array.Fill(huge.FinalNorm, 3e38f);
+        var trainer = new HypernetworkTrainer(c, huge, options);
+        var initial = trainer.Network.Parameters.Select(p => (float[])p.Value.Clone()).ToList();
+        var e = Assert.Throws<DispNativeException>(() => trainer.Train(blocks, dir));
+        Assert.That(e!.Message, Does.StartWith("training diverged at step 1: the cross-entropy is NaN; the hypernetwork was not updated and no checkpoint was written."));
+        Assert.That(trainer.Network.Parameters.Select(p => p.Value), Is.EqualTo(initial));
+        Assert.That(Directory.GetFiles(dir).Select(Path.GetFileName), Is.EqualTo(new[] { HypernetworkTrainer.LogFile }));
+        Assert.That(HypernetworkTrainer.ReadLog(Path.Combine(dir, HypernetworkTrainer.LogFile)), Is.Empty);
+
+        // Resumed from step 2 with the weights gone bad: step 3 stops, the checkpoint of step 2 is still there.
+        new HypernetworkTrainer(c, w, options with { Steps = 2 }).Train(blocks, dir);
+        string ckpt = Path.Combine(dir, HypernetworkTrainer.CheckpointFile);
+        var atStep2 = File.ReadAllBytes(ckpt);
+        e = Assert.Throws<DispNativeException>(() => new HypernetworkTrainer(c, huge, options).Train(blocks, dir));
+        Assert.That(e!.Message, Does.StartWith("training diverged at step 3: the cross-entropy is NaN; the hypernetwork was not updated (its last checkpoint is step 2)."));
+        Assert.That(File.ReadAllBytes(ckpt), Is.EqualTo(atStep2));
+        Assert.That(HypernetworkTrainer.ReadLog(Path.Combine(dir, HypernetworkTrainer.LogFile)).Select(l => l.Step), Is.EqualTo(new[] { 1, 2 }));
+    }
+
+    /// <summary>The log ends at a line no run writes, as at a line cut short: the report and a resumed run read no
+    /// infinities (which the log's writer refuses) and no steps out of order.</summary>
+    [TestCase("\"cross_entropy\":4", "\"cross_entropy\":1e999")]
+    [TestCase("\"seconds\":2", "\"seconds\":-1e999")]
+    [TestCase("\"step\":2,", "\"step\":1,")]
+    public void ReadLog_StopsAtALineNoRunWrites(string field, string damaged)
+    {
+        string Line(int step) => $"{{\"step\":{step},\"cross_entropy\":4,\"reg_loss\":0.1,\"ratio\":0.9,\"learning_rate\":0.001," +
+                                 $"\"grad_norm\":1,\"tokens_per_second\":100,\"seconds\":{step}}}";
+        var path = Path.Combine(TestAssets.TempDir(), "log.jsonl");
+        File.WriteAllLines(path, [Line(1), Line(2), Line(3)]);
+        Assert.That(HypernetworkTrainer.ReadLog(path).Select(e => e.Step), Is.EqualTo(new[] { 1, 2, 3 }));
+        Assert.That(Line(2), Does.Contain(field));
+        File.WriteAllLines(path, [Line(1), Line(2).Replace(field, damaged), Line(3)]);
+        Assert.That(HypernetworkTrainer.ReadLog(path).Select(e => e.Step), Is.EqualTo(new[] { 1 }));
+    }
+
     [Test]
     public void AdamW_VectorUpdate_EqualsTheScalarUpdate_BitForBit()
     {

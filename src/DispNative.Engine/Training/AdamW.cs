@@ -26,12 +26,14 @@ public sealed class AdamW
         _v = parameters.Select(p => new float[p.Value.Length]).ToArray();
     }
 
-    /// <summary>One update from the parameters' gradients; returns the gradient norm before clipping.</summary>
+    /// <summary>One update from the parameters' gradients; returns the gradient norm before clipping. A NaN or infinite
+    /// norm updates nothing (parameters, moments and <see cref="Steps"/> stay as they were) and is returned as is.</summary>
     public double Step(double lr)
     {
         double sq = 0;
         foreach (var p in _params) foreach (var g in p.Grad) sq += (double)g * g;
         double norm = Math.Sqrt(sq);
+        if (!double.IsFinite(norm)) return norm;
         double scale = ClipNorm is double c && norm > c ? c / norm : 1;
         Steps++;
         double bc1 = 1 - Math.Pow(Beta1, Steps), bc2 = 1 - Math.Pow(Beta2, Steps);

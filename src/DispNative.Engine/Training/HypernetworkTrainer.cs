@@ -209,8 +209,10 @@ public sealed class HypernetworkTrainer
                 cancellationToken.ThrowIfCancellationRequested();
                 var batch = BatchAt(blocks, Step);
                 var r = ComputeGradients(batch);
+                RequireFinite("cross-entropy", r.CrossEntropy, lastCheckpoint);
                 double lr = LearningRateAt(Step);
                 double gradNorm = _optimizer.Step(lr);
+                RequireFinite("gradient norm", gradNorm, lastCheckpoint);
                 Step++;
                 intervalTokens += batch.Sum(b => (long)b.Length);
                 if (Step % Options.LogEvery == 0 || Step == Options.Steps || Step == resumedFrom + 1)
@@ -249,6 +251,16 @@ public sealed class HypernetworkTrainer
         return new TrainingResult(Step, resumedFrom, total.Elapsed.TotalSeconds, log, hyperPath);
     }
 
+    /// <summary>Stops a run whose loss or gradients are no longer numbers, before they reach the hypernetwork (AdamW skips a
+    /// non-finite gradient), so that neither it nor a checkpoint holds NaNs.</summary>
+    private void RequireFinite(string what, double value, int lastCheckpoint)
+    {
+        if (double.IsFinite(value)) return;
+        throw new DispNativeException($"training diverged at step {Step + 1}: the {what} is {value}; the hypernetwork was not updated " +
+            (lastCheckpoint > 0 ? $"(its last checkpoint is step {lastCheckpoint}). " : "and no checkpoint was written. ") +
+            "Check that the model's outputs are finite (its dtype's range) and try a lower learning rate");
+    }
+
     public static List<TrainLogEntry> ReadLog(string path)
     {
         if (!File.Exists(path)) return [];
@@ -256,8 +268,14 @@ public sealed class HypernetworkTrainer
         foreach (var line in File.ReadLines(path))
         {
             if (string.IsNullOrWhiteSpace(line)) continue;
-            try { if (JsonSerializer.Deserialize(line, TrainLogJson.Default.TrainLogEntry) is { } e) entries.Add(e); }
+            TrainLogEntry? e;
+            try { e = JsonSerializer.Deserialize(line, TrainLogJson.Default.TrainLogEntry); }
             catch (JsonException) { break; }   // a line cut short by an interruption ends the log
+            // So does one no run writes (damage): steps rise, values are numbers.
+            if (e == null || e.Step <= (entries.Count > 0 ? entries[^1].Step : 0) ||
+                !new[] { e.CrossEntropy, e.RegLoss, e.Ratio, e.LearningRate, e.GradNorm, e.TokensPerSecond, e.Seconds }.All(double.IsFinite))
+                break;
+            entries.Add(e);
         }
         return entries;
     }
