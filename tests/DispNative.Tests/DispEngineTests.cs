@@ -16,6 +16,7 @@ public class DispEngineTests
 
         var pieces = new List<string>();
         await foreach (var piece in engine.GenerateAsync("the cat", 12)) pieces.Add(piece);
+        Assert.That(pieces, Has.None.Empty, "a token that completes no character yields no piece");
         var m = Engine.Models.ModelLoader.Load(dir);
         var prompt = m.Tokenizer.Encode("the cat");
         var ids = Generator.Generate(m, prompt, 12, new SamplingOptions());
@@ -36,6 +37,55 @@ public class DispEngineTests
 
         engine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => engine.Score(text));
+    }
+
+    [Test]
+    public void ScoreAndPerplexity_AreTheModelsOwnLogProbabilities()
+    {
+        var dir = TestAssets.WriteTinyModel();
+        using var engine = DispEngine.Load(dir, new DispEngineOptions { Device = "cpu" });
+        var m = Engine.Models.ModelLoader.Load(dir);
+        const string text = "the cat sat in the sun";
+        var ids = m.EncodeForScoring(text);
+        var logits = m.Model.Forward(ids, m.Model.NewCache(ids.Length));
+        int vocab = m.Config.VocabSize;
+        double expected = 0;
+        for (int t = 0; t + 1 < ids.Length; t++)
+        {
+            var row = logits.AsSpan(t * vocab, vocab).ToArray();
+            double max = row.Max();
+            expected += row[ids[t + 1]] - max - Math.Log(row.Sum(v => Math.Exp(v - max)));
+        }
+        var (logProb, tokens) = engine.Score(text);
+        Assert.That(tokens, Is.EqualTo(ids.Length - 1), "every token after BOS is scored");
+        Assert.That(logProb, Is.EqualTo(expected).Within(1e-5 * Math.Abs(expected)));
+
+        var two = engine.Perplexity(text, 4, maxBlocks: 2);
+        Assert.That((two.Blocks, two.ScoredTokens), Is.EqualTo((2, 6)));
+        Assert.That(two.Perplexity, Is.EqualTo(Perplexity.Evaluate(m.Model, ids, 4, 2).Perplexity));
+    }
+
+    [Test]
+    public async Task ACallCancelledByItsCaller_EndsInCancellation_NotDisposal_AndTheEngineServesOn()
+    {
+        using var engine = DispEngine.Load(TestAssets.WriteTinyModel(), new DispEngineOptions { Device = "cpu" });
+        const string text = "the cat sat in the sun and the dog sat in the shade";
+        using var cts = new CancellationTokenSource();
+        int blocks = 0;
+        Assert.Catch<OperationCanceledException>(() => engine.Perplexity(text, 4,
+            progress: new InlineProgress(p => { blocks = p.BlocksDone; if (p.BlocksDone == 2) cts.Cancel(); }), cancellationToken: cts.Token));
+        Assert.That(blocks, Is.EqualTo(2), "no block after the cancellation");
+
+        using var streamStop = new CancellationTokenSource();
+        var pieces = 0;
+        Assert.CatchAsync<OperationCanceledException>(async () =>
+        {
+            await foreach (var _ in engine.GenerateAsync("the cat", 40, cancellationToken: streamStop.Token))
+                if (++pieces == 1) streamStop.Cancel();
+        });
+        Assert.That(pieces, Is.EqualTo(1));
+        Assert.That(engine.Score(text).Tokens, Is.GreaterThan(1));
+        await foreach (var _ in engine.GenerateAsync("the cat", 2)) { }
     }
 
     /// <summary>Runs <paramref name="onReport"/> on the reporting thread (<see cref="Progress{T}"/> would post it).</summary>

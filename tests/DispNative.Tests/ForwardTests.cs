@@ -192,6 +192,21 @@ public class ForwardTests
         var m = Tiny().Model;
         Assert.Throws<InvalidSettingException>(() => m.Forward([1, 2, 3], m.NewCache(2)));
         Assert.Throws<InvalidSettingException>(() => m.Forward([], m.NewCache(2)));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => m.NewCache(0))!.Message, Is.EqualTo("KV cache capacity must be positive (got 0)"));
+        Assert.That(Assert.Throws<ArgumentException>(() => m.Forward([[1, 2]], [m.NewCache(4), m.NewCache(4)]))!.Message,
+            Is.EqualTo("one KV cache per sequence is required"));
+    }
+
+    [Test]
+    public void AResetCache_ServesANewSequenceAsAFreshOne()
+    {
+        var m = Tiny().Model;
+        var cache = m.NewCache(8);
+        m.Forward([5, 9, 11, 7], cache);
+        cache.Reset();
+        Assert.That(cache.Length, Is.Zero);
+        Assert.That(m.Forward([3, 4, 8], cache), Is.EqualTo(m.Forward([3, 4, 8], m.NewCache(8))));
+        Assert.That(cache.Length, Is.EqualTo(3));
     }
 
     [Test]
@@ -288,5 +303,16 @@ public class ForwardTests
         var stopped = Generator.Generate(m with { Config = m.Config with { EosTokenIds = [eos] } }, prompt, 12, new SamplingOptions());
         Assert.That(stopped, Is.EqualTo(free[..(first + 1)]), "up to and including the end-of-sequence token");
         Assert.That(stopped.Length, Is.LessThan(free.Length));
+    }
+
+    [Test]
+    public void Generation_StopsAtTheNextTokenWhenCancelled()
+    {
+        var m = Tiny();
+        using var cts = new CancellationTokenSource();
+        var produced = new List<int>();
+        Assert.Throws<OperationCanceledException>(() => Generator.Generate(m, [1, 40, 41], 12, new SamplingOptions(),
+            id => { produced.Add(id); if (produced.Count == 2) cts.Cancel(); }, cts.Token));
+        Assert.That(produced, Is.EqualTo(Generator.Generate(m, [1, 40, 41], 2, new SamplingOptions())[3..]));
     }
 }

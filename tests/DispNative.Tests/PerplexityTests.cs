@@ -53,7 +53,11 @@ public class PerplexityTests
         var model = new LlamaModel(c, ModelWeights.Random(c, 5));
         Assert.That(Assert.Throws<InvalidSettingException>(() => Perplexity.Evaluate(model, [1, 2, 3], 1))!.Message, Does.Contain("at least 2"));
         Assert.That(Assert.Throws<InvalidSettingException>(() => Perplexity.Evaluate(model, [1], 4))!.Message, Does.Contain("nothing to score"));
-        Assert.Throws<InvalidSettingException>(() => Perplexity.Evaluate(model, [1, 2, 3], 4, maxBlocks: 0));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Perplexity.Evaluate(model, [1, 2, 3], 4, maxBlocks: 0))!.Message,
+            Is.EqualTo("max blocks must be positive (got 0)"));
+        // A block longer than the model's context is refused even when this text would fit in one shorter block.
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Perplexity.Evaluate(model, [1, 2, 3], c.MaxPositionEmbeddings + 1))!.Message,
+            Does.StartWith($"block size {c.MaxPositionEmbeddings + 1}"));
     }
 
     [Test]
