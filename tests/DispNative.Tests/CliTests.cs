@@ -101,6 +101,12 @@ public class CliTests
         "error: max blocks must be positive (got 0)")]
     [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "--prune-ratio", "1", "--steps", "0", "--out", "/no/such/out" },
         "error: prune ratio must be in (0, 1) (got 1); steps must be at least 1 (got 0)")]
+    [TestCase(new[] { "eval", "--model", "/no/such/model", "--text", "/dev/null", "--block-size", "8", "--json", "" }, "--json: the path is empty")]
+    [TestCase(new[] { "eval", "--model", " ", "--text", "/dev/null", "--block-size", "8" }, "--model: the path is empty")]
+    [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "", "--prune-ratio", "0.5", "--out", "/no/such/out" },
+        "--calibration: the path is empty")]
+    [TestCase(new[] { "train", "--model", "/no/such/model", "--calibration", "/dev/null", "--prune-ratio", "0.5", "--out", "" }, "--out: the path is empty")]
+    [TestCase(new[] { "prune", "--model", "/no/such/model", "--hypernetwork", "h.safetensors", "--out", "" }, "--out: the path is empty")]
     public void BadInput_PrintsOneClearLine_WithoutStackTrace(string[] args, string expected)
     {
         var (code, _, stderr) = Run(args);

@@ -390,6 +390,19 @@ public class TrainingTests
         Assert.That(p.Value[1], Is.EqualTo(expected[1]).Within(1e-6));
     }
 
+    [Test]
+    public void EmptyOutputPaths_AreClearErrors()
+    {
+        var (c, w, blocks) = TinySetup();
+        Assert.That(Assert.Throws<InvalidSettingException>(() => new HypernetworkTrainer(c, w, new TrainingOptions { Steps = 1 }).Train(blocks, " "))!.Message,
+            Is.EqualTo("training directory: the path is empty"));
+        var layout = new SiteLayout(c, PruningMode.Disp);
+        var plan = PruningPlan.FromMasks(layout, layout.OutputWidths.Select(n => Enumerable.Repeat(true, n).ToArray()).ToList());
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Pruner.Save("", Pruner.PrunedConfig(c, plan, "disp", 0.5, null), w, DType.F32, []))!.Message,
+            Is.EqualTo("pruned model directory: the path is empty"));
+        Assert.That(FilePaths.OutputProblem("", "--json"), Is.EqualTo("--json: the path is empty"));
+    }
+
     [TestCase(float.NaN)]
     [TestCase(float.PositiveInfinity)]
     public void AdamW_ANonFiniteGradient_UpdatesNothing(float bad)

@@ -35,8 +35,19 @@ public static class Program
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
     }
 
-    private static Option<string> ModelOption() => new("--model") { Description = "Hugging Face model directory, llama2.c .bin, or builtin:tiny", Required = true };
-    private static Option<string?> TokenizerOption() => new("--tokenizer") { Description = "tokenizer file (required for a llama2.c .bin)" };
+    /// <summary>Refuses an empty or blank path while parsing (a file API would throw on it, or name no file at all).</summary>
+    private static Option<T> PathOption<T>(Option<T> option)
+    {
+        option.Validators.Add(r =>
+        {
+            string[] values = r.GetValueOrDefault<T>() switch { string one => [one], string[] many => many, _ => [] };
+            if (values.Any(string.IsNullOrWhiteSpace)) r.AddError($"{option.Name}: the path is empty");
+        });
+        return option;
+    }
+
+    private static Option<string> ModelOption() => PathOption<string>(new("--model") { Description = "Hugging Face model directory, llama2.c .bin, or builtin:tiny", Required = true });
+    private static Option<string?> TokenizerOption() => PathOption<string?>(new("--tokenizer") { Description = "tokenizer file (required for a llama2.c .bin)" });
     private static Option<string> DeviceOption() => new("--device") { Description = "cpu | cuda | auto", DefaultValueFactory = _ => "auto" };
     private static Option<string> DTypeOption() => new("--dtype") { Description = "auto | f32 | bf16 | f16: storage type on CUDA (auto: bf16; the CPU computes in f32)", DefaultValueFactory = _ => "auto" };
 
@@ -66,10 +77,10 @@ public static class Program
     private static Command EvalCommand(TextWriter stdout, TextWriter stderr)
     {
         var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption(); var dtype = DTypeOption();
-        var text = new Option<string>("--text") { Description = "text file to score", Required = true };
+        var text = PathOption(new Option<string>("--text") { Description = "text file to score", Required = true });
         var blockSize = new Option<int>("--block-size") { Description = "tokens per block", Required = true };
         var maxBlocks = new Option<int?>("--max-blocks") { Description = "score at most this many blocks" };
-        var json = new Option<string?>("--json") { Description = "also write the result as JSON to this file" };
+        var json = PathOption(new Option<string?>("--json") { Description = "also write the result as JSON to this file" });
         var cmd = new Command("eval", "Perplexity of a model on a text (DISP-LLM/SliceGPT protocol)") { model, tok, device, dtype, text, blockSize, maxBlocks, json };
         cmd.SetAction(p => Guard(stderr, () =>
         {
@@ -156,7 +167,7 @@ public static class Program
     private static Command SelfTestCommand(TextWriter stdout, TextWriter stderr)
     {
         var device = new Option<string>("--device") { Description = "cuda (the only backend with kernels to check) or auto", DefaultValueFactory = _ => "cuda" };
-        var reference = new Option<string?>("--reference-model") { Description = "model directory with golden.json (e.g. ../shared/models/ref-llama-25m) for the golden checks" };
+        var reference = PathOption(new Option<string?>("--reference-model") { Description = "model directory with golden.json (e.g. ../shared/models/ref-llama-25m) for the golden checks" });
         var cmd = new Command("selftest", "Checks every CUDA kernel, the GEMMs and the GPU forward against the CPU reference") { device, reference };
         cmd.SetAction(p => Guard(stderr, () =>
         {
@@ -232,7 +243,7 @@ public static class Program
     private static Command TrainCommand(TextWriter stdout, TextWriter stderr)
     {
         var model = ModelOption(); var tok = TokenizerOption(); var device = DeviceOption();
-        var calibration = new Option<string[]>("--calibration") { Description = "calibration text (.txt, documents split at blank lines) or .jsonl with a text field", Required = true, AllowMultipleArgumentsPerToken = true };
+        var calibration = PathOption(new Option<string[]>("--calibration") { Description = "calibration text (.txt, documents split at blank lines) or .jsonl with a text field", Required = true, AllowMultipleArgumentsPerToken = true });
         var ratio = new Option<double>("--prune-ratio") { Description = "fraction of prunable parameters to remove, in (0, 1)", Required = true };
         var mode = new Option<string>("--mode") { Description = "disp (per-site masks) | same (one shared embedding mask)", DefaultValueFactory = _ => "disp" };
         var defaults = new TrainingOptions();
@@ -254,7 +265,7 @@ public static class Program
             DefaultValueFactory = _ => "auto",
         };
         checkpointLayers.AcceptOnlyFromAmong("auto", "on", "off");
-        var output = new Option<string>("--out") { Description = "output directory (an interrupted run in it is resumed)", Required = true };
+        var output = PathOption(new Option<string>("--out") { Description = "output directory (an interrupted run in it is resumed)", Required = true });
         var cmd = new Command("train", "Train the DISP-LLM hypernetwork (the LLM stays frozen)")
             { model, tok, device, calibration, ratio, mode, steps, blockSize, maxBlocks, batch, lambda, lr, wd, seed, logEvery, ckptEvery, cosine, clipNorm, checkpointLayers, output };
         cmd.SetAction(p => Guard(stderr, () =>
@@ -309,10 +320,10 @@ public static class Program
     private static Command PruneCommand(TextWriter stdout, TextWriter stderr)
     {
         var model = ModelOption(); var tok = TokenizerOption();
-        var hypernetwork = new Option<string>("--hypernetwork") { Description = "hypernetwork.safetensors written by train or run", Required = true };
+        var hypernetwork = PathOption(new Option<string>("--hypernetwork") { Description = "hypernetwork.safetensors written by train or run", Required = true });
         var deterministic = new Option<bool>("--deterministic") { Description = "hard masks without Gumbel noise (default: the noise of the training seed, as run does)" };
         var dtype = new Option<string>("--dtype") { Description = "auto | f32 | bf16 | f16: storage of the pruned weights (auto: as the dense model)", DefaultValueFactory = _ => "auto" };
-        var output = new Option<string>("--out") { Description = "directory of the pruned model (must not exist)", Required = true };
+        var output = PathOption(new Option<string>("--out") { Description = "directory of the pruned model (must not exist)", Required = true });
         var cmd = new Command("prune", "Slice a dense model by the masks of a trained hypernetwork and save the pruned model")
             { model, tok, hypernetwork, deterministic, dtype, output };
         cmd.SetAction(p => Guard(stderr, () =>

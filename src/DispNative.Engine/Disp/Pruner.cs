@@ -167,6 +167,7 @@ public static class Pruner
     public static void Save(string directory, ModelConfig config, LayerwiseWeights weights, DType dtype, IEnumerable<(string Source, string Name)> tokenizerFiles,
         long maxShardBytes = 2L << 30)
     {
+        FilePaths.RequireOutputDirectory(directory, "pruned model directory");
         if (Directory.Exists(directory) || File.Exists(directory)) throw new InvalidSettingException($"{directory} already exists; not overwriting it");
         string full = Path.GetFullPath(directory);
         string tmp = full.TrimEnd(Path.DirectorySeparatorChar) + ".tmp-" + Environment.ProcessId;

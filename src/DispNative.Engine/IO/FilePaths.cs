@@ -11,13 +11,21 @@ public static class FilePaths
         : Directory.Exists(path) ? $"{what} {path} is a directory, not a file"
         : $"{what} not found: {path}";
 
-    /// <summary>Null when a file can be written at <paramref name="path"/> (it is not a directory and its folder
+    /// <summary>Null when a file can be written at <paramref name="path"/> (a path, not a directory, in a folder that
     /// exists); else why not, prefixed with <paramref name="what"/>.</summary>
     public static string? OutputProblem(string path, string what)
     {
+        if (string.IsNullOrWhiteSpace(path)) return $"{what}: the path is empty";
         if (Directory.Exists(path)) return $"{what}: {path} is a directory; give a file name";
         string? folder = Path.GetDirectoryName(Path.GetFullPath(path));
         return folder == null || Directory.Exists(folder) ? null : $"{what}: the folder {folder} does not exist";
+    }
+
+    /// <summary>Throws <see cref="InvalidSettingException"/> for an empty or blank output directory (.NET's file APIs
+    /// would throw an <see cref="ArgumentException"/> on it).</summary>
+    public static void RequireOutputDirectory(string directory, string what)
+    {
+        if (string.IsNullOrWhiteSpace(directory)) throw new InvalidSettingException($"{what}: the path is empty");
     }
 
     /// <summary>Throws <see cref="InvalidSettingException"/> with <see cref="InputProblem"/>'s message.</summary>

@@ -178,6 +178,7 @@ public sealed class HypernetworkTrainer
         CancellationToken cancellationToken = default)
     {
         CheckBlocks(Config, Options, blocks);
+        FilePaths.RequireOutputDirectory(directory, "training directory");
         if (File.Exists(directory)) throw new InvalidSettingException($"the output directory {directory} is a file");
         Directory.CreateDirectory(directory);
         string fingerprint = Fingerprint(blocks);
