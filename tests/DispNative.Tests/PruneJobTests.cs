@@ -395,6 +395,36 @@ public class PruneJobTests
         Assert.That(PruneJob.ProducedEntryHolding(outDir, outDir), Is.Null);
     }
 
+    /// <summary>Options a service makes in code get the configuration file's checks in <see cref="PruneJob.Run"/>: every
+    /// problem with its key, before anything is touched (here: a model where the run writes, under Overwrite).</summary>
+    [Test]
+    public void OptionsMadeInCode_AreCheckedAsAConfigurationFilesAre()
+    {
+        var (dir, _) = Setup();
+        var outDir = Path.Combine(dir, "out");
+        Directory.CreateDirectory(outDir);
+        Directory.Move(Path.Combine(dir, "model"), Path.Combine(outDir, "model"));
+        var options = new PruneJobOptions
+        {
+            ModelPath = Path.Combine(outDir, "model"), Device = "gpu", CalibrationFiles = [Path.Combine(dir, "missing.txt")], CalibrationBlockSize = 1,
+            Training = new TrainingOptions { PruneRatio = 1.5, BatchSize = 3 }, CalibrationMaxBlocks = 2,
+            EvaluationFiles = [], EvaluationBlockSize = 8, OutputDirectory = outDir, Overwrite = true,
+        };
+        var message = Assert.Throws<InvalidSettingException>(() => DispEngine.Prune(options))!.Message;
+        Assert.That(message, Is.EqualTo("invalid options:\n  " + string.Join("\n  ",
+            "Model:Device: 'gpu' is not one of auto | cpu | cuda",
+            $"Calibration:Files: file not found: {Path.Combine(dir, "missing.txt")}",
+            "Calibration:BlockSize: must be at least 2 (got 1)",
+            "Training: prune ratio must be in (0, 1) (got 1.5)",
+            "Training:BatchSize: 3 exceeds Calibration:MaxBlocks 2; a batch cannot repeat a block",
+            "Evaluation:Files: at least one file is required",
+            $"Model:Path: {Path.Combine(outDir, "model")} is where the run writes its model; move it or choose another Output:Directory")));
+        Assert.That(File.Exists(Path.Combine(outDir, "model", "config.json")), "the model was not touched");
+        Assert.That(Directory.GetFileSystemEntries(outDir).Select(Path.GetFileName), Is.EqualTo(new[] { "model" }));
+        Assert.That((options with { ModelPath = outDir }).Problems(), Does.Contain("Output:Directory: must differ from Model:Path"));
+        Assert.That((options with { ModelPath = " ", OutputDirectory = "" }).Problems(), Does.Contain("Model:Path: required").And.Contain("Output:Directory: required"));
+    }
+
     /// <summary>Values are read trimmed, choices in any case, and a file list may be a single string.</summary>
     [Test]
     public void Values_AreTrimmed_ChoicesTakeAnyCase_AndAFileListMayBeOneString()

@@ -52,6 +52,7 @@ public static class PruneJob
         CancellationToken cancellationToken = default)
     {
         logger ??= NullLogger.Instance;
+        if (o.Problems() is { Count: > 0 } problems) throw new InvalidSettingException("invalid options:\n  " + string.Join("\n  ", problems));
         string outDir = o.OutputDirectory;
         CheckOutput(o);
         string device = Devices.Resolve(o.Device);

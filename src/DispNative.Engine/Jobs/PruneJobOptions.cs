@@ -152,16 +152,11 @@ public sealed record PruneJobOptions
             var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => FullPath(v!.Trim())).ToList();
             if (list.Count == 0 && Str(key) is { } single) list.Add(FullPath(single));
             if (list.Count == 0) problems.Add($"{key}: at least one file is required");
-            foreach (var f in list)
-                if (!TinyModel.IsBuiltin(f) && FilePaths.InputProblem(f, "file") is { } why) problems.Add($"{key}: {why}");
             return list;
         }
 
         string? model = RequiredPath("Model:Path");
-        if (model != null && !TinyModel.IsBuiltin(model) && !File.Exists(model) && !Directory.Exists(model))
-            problems.Add($"Model:Path: not found: {model}");
         string? tokenizer = Str("Model:Tokenizer") is { } t ? FullPath(t) : null;
-        if (tokenizer != null && FilePaths.InputProblem(tokenizer, "tokenizer") is { } tokWhy) problems.Add($"Model:Tokenizer: {tokWhy}");
         string device = Choice("Model:Device", "auto", "auto", "cpu", "cuda");
         string dtype = Choice("Model:DType", "auto", "auto", "f32", "bf16", "f16");
         var calibration = Files("Calibration:Files");
@@ -184,8 +179,6 @@ public sealed record PruneJobOptions
             CosineSchedule = Bool("Training:CosineSchedule"),
             ClipNorm = Str("Training:ClipNorm") == null ? null : Dbl("Training:ClipNorm", 1, c => c > 0 ? null : "must be positive"),
         };
-        if (calMax is int maxBlocks && training.BatchSize > maxBlocks)
-            problems.Add($"Training:BatchSize: {training.BatchSize} exceeds Calibration:MaxBlocks {maxBlocks}; a batch cannot repeat a block");
         bool deterministic = Bool("Pruning:Deterministic");
         bool? checkpointLayers = Choice("Training:CheckpointLayers", "auto", "auto", "true", "false") switch { "true" => true, "false" => false, _ => null };
         var evaluation = Files("Evaluation:Files");
@@ -193,26 +186,63 @@ public sealed record PruneJobOptions
         int? evalMax = OptInt("Evaluation:MaxBlocks", 1);
         string? output = RequiredPath("Output:Directory");
         bool overwrite = Bool("Output:Overwrite");
-        if (output != null && model != null && Path.GetFullPath(output).TrimEnd('/') == Path.GetFullPath(model).TrimEnd('/'))
-            problems.Add("Output:Directory: must differ from Model:Path");
-        // An input where the run writes its own files would be deleted or overwritten while it is being read.
-        var inputs = new List<(string Key, string? Path)> { ("Model:Path", model), ("Model:Tokenizer", tokenizer) };
-        inputs.AddRange(calibration.Select(f => ("Calibration:Files", (string?)f)));
-        inputs.AddRange(evaluation.Select(f => ("Evaluation:Files", (string?)f)));
-        if (output != null)
-            foreach (var (key, path) in inputs)
-                if (path != null && !TinyModel.IsBuiltin(path) && PruneJob.ProducedEntryHolding(output, path) is { } entry)
-                    problems.Add($"{key}: {path} is where the run writes its {entry}; move it or choose another Output:Directory");
 
-        if (problems.Count > 0) throw new InvalidSettingException("invalid configuration:\n  " + string.Join("\n  ", problems));
-        return new PruneJobOptions
+        var options = new PruneJobOptions
         {
-            ModelPath = model!, TokenizerPath = tokenizer, Device = device,
+            ModelPath = model ?? "", TokenizerPath = tokenizer, Device = device,
             DType = dtype switch { "f32" => IO.DType.F32, "bf16" => IO.DType.BF16, "f16" => IO.DType.F16, _ => null },
             CalibrationFiles = calibration, CalibrationBlockSize = calBlock, CalibrationMaxBlocks = calMax, DeterministicMasks = deterministic,
             Training = training, EvaluationFiles = evaluation, EvaluationBlockSize = evalBlock, EvaluationMaxBlocks = evalMax,
-            OutputDirectory = output!, Overwrite = overwrite, CheckpointLayers = checkpointLayers,
+            OutputDirectory = output ?? "", Overwrite = overwrite, CheckpointLayers = checkpointLayers,
         };
+        // What a value cannot say alone (files, how the paths relate); a key already refused is not reported again.
+        static string KeyOf(string problem) => problem[..Math.Max(0, problem.IndexOf(": ", StringComparison.Ordinal))];
+        var refused = problems.Select(KeyOf).ToHashSet(StringComparer.OrdinalIgnoreCase);
+        problems.AddRange(options.Problems().Where(p => !refused.Contains(KeyOf(p))));
+        if (problems.Count > 0) throw new InvalidSettingException("invalid configuration:\n  " + string.Join("\n  ", problems));
+        return options;
+    }
+
+    /// <summary>Every problem of these options, each with its configuration key; empty when they are valid. Options made in
+    /// code (a service calling <see cref="DispEngine.Prune"/>) get the same checks as a configuration file's, in
+    /// <see cref="PruneJob.Run"/>.</summary>
+    public List<string> Problems()
+    {
+        var p = new List<string>();
+        void Input(string key, string path, string what)
+        {
+            if (!TinyModel.IsBuiltin(path) && FilePaths.InputProblem(path, what) is { } why) p.Add($"{key}: {why}");
+        }
+        void Files(string key, IReadOnlyList<string> files, int blockSize, int? maxBlocks, string section)
+        {
+            if (files.Count == 0) p.Add($"{key}: at least one file is required");
+            foreach (var f in files) Input(key, f, "file");
+            if (blockSize < 2) p.Add($"{section}:BlockSize: must be at least 2 (got {blockSize})");
+            if (maxBlocks is < 1) p.Add($"{section}:MaxBlocks: must be at least 1 (got {maxBlocks})");
+        }
+
+        if (string.IsNullOrWhiteSpace(ModelPath)) p.Add("Model:Path: required");
+        else if (!TinyModel.IsBuiltin(ModelPath) && !File.Exists(ModelPath) && !Directory.Exists(ModelPath)) p.Add($"Model:Path: not found: {ModelPath}");
+        if (TokenizerPath != null) Input("Model:Tokenizer", TokenizerPath, "tokenizer");
+        if (Device is not ("auto" or "cpu" or "cuda")) p.Add($"Model:Device: '{Device}' is not one of auto | cpu | cuda");
+        Files("Calibration:Files", CalibrationFiles, CalibrationBlockSize, CalibrationMaxBlocks, "Calibration");
+        p.AddRange(Training.Problems().Select(problem => $"Training: {problem}"));
+        if (CalibrationMaxBlocks is int maxBlocks && Training.BatchSize > maxBlocks)
+            p.Add($"Training:BatchSize: {Training.BatchSize} exceeds Calibration:MaxBlocks {maxBlocks}; a batch cannot repeat a block");
+        Files("Evaluation:Files", EvaluationFiles, EvaluationBlockSize, EvaluationMaxBlocks, "Evaluation");
+
+        if (string.IsNullOrWhiteSpace(OutputDirectory)) { p.Add("Output:Directory: required"); return p; }
+        if (!string.IsNullOrWhiteSpace(ModelPath) && !TinyModel.IsBuiltin(ModelPath) &&
+            Path.GetFullPath(OutputDirectory).TrimEnd('/') == Path.GetFullPath(ModelPath).TrimEnd('/'))
+            p.Add("Output:Directory: must differ from Model:Path");
+        // An input where the run writes its own files would be deleted or overwritten while it is being read.
+        var inputs = new List<(string Key, string? Path)> { ("Model:Path", ModelPath), ("Model:Tokenizer", TokenizerPath) };
+        inputs.AddRange(CalibrationFiles.Select(f => ("Calibration:Files", (string?)f)));
+        inputs.AddRange(EvaluationFiles.Select(f => ("Evaluation:Files", (string?)f)));
+        foreach (var (key, path) in inputs)
+            if (!string.IsNullOrWhiteSpace(path) && !TinyModel.IsBuiltin(path) && PruneJob.ProducedEntryHolding(OutputDirectory, path) is { } entry)
+                p.Add($"{key}: {path} is where the run writes its {entry}; move it or choose another Output:Directory");
+        return p;
     }
 
     private static double Missing(string key, List<string> problems)
