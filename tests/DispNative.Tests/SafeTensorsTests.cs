@@ -66,6 +66,31 @@ public class SafeTensorsTests
         Assert.That(DTypes.BF16ToFloat(DTypes.FloatToBF16(-2.5f)), Is.EqualTo(-2.5f));
     }
 
+    /// <summary>A finite weight beyond the storage type's range would be saved as an infinity, which no load accepts: the
+    /// write refuses it, naming the tensor and the element. The largest finite values, and an infinity given, pass.</summary>
+    [Test]
+    public void AFiniteValueBeyondTheStorageTypesRange_IsRefused()
+    {
+        Assert.That(Assert.Throws<InvalidSettingException>(() => TensorData.FromFloat("w", [1f, -65520f], [2], DType.F16))!.Message,
+            Is.EqualTo("tensor 'w': element 1 = -65520 does not fit in F16 (it would be stored as infinity); store it as bf16 or f32"));
+        Assert.That(Assert.Throws<InvalidSettingException>(() => TensorData.FromFloat("w", [float.MaxValue], [1], DType.BF16))!.Message,
+            Is.EqualTo($"tensor 'w': element 0 = {float.MaxValue} does not fit in BF16 (it would be stored as infinity); store it as f32"));
+        Assert.That(TensorData.FromFloat("w", [65504f, -65504f, 65519f, float.PositiveInfinity], [4], DType.F16).Data.Length, Is.EqualTo(8), "65519 rounds down to 65504");
+        Assert.That(TensorData.FromFloat("w", [3.3895e38f, float.NegativeInfinity], [2], DType.BF16).Data.Length, Is.EqualTo(4));
+
+        // Saving a pruned model in f16 stops at the tensor, leaving no half-written model.
+        var c = TestAssets.TinyConfig(vocab: 30);
+        var w = ModelWeights.Random(c, 1);
+        w.Layers[1].WDown[7] = 1e5f;
+        var layout = new Engine.Disp.SiteLayout(c, Engine.Disp.PruningMode.Disp);
+        var plan = Engine.Disp.PruningPlan.FromMasks(layout, layout.OutputWidths.Select(n => Enumerable.Repeat(true, n).ToArray()).ToList());
+        string root = TestAssets.TempDir(), dir = Path.Combine(root, "pruned");
+        var (pc, pw) = Engine.Disp.Pruner.Apply(c, w, plan, "disp", 0.5, null);   // keeps every channel: element 7 stays in place
+        var e = Assert.Throws<InvalidSettingException>(() => Engine.Disp.Pruner.Save(dir, pc, pw, DType.F16, []));
+        Assert.That(e!.Message, Does.StartWith("tensor 'model.layers.1.mlp.down_proj.weight': element 7 = 100000 does not fit in F16"));
+        Assert.That(Directory.EnumerateFileSystemEntries(root), Is.Empty);
+    }
+
     [Test]
     public void ShardedCheckpoint_RoundTrips_ThroughIndex()
     {

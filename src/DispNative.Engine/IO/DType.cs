@@ -65,8 +65,9 @@ public static class DTypes
         }
     }
 
-    /// <summary>Encodes fp32 values as little-endian elements of a float type.</summary>
-    public static byte[] FromFloat32(DType t, ReadOnlySpan<float> src)
+    /// <summary>Encodes fp32 values as little-endian elements of a float type. A finite value beyond the type's range
+    /// (above 65504 in f16) is refused, naming <paramref name="what"/>, rather than stored as an infinity.</summary>
+    public static byte[] FromFloat32(DType t, ReadOnlySpan<float> src, string what = "a tensor")
     {
         var dst = new byte[(long)src.Length * t.Size()];
         switch (t)
@@ -75,14 +76,27 @@ public static class DTypes
                 for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan(4 * i), src[i]);
                 break;
             case DType.BF16:
-                for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteUInt16LittleEndian(dst.AsSpan(2 * i), FloatToBF16(src[i]));
+                for (int i = 0; i < src.Length; i++)
+                {
+                    ushort b = FloatToBF16(src[i]);
+                    if ((b & 0x7FFF) == 0x7F80 && float.IsFinite(src[i])) throw TooLarge(t, src[i], i, what);
+                    BinaryPrimitives.WriteUInt16LittleEndian(dst.AsSpan(2 * i), b);
+                }
                 break;
             case DType.F16:
-                for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteHalfLittleEndian(dst.AsSpan(2 * i), (Half)src[i]);
+                for (int i = 0; i < src.Length; i++)
+                {
+                    var h = (Half)src[i];
+                    if (Half.IsInfinity(h) && float.IsFinite(src[i])) throw TooLarge(t, src[i], i, what);
+                    BinaryPrimitives.WriteHalfLittleEndian(dst.AsSpan(2 * i), h);
+                }
                 break;
             default:
                 throw new ArgumentException($"{t} is not a floating-point type");
         }
         return dst;
     }
+
+    private static InvalidSettingException TooLarge(DType t, float value, int i, string what) => new(
+        $"{what}: element {i} = {value} does not fit in {t} (it would be stored as infinity); store it as {(t == DType.F16 ? "bf16 or f32" : "f32")}");
 }

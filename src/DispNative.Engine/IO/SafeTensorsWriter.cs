@@ -9,7 +9,7 @@ namespace DispNative.Engine.IO;
 public sealed record TensorData(string Name, DType DType, long[] Shape, byte[] Data)
 {
     public static TensorData FromFloat(string name, float[] values, long[] shape, DType dtype = DType.F32)
-        => Check(new TensorData(name, dtype, shape, DTypes.FromFloat32(dtype, values)));
+        => Check(new TensorData(name, dtype, shape, DTypes.FromFloat32(dtype, values, $"tensor '{name}'")));
 
     public static TensorData FromInt32(string name, int[] values, long[] shape) => Check(new TensorData(name, DType.I32, shape, Int32Bytes(values)));
 
@@ -42,7 +42,7 @@ public sealed record PendingTensor(string Name, DType DType, long[] Shape, Func<
     public TensorData Produce() => TensorData.Check(new TensorData(Name, DType, Shape, Bytes()));
 
     public static PendingTensor FromFloat(string name, Func<float[]> values, long[] shape, DType dtype)
-        => new(name, dtype, shape, () => DTypes.FromFloat32(dtype, values()));
+        => new(name, dtype, shape, () => DTypes.FromFloat32(dtype, values(), $"tensor '{name}'"));
 
     public static PendingTensor FromInt32(string name, Func<int[]> values, long[] shape)
         => new(name, DType.I32, shape, () => TensorData.Int32Bytes(values()));
