@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Text;
+using System.Text.Json.Nodes;
 using DispNative.Engine;
 using DispNative.Engine.Disp;
 using DispNative.Engine.IO;
@@ -10,8 +11,9 @@ namespace DispNative.Tests;
 
 /// <summary>Seeded random damage to every kind of file the engine reads: using it (loading, and a forward pass, a pruning
 /// plan or a resumed step when it loads) either works or ends in the engine's own error, never in another exception
-/// (which the CLI would print as a crash trace). Every kind but the hypernetwork and training files had at least one
-/// such crash when these were first run, each fixed with its own test elsewhere.</summary>
+/// (which the CLI would print as a crash trace). When first run they found such crashes in a dense model's files, in
+/// llama2.c files, in the training log, and (structured damage) in tokenizer.json and a pruned config.json; each was
+/// fixed with its own test elsewhere.</summary>
 public class CorruptFileTests
 {
     /// <summary>A directory holding undamaged files, and what a user does with it.</summary>
@@ -105,6 +107,64 @@ public class CorruptFileTests
         if (file != HypernetworkTrainer.LogFile)
             Assert.That(outcomes.GetValueOrDefault("clear error"), Is.GreaterThan(70), string.Join(", ", outcomes));
     }
+
+    /// <summary>Damage that keeps a JSON file valid JSON: one or two values replaced by another kind of value (null, a
+    /// negative or huge number, a string, an empty list or object, the neighbour of a number or a string cut short) or
+    /// removed. It reaches the checks behind the parser that byte damage rarely does.</summary>
+    [TestCase("dense", "config.json", 20)]
+    [TestCase("dense", "tokenizer.json", 21)]
+    [TestCase("sharded", "model.safetensors.index.json", 22)]
+    [TestCase("pruned", "config.json", 23)]
+    public void StructuredDamage_EndsInAClearError_OrFilesThatWork(string target, string file, int seed)
+    {
+        var (clean, use) = Targets.Value[target];
+        var rng = new Random(seed);
+        string original = File.ReadAllText(Path.Combine(clean, file));
+        int clear = 0;
+        for (int trial = 0; trial < 150; trial++)
+        {
+            var root = JsonNode.Parse(original)!;
+            var slots = new List<(JsonNode Parent, object Key)>();
+            void Walk(JsonNode? n)
+            {
+                if (n is JsonObject o) foreach (var (k, v) in o.ToList()) { slots.Add((o, k)); Walk(v); }
+                else if (n is JsonArray a) for (int i = 0; i < a.Count; i++) { slots.Add((a, i)); Walk(a[i]); }
+            }
+            Walk(root);
+            for (int edits = rng.Next(1, 3); edits > 0; edits--)
+            {
+                var (parent, key) = slots[rng.Next(slots.Count)];
+                if (parent is JsonObject o && o.ContainsKey((string)key))
+                {
+                    if (rng.Next(6) == 0) o.Remove((string)key); else o[(string)key] = OtherValue(rng, o[(string)key]);
+                }
+                else if (parent is JsonArray a && (int)key < a.Count)
+                {
+                    if (rng.Next(6) == 0) a.RemoveAt((int)key); else a[(int)key] = OtherValue(rng, a[(int)key]);
+                }
+            }
+            var dir = TestAssets.TempDir();
+            foreach (var f in Directory.GetFiles(clean)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+            File.WriteAllText(Path.Combine(dir, file), root.ToJsonString());
+            try { use(dir); }
+            catch (DispNativeException) { clear++; }
+            catch (Exception e)
+            {
+                Assert.Fail($"trial {trial}: {e.GetType().Name}: {e.Message}\n{e.StackTrace}");
+                throw;
+            }
+            Directory.Delete(dir, recursive: true);
+        }
+        Assert.That(clear, Is.GreaterThan(50));
+    }
+
+    private static JsonNode? OtherValue(Random rng, JsonNode? old) => rng.Next(12) switch
+    {
+        0 => null, 1 => -1, 2 => 0, 3 => int.MaxValue, 4 => 1e300, 5 => "x", 6 => new JsonArray(), 7 => new JsonObject(), 8 => true,
+        9 => old is JsonValue v && v.TryGetValue<int>(out int i) ? i + 1 : 7,
+        10 => old is JsonValue w && w.TryGetValue<int>(out int j) ? -j : -3,
+        _ => old is JsonValue x && x.TryGetValue<string>(out var s) && s.Length > 0 ? s[..^1] : "",
+    };
 
     private static byte[] Damage(Random rng, byte[] original, int from, int to, bool safetensors)
     {

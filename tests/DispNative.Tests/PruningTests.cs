@@ -207,6 +207,21 @@ public class PruningTests
         Assert.That(Directory.EnumerateFileSystemEntries(root), Is.Empty, "neither the model nor its half-written shards");
     }
 
+    /// <summary>A pruned model's intermediate_size only bounds its mlp_mid indices: its buffers take the widest kept middle,
+    /// so the same model with a far larger intermediate_size runs, with the same logits.</summary>
+    [Test]
+    public void APrunedModelsBuffers_TakeItsWidestMiddle_NotTheFullIntermediateSize()
+    {
+        var c = TestAssets.TinyConfig(vocab: 30);
+        var (pc, pw) = Pruner.Apply(c, ModelWeights.Random(c, 1, std: 0.2f), RandomPlan(c, PruningMode.Disp, 0.6, 7), "disp", 0.4, null);
+        Assert.That(pc.WidestMlpMiddle, Is.EqualTo(pw.Layers.Max(l => l.MlpMidIdx!.Length)).And.LessThan(c.IntermediateSize));
+        Assert.That(c.WidestMlpMiddle, Is.EqualTo(c.IntermediateSize));
+        int[] ids = [1, 5, 9, 2, 7];
+        var logits = new LlamaModel(pc, pw).Forward(ids, new LlamaModel(pc, pw).NewCache(8));
+        var wide = pc with { IntermediateSize = 1 << 30 };
+        Assert.That(new LlamaModel(wide, pw).Forward(ids, new LlamaModel(wide, pw).NewCache(8)), Is.EqualTo(logits));
+    }
+
     [TestCase("unsorted")]
     [TestCase("duplicate")]
     [TestCase("range")]

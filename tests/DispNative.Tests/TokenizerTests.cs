@@ -103,6 +103,9 @@ public class TokenizerTests
     [TestCase("pre_tokenizer", "{\"type\": \"Sequence\", \"pretokenizers\": [\"ByteLevel\"]}", "field 'pretokenizers' must be a list of objects (got \"ByteLevel\")")]
     [TestCase("normalizer", "{\"type\": \"Replace\", \"pattern\": {\"Regex\": \"([\"}, \"content\": \"x\"}", "invalid regex '(['")]
     [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [3]}", "TemplateProcessing item 3 is neither a Sequence nor a SpecialToken")]
+    [TestCase("model.merges", "[\"\"]", "malformed merge ''")]
+    [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": {\"id\": \"<x>\"}}], \"special_tokens\": {\"<x>\": 5}}",
+        "template special token '<x>' is not in the vocabulary")]
     public void AMalformedTokenizerJson_IsAClearError(string path, string json, string message)
     {
         var tokenizer = TestAssets.ByteLevelTokenizerJson();

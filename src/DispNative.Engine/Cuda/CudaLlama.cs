@@ -293,11 +293,11 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             try
             {
                 Tokens = A(DType.I32, rows);
-                // H, Gate, Up and Delta hold pruned sites at their padded width, at most the padded full width.
+                // H, Gate, Up and Delta hold pruned sites at their padded width: at most the padded full (or widest) width.
                 X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * CudaOps.Padded(c.HiddenSize));
                 Q = A(dtype, (long)rows * c.QDim); K = A(dtype, (long)rows * c.KvDim); V = A(dtype, (long)rows * c.KvDim);
                 Att = A(dtype, (long)rows * c.QDim);
-                Gate = A(dtype, (long)rows * CudaOps.Padded(c.IntermediateSize)); Up = A(dtype, (long)rows * CudaOps.Padded(c.IntermediateSize));
+                Gate = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle)); Up = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle));
                 Delta = A(DType.F32, (long)rows * CudaOps.Padded(c.HiddenSize));
                 Logits = A(DType.F32, (long)logitRows * c.VocabSize);
             }

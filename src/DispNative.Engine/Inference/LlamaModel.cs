@@ -132,7 +132,7 @@ public sealed class LlamaModel : ICausalLanguageModel
             X = new float[r * c.HiddenSize]; H = new float[r * c.HiddenSize]; Delta = new float[r * c.HiddenSize];
             Q = new float[r * c.QDim]; Att = new float[r * c.QDim];
             K = new float[r * c.KvDim]; V = new float[r * c.KvDim];
-            Gate = new float[r * c.IntermediateSize]; Up = new float[r * c.IntermediateSize];
+            Gate = new float[r * c.WidestMlpMiddle]; Up = new float[r * c.WidestMlpMiddle];
         }
 
         public long Bytes => 4L * (X.Length + H.Length + Delta.Length + Q.Length + Att.Length + K.Length + V.Length + Gate.Length + Up.Length);

@@ -124,6 +124,10 @@ public sealed record ModelConfig
     /// <summary>Kept widths of layer l: [attn_in, attn_out, mlp_in, mlp_mid, mlp_out] (full widths when dense).</summary>
     public int[] LayerWidths(int layer) => Disp?.Widths[layer] ?? [HiddenSize, HiddenSize, HiddenSize, IntermediateSize, HiddenSize];
 
+    /// <summary>The widest MLP middle of any layer: what activation buffers need (a pruned model's is below
+    /// <see cref="IntermediateSize"/>, which then only bounds its indices).</summary>
+    public int WidestMlpMiddle => Disp?.Widths.Max(w => w[3]) ?? IntermediateSize;
+
     /// <summary>Parameter counts by kind (embedding, attention, MLP, norms, LM head if untied).</summary>
     public IReadOnlyDictionary<string, long> ParameterCounts()
     {

@@ -80,7 +80,7 @@ public sealed class HfTokenizer : ITokenizer
             else
             {
                 string s = JsonFields.Element<string>(m, "merges", _source);
-                int sp = s.IndexOf(' ', 1);
+                int sp = s.Length > 1 ? s.IndexOf(' ', 1) : -1;   // from 1: a merge's left part may itself be a space
                 if (sp < 0) throw Error($"malformed merge '{s}'");
                 a = s[..sp]; b = s[(sp + 1)..];
             }
@@ -369,7 +369,7 @@ public sealed class HfTokenizer : ITokenizer
                         throw Error($"TemplateProcessing item {item?.ToJsonString()} is neither a Sequence nor a SpecialToken");
                     if (entry["Sequence"] != null) { seenSequence = true; continue; }
                     string id = Str((JsonObject)entry["SpecialToken"]!, "id");
-                    var ids = specials?[id]?["ids"] is JsonArray arr ? arr.Select(x => TokenId(x, $"special_tokens '{id}' ids")).ToList()
+                    var ids = specials?[id] is JsonObject special && special["ids"] is JsonArray arr ? arr.Select(x => TokenId(x, $"special_tokens '{id}' ids")).ToList()
                         : [Lookup(id) ?? throw Error($"template special token '{id}' is not in the vocabulary")];
                     (seenSequence ? post : pre).AddRange(ids);
                 }
