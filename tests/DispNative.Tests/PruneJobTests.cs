@@ -375,15 +375,22 @@ public class PruneJobTests
         Assert.That(HypernetworkTrainer.ReadLog(Path.Combine(outDir, "train_log.jsonl")).Select(e => e.Step), Is.EqualTo(new[] { 1 }));
     }
 
-    /// <summary>An input that lies where the run writes (its model/ folder, its log) would be deleted or overwritten while
-    /// it is read: refused before anything is touched.</summary>
-    [Test]
-    public void AnInputWhereTheRunWrites_IsRefused_AndKept()
+    /// <summary><see cref="Setup"/> with the model moved to <c>out/model</c>, where the run writes its pruned model.</summary>
+    private static (string Dir, string ConfigPath, string OutDir) SetupWithTheModelInTheOutputDirectory()
     {
         var (dir, configPath) = Setup();
         var outDir = Path.Combine(dir, "out");
         Directory.CreateDirectory(outDir);
         Directory.Move(Path.Combine(dir, "model"), Path.Combine(outDir, "model"));
+        return (dir, configPath, outDir);
+    }
+
+    /// <summary>An input that lies where the run writes (its model/ folder, its log) would be deleted or overwritten while
+    /// it is read: refused before anything is touched.</summary>
+    [Test]
+    public void AnInputWhereTheRunWrites_IsRefused_AndKept()
+    {
+        var (dir, configPath, outDir) = SetupWithTheModelInTheOutputDirectory();
         File.Copy(Path.Combine(dir, "eval.txt"), Path.Combine(outDir, "train_log.jsonl"));
         var (code, _, err) = Cli("run", configPath, "--Model:Path=out/model", "--Evaluation:Files:0=out/train_log.jsonl", "--Output:Overwrite=true");
         Assert.That(code, Is.EqualTo(1));
@@ -400,10 +407,7 @@ public class PruneJobTests
     [Test]
     public void OptionsMadeInCode_AreCheckedAsAConfigurationFilesAre()
     {
-        var (dir, _) = Setup();
-        var outDir = Path.Combine(dir, "out");
-        Directory.CreateDirectory(outDir);
-        Directory.Move(Path.Combine(dir, "model"), Path.Combine(outDir, "model"));
+        var (dir, _, outDir) = SetupWithTheModelInTheOutputDirectory();
         var options = new PruneJobOptions
         {
             ModelPath = Path.Combine(outDir, "model"), Device = "gpu", CalibrationFiles = [Path.Combine(dir, "missing.txt")], CalibrationBlockSize = 1,
