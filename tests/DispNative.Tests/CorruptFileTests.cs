@@ -115,11 +115,19 @@ public class CorruptFileTests
     [TestCase("dense", "tokenizer.json", 21)]
     [TestCase("sharded", "model.safetensors.index.json", 22)]
     [TestCase("pruned", "config.json", 23)]
+    [TestCase("dense", "model.safetensors", 24)]
+    [TestCase("pruned", "model.safetensors", 25)]
+    [TestCase("training", HypernetworkTrainer.HypernetworkFile, 26)]
+    [TestCase("training", HypernetworkTrainer.CheckpointFile, 27)]
     public void StructuredDamage_EndsInAClearError_OrFilesThatWork(string target, string file, int seed)
     {
         var (clean, use) = Targets.Value[target];
         var rng = new Random(seed);
-        string original = File.ReadAllText(Path.Combine(clean, file));
+        // A safetensors file's JSON is its header; the tensor bytes after it stay as they are.
+        var bytes = File.ReadAllBytes(Path.Combine(clean, file));
+        bool safetensors = file.EndsWith(".safetensors");
+        int headerEnd = safetensors ? 8 + (int)BinaryPrimitives.ReadUInt64LittleEndian(bytes) : bytes.Length;
+        string original = Encoding.UTF8.GetString(bytes, safetensors ? 8 : 0, headerEnd - (safetensors ? 8 : 0));
         int clear = 0;
         for (int trial = 0; trial < 150; trial++)
         {
@@ -145,7 +153,8 @@ public class CorruptFileTests
             }
             var dir = TestAssets.TempDir();
             foreach (var f in Directory.GetFiles(clean)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
-            File.WriteAllText(Path.Combine(dir, file), root.ToJsonString());
+            var json = Encoding.UTF8.GetBytes(root.ToJsonString());
+            File.WriteAllBytes(Path.Combine(dir, file), safetensors ? [.. BitConverter.GetBytes((ulong)json.Length), .. json, .. bytes[headerEnd..]] : json);
             try { use(dir); }
             catch (DispNativeException) { clear++; }
             catch (Exception e)

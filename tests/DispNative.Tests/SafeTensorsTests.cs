@@ -199,6 +199,8 @@ public class SafeTensorsTests
         WithHeader("""{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}""", "8 bytes do not match dtype F32 and shape [1] (4 bytes)");
         WithHeader("""{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}""", "invalid shape");
         WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}""", "invalid data_offsets");
+        WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":["0",8]}}""", "invalid data_offsets [0, 8]");
+        WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,null]}}""", "invalid data_offsets");
         WithHeader("""{"w":{"dtype":"F32","shape":[10000000000,10000000000],"data_offsets":[0,8]}}""", "shape [10000000000,10000000000] is too large");
         WithHeader("""{"w":{"dtype":"F32","shape":[4611686018427387904,1],"data_offsets":[0,8]}}""", "is too large");
         WithHeader("""{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"v":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}""", "overlaps");

@@ -135,7 +135,8 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         }
         if (!e.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
             throw new ModelFormatException($"{where}: missing data_offsets");
-        long begin = off[0].TryGetInt64(out var b) ? b : -1, end = off[1].TryGetInt64(out var en) ? en : -1;
+        static long Offset(JsonElement o) => o.ValueKind == JsonValueKind.Number && o.TryGetInt64(out long v) ? v : -1;   // TryGetInt64 throws on a non-number
+        long begin = Offset(off[0]), end = Offset(off[1]);
         if (begin < 0 || end < begin)
             throw new ModelFormatException($"{where}: invalid data_offsets [{off[0]}, {off[1]}]");
         if (end > dataLength)
