@@ -1,6 +1,7 @@
 using System.Text.Json;
 using DispNative.Engine;
 using DispNative.Engine.Cpu;
+using DispNative.Engine.Evaluation;
 using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
 using DispNative.Engine.Models;
@@ -314,5 +315,25 @@ public class ForwardTests
         Assert.Throws<OperationCanceledException>(() => Generator.Generate(m, [1, 40, 41], 12, new SamplingOptions(),
             id => { produced.Add(id); if (produced.Count == 2) cts.Cancel(); }, cts.Token));
         Assert.That(produced, Is.EqualTo(Generator.Generate(m, [1, 40, 41], 2, new SamplingOptions())[3..]));
+    }
+
+    /// <summary>Logits that are not numbers (here a final norm that overflows them) end generation and scoring with the
+    /// reason, instead of a sampling crash, a token argmax picks at random, or a NaN perplexity.</summary>
+    [Test]
+    public void NonFiniteLogits_EndGenerationAndScoring_WithTheReason()
+    {
+        var m = Tiny();
+        var w = m.Model.Weights;
+        var overflowing = new LlamaModel(m.Config, new ModelWeights
+        {
+            Embedding = w.Embedding, Layers = w.Layers, LmHead = w.LmHead, FinalNorm = Enumerable.Repeat(3e38f, w.FinalNorm.Length).ToArray(),
+        });
+        var broken = m with { Model = overflowing };
+        foreach (var sampling in new[] { new SamplingOptions(), new SamplingOptions(Greedy: false) })
+            Assert.That(Assert.Throws<DispNativeException>(() => Generator.Generate(broken, [1, 40, 41], 4, sampling))!.Message,
+                Does.StartWith("the model's logits at position 2 are not finite (token "));
+        Assert.That(Assert.Throws<DispNativeException>(() => Perplexity.Evaluate(overflowing, [1, 40, 41, 42], 4))!.Message,
+            Does.StartWith("the model's logits at position 0 of a block are not finite"));
+        Assert.That(Perplexity.Evaluate(m.Model, [1, 40, 41, 42], 4).Perplexity, Is.GreaterThan(1), "the same model with its own norm scores");
     }
 }

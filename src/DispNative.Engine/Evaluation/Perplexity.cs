@@ -62,7 +62,11 @@ public static class Perplexity
             }
         });
         double nll = 0;
-        foreach (double x in perRow) nll += x;
+        for (int t = 0; t < rows; t++)
+        {
+            if (!double.IsFinite(perRow[t])) Generator.RequireFiniteLogits(logits.AsSpan(t * vocab, vocab), $"position {t} of a block");
+            nll += perRow[t];
+        }
         return nll;
     }
 }

@@ -1,5 +1,7 @@
 using System.Buffers.Binary;
+using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 
 namespace DispNative.Engine.IO;
 
@@ -99,4 +101,19 @@ public static class DTypes
 
     private static InvalidSettingException TooLarge(DType t, float value, int i, string what) => new(
         $"{what}: element {i} = {value} does not fit in {t} (it would be stored as infinity); store it as {(t == DType.F16 ? "bf16 or f32" : "f32")}");
+
+    /// <summary>Index of the first NaN or infinity in <paramref name="x"/>, or -1 (x − x is 0 exactly for finite x).</summary>
+    public static int FirstNonFinite(ReadOnlySpan<float> x)
+    {
+        int i = 0;
+        if (Vector.IsHardwareAccelerated)
+        {
+            var values = MemoryMarshal.Cast<float, Vector<float>>(x);
+            for (; i < values.Length; i++)
+                if (!Vector.EqualsAll(values[i] - values[i], Vector<float>.Zero)) break;
+            i *= Vector<float>.Count;
+        }
+        for (; i < x.Length; i++) if (!float.IsFinite(x[i])) return i;
+        return -1;
+    }
 }

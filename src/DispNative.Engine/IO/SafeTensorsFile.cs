@@ -177,25 +177,10 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             var src = new ReadOnlySpan<byte>(_base + _dataStart + t.Begin + start * size, n * size);
             var dst = result.AsSpan((int)start, n);
             DTypes.ToFloat32(t.DType, src, dst);
-            if (FirstNonFinite(dst) is int bad and >= 0)
+            if (DTypes.FirstNonFinite(dst) is int bad and >= 0)
                 throw new ModelFormatException($"{Path}: tensor '{name}' element {start + bad} is {dst[bad]}: weights must be finite (the file is corrupt)");
         }
         return result;
-    }
-
-    /// <summary>Index of the first NaN or infinity in <paramref name="x"/>, or -1 (x − x is 0 exactly for finite x).</summary>
-    internal static int FirstNonFinite(ReadOnlySpan<float> x)
-    {
-        int i = 0;
-        if (Vector.IsHardwareAccelerated)
-        {
-            var values = MemoryMarshal.Cast<float, Vector<float>>(x);
-            for (; i < values.Length; i++)
-                if (!Vector.EqualsAll(values[i] - values[i], Vector<float>.Zero)) break;
-            i *= Vector<float>.Count;
-        }
-        for (; i < x.Length; i++) if (!float.IsFinite(x[i])) return i;
-        return -1;
     }
 
     /// <summary>Reads an integer tensor (I32, or I64 values that fit in 32 bits).</summary>

@@ -1,3 +1,4 @@
+using DispNative.Engine.IO;
 using DispNative.Engine.Models;
 
 namespace DispNative.Engine.Inference;
@@ -52,12 +53,22 @@ public static class Generator
             for (int i = 0; i < maxNewTokens; i++)
             {
                 cancellationToken.ThrowIfCancellationRequested();
+                RequireFiniteLogits(logits, $"position {prompt.Length + i - 1}");
                 int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
                 yield return next;
                 if (model.EosIds.Contains(next) || i == maxNewTokens - 1) yield break;
                 logits = runner.Forward([next], cache, lastOnly: true);
             }
         }
+    }
+
+    /// <summary>Refuses logits that are not numbers (a model whose activations overflow, as f16 can): sampling from them
+    /// would fail and argmax would pick a token at random.</summary>
+    public static void RequireFiniteLogits(ReadOnlySpan<float> logits, string where)
+    {
+        if (DTypes.FirstNonFinite(logits) is int bad and >= 0)
+            throw new DispNativeException($"the model's logits at {where} are not finite (token {bad}: {logits[bad]}); its activations " +
+                                          "overflow (on CUDA in f16, bf16 has the range f16 lacks)");
     }
 
     public static int ArgMax(ReadOnlySpan<float> logits)

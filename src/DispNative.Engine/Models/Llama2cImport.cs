@@ -28,7 +28,7 @@ public static class Llama2cImport
                         + dim + (double)seqLen * headDim + (shared ? 0 : (double)vocab * dim);
         if (bytes.Length != 28 + 4 * floats)
             throw new ModelFormatException($"{path}: size {bytes.Length} bytes does not match the header (expected {28 + 4 * floats:F0} bytes)");
-        if (SafeTensorsFile.FirstNonFinite(MemoryMarshal.Cast<byte, float>(bytes.AsSpan(28))) is int bad and >= 0)
+        if (DTypes.FirstNonFinite(MemoryMarshal.Cast<byte, float>(bytes.AsSpan(28))) is int bad and >= 0)
             throw new ModelFormatException($"{path}: float {bad} after the header is {BitConverter.ToSingle(bytes, 28 + 4 * bad)}: weights must be finite (the file is corrupt)");
 
         int pos = 28;
