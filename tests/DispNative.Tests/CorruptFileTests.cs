@@ -84,24 +84,8 @@ public class CorruptFileTests
         var outcomes = new Dictionary<string, int>();
         for (int trial = 0; trial < 200; trial++)
         {
-            var bytes = Damage(rng, original, from, to, safetensors);
-            var dir = TestAssets.TempDir();
-            foreach (var f in Directory.GetFiles(clean)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
-            File.WriteAllBytes(Path.Combine(dir, file), bytes);
-            string outcome;
-            try
-            {
-                use(dir);
-                outcome = "works";
-            }
-            catch (DispNativeException) { outcome = "clear error"; }
-            catch (Exception e)
-            {
-                Assert.Fail($"trial {trial}: {e.GetType().Name}: {e.Message}\n{e.StackTrace}");
-                throw;
-            }
+            string outcome = EndsInAClearError(clean, file, Damage(rng, original, from, to, safetensors), use, trial) ? "clear error" : "works";
             outcomes[outcome] = outcomes.GetValueOrDefault(outcome) + 1;
-            Directory.Delete(dir, recursive: true);
         }
         // The log is read leniently (a cut line ends it), so only its damage may always leave something that works.
         if (file != HypernetworkTrainer.LogFile)
@@ -151,20 +135,32 @@ public class CorruptFileTests
                     if (rng.Next(6) == 0) a.RemoveAt((int)key); else a[(int)key] = OtherValue(rng, a[(int)key]);
                 }
             }
-            var dir = TestAssets.TempDir();
-            foreach (var f in Directory.GetFiles(clean)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
             var json = Encoding.UTF8.GetBytes(root.ToJsonString());
-            File.WriteAllBytes(Path.Combine(dir, file), safetensors ? [.. BitConverter.GetBytes((ulong)json.Length), .. json, .. bytes[headerEnd..]] : json);
-            try { use(dir); }
-            catch (DispNativeException) { clear++; }
-            catch (Exception e)
-            {
-                Assert.Fail($"trial {trial}: {e.GetType().Name}: {e.Message}\n{e.StackTrace}");
-                throw;
-            }
-            Directory.Delete(dir, recursive: true);
+            byte[] damaged = safetensors ? [.. BitConverter.GetBytes((ulong)json.Length), .. json, .. bytes[headerEnd..]] : json;
+            if (EndsInAClearError(clean, file, damaged, use, trial)) clear++;
         }
         Assert.That(clear, Is.GreaterThan(50));
+    }
+
+    /// <summary>Uses a copy of <paramref name="clean"/> with <paramref name="file"/> replaced by <paramref name="damaged"/>:
+    /// true when that ends in the engine's own error, false when it works; any other exception fails the test.</summary>
+    private static bool EndsInAClearError(string clean, string file, byte[] damaged, Action<string> use, int trial)
+    {
+        var dir = TestAssets.TempDir();
+        foreach (var f in Directory.GetFiles(clean)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        File.WriteAllBytes(Path.Combine(dir, file), damaged);
+        try
+        {
+            use(dir);
+            return false;
+        }
+        catch (DispNativeException) { return true; }
+        catch (Exception e)
+        {
+            Assert.Fail($"trial {trial}: {e.GetType().Name}: {e.Message}\n{e.StackTrace}");
+            throw;
+        }
+        finally { Directory.Delete(dir, recursive: true); }
     }
 
     private static JsonNode? OtherValue(Random rng, JsonNode? old) => rng.Next(12) switch
