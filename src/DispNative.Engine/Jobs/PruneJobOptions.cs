@@ -119,16 +119,7 @@ public sealed record PruneJobOptions
 
         string? Str(string key) => config[key] is { } v && v.Trim().Length > 0 ? v.Trim() : null;
         string FullPath(string value) => TinyModel.IsBuiltin(value) ? value : Path.GetFullPath(value, baseDirectory);
-        string? RequiredPath(string key)
-        {
-            var v = Str(key);
-            if (v == null)
-            {
-                if (!problems.Any(p => p.StartsWith(key + ": ", StringComparison.OrdinalIgnoreCase))) problems.Add($"{key}: required");
-                return null;
-            }
-            return FullPath(v);
-        }
+        string? OptPath(string key) => Str(key) is { } v ? FullPath(v) : null;   // a missing one: see Problems()
         T Parse<T>(string key, T fallback, Func<string, (bool Ok, T Value)> parse, string expected, Func<T, string?>? check = null)
         {
             var v = Str(key);
@@ -151,12 +142,11 @@ public sealed record PruneJobOptions
             var section = config.GetSection(key);
             var list = section.GetChildren().Select(c => c.Value).Where(v => !string.IsNullOrWhiteSpace(v)).Select(v => FullPath(v!.Trim())).ToList();
             if (list.Count == 0 && Str(key) is { } single) list.Add(FullPath(single));
-            if (list.Count == 0) problems.Add($"{key}: at least one file is required");
             return list;
         }
 
-        string? model = RequiredPath("Model:Path");
-        string? tokenizer = Str("Model:Tokenizer") is { } t ? FullPath(t) : null;
+        string? model = OptPath("Model:Path");
+        string? tokenizer = OptPath("Model:Tokenizer");
         string device = Choice("Model:Device", "auto", "auto", "cpu", "cuda");
         string dtype = Choice("Model:DType", "auto", "auto", "f32", "bf16", "f16");
         var calibration = Files("Calibration:Files");
@@ -184,7 +174,7 @@ public sealed record PruneJobOptions
         var evaluation = Files("Evaluation:Files");
         int evalBlock = Int("Evaluation:BlockSize", 2048, 2);
         int? evalMax = OptInt("Evaluation:MaxBlocks", 1);
-        string? output = RequiredPath("Output:Directory");
+        string? output = OptPath("Output:Directory");
         bool overwrite = Bool("Output:Overwrite");
 
         var options = new PruneJobOptions
@@ -195,7 +185,8 @@ public sealed record PruneJobOptions
             Training = training, EvaluationFiles = evaluation, EvaluationBlockSize = evalBlock, EvaluationMaxBlocks = evalMax,
             OutputDirectory = output ?? "", Overwrite = overwrite, CheckpointLayers = checkpointLayers,
         };
-        // What a value cannot say alone (files, how the paths relate); a key already refused is not reported again.
+        // What a value cannot say alone (missing paths and files, how the paths relate); a key already refused is not
+        // reported again.
         static string KeyOf(string problem) => problem[..Math.Max(0, problem.IndexOf(": ", StringComparison.Ordinal))];
         var refused = problems.Select(KeyOf).ToHashSet(StringComparer.OrdinalIgnoreCase);
         problems.AddRange(options.Problems().Where(p => !refused.Contains(KeyOf(p))));
