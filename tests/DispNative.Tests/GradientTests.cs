@@ -101,6 +101,77 @@ public class GradientTests
             [Rand(r, 3, 4), Rand(r, 2, 3)]);
     }
 
+    /// <summary>A stack whose first row is frozen still passes the gradient to the trainable rows.</summary>
+    [Test] public void StackRowsAfterAFrozenRow() { var r = new Rng(17); Check((t, v) => t.StackRows([v[0], v[1]]), [Rand(r, 1, 3, trainable: false), Rand(r, 1, 3)]); }
+
+    /// <summary>Each recorded step runs once: a second <c>Backward</c>, or one after <c>ReturnBuffers</c>, adds nothing.</summary>
+    [Test]
+    public void Backward_RunsEachRecordedStepOnce()
+    {
+        var tape = new Tape<double>(new TapeBufferPool<double>());
+        var x = tape.Leaf([1, 2], 1, 2);
+        var y = tape.Affine(x, 2, 0);
+        y.G.AsSpan().Fill(1);
+        tape.Backward();
+        tape.Backward();
+        Assert.That(x.Grad, Is.EqualTo(new[] { 2.0, 2.0 }));
+
+        var z = tape.Affine(x, 3, 0);
+        tape.ReturnBuffers();
+        z.G.AsSpan().Fill(1);
+        tape.Backward();
+        Assert.That(x.Grad, Is.EqualTo(new[] { 2.0, 2.0 }));
+    }
+
+    /// <summary>A leaf that the loss does not depend on gets no gradient buffer (<c>Grad</c> stays null).</summary>
+    [Test]
+    public void ALeafTheLossDoesNotReach_GetsNoGradient()
+    {
+        var tape = new Tape<double>();
+        var used = tape.Leaf([1, 2], 1, 2);
+        var unused = tape.Leaf([3, 4], 1, 2);
+        _ = tape.Tanh(unused);
+        var loss = tape.CrossEntropy(tape.Affine(used, 2, 0), [1]);
+        tape.Backward(loss);
+        Assert.That(used.Grad, Is.Not.Null);
+        Assert.That(unused.Grad, Is.Null);
+    }
+
+    /// <summary>Shapes that do not fit, and ids outside the table, are refused naming the op, never read out of bounds or
+    /// silently truncated.</summary>
+    [TestCase("linear bias", typeof(ArgumentException), "linear: bias length differs from the output width")]
+    [TestCase("rms gamma", typeof(ArgumentException), "rms norm: gamma length differs from the row width")]
+    [TestCase("columns", typeof(ArgumentException), "columns: range outside the matrix")]
+    [TestCase("concat", typeof(ArgumentException), "concat: row counts differ")]
+    [TestCase("mask", typeof(ArgumentException), "mask: x has 3 columns, the mask 4")]
+    [TestCase("targets short", typeof(ArgumentException), "cross-entropy: one target per row is required")]
+    [TestCase("targets long", typeof(ArgumentException), "cross-entropy: one target per row is required")]
+    [TestCase("no targets", typeof(ArgumentException), "cross-entropy: no scored targets")]
+    [TestCase("target id", typeof(DispNativeException), "target id 3 is outside the vocabulary (size 3)")]
+    [TestCase("token id", typeof(DispNativeException), "token id 3 is outside the vocabulary (size 3)")]
+    [TestCase("leaf grad", typeof(ArgumentException), "gradient buffer has the wrong length")]
+    public void ShapeMismatches_AreRefusedNamingTheOp(string what, Type error, string message)
+    {
+        var tape = new Tape<double>();
+        Var<double> M(int rows, int cols) => tape.Leaf(new double[rows * cols], rows, cols);
+        Action act = what switch
+        {
+            "linear bias" => () => tape.Linear(M(2, 3), M(4, 3), M(1, 5)),
+            "rms gamma" => () => tape.RmsNorm(M(2, 3), M(1, 4), 1e-5),
+            "columns" => () => tape.Columns(M(2, 3), 2, 2),
+            "concat" => () => tape.ConcatColumns(M(2, 3), M(3, 3)),
+            "mask" => () => tape.MaskColumns(M(2, 3), M(1, 4)),
+            "targets short" => () => tape.CrossEntropy(M(2, 3), [0]),
+            "targets long" => () => tape.CrossEntropy(M(2, 3), [0, 1, 2]),
+            "no targets" => () => tape.CrossEntropy(M(2, 3), [-1, -1]),
+            "target id" => () => tape.CrossEntropy(M(2, 3), [0, 3]),
+            "token id" => () => tape.Embedding(M(3, 2), [0, 3]),
+            "leaf grad" => () => tape.Leaf(new double[4], 2, 2, new double[3]),
+            _ => throw new ArgumentException(what),
+        };
+        Assert.That(() => act(), Throws.TypeOf(error).With.Message.EqualTo(message));
+    }
+
     [Test]
     public void RoundStraightThroughPassesGradientUnchanged()
     {
