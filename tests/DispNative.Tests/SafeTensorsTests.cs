@@ -77,6 +77,12 @@ public class SafeTensorsTests
             Is.EqualTo($"tensor 'w': element 0 = {float.MaxValue} does not fit in BF16 (it would be stored as infinity); store it as f32"));
         Assert.That(TensorData.FromFloat("w", [65504f, -65504f, 65519f, float.PositiveInfinity], [4], DType.F16).Data.Length, Is.EqualTo(8), "65519 rounds down to 65504");
         Assert.That(TensorData.FromFloat("w", [3.3895e38f, float.NegativeInfinity], [2], DType.BF16).Data.Length, Is.EqualTo(4));
+        // The exact thresholds (halfway above the largest finite value rounds up), and a NaN before an overflow.
+        Assert.That(DTypes.FirstOverflow(DType.F16, [MathF.BitDecrement(65520f), -MathF.BitDecrement(65520f), float.NaN]), Is.EqualTo(-1));
+        Assert.That(DTypes.FirstOverflow(DType.F16, [float.NaN, 1f, 65520f]), Is.EqualTo(2));
+        Assert.That(DTypes.FirstOverflow(DType.BF16, [BitConverter.UInt32BitsToSingle(0xFF7F7FFF), float.NaN]), Is.EqualTo(-1));
+        Assert.That(DTypes.FirstOverflow(DType.BF16, [float.NaN, 0f, -BitConverter.UInt32BitsToSingle(0x7F7F8000)]), Is.EqualTo(2));
+        Assert.That(DTypes.FirstOverflow(DType.F32, [float.MaxValue, float.NaN]), Is.EqualTo(-1));
 
         // Saving a pruned model in f16 stops at the tensor, leaving no half-written model.
         var c = TestAssets.TinyConfig(vocab: 30);

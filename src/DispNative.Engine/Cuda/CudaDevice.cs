@@ -135,9 +135,11 @@ public sealed unsafe class CudaDevice : IDisposable
 
     public DeviceTensor Allocate(DType dtype, long length) { MakeCurrent(); return new DeviceTensor(this, dtype, length); }
 
-    /// <summary>Uploads f32 values and stores them as <paramref name="dtype"/> (narrowed on the device).</summary>
-    public DeviceTensor Upload(ReadOnlySpan<float> values, DType dtype = DType.F32)
+    /// <summary>Uploads f32 values and stores them as <paramref name="dtype"/> (narrowed on the device). A finite value
+    /// beyond the type's range is refused, naming <paramref name="what"/>, rather than stored as an infinity.</summary>
+    public DeviceTensor Upload(ReadOnlySpan<float> values, DType dtype = DType.F32, string what = "a tensor")
     {
+        DTypes.RequireFits(dtype, values, what);
         MakeCurrent();
         var f32 = new DeviceTensor(this, DType.F32, values.Length);
         fixed (float* p = values) CudaDriver.CopyHtoD(f32.Pointer, p, (long)values.Length * 4, Stream.DangerousGetHandle());

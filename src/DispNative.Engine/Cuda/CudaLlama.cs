@@ -165,9 +165,9 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <summary>f32 host weights, uploaded as each is asked for.</summary>
     private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host) : WeightSource
     {
-        public override DeviceTensor Embedding() => device.Upload(host.Embedding(), dtype);
-        public override DeviceTensor FinalNorm() => device.Upload(host.FinalNorm(), dtype);
-        public override DeviceTensor LmHead(DeviceTensor embedding) => host.OwnLmHead is { } lmHead ? device.Upload(lmHead(), dtype) : embedding;
+        public override DeviceTensor Embedding() => device.Upload(host.Embedding(), dtype, "model.embed_tokens.weight");
+        public override DeviceTensor FinalNorm() => device.Upload(host.FinalNorm(), dtype, "model.norm.weight");
+        public override DeviceTensor LmHead(DeviceTensor embedding) => host.OwnLmHead is { } lmHead ? device.Upload(lmHead(), dtype, "lm_head.weight") : embedding;
 
         protected override Layer BuildLayer(int l)
         {
@@ -175,23 +175,28 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             int d = c.HiddenSize, f = c.IntermediateSize;
             int ai = Stored(w.AttnInIdx, d), ao = Stored(w.AttnOutIdx, d), mi = Stored(w.MlpInIdx, d), mm = Stored(w.MlpMidIdx, f), mo = Stored(w.MlpOutIdx, d);
             int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;
-            DeviceTensor? Opt(float[]? v, DType t) => v == null ? null : Track(device.Upload(v, t));
+            string Name(string module) => $"model.layers.{l}.{module}";
+            DeviceTensor? Opt(float[]? v, DType t, string module) => v == null ? null : Track(device.Upload(v, t, Name(module)));
             DeviceTensor? Idx(int[]? v) => v == null ? null : Track(device.Upload(v));
             // A weight [rows, cols] stored as [storedRows, storedCols] with zeros in the padding.
-            DeviceTensor Pad(float[] v, int rows, int storedRows, int storedCols)
+            DeviceTensor Pad(float[] v, int rows, int storedRows, int storedCols, string module)
             {
                 int cols = v.Length / rows;
-                if (rows == storedRows && cols == storedCols) return Track(device.Upload(v, dtype));
+                if (rows == storedRows && cols == storedCols) return Track(device.Upload(v, dtype, Name(module)));
                 var p = new float[(long)storedRows * storedCols];
                 for (int r = 0; r < rows; r++) Array.Copy(v, (long)r * cols, p, (long)r * storedCols, cols);
-                return Track(device.Upload(p, dtype));
+                return Track(device.Upload(p, dtype, Name(module)));
             }
             return new Layer
             {
-                AttnNorm = Track(device.Upload(w.AttnNorm, dtype)), Wq = Pad(w.Wq, c.QDim, c.QDim, ai), Wk = Pad(w.Wk, c.KvDim, c.KvDim, ai),
-                Wv = Pad(w.Wv, c.KvDim, c.KvDim, ai), Wo = Pad(w.Wo, wo, ao, c.QDim), MlpNorm = Track(device.Upload(w.MlpNorm, dtype)),
-                WGate = Pad(w.WGate, wm, mm, mi), WUp = Pad(w.WUp, wm, mm, mi), WDown = Pad(w.WDown, wdo, mo, mm),
-                Bq = Opt(w.Bq, dtype), Bk = Opt(w.Bk, dtype), Bv = Opt(w.Bv, dtype), Bo = Opt(w.Bo, DType.F32),
+                AttnNorm = Track(device.Upload(w.AttnNorm, dtype, Name("input_layernorm.weight"))),
+                Wq = Pad(w.Wq, c.QDim, c.QDim, ai, "self_attn.q_proj.weight"), Wk = Pad(w.Wk, c.KvDim, c.KvDim, ai, "self_attn.k_proj.weight"),
+                Wv = Pad(w.Wv, c.KvDim, c.KvDim, ai, "self_attn.v_proj.weight"), Wo = Pad(w.Wo, wo, ao, c.QDim, "self_attn.o_proj.weight"),
+                MlpNorm = Track(device.Upload(w.MlpNorm, dtype, Name("post_attention_layernorm.weight"))),
+                WGate = Pad(w.WGate, wm, mm, mi, "mlp.gate_proj.weight"), WUp = Pad(w.WUp, wm, mm, mi, "mlp.up_proj.weight"),
+                WDown = Pad(w.WDown, wdo, mo, mm, "mlp.down_proj.weight"),
+                Bq = Opt(w.Bq, dtype, "self_attn.q_proj.bias"), Bk = Opt(w.Bk, dtype, "self_attn.k_proj.bias"), Bv = Opt(w.Bv, dtype, "self_attn.v_proj.bias"),
+                Bo = Opt(w.Bo, DType.F32, "self_attn.o_proj.bias"),
                 AttnIn = Idx(w.AttnInIdx), AttnOut = Idx(w.AttnOutIdx), MlpIn = Idx(w.MlpInIdx), MlpMid = Idx(w.MlpMidIdx), MlpOut = Idx(w.MlpOutIdx),
             };
         }

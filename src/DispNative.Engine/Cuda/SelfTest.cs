@@ -26,6 +26,7 @@ public static class SelfTest
         var checks = new List<Check>
         {
             new("convert f32<->bf16 rounding", Convert),
+            new("convert f32<->f16 rounding; values beyond f16/bf16 refused at upload", ConvertF16),
             new("embedding bf16 (rows 7, d 131)", Embedding),
             new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
             new("rope + kv append f32 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.F32)),
@@ -187,6 +188,30 @@ public static class SelfTest
             if (!(back[i].Equals(want))) throw new Mismatch($"element {i}: {x[i]} -> {back[i]}, host rounding gives {want}");
         }
         return "bit-exact with the host's round-to-nearest-even";
+    }
+
+    private static string ConvertF16(CudaDevice dev)
+    {
+        var rng = new Rng(11);
+        var x = Random(rng, 4099, 1000);
+        x[0] = float.NaN; x[1] = float.NegativeInfinity; x[2] = 65519.99f; x[3] = -65504f; x[4] = 1e-7f; x[5] = 3e-8f;
+        using (var t = dev.Upload(x, DType.F16))
+        {
+            var back = dev.Download(t);
+            for (int i = 0; i < x.Length; i++)
+                if (!back[i].Equals((float)(Half)x[i])) throw new Mismatch($"element {i}: {x[i]} -> {back[i]}, host rounding gives {(float)(Half)x[i]}");
+        }
+        foreach (var (dtype, value) in new[] { (DType.F16, 65520f), (DType.F16, -1e5f), (DType.BF16, float.MaxValue) })
+        {
+            x[7] = value;
+            try
+            {
+                dev.Upload(x, dtype, "the probe").Dispose();
+                throw new Mismatch($"{value} uploaded as {dtype} was not refused");
+            }
+            catch (InvalidSettingException e) when (e.Message.StartsWith($"the probe: element 7 = {value}")) { }
+        }
+        return "bit-exact with the host's rounding (subnormals, infinities, NaN); 65520 and -1e5 refused as f16, 3.4e38 as bf16";
     }
 
     private static string Embedding(CudaDevice dev)

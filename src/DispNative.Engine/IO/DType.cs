@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Numerics;
+using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
@@ -78,25 +79,40 @@ public static class DTypes
                 for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteSingleLittleEndian(dst.AsSpan(4 * i), src[i]);
                 break;
             case DType.BF16:
-                for (int i = 0; i < src.Length; i++)
-                {
-                    ushort b = FloatToBF16(src[i]);
-                    if ((b & 0x7FFF) == 0x7F80 && float.IsFinite(src[i])) throw TooLarge(t, src[i], i, what);
-                    BinaryPrimitives.WriteUInt16LittleEndian(dst.AsSpan(2 * i), b);
-                }
+                RequireFits(t, src, what);
+                for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteUInt16LittleEndian(dst.AsSpan(2 * i), FloatToBF16(src[i]));
                 break;
             case DType.F16:
-                for (int i = 0; i < src.Length; i++)
-                {
-                    var h = (Half)src[i];
-                    if (Half.IsInfinity(h) && float.IsFinite(src[i])) throw TooLarge(t, src[i], i, what);
-                    BinaryPrimitives.WriteHalfLittleEndian(dst.AsSpan(2 * i), h);
-                }
+                RequireFits(t, src, what);
+                for (int i = 0; i < src.Length; i++) BinaryPrimitives.WriteHalfLittleEndian(dst.AsSpan(2 * i), (Half)src[i]);
                 break;
             default:
                 throw new ArgumentException($"{t} is not a floating-point type");
         }
         return dst;
+    }
+
+    /// <summary>Refuses a finite value that <paramref name="t"/> would round to infinity (f16: |v| ≥ 65520; bf16: beyond
+    /// 3.3895e38), naming <paramref name="what"/> and the element.</summary>
+    public static void RequireFits(DType t, ReadOnlySpan<float> src, string what)
+    {
+        int i = FirstOverflow(t, src);
+        if (i >= 0) throw TooLarge(t, src[i], i, what);
+    }
+
+    /// <summary>Index of the first finite value that rounds to infinity in <paramref name="t"/>, or -1.</summary>
+    public static int FirstOverflow(DType t, ReadOnlySpan<float> src)
+    {
+        float limit = t switch
+        {
+            DType.F16 => 65520f,                                     // halfway between 65504 and 2^16: ties to even, i.e. up
+            DType.BF16 => BitConverter.UInt32BitsToSingle(0x7F7F8000), // halfway above bf16's largest finite value
+            _ => float.PositiveInfinity,
+        };
+        if (src.IsEmpty || float.IsPositiveInfinity(limit) || TensorPrimitives.MaxMagnitude(src) is var m && Math.Abs(m) < limit) return -1;
+        for (int i = 0; i < src.Length; i++)
+            if (float.IsFinite(src[i]) && Math.Abs(src[i]) >= limit) return i;
+        return -1;
     }
 
     private static InvalidSettingException TooLarge(DType t, float value, int i, string what) => new(
