@@ -104,6 +104,8 @@ public class TokenizerTests
     [TestCase("normalizer", "{\"type\": \"Replace\", \"pattern\": {\"Regex\": \"([\"}, \"content\": \"x\"}", "invalid regex '(['")]
     [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [3]}", "TemplateProcessing item 3 is neither a Sequence nor a SpecialToken")]
     [TestCase("model.merges", "[\"\"]", "malformed merge ''")]
+    [TestCase("model.merges", "[\"Ġ  t\"]", "malformed merge 'Ġ  t' (expected two tokens separated by one space)")]
+    [TestCase("model.merges", "[[\"Ġ\", \"zz\"]]", "merge ['Ġ', 'zz'] (rank 0): 'zz' is not in the model's vocabulary")]
     [TestCase("post_processor", "{\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": {\"id\": \"<x>\"}}], \"special_tokens\": {\"<x>\": 5}}",
         "template special token '<x>' is not in the vocabulary")]
     public void AMalformedTokenizerJson_IsAClearError(string path, string json, string message)
@@ -238,6 +240,49 @@ public class TokenizerTests
     {
         string byteLevel = $$"""{"type": "ByteLevel", "add_prefix_space": {{(addPrefixSpace ? "true" : "false")}}, "use_regex": {{(useRegex ? "true" : "false")}}}""";
         Assert.That(Pieces(null, byteLevel, "a b<x>c"), Is.EqualTo(expected));
+    }
+
+    /// <summary>A piece that already begins with a space gets no second one.</summary>
+    [Test]
+    public void ByteLevel_PrefixSpace_IsNotDoubled()
+        => Assert.That(Pieces(null, """{"type": "ByteLevel", "add_prefix_space": true}""", " a"), Is.EqualTo(new[] { "Ġa" }));
+
+    /// <summary>Merges as the tokenizers library reads them: "#version" lines skipped (ranks count from after them), a
+    /// pair listed twice keeping its last rank, a token with a space only in the pair form.</summary>
+    [Test]
+    public void Merges_AreReadAsTheTokenizersLibraryReadsThem()
+    {
+        JsonObject Bpe(JsonArray merges) => new()
+        {
+            ["model"] = new JsonObject
+            {
+                ["type"] = "BPE", ["merges"] = merges,
+                ["vocab"] = JsonNode.Parse("""{"a": 1, "b": 2, "c": 3, "ab": 4, "bc": 5, "b c": 6, "ab c": 7, " ": 8}"""),
+            },
+        };
+        Assert.That(new HfTokenizer(Bpe(["#version: 0.2", "a b", "b c"]), "t").Encode("abc", false), Is.EqualTo(new[] { 4, 3 }));
+        Assert.That(new HfTokenizer(Bpe(["a b", "b c", "a b"]), "t").Encode("abc", false), Is.EqualTo(new[] { 1, 5 }), "the repeated a b ranks after b c");
+        Assert.That(new HfTokenizer(Bpe([new JsonArray("a", "b c")]), "t").Encode("ab c", false), Is.EqualTo(new[] { 1, 2, 8, 3 }),
+            "b c is one token only when a merge makes it: the characters stay apart here");
+        Assert.That(Assert.Throws<ModelFormatException>(() => new HfTokenizer(Bpe(["a b c"]), "t"))!.Message,
+            Is.EqualTo("t: malformed merge 'a b c' (expected two tokens separated by one space)"));
+    }
+
+    /// <summary>BOS is the template's first special token when there is a template; EOS every end token the vocabulary
+    /// knows (Llama 2, Llama 3 base and instruct, GPT-2, Qwen).</summary>
+    [Test]
+    public void SpecialIds_ComeFromTheTemplate_AndTheKnownEndTokens()
+    {
+        var json = JsonNode.Parse("""
+            {
+              "added_tokens": [{"id": 0, "content": "<|begin_of_text|>", "special": true}, {"id": 1, "content": "<|eot_id|>", "special": true},
+                               {"id": 2, "content": "<|end_of_text|>", "special": true}, {"id": 3, "content": "<bos>", "special": true}],
+              "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]},
+              "model": {"type": "BPE", "vocab": {"a": 4}, "merges": []}
+            }
+            """)!.AsObject();
+        var tok = new HfTokenizer(json, "t.json");
+        Assert.That((tok.BosId, tok.EosIds), Is.EqualTo(((int?)3, (IReadOnlyList<int>)new[] { 2, 1 })));
     }
 
     /// <summary>Metaspace's prepend_scheme: "first" prepends only where the text begins, not after an added token.</summary>

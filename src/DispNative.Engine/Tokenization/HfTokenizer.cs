@@ -52,6 +52,7 @@ public sealed class HfTokenizer : ITokenizer
         _vocab = new Dictionary<string, int>(StringComparer.Ordinal);
         foreach (var (k, v) in Obj(model, "vocab") ?? throw Error("missing model.vocab"))
             _vocab[k] = TokenId(v, $"model.vocab '{k}'");
+        _merger = new BpeMerger(ParseMerges(model));   // before the added tokens join _vocab: merges use the model's own
         var added = Arr(json, "added_tokens").Select(n => Item(n, "added_tokens"))
             .Select(a => (Content: Str(a, "content"), Id: TokenId(a["id"], "added_tokens id"), Special: Flag(a, "special", false)))
             .ToList();
@@ -67,28 +68,6 @@ public sealed class HfTokenizer : ITokenizer
         // Longest content first so that "<|end|>" wins over "<|e".
         _added = added.Select(a => (a.Content, a.Id)).OrderByDescending(a => a.Content.Length).ToList();
 
-        var merges = new Dictionary<long, (int, int)>();
-        int rank = 0;
-        foreach (var m in Arr(model, "merges"))
-        {
-            string a, b;
-            if (m is JsonArray pair)
-            {
-                if (pair.Count != 2) throw Error($"malformed merge {pair.ToJsonString()} (expected two strings)");
-                a = JsonFields.Element<string>(pair[0], "merges", _source); b = JsonFields.Element<string>(pair[1], "merges", _source);
-            }
-            else
-            {
-                string s = JsonFields.Element<string>(m, "merges", _source);
-                int sp = s.Length > 1 ? s.IndexOf(' ', 1) : -1;   // from 1: a merge's left part may itself be a space
-                if (sp < 0) throw Error($"malformed merge '{s}'");
-                a = s[..sp]; b = s[(sp + 1)..];
-            }
-            if (_vocab.TryGetValue(a, out int ia) && _vocab.TryGetValue(b, out int ib) && _vocab.TryGetValue(a + b, out int iab))
-                merges.TryAdd(BpeMerger.Key(ia, ib), (rank, iab));
-            rank++;
-        }
-        _merger = new BpeMerger(merges);
         _byteFallback = Flag(model, "byte_fallback", false);
         _ignoreMerges = Flag(model, "ignore_merges", false);
         _fuseUnk = Flag(model, "fuse_unk", false);
@@ -104,6 +83,36 @@ public sealed class HfTokenizer : ITokenizer
         BosId = _prefix.Length > 0 ? _prefix[0] : Lookup("<s>") ?? Lookup("<|begin_of_text|>");
         EosIds = new[] { Lookup("</s>"), Lookup("<|end_of_text|>"), Lookup("<|eot_id|>"), Lookup("<|endoftext|>"), Lookup("<|im_end|>") }
             .Where(x => x.HasValue).Select(x => x!.Value).ToArray();
+    }
+
+    /// <summary>The merges as the tokenizers library builds them: a legacy "a b" string has exactly one space ("#version"
+    /// lines are skipped), both parts and their concatenation must be in the model's vocabulary, and a pair listed twice
+    /// keeps its last rank.</summary>
+    private Dictionary<long, (int Rank, int NewId)> ParseMerges(JsonObject model)
+    {
+        var merges = new Dictionary<long, (int, int)>();
+        int rank = 0;
+        foreach (var m in Arr(model, "merges"))
+        {
+            string a, b;
+            if (m is JsonArray pair)
+            {
+                if (pair.Count != 2) throw Error($"malformed merge {pair.ToJsonString()} (expected two strings)");
+                a = JsonFields.Element<string>(pair[0], "merges", _source); b = JsonFields.Element<string>(pair[1], "merges", _source);
+            }
+            else
+            {
+                string s = JsonFields.Element<string>(m, "merges", _source);
+                if (s.StartsWith("#version", StringComparison.Ordinal)) continue;
+                var parts = s.Split(' ');
+                if (parts.Length != 2) throw Error($"malformed merge '{s}' (expected two tokens separated by one space)");
+                (a, b) = (parts[0], parts[1]);
+            }
+            int Id(string token) => _vocab.TryGetValue(token, out int id) ? id
+                : throw Error($"merge ['{a}', '{b}'] (rank {rank}): '{token}' is not in the model's vocabulary");
+            merges[BpeMerger.Key(Id(a), Id(b))] = (rank++, Id(a + b));
+        }
+        return merges;
     }
 
     private JsonObject? Obj(JsonObject o, string key) => JsonFields.OptionalObject(o, key, _source);
