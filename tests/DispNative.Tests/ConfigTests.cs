@@ -49,6 +49,45 @@ public class ConfigTests
         Assert.That(ModelConfig.Parse(q, "q").QkvBias, Is.True);
         var m = Base(); m["architectures"] = new JsonArray("MistralForCausalLM"); m["sliding_window"] = 4096;
         Assert.That(ModelConfig.Parse(m, "m").SlidingWindow, Is.EqualTo(4096));
+        // No window stays no window through a save: config.json says null, which is not transformers' 4096 default.
+        m["sliding_window"] = null;
+        var none = ModelConfig.Parse(m, "m");
+        Assert.That((none.SlidingWindow, ModelConfig.Parse(none.ToJson(), "saved").SlidingWindow), Is.EqualTo(((int?)null, (int?)null)));
+    }
+
+    /// <summary>transformers 5 writes the weights' type as "dtype", transformers 4 as "torch_dtype".</summary>
+    [TestCase("torch_dtype")]
+    [TestCase("dtype")]
+    public void TheWeightType_IsReadUnderEitherName(string key)
+    {
+        var j = Base(); j[key] = "bfloat16";
+        Assert.That(ModelConfig.Parse(j, "c").WeightDType, Is.EqualTo("bfloat16"));
+    }
+
+    /// <summary>A pruned model's disp section is checked against the architecture: its format version, one entry per layer,
+    /// every site's width within 1..its full width.</summary>
+    [TestCase("no version", "missing format_version")]
+    [TestCase("version 2", "format_version 2 is not supported (this build reads 1)")]
+    [TestCase("one layer", "widths must list all 2 layers")]
+    [TestCase("zero width", "layer 0 attn_in width 0 is outside 1..64")]
+    [TestCase("wide middle", "layer 1 mlp_mid width 129 is outside 1..128")]
+    [TestCase("missing site", "layer 1 lacks an integer mlp_out")]
+    public void ADispSectionThatDoesNotFit_IsNamed(string damage, string message)
+    {
+        JsonObject Layer(int attnIn = 32, int mlpMid = 100) => new() { ["attn_in"] = attnIn, ["attn_out"] = 32, ["mlp_in"] = 32, ["mlp_mid"] = mlpMid, ["mlp_out"] = 32 };
+        var disp = new JsonObject { ["format_version"] = 1, ["widths"] = new JsonArray(Layer(), Layer()) };
+        var j = Base(); j["disp"] = disp;
+        Assert.That(ModelConfig.Parse(j, "c").Disp!.Widths[1], Is.EqualTo(new[] { 32, 32, 32, 100, 32 }), "the undamaged section");
+        switch (damage)
+        {
+            case "no version": disp.Remove("format_version"); break;
+            case "version 2": disp["format_version"] = 2; break;
+            case "one layer": disp["widths"] = new JsonArray(Layer()); break;
+            case "zero width": disp["widths"] = new JsonArray(Layer(attnIn: 0), Layer()); break;
+            case "wide middle": disp["widths"] = new JsonArray(Layer(), Layer(mlpMid: 129)); break;
+            case "missing site": var l1 = Layer(); l1.Remove("mlp_out"); disp["widths"] = new JsonArray(Layer(), l1); break;
+        }
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message, Is.EqualTo($"c: disp section: {message}"));
     }
 
     /// <summary>Fields config.json leaves out take transformers' defaults for the architecture, and survive a round trip.</summary>
@@ -165,6 +204,8 @@ public class ConfigTests
     {
         var j = Base(); j["num_key_value_heads"] = 3;
         Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(j, "c"))!.Message, Does.Contain("num_key_value_heads"));
+        var h = Base(); h["head_dim"] = 7;
+        Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(h, "c"))!.Message, Is.EqualTo("c: head_dim must be a positive even number (got 7)"));
         var r = Base(); r["rope_scaling"] = new JsonObject { ["rope_type"] = "yarn", ["factor"] = 4.0 };
         Assert.That(Assert.Throws<ModelFormatException>(() => ModelConfig.Parse(r, "c"))!.Message, Does.Contain("yarn"));
     }

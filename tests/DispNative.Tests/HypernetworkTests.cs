@@ -179,4 +179,21 @@ public class HypernetworkTests
         Assert.That(PruningPlan.FromHypernetwork(net, layout, deterministic: false, seed: 8).Indices, Is.EqualTo(noisy.Indices));
         Assert.That(noisy.Indices, Is.Not.EqualTo(noiseFree.Indices), "the noise moves some channels across the threshold");
     }
+
+    /// <summary>A saved hypernetwork's metadata is checked before pruning uses it: the mode, the target ratio inside (0, 1)
+    /// and outputs that fit the model in that mode.</summary>
+    [TestCase(null, 0.5, "metadata field 'mode' is missing (expected disp or same)")]
+    [TestCase("half", 0.5, "metadata field 'mode' is 'half' (expected disp or same)")]
+    [TestCase("disp", 0.0, "metadata field 'prune_ratio' is 0, outside (0, 1)")]
+    [TestCase("disp", 1.0, "metadata field 'prune_ratio' is 1, outside (0, 1)")]
+    [TestCase("same", 0.5, "the hypernetwork has 10 outputs of widths [48, 48, 48, 80, 48, …] but this model and mode need 3 outputs of widths [48, 80, 80]")]
+    public void SavedMetadata_ThatDoesNotFit_IsNamed(string? mode, double ratio, string message)
+    {
+        var config = TestAssets.TinyConfig();
+        var path = Path.Combine(TestAssets.TempDir(), "h.safetensors");
+        var meta = new System.Text.Json.Nodes.JsonObject { ["prune_ratio"] = ratio };
+        if (mode != null) meta["mode"] = mode;
+        new Hypernetwork<float>(new SiteLayout(config, PruningMode.Disp).OutputWidths, seed: 1).Save(path, meta);
+        Assert.That(Assert.Throws<Engine.ModelFormatException>(() => SavedHypernetwork.Load(path, config))!.Message, Is.EqualTo($"{path}: {message}"));
+    }
 }

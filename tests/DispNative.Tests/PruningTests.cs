@@ -115,6 +115,37 @@ public class PruningTests
     public void APrunedModelIsStoredInTheDenseModelsType_UnlessAskedOtherwise(string denseType, DType? requested, DType saved)
         => Assert.That(Pruner.SavedDType(TestAssets.TinyConfig() with { WeightDType = denseType }, requested), Is.EqualTo(saved));
 
+    /// <summary>Saving onto an existing file is refused like onto a directory, and the file stays as it was.</summary>
+    [Test]
+    public void SavingOntoAnExistingFile_IsRefused_AndTheFileKept()
+    {
+        var c = TestAssets.TinyConfig();
+        var (pc, pw) = Pruner.Apply(c, ModelWeights.Random(c, 1), RandomPlan(c, PruningMode.Disp, 0.7, 5), "disp", 0.3, null);
+        var file = Path.Combine(TestAssets.TempDir(), "notes.txt");
+        File.WriteAllText(file, "mine");
+        Assert.That(Assert.Throws<InvalidSettingException>(() => Pruner.Save(file, pc, pw, DType.F32, []))!.Message,
+            Is.EqualTo($"{file} already exists; not overwriting it"));
+        Assert.That(File.ReadAllText(file), Is.EqualTo("mine"));
+        Assert.That(Directory.GetFileSystemEntries(Path.GetDirectoryName(file)!), Is.EqualTo(new[] { file }), "nothing left beside it");
+    }
+
+    /// <summary>A tokenizer given by path is copied under the name its kind loads from, whatever the case of its extension.</summary>
+    [TestCase("Tok.JSON", "tokenizer.json")]
+    [TestCase("tok.json", "tokenizer.json")]
+    [TestCase("stories.bin", "tokenizer.bin")]
+    public void AGivenTokenizer_IsCopiedUnderItsKindsName(string file, string name)
+        => Assert.That(Pruner.TokenizerFilesOf("model.bin", Path.Combine("x", file)), Is.EqualTo(new[] { (Path.Combine("x", file), name) }));
+
+    [Test]
+    public void APlanFromMasks_NeedsOneMaskPerOutput()
+    {
+        var layout = new SiteLayout(TestAssets.TinyConfig(), PruningMode.Disp);
+        var masks = layout.OutputWidths.Select(w => new bool[w]).ToList();
+        Assert.That(PruningPlan.FromMasks(layout, masks).Indices.Length, Is.EqualTo(2));
+        masks.Add(new bool[4]);
+        Assert.That(Assert.Throws<ArgumentException>(() => PruningPlan.FromMasks(layout, masks))!.Message, Is.EqualTo("11 masks for 10 outputs"));
+    }
+
     [Test]
     public void SavedPrunedModelLoadsWithIdenticalLogitsAndDecodesWithTheCache()
     {
