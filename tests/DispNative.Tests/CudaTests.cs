@@ -351,13 +351,7 @@ public class DeviceSelectionTests
     public void OnCuda_AWeightBeyondF16_IsRefusedAtLoad_NamingIt()
     {
         if (CudaDevice.Unavailable() is string reason) Assert.Ignore($"no CUDA device: {reason}");
-        var dir = TestAssets.TempDir();
-        var config = TestAssets.TinyConfig();
-        var weights = Engine.Models.ModelWeights.Random(config, 1, std: 0.1f);
-        weights.Layers[1].WDown[7] = 1e5f;
-        Engine.IO.SafeTensorsWriter.WriteSharded(dir, weights.ToTensors(config, Engine.IO.DType.F32).ToList(), 40_000);
-        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson().ToJsonString());
-        File.WriteAllText(Path.Combine(dir, "tokenizer.json"), TestAssets.ByteLevelTokenizerJson().ToJsonString());
+        var dir = TestAssets.WriteTinyModel(edit: w => w.Layers[1].WDown[7] = 1e5f);
         var e = Assert.Throws<InvalidSettingException>(() => Devices.Load(dir, null, "cuda", Engine.IO.DType.F16).Dispose())!;
         Assert.That(e.Message, Does.StartWith("model.layers.1.mlp.down_proj.weight: element 7 = 100000 does not fit in F16"));
         using var m = Devices.Load(dir, null, "cuda", Engine.IO.DType.BF16);

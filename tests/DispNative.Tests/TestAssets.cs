@@ -67,12 +67,15 @@ public static class TestAssets
     public static JsonObject ByteLevelTokenizerJson() => Engine.Builtin.TinyModel.ByteTokenizerJson(
         [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("i", "n"), ("Ġ", "s")]);
 
-    /// <summary>Writes a random-weight HF model directory (config, sharded safetensors, byte-level tokenizer).</summary>
-    public static string WriteTinyModel(string? dir = null, ulong seed = 1, DType dtype = DType.F32, long maxShardBytes = 40_000)
+    /// <summary>Writes a random-weight HF model directory (config, sharded safetensors, byte-level tokenizer);
+    /// <paramref name="edit"/> may change the weights first.</summary>
+    public static string WriteTinyModel(string? dir = null, ulong seed = 1, DType dtype = DType.F32, long maxShardBytes = 40_000,
+        Action<ModelWeights>? edit = null)
     {
         dir ??= TempDir();
         var config = TinyConfig();
         var weights = ModelWeights.Random(config, seed, std: 0.1f);
+        edit?.Invoke(weights);
         SafeTensorsWriter.WriteSharded(dir, weights.ToTensors(config, dtype).ToList(), maxShardBytes);
         File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson().ToJsonString());
         File.WriteAllText(Path.Combine(dir, "tokenizer.json"), ByteLevelTokenizerJson().ToJsonString());
