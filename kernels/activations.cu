@@ -5,7 +5,6 @@
 // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
 #include "common.cuh"
 
-struct SiluMulOp { __device__ __forceinline__ float operator()(float g, float u) const { return g / (1.f + expf(-g)) * u; } };
 struct GeluOp { __device__ __forceinline__ float operator()(float v, float) const { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); } };
 
 // out[i] = op(a[i], b[i]) (b null: op(a[i], 0)).

@@ -32,6 +32,9 @@ template <typename T> __device__ __forceinline__ void unpack16(const uint4& raw,
     for (int i = 0; i < (int)(16 / sizeof(T)); i++) out[i] = to_f32(e[i]);
 }
 
+// silu(g) * u, the SwiGLU activation (forward kernels and the backward that recomputes it use this one expression).
+struct SiluMulOp { __device__ __forceinline__ float operator()(float g, float u) const { return g / (1.f + expf(-g)) * u; } };
+
 #define NEG_INF __int_as_float(0xff800000)
 
 struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };

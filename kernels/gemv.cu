@@ -7,7 +7,7 @@
 //   gemv_swiglu: out[row] = silu(x.w_gate[row]) * (x.w_up[row]) - gate, up and the activation in one pass.
 #include "common.cuh"
 
-#define GEMV_UNROLL 4
+#define GEMV_UNROLL 8
 
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
@@ -30,16 +30,21 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __re
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     int nv = k / (int)(16 / sizeof(T));
     float acc = 0.f;
-    int i = lane;
-    for (; i + (GEMV_UNROLL - 1) * 32 < nv; i += GEMV_UNROLL * 32)
+    // Predicated rather than a scalar tail loop: a row whose length is not a multiple of UNROLL·32 loads (a pruned
+    // width such as 2680) still costs ceil(nv / (UNROLL·32)) memory latencies, not a few more one load at a time.
+    for (int i = lane; i < nv; i += GEMV_UNROLL * 32)
     {
         uint4 a[GEMV_UNROLL], b[GEMV_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) { a[u] = wr[i + u * 32]; b[u] = xv[i + u * 32]; }
+        for (int u = 0; u < GEMV_UNROLL; u++)
+        {
+            int e = i + u * 32;
+            a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
+            b[u] = e < nv ? xv[e] : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) acc += dot16<T>(a[u], b[u]);
     }
-    for (; i < nv; i += 32) acc += dot16<T>(wr[i], xv[i]);
     return warp_sum(acc);
 }
 

@@ -54,10 +54,42 @@ __device__ __forceinline__ void row_pass(const float* __restrict__ src, float* _
     }
 }
 
+// One thread's UNROLL output channels j = base + u * blockDim.x: c = idx[j] (-1 past width), gamma[c], beta[c] and
+// mask[j] (a column mask for a masked copy of the output; null: none). The
+// first chunk is loaded before the row, so the dependent idx -> gamma loads overlap the row's loads and its reduction
+// instead of following them (with one row per block, as in decode, those latencies are most of the kernel).
+template <typename T>
+struct GatherChunk
+{
+    int c[NORM_UNROLL];
+    float g[NORM_UNROLL], b[NORM_UNROLL], m[NORM_UNROLL];
+
+    __device__ __forceinline__ void load(int base, const int* __restrict__ idx, const T* __restrict__ gamma, const T* __restrict__ beta,
+        const float* __restrict__ mask, int width)
+    {
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int j = base + u * blockDim.x;
+            c[u] = j < width ? (idx ? idx[j] : j) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            g[u] = c[u] >= 0 ? to_f32(gamma[c[u]]) : 0.f;
+            b[u] = c[u] >= 0 && beta ? to_f32(beta[c[u]]) : 0.f;
+            m[u] = c[u] >= 0 && mask ? mask[base + u * blockDim.x] : 0.f;
+        }
+    }
+};
+
 // From the row's sums: the normalized selected channels of src, zero-padded to out_stride, into this block's out row.
+// chunk holds the first chunk (base threadIdx.x), loaded by the caller. With masked set, also masked[r, j] = out[r, j] *
+// mask[j] (from the f32 value, rounded once).
 template <typename T, bool LAYER>
-__device__ __forceinline__ void store_gathered(const float* src, float s, float ss, const T* __restrict__ gamma, const T* __restrict__ beta,
-    const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps)
+__device__ __forceinline__ void store_gathered(const float* src, float s, float ss, GatherChunk<T>& chunk, const T* __restrict__ gamma,
+    const T* __restrict__ beta, const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps,
+    const float* __restrict__ mask = nullptr, T* __restrict__ masked = nullptr)
 {
     float mean = 0.f, scale;
     if (LAYER)
@@ -69,27 +101,19 @@ __device__ __forceinline__ void store_gathered(const float* src, float s, float 
     else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
     __syncthreads();
     T* o = out + (long long)blockIdx.x * out_stride;
+    T* om = masked ? masked + (long long)blockIdx.x * out_stride : nullptr;
     for (int base = threadIdx.x; base < out_stride; base += NORM_UNROLL * blockDim.x)
     {
-        int c[NORM_UNROLL];
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++)
-        {
-            int j = base + u * blockDim.x;
-            c[u] = j < width ? (idx ? idx[j] : j) : -1;
-        }
+        if (base != (int)threadIdx.x) chunk.load(base, idx, gamma, beta, mask, width);
 #pragma unroll
         for (int u = 0; u < NORM_UNROLL; u++)
         {
             int j = base + u * blockDim.x;
             if (j >= out_stride) break;
             float y = 0.f;
-            if (c[u] >= 0)
-            {
-                y = (src[c[u]] - mean) * scale * to_f32(gamma[c[u]]);
-                if (LAYER && beta) y += to_f32(beta[c[u]]);
-            }
+            if (chunk.c[u] >= 0) y = (src[chunk.c[u]] - mean) * scale * chunk.g[u] + chunk.b[u];
             o[j] = from_f32<T>(y);
+            if (om) om[j] = from_f32<T>(y * chunk.m[u]);
         }
     }
 }
@@ -101,9 +125,11 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     extern __shared__ float4 row4[];
     float* row = reinterpret_cast<float*>(row4);
     const float* xr = x + (long long)blockIdx.x * d;
+    GatherChunk<T> chunk;
+    chunk.load(threadIdx.x, idx, gamma, LAYER ? beta : nullptr, nullptr, width);
     float s = 0.f, ss = 0.f;
     row_pass<true>(xr, row_in_smem ? row : nullptr, d, s, ss);
-    store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, gamma, beta, idx, out, d, width, out_stride, eps);
+    store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, chunk, gamma, LAYER ? beta : nullptr, idx, out, d, width, out_stride, eps);
 }
 
 // Needs d floats of dynamic shared memory. y is f32 (a GEMM's output), bias the storage type; add_idx == nullptr: the
@@ -116,13 +142,73 @@ __device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restric
     extern __shared__ float4 row4[];
     float* row = reinterpret_cast<float*>(row4);
     float* xr = x + (long long)blockIdx.x * d;
+    GatherChunk<T> chunk;
+    chunk.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
     float s = 0.f, ss = 0.f;
     row_pass<false>(xr, row, d, s, ss);
     __syncthreads();
     index_add_row<NORM_UNROLL>(row, y + (long long)blockIdx.x * y_stride, add_idx, bias, add_scale, add_width);
     __syncthreads();
     row_pass<true>(row, xr, d, s, ss);
-    store_gathered<T, false>(row, s, ss, gamma, nullptr, idx, out, d, width, out_stride, eps);
+    store_gathered<T, false>(row, s, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps);
+}
+
+// DISP training's masked norms (dense, the row in shared memory): out = RMSNorm(row) * gamma and, when masked is set,
+// masked = out * mask (the next GEMM's input; out stays for the mask's gradient), where row is x (rmsnorm_masked) or
+// x + y * add_mask, written to x_out (add_masked_rmsnorm: a masked block's write-back into a new residual, x kept).
+template <typename T>
+__device__ void masked_norm(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ add_mask,
+    float* __restrict__ x_out, const T* __restrict__ gamma, T* __restrict__ out, const float* __restrict__ mask,
+    T* __restrict__ masked, int d, float eps)
+{
+    extern __shared__ float4 row4[];
+    float* row = reinterpret_cast<float*>(row4);
+    long long off = (long long)blockIdx.x * d;
+    GatherChunk<T> chunk;
+    chunk.load(threadIdx.x, nullptr, gamma, nullptr, mask, d);
+    float s = 0.f, ss = 0.f;
+    if (!y) row_pass<true>(x + off, row, d, s, ss);
+    else if ((d & 3) == 0)
+    {
+        const float4* x4 = reinterpret_cast<const float4*>(x + off);
+        const float4* y4 = reinterpret_cast<const float4*>(y + off);
+        float4* o4 = reinterpret_cast<float4*>(x_out + off);
+        int n4 = d >> 2;
+        for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
+        {
+            float4 a[NORM_UNROLL], b[NORM_UNROLL], m[NORM_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (i >= n4) continue;
+                a[u] = x4[i]; b[u] = y4[i];
+                m[u] = make_float4(add_mask[4 * i], add_mask[4 * i + 1], add_mask[4 * i + 2], add_mask[4 * i + 3]);
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (i >= n4) continue;
+                float4 v = make_float4(a[u].x + b[u].x * m[u].x, a[u].y + b[u].y * m[u].y, a[u].z + b[u].z * m[u].z, a[u].w + b[u].w * m[u].w);
+                row4[i] = v;
+                o4[i] = v;
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+        }
+    }
+    else
+    {
+        for (int i = threadIdx.x; i < d; i += blockDim.x)
+        {
+            float v = x[off + i] + y[off + i] * add_mask[i];
+            row[i] = v;
+            x_out[off + i] = v;
+            ss += v * v;
+        }
+    }
+    __syncthreads();
+    store_gathered<T, false>(row, s, ss, chunk, gamma, nullptr, nullptr, out, d, d, d, eps, mask, masked);
 }
 
 #define NORMS(T, S) \
@@ -134,6 +220,14 @@ __device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restric
         int y_stride, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps) \
     { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
+
+#define MASKED_NORMS(T, S) \
+    extern "C" __global__ void rmsnorm_masked_##S(const float* x, const T* gamma, T* out, const float* mask, T* masked, int d, float eps) \
+    { masked_norm<T>(x, nullptr, nullptr, nullptr, gamma, out, mask, masked, d, eps); } \
+    extern "C" __global__ void add_masked_rmsnorm_##S(const float* x, const float* y, const float* add_mask, float* x_out, const T* gamma, \
+        T* out, const float* mask, T* masked, int d, float eps) \
+    { masked_norm<T>(x, y, add_mask, x_out, gamma, out, mask, masked, d, eps); }
+FOR_EACH_STORAGE(MASKED_NORMS)
 
 // Backward of the RMSNorm y = x * r * gamma, r = 1 / sqrt(mean(x^2) + eps), to its f32 input, accumulated:
 //   dx[i] += r * gamma[i] * dy[i] - x[i] * r^3 / d * sum_j gamma[j] * dy[j] * x[j].

@@ -9,62 +9,71 @@
 __device__ __forceinline__ int rope_start(int start, const int* position) { return position ? *position : start; }
 
 // (out[0], out[half]) = the pair (in[0], in[half]) rotated by the angle with sine s and cosine c.
-template <typename T>
-__device__ __forceinline__ void rotate_pair(const T* in, T* out, int half, float s, float c)
+template <typename TI, typename TO>
+__device__ __forceinline__ void rotate_pair(const TI* in, TO* out, int half, float s, float c)
 {
     float a = to_f32(in[0]), b = to_f32(in[half]);
-    out[0] = from_f32<T>(a * c - b * s);
-    out[half] = from_f32<T>(b * c + a * s);
+    out[0] = from_f32<TO>(a * c - b * s);
+    out[half] = from_f32<TO>(b * c + a * s);
 }
 
-template <typename T>
-__device__ void rope(T* __restrict__ x, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position,
+// Grid (rows, heads), any block size. out may be x (in place); rope_f32_to_<T> writes an f32 input's rotation in T
+// (training's backward: the rotated gradient is the next GEMM's operand).
+template <typename TI, typename TO>
+__device__ void rope(const TI* x, TO* out, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position,
     float direction)
 {
     start = rope_start(start, position);
     int half = head_dim / 2;
     float pos = (float)(start + (int)blockIdx.x);
-    T* row = x + (long long)blockIdx.x * heads * head_dim;
-    for (int t = threadIdx.x; t < heads * half; t += blockDim.x)
+    long long off = ((long long)blockIdx.x * heads + blockIdx.y) * head_dim;
+    for (int i = threadIdx.x; i < half; i += blockDim.x)
     {
-        int h = t / half, i = t % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        T* p = row + h * head_dim + i;
-        rotate_pair(p, p, half, s * direction, c);
+        rotate_pair(x + off + i, out + off + i, half, s * direction, c);
     }
 }
 
-// Grid (rows), any block size.
+// Grid (rows, heads + kv_heads): one block per row and head, any block size (at least 32 threads). A block per head
+// keeps decode (one row) from running every head's rotation through one block's serial loop.
 template <typename T>
 __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
     T* __restrict__ v_cache, const float* __restrict__ inv_freq, int heads, int kv_heads, int head_dim, int start, const int* position)
 {
     start = rope_start(start, position);
-    int half = head_dim / 2, kv_dim = kv_heads * head_dim;
+    int half = head_dim / 2, kv_dim = kv_heads * head_dim, h = blockIdx.y;
     float pos = (float)(start + (int)blockIdx.x);
-    T* qr = q + (long long)blockIdx.x * heads * head_dim;
-    const T* kr = k + (long long)blockIdx.x * kv_dim;
-    const T* vr = v + (long long)blockIdx.x * kv_dim;
     long long dst = (long long)(start + (int)blockIdx.x) * kv_dim;
-    for (int t = threadIdx.x; t < (heads + kv_heads) * half; t += blockDim.x)
+    if (h < heads)
     {
-        int h = t / half, i = t % half;
+        T* qr = q + (long long)blockIdx.x * heads * head_dim + h * head_dim;
+        for (int i = threadIdx.x; i < half; i += blockDim.x)
+        {
+            float s, c;
+            sincosf(pos * inv_freq[i], &s, &c);
+            rotate_pair(qr + i, qr + i, half, s, c);
+        }
+        return;
+    }
+    int off = (h - heads) * head_dim;
+    const T* kr = k + (long long)blockIdx.x * kv_dim + off;
+    const T* vr = v + (long long)blockIdx.x * kv_dim + off;
+    for (int i = threadIdx.x; i < half; i += blockDim.x)
+    {
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        if (h < heads) rotate_pair(qr + h * head_dim + i, qr + h * head_dim + i, half, s, c);
-        else
-        {
-            int off = (h - heads) * head_dim + i;
-            rotate_pair(kr + off, k_cache + dst + off, half, s, c);
-        }
+        rotate_pair(kr + i, k_cache + dst + off + i, half, s, c);
     }
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) v_cache[dst + i] = vr[i];
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) v_cache[dst + off + i] = vr[i];
 }
 
 #define ROPE(T, S) \
     extern "C" __global__ void rope_##S(T* x, const float* inv_freq, int heads, int head_dim, int start, const int* position, float direction) \
-    { rope<T>(x, inv_freq, heads, head_dim, start, position, direction); } \
+    { rope<T, T>(x, x, inv_freq, heads, head_dim, start, position, direction); } \
+    extern "C" __global__ void rope_f32_to_##S(const float* x, T* out, const float* inv_freq, int heads, int head_dim, int start, \
+        const int* position, float direction) \
+    { rope<float, T>(x, out, inv_freq, heads, head_dim, start, position, direction); } \
     extern "C" __global__ void rope_kv_append_##S(T* q, const T* k, const T* v, T* k_cache, T* v_cache, const float* inv_freq, \
         int heads, int kv_heads, int head_dim, int start, const int* position) \
     { rope_kv_append<T>(q, k, v, k_cache, v_cache, inv_freq, heads, kv_heads, head_dim, start, position); }

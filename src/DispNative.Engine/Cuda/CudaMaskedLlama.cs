@@ -61,7 +61,7 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         public readonly int Rows;
         public readonly long MaskLength;
         public readonly bool Checkpointed;
-        public readonly DeviceTensor Tokens, Targets, Loss, X1, DX, H1, Hm1, H2, Hm2, A, Am,
+        public readonly DeviceTensor Tokens, Targets, Loss, X1, DX, H1, Hm1, H2, Hm2, Am,
             Hf, Logits, DLogits, DLogitsS, GradS, GradF, GradD, DQ, DK, DV, DSum, DG, DU, Masks, MaskGrads;
         public readonly DeviceTensor[] Xs;
         private readonly Stored[] _stored;
@@ -79,7 +79,7 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
                 Xs = new DeviceTensor[c.NumLayers + 1];
                 for (int l = 0; l <= c.NumLayers; l++) Xs[l] = A_(DType.F32, t * dm);
                 X1 = A_(DType.F32, t * dm); DX = A_(DType.F32, t * dm);
-                H1 = A_(s, t * dm); Hm1 = A_(s, t * dm); H2 = A_(s, t * dm); Hm2 = A_(s, t * dm); A = A_(s, t * f); Am = A_(s, t * f);
+                H1 = A_(s, t * dm); Hm1 = A_(s, t * dm); H2 = A_(s, t * dm); Hm2 = A_(s, t * dm); Am = A_(s, t * f);
                 _stored = new Stored[checkpointed ? 1 : c.NumLayers];
                 for (int l = 0; l < _stored.Length; l++)
                     _stored[l] = new Stored(A_(s, t * qd), A_(s, t * kvd), A_(s, t * kvd), A_(s, t * qd), A_(DType.F32, c.NumHeads * t),
@@ -211,8 +211,7 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         int t = b.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         var x = b.Xs[l];
         var s = b.Layer(l);
-        _ops.GatherRmsNorm(x, w.AttnNorm, null, b.H1, t, dm, c.RmsNormEps);
-        _ops.ScaleColumns(b.H1, b.Masks, b.Hm1, t, dm, site[l, (int)SiteKind.AttnIn]);
+        _ops.RmsNormMasked(x, w.AttnNorm, b.H1, b.Masks, site[l, (int)SiteKind.AttnIn], b.Hm1, t, dm, c.RmsNormEps);
         d.Gemm(b.Hm1, w.Wq, s.Q, t, qd, dm);
         d.Gemm(b.Hm1, w.Wk, s.K, t, kvd, dm);
         d.Gemm(b.Hm1, w.Wv, s.V, t, kvd, dm);
@@ -222,38 +221,33 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         _ops.AttentionForTraining(s.Q, s.K, s.V, s.Att, s.Lse, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
         d.Gemm(s.Att, w.Wo, s.O, t, dm, qd);
         if (w.Bo != null) _ops.AddBias(s.O, w.Bo, t);
-        MaskedResidual(b, site, l);
+        MaskedResidual(b, site, l, maskedCopy: true);
 
-        _ops.ScaleColumns(b.H2, b.Masks, b.Hm2, t, dm, site[l, (int)SiteKind.MlpIn]);
         d.Gemm(b.Hm2, w.WGate, s.G, t, f, dm);
         d.Gemm(b.Hm2, w.WUp, s.U, t, f, dm);
-        _ops.SiluMul(s.G, s.U, b.A, (long)t * f);
-        _ops.ScaleColumns(b.A, b.Masks, b.Am, t, f, site[l, (int)SiteKind.MlpMid]);
+        _ops.SiluMulMasked(s.G, s.U, b.Masks, site[l, (int)SiteKind.MlpMid], b.Am, t, f);
         d.Gemm(b.Am, w.WDown, s.Dn, t, dm, f);
         if (output == null) return;
-        _ops.ScaleColumns(b.X1, null, output, t, dm);
-        _ops.AddScaledColumns(output, s.Dn, b.Masks, t, dm, site[l, (int)SiteKind.MlpOut]);
+        _ops.AddScaledColumns(b.X1, s.Dn, b.Masks, t, dm, site[l, (int)SiteKind.MlpOut], output);
     }
 
-    /// <summary>X1 = x + O·m_attn_out and H2 = RMSNorm(X1): the residual after attention and the MLP's norm.</summary>
-    private void MaskedResidual(Buffers b, long[,] site, int l)
+    /// <summary>X1 = x + O·m_attn_out and H2 = RMSNorm(X1) (with <paramref name="maskedCopy"/> also Hm2 = H2·m_mlp_in, the
+    /// MLP's input): the residual after attention and the MLP's norm, one launch.</summary>
+    private void MaskedResidual(Buffers b, long[,] site, int l, bool maskedCopy)
     {
         var c = Config;
-        int t = b.Rows, dm = c.HiddenSize;
-        _ops.ScaleColumns(b.Xs[l], null, b.X1, t, dm);
-        _ops.AddScaledColumns(b.X1, b.Layer(l).O, b.Masks, t, dm, site[l, (int)SiteKind.AttnOut]);
-        _ops.GatherRmsNorm(b.X1, _model.Layers[l].MlpNorm, null, b.H2, t, dm, c.RmsNormEps);
+        _ops.AddMaskedRmsNorm(b.Xs[l], b.Layer(l).O, b.Masks, site[l, (int)SiteKind.AttnOut], b.X1, _model.Layers[l].MlpNorm, b.H2,
+            b.Masks, site[l, (int)SiteKind.MlpIn], maskedCopy ? b.Hm2 : null, b.Rows, c.HiddenSize, c.RmsNormEps);
     }
 
     /// <summary>With stored activations, what layer l's backward reads besides them, recomputed by the same ops as the
-    /// forward (norms, the masked residual, SwiGLU): no GEMMs, no attention.</summary>
+    /// forward (the norms and the masked residual): no GEMMs, no attention. (The SwiGLU activation the middle mask's
+    /// gradient needs is recomputed inside <see cref="CudaOps.SwiGluMaskBackward"/>.)</summary>
     private void RecomputeCheap(Buffers b, long[,] site, int l)
     {
         var c = Config;
-        var s = b.Layer(l);
         _ops.GatherRmsNorm(b.Xs[l], _model.Layers[l].AttnNorm, null, b.H1, b.Rows, c.HiddenSize, c.RmsNormEps);
-        MaskedResidual(b, site, l);
-        _ops.SiluMul(s.G, s.U, b.A, (long)b.Rows * c.IntermediateSize);
+        MaskedResidual(b, site, l, maskedCopy: false);
     }
 
     /// <summary>From the scaled cross-entropy gradient back through the LM head, the final norm and every layer (each
@@ -289,33 +283,25 @@ public sealed class CudaMaskedLlama : IMaskedLanguageModel, IDisposable
         var s = b.Layer(l);
 
         // MLP: out = X1 + Dn·m_mlp_out, Dn = Am·Wdownᵀ, Am = silu(G)·U·m_mlp_mid, G/U = (H2·m_mlp_in)·W{gate,up}ᵀ
-        _ops.MaskColumnsGrad(b.DX, s.Dn, b.MaskGrads, t, dm, accumulate: true, mo);
-        _ops.ScaleColumns(b.DX, b.Masks, b.GradS, t, dm, mo);
+        _ops.MaskColumnsGradAndScale(b.DX, s.Dn, b.Masks, b.MaskGrads, mo, b.GradS, t, dm);
         d.Gemm(b.GradS, w.WDown, b.GradF, t, f, dm, transposeB: false);
-        _ops.MaskColumnsGrad(b.GradF, b.A, b.MaskGrads, t, f, accumulate: true, mm);
-        _ops.ScaleColumns(b.GradF, b.Masks, b.GradF, t, f, mm);
-        _ops.SiluMulBackward(s.G, s.U, b.GradF, b.DG, b.DU, (long)t * f);
+        _ops.SwiGluMaskBackward(s.G, s.U, b.GradF, b.Masks, b.MaskGrads, mm, b.DG, b.DU, t, f);
         d.Gemm(b.DG, w.WGate, b.GradD, t, dm, f, transposeB: false);
         d.Gemm(b.DU, w.WUp, b.GradD, t, dm, f, beta: 1, transposeB: false);
-        _ops.MaskColumnsGrad(b.GradD, b.H2, b.MaskGrads, t, dm, accumulate: true, mi);
-        _ops.ScaleColumns(b.GradD, b.Masks, b.GradD, t, dm, mi);
+        _ops.MaskColumnsGradAndScale(b.GradD, b.H2, b.Masks, b.MaskGrads, mi, b.GradD, t, dm);
         _ops.RmsNormBackward(b.X1, w.MlpNorm, b.GradD, b.DX, t, dm, c.RmsNormEps);
 
         // Attention: X1 = x + O·m_attn_out, O = Att·Woᵀ, Att = attention(rope(Hm1·Wqᵀ), rope(Hm1·Wkᵀ), Hm1·Wvᵀ)
-        _ops.MaskColumnsGrad(b.DX, s.O, b.MaskGrads, t, dm, accumulate: true, ao);
-        _ops.ScaleColumns(b.DX, b.Masks, b.GradS, t, dm, ao);
+        _ops.MaskColumnsGradAndScale(b.DX, s.O, b.Masks, b.MaskGrads, ao, b.GradS, t, dm);
         d.Gemm(b.GradS, w.Wo, b.GradF, t, qd, dm, transposeB: false);
         _ops.AttentionBackward(s.Q, s.K, s.V, s.Att, b.GradF, s.Lse, b.DQ, b.DK, b.DV, b.DSum, t, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-        _ops.Rope(b.DQ, _model.InverseFrequencies, t, c.NumHeads, c.HeadDim, 0, inverse: true);
-        _ops.Rope(b.DK, _model.InverseFrequencies, t, c.NumKvHeads, c.HeadDim, 0, inverse: true);
-        _ops.ScaleColumns(b.DQ, null, b.GradS, t, qd);
+        _ops.Rope(b.DQ, _model.InverseFrequencies, t, c.NumHeads, c.HeadDim, 0, inverse: true, output: b.GradS);
         d.Gemm(b.GradS, w.Wq, b.GradD, t, dm, qd, transposeB: false);
-        _ops.ScaleColumns(b.DK, null, b.GradS, t, kvd);
+        _ops.Rope(b.DK, _model.InverseFrequencies, t, c.NumKvHeads, c.HeadDim, 0, inverse: true, output: b.GradS);
         d.Gemm(b.GradS, w.Wk, b.GradD, t, dm, kvd, beta: 1, transposeB: false);
         _ops.ScaleColumns(b.DV, null, b.GradS, t, kvd);
         d.Gemm(b.GradS, w.Wv, b.GradD, t, dm, kvd, beta: 1, transposeB: false);
-        _ops.MaskColumnsGrad(b.GradD, b.H1, b.MaskGrads, t, dm, accumulate: true, ai);
-        _ops.ScaleColumns(b.GradD, b.Masks, b.GradD, t, dm, ai);
+        _ops.MaskColumnsGradAndScale(b.GradD, b.H1, b.Masks, b.MaskGrads, ai, b.GradD, t, dm);
         _ops.RmsNormBackward(b.Xs[l], w.AttnNorm, b.GradD, b.DX, t, dm, c.RmsNormEps);
     }
 

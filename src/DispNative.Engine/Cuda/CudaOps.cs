@@ -24,13 +24,26 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("embedding", $"embedding_{CudaDevice.Suffix(table.DType)}", (uint)rows, 256, 0, table, tokens, x, d);
     }
 
-    /// <summary>In-place RoPE of [rows, heads·headDim]; row r at position start + r, start read from the one-int device
-    /// tensor <paramref name="position"/> when given (CUDA graph replay). <paramref name="inverse"/> rotates back: the
-    /// backward of the rotation, applied to a gradient.</summary>
-    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null, bool inverse = false)
+    /// <summary>RoPE of [rows, heads·headDim], in place or, with <paramref name="output"/>, from an f32 x into output (any
+    /// storage type; x unchanged); row r at position start + r, start read from the one-int device tensor
+    /// <paramref name="position"/> when given (CUDA graph replay). <paramref name="inverse"/> rotates back: the backward
+    /// of the rotation, applied to a gradient.</summary>
+    public void Rope(DeviceTensor x, DeviceTensor invFreq, int rows, int heads, int headDim, int start, DeviceTensor? position = null, bool inverse = false,
+        DeviceTensor? output = null)
     {
-        Need(x, (long)rows * heads * headDim, "rope input");
-        Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", (uint)rows, 128, 0, x, invFreq, heads, headDim, start, position, inverse ? -1f : 1f);
+        long n = (long)rows * heads * headDim;
+        Need(x, n, "rope input");
+        var grid = ((uint)rows, (uint)heads, 1u);
+        var block = (RopeThreads(headDim), 1u, 1u);
+        if (output == null)
+        {
+            Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", grid, block, 0, x, invFreq, heads, headDim, start, position, inverse ? -1f : 1f);
+            return;
+        }
+        if (x.DType != DType.F32) throw new ArgumentException($"rope into another tensor reads f32, not {x.DType}");
+        Need(output, n, "rope output");
+        Device.Launch("rope", $"rope_f32_to_{CudaDevice.Suffix(output.DType)}", grid, block, 0, x, output, invFreq, heads, headDim, start, position,
+            inverse ? -1f : 1f);
     }
 
     /// <summary>The inference step's RoPE and cache write in one launch: q ([rows, heads·headDim]) rotated in place, k
@@ -42,7 +55,8 @@ public sealed class CudaOps(CudaDevice device)
         int kvDim = kvHeads * headDim;
         Need(q, (long)rows * heads * headDim, "queries"); Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
         if (position == null) { Need(kCache, (long)(start + rows) * kvDim, "key cache"); Need(vCache, (long)(start + rows) * kvDim, "value cache"); }
-        Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", (uint)rows, 128, 0, q, k, v, kCache, vCache, invFreq,
+        Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", ((uint)rows, (uint)(heads + kvHeads), 1),
+            (RopeThreads(headDim), 1, 1), 0, q, k, v, kCache, vCache, invFreq,
             heads, kvHeads, headDim, start, position);
     }
 
@@ -96,7 +110,7 @@ public sealed class CudaOps(CudaDevice device)
     {
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
             x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
 
@@ -120,7 +134,7 @@ public sealed class CudaOps(CudaDevice device)
         if (yStride < addWidth) throw new ArgumentException($"index-add input stride {yStride} is below its width {addWidth}");
         Need(y, (long)rows * yStride, "index-add input");
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
-        Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+        Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
             x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
     }
 
@@ -130,7 +144,7 @@ public sealed class CudaOps(CudaDevice device)
     {
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        Device.Launch("norm", $"layernorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, Threads(d / 4), smem,
+        Device.Launch("norm", $"layernorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
             x, gamma, beta, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
 
@@ -143,6 +157,14 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     private static uint RowSmem(int d) => d * 4 <= 48 * 1024 ? (uint)(d * 4) : 0;
+
+    /// <summary>A norm block's threads: d/16 (four 16-byte loads each) when the rows fill the GPU; for fewer rows (decode)
+    /// enough that each thread's loads and outputs are one unrolled step, so a row costs a few memory latencies.</summary>
+    private uint NormThreads(int rows, int d, int stride) =>
+        rows >= Device.Info.Multiprocessors ? Threads(d / 4) : (uint)Math.Clamp((Math.Max(d / 4, (stride + 3) / 4) + 31) & ~31, 128, 1024);
+
+    /// <summary>One rotation pair per thread of a (row, head) block.</summary>
+    private static uint RopeThreads(int headDim) => (uint)Math.Clamp((headDim / 2 + 31) & ~31, 32, 128);
 
     /// <summary>Block size for a row kernel whose threads each handle 4 loads in flight (NORM_UNROLL, RESIDUAL_UNROLL):
     /// one pass over <paramref name="items"/> where possible, 128 to 1024 threads.</summary>
@@ -442,11 +464,82 @@ public sealed class CudaOps(CudaDevice device)
             x, mask?.Address(maskOffset) ?? 0UL, output, width);
     }
 
-    /// <summary>x[r, j] += y[r, j]·mask[j] into the f32 residual (a masked block's write-back).</summary>
-    public void AddScaledColumns(DeviceTensor x, DeviceTensor y, DeviceTensor mask, int rows, int width, long maskOffset = 0)
+    /// <summary>output[r, j] = x[r, j] + y[r, j]·mask[j] in the f32 residual (a masked block's write-back); output null: x, in place.</summary>
+    public void AddScaledColumns(DeviceTensor x, DeviceTensor y, DeviceTensor mask, int rows, int width, long maskOffset = 0, DeviceTensor? output = null)
     {
         Need(x, (long)rows * width, "residual"); Need(y, (long)rows * width, "masked block output"); Need(mask, maskOffset + width, "column mask");
-        Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Address(maskOffset), width);
+        if (output != null) Need(output, (long)rows * width, "new residual");
+        Device.Launch("masks", "add_scaled_columns_f32", (uint)rows, Threads(width), 0, x, y, mask.Address(maskOffset), output ?? x, width);
+    }
+
+    /// <summary><see cref="MaskColumnsGrad"/> (accumulated) and <see cref="ScaleColumns"/> of one gradient in one pass:
+    /// maskGrads[offset + j] += Σ_r dy[r, j]·x[r, j] and output[r, j] = dy[r, j]·masks[offset + j]. dy is f32; x f32 with
+    /// output f32 or a storage type, or x a storage type with output f32 (output may be dy: in place).</summary>
+    public void MaskColumnsGradAndScale(DeviceTensor dy, DeviceTensor x, DeviceTensor masks, DeviceTensor maskGrads, long offset, DeviceTensor output,
+        int rows, int width)
+    {
+        if (dy.DType != DType.F32) throw new ArgumentException($"mask gradient reads an f32 gradient, not {dy.DType}");
+        if (x.DType != DType.F32 && output.DType != DType.F32) throw new ArgumentException($"mask gradient and scale: {x.DType} activation into {output.DType}");
+        Need(dy, (long)rows * width, "mask gradient input"); Need(x, (long)rows * width, "masked activation");
+        Need(output, (long)rows * width, "masked gradient"); Need(masks, offset + width, "column mask"); Need(maskGrads, offset + width, "mask gradient");
+        Device.Launch("masks", $"mask_grad_scale_{CudaDevice.Suffix(x.DType)}_{CudaDevice.Suffix(output.DType)}", (uint)((width + 31) / 32), MaskGradWarps * 32, 0,
+            dy, x, maskGrads.Address(offset), masks.Address(offset), output, rows, width, 1);
+    }
+
+    /// <summary>The MLP middle site's backward in one pass, from dOutput = ∂/∂(silu(gate)·up·mask) (f32): maskGrads[offset + j]
+    /// += Σ_r dOutput·silu(gate)·up (the activation recomputed) and <see cref="SiluMulBackward"/> of dOutput·mask.</summary>
+    public void SwiGluMaskBackward(DeviceTensor gate, DeviceTensor up, DeviceTensor dOutput, DeviceTensor masks, DeviceTensor maskGrads, long offset,
+        DeviceTensor dGate, DeviceTensor dUp, int rows, int width)
+    {
+        long n = (long)rows * width;
+        Need(gate, n, "gate"); Need(up, n, "up"); Need(dOutput, n, "activation gradient"); Need(dGate, n, "gate gradient"); Need(dUp, n, "up gradient");
+        Need(masks, offset + width, "column mask"); Need(maskGrads, offset + width, "mask gradient");
+        Device.Launch("masks", $"swiglu_mask_backward_{CudaDevice.Suffix(gate.DType)}", (uint)((width + 31) / 32), MaskGradWarps * 32, 0,
+            gate, up, dOutput, masks.Address(offset), maskGrads.Address(offset), dGate, dUp, rows, width, 1);
+    }
+
+    /// <summary>masked[r, j] = silu(gate[r, j])·up[r, j]·masks[offset + j] ([rows, width]): SwiGLU and the middle mask in one pass.</summary>
+    public void SiluMulMasked(DeviceTensor gate, DeviceTensor up, DeviceTensor masks, long offset, DeviceTensor masked, int rows, int width)
+    {
+        long n = (long)rows * width;
+        Need(gate, n, "gate"); Need(up, n, "up"); Need(masked, n, "masked activation"); Need(masks, offset + width, "column mask");
+        Device.Launch("masks", $"silu_mul_masked_{CudaDevice.Suffix(gate.DType)}", (uint)rows, Threads(width), 0, gate, up, masks.Address(offset), masked, width);
+    }
+
+    /// <summary>Dense RMSNorm into output and, with <paramref name="masked"/>, its column-masked copy
+    /// masked[r, j] = output[r, j]·masks[offset + j] (rounded once from f32), one pass.</summary>
+    public void RmsNormMasked(DeviceTensor x, DeviceTensor gamma, DeviceTensor output, DeviceTensor masks, long offset, DeviceTensor? masked, int rows, int d, float eps)
+        => AddMaskedRmsNorm(x, null, null, 0, null, gamma, output, masks, offset, masked, rows, d, eps);
+
+    /// <summary>xOut = x + y·addMasks[addOffset + j] (a masked block's write-back into a new f32 residual; y null: xOut = x,
+    /// not written), then <see cref="RmsNormMasked"/> of it. One launch where the row fits shared memory.</summary>
+    public void AddMaskedRmsNorm(DeviceTensor x, DeviceTensor? y, DeviceTensor? addMasks, long addOffset, DeviceTensor? xOut,
+        DeviceTensor gamma, DeviceTensor output, DeviceTensor masks, long offset, DeviceTensor? masked, int rows, int d, float eps)
+    {
+        long n = (long)rows * d;
+        Need(x, n, "norm input"); Need(output, n, "norm output"); Need(masks, offset + d, "column mask");
+        if (masked != null) Need(masked, n, "masked norm output");
+        if (y != null)
+        {
+            if (addMasks == null || xOut == null) throw new ArgumentException("a masked write-back needs its mask and the new residual");
+            Need(y, n, "masked block output"); Need(addMasks, addOffset + d, "write-back mask"); Need(xOut, n, "new residual");
+        }
+        uint smem = RowSmem(d);
+        if (smem == 0)
+        {
+            var normed = x;
+            if (y != null) { AddScaledColumns(x, y, addMasks!, rows, d, addOffset, xOut); normed = xOut!; }
+            GatherRmsNorm(normed, gamma, null, output, rows, d, eps);
+            if (masked != null) ScaleColumns(output, masks, masked, rows, d, offset);
+            return;
+        }
+        string suffix = CudaDevice.Suffix(output.DType);
+        uint threads = NormThreads(rows, d, d);
+        if (y == null)
+            Device.Launch("norm", $"rmsnorm_masked_{suffix}", (uint)rows, threads, smem, x, gamma, output, masks.Address(offset), masked, d, eps);
+        else
+            Device.Launch("norm", $"add_masked_rmsnorm_{suffix}", (uint)rows, threads, smem, x, y, addMasks!.Address(addOffset), xOut,
+                gamma, output, masks.Address(offset), masked, d, eps);
     }
 }
 

@@ -36,6 +36,8 @@ public static class SelfTest
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
             new("gather-rmsnorm bf16 (d 1000 -> 333)", dev => Norm(dev, 5, 1000, 333, DType.BF16, 1e-2)),
             new("gather-rmsnorm bf16 (d 4096 -> 2673, output padded to 2680)", dev => Norm(dev, 3, 4096, 2673, DType.BF16, 1e-2, padded: true)),
+            new("gather-rmsnorm bf16, 300 rows (a row per block of d/16 threads, three output chunks) (d 4096 -> 2673)",
+                dev => Norm(dev, 300, 4096, 2673, DType.BF16, 1e-2)),
             new("gather-layernorm f32 (d 515 -> 200, beta)", LayerNorm),
             new("index-add f32 (d 999 <- 311, bias, scale)", dev => IndexAdd(dev, 311, bias: true)),
             new("residual add f32 (d 999)", dev => IndexAdd(dev, null, bias: false)),
@@ -73,10 +75,17 @@ public static class SelfTest
             new("fill normal and constant bf16 (n 1048583)", Fill),
             new("mask columns: scale, masked residual add, gradient (rows 203, width 301)", dev => MaskColumns(dev, DType.F32, 203)),
             new("mask columns bf16: scale in place, f32 -> bf16, accumulated gradient (rows 13)", dev => MaskColumns(dev, DType.BF16, 13)),
+            new("fused mask kernels f32: gradient + scale, SwiGLU backward with its mask's gradient, masked SwiGLU, write-back into a new residual (rows 203, width 301)",
+                dev => FusedMaskColumns(dev, DType.F32, 203)),
+            new("fused mask kernels bf16: gradient + scale into bf16 and in place from a bf16 activation, SwiGLU backward, masked SwiGLU (rows 13)",
+                dev => FusedMaskColumns(dev, DType.BF16, 13)),
+            new("masked rmsnorm and masked write-back + rmsnorm, one launch, bf16 (d 999)", dev => MaskedNorms(dev, DType.BF16, 999)),
+            new("masked rmsnorm and masked write-back + rmsnorm f32, row above shared memory: separate kernels (d 13001)", dev => MaskedNorms(dev, DType.F32, 13001)),
             new("rmsnorm backward f32 (d 999, accumulated)", RmsNormBackward),
             new("swiglu backward f32 (n 10007)", dev => SwiGluBackward(dev, DType.F32)),
             new("swiglu backward bf16 (n 10007)", dev => SwiGluBackward(dev, DType.BF16)),
             new("rope backward f32 (inverse rotation, heads 3, head_dim 64)", RopeBackward),
+            new("rope backward f32 -> bf16 into another tensor (the input kept)", dev => RopeBackward(dev, DType.BF16)),
             new("attention backward f32 SIMT (t 45, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 45, 4, 2, 64, null, DType.F32, gemm: false)),
             new("attention backward f32 SIMT sliding window 9 (t 70, heads 2/1, head_dim 48)", dev => AttentionBackward(dev, 70, 2, 1, 48, 9, DType.F32, gemm: false)),
             new("attention backward f32 GEMMs (t 45, heads 4/2, head_dim 64)", dev => AttentionBackward(dev, 45, 4, 2, 64, null, DType.F32)),
@@ -584,7 +593,11 @@ public static class SelfTest
         return Compare(dev.Download(dg), gv.Grad!, tol, "dgate rel err") + "; " + Compare(dev.Download(du), uv.Grad!, tol, "dup rel err");
     }
 
-    private static string RopeBackward(CudaDevice dev)
+    private static string RopeBackward(CudaDevice dev) => RopeBackward(dev, null);
+
+    /// <summary>The inverse rotation against the CPU tape's rope backward; with <paramref name="into"/>, written to a
+    /// tensor of that type from the f32 gradient, which must stay as it was.</summary>
+    private static string RopeBackward(CudaDevice dev, DType? into)
     {
         var rng = new Rng(17);
         int rows = 7, heads = 3, hd = 64;
@@ -595,8 +608,81 @@ public static class SelfTest
         Seed(tape, tape.Rope(xv, heads, rope), dy);
         var invFreq = Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray();
         using var tf = dev.Upload(invFreq); using var tdy = dev.Upload(dy);
-        new CudaOps(dev).Rope(tdy, tf, rows, heads, hd, 0, inverse: true);
-        return Compare(dev.Download(tdy), xv.Grad!, 1e-5);
+        if (into is not DType type)
+        {
+            new CudaOps(dev).Rope(tdy, tf, rows, heads, hd, 0, inverse: true);
+            return Compare(dev.Download(tdy), xv.Grad!, 1e-5);
+        }
+        using var output = dev.Allocate(type, dy.Length);
+        new CudaOps(dev).Rope(tdy, tf, rows, heads, hd, 0, inverse: true, output: output);
+        return Compare(dev.Download(output), xv.Grad!, 1e-2) + "; input " + Compare(dev.Download(tdy), dy, 0, "changed by");
+    }
+
+    /// <summary>The training backward's fused column-mask kernels against plain loops, at a mask offset inside larger
+    /// buffers, accumulating onto existing gradients: MaskColumnsGradAndScale (f32 activation into a storage-type
+    /// output; storage-type activation into its f32 gradient in place), SwiGluMaskBackward, SiluMulMasked and
+    /// AddScaledColumns into a new residual (the old one kept).</summary>
+    private static string FusedMaskColumns(CudaDevice dev, DType dtype, int rows)
+    {
+        var rng = new Rng(22);
+        int w = 301, off = 17, n = rows * w;
+        var maskAll = Random(rng, w + off); var mask = maskAll.AsSpan(off, w).ToArray();
+        var dy = Random(rng, n); var xf = Random(rng, n); var xs = RoundTo(dtype, Random(rng, n));
+        var gate = RoundTo(dtype, Random(rng, n, 3)); var up = RoundTo(dtype, Random(rng, n)); var prior = Random(rng, w + off);
+        using var tm = dev.Upload(maskAll); using var tdy = dev.Upload(dy); using var tdy2 = dev.Upload(dy);
+        using var txf = dev.Upload(xf); using var txs = dev.Upload(xs, dtype); using var tg = dev.Upload(gate, dtype); using var tu = dev.Upload(up, dtype);
+        using var dm1 = dev.Upload(prior); using var dm2 = dev.Upload(prior); using var dm3 = dev.Upload(prior);
+        using var scaled = dev.Allocate(dtype, n); using var dg = dev.Allocate(dtype, n); using var du = dev.Allocate(dtype, n);
+        using var am = dev.Allocate(dtype, n); using var residual = dev.Allocate(DType.F32, n);
+        var ops = new CudaOps(dev);
+        ops.MaskColumnsGradAndScale(tdy, txf, tm, dm1, off, scaled, rows, w);
+        ops.MaskColumnsGradAndScale(tdy2, txs, tm, dm2, off, tdy2, rows, w);
+        ops.SwiGluMaskBackward(tg, tu, tdy, tm, dm3, off, dg, du, rows, w);
+        ops.SiluMulMasked(tg, tu, tm, off, am, rows, w);
+        ops.AddScaledColumns(txf, tdy, tm, rows, w, off, output: residual);
+        var wantScaled = new float[n]; var wantDg = new float[n]; var wantDu = new float[n]; var wantAm = new float[n]; var wantRes = new float[n];
+        var want1 = (float[])prior.Clone(); var want2 = (float[])prior.Clone(); var want3 = (float[])prior.Clone();
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < w; j++)
+            {
+                int i = r * w + j;
+                double g = gate[i], u = up[i], sg = 1 / (1 + Math.Exp(-g)), a = g * sg * u, d = dy[i] * mask[j];
+                wantScaled[i] = (float)d; wantRes[i] = (float)(xf[i] + d);
+                want1[off + j] += dy[i] * xf[i]; want2[off + j] += dy[i] * xs[i]; want3[off + j] += (float)(dy[i] * a);
+                wantDg[i] = (float)(d * u * sg * (1 + g * (1 - sg))); wantDu[i] = (float)(d * g * sg); wantAm[i] = (float)(a * mask[j]);
+            }
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        return Compare(dev.Download(scaled), wantScaled, tol, "scaled rel err") + "; " + Compare(dev.Download(tdy2), wantScaled, 1e-6, "in place rel err")
+            + "; " + Compare(dev.Download(dm1), want1, 1e-5, "grad rel err") + "; " + Compare(dev.Download(dm2), want2, 1e-5, "grad (storage x) rel err")
+            + "; " + Compare(dev.Download(dm3), want3, 1e-4, "swiglu mask grad rel err") + "; " + Compare(dev.Download(dg), wantDg, tol, "dgate rel err")
+            + "; " + Compare(dev.Download(du), wantDu, tol, "dup rel err") + "; " + Compare(dev.Download(am), wantAm, tol, "masked swiglu rel err")
+            + "; " + Compare(dev.Download(residual), wantRes, 1e-6, "new residual rel err") + "; old residual " + Compare(dev.Download(txf), xf, 0, "changed by");
+    }
+
+    /// <summary>RmsNormMasked and AddMaskedRmsNorm against CpuOps.RmsNorm of x and of x + y·addMask, with the masked copies.</summary>
+    private static string MaskedNorms(CudaDevice dev, DType dtype, int d)
+    {
+        var rng = new Rng(23);
+        int rows = 5, off = 9, off2 = 4, n = rows * d;
+        var x = Random(rng, n, 2); var y = Random(rng, n); var gamma = RoundTo(dtype, Random(rng, d));
+        var masks = Random(rng, d + off); var addMasks = Random(rng, d + off2);
+        using var tx = dev.Upload(x); using var ty = dev.Upload(y); using var tg = dev.Upload(gamma, dtype);
+        using var tm = dev.Upload(masks); using var tam = dev.Upload(addMasks); using var xOut = dev.Allocate(DType.F32, n);
+        using var out1 = dev.Allocate(dtype, n); using var masked1 = dev.Allocate(dtype, n);
+        using var out2 = dev.Allocate(dtype, n); using var masked2 = dev.Allocate(dtype, n);
+        var ops = new CudaOps(dev);
+        ops.RmsNormMasked(tx, tg, out1, tm, off, masked1, rows, d, 1e-5f);
+        ops.AddMaskedRmsNorm(tx, ty, tam, off2, xOut, tg, out2, tm, off, masked2, rows, d, 1e-5f);
+        var x2 = new float[n];
+        for (int i = 0; i < n; i++) x2[i] = x[i] + y[i] * addMasks[off2 + i % d];
+        var want1 = new float[n]; var want2 = new float[n];
+        CpuOps.RmsNorm(x, gamma, want1, rows, d, 1e-5f);
+        CpuOps.RmsNorm(x2, gamma, want2, rows, d, 1e-5f);
+        float[] Masked(float[] v) => v.Select((e, i) => e * masks[off + i % d]).ToArray();
+        double tol = dtype == DType.F32 ? 2e-6 : 1e-2;
+        return Compare(dev.Download(out1), want1, tol, "norm rel err") + "; " + Compare(dev.Download(masked1), Masked(want1), tol, "masked rel err")
+            + "; " + Compare(dev.Download(xOut), x2, 1e-6, "residual rel err") + "; " + Compare(dev.Download(out2), want2, tol, "write-back norm rel err")
+            + "; " + Compare(dev.Download(masked2), Masked(want2), tol, "write-back masked rel err");
     }
 
     /// <summary>The training attention pair (forward with log-sum-exp, then backward) against the CPU tape's attention
