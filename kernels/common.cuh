@@ -65,6 +65,49 @@ template <typename Op> __device__ __forceinline__ float block_reduce(float v, Op
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp(), 0.f); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp(), NEG_INF); }
 
+// Streams one row src[0..d) into copy (when set; global or shared memory) with UNROLL 16-byte loads in flight per
+// thread; with SUMS, also adds the values to s and their squares to ss.
+template <int UNROLL, bool SUMS>
+__device__ __forceinline__ void stream_row(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
+{
+    if ((d & 3) == 0)
+    {
+        const float4* src4 = reinterpret_cast<const float4*>(src);
+        float4* copy4 = reinterpret_cast<float4*>(copy);
+        int n4 = d >> 2;
+        for (int base = threadIdx.x; base < n4; base += UNROLL * blockDim.x)
+        {
+            float4 v[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                v[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+            {
+                int i = base + u * blockDim.x;
+                if (copy && i < n4) copy4[i] = v[u];
+                if (SUMS)
+                {
+                    s += v[u].x + v[u].y + v[u].z + v[u].w;
+                    ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+                }
+            }
+        }
+    }
+    else
+    {
+        for (int i = threadIdx.x; i < d; i += blockDim.x)
+        {
+            float v = src[i];
+            if (copy) copy[i] = v;
+            if (SUMS) { s += v; ss += v * v; }
+        }
+    }
+}
+
 // row[idx[j]] += scale * (y[j] + bias[j]) for j < width (idx null: j; bias may be null): DISP's write-back into one
 // residual row, in global or shared memory. Indices are unique, so no two threads touch one element; each thread
 // issues UNROLL loads before their stores (one latency per UNROLL elements, not per element).

@@ -11,49 +11,6 @@
 
 #define NORM_UNROLL 4
 
-// Streams src[0..d) into copy (when set) with UNROLL loads in flight per thread; with SUMS, also adds the values to s and
-// their squares to ss.
-template <bool SUMS>
-__device__ __forceinline__ void row_pass(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
-{
-    if ((d & 3) == 0)
-    {
-        const float4* src4 = reinterpret_cast<const float4*>(src);
-        float4* copy4 = reinterpret_cast<float4*>(copy);
-        int n4 = d >> 2;
-        for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
-        {
-            float4 v[NORM_UNROLL];
-#pragma unroll
-            for (int u = 0; u < NORM_UNROLL; u++)
-            {
-                int i = base + u * blockDim.x;
-                v[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < NORM_UNROLL; u++)
-            {
-                int i = base + u * blockDim.x;
-                if (copy && i < n4) copy4[i] = v[u];
-                if (SUMS)
-                {
-                    s += v[u].x + v[u].y + v[u].z + v[u].w;
-                    ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
-                }
-            }
-        }
-    }
-    else
-    {
-        for (int i = threadIdx.x; i < d; i += blockDim.x)
-        {
-            float v = src[i];
-            if (copy) copy[i] = v;
-            if (SUMS) { s += v; ss += v * v; }
-        }
-    }
-}
-
 // One thread's UNROLL output channels j = base + u * blockDim.x: c = idx[j] (-1 past width), gamma[c], beta[c] and
 // mask[j] (a column mask for a masked copy of the output; null: none). The
 // first chunk is loaded before the row, so the dependent idx -> gamma loads overlap the row's loads and its reduction
@@ -89,7 +46,7 @@ struct GatherChunk
 template <typename T, bool LAYER>
 __device__ __forceinline__ void store_gathered(const float* src, float s, float ss, GatherChunk<T>& chunk, const T* __restrict__ gamma,
     const T* __restrict__ beta, const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps,
-    const float* __restrict__ mask = nullptr, T* __restrict__ masked = nullptr)
+    const float* __restrict__ mask = nullptr, T* __restrict__ masked = nullptr, long long out_row = blockIdx.x)
 {
     float mean = 0.f, scale;
     if (LAYER)
@@ -100,8 +57,8 @@ __device__ __forceinline__ void store_gathered(const float* src, float s, float 
     }
     else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
     __syncthreads();
-    T* o = out + (long long)blockIdx.x * out_stride;
-    T* om = masked ? masked + (long long)blockIdx.x * out_stride : nullptr;
+    T* o = out + out_row * out_stride;
+    T* om = masked ? masked + out_row * out_stride : nullptr;
     for (int base = threadIdx.x; base < out_stride; base += NORM_UNROLL * blockDim.x)
     {
         if (base != (int)threadIdx.x) chunk.load(base, idx, gamma, beta, mask, width);
@@ -128,8 +85,54 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     GatherChunk<T> chunk;
     chunk.load(threadIdx.x, idx, gamma, LAYER ? beta : nullptr, nullptr, width);
     float s = 0.f, ss = 0.f;
-    row_pass<true>(xr, row_in_smem ? row : nullptr, d, s, ss);
+    stream_row<NORM_UNROLL, true>(xr, row_in_smem ? row : nullptr, d, s, ss);
     store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, chunk, gamma, LAYER ? beta : nullptr, idx, out, d, width, out_stride, eps);
+}
+
+// The gather-RMSNorm as a persistent, software-pipelined loop: a grid of a few blocks per SM walks the rows with a
+// stride of gridDim.x, and each thread issues its loads of the next row before it reduces and writes the current one,
+// so the memory pipe stays busy across rows instead of idling while each row's block reduces (the one-block-per-row
+// kernel's phases run in lockstep across a wave) and no partial last wave is left. Needs d a multiple of 4, d <= 16 *
+// blockDim.x (one unrolled step per thread), blockDim.x <= 256 and d floats of dynamic shared memory.
+template <typename T>
+__device__ void gather_norm_pipelined(const float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
+    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps)
+{
+    extern __shared__ float4 row4[];
+    const float* row = reinterpret_cast<const float*>(row4);
+    int n4 = d >> 2;
+    GatherChunk<T> first;
+    first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
+    float4 cur[NORM_UNROLL], next[NORM_UNROLL];
+    auto load = [&](int r, float4* v)
+    {
+        const float4* src = reinterpret_cast<const float4*>(x + (long long)r * d);
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int i = threadIdx.x + u * blockDim.x;
+            v[u] = i < n4 ? src[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    int r = blockIdx.x;
+    if (r < rows) load(r, cur);
+    for (; r < rows; r += gridDim.x)
+    {
+        if (r + (int)gridDim.x < rows) load(r + gridDim.x, next);
+        float ss = 0.f;
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++)
+        {
+            int i = threadIdx.x + u * blockDim.x;
+            if (i < n4) row4[i] = cur[u];
+            ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
+        }
+        GatherChunk<T> chunk = first;
+        store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
+        __syncthreads();   // every thread's reads of this row are done before the next overwrites it
+#pragma unroll
+        for (int u = 0; u < NORM_UNROLL; u++) cur[u] = next[u];
+    }
 }
 
 // Needs d floats of dynamic shared memory. y is f32 (a GEMM's output), bias the storage type; add_idx == nullptr: the
@@ -145,11 +148,11 @@ __device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restric
     GatherChunk<T> chunk;
     chunk.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
     float s = 0.f, ss = 0.f;
-    row_pass<false>(xr, row, d, s, ss);
+    stream_row<NORM_UNROLL, false>(xr, row, d, s, ss);
     __syncthreads();
     index_add_row<NORM_UNROLL>(row, y + (long long)blockIdx.x * y_stride, add_idx, bias, add_scale, add_width);
     __syncthreads();
-    row_pass<true>(row, xr, d, s, ss);
+    stream_row<NORM_UNROLL, true>(row, xr, d, s, ss);
     store_gathered<T, false>(row, s, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps);
 }
 
@@ -167,7 +170,7 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     GatherChunk<T> chunk;
     chunk.load(threadIdx.x, nullptr, gamma, nullptr, mask, d);
     float s = 0.f, ss = 0.f;
-    if (!y) row_pass<true>(x + off, row, d, s, ss);
+    if (!y) stream_row<NORM_UNROLL, true>(x + off, row, d, s, ss);
     else if ((d & 3) == 0)
     {
         const float4* x4 = reinterpret_cast<const float4*>(x + off);
@@ -218,7 +221,10 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); } \
     extern "C" __global__ void add_rmsnorm_gather_##S(float* x, const float* y, const int* add_idx, const T* bias, float add_scale, int add_width, \
         int y_stride, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps) \
-    { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
+    { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); } \
+    extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_##S(const float* x, const T* gamma, const int* idx, T* out, \
+        int rows, int d, int width, int out_stride, float eps) \
+    { gather_norm_pipelined<T>(x, gamma, idx, out, rows, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
 
 #define MASKED_NORMS(T, S) \

@@ -28,11 +28,15 @@ internal static class GpuBench
         var acceptance = new IssueTargets(IssueTargets.AppliesTo(shape, tokens));
         string Percent(double f) => $"{100 * f:F1}%";
 
+        // A kernel under 0.2 ms is timed as a batch of 10 back-to-back launches per event pair (the stream's throughput,
+        // as in a forward pass): a lone launch between two events carries ~5 µs of event and launch overhead, which
+        // would be a fifth of a 25 µs kernel's figure.
         float Median(Action work)
         {
             for (int i = 0; i < 3; i++) work();
+            int batch = dev.Time(work) < 0.2f ? 10 : 1;
             var ms = new List<float>();
-            for (int i = 0; i < repeats; i++) ms.Add(dev.Time(work));
+            for (int i = 0; i < repeats; i++) ms.Add(dev.Time(() => { for (int b = 0; b < batch; b++) work(); }) / batch);
             ms.Sort();
             return ms[ms.Count / 2];
         }
@@ -56,21 +60,39 @@ internal static class GpuBench
         int[] Keep(int full, double frac) => Enumerable.Range(0, full).Where(_ => rng.NextDouble() < frac).ToArray();
 
         int w65 = 0;
+        int[] kept = Keep(D, 0.65);
         using (var x = dev.Upload(Rand((long)T * D)))
         using (var gamma = dev.Upload(Rand(D), DType.BF16))
-        using (var idx = dev.Upload(Keep(D, 0.65)))
+        using (var idx = dev.Upload(kept))
         using (var h = dev.Allocate(DType.BF16, (long)T * D))
         using (var delta = dev.Upload(Rand((long)T * D)))
         {
             int w = (int)idx.Length; w65 = w;
-            Bandwidth("rmsnorm dense (f32 x -> bf16)", T * (D * 4.0 + D * 2.0), () => ops.GatherRmsNorm(x, gamma, null, h, T, D, 1e-5f));
-            // Gather-norm traffic: the full row is read for the statistics, the selected channels written once.
-            double gather = Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", T * (D * 4.0 + w * 2.0), () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
-            Bandwidth($"gather-rmsnorm {D}->{w}, row re-read from global (naive)", T * (D * 4.0 + w * 2.0),
+            uint rowSmem = (uint)D * 4;
+            // Norm traffic: the full row is read for the statistics, the selected channels written once.
+            double normBytes = T * (D * 4.0 + D * 2.0), gatherBytes = T * (D * 4.0 + w * 2.0);
+            Bandwidth("rmsnorm dense (f32 x -> bf16), pipelined (tuned)", normBytes, () => ops.GatherRmsNorm(x, gamma, null, h, T, D, 1e-5f));
+            Bandwidth("rmsnorm dense (f32 x -> bf16), a block per row", normBytes,
+                () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 256, rowSmem, x, gamma, 0UL, h, D, D, D, 1e-5f, 1));
+            double gather = Bandwidth($"gather-rmsnorm {D}->{w}, pipelined (tuned)", gatherBytes, () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
+            double perRow = Bandwidth($"gather-rmsnorm {D}->{w}, a block per row, row in smem", gatherBytes,
+                () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 256, rowSmem, x, gamma, idx, h, D, w, w, 1e-5f, 1));
+            Bandwidth($"gather-rmsnorm {D}->{w}, a block per row, row re-read from global (naive)", gatherBytes,
                 () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
-            double indexAdd = Bandwidth($"index-add {w}->{D} (f32 delta)", T * w * 12.0, () => ops.IndexAdd(x, delta, idx, null, T, D));
+            Console.WriteLine($"{"  pipelined vs a block per row",-58} {gather / perRow,8:F2}x");
+            // Index-add traffic: the delta, and every 32-byte sector of the residual row that holds a selected channel,
+            // read and written (DRAM moves whole sectors; at 65% of the channels that is every sector of the row). The
+            // selected channels' bytes alone (useful bytes) are printed beside it.
+            long sectors = kept.Select(c => c / 8).Distinct().LongCount();
+            double usefulBytes = T * w * 12.0, sectorBytes = T * (w * 4.0 + sectors * 32 * 2.0);
+            double indexAdd = Bandwidth($"index-add {w}->{D} (f32 delta), row staged (tuned)", sectorBytes, () => ops.IndexAdd(x, delta, idx, null, T, D));
+            double direct = Bandwidth($"index-add {w}->{D} (f32 delta), loads wait for idx (naive)", sectorBytes,
+                () => dev.Launch("residual", "index_add_f32", (uint)T, 672, 0, x, delta, idx, 0UL, 1f, D, w, w));
+            Console.WriteLine($"{"  staged vs direct",-58} {indexAdd / direct,8:F2}x");
+            Console.WriteLine($"{$"  index-add staged, useful bytes only ({sectors} of {D / 8} sectors touched)",-58} {usefulBytes / sectorBytes * indexAdd / 1e9,23:F0} GB/s" +
+                              (bw is double pk ? $" {100 * usefulBytes / sectorBytes * indexAdd / pk,6:F1}%" : ""));
             acceptance.AtLeast(3, "gather-rmsnorm >= 70% of HBM bandwidth", gather / bw, 0.7, Percent);
-            acceptance.AtLeast(3, "index-add >= 70% of HBM bandwidth", indexAdd / bw, 0.7, Percent);
+            acceptance.AtLeast(3, "index-add >= 70% of HBM bandwidth (32-byte sectors moved)", indexAdd / bw, 0.7, Percent);
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
             // A pruned block's write-back and the next gather-norm (the forward's pattern): the residual is read twice
             // and written once by the two kernels, read and written once by the fused one. Same bytes counted for both.

@@ -110,9 +110,19 @@ public sealed class CudaOps(CudaDevice device)
     {
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
-            x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
+        int grid = PipelinedNormBlocksPerSm * Device.Info.Multiprocessors;
+        if (rows > grid && smem > 0 && d % 4 == 0 && d <= 16 * PipelinedNormThreads)
+            Device.Launch("norm", $"rmsnorm_gather_pipelined_{CudaDevice.Suffix(output.DType)}", (uint)grid, PipelinedNormThreads, smem,
+                x, gamma, idx, output, rows, d, width, stride, eps);
+        else
+            Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
+                x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
+
+    /// <summary>rmsnorm_gather_pipelined's launch: __launch_bounds__(256, 4) guarantees four resident blocks per SM, and
+    /// the grid is exactly those, each walking rows with a stride of the grid.</summary>
+    public const uint PipelinedNormThreads = 256;
+    public const int PipelinedNormBlocksPerSm = 4;
 
     /// <summary>A pruned block's write-back and the next gather-RMSNorm in one launch: x[r, addIdx[j]] +=
     /// addScale·(y[r, j] + bias[j]) as <see cref="IndexAdd"/> (y f32, rows <paramref name="yStride"/> apart; addIdx null:
@@ -178,7 +188,13 @@ public sealed class CudaOps(CudaDevice device)
         if (stride < width) throw new ArgumentException($"index-add input stride {stride} is below its width {width}");
         Need(x, (long)rows * d, "residual"); Need(y, (long)rows * stride, "index-add input");
         if (bias != null && bias.DType != y.DType) throw new ArgumentException($"index-add bias is {bias.DType}, its input {y.DType}");
-        Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(width), 0, x, y, idx, bias, scale, d, width, stride);
+        uint smem = RowSmem(d);
+        // A selection's write-back stages the row (index_add_staged); the dense add and rows above shared memory go direct.
+        if (idx != null && smem > 0)
+            Device.Launch("residual", $"index_add_staged_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(Math.Max(width, d / 4)), smem,
+                x, y, idx, bias, scale, d, width, stride);
+        else
+            Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(width), 0, x, y, idx, bias, scale, d, width, stride);
     }
 
     public void AddBias(DeviceTensor y, DeviceTensor bias, int rows)
