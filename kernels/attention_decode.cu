@@ -24,6 +24,8 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     T* __restrict__ out, float* __restrict__ partial, int start, const int* position, int heads, int kv_heads, int head_dim,
     int window, float scale)
 {
+    allow_dependents_launch();
+    grid_dependency_wait();
     constexpr int V = 16 / sizeof(T);
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
     __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
@@ -121,6 +123,8 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
 template <typename T>
 __device__ void attention_decode_combine(const float* __restrict__ partial, T* __restrict__ out, int splits, int head_dim)
 {
+    allow_dependents_launch();
+    grid_dependency_wait();
     int h = blockIdx.x, stride = head_dim + 2;
     const float* part = partial + (long long)h * splits * stride;
     float gm = NEG_INF, gsum = 0.f;
@@ -142,6 +146,8 @@ template <typename T>
 __device__ void attention_decode_naive(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
+    allow_dependents_launch();
+    grid_dependency_wait();
     if (position) start = *position;
     __shared__ float qs[MAX_HEAD_DIM];
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];

@@ -32,6 +32,25 @@ template <typename T> __device__ __forceinline__ void unpack16(const uint4& raw,
     for (int i = 0; i < (int)(16 / sizeof(T)); i++) out[i] = to_f32(e[i]);
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched with programmatic stream serialization (CudaDevice's
+// ProgrammaticLaunch, decode steps) may start while the previous kernel in the stream still runs, once that kernel has
+// called allow_dependents_launch() in all its blocks; grid_dependency_wait() then blocks until the previous kernel has
+// finished and its writes are visible. Before the wait a kernel may only read what no earlier kernel writes (weights)
+// and must write nothing. Both are no-ops for a normal launch and below sm_90. Kernels that wait are listed in
+// CudaDevice.WaitsForGridDependency.
+__device__ __forceinline__ void allow_dependents_launch()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // silu(g) * u, the SwiGLU activation (forward kernels and the backward that recomputes it use this one expression).
 struct SiluMulOp { __device__ __forceinline__ float operator()(float g, float u) const { return g / (1.f + expf(-g)) * u; } };
 

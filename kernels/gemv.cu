@@ -21,18 +21,40 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
     return s;
 }
 
-// x . w for one weight row of k elements, summed over the warp (every lane gets it).
+// A lane's first UNROLL 16-byte loads of a weight row (zero past the row's end). Issued before grid_dependency_wait():
+// under a programmatic launch they stream while the previous kernel (which produces x) finishes.
 template <typename T>
-__device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __restrict__ w, int k)
+__device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4* a)
+{
+    int lane = threadIdx.x & 31, nv = k / (int)(16 / sizeof(T));
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++)
+    {
+        int e = lane + u * 32;
+        a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
+// UNROLL loads of w (load_first).
+template <typename T>
+__device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __restrict__ w, int k, const uint4* first)
 {
     int lane = threadIdx.x & 31;
     const uint4* wr = reinterpret_cast<const uint4*>(w);
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     int nv = k / (int)(16 / sizeof(T));
     float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++)
+    {
+        int e = lane + u * 32;
+        acc += dot16<T>(first[u], e < nv ? xv[e] : make_uint4(0, 0, 0, 0));
+    }
     // Predicated rather than a scalar tail loop: a row whose length is not a multiple of UNROLL·32 loads (a pruned
     // width such as 2680) still costs ceil(nv / (UNROLL·32)) memory latencies, not a few more one load at a time.
-    for (int i = lane; i < nv; i += GEMV_UNROLL * 32)
+    for (int i = lane + GEMV_UNROLL * 32; i < nv; i += GEMV_UNROLL * 32)
     {
         uint4 a[GEMV_UNROLL], b[GEMV_UNROLL];
 #pragma unroll
@@ -55,9 +77,13 @@ template <typename T, typename OUT>
 __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
     int n, int k, float alpha, float beta)
 {
+    allow_dependents_launch();
     int row = gemv_row();
     if (row >= n) return;
-    float acc = warp_dot(x, w + (long long)row * k, k);
+    uint4 first[GEMV_UNROLL];
+    load_first(w + (long long)row * k, k, first);
+    grid_dependency_wait();
+    float acc = warp_dot(x, w + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0)
     {
         int o = out_index ? out_index[row] : row;
@@ -72,21 +98,32 @@ template <typename T>
 __device__ void gemv_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* __restrict__ y0, int n0,
     const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
 {
+    allow_dependents_launch();
     int row = gemv_row();
     const T* w = w0; T* y = y0;
     if (row >= n0) { row -= n0; w = w1; y = y1; if (row >= n1) { row -= n1; w = w2; y = y2; if (row >= n2) return; } }
-    float acc = warp_dot(x, w + (long long)row * k, k);
+    uint4 first[GEMV_UNROLL];
+    load_first(w + (long long)row * k, k, first);
+    grid_dependency_wait();
+    float acc = warp_dot(x, w + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0) y[row] = from_f32<T>(acc);
 }
 
+// The gate row's first loads go before the wait; the up row's after the gate's dot (both at once would double the
+// registers the first loads hold).
 template <typename T>
 __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
     int n, int k)
 {
+    allow_dependents_launch();
     int row = gemv_row();
     if (row >= n) return;
-    float g = warp_dot(x, w_gate + (long long)row * k, k);
-    float u = warp_dot(x, w_up + (long long)row * k, k);
+    uint4 first[GEMV_UNROLL];
+    load_first(w_gate + (long long)row * k, k, first);
+    grid_dependency_wait();
+    float g = warp_dot(x, w_gate + (long long)row * k, k, first);
+    load_first(w_up + (long long)row * k, k, first);
+    float u = warp_dot(x, w_up + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(g / (1.f + expf(-g)) * u);
 }
 

@@ -84,6 +84,8 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     const float* xr = x + (long long)blockIdx.x * d;
     GatherChunk<T> chunk;
     chunk.load(threadIdx.x, idx, gamma, LAYER ? beta : nullptr, nullptr, width);
+    allow_dependents_launch();
+    grid_dependency_wait();
     float s = 0.f, ss = 0.f;
     stream_row<NORM_UNROLL, true>(xr, row_in_smem ? row : nullptr, d, s, ss);
     store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, chunk, gamma, LAYER ? beta : nullptr, idx, out, d, width, out_stride, eps);
@@ -94,15 +96,36 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
 // so the memory pipe stays busy across rows instead of idling while each row's block reduces (the one-block-per-row
 // kernel's phases run in lockstep across a wave) and no partial last wave is left. Needs d a multiple of 4, d <= 16 *
 // blockDim.x (one unrolled step per thread), blockDim.x <= 256 and d floats of dynamic shared memory.
-template <typename T>
-__device__ void gather_norm_pipelined(const float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
-    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps)
+// With add set (add_rmsnorm_gather_pipelined), each row first gets the previous block's write-back, as
+// add_rmsnorm_gather: x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j]) applied to the staged row, which is written
+// back before it is normalized.
+struct RowAdd
+{
+    const float* y; const int* idx; const void* bias; float scale; int width, y_stride;
+};
+
+// With CACHED (no ADD), the selection's channels and gamma[channel] are read once per block into shared memory after
+// the row (d + 2 * width words), and each row's outputs are gathered from there.
+template <typename T, bool ADD, bool CACHED = false>
+__device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
+    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps, RowAdd add)
 {
     extern __shared__ float4 row4[];
-    const float* row = reinterpret_cast<const float*>(row4);
+    float* row = reinterpret_cast<float*>(row4);
+    int* cached_idx = reinterpret_cast<int*>(row + d);
+    float* cached_gamma = row + d + width;
     int n4 = d >> 2;
     GatherChunk<T> first;
-    first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
+    if (CACHED)
+        for (int j = threadIdx.x; j < width; j += blockDim.x)
+        {
+            int c = idx ? idx[j] : j;
+            cached_idx[j] = c;
+            cached_gamma[j] = to_f32(gamma[c]);
+        }
+    else first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
+    allow_dependents_launch();
+    grid_dependency_wait();
     float4 cur[NORM_UNROLL], next[NORM_UNROLL];
     auto load = [&](int r, float4* v)
     {
@@ -125,10 +148,36 @@ __device__ void gather_norm_pipelined(const float* __restrict__ x, const T* __re
         {
             int i = threadIdx.x + u * blockDim.x;
             if (i < n4) row4[i] = cur[u];
-            ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
+            if (!ADD) ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
         }
-        GatherChunk<T> chunk = first;
-        store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
+        if (ADD)
+        {
+            __syncthreads();
+            index_add_row<NORM_UNROLL>(row, add.y + (long long)r * add.y_stride, add.idx, reinterpret_cast<const T*>(add.bias), add.scale, add.width);
+            __syncthreads();
+            float4* xr = reinterpret_cast<float4*>(x + (long long)r * d);
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = threadIdx.x + u * blockDim.x;
+                if (i >= n4) continue;
+                float4 v = row4[i];
+                xr[i] = v;
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+        }
+        if (CACHED)
+        {
+            float scale = 1.f / sqrtf(block_sum(ss) / d + eps);   // block_sum's barriers also publish the row
+            T* o = out + (long long)r * out_stride;
+            for (int j = threadIdx.x; j < out_stride; j += blockDim.x)
+                o[j] = from_f32<T>(j < width ? row[cached_idx[j]] * scale * cached_gamma[j] : 0.f);
+        }
+        else
+        {
+            GatherChunk<T> chunk = first;
+            store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
+        }
         __syncthreads();   // every thread's reads of this row are done before the next overwrites it
 #pragma unroll
         for (int u = 0; u < NORM_UNROLL; u++) cur[u] = next[u];
@@ -224,7 +273,14 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); } \
     extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_##S(const float* x, const T* gamma, const int* idx, T* out, \
         int rows, int d, int width, int out_stride, float eps) \
-    { gather_norm_pipelined<T>(x, gamma, idx, out, rows, d, width, out_stride, eps); }
+    { gather_norm_pipelined<T, false>(const_cast<float*>(x), gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{}); } \
+    extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_cached_##S(const float* x, const T* gamma, const int* idx, \
+        T* out, int rows, int d, int width, int out_stride, float eps) \
+    { gather_norm_pipelined<T, false, true>(const_cast<float*>(x), gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{}); } \
+    extern "C" __global__ __launch_bounds__(256, 4) void add_rmsnorm_gather_pipelined_##S(float* x, const float* y, const int* add_idx, \
+        const T* bias, float add_scale, int add_width, int y_stride, const T* gamma, const int* idx, T* out, int rows, int d, int width, \
+        int out_stride, float eps) \
+    { gather_norm_pipelined<T, true>(x, gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{y, add_idx, bias, add_scale, add_width, y_stride}); }
 FOR_EACH_STORAGE(NORMS)
 
 #define MASKED_NORMS(T, S) \

@@ -41,6 +41,8 @@ template <typename T>
 __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
     T* __restrict__ v_cache, const float* __restrict__ inv_freq, int heads, int kv_heads, int head_dim, int start, const int* position)
 {
+    allow_dependents_launch();
+    grid_dependency_wait();
     start = rope_start(start, position);
     int half = head_dim / 2, kv_dim = kv_heads * head_dim, h = blockIdx.y;
     float pos = (float)(start + (int)blockIdx.x);

@@ -53,6 +53,8 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
         public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
         public readonly delegate* unmanaged<nint, int, int, int> cuFuncSetAttribute;
+        /// <summary>Null where the driver predates CUDA 12 (no cuLaunchKernelEx): launches go through cuLaunchKernel.</summary>
+        public readonly delegate* unmanaged<LaunchConfig*, nint, void**, void**, int> cuLaunchKernelEx;
         public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
         public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
         public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
@@ -95,6 +97,7 @@ public static unsafe class CudaDriver
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)lib.Export("cuModuleGetFunction");
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
             cuFuncSetAttribute = (delegate* unmanaged<nint, int, int, int>)lib.Export("cuFuncSetAttribute");
+            cuLaunchKernelEx = (delegate* unmanaged<LaunchConfig*, nint, void**, void**, int>)lib.TryExport("cuLaunchKernelEx");
             cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
             cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
             cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
@@ -200,6 +203,43 @@ public static unsafe class CudaDriver
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
         => Check(A.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args, null), $"cuLaunchKernel({name})");
+
+    /// <summary>Whether the driver has cuLaunchKernelEx, which <see cref="LaunchProgrammatic"/> needs.</summary>
+    public static bool HasLaunchEx => A.cuLaunchKernelEx != null;
+
+    /// <summary>A launch with programmatic stream serialization (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+    /// sm_90+): the kernel may begin while the previous kernel in the stream still runs, once that kernel allows it
+    /// (griddepcontrol.launch_dependents); it must itself wait (griddepcontrol.wait) before reading that kernel's output.</summary>
+    public static void LaunchProgrammatic(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
+        nint stream, void** args)
+    {
+        const int programmaticStreamSerialization = 6;
+        var attribute = new LaunchAttribute { Id = programmaticStreamSerialization, Value = 1 };
+        var config = new LaunchConfig
+        {
+            GridX = grid.X, GridY = grid.Y, GridZ = grid.Z, BlockX = block.X, BlockY = block.Y, BlockZ = block.Z,
+            SharedBytes = sharedBytes, Stream = stream, Attributes = &attribute, AttributeCount = 1,
+        };
+        Check(A.cuLaunchKernelEx(&config, function, args, null), $"cuLaunchKernelEx({name}, programmatic)");
+    }
+
+    /// <summary>CUlaunchAttribute: the id, 4 bytes of padding, a 64-byte value union (here its first int).</summary>
+    [StructLayout(LayoutKind.Explicit, Size = 72)]
+    internal struct LaunchAttribute
+    {
+        [FieldOffset(0)] public int Id;
+        [FieldOffset(8)] public int Value;
+    }
+
+    /// <summary>CUlaunchConfig (56 bytes on 64-bit: seven uints, then the stream at offset 32).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct LaunchConfig
+    {
+        public uint GridX, GridY, GridZ, BlockX, BlockY, BlockZ, SharedBytes;
+        public nint Stream;
+        public LaunchAttribute* Attributes;
+        public uint AttributeCount;
+    }
 
     /// <summary>Records what <paramref name="enqueue"/> puts on <paramref name="stream"/> (nothing runs) and instantiates it
     /// as an executable graph. Relaxed capture mode: host-side calls stay allowed; buffers must outlive the graph.</summary>

@@ -223,8 +223,30 @@ public sealed unsafe class CudaDevice : IDisposable
         ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
         for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
-        CudaDriver.Launch(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
+        if (ProgrammaticLaunch && WaitsForGridDependency(entry))
+            CudaDriver.LaunchProgrammatic(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
+        else
+            CudaDriver.Launch(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
     }
+
+    /// <summary>While set (decode steps: many short kernels, each a few microseconds), the kernels that wait for their
+    /// grid dependency (<see cref="WaitsForGridDependency"/>) are launched with programmatic stream serialization: each
+    /// may start while the previous one finishes, and reads weights (a GEMV's first rows, a norm's gamma) before it
+    /// waits for that kernel's output. Has no effect below sm_90 or without cuLaunchKernelEx.</summary>
+    public bool ProgrammaticLaunch
+    {
+        get => _programmatic;
+        set => _programmatic = value && Info.Major >= 9 && CudaDriver.HasLaunchEx;
+    }
+
+    private bool _programmatic;
+
+    /// <summary>Kernels whose every thread calls grid_dependency_wait() (kernels/common.cuh) before reading anything an
+    /// earlier kernel writes, and writes nothing before it: the only ones that may be launched programmatically.</summary>
+    public static bool WaitsForGridDependency(string entry) =>
+        entry.StartsWith("gemv_", StringComparison.Ordinal) || entry.StartsWith("rmsnorm_gather_", StringComparison.Ordinal)
+        || entry.StartsWith("rope_kv_append_", StringComparison.Ordinal) || entry.StartsWith("attention_decode_", StringComparison.Ordinal)
+        || entry.StartsWith("embedding_", StringComparison.Ordinal);
 
     /// <summary>Dynamic shared memory a launch may use without opting in per function.</summary>
     public const uint DefaultDynamicSharedBytes = 48 << 10;

@@ -404,6 +404,17 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         var c = Config;
         var d = _device;
         int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
+        // A decode step is a chain of short kernels: each starts while the previous one finishes (CudaDevice.ProgrammaticLaunch).
+        d.ProgrammaticLaunch = rows == 1;
+        try { EnqueueLayers(a, cache, start, position); }
+        finally { d.ProgrammaticLaunch = false; }
+    }
+
+    private void EnqueueLayers(Activations a, CudaKvCache cache, int start, DeviceTensor? position)
+    {
+        var c = Config;
+        var d = _device;
+        int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);
         WriteBack? pending = null;
         for (int l = 0; l < c.NumLayers; l++)

@@ -110,8 +110,7 @@ public sealed class CudaOps(CudaDevice device)
     {
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        int grid = PipelinedNormBlocksPerSm * Device.Info.Multiprocessors;
-        if (rows > grid && smem > 0 && d % 4 == 0 && d <= 16 * PipelinedNormThreads)
+        if (Pipelines(rows, d, smem, out int grid))
             Device.Launch("norm", $"rmsnorm_gather_pipelined_{CudaDevice.Suffix(output.DType)}", (uint)grid, PipelinedNormThreads, smem,
                 x, gamma, idx, output, rows, d, width, stride, eps);
         else
@@ -123,6 +122,14 @@ public sealed class CudaOps(CudaDevice device)
     /// the grid is exactly those, each walking rows with a stride of the grid.</summary>
     public const uint PipelinedNormThreads = 256;
     public const int PipelinedNormBlocksPerSm = 4;
+
+    /// <summary>Whether the pipelined norm kernels take these rows (more than their grid, the row in shared memory,
+    /// d a multiple of 4 and at most 16 per thread), and their grid.</summary>
+    private bool Pipelines(int rows, int d, uint smem, out int grid)
+    {
+        grid = PipelinedNormBlocksPerSm * Device.Info.Multiprocessors;
+        return rows > grid && smem > 0 && d % 4 == 0 && d <= 16 * (int)PipelinedNormThreads;
+    }
 
     /// <summary>A pruned block's write-back and the next gather-RMSNorm in one launch: x[r, addIdx[j]] +=
     /// addScale·(y[r, j] + bias[j]) as <see cref="IndexAdd"/> (y f32, rows <paramref name="yStride"/> apart; addIdx null:
@@ -144,8 +151,12 @@ public sealed class CudaOps(CudaDevice device)
         if (yStride < addWidth) throw new ArgumentException($"index-add input stride {yStride} is below its width {addWidth}");
         Need(y, (long)rows * yStride, "index-add input");
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
-        Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
-            x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
+        if (Pipelines(rows, d, smem, out int grid))
+            Device.Launch("norm", $"add_rmsnorm_gather_pipelined_{CudaDevice.Suffix(output.DType)}", (uint)grid, PipelinedNormThreads, smem,
+                x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, rows, d, width, stride, eps);
+        else
+            Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
+                x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
     }
 
     /// <summary>Gather LayerNorm (OPT/Phi): statistics over the full row, selected channels out; beta may be null.</summary>

@@ -765,6 +765,8 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
         else if (has("cvt.rn.f16.f32") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_f2h(" + in[0] + ")";
         else if (has("cp.async.cg.shared.global") && in.size() == 3) call = "emu_cp_async16(" + in[0] + ", " + in[1] + ", " + in[2] + ")";
         else if (has("cp.async.commit_group")) call = "emu_cp_async_commit()";
+        // Programmatic dependent launch: stream operations run one after another here, so nothing to wait for or allow.
+        else if (has("griddepcontrol.wait") || has("griddepcontrol.launch_dependents")) call = "((void)0)";
         else if (has("cp.async.wait_all")) call = "(emu_cp_async_commit(), emu_cp_async_wait(0))";
         else if (has("cp.async.wait_group") && std::regex_search(text, wait, std::regex("wait_group\\s+(\\d+)")))
             call = "emu_cp_async_wait(" + wait[1].str() + ")";
@@ -1114,6 +1116,23 @@ EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
         op.args.emplace_back(p, p + fn->params[1 + i]);
     }
     return submit(stream, std::move(op));
+}
+// cuLaunchKernelEx with CUlaunchConfig/CUlaunchAttribute as cuda.h lays them out; the only attribute taken is
+// programmatic stream serialization (id 6), which changes nothing here: operations on a stream run one after another,
+// and griddepcontrol.wait/launch_dependents compile to nothing without __CUDA_ARCH__.
+struct EmuLaunchAttribute { int id; int pad; union { int value; char raw[64]; }; };
+struct EmuLaunchConfig { unsigned gx, gy, gz, bx, by, bz, shared; void* stream; EmuLaunchAttribute* attrs; unsigned num_attrs; };
+static_assert(sizeof(EmuLaunchAttribute) == 72 && sizeof(EmuLaunchConfig) == 56, "cuda.h's launch structures");
+EXPORT int cuLaunchKernelEx(const EmuLaunchConfig* c, void* f, void** params, void** extra)
+{
+    if (!c || (c->num_attrs && !c->attrs)) return 1;
+    for (unsigned i = 0; i < c->num_attrs; i++)
+        if (c->attrs[i].id != 6 || (c->attrs[i].value != 0 && c->attrs[i].value != 1))
+        {
+            warn("cuLaunchKernelEx: attribute %d (value %d) is not emulated", c->attrs[i].id, c->attrs[i].value);
+            return 1;
+        }
+    return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->shared, c->stream, params, extra);
 }
 EXPORT int cuStreamBeginCapture_v2(void* s, int) { Stream* st = (Stream*)s; if (!st || st->capturing) return 900; st->capturing = true; st->captured.clear(); return 0; }
 EXPORT int cuStreamEndCapture(void* s, void** graph)
