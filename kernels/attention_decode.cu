@@ -26,6 +26,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
 {
     allow_dependents_launch();
     grid_dependency_wait();
+    q = opaque(q); kc = opaque(kc); vc = opaque(vc); partial = opaque(partial);
     constexpr int V = 16 / sizeof(T);
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
     __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
@@ -125,6 +126,7 @@ __device__ void attention_decode_combine(const float* __restrict__ partial, T* _
 {
     allow_dependents_launch();
     grid_dependency_wait();
+    partial = opaque(partial);
     int h = blockIdx.x, stride = head_dim + 2;
     const float* part = partial + (long long)h * splits * stride;
     float gm = NEG_INF, gsum = 0.f;
@@ -148,6 +150,7 @@ __device__ void attention_decode_naive(const T* __restrict__ q, const T* __restr
 {
     allow_dependents_launch();
     grid_dependency_wait();
+    q = opaque(q); kc = opaque(kc); vc = opaque(vc);
     if (position) start = *position;
     __shared__ float qs[MAX_HEAD_DIM];
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];

@@ -50,6 +50,16 @@ __device__ __forceinline__ void grid_dependency_wait()
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// p, with its value hidden from the optimizer by an empty asm: loads through the result depend on the asm, so they
+// stay after it. Loads through a const __restrict__ pointer may be compiled as invariant (ld.global.nc) and scheduled
+// freely across a memory clobber; a kernel reads the previous kernel's output through opaque(p) after
+// grid_dependency_wait() (volatile asm statements keep their order).
+template <typename T>
+__device__ __forceinline__ T* opaque(T* p)
+{
+    asm volatile("" : "+l"(p));
+    return p;
+}
 
 // silu(g) * u, the SwiGLU activation (forward kernels and the backward that recomputes it use this one expression).
 struct SiluMulOp { __device__ __forceinline__ float operator()(float g, float u) const { return g / (1.f + expf(-g)) * u; } };

@@ -6,7 +6,7 @@ __device__ void embedding(const T* __restrict__ table, const int* __restrict__ t
 {
     allow_dependents_launch();
     grid_dependency_wait();
-    const T* src = table + (long long)tokens[blockIdx.x] * d;
+    const T* src = table + (long long)opaque(tokens)[blockIdx.x] * d;
     float* dst = out + (long long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = to_f32(src[i]);
 }

@@ -83,6 +83,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __re
     uint4 first[GEMV_UNROLL];
     load_first(w + (long long)row * k, k, first);
     grid_dependency_wait();
+    x = opaque(x);
     float acc = warp_dot(x, w + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0)
     {
@@ -105,6 +106,7 @@ __device__ void gemv_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* _
     uint4 first[GEMV_UNROLL];
     load_first(w + (long long)row * k, k, first);
     grid_dependency_wait();
+    x = opaque(x);
     float acc = warp_dot(x, w + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0) y[row] = from_f32<T>(acc);
 }
@@ -121,6 +123,7 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
     uint4 first[GEMV_UNROLL];
     load_first(w_gate + (long long)row * k, k, first);
     grid_dependency_wait();
+    x = opaque(x);
     float g = warp_dot(x, w_gate + (long long)row * k, k, first);
     load_first(w_up + (long long)row * k, k, first);
     float u = warp_dot(x, w_up + (long long)row * k, k, first);

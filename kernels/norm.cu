@@ -86,6 +86,7 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     chunk.load(threadIdx.x, idx, gamma, LAYER ? beta : nullptr, nullptr, width);
     allow_dependents_launch();
     grid_dependency_wait();
+    xr = opaque(xr);
     float s = 0.f, ss = 0.f;
     stream_row<NORM_UNROLL, true>(xr, row_in_smem ? row : nullptr, d, s, ss);
     store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, chunk, gamma, LAYER ? beta : nullptr, idx, out, d, width, out_stride, eps);
@@ -126,6 +127,7 @@ __device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict
     else first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
     allow_dependents_launch();
     grid_dependency_wait();
+    x = opaque(x);
     float4 cur[NORM_UNROLL], next[NORM_UNROLL];
     auto load = [&](int r, float4* v)
     {

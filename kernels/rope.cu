@@ -43,6 +43,7 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
 {
     allow_dependents_launch();
     grid_dependency_wait();
+    q = opaque(q); k = opaque(k); v = opaque(v);
     start = rope_start(start, position);
     int half = head_dim / 2, kv_dim = kv_heads * head_dim, h = blockIdx.y;
     float pos = (float)(start + (int)blockIdx.x);

@@ -236,8 +236,11 @@ public sealed unsafe class CudaDevice : IDisposable
     public bool ProgrammaticLaunch
     {
         get => _programmatic;
-        set => _programmatic = value && Info.Major >= 9 && CudaDriver.HasLaunchEx;
+        set => _programmatic = value && ProgrammaticLaunchSupported;
     }
+
+    /// <summary>sm_90 or newer and a driver with cuLaunchKernelEx.</summary>
+    public bool ProgrammaticLaunchSupported => Info.Major >= 9 && CudaDriver.HasLaunchEx;
 
     private bool _programmatic;
 

@@ -284,6 +284,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// cost); off runs every step eagerly. The two give the same logits.</summary>
     public bool UseCudaGraphs { get; set; } = true;
 
+    /// <summary>Decode steps launch their kernels programmatically (<see cref="CudaDevice.ProgrammaticLaunch"/>); off:
+    /// plain stream order (the self-test compares the two).</summary>
+    public bool UseProgrammaticLaunch { get; set; } = true;
+
     /// <summary>Activations of one forward call of <c>Rows</c> tokens (logits for the last <c>LogitRows</c>).</summary>
     internal sealed class Activations : IDisposable
     {
@@ -405,7 +409,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         var d = _device;
         int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         // A decode step is a chain of short kernels: each starts while the previous one finishes (CudaDevice.ProgrammaticLaunch).
-        d.ProgrammaticLaunch = rows == 1;
+        d.ProgrammaticLaunch = rows == 1 && UseProgrammaticLaunch;
         try { EnqueueLayers(a, cache, start, position); }
         finally { d.ProgrammaticLaunch = false; }
     }

@@ -110,6 +110,7 @@ public static class SelfTest
             new("gemv fused f32: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.F32)),
             new("gemv fused bf16: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
+            new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
             new("load streamed from a dense checkpoint = uploaded from host weights (bf16, tied, sharded)", dev => StreamedLoad(dev, pruned: false)),
             new("load streamed from a DISP-pruned checkpoint = uploaded from host weights (bf16, untied, sharded)", dev => StreamedLoad(dev, pruned: true)),
@@ -827,6 +828,30 @@ public static class SelfTest
             detail += ", eager " + Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4);
         }
         return detail;
+    }
+
+    /// <summary>Decode logits with the kernels launched programmatically (each may start before the previous ends and
+    /// must wait for it before reading its output) against the same steps in plain stream order: any read that does not
+    /// wait shows as a difference.</summary>
+    private static string ProgrammaticDecode(CudaDevice dev)
+    {
+        var (c, w) = RandomModel(pruned: true);
+        using var gpu = new CudaLlama(dev, c, w, DType.BF16);
+        int[] prompt = [1, 5, 77, 300, 2, 516, 9];
+        int[] steps = [3, 400, 8, 250, 17, 99];
+        float[] Run(bool programmatic, bool graphs)
+        {
+            gpu.UseProgrammaticLaunch = programmatic;
+            gpu.UseCudaGraphs = graphs;
+            using var cache = gpu.NewCache(prompt.Length + steps.Length);
+            var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
+            foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
+            return logits.ToArray();
+        }
+        var plain = Run(false, graphs: false);
+        string detail = "graphs " + Compare(Run(true, graphs: true), plain, 0, "differ by") + ", eager " + Compare(Run(true, graphs: false), plain, 0, "differ by");
+        gpu.UseProgrammaticLaunch = true;
+        return detail + (dev.ProgrammaticLaunchSupported ? "" : " (programmatic launch unsupported here: both ran in plain order)");
     }
 
     /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="LayerwiseWeights.Read"/>, as <c>eval</c>,
