@@ -105,26 +105,15 @@ struct RowAdd
     const float* y; const int* idx; const void* bias; float scale; int width, y_stride;
 };
 
-// With CACHED (no ADD), the selection's channels and gamma[channel] are read once per block into shared memory after
-// the row (d + 2 * width words), and each row's outputs are gathered from there.
-template <typename T, bool ADD, bool CACHED = false>
+template <typename T, bool ADD>
 __device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
     T* __restrict__ out, int rows, int d, int width, int out_stride, float eps, RowAdd add)
 {
     extern __shared__ float4 row4[];
     float* row = reinterpret_cast<float*>(row4);
-    int* cached_idx = reinterpret_cast<int*>(row + d);
-    float* cached_gamma = row + d + width;
     int n4 = d >> 2;
     GatherChunk<T> first;
-    if (CACHED)
-        for (int j = threadIdx.x; j < width; j += blockDim.x)
-        {
-            int c = idx ? idx[j] : j;
-            cached_idx[j] = c;
-            cached_gamma[j] = to_f32(gamma[c]);
-        }
-    else first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
+    first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
     allow_dependents_launch();
     grid_dependency_wait();
     x = opaque(x);
@@ -168,18 +157,8 @@ __device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict
                 ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
         }
-        if (CACHED)
-        {
-            float scale = 1.f / sqrtf(block_sum(ss) / d + eps);   // block_sum's barriers also publish the row
-            T* o = out + (long long)r * out_stride;
-            for (int j = threadIdx.x; j < out_stride; j += blockDim.x)
-                o[j] = from_f32<T>(j < width ? row[cached_idx[j]] * scale * cached_gamma[j] : 0.f);
-        }
-        else
-        {
-            GatherChunk<T> chunk = first;
-            store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
-        }
+        GatherChunk<T> chunk = first;
+        store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
         __syncthreads();   // every thread's reads of this row are done before the next overwrites it
 #pragma unroll
         for (int u = 0; u < NORM_UNROLL; u++) cur[u] = next[u];
@@ -276,9 +255,6 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_##S(const float* x, const T* gamma, const int* idx, T* out, \
         int rows, int d, int width, int out_stride, float eps) \
     { gather_norm_pipelined<T, false>(const_cast<float*>(x), gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{}); } \
-    extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_cached_##S(const float* x, const T* gamma, const int* idx, \
-        T* out, int rows, int d, int width, int out_stride, float eps) \
-    { gather_norm_pipelined<T, false, true>(const_cast<float*>(x), gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{}); } \
     extern "C" __global__ __launch_bounds__(256, 4) void add_rmsnorm_gather_pipelined_##S(float* x, const float* y, const int* add_idx, \
         const T* bias, float add_scale, int add_width, int y_stride, const T* gamma, const int* idx, T* out, int rows, int d, int width, \
         int out_stride, float eps) \
