@@ -7,6 +7,8 @@
 // add_rmsnorm_gather first applies the previous block's write-back, x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j])
 // (index_add_row, as residual.cu's index_add), to the row staged in shared memory, writes the row back and then
 // normalizes it: the residual is read and written once for both, where the two kernels read it twice and write it once.
+// rmsnorm_gather_pipelined is the many-rows form (persistent blocks, the next row's loads in flight); rmsnorm_masked
+// and add_masked_rmsnorm are DISP training's dense norms with a column-masked copy of the output.
 #include "common.cuh"
 
 #define NORM_UNROLL 4
@@ -97,17 +99,9 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
 // so the memory pipe stays busy across rows instead of idling while each row's block reduces (the one-block-per-row
 // kernel's phases run in lockstep across a wave) and no partial last wave is left. Needs d a multiple of 4, d <= 16 *
 // blockDim.x (one unrolled step per thread), blockDim.x <= 256 and d floats of dynamic shared memory.
-// With add set (add_rmsnorm_gather_pipelined), each row first gets the previous block's write-back, as
-// add_rmsnorm_gather: x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j]) applied to the staged row, which is written
-// back before it is normalized.
-struct RowAdd
-{
-    const float* y; const int* idx; const void* bias; float scale; int width, y_stride;
-};
-
-template <typename T, bool ADD>
-__device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
-    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps, RowAdd add)
+template <typename T>
+__device__ void gather_norm_pipelined(const float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
+    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps)
 {
     extern __shared__ float4 row4[];
     float* row = reinterpret_cast<float*>(row4);
@@ -139,23 +133,7 @@ __device__ void gather_norm_pipelined(float* __restrict__ x, const T* __restrict
         {
             int i = threadIdx.x + u * blockDim.x;
             if (i < n4) row4[i] = cur[u];
-            if (!ADD) ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
-        }
-        if (ADD)
-        {
-            __syncthreads();
-            index_add_row<NORM_UNROLL>(row, add.y + (long long)r * add.y_stride, add.idx, reinterpret_cast<const T*>(add.bias), add.scale, add.width);
-            __syncthreads();
-            float4* xr = reinterpret_cast<float4*>(x + (long long)r * d);
-#pragma unroll
-            for (int u = 0; u < NORM_UNROLL; u++)
-            {
-                int i = threadIdx.x + u * blockDim.x;
-                if (i >= n4) continue;
-                float4 v = row4[i];
-                xr[i] = v;
-                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-            }
+            ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
         }
         GatherChunk<T> chunk = first;
         store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
@@ -254,11 +232,7 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); } \
     extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_##S(const float* x, const T* gamma, const int* idx, T* out, \
         int rows, int d, int width, int out_stride, float eps) \
-    { gather_norm_pipelined<T, false>(const_cast<float*>(x), gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{}); } \
-    extern "C" __global__ __launch_bounds__(256, 4) void add_rmsnorm_gather_pipelined_##S(float* x, const float* y, const int* add_idx, \
-        const T* bias, float add_scale, int add_width, int y_stride, const T* gamma, const int* idx, T* out, int rows, int d, int width, \
-        int out_stride, float eps) \
-    { gather_norm_pipelined<T, true>(x, gamma, idx, out, rows, d, width, out_stride, eps, RowAdd{y, add_idx, bias, add_scale, add_width, y_stride}); }
+    { gather_norm_pipelined<T>(x, gamma, idx, out, rows, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
 
 #define MASKED_NORMS(T, S) \

@@ -17,8 +17,15 @@ __device__ __forceinline__ void rotate_pair(const TI* in, TO* out, int half, flo
     out[half] = from_f32<TO>(b * c + a * s);
 }
 
-// Grid (rows, heads), any block size. out may be x (in place); rope_f32_to_<T> writes an f32 input's rotation in T
-// (training's backward: the rotated gradient is the next GEMM's operand).
+// Grid (rows, slices): row r's (head, pair) items are dealt over the row's gridDim.y blocks (thread t of block y takes
+// items y * blockDim.x + t, then every gridDim.y * blockDim.x). Many rows (prefill, training) run one block per row;
+// a single row (decode) spreads over enough blocks that each thread rotates about one pair, instead of one block's
+// threads walking every head in a serial loop of memory latencies. Any block size.
+__device__ __forceinline__ int rope_item() { return blockIdx.y * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int rope_stride() { return gridDim.y * blockDim.x; }
+
+// out may be x (in place); rope_f32_to_<T> writes an f32 input's rotation in T (training's backward: the rotated
+// gradient is the next GEMM's operand).
 template <typename TI, typename TO>
 __device__ void rope(const TI* x, TO* out, const float* __restrict__ inv_freq, int heads, int head_dim, int start, const int* position,
     float direction)
@@ -26,17 +33,17 @@ __device__ void rope(const TI* x, TO* out, const float* __restrict__ inv_freq, i
     start = rope_start(start, position);
     int half = head_dim / 2;
     float pos = (float)(start + (int)blockIdx.x);
-    long long off = ((long long)blockIdx.x * heads + blockIdx.y) * head_dim;
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
+    long long row = (long long)blockIdx.x * heads * head_dim;
+    for (int t = rope_item(); t < heads * half; t += rope_stride())
     {
+        int h = t / half, i = t % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        rotate_pair(x + off + i, out + off + i, half, s * direction, c);
+        long long off = row + h * head_dim + i;
+        rotate_pair(x + off, out + off, half, s * direction, c);
     }
 }
 
-// Grid (rows, heads + kv_heads): one block per row and head, any block size (at least 32 threads). A block per head
-// keeps decode (one row) from running every head's rotation through one block's serial loop.
 template <typename T>
 __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ k_cache,
     T* __restrict__ v_cache, const float* __restrict__ inv_freq, int heads, int kv_heads, int head_dim, int start, const int* position)
@@ -45,30 +52,25 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
     grid_dependency_wait();
     q = opaque(q); k = opaque(k); v = opaque(v);
     start = rope_start(start, position);
-    int half = head_dim / 2, kv_dim = kv_heads * head_dim, h = blockIdx.y;
+    int half = head_dim / 2, kv_dim = kv_heads * head_dim;
     float pos = (float)(start + (int)blockIdx.x);
+    T* qr = q + (long long)blockIdx.x * heads * head_dim;
+    const T* kr = k + (long long)blockIdx.x * kv_dim;
+    const T* vr = v + (long long)blockIdx.x * kv_dim;
     long long dst = (long long)(start + (int)blockIdx.x) * kv_dim;
-    if (h < heads)
+    for (int t = rope_item(); t < (heads + kv_heads) * half; t += rope_stride())
     {
-        T* qr = q + (long long)blockIdx.x * heads * head_dim + h * head_dim;
-        for (int i = threadIdx.x; i < half; i += blockDim.x)
-        {
-            float s, c;
-            sincosf(pos * inv_freq[i], &s, &c);
-            rotate_pair(qr + i, qr + i, half, s, c);
-        }
-        return;
-    }
-    int off = (h - heads) * head_dim;
-    const T* kr = k + (long long)blockIdx.x * kv_dim + off;
-    const T* vr = v + (long long)blockIdx.x * kv_dim + off;
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-    {
+        int h = t / half, i = t % half;
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        rotate_pair(kr + i, k_cache + dst + off + i, half, s, c);
+        if (h < heads) rotate_pair(qr + h * head_dim + i, qr + h * head_dim + i, half, s, c);
+        else
+        {
+            int off = (h - heads) * head_dim + i;
+            rotate_pair(kr + off, k_cache + dst + off, half, s, c);
+        }
     }
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) v_cache[dst + off + i] = vr[i];
+    for (int i = rope_item(); i < kv_dim; i += rope_stride()) v_cache[dst + i] = vr[i];
 }
 
 #define ROPE(T, S) \

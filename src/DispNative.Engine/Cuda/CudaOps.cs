@@ -33,8 +33,8 @@ public sealed class CudaOps(CudaDevice device)
     {
         long n = (long)rows * heads * headDim;
         Need(x, n, "rope input");
-        var grid = ((uint)rows, (uint)heads, 1u);
-        var block = (RopeThreads(headDim), 1u, 1u);
+        var grid = ((uint)rows, RopeSlices(rows, heads * (headDim / 2)), 1u);
+        var block = (RopeThreads, 1u, 1u);
         if (output == null)
         {
             Device.Launch("rope", $"rope_{CudaDevice.Suffix(x.DType)}", grid, block, 0, x, invFreq, heads, headDim, start, position, inverse ? -1f : 1f);
@@ -55,8 +55,8 @@ public sealed class CudaOps(CudaDevice device)
         int kvDim = kvHeads * headDim;
         Need(q, (long)rows * heads * headDim, "queries"); Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
         if (position == null) { Need(kCache, (long)(start + rows) * kvDim, "key cache"); Need(vCache, (long)(start + rows) * kvDim, "value cache"); }
-        Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", ((uint)rows, (uint)(heads + kvHeads), 1),
-            (RopeThreads(headDim), 1, 1), 0, q, k, v, kCache, vCache, invFreq,
+        Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", ((uint)rows, RopeSlices(rows, (heads + kvHeads) * (headDim / 2)), 1),
+            (RopeThreads, 1, 1), 0, q, k, v, kCache, vCache, invFreq,
             heads, kvHeads, headDim, start, position);
     }
 
@@ -123,8 +123,8 @@ public sealed class CudaOps(CudaDevice device)
     public const uint PipelinedNormThreads = 256;
     public const int PipelinedNormBlocksPerSm = 4;
 
-    /// <summary>Whether the pipelined norm kernels take these rows (more than their grid, the row in shared memory,
-    /// d a multiple of 4 and at most 16 per thread), and their grid.</summary>
+    /// <summary>Whether rmsnorm_gather_pipelined takes these rows (more than its grid, the row in shared memory,
+    /// d a multiple of 4 and at most 16 per thread), and its grid.</summary>
     private bool Pipelines(int rows, int d, uint smem, out int grid)
     {
         grid = PipelinedNormBlocksPerSm * Device.Info.Multiprocessors;
@@ -151,12 +151,9 @@ public sealed class CudaOps(CudaDevice device)
         if (yStride < addWidth) throw new ArgumentException($"index-add input stride {yStride} is below its width {addWidth}");
         Need(y, (long)rows * yStride, "index-add input");
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
-        if (Pipelines(rows, d, smem, out int grid))
-            Device.Launch("norm", $"add_rmsnorm_gather_pipelined_{CudaDevice.Suffix(output.DType)}", (uint)grid, PipelinedNormThreads, smem,
-                x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, rows, d, width, stride, eps);
-        else
-            Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
-                x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
+        // A block per row: a pipelined form of this kernel (as rmsnorm_gather_pipelined) measured slower on an H100.
+        Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
+            x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
     }
 
     /// <summary>Gather LayerNorm (OPT/Phi): statistics over the full row, selected channels out; beta may be null.</summary>
@@ -184,8 +181,12 @@ public sealed class CudaOps(CudaDevice device)
     private uint NormThreads(int rows, int d, int stride) =>
         rows >= Device.Info.Multiprocessors ? Threads(d / 4) : (uint)Math.Clamp((Math.Max(d / 4, (stride + 3) / 4) + 31) & ~31, 128, 1024);
 
-    /// <summary>One rotation pair per thread of a (row, head) block.</summary>
-    private static uint RopeThreads(int headDim) => (uint)Math.Clamp((headDim / 2 + 31) & ~31, 32, 128);
+    private const uint RopeThreads = 128;
+
+    /// <summary>Blocks per row of the rope kernels (grid y): one when the rows alone give every SM several blocks; for
+    /// fewer rows (decode) enough that each thread rotates about one of the row's <paramref name="pairs"/>.</summary>
+    private uint RopeSlices(int rows, int pairs) =>
+        (uint)Math.Clamp(8L * Device.Info.Multiprocessors / rows, 1, Math.Max(1, (pairs + RopeThreads - 1) / RopeThreads));
 
     /// <summary>Block size for a row kernel whose threads each handle 4 loads in flight (NORM_UNROLL, RESIDUAL_UNROLL):
     /// one pass over <paramref name="items"/> where possible, 128 to 1024 threads.</summary>
