@@ -7,8 +7,7 @@
 // add_rmsnorm_gather first applies the previous block's write-back, x[r, add_idx[j]] += add_scale * (y[r, j] + bias[j])
 // (index_add_row, as residual.cu's index_add), to the row staged in shared memory, writes the row back and then
 // normalizes it: the residual is read and written once for both, where the two kernels read it twice and write it once.
-// rmsnorm_gather_pipelined is the many-rows form (persistent blocks, the next row's loads in flight); rmsnorm_masked
-// and add_masked_rmsnorm are DISP training's dense norms with a column-masked copy of the output.
+// rmsnorm_masked and add_masked_rmsnorm are DISP training's dense norms with a column-masked copy of the output.
 #include "common.cuh"
 
 #define NORM_UNROLL 4
@@ -48,7 +47,7 @@ struct GatherChunk
 template <typename T, bool LAYER>
 __device__ __forceinline__ void store_gathered(const float* src, float s, float ss, GatherChunk<T>& chunk, const T* __restrict__ gamma,
     const T* __restrict__ beta, const int* __restrict__ idx, T* __restrict__ out, int d, int width, int out_stride, float eps,
-    const float* __restrict__ mask = nullptr, T* __restrict__ masked = nullptr, long long out_row = blockIdx.x)
+    const float* __restrict__ mask = nullptr, T* __restrict__ masked = nullptr)
 {
     float mean = 0.f, scale;
     if (LAYER)
@@ -59,8 +58,8 @@ __device__ __forceinline__ void store_gathered(const float* src, float s, float 
     }
     else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
     __syncthreads();
-    T* o = out + out_row * out_stride;
-    T* om = masked ? masked + out_row * out_stride : nullptr;
+    T* o = out + (long long)blockIdx.x * out_stride;
+    T* om = masked ? masked + (long long)blockIdx.x * out_stride : nullptr;
     for (int base = threadIdx.x; base < out_stride; base += NORM_UNROLL * blockDim.x)
     {
         if (base != (int)threadIdx.x) chunk.load(base, idx, gamma, beta, mask, width);
@@ -92,55 +91,6 @@ __device__ void gather_norm(const float* __restrict__ x, const T* __restrict__ g
     float s = 0.f, ss = 0.f;
     stream_row<NORM_UNROLL, true>(xr, row_in_smem ? row : nullptr, d, s, ss);
     store_gathered<T, LAYER>(row_in_smem ? row : xr, s, ss, chunk, gamma, LAYER ? beta : nullptr, idx, out, d, width, out_stride, eps);
-}
-
-// The gather-RMSNorm as a persistent, software-pipelined loop: a grid of a few blocks per SM walks the rows with a
-// stride of gridDim.x, and each thread issues its loads of the next row before it reduces and writes the current one,
-// so the memory pipe stays busy across rows instead of idling while each row's block reduces (the one-block-per-row
-// kernel's phases run in lockstep across a wave) and no partial last wave is left. Needs d a multiple of 4, d <= 16 *
-// blockDim.x (one unrolled step per thread), blockDim.x <= 256 and d floats of dynamic shared memory.
-template <typename T>
-__device__ void gather_norm_pipelined(const float* __restrict__ x, const T* __restrict__ gamma, const int* __restrict__ idx,
-    T* __restrict__ out, int rows, int d, int width, int out_stride, float eps)
-{
-    extern __shared__ float4 row4[];
-    float* row = reinterpret_cast<float*>(row4);
-    int n4 = d >> 2;
-    GatherChunk<T> first;
-    first.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
-    allow_dependents_launch();
-    grid_dependency_wait();
-    x = opaque(x);
-    float4 cur[NORM_UNROLL], next[NORM_UNROLL];
-    auto load = [&](int r, float4* v)
-    {
-        const float4* src = reinterpret_cast<const float4*>(x + (long long)r * d);
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++)
-        {
-            int i = threadIdx.x + u * blockDim.x;
-            v[u] = i < n4 ? src[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    };
-    int r = blockIdx.x;
-    if (r < rows) load(r, cur);
-    for (; r < rows; r += gridDim.x)
-    {
-        if (r + (int)gridDim.x < rows) load(r + gridDim.x, next);
-        float ss = 0.f;
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++)
-        {
-            int i = threadIdx.x + u * blockDim.x;
-            if (i < n4) row4[i] = cur[u];
-            ss += cur[u].x * cur[u].x + cur[u].y * cur[u].y + cur[u].z * cur[u].z + cur[u].w * cur[u].w;
-        }
-        GatherChunk<T> chunk = first;
-        store_gathered<T, false>(row, 0.f, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps, nullptr, nullptr, r);
-        __syncthreads();   // every thread's reads of this row are done before the next overwrites it
-#pragma unroll
-        for (int u = 0; u < NORM_UNROLL; u++) cur[u] = next[u];
-    }
 }
 
 // Needs d floats of dynamic shared memory. y is f32 (a GEMM's output), bias the storage type; add_idx == nullptr: the
@@ -229,10 +179,7 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     { gather_norm<T, true>(x, gamma, beta, idx, out, d, width, out_stride, eps, row_in_smem); } \
     extern "C" __global__ void add_rmsnorm_gather_##S(float* x, const float* y, const int* add_idx, const T* bias, float add_scale, int add_width, \
         int y_stride, const T* gamma, const int* idx, T* out, int d, int width, int out_stride, float eps) \
-    { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); } \
-    extern "C" __global__ __launch_bounds__(256, 4) void rmsnorm_gather_pipelined_##S(const float* x, const T* gamma, const int* idx, T* out, \
-        int rows, int d, int width, int out_stride, float eps) \
-    { gather_norm_pipelined<T>(x, gamma, idx, out, rows, d, width, out_stride, eps); }
+    { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
 
 #define MASKED_NORMS(T, S) \

@@ -110,25 +110,8 @@ public sealed class CudaOps(CudaDevice device)
     {
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
         uint smem = RowSmem(d);
-        if (Pipelines(rows, d, smem, out int grid))
-            Device.Launch("norm", $"rmsnorm_gather_pipelined_{CudaDevice.Suffix(output.DType)}", (uint)grid, PipelinedNormThreads, smem,
-                x, gamma, idx, output, rows, d, width, stride, eps);
-        else
-            Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
-                x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
-    }
-
-    /// <summary>rmsnorm_gather_pipelined's launch: __launch_bounds__(256, 4) guarantees four resident blocks per SM, and
-    /// the grid is exactly those, each walking rows with a stride of the grid.</summary>
-    public const uint PipelinedNormThreads = 256;
-    public const int PipelinedNormBlocksPerSm = 4;
-
-    /// <summary>Whether rmsnorm_gather_pipelined takes these rows (more than its grid, the row in shared memory,
-    /// d a multiple of 4 and at most 16 per thread), and its grid.</summary>
-    private bool Pipelines(int rows, int d, uint smem, out int grid)
-    {
-        grid = PipelinedNormBlocksPerSm * Device.Info.Multiprocessors;
-        return rows > grid && smem > 0 && d % 4 == 0 && d <= 16 * (int)PipelinedNormThreads;
+        Device.Launch("norm", $"rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
+            x, gamma, idx, output, d, width, stride, eps, smem > 0 ? 1 : 0);
     }
 
     /// <summary>A pruned block's write-back and the next gather-RMSNorm in one launch: x[r, addIdx[j]] +=
@@ -151,7 +134,6 @@ public sealed class CudaOps(CudaDevice device)
         if (yStride < addWidth) throw new ArgumentException($"index-add input stride {yStride} is below its width {addWidth}");
         Need(y, (long)rows * yStride, "index-add input");
         var (width, stride) = NormShape(x, idx, output, rows, d, outputStride);
-        // A block per row: a pipelined form of this kernel (as rmsnorm_gather_pipelined) measured slower on an H100.
         Device.Launch("norm", $"add_rmsnorm_gather_{CudaDevice.Suffix(output.DType)}", (uint)rows, NormThreads(rows, d, stride), smem,
             x, y, addIdx, bias, addScale, addWidth, yStride, gamma, idx, output, d, width, stride, eps);
     }
