@@ -1,8 +1,7 @@
 // MLP activations: SwiGLU (out = silu(gate) * up) and exact (erf) GELU; elementwise, grid-stride.
 // The forward maps read and write 16 bytes per thread per step (8 bf16/f16 or 4 f32) when the buffers are 16-byte
 // aligned, the elements past the last whole 16 bytes one by one; out may be one of the inputs (in place).
-// silu_mul_backward: from dout (f32), dgate = dout * up * silu'(gate) and dup = dout * silu(gate), with
-// silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+// The SwiGLU backward is masks.cu's swiglu_mask_backward (training always has the middle mask).
 #include "common.cuh"
 
 struct GeluOp { __device__ __forceinline__ float operator()(float v, float) const { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); } };
@@ -32,17 +31,6 @@ __device__ void elementwise(const T* a, const T* b, T* out, long long n, Op op)
 #define ACTIVATIONS(T, S) \
     extern "C" __global__ void silu_mul_##S(const T* gate, const T* up, T* out, long long n) \
     { elementwise<T>(gate, up, out, n, SiluMulOp()); } \
-    extern "C" __global__ void silu_mul_backward_##S(const T* __restrict__ gate, const T* __restrict__ up, const float* __restrict__ dout, \
-        T* __restrict__ dgate, T* __restrict__ dup, long long n) \
-    { \
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) \
-        { \
-            float g = to_f32(gate[i]), u = to_f32(up[i]), d = dout[i]; \
-            float s = 1.f / (1.f + expf(-g)); \
-            dgate[i] = from_f32<T>(d * u * s * (1.f + g * (1.f - s))); \
-            dup[i] = from_f32<T>(d * g * s); \
-        } \
-    } \
     extern "C" __global__ void gelu_##S(const T* in, T* out, long long n) \
     { elementwise<T>(in, (const T*)nullptr, out, n, GeluOp()); }
 FOR_EACH_STORAGE(ACTIVATIONS)

@@ -48,41 +48,7 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
     }
 FOR_EACH_STORAGE(MASK_COLUMNS_GRAD)
 
-// The same sum, tiled: a block of MASK_GRAD_WARPS warps owns 32 consecutive columns (one per lane); warp w sums rows
-// w, w + MASK_GRAD_WARPS, ..., four rows' loads in flight at a time, and the warps' partial sums are then added in
-// shared memory in a fixed order, so the result does not depend on scheduling. A 4096-wide site runs 2048 warps.
 #define MASK_GRAD_WARPS 16
-#define MASK_COLUMNS_GRAD_TILED(T, S) \
-    extern "C" __global__ __launch_bounds__(32 * MASK_GRAD_WARPS) void mask_columns_grad_tiled_##S(const float* __restrict__ dy, \
-        const T* __restrict__ x, float* __restrict__ dmask, int rows, int width, int accumulate) \
-    { \
-        __shared__ float partial[MASK_GRAD_WARPS][32]; \
-        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5; \
-        int j = blockIdx.x * 32 + lane; \
-        float s = 0.f; \
-        if (j < width) \
-        { \
-            const int step = MASK_GRAD_WARPS; \
-            int r = warp; \
-            for (; r + 3 * step < rows; r += 4 * step) \
-            { \
-                long long i = (long long)r * width + j, st = (long long)step * width; \
-                float d0 = dy[i], d1 = dy[i + st], d2 = dy[i + 2 * st], d3 = dy[i + 3 * st]; \
-                float x0 = to_f32(x[i]), x1 = to_f32(x[i + st]), x2 = to_f32(x[i + 2 * st]), x3 = to_f32(x[i + 3 * st]); \
-                s += d0 * x0; s += d1 * x1; s += d2 * x2; s += d3 * x3; \
-            } \
-            for (; r < rows; r += step) s += dy[(long long)r * width + j] * to_f32(x[(long long)r * width + j]); \
-        } \
-        partial[warp][lane] = s; \
-        __syncthreads(); \
-        if (warp == 0 && j < width) \
-        { \
-            float t = 0.f; \
-            for (int k = 0; k < MASK_GRAD_WARPS; k++) t += partial[k][lane]; \
-            dmask[j] = accumulate ? dmask[j] + t : t; \
-        } \
-    }
-FOR_EACH_STORAGE(MASK_COLUMNS_GRAD_TILED)
 
 // out[r, j] = x[r, j] * mask[j] (mask == nullptr: a copy), converting the storage type: f32 to any, or S to S.
 // out may be x (in place).
@@ -106,12 +72,9 @@ extern "C" __global__ void add_scaled_columns_f32(const float* x, const float* _
     for (int j = threadIdx.x; j < width; j += blockDim.x) out[off + j] = x[off + j] + y[off + j] * mask[j];
 }
 
-// The tiled column sum above fused with what the backward does next to the same gradient (DISP training's mask sites):
-//   mask_grad_scale: dmask[j] (+)= sum_r dy[r, j] * x[r, j] and out[r, j] = dy[r, j] * mask[j] (out may be dy: in place);
-//   swiglu_mask_backward: for the MLP's middle mask, where the masked activation is silu(gate) * up * mask, with dy its
-//   gradient: dmask[j] (+)= sum_r dy * silu(gate) * up (the activation recomputed, not stored), and from d = dy * mask[j]
-//   dgate = d * up * silu'(gate), dup = d * silu(gate), as silu_mul_backward.
-// Each element is read once where the two kernels read dy twice. Same tiling and fixed summation order as the column sum.
+// Tiled column sums: a block of MASK_GRAD_WARPS warps owns 32 consecutive columns (one per lane); warp w takes rows
+// w, w + MASK_GRAD_WARPS, ..., four rows' loads in flight at a time, and the warps' partial sums are then added in
+// shared memory in a fixed order, so the result does not depend on scheduling. A 4096-wide site runs 2048 warps.
 // element: init(j) once per column (before any row), load(u, i) issues row u's reads into slot u (u < 4, a
 // compile-time constant after unrolling, so the slots are registers), finish(u, i) writes that row's outputs and
 // returns its term. Four rows' loads are issued before the first finish: the stores may alias dy (in place), so the
@@ -151,6 +114,29 @@ __device__ __forceinline__ void mask_columns_tiled(int rows, int width, float* _
     }
 }
 
+// mask_columns_grad_tiled: the column mask gradient above, tiled.
+template <typename TX>
+struct MaskGrad
+{
+    const float* dy; const TX* x;
+    float d[4], v[4];
+    __device__ __forceinline__ void init(int) {}
+    __device__ __forceinline__ void load(int u, long long i) { d[u] = dy[i]; v[u] = to_f32(x[i]); }
+    __device__ __forceinline__ float finish(int u, long long) { return d[u] * v[u]; }
+};
+
+#define MASK_COLUMNS_GRAD_TILED(T, S) \
+    extern "C" __global__ __launch_bounds__(32 * MASK_GRAD_WARPS) void mask_columns_grad_tiled_##S(const float* __restrict__ dy, \
+        const T* __restrict__ x, float* __restrict__ dmask, int rows, int width, int accumulate) \
+    { mask_columns_tiled(rows, width, dmask, accumulate, MaskGrad<T>{dy, x}); }
+FOR_EACH_STORAGE(MASK_COLUMNS_GRAD_TILED)
+
+// The tiled column sum fused with what the backward does next to the same gradient (DISP training's mask sites):
+//   mask_grad_scale: dmask[j] (+)= sum_r dy[r, j] * x[r, j] and out[r, j] = dy[r, j] * mask[j] (out may be dy: in place);
+//   swiglu_mask_backward: for the MLP's middle mask, where the masked activation is silu(gate) * up * mask, with dy its
+//   gradient: dmask[j] (+)= sum_r dy * silu(gate) * up (the activation recomputed, not stored), and from d = dy * mask[j]
+//   dgate = d * up * silu'(gate), dup = d * silu(gate), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+// Each element is read once where separate kernels read dy twice.
 template <typename TX, typename TO>
 struct MaskGradScale
 {

@@ -179,8 +179,10 @@ public class KernelSourceTests
             "residual:index_add_##S", "residual:add_bias_##S", "activations:silu_mul_##S", "activations:gelu_##S",
             "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
-            "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "norm:rmsnorm_backward_##S", "activations:silu_mul_backward_##S",
+            "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "norm:rmsnorm_backward_##S",
             "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O", "gemv:gemv_qkv_##S", "gemv:gemv_swiglu_##S",
+            "norm:add_rmsnorm_gather_##S", "norm:rmsnorm_masked_##S", "norm:add_masked_rmsnorm_##S", "residual:index_add_staged_##S", "rope:rope_f32_to_##S",
+            "masks:mask_columns_grad_tiled_##S", "masks:mask_grad_scale_##NAME", "masks:swiglu_mask_backward_##S", "masks:silu_mul_masked_##S",
         ];
         foreach (var e in expected)
         {

@@ -201,10 +201,6 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Grid of the 16-byte-per-thread elementwise kernels: a thread per 8 elements (grid-stride beyond).</summary>
     private static uint VectorGrid(long n) => CudaDevice.GridFor((n + 7) / 8);
 
-    /// <summary>From dout = ∂/∂(silu(gate)·up) (f32): dgate and dup in the storage type of gate.</summary>
-    public void SiluMulBackward(DeviceTensor gate, DeviceTensor up, DeviceTensor dOutput, DeviceTensor dGate, DeviceTensor dUp, long n)
-        => Device.Launch("activations", $"silu_mul_backward_{CudaDevice.Suffix(gate.DType)}", CudaDevice.GridFor(n), 256, 0, gate, up, dOutput, dGate, dUp, n);
-
     /// <summary>dx[r] += ∂RMSNorm(x[r])·gamma / ∂x[r] applied to dy[r] (x, dy, dx f32; gamma frozen).</summary>
     public void RmsNormBackward(DeviceTensor x, DeviceTensor gamma, DeviceTensor dy, DeviceTensor dx, int rows, int d, float eps)
     {
@@ -497,7 +493,8 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>The MLP middle site's backward in one pass, from dOutput = ∂/∂(silu(gate)·up·mask) (f32): maskGrads[offset + j]
-    /// += Σ_r dOutput·silu(gate)·up (the activation recomputed) and <see cref="SiluMulBackward"/> of dOutput·mask.</summary>
+    /// += Σ_r dOutput·silu(gate)·up (the activation recomputed), and dGate, dUp (gate's storage type) the SwiGLU backward
+    /// of dOutput·mask.</summary>
     public void SwiGluMaskBackward(DeviceTensor gate, DeviceTensor up, DeviceTensor dOutput, DeviceTensor masks, DeviceTensor maskGrads, long offset,
         DeviceTensor dGate, DeviceTensor dUp, int rows, int width)
     {
