@@ -167,6 +167,19 @@ __device__ __forceinline__ void index_add_row(float* __restrict__ row, const Y* 
     }
 }
 
+// A residual row xr staged in shared memory (row, d floats): read whole, row[idx[j]] += scale * (y[j] + bias[j]) applied
+// there, written back whole; with SUMS the written values and their squares are added to s and ss (a norm's statistics).
+template <int UNROLL, bool SUMS, typename Y, typename B>
+__device__ __forceinline__ void index_add_staged_row(float* __restrict__ xr, float* __restrict__ row, const Y* __restrict__ y,
+    const int* __restrict__ idx, const B* __restrict__ bias, float scale, int width, int d, float& s, float& ss)
+{
+    stream_row<UNROLL, false>(xr, row, d, s, ss);
+    __syncthreads();
+    index_add_row<UNROLL>(row, y, idx, bias, scale, width);
+    __syncthreads();
+    stream_row<UNROLL, SUMS>(row, xr, d, s, ss);
+}
+
 // Uniform (0, 1) from a counter-based hash (splitmix64 of seed + golden-ratio step · (counter + 1)), 24 bits.
 __device__ __forceinline__ float hash_uniform(unsigned long long seed, unsigned long long counter)
 {

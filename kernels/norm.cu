@@ -106,11 +106,7 @@ __device__ void add_rmsnorm_gather(float* __restrict__ x, const float* __restric
     GatherChunk<T> chunk;
     chunk.load(threadIdx.x, idx, gamma, nullptr, nullptr, width);
     float s = 0.f, ss = 0.f;
-    stream_row<NORM_UNROLL, false>(xr, row, d, s, ss);
-    __syncthreads();
-    index_add_row<NORM_UNROLL>(row, y + (long long)blockIdx.x * y_stride, add_idx, bias, add_scale, add_width);
-    __syncthreads();
-    stream_row<NORM_UNROLL, true>(row, xr, d, s, ss);
+    index_add_staged_row<NORM_UNROLL, true>(xr, row, y + (long long)blockIdx.x * y_stride, add_idx, bias, add_scale, add_width, d, s, ss);
     store_gathered<T, false>(row, s, ss, chunk, gamma, nullptr, idx, out, d, width, out_stride, eps);
 }
 

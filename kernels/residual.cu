@@ -25,11 +25,7 @@ __device__ void index_add_staged(float* __restrict__ x, const T* __restrict__ y,
     float* row = reinterpret_cast<float*>(row4);
     float* xr = x + (long long)blockIdx.x * d;
     float s = 0.f, ss = 0.f;
-    stream_row<RESIDUAL_UNROLL, false>(xr, row, d, s, ss);
-    __syncthreads();
-    index_add_row<RESIDUAL_UNROLL>(row, y + (long long)blockIdx.x * y_stride, idx, bias, scale, width);
-    __syncthreads();
-    stream_row<RESIDUAL_UNROLL, false>(row, xr, d, s, ss);
+    index_add_staged_row<RESIDUAL_UNROLL, false>(xr, row, y + (long long)blockIdx.x * y_stride, idx, bias, scale, width, d, s, ss);
 }
 
 #define INDEX_ADD(T, S) \
