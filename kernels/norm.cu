@@ -13,9 +13,9 @@
 #define NORM_UNROLL 4
 
 // One thread's UNROLL output channels j = base + u * blockDim.x: c = idx[j] (-1 past width), gamma[c], beta[c] and
-// mask[j] (a column mask for a masked copy of the output; null: none). The
-// first chunk is loaded before the row, so the dependent idx -> gamma loads overlap the row's loads and its reduction
-// instead of following them (with one row per block, as in decode, those latencies are most of the kernel).
+// mask[j] (a column mask for a masked copy of the output; null: none). The first chunk is loaded before the row, so
+// the dependent idx -> gamma loads overlap the row's loads and its reduction instead of following them (with one row
+// per block, as in decode, those latencies are most of the kernel).
 template <typename T>
 struct GatherChunk
 {

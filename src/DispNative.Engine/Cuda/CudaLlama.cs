@@ -405,13 +405,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// norm and the LM head for the last <c>a.LogitRows</c> rows.</summary>
     private void Enqueue(Activations a, CudaKvCache cache, int start, DeviceTensor? position)
     {
-        var c = Config;
-        var d = _device;
-        int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         // A decode step is a chain of short kernels: each starts while the previous one finishes (CudaDevice.ProgrammaticLaunch).
-        d.ProgrammaticLaunch = rows == 1 && UseProgrammaticLaunch;
+        _device.ProgrammaticLaunch = a.Rows == 1 && UseProgrammaticLaunch;
         try { EnqueueLayers(a, cache, start, position); }
-        finally { d.ProgrammaticLaunch = false; }
+        finally { _device.ProgrammaticLaunch = false; }
     }
 
     private void EnqueueLayers(Activations a, CudaKvCache cache, int start, DeviceTensor? position)
