@@ -169,6 +169,32 @@ public class KernelSourceTests
         throw new FormatException("unbalanced call");
     }
 
+    /// <summary>A kernel that CudaDevice launches programmatically in decode must wait for the previous kernel before it
+    /// reads that kernel's output: the device function each such entry point calls has to call grid_dependency_wait().
+    /// (A kernel without the wait would read stale data on an H100 only; the emulator runs launches in order.)</summary>
+    [Test]
+    public void EveryProgrammaticallyLaunchedKernel_WaitsForItsGridDependency()
+    {
+        var entry = new System.Text.RegularExpressions.Regex(@"extern ""C"" __global__(?:\s+__launch_bounds__\([^)]*\))?\s+void\s+([\w#]+)\([^)]*\)\s*\\?\s*\{\s*(\w+)\s*[<(]");
+        int programmatic = 0;
+        foreach (var kernel in KernelSources.KernelNames)
+        {
+            string source = KernelSources.Source(kernel);
+            foreach (System.Text.RegularExpressions.Match m in entry.Matches(source))
+            {
+                if (!CudaDevice.WaitsForGridDependency(m.Groups[1].Value)) continue;
+                programmatic++;
+                string callee = m.Groups[2].Value;
+                var definition = System.Text.RegularExpressions.Regex.Match(source, $@"__device__\s+void\s+{callee}\s*\(");
+                Assert.That(definition.Success, Is.True, $"{kernel}.cu: {m.Groups[1].Value} calls {callee}, whose definition was not found");
+                int open = source.IndexOf('{', definition.Index), depth = 0, end = open;
+                do { depth += source[end] == '{' ? 1 : source[end] == '}' ? -1 : 0; end++; } while (depth > 0);
+                Assert.That(source[open..end], Does.Contain("grid_dependency_wait();"), $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
+            }
+        }
+        Assert.That(programmatic, Is.GreaterThanOrEqualTo(8), "the programmatic entry points were not found (pattern out of date?)");
+    }
+
     [Test]
     public void EveryEntryPointTheEngineLaunches_IsDefinedInItsKernelFile()
     {
