@@ -48,8 +48,6 @@ extern "C" __global__ void gumbel_noise(float* __restrict__ out, int n, unsigned
     }
 FOR_EACH_STORAGE(MASK_COLUMNS_GRAD)
 
-#define MASK_GRAD_WARPS 16
-
 // out[r, j] = x[r, j] * mask[j] (mask == nullptr: a copy), converting the storage type: f32 to any, or S to S.
 // out may be x (in place).
 #define SCALE_COLUMNS(TI, TO, NAME) \
@@ -71,6 +69,8 @@ extern "C" __global__ void add_scaled_columns_f32(const float* x, const float* _
     long long off = (long long)blockIdx.x * width;
     for (int j = threadIdx.x; j < width; j += blockDim.x) out[off + j] = x[off + j] + y[off + j] * mask[j];
 }
+
+#define MASK_GRAD_WARPS 16
 
 // Tiled column sums: a block of MASK_GRAD_WARPS warps owns 32 consecutive columns (one per lane); warp w takes rows
 // w, w + MASK_GRAD_WARPS, ..., four rows' loads in flight at a time, and the warps' partial sums are then added in

@@ -1121,7 +1121,7 @@ EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsign
 }
 // cuLaunchKernelEx with CUlaunchConfig/CUlaunchAttribute as cuda.h lays them out; the only attribute taken is
 // programmatic stream serialization (id 6), which changes nothing here: operations on a stream run one after another,
-// and griddepcontrol.wait/launch_dependents compile to nothing without __CUDA_ARCH__.
+// and the asm rewriting above maps griddepcontrol.wait/launch_dependents to nothing.
 struct EmuLaunchAttribute { int id; int pad; union { int value; char raw[64]; }; };
 struct EmuLaunchConfig { unsigned gx, gy, gz, bx, by, bz, shared; void* stream; EmuLaunchAttribute* attrs; unsigned num_attrs; };
 static_assert(sizeof(EmuLaunchAttribute) == 72 && sizeof(EmuLaunchConfig) == 56, "cuda.h's launch structures");
