@@ -5,8 +5,11 @@
 // Split-KV ("flash decoding"): grid (heads, splits). Block (h, s) takes the s-th contiguous share of the visible keys;
 // a group of G lanes scores one key, each lane holding 16 bytes of the head (one uint4 load of K and of V per key),
 // so a warp reads 32 / G whole rows per step, UNROLL steps in flight. With one split the block writes the output;
-// otherwise it writes its unnormalised state (acc[head_dim], m, l) to `partial` and attention_decode_combine merges
-// the splits. Needs head_dim a multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
+// otherwise it writes its unnormalised state (acc[head_dim], m, l) to `partial`, and the splits are merged either by
+// the last block of the head to finish (arrivals set: a per-head counter that block counts up and resets to zero, so
+// the launch after it finds it zero again) or by a second kernel, attention_decode_combine (arrivals null). Both merge
+// the splits in index order, so the output does not depend on which block finishes last. Needs head_dim a multiple of
+// 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
 //
 // attention_decode_naive is the first version (kept as the KernelBench baseline and for head sizes the vector layout
 // does not fit): one block per head, a lane per key reading its row element by element.
@@ -14,19 +17,36 @@
 
 #define MAX_HEAD_DIM 128
 #define DECODE_WARPS 4
-#define DECODE_UNROLL 4
+#define DECODE_UNROLL 8
 
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
 
+// Head h's output from its splits' states in partial (read through L2: other blocks wrote them in this launch).
+template <typename T>
+__device__ void merge_splits(const float* partial, T* __restrict__ out, int h, int splits, int head_dim)
+{
+    int stride = head_dim + 2;
+    const float* part = partial + (long long)h * splits * stride;
+    float gm = NEG_INF, gsum = 0.f;
+    for (int s = 0; s < splits; s++) gm = fmaxf(gm, __ldcg(part + s * stride + head_dim));
+    for (int s = 0; s < splits; s++) gsum += __ldcg(part + s * stride + head_dim + 1) * rescale(__ldcg(part + s * stride + head_dim), gm);
+    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
+    {
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += __ldcg(part + s * stride + c) * rescale(__ldcg(part + s * stride + head_dim), gm);
+        out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
+    }
+}
+
 template <typename T>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, float* __restrict__ partial, int start, const int* position, int heads, int kv_heads, int head_dim,
-    int window, float scale)
+    T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, int start, const int* position, int heads,
+    int kv_heads, int head_dim, int window, float scale)
 {
     allow_dependents_launch();
     grid_dependency_wait();
-    q = opaque(q); kc = opaque(kc); vc = opaque(vc); partial = opaque(partial);
+    q = opaque(q); kc = opaque(kc); vc = opaque(vc); partial = opaque(partial); arrivals = opaque(arrivals);
     constexpr int V = 16 / sizeof(T);
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
     __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
@@ -118,6 +138,22 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
         else part[c] = v;
     }
     if (splits > 1 && threadIdx.x == 0) { part[head_dim] = gm; part[head_dim + 1] = gsum; }
+    if (splits == 1 || !arrivals) return;
+
+    // The last of the head's blocks to get here merges: each thread's writes are made visible device-wide before
+    // thread 0 counts the block in, and the merging block reads the states only after seeing the full count.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+    {
+        last = atomicAdd(arrivals + h, 1u) == (unsigned)splits - 1;
+        if (last) arrivals[h] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    merge_splits<T>(partial, out, h, splits, head_dim);
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.
@@ -126,18 +162,7 @@ __device__ void attention_decode_combine(const float* __restrict__ partial, T* _
 {
     allow_dependents_launch();
     grid_dependency_wait();
-    partial = opaque(partial);
-    int h = blockIdx.x, stride = head_dim + 2;
-    const float* part = partial + (long long)h * splits * stride;
-    float gm = NEG_INF, gsum = 0.f;
-    for (int s = 0; s < splits; s++) gm = fmaxf(gm, part[s * stride + head_dim]);
-    for (int s = 0; s < splits; s++) gsum += part[s * stride + head_dim + 1] * rescale(part[s * stride + head_dim], gm);
-    for (int c = threadIdx.x; c < head_dim; c += blockDim.x)
-    {
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += part[s * stride + c] * rescale(part[s * stride + head_dim], gm);
-        out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
-    }
+    merge_splits<T>(opaque(partial), out, blockIdx.x, splits, head_dim);
 }
 
 #define NAIVE_KEYS 32
@@ -213,8 +238,9 @@ __device__ void attention_decode_naive(const T* __restrict__ q, const T* __restr
 }
 
 #define ATTENTION_DECODE(T, S) \
-    extern "C" __global__ void attention_decode_split_##S(const T* q, const T* kc, const T* vc, T* out, float* partial, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
-    { attention_decode_split<T>(q, kc, vc, out, partial, start, position, heads, kv_heads, head_dim, window, scale); } \
+    extern "C" __global__ void attention_decode_split_##S(const T* q, const T* kc, const T* vc, T* out, float* partial, unsigned* arrivals, \
+        int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
+    { attention_decode_split<T>(q, kc, vc, out, partial, arrivals, start, position, heads, kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_decode_combine_##S(const float* partial, T* out, int splits, int head_dim) \
     { attention_decode_combine<T>(partial, out, splits, head_dim); } \
     extern "C" __global__ void attention_decode_naive_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \

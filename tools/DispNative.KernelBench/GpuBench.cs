@@ -243,11 +243,17 @@ internal static class GpuBench
         acceptance.AtLeast(3, "prefill attention >= 40% of same-FLOP cuBLASLt GEMMs", engineAttn / gemmRate, 0.4, Percent);
         double kvBytes = 2.0 * T * Heads * HeadDim * 2;
         double naiveDecode = Bandwidth($"attention decode bf16, naive: block per head (position {T - 1}, KV read)", kvBytes,
-            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, splitDecode: false));
-        using var decodeScratch = dev.Allocate(DType.F32, CudaOps.DecodeScratchLength(Heads, HeadDim));
-        double splitDecode = Bandwidth($"attention decode bf16, split-KV ({CudaOps.DecodeSplits(T, 0)} splits + combine)", kvBytes,
-            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch));
-        Console.WriteLine($"{"split-KV vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
+            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decode: DecodeKernel.Naive));
+        using var decodeScratch = ops.NewDecodeScratch(Heads, HeadDim);
+        double SplitDecode(DecodeKernel kernel, int keys) => Bandwidth(
+            $"attention decode bf16, split-KV, {CudaOps.DecodeSplits(T, 0, keys)} shares" + (kernel == DecodeKernel.SplitKv ? ", merged" : " + combine"),
+            kvBytes, () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch, decode: kernel, decodeKeysPerSplit: keys));
+        double wideTwoLaunches = SplitDecode(DecodeKernel.SplitKvCombineKernel, 128), wideMerged = SplitDecode(DecodeKernel.SplitKv, 128);
+        double decodeTwoLaunches = SplitDecode(DecodeKernel.SplitKvCombineKernel, CudaOps.DecodeKeysPerSplit);
+        double splitDecode = SplitDecode(DecodeKernel.SplitKv, CudaOps.DecodeKeysPerSplit);   // what the engine runs
+        Console.WriteLine($"{$"split-KV: last block merges vs combine kernel (128 / {CudaOps.DecodeKeysPerSplit} keys)",-58} {"",8} {wideMerged / wideTwoLaunches,5:F2} / {splitDecode / decodeTwoLaunches,4:F2} x");
+        Console.WriteLine($"{$"split-KV: {CudaOps.DecodeKeysPerSplit}-key vs 128-key shares (last block merges)",-58} {"",8} {splitDecode / wideMerged,12:F2} x");
+        Console.WriteLine($"{"split-KV (engine) vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
 
         // Training attention (issue 4): forward with log-sum-exp, then the backward, SIMT against the GEMM formulation.
         using var lse = dev.Allocate(DType.F32, (long)Heads * T); using var dsum = dev.Allocate(DType.F32, (long)Heads * T);

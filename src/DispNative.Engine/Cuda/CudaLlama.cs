@@ -10,7 +10,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 {
     internal DeviceTensor[] K { get; }
     internal DeviceTensor[] V { get; }
-    /// <summary>The split-KV decode's per-split states (<see cref="CudaOps.DecodeScratchLength"/>), shared by the layers.</summary>
+    /// <summary>The split-KV decode's per-split states and arrival counters (<see cref="CudaOps.NewDecodeScratch"/>), shared by the layers.</summary>
     internal DeviceTensor? DecodeScratch { get; }
     public int Capacity { get; }
     public int Length { get; internal set; }
@@ -28,7 +28,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
                 K[l] = device.Allocate(dtype, (long)capacity * c.KvDim);
                 V[l] = device.Allocate(dtype, (long)capacity * c.KvDim);
             }
-            DecodeScratch = device.Allocate(DType.F32, CudaOps.DecodeScratchLength(c.NumHeads, c.HeadDim));
+            DecodeScratch = new CudaOps(device).NewDecodeScratch(c.NumHeads, c.HeadDim);
         }
         catch { Dispose(); throw; }
     }

@@ -212,21 +212,21 @@ public sealed class CudaOps(CudaDevice device)
         => Device.Launch("activations", $"gelu_{CudaDevice.Suffix(input.DType)}", VectorGrid(n), 256, 0, input, output, n);
 
     /// <summary>Causal GQA attention of <paramref name="tq"/> queries at positions start.. against the cache. One query
-    /// (decode): the split-KV kernel (<see cref="DecodeSplits"/> shares of the cache, merged by a combine kernel;
-    /// <paramref name="decodeScratch"/> holds the shares' states, <see cref="DecodeScratchLength"/> f32) where the head
-    /// fits its 16-byte layout and <paramref name="splitDecode"/> is true, else the naive kernel (a block per head).
-    /// It reads its position from <paramref name="position"/> when given (CUDA graph replay; then the scratch must be
-    /// given too, as a captured launch keeps its pointer). More queries: <paramref name="prefill"/>, by default
-    /// <see cref="DefaultPrefill"/>.</summary>
+    /// (decode): <paramref name="decode"/> (default <see cref="DecodeKernel.SplitKv"/>) over shares of
+    /// <paramref name="decodeKeysPerSplit"/> keys (<see cref="DecodeSplits"/>; default <see cref="DecodeKeysPerSplit"/>),
+    /// with <paramref name="decodeScratch"/> (<see cref="NewDecodeScratch"/>) for the shares' states, where the head fits
+    /// the split kernel's 16-byte layout, else the naive kernel. It reads its position from <paramref name="position"/>
+    /// when given (CUDA graph replay; then the scratch must be given too, as a captured launch keeps its pointer). More
+    /// queries: <paramref name="prefill"/>, by default <see cref="DefaultPrefill"/>.</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
         int heads, int kvHeads, int headDim, int? window, PrefillKernel? prefill = null, DeviceTensor? position = null,
-        DeviceTensor? decodeScratch = null, bool splitDecode = true)
+        DeviceTensor? decodeScratch = null, DecodeKernel decode = DecodeKernel.SplitKv, int decodeKeysPerSplit = DecodeKeysPerSplit)
     {
         if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
         CheckHeads(heads, kvHeads, headDim);
         float scale = 1f / MathF.Sqrt(headDim);
         if (tq == 1)
-            Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, window ?? 0, scale, position, decodeScratch, splitDecode);
+            Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, window ?? 0, scale, position, decodeScratch, decode, decodeKeysPerSplit);
         else
             Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
     }
@@ -266,18 +266,37 @@ public sealed class CudaOps(CudaDevice device)
         }
     }
 
-    private const int MaxDecodeSplits = 32, DecodeKeysPerSplit = 128;
+    private const int MaxDecodeSplits = 64;
+
+    /// <summary>Keys per share of the split-KV decode unless told otherwise: one DECODE_UNROLL step of the kernel's
+    /// four warps at head_dim 128 in bf16 (each block issues all its loads at once).</summary>
+    public const int DecodeKeysPerSplit = 64;
 
     /// <summary>Shares of the visible keys the split-KV decode uses for a cache of <paramref name="capacity"/> rows
     /// (the capacity, not the current length: a captured decode step keeps its grid for every position).</summary>
-    public static int DecodeSplits(int capacity, int window) =>
-        Math.Clamp((Math.Min(capacity, window > 0 ? window : capacity) + DecodeKeysPerSplit - 1) / DecodeKeysPerSplit, 1, MaxDecodeSplits);
+    public static int DecodeSplits(int capacity, int window, int keysPerSplit = DecodeKeysPerSplit)
+    {
+        if (keysPerSplit <= 0) throw new ArgumentOutOfRangeException(nameof(keysPerSplit), keysPerSplit, "keys per split must be positive");
+        return Math.Clamp((Math.Min(capacity, window > 0 ? window : capacity) + keysPerSplit - 1) / keysPerSplit, 1, MaxDecodeSplits);
+    }
 
-    /// <summary>f32 elements of the split-KV decode's scratch: every split's unnormalised output row, max and sum.</summary>
-    public static long DecodeScratchLength(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2);
+    /// <summary>f32 elements of the split-KV decode's scratch: every split's unnormalised output row, max and sum, then
+    /// one arrival counter per head (<see cref="NewDecodeScratch"/>).</summary>
+    public static long DecodeScratchLength(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2) + heads;
+
+    private static long DecodeCountersOffset(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2);
+
+    /// <summary>A split-KV decode scratch with its arrival counters at zero; the kernel leaves them at zero, so one
+    /// scratch serves every layer and step of a sequence.</summary>
+    public DeviceTensor NewDecodeScratch(int heads, int headDim)
+    {
+        var t = Device.Allocate(DType.F32, DecodeScratchLength(heads, headDim));
+        try { FillConstant(t, 0f); return t; }
+        catch { t.Dispose(); throw; }
+    }
 
     private void Decode(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int start, int heads, int kvHeads,
-        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, bool split)
+        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, DecodeKernel kernel, int keysPerSplit)
     {
         string s = CudaDevice.Suffix(q.DType);
         int kvDim = kvHeads * headDim, vector = 16 / q.DType.Size();
@@ -285,23 +304,25 @@ public sealed class CudaOps(CudaDevice device)
         if (position == null && start >= capacity) throw new ArgumentException($"decode position {start} is outside a cache of {capacity} rows");
         Need(q, (long)heads * headDim, "decode query"); Need(output, (long)heads * headDim, "decode output");
         bool aligned = (q.Pointer | kCache.Pointer | vCache.Pointer) % 16 == 0;
-        if (!split || headDim % vector != 0 || !aligned)
+        if (kernel == DecodeKernel.Naive || headDim % vector != 0 || !aligned)
         {
             Device.Launch("attention_decode", $"attention_decode_naive_{s}", ((uint)heads, 1, 1), (DecodeWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, start, position, heads, kvHeads, headDim, window, scale);
             return;
         }
-        int splits = DecodeSplits(capacity, window);
+        int splits = DecodeSplits(capacity, window, keysPerSplit);
         if (splits > 1 && scratch == null && position != null)
             throw new ArgumentException("a captured split-KV decode needs a scratch tensor that outlives the graph");
-        DeviceTensor? temporary = splits > 1 && scratch == null ? Device.Allocate(DType.F32, DecodeScratchLength(heads, headDim)) : null;
+        DeviceTensor? temporary = splits > 1 && scratch == null ? NewDecodeScratch(heads, headDim) : null;
         try
         {
             var partial = scratch ?? temporary;
             if (partial != null) Need(partial, DecodeScratchLength(heads, headDim), "decode scratch");
+            bool merged = kernel == DecodeKernel.SplitKv && partial != null;
             Device.Launch("attention_decode", $"attention_decode_split_{s}", ((uint)heads, (uint)splits, 1), (DecodeWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, partial, start, position, heads, kvHeads, headDim, window, scale);
-            if (splits > 1)
+                q, kCache, vCache, output, partial, merged ? partial!.Address(DecodeCountersOffset(heads, headDim)) : 0,
+                start, position, heads, kvHeads, headDim, window, scale);
+            if (splits > 1 && !merged)
                 Device.Launch("attention_decode", $"attention_decode_combine_{s}", ((uint)heads, 1, 1), (128, 1, 1), 0, partial, output, splits, headDim);
         }
         finally { temporary?.Dispose(); }   // stream-ordered: the next user of the block runs after these kernels
@@ -548,6 +569,18 @@ public sealed class CudaOps(CudaDevice device)
             Device.Launch("norm", $"add_masked_rmsnorm_{suffix}", (uint)rows, threads, smem, x, y, addMasks!.Address(addOffset), xOut,
                 gamma, output, masks.Address(offset), masked, d, eps);
     }
+}
+
+/// <summary>Kernels of single-query (decode) attention.</summary>
+public enum DecodeKernel
+{
+    /// <summary>A block per head, a lane per key (attention_decode_naive): the baseline, and any head size.</summary>
+    Naive,
+    /// <summary>Split-KV: blocks over (head, share of the keys); the last block of each head to finish merges the shares.</summary>
+    SplitKv,
+    /// <summary>Split-KV with the shares merged by a second kernel (attention_decode_combine), as before the merge moved
+    /// into the last block; kept for KernelBench.</summary>
+    SplitKvCombineKernel,
 }
 
 /// <summary>Kernels of multi-query (prefill and training) attention.</summary>

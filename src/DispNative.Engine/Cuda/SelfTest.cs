@@ -61,7 +61,10 @@ public static class SelfTest
             new("attention decode bf16 split-KV sliding window 300 (position 1000 of 1024, head_dim 48)", dev => Attention(dev, 1, 1000, 2, 1, 48, 300, DType.BF16, capacity: 1024)),
             new("attention decode f32 split-KV (head_dim 20: 5 of 8 lanes per key)", dev => Attention(dev, 1, 77, 3, 3, 20, null)),
             new("attention decode bf16 naive fallback (head_dim 20: no 16-byte layout)", dev => Attention(dev, 1, 77, 3, 3, 20, null, DType.BF16)),
-            new("attention decode bf16 naive (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, splitDecode: false)),
+            new("attention decode bf16 naive (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, decode: DecodeKernel.Naive)),
+            new("attention decode bf16 split-KV, combine kernel (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, decode: DecodeKernel.SplitKvCombineKernel)),
+            new("attention decode bf16 split-KV, 200-key shares (several steps per block; position 1500 of 2048)", dev => Attention(dev, 1, 1500, 4, 4, 128, null, DType.BF16, capacity: 2048, keysPerSplit: 200)),
+            new("attention decode f32 split-KV, 64 shares (position 5000 of 8192, heads 2/1, head_dim 64)", dev => Attention(dev, 1, 5000, 2, 1, 64, null, capacity: 8192)),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -439,9 +442,10 @@ public static class SelfTest
     }
 
     /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
-    /// start + tq), the rows past the queries random: the kernels must not read them.</summary>
+    /// start + tq), the rows past the queries random: the kernels must not read them. A split-KV decode runs twice with
+    /// one scratch, as the layers of a decode step share it: both outputs must match and its arrival counters be zero.</summary>
     private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
-        PrefillKernel? prefill = null, int? capacity = null, bool splitDecode = true)
+        PrefillKernel? prefill = null, int? capacity = null, DecodeKernel decode = DecodeKernel.SplitKv, int keysPerSplit = CudaOps.DecodeKeysPerSplit)
     {
         var rng = new Rng(9);
         int total = start + tq, rows = capacity ?? total, qd = heads * hd, kvd = kvHeads * hd;
@@ -450,10 +454,26 @@ public static class SelfTest
         var v = RoundTo(dtype, Random(rng, rows * kvd));
         using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
         using var o = dev.Allocate(dtype, tq * qd);
-        new CudaOps(dev).Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, prefill, splitDecode: splitDecode);
+        var ops = new CudaOps(dev);
         var want = new float[tq * qd];
         CpuOps.Attention(q, k.AsSpan(0, total * kvd).ToArray(), v.AsSpan(0, total * kvd).ToArray(), want, tq, start, heads, kvHeads, hd, window);
-        return Compare(dev.Download(o), want, dtype == DType.F32 ? 1e-5 : 1e-2);
+        double tolerance = dtype == DType.F32 ? 1e-5 : 1e-2;
+        if (tq > 1 || decode == DecodeKernel.Naive)
+        {
+            ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, prefill, decode: decode);
+            return Compare(dev.Download(o), want, tolerance);
+        }
+        using var scratch = ops.NewDecodeScratch(heads, hd);
+        ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
+        var first = dev.Download(o);
+        ops.FillConstant(o, float.NaN);
+        ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
+        if (!dev.Download(o).AsSpan().SequenceEqual(first)) throw new Mismatch("a second decode with the same scratch gives another output");
+        var counters = dev.Download(scratch).AsSpan((int)(scratch.Length - heads));
+        for (int h = 0; h < heads; h++)
+            if (BitConverter.SingleToUInt32Bits(counters[h]) is var n and not 0) throw new Mismatch($"head {h}'s arrival counter is {n} after the decode, not 0");
+        bool split = hd % (16 / dtype.Size()) == 0;
+        return (split ? $"{CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit)} shares, " : "") + Compare(first, want, tolerance);
     }
 
     private static string Fill(CudaDevice dev)

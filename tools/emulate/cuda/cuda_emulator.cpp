@@ -9,7 +9,8 @@
 //   must arrive has arrived. A deadlock, collectives that diverge within a warp, or a lane leaving before its warp's
 //   collective fail the launch with a message instead of hanging. Each thread runs as far as it can before the next
 //   one starts, so a missing barrier shows up as wrong results; DISPNATIVE_EMU_SCHEDULE=reverse runs the threads
-//   from the last one down, to catch the races that the first order hides.
+//   and the blocks from the last one down, to catch the races that the first order hides (and a block that counts on
+//   finishing after the others). Atomics are plain read-modify-writes: a fiber switches only at a collective.
 // - A vector load or store (reinterpret_cast to uint4*, float4* and the like) at an address that is not a multiple of
 //   its size fails the launch, as it faults on a GPU (x86 would read it quietly).
 // - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints), as shared memory is
@@ -298,6 +299,13 @@ std::string describe_states(int threads)
     return s.str();
 }
 
+// DISPNATIVE_EMU_SCHEDULE=reverse: threads and blocks run last to first.
+bool schedule_reversed()
+{
+    static const bool reverse = [] { const char* e = getenv("DISPNATIVE_EMU_SCHEDULE"); return e && strcmp(e, "reverse") == 0; }();
+    return reverse;
+}
+
 // Runs one block to completion. False with g_run.error set when it cannot finish.
 bool run_block(EmuDim3 block, int threads)
 {
@@ -320,7 +328,7 @@ bool run_block(EmuDim3 block, int threads)
         for (int r = 0; r < 6; r++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
         f.sp = sp;
     }
-    static const bool reverse = [] { const char* e = getenv("DISPNATIVE_EMU_SCHEDULE"); return e && strcmp(e, "reverse") == 0; }();
+    bool reverse = schedule_reversed();
     for (;;)
     {
         bool ran = false;
@@ -497,10 +505,12 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
     install_fault_handler();
     g_run.running = true;
     bool ok = true;
-    for (unsigned z = 0; z < grid.z && ok; z++)
-        for (unsigned y = 0; y < grid.y && ok; y++)
-            for (unsigned x = 0; x < grid.x && ok; x++)
+    bool reverse = schedule_reversed();
+    for (unsigned zi = 0; zi < grid.z && ok; zi++)
+        for (unsigned yi = 0; yi < grid.y && ok; yi++)
+            for (unsigned xi = 0; xi < grid.x && ok; xi++)
             {
+                unsigned x = reverse ? grid.x - 1 - xi : xi, y = reverse ? grid.y - 1 - yi : yi, z = reverse ? grid.z - 1 - zi : zi;
                 // Each block starts with shared memory that holds nothing it wrote: 0xff bytes, NaN as floats.
                 memset(dynamic_shared.data(), 0xff, dynamic_shared.size());
                 if (fn.module->shared_begin) memset(fn.module->shared_begin, 0xff, fn.module->shared_end - fn.module->shared_begin);
