@@ -11,6 +11,12 @@
 // the splits in index order, so the output does not depend on which block finishes last. Needs head_dim a multiple of
 // 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
 //
+// With inv_freq set the kernel also does decode's RoPE and cache append (rope.cu's rope_kv_append, one launch fewer):
+// q arrives unrotated and every block rotates its head's q; the step's own key and value (position start) come from
+// k_new/v_new, rotated, rounded to T as the cache would hold them, and scored by the block whose share ends there,
+// which (for the first query head of each KV head) also appends them to the caches. Needs head_dim / 2 a multiple of
+// 16 / sizeof(T) (a lane's 16 bytes pair with one other lane's).
+//
 // attention_decode_naive is the first version (kept as the KernelBench baseline and for head sizes the vector layout
 // does not fit): one block per head, a lane per key reading its row element by element.
 #include "common.cuh"
@@ -21,6 +27,37 @@
 
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
+
+// The online-softmax step for one key with score sc and value vf.
+template <int V>
+__device__ __forceinline__ void attend(float sc, const float* vf, float& m, float& l, float* acc)
+{
+    float mn = fmaxf(m, sc), corr = rescale(m, mn), p = expf(sc - mn);
+    l = l * corr + p;
+#pragma unroll
+    for (int i = 0; i < V; i++) acc[i] = acc[i] * corr + p * vf[i];
+    m = mn;
+}
+
+// Channels c0.. (16 bytes) of one head row x rotated as rope.cu's rotate_pair does at position pos, and rounded to T as
+// the rope kernel stores them. half (head_dim / 2) is a multiple of the chunk, so the pair partners of the chunk are
+// the chunk half away.
+template <typename T>
+__device__ __forceinline__ void rope_chunk(const T* x, int c0, int half, float pos, const float* __restrict__ inv_freq, float* out)
+{
+    constexpr int V = 16 / sizeof(T);
+    bool low = c0 < half;
+    float own[V], other[V];
+    unpack16<T>(*reinterpret_cast<const uint4*>(x + c0), own);
+    unpack16<T>(*reinterpret_cast<const uint4*>(x + (low ? c0 + half : c0 - half)), other);
+#pragma unroll
+    for (int i = 0; i < V; i++)
+    {
+        float s, c;
+        sincosf(pos * inv_freq[(low ? c0 : c0 - half) + i], &s, &c);
+        out[i] = to_f32(from_f32<T>(low ? own[i] * c - other[i] * s : own[i] * c + other[i] * s));
+    }
+}
 
 // Head h's output from its splits' states in partial (read through L2: other blocks wrote them in this launch).
 template <typename T>
@@ -41,12 +78,14 @@ __device__ void merge_splits(const float* partial, T* __restrict__ out, int h, i
 
 template <typename T>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, int start, const int* position, int heads,
-    int kv_heads, int head_dim, int window, float scale)
+    T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
+    const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
+    int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     allow_dependents_launch();
     grid_dependency_wait();
     q = opaque(q); kc = opaque(kc); vc = opaque(vc); partial = opaque(partial); arrivals = opaque(arrivals);
+    k_new = opaque(k_new); v_new = opaque(v_new);
     constexpr int V = 16 / sizeof(T);
     __shared__ float wm[DECODE_WARPS], wl[DECODE_WARPS];
     __shared__ float wacc[DECODE_WARPS][MAX_HEAD_DIM];
@@ -65,8 +104,11 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     int share = (start - first + 1 + splits - 1) / splits;
     int kbeg = first + split * share, kend = min(start + 1, kbeg + share);
 
+    bool rope = inv_freq != nullptr;
+    int half = head_dim / 2, loop_end = rope ? min(kend, start) : kend;   // rope: key start is not in the cache yet
     float qv[V], acc[V];
-    if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
+    if (has && rope) rope_chunk<T>(q + (long long)h * head_dim, c0, half, (float)start, inv_freq, qv);
+    else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
     for (int i = 0; i < V; i++) { qv[i] = has ? qv[i] * scale : 0.f; acc[i] = 0.f; }
     float m = NEG_INF, l = 0.f;
@@ -74,7 +116,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     const int step = DECODE_WARPS * per_warp;
     long long col = (long long)kvh * head_dim + c0;
     // base is uniform over the warp (its shuffles need every lane); the warp's slots take keys base + slot + u * step.
-    for (int base = kbeg + warp * per_warp; base < kend; base += step * DECODE_UNROLL)
+    for (int base = kbeg + warp * per_warp; base < loop_end; base += step * DECODE_UNROLL)
     {
         int k0 = base + slot;
         uint4 kr[DECODE_UNROLL], vr[DECODE_UNROLL];
@@ -82,7 +124,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
         for (int u = 0; u < DECODE_UNROLL; u++)
         {
             int key = k0 + u * step;
-            if (has && key < kend)
+            if (has && key < loop_end)
             {
                 kr[u] = *reinterpret_cast<const uint4*>(kc + (long long)key * kv_dim + col);
                 vr[u] = *reinterpret_cast<const uint4*>(vc + (long long)key * kv_dim + col);
@@ -97,14 +139,34 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
 #pragma unroll
             for (int i = 0; i < V; i++) s += qv[i] * kf[i];
             for (int o = group >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (k0 + u * step < kend)              // uniform over the group
+            if (k0 + u * step < loop_end)          // uniform over the group
             {
                 unpack16<T>(vr[u], vf);
-                float mn = fmaxf(m, s), corr = rescale(m, mn), p = expf(s - mn);
-                l = l * corr + p;
+                attend<V>(s, vf, m, l, acc);
+            }
+        }
+    }
+    if (rope && warp == 0 && kbeg <= start && start < kend)
+    {
+        // The step's own key, scored by slot 0 of warp 0 (the whole warp shuffles) and appended once per KV head.
+        float kf[V], vf[V], s = 0.f;
+        long long row = (long long)kvh * head_dim;
+        if (has)
+        {
+            rope_chunk<T>(k_new + row, c0, half, (float)start, inv_freq, kf);
+            unpack16<T>(*reinterpret_cast<const uint4*>(v_new + row + c0), vf);
 #pragma unroll
-                for (int i = 0; i < V; i++) acc[i] = acc[i] * corr + p * vf[i];
-                m = mn;
+            for (int i = 0; i < V; i++) s += qv[i] * kf[i];
+        }
+        for (int o = group >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (slot == 0 && has)
+        {
+            attend<V>(s, vf, m, l, acc);
+            if (h % (heads / kv_heads) == 0)
+            {
+                long long dst = (long long)start * kv_dim + row + c0;
+#pragma unroll
+                for (int i = 0; i < V; i++) { k_append[dst + i] = from_f32<T>(kf[i]); v_append[dst + i] = from_f32<T>(vf[i]); }
             }
         }
     }
@@ -239,8 +301,10 @@ __device__ void attention_decode_naive(const T* __restrict__ q, const T* __restr
 
 #define ATTENTION_DECODE(T, S) \
     extern "C" __global__ void attention_decode_split_##S(const T* q, const T* kc, const T* vc, T* out, float* partial, unsigned* arrivals, \
-        int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \
-    { attention_decode_split<T>(q, kc, vc, out, partial, arrivals, start, position, heads, kv_heads, head_dim, window, scale); } \
+        const T* k_new, const T* v_new, const float* inv_freq, T* k_append, T* v_append, int start, const int* position, int heads, \
+        int kv_heads, int head_dim, int window, float scale) \
+    { attention_decode_split<T>(q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, position, heads, \
+        kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_decode_combine_##S(const float* partial, T* out, int splits, int head_dim) \
     { attention_decode_combine<T>(partial, out, splits, head_dim); } \
     extern "C" __global__ void attention_decode_naive_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \

@@ -254,6 +254,17 @@ internal static class GpuBench
         Console.WriteLine($"{$"split-KV: last block merges vs combine kernel (128 / {CudaOps.DecodeKeysPerSplit} keys)",-58} {"",8} {wideMerged / wideTwoLaunches,5:F2} / {splitDecode / decodeTwoLaunches,4:F2} x");
         Console.WriteLine($"{$"split-KV: {CudaOps.DecodeKeysPerSplit}-key vs 128-key shares (last block merges)",-58} {"",8} {splitDecode / wideMerged,12:F2} x");
         Console.WriteLine($"{"split-KV (engine) vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
+        // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
+        using var kNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16); using var vNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16);
+        using var invFreq = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(i => MathF.Pow(10000f, -2f * i / HeadDim)).ToArray());
+        double ropeThenAttention = Bandwidth("decode rope + kv append, then split-KV attention", kvBytes, () =>
+        {
+            ops.RopeKvAppend(q, kNew, vNew, kc, vc, invFreq, 1, Heads, Heads, HeadDim, T - 1);
+            ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch);
+        });
+        double ropeInAttention = Bandwidth("decode rope + kv append + attention, one launch", kvBytes,
+            () => ops.RopeKvAppendAttention(q, kNew, vNew, kc, vc, invFreq, o, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch));
+        Console.WriteLine($"{"decode rope + append + attention: one launch vs two",-58} {"",8} {ropeInAttention / ropeThenAttention,12:F2} x");
 
         // Training attention (issue 4): forward with log-sum-exp, then the backward, SIMT against the GEMM formulation.
         using var lse = dev.Allocate(DType.F32, (long)Heads * T); using var dsum = dev.Allocate(DType.F32, (long)Heads * T);

@@ -432,9 +432,14 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
                 if (w.Bq != null) { _ops.AddBias(a.Q, w.Bq, rows); _ops.AddBias(a.K, w.Bk!, rows); _ops.AddBias(a.V, w.Bv!, rows); }
             }
-            _ops.RopeKvAppend(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start, position);
-            _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow,
-                position: position, decodeScratch: cache.DecodeScratch);
+            if (rows == 1)
+                _ops.RopeKvAppendAttention(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
+                    c.SlidingWindow, position, cache.DecodeScratch);
+            else
+            {
+                _ops.RopeKvAppend(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start, position);
+                _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+            }
             pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
             int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);

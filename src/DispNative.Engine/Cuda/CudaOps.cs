@@ -295,8 +295,43 @@ public sealed class CudaOps(CudaDevice device)
         catch { t.Dispose(); throw; }
     }
 
+    /// <summary>Decode's RoPE, cache append and attention for one token at position <paramref name="start"/> (or
+    /// <paramref name="position"/>): from the step's unrotated q [heads·headDim] and its k and v [kvHeads·headDim], the
+    /// caches get the rotated key and the value at that row and <paramref name="output"/> the attention of the rotated
+    /// query, as <see cref="RopeKvAppend"/> then <see cref="Attention"/> give. One launch of the split-KV kernel where
+    /// <see cref="RopeFusesIntoDecode"/>, else those two.</summary>
+    public void RopeKvAppendAttention(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache,
+        DeviceTensor invFreq, DeviceTensor output, int start, int heads, int kvHeads, int headDim, int? window, DeviceTensor? position = null,
+        DeviceTensor? decodeScratch = null)
+    {
+        if (!RopeFusesIntoDecode(q, k, v, kCache, vCache, headDim))
+        {
+            RopeKvAppend(q, k, v, kCache, vCache, invFreq, 1, heads, kvHeads, headDim, start, position);
+            Attention(q, kCache, vCache, output, 1, start, heads, kvHeads, headDim, window, position: position, decodeScratch: decodeScratch);
+            return;
+        }
+        CheckHeads(heads, kvHeads, headDim);
+        int kvDim = kvHeads * headDim;
+        Need(k, kvDim, "new key"); Need(v, kvDim, "new value"); Need(invFreq, headDim / 2, "RoPE inverse frequencies");
+        Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim), position, decodeScratch,
+            DecodeKernel.SplitKv, DecodeKeysPerSplit, new RopeAppend(k, v, invFreq));
+    }
+
+    /// <summary>Whether <see cref="RopeKvAppendAttention"/> runs as one launch: the split-KV layout (head_dim a multiple
+    /// of 16 bytes, 16-byte aligned tensors) with each lane's 16 bytes pairing with one other lane's (head_dim / 2 a
+    /// multiple of 16 bytes too).</summary>
+    public static bool RopeFusesIntoDecode(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache, int headDim)
+    {
+        int vector = 16 / q.DType.Size();
+        return headDim % 2 == 0 && (headDim / 2) % vector == 0 && (q.Pointer | k.Pointer | v.Pointer | kCache.Pointer | vCache.Pointer) % 16 == 0;
+    }
+
+    /// <summary>The step's new key and value, and RoPE's inverse frequencies, for the split-KV kernel's fused RoPE and append.</summary>
+    private sealed record RopeAppend(DeviceTensor K, DeviceTensor V, DeviceTensor InvFreq);
+
     private void Decode(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int start, int heads, int kvHeads,
-        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, DecodeKernel kernel, int keysPerSplit)
+        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, DecodeKernel kernel, int keysPerSplit,
+        RopeAppend? rope = null)
     {
         string s = CudaDevice.Suffix(q.DType);
         int kvDim = kvHeads * headDim, vector = 16 / q.DType.Size();
@@ -321,6 +356,7 @@ public sealed class CudaOps(CudaDevice device)
             bool merged = kernel == DecodeKernel.SplitKv && partial != null;
             Device.Launch("attention_decode", $"attention_decode_split_{s}", ((uint)heads, (uint)splits, 1), (DecodeWarps * 32, 1, 1), 0,
                 q, kCache, vCache, output, partial, merged ? partial!.Address(DecodeCountersOffset(heads, headDim)) : 0,
+                rope?.K, rope?.V, rope?.InvFreq, rope == null ? null : kCache, rope == null ? null : vCache,
                 start, position, heads, kvHeads, headDim, window, scale);
             if (splits > 1 && !merged)
                 Device.Launch("attention_decode", $"attention_decode_combine_{s}", ((uint)heads, 1, 1), (128, 1, 1), 0, partial, output, splits, headDim);

@@ -31,6 +31,10 @@ public static class SelfTest
             new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
             new("rope + kv append f32 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.F32)),
             new("rope + kv append bf16 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.BF16)),
+            new("decode rope + kv append + attention bf16 (position 1500 of 2048, heads 8/2, head_dim 128)", dev => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048)),
+            new("decode rope + kv append + attention f32 (position 0 of 300, heads 4/4, head_dim 64)", dev => RopeAttentionDecode(dev, DType.F32, 4, 4, 64, 0, 300)),
+            new("decode rope + kv append + attention f16, window 100 (position 250 of 256, heads 6/3, head_dim 48)", dev => RopeAttentionDecode(dev, DType.F16, 6, 3, 48, 250, 256, 100)),
+            new("decode rope + kv append + attention f32 (head_dim 20: two launches)", dev => RopeAttentionDecode(dev, DType.F32, 3, 1, 20, 40, 64)),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -276,6 +280,41 @@ public static class SelfTest
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
         return $"{Compare(dev.Download(tq), q, tol, "q max rel err")}; {Compare(dev.Download(tkc), kCache, tol, "key cache max rel err")}; " +
             Compare(dev.Download(tvc), vCache, 0, "value cache max rel err");
+    }
+
+    /// <summary>Decode's RoPE + cache append + attention (one launch where <see cref="CudaOps.RopeFusesIntoDecode"/>,
+    /// else two) against the CPU's rotation and attention: the output, the rotated key and the value at row start, the
+    /// rest of the caches untouched. The caches' other rows are random, those past start included.</summary>
+    private static string RopeAttentionDecode(CudaDevice dev, DType dtype, int heads, int kvHeads, int hd, int start, int capacity, int? window = null)
+    {
+        var rng = new Rng(23);
+        int qd = heads * hd, kvd = kvHeads * hd;
+        var q = RoundTo(dtype, Random(rng, qd));
+        var k = RoundTo(dtype, Random(rng, kvd));
+        var v = RoundTo(dtype, Random(rng, kvd));
+        var kCache = RoundTo(dtype, Random(rng, capacity * kvd));
+        var vCache = RoundTo(dtype, Random(rng, capacity * kvd));
+        var rope = new Rope(hd, 10000);
+        using var tq = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
+        using var tkc = dev.Upload(kCache, dtype); using var tvc = dev.Upload(vCache, dtype);
+        using var f = dev.Upload(Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray());
+        using var o = dev.Allocate(dtype, qd);
+        var ops = new CudaOps(dev);
+        using var scratch = ops.NewDecodeScratch(heads, hd);
+        ops.RopeKvAppendAttention(tq, tk, tv, tkc, tvc, f, o, start, heads, kvHeads, hd, window, decodeScratch: scratch);
+        rope.Apply(q, 1, heads, start);
+        rope.Apply(k, 1, kvHeads, start);
+        k = RoundTo(dtype, k);    // the cache holds the rotated key in the storage type, and attention reads it there
+        q = RoundTo(dtype, q);
+        k.CopyTo(kCache, start * kvd);
+        v.CopyTo(vCache, start * kvd);
+        var want = new float[qd];
+        CpuOps.Attention(q, kCache.AsSpan(0, (start + 1) * kvd).ToArray(), vCache.AsSpan(0, (start + 1) * kvd).ToArray(), want, 1, start,
+            heads, kvHeads, hd, window);
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        bool fused = CudaOps.RopeFusesIntoDecode(tq, tk, tv, tkc, tvc, hd);
+        return (fused ? "one launch; " : "two launches; ") + $"{Compare(dev.Download(o), want, tol)}; " +
+            $"{Compare(dev.Download(tkc), kCache, tol, "key cache max rel err")}; {Compare(dev.Download(tvc), vCache, 0, "value cache max rel err")}";
     }
 
     /// <summary>The decode step's fused GEMVs against GEMMs and the separate CPU ops.</summary>
