@@ -131,7 +131,13 @@ public sealed unsafe class CudaDevice : IDisposable
         return null;
     }
 
-    public void MakeCurrent() => _context.MakeCurrent();
+    /// <summary>Binds the device's context to the calling thread; every allocation and launch goes through here, so
+    /// after <see cref="Dispose"/> they throw instead of using a destroyed context.</summary>
+    public void MakeCurrent()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        _context.MakeCurrent();
+    }
 
     public DeviceTensor Allocate(DType dtype, long length) { MakeCurrent(); return new DeviceTensor(this, dtype, length); }
 
@@ -215,11 +221,11 @@ public sealed unsafe class CudaDevice : IDisposable
     public void Launch(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
         params ReadOnlySpan<KernelArg> args)
     {
+        MakeCurrent();   // the caller may be on a thread that has not used this device yet
         nint fn = Function(kernel, entry);
         if (sharedBytes > DefaultDynamicSharedBytes) AllowDynamicShared(fn, entry, sharedBytes);
         int expected = _parameterCounts.GetOrAdd(kernel + "/" + entry, _ => KernelSources.ParameterCount(kernel, entry));
         if (args.Length != expected) throw new ArgumentException($"kernel {entry} takes {expected} arguments, {args.Length} given");
-        MakeCurrent();   // the caller may be on a thread that has not used this device yet
         ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
         for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
@@ -337,7 +343,7 @@ public sealed unsafe class CudaDevice : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
-        MakeCurrent();
+        _context.MakeCurrent();
         try { Stream.Synchronize(); } catch (CudaException) { /* already failed: release what we can */ }
         foreach (var p in _plans.Values) p.Dispose();
         Lt.Dispose();

@@ -11,7 +11,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
     internal DeviceTensor[] K { get; }
     internal DeviceTensor[] V { get; }
     /// <summary>The split-KV decode's per-split states and arrival counters (<see cref="CudaOps.NewDecodeScratch"/>), shared by the layers.</summary>
-    internal DeviceTensor? DecodeScratch { get; }
+    internal DecodeScratch? DecodeScratch { get; }
     public int Capacity { get; }
     public int Length { get; internal set; }
 
@@ -333,7 +333,11 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     IInferenceCache ICausalLanguageModel.NewCache(int capacity) => NewCache(capacity);
 
-    public CudaKvCache NewCache(int capacity) => new(_device, Config, DType, capacity);
+    public CudaKvCache NewCache(int capacity)
+    {
+        ObjectDisposedException.ThrowIf(_released, this);
+        return new(_device, Config, DType, capacity);
+    }
 
     float[] ICausalLanguageModel.Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly)
         => Forward(tokens, cache as CudaKvCache ?? throw new ArgumentException("the CUDA model needs a CUDA KV cache"), lastOnly);

@@ -220,7 +220,7 @@ public sealed class CudaOps(CudaDevice device)
     /// queries: <paramref name="prefill"/>, by default <see cref="DefaultPrefill"/>.</summary>
     public void Attention(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int tq, int start,
         int heads, int kvHeads, int headDim, int? window, PrefillKernel? prefill = null, DeviceTensor? position = null,
-        DeviceTensor? decodeScratch = null, DecodeKernel decode = DecodeKernel.SplitKv, int decodeKeysPerSplit = DecodeKeysPerSplit)
+        DecodeScratch? decodeScratch = null, DecodeKernel decode = DecodeKernel.SplitKv, int decodeKeysPerSplit = DecodeKeysPerSplit)
     {
         if (position != null && tq != 1) throw new ArgumentException("a device-held position is for single-token decode");
         CheckHeads(heads, kvHeads, headDim);
@@ -280,18 +280,12 @@ public sealed class CudaOps(CudaDevice device)
         return Math.Clamp((Math.Min(capacity, window > 0 ? window : capacity) + keysPerSplit - 1) / keysPerSplit, 1, MaxDecodeSplits);
     }
 
-    /// <summary>f32 elements of the split-KV decode's scratch: every split's unnormalised output row, max and sum, then
-    /// one arrival counter per head (<see cref="NewDecodeScratch"/>).</summary>
-    public static long DecodeScratchLength(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2) + heads;
-
-    private static long DecodeCountersOffset(int heads, int headDim) => (long)heads * MaxDecodeSplits * (headDim + 2);
-
-    /// <summary>A split-KV decode scratch with its arrival counters at zero; the kernel leaves them at zero, so one
-    /// scratch serves every layer and step of a sequence.</summary>
-    public DeviceTensor NewDecodeScratch(int heads, int headDim)
+    /// <summary>A split-KV decode scratch for <paramref name="heads"/> heads of <paramref name="headDim"/>, its arrival
+    /// counters at zero; the kernel leaves them at zero, so one scratch serves every layer and step of a sequence.</summary>
+    public DecodeScratch NewDecodeScratch(int heads, int headDim)
     {
-        var t = Device.Allocate(DType.F32, DecodeScratchLength(heads, headDim));
-        try { FillConstant(t, 0f); return t; }
+        var t = Device.Allocate(DType.F32, (long)heads * MaxDecodeSplits * (headDim + 2) + heads);
+        try { FillConstant(t, 0f); return new DecodeScratch(t, heads, headDim, (long)heads * MaxDecodeSplits * (headDim + 2)); }
         catch { t.Dispose(); throw; }
     }
 
@@ -302,7 +296,7 @@ public sealed class CudaOps(CudaDevice device)
     /// <see cref="RopeFusesIntoDecode"/>, else those two.</summary>
     public void RopeKvAppendAttention(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache,
         DeviceTensor invFreq, DeviceTensor output, int start, int heads, int kvHeads, int headDim, int? window, DeviceTensor? position = null,
-        DeviceTensor? decodeScratch = null)
+        DecodeScratch? decodeScratch = null)
     {
         if (!RopeFusesIntoDecode(q, k, v, kCache, vCache, headDim))
         {
@@ -330,7 +324,7 @@ public sealed class CudaOps(CudaDevice device)
     private sealed record RopeAppend(DeviceTensor K, DeviceTensor V, DeviceTensor InvFreq);
 
     private void Decode(DeviceTensor q, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor output, int start, int heads, int kvHeads,
-        int headDim, int window, float scale, DeviceTensor? position, DeviceTensor? scratch, DecodeKernel kernel, int keysPerSplit,
+        int headDim, int window, float scale, DeviceTensor? position, DecodeScratch? scratch, DecodeKernel kernel, int keysPerSplit,
         RopeAppend? rope = null)
     {
         string s = CudaDevice.Suffix(q.DType);
@@ -348,18 +342,19 @@ public sealed class CudaOps(CudaDevice device)
         int splits = DecodeSplits(capacity, window, keysPerSplit);
         if (splits > 1 && scratch == null && position != null)
             throw new ArgumentException("a captured split-KV decode needs a scratch tensor that outlives the graph");
-        DeviceTensor? temporary = splits > 1 && scratch == null ? NewDecodeScratch(heads, headDim) : null;
+        if (scratch != null && (scratch.Heads, scratch.HeadDim) != (heads, headDim))
+            throw new ArgumentException($"the decode scratch is for {scratch.Heads} heads of {scratch.HeadDim}, not {heads} of {headDim}");
+        DecodeScratch? temporary = splits > 1 && scratch == null ? NewDecodeScratch(heads, headDim) : null;
         try
         {
             var partial = scratch ?? temporary;
-            if (partial != null) Need(partial, DecodeScratchLength(heads, headDim), "decode scratch");
             bool merged = kernel == DecodeKernel.SplitKv && partial != null;
             Device.Launch("attention_decode", $"attention_decode_split_{s}", ((uint)heads, (uint)splits, 1), (DecodeWarps * 32, 1, 1), 0,
-                q, kCache, vCache, output, partial, merged ? partial!.Address(DecodeCountersOffset(heads, headDim)) : 0,
+                q, kCache, vCache, output, partial?.States ?? 0, merged ? partial!.Counters : 0,
                 rope?.K, rope?.V, rope?.InvFreq, rope == null ? null : kCache, rope == null ? null : vCache,
                 start, position, heads, kvHeads, headDim, window, scale);
             if (splits > 1 && !merged)
-                Device.Launch("attention_decode", $"attention_decode_combine_{s}", ((uint)heads, 1, 1), (128, 1, 1), 0, partial, output, splits, headDim);
+                Device.Launch("attention_decode", $"attention_decode_combine_{s}", ((uint)heads, 1, 1), (128, 1, 1), 0, partial!.States, output, splits, headDim);
         }
         finally { temporary?.Dispose(); }   // stream-ordered: the next user of the block runs after these kernels
     }
@@ -605,6 +600,25 @@ public sealed class CudaOps(CudaDevice device)
             Device.Launch("norm", $"add_masked_rmsnorm_{suffix}", (uint)rows, threads, smem, x, y, addMasks!.Address(addOffset), xOut,
                 gamma, output, masks.Address(offset), masked, d, eps);
     }
+}
+
+/// <summary>The split-KV decode's scratch for one head layout (<see cref="CudaOps.NewDecodeScratch"/>): every share's
+/// unnormalised output row, max and sum, then one arrival counter per head, which must be zero before a launch (the
+/// kernel leaves them so).</summary>
+public sealed class DecodeScratch : IDisposable
+{
+    internal DeviceTensor Tensor { get; }
+    public int Heads { get; }
+    public int HeadDim { get; }
+    private readonly long _countersOffset;
+
+    internal DecodeScratch(DeviceTensor tensor, int heads, int headDim, long countersOffset)
+        => (Tensor, Heads, HeadDim, _countersOffset) = (tensor, heads, headDim, countersOffset);
+
+    internal ulong States => Tensor.Pointer;
+    internal ulong Counters => Tensor.Address(_countersOffset);
+
+    public void Dispose() => Tensor.Dispose();
 }
 
 /// <summary>Kernels of single-query (decode) attention.</summary>

@@ -508,7 +508,7 @@ public static class SelfTest
         ops.FillConstant(o, float.NaN);
         ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
         if (!dev.Download(o).AsSpan().SequenceEqual(first)) throw new Mismatch("a second decode with the same scratch gives another output");
-        var counters = dev.Download(scratch).AsSpan((int)(scratch.Length - heads));
+        var counters = dev.Download(scratch.Tensor).AsSpan((int)(scratch.Tensor.Length - heads));
         for (int h = 0; h < heads; h++)
             if (BitConverter.SingleToUInt32Bits(counters[h]) is var n and not 0) throw new Mismatch($"head {h}'s arrival counter is {n} after the decode, not 0");
         bool split = hd % (16 / dtype.Size()) == 0;
