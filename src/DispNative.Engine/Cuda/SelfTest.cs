@@ -258,28 +258,44 @@ public static class SelfTest
         return Compare(dev.Download(t), x, 1e-5);
     }
 
+    /// <summary>Random q, k and v of <c>rows</c> tokens and random K/V caches, rounded to the storage type, on the host and
+    /// on the device, with RoPE's inverse frequencies.</summary>
+    private sealed class RopeStepInputs : IDisposable
+    {
+        public readonly float[] Q, K, V, KCache, VCache;
+        public readonly Rope Rope;
+        public readonly DeviceTensor Tq, Tk, Tv, Tkc, Tvc, InvFreq;
+
+        public RopeStepInputs(CudaDevice dev, DType dtype, Rng rng, int rows, int heads, int kvHeads, int hd, int capacity)
+        {
+            int kvd = kvHeads * hd;
+            Q = RoundTo(dtype, Random(rng, rows * heads * hd));
+            K = RoundTo(dtype, Random(rng, rows * kvd));
+            V = RoundTo(dtype, Random(rng, rows * kvd));
+            KCache = RoundTo(dtype, Random(rng, capacity * kvd));
+            VCache = RoundTo(dtype, Random(rng, capacity * kvd));
+            Rope = new Rope(hd, 10000);
+            Tq = dev.Upload(Q, dtype); Tk = dev.Upload(K, dtype); Tv = dev.Upload(V, dtype);
+            Tkc = dev.Upload(KCache, dtype); Tvc = dev.Upload(VCache, dtype);
+            InvFreq = dev.Upload(Enumerable.Range(0, hd / 2).Select(Rope.InverseFrequency).ToArray());
+        }
+
+        public void Dispose() { foreach (var t in new[] { Tq, Tk, Tv, Tkc, Tvc, InvFreq }) t.Dispose(); }
+    }
+
     /// <summary>q rotated in place; rotated k and v land in cache rows start.., the rest of the caches untouched.</summary>
     private static string RopeKvAppend(CudaDevice dev, DType dtype)
     {
-        var rng = new Rng(21);
-        int rows = 5, heads = 6, kvHeads = 2, hd = 64, start = 11, capacity = 20, kvd = kvHeads * hd;
-        var q = RoundTo(dtype, Random(rng, rows * heads * hd));
-        var k = RoundTo(dtype, Random(rng, rows * kvd));
-        var v = RoundTo(dtype, Random(rng, rows * kvd));
-        var kCache = RoundTo(dtype, Random(rng, capacity * kvd));
-        var vCache = RoundTo(dtype, Random(rng, capacity * kvd));
-        var rope = new Rope(hd, 10000);
-        using var tq = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
-        using var tkc = dev.Upload(kCache, dtype); using var tvc = dev.Upload(vCache, dtype);
-        using var f = dev.Upload(Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray());
-        new CudaOps(dev).RopeKvAppend(tq, tk, tv, tkc, tvc, f, rows, heads, kvHeads, hd, start);
-        rope.Apply(q, rows, heads, start);
-        rope.Apply(k, rows, kvHeads, start);
-        k.CopyTo(kCache, start * kvd);
-        v.CopyTo(vCache, start * kvd);
+        int rows = 5, heads = 6, kvHeads = 2, hd = 64, start = 11, kvd = kvHeads * hd;
+        using var x = new RopeStepInputs(dev, dtype, new Rng(21), rows, heads, kvHeads, hd, capacity: 20);
+        new CudaOps(dev).RopeKvAppend(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, x.InvFreq, rows, heads, kvHeads, hd, start);
+        x.Rope.Apply(x.Q, rows, heads, start);
+        x.Rope.Apply(x.K, rows, kvHeads, start);
+        x.K.CopyTo(x.KCache, start * kvd);
+        x.V.CopyTo(x.VCache, start * kvd);
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
-        return $"{Compare(dev.Download(tq), q, tol, "q max rel err")}; {Compare(dev.Download(tkc), kCache, tol, "key cache max rel err")}; " +
-            Compare(dev.Download(tvc), vCache, 0, "value cache max rel err");
+        return $"{Compare(dev.Download(x.Tq), x.Q, tol, "q max rel err")}; {Compare(dev.Download(x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
+            Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
     }
 
     /// <summary>Decode's RoPE + cache append + attention (one launch where <see cref="CudaOps.RopeFusesIntoDecode"/>,
@@ -287,34 +303,25 @@ public static class SelfTest
     /// rest of the caches untouched. The caches' other rows are random, those past start included.</summary>
     private static string RopeAttentionDecode(CudaDevice dev, DType dtype, int heads, int kvHeads, int hd, int start, int capacity, int? window = null)
     {
-        var rng = new Rng(23);
         int qd = heads * hd, kvd = kvHeads * hd;
-        var q = RoundTo(dtype, Random(rng, qd));
-        var k = RoundTo(dtype, Random(rng, kvd));
-        var v = RoundTo(dtype, Random(rng, kvd));
-        var kCache = RoundTo(dtype, Random(rng, capacity * kvd));
-        var vCache = RoundTo(dtype, Random(rng, capacity * kvd));
-        var rope = new Rope(hd, 10000);
-        using var tq = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
-        using var tkc = dev.Upload(kCache, dtype); using var tvc = dev.Upload(vCache, dtype);
-        using var f = dev.Upload(Enumerable.Range(0, hd / 2).Select(rope.InverseFrequency).ToArray());
+        using var x = new RopeStepInputs(dev, dtype, new Rng(23), 1, heads, kvHeads, hd, capacity);
         using var o = dev.Allocate(dtype, qd);
         var ops = new CudaOps(dev);
         using var scratch = ops.NewDecodeScratch(heads, hd);
-        ops.RopeKvAppendAttention(tq, tk, tv, tkc, tvc, f, o, start, heads, kvHeads, hd, window, decodeScratch: scratch);
-        rope.Apply(q, 1, heads, start);
-        rope.Apply(k, 1, kvHeads, start);
-        k = RoundTo(dtype, k);    // the cache holds the rotated key in the storage type, and attention reads it there
-        q = RoundTo(dtype, q);
-        k.CopyTo(kCache, start * kvd);
-        v.CopyTo(vCache, start * kvd);
+        ops.RopeKvAppendAttention(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, x.InvFreq, o, start, heads, kvHeads, hd, window, decodeScratch: scratch);
+        x.Rope.Apply(x.Q, 1, heads, start);
+        x.Rope.Apply(x.K, 1, kvHeads, start);
+        // The cache holds the rotated key in the storage type, and attention reads it (and the rotated query) there.
+        var q = RoundTo(dtype, x.Q);
+        RoundTo(dtype, x.K).CopyTo(x.KCache, start * kvd);
+        x.V.CopyTo(x.VCache, start * kvd);
         var want = new float[qd];
-        CpuOps.Attention(q, kCache.AsSpan(0, (start + 1) * kvd).ToArray(), vCache.AsSpan(0, (start + 1) * kvd).ToArray(), want, 1, start,
+        CpuOps.Attention(q, x.KCache.AsSpan(0, (start + 1) * kvd).ToArray(), x.VCache.AsSpan(0, (start + 1) * kvd).ToArray(), want, 1, start,
             heads, kvHeads, hd, window);
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
-        bool fused = CudaOps.RopeFusesIntoDecode(tq, tk, tv, tkc, tvc, hd);
-        return (fused ? "one launch; " : "two launches; ") + $"{Compare(dev.Download(o), want, tol)}; " +
-            $"{Compare(dev.Download(tkc), kCache, tol, "key cache max rel err")}; {Compare(dev.Download(tvc), vCache, 0, "value cache max rel err")}";
+        string launches = CudaOps.RopeFusesIntoDecode(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, hd) ? "one launch" : "two launches";
+        return $"{launches}; {Compare(dev.Download(o), want, tol)}; {Compare(dev.Download(x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
+            Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
     }
 
     /// <summary>The decode step's fused GEMVs against GEMMs and the separate CPU ops.</summary>
