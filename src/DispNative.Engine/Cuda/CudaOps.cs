@@ -284,8 +284,9 @@ public sealed class CudaOps(CudaDevice device)
     /// counters at zero; the kernel leaves them at zero, so one scratch serves every layer and step of a sequence.</summary>
     public DecodeScratch NewDecodeScratch(int heads, int headDim)
     {
-        var t = Device.Allocate(DType.F32, (long)heads * MaxDecodeSplits * (headDim + 2) + heads);
-        try { FillConstant(t, 0f); return new DecodeScratch(t, heads, headDim, (long)heads * MaxDecodeSplits * (headDim + 2)); }
+        long states = (long)heads * MaxDecodeSplits * (headDim + 2);   // then one counter per head
+        var t = Device.Allocate(DType.F32, states + heads);
+        try { FillConstant(t, 0f); return new DecodeScratch(t, heads, headDim, states); }
         catch { t.Dispose(); throw; }
     }
 
