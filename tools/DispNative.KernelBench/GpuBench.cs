@@ -256,7 +256,7 @@ internal static class GpuBench
         Console.WriteLine($"{"split-KV (engine) vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
         // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
         using var kNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16); using var vNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16);
-        using var invFreq = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(i => MathF.Pow(10000f, -2f * i / HeadDim)).ToArray());
+        using var invFreq = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(new Engine.Cpu.Rope(HeadDim, 10000).InverseFrequency).ToArray());
         double ropeThenAttention = Bandwidth("decode rope + kv append, then split-KV attention", kvBytes, () =>
         {
             ops.RopeKvAppend(q, kNew, vNew, kc, vc, invFreq, 1, Heads, Heads, HeadDim, T - 1);

@@ -85,8 +85,6 @@ inline void __syncthreads() { emu_api->syncthreads(); }
 // Blocks run one after another and a fiber switches only at a collective, so a read-modify-write is atomic and every
 // write is visible to whatever runs next.
 inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
-inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
-inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 inline void __threadfence() {}
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 
