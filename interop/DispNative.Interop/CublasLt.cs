@@ -44,6 +44,7 @@ public static unsafe class CublasLt
         public readonly delegate* unmanaged<nint, nint, void*, ulong, nint, ulong, nint, void*, ulong, nint, ulong, nint, void*, ulong, nuint, nint, int> cublasLtMatmul;
         public readonly delegate* unmanaged<int, byte*> cublasLtGetStatusName;
         public readonly delegate* unmanaged<int, byte*> cublasLtGetStatusString;
+        public readonly delegate* unmanaged<nuint> cublasLtGetVersion;   // null where not exported
         public readonly string LibraryName;
 
         public Api()
@@ -65,10 +66,14 @@ public static unsafe class CublasLt
             cublasLtMatmul = (delegate* unmanaged<nint, nint, void*, ulong, nint, ulong, nint, void*, ulong, nint, ulong, nint, void*, ulong, nuint, nint, int>)lib.Export("cublasLtMatmul");
             cublasLtGetStatusName = (delegate* unmanaged<int, byte*>)lib.Export("cublasLtGetStatusName");
             cublasLtGetStatusString = (delegate* unmanaged<int, byte*>)lib.Export("cublasLtGetStatusString");
+            cublasLtGetVersion = (delegate* unmanaged<nuint>)lib.TryExport("cublasLtGetVersion");
         }
     }
 
     public static string LibraryName => A.LibraryName;
+
+    /// <summary>The library's version number (e.g. 130000), 0 where it does not say.</summary>
+    public static long Version => A.cublasLtGetVersion != null ? (long)A.cublasLtGetVersion() : 0;
 
     internal static void Check(int rc, string function)
     {
@@ -82,20 +87,40 @@ public static unsafe class CublasLt
     internal static nint Create() { nint h; Check(A.cublasLtCreate(&h), "cublasLtCreate"); return h; }
     internal static int Destroy(nint h) => A.cublasLtDestroy(h);
 
-    /// <summary>One GEMM shape, prepared once: descriptors plus the heuristic's best algorithm.
-    /// Computes the row-major product D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·C (C = D), the layout of activations times
+    /// <summary>One GEMM shape, prepared once: descriptors plus the heuristic's algorithms, best first (up to
+    /// <c>candidates</c>; <see cref="Chosen"/> picks the one that runs, the first unless set). Computes the row-major product D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·C (C = D), the layout of activations times
     /// Linear weights, optionally batched with strides (elements) between the matrices of a batch. Without
     /// <c>transposeB</c> B is [K,N] (D = A·B); with <c>transposeA</c> A is stored [K,M] and read transposed.</summary>
     public sealed class MatmulPlan : IDisposable
     {
         private nint _desc, _a, _b, _c, _pref;
-        private HeuristicResult _algo;
-        public long WorkspaceBytes => (long)_algo.WorkspaceSize;
+        private HeuristicResult[] _algos = [];
+        private int _chosen;
+
+        /// <summary>How many algorithms the heuristic offered (at least one).</summary>
+        public int Candidates => _algos.Length;
+
+        /// <summary>Index of the algorithm <see cref="Run"/> uses: 0 (the heuristic's first) unless set.</summary>
+        public int Chosen
+        {
+            get => _chosen;
+            set => _chosen = value >= 0 && value < _algos.Length ? value
+                : throw new ArgumentOutOfRangeException(nameof(value), $"algorithm {value} of {_algos.Length}");
+        }
+
+        /// <summary>The opaque cublasLtMatmulAlgo_t of candidate <paramref name="i"/> as hex: the same text in another
+        /// process means the same algorithm (same library and device).</summary>
+        public string AlgorithmId(int i)
+        {
+            var algo = _algos[i];
+            return Convert.ToHexString(new ReadOnlySpan<byte>(algo.Algo, 64));
+        }
 
         public MatmulPlan(CublasLtHandle handle, int m, int n, int k, CudaDataType ab, CudaDataType cd,
             long workspaceLimit, int batch = 1, long strideA = 0, long strideB = 0, long strideC = 0, int lda = 0, int ldb = 0, int ldc = 0,
-            uint alignmentBytes = 256, bool transposeB = true, bool transposeA = false)
+            uint alignmentBytes = 256, bool transposeB = true, bool transposeA = false, int candidates = 1)
         {
+            if (candidates < 1) throw new ArgumentOutOfRangeException(nameof(candidates), "at least one algorithm");
             lda = lda == 0 ? (transposeA ? m : k) : lda; ldb = ldb == 0 ? (transposeB ? k : n) : ldb; ldc = ldc == 0 ? n : ldc;
             try
             {
@@ -115,12 +140,15 @@ public static unsafe class CublasLt
                 // Pointers into the middle of a buffer (a row offset) may be less aligned than the 256 bytes assumed by default.
                 for (int attr = PrefMinAlignmentA; attr < PrefMinAlignmentA + 4; attr++)
                     Check(A.cublasLtMatmulPreferenceSetAttribute(_pref, attr, &alignmentBytes, sizeof(uint)), "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
-                HeuristicResult r; int found = 0;
-                Check(A.cublasLtMatmulAlgoGetHeuristic(handle.DangerousGetHandle(), _desc, _a, _b, _c, _c, _pref, 1, &r, &found), "cublasLtMatmulAlgoGetHeuristic");
-                if (found == 0)
+                var results = new HeuristicResult[candidates];
+                int found = 0;
+                fixed (HeuristicResult* r = results)
+                    Check(A.cublasLtMatmulAlgoGetHeuristic(handle.DangerousGetHandle(), _desc, _a, _b, _c, _c, _pref, candidates, r, &found), "cublasLtMatmulAlgoGetHeuristic");
+                // A result whose state is not CUBLAS_STATUS_SUCCESS cannot run.
+                _algos = results.Take(Math.Min(found, candidates)).Where(r => r.State == 0).ToArray();
+                if (_algos.Length == 0)
                     throw new CudaException("cuBLASLt", "cublasLtMatmulAlgoGetHeuristic", 15, "CUBLAS_STATUS_NOT_SUPPORTED",
                         $"no algorithm for M={m} N={n} K={k} {ab}->{cd} batch {batch}");
-                _algo = r;
             }
             catch { Dispose(); throw; }
         }
@@ -136,10 +164,12 @@ public static unsafe class CublasLt
             return l;
         }
 
-        /// <summary>Enqueues D = α·A·Bᵀ + β·D (or α·A·B + β·D without transposeB) on <paramref name="stream"/> (device pointers).</summary>
-        public void Run(CublasLtHandle handle, ulong a, ulong b, ulong d, float alpha, float beta, ulong workspace, long workspaceBytes, nint stream)
+        /// <summary>Enqueues D = α·A·Bᵀ + β·D (or α·A·B + β·D without transposeB) on <paramref name="stream"/> (device
+        /// pointers) with the algorithm <paramref name="candidate"/> (default: <see cref="Chosen"/>).</summary>
+        public void Run(CublasLtHandle handle, ulong a, ulong b, ulong d, float alpha, float beta, ulong workspace, long workspaceBytes, nint stream,
+            int? candidate = null)
         {
-            var algo = _algo;
+            var algo = _algos[candidate ?? _chosen];
             Check(A.cublasLtMatmul(handle.DangerousGetHandle(), _desc, &alpha, b, _a, a, _b, &beta, d, _c, d, _c,
                 algo.Algo, workspace, (nuint)workspaceBytes, stream), "cublasLtMatmul");
         }

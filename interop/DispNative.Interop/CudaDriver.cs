@@ -57,6 +57,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<LaunchConfig*, nint, void**, void**, int> cuLaunchKernelEx;
         public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
         public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
+        public readonly delegate* unmanaged<nint, int*, int> cuStreamIsCapturing;
         public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
         public readonly delegate* unmanaged<nint, nint, int> cuGraphLaunch;
         public readonly delegate* unmanaged<nint, int> cuGraphExecDestroy;
@@ -100,6 +101,7 @@ public static unsafe class CudaDriver
             cuLaunchKernelEx = (delegate* unmanaged<LaunchConfig*, nint, void**, void**, int>)lib.TryExport("cuLaunchKernelEx");
             cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
             cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
+            cuStreamIsCapturing = (delegate* unmanaged<nint, int*, int>)lib.Export("cuStreamIsCapturing");
             cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
             cuGraphLaunch = (delegate* unmanaged<nint, nint, int>)lib.Export("cuGraphLaunch");
             cuGraphExecDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuGraphExecDestroy");
@@ -239,6 +241,15 @@ public static unsafe class CudaDriver
         public nint Stream;
         public LaunchAttribute* Attributes;
         public uint AttributeCount;
+    }
+
+    /// <summary>Whether work put on <paramref name="stream"/> is being recorded into a graph (then it does not run, and
+    /// nothing may wait for it).</summary>
+    public static bool StreamIsCapturing(nint stream)
+    {
+        int status;
+        Check(A.cuStreamIsCapturing(stream, &status), "cuStreamIsCapturing");
+        return status != 0;   // CU_STREAM_CAPTURE_STATUS_ACTIVE or _INVALIDATED
     }
 
     /// <summary>Records what <paramref name="enqueue"/> puts on <paramref name="stream"/> (nothing runs) and instantiates it

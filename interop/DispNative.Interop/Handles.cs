@@ -27,6 +27,7 @@ public sealed class CudaStreamHandle : SafeHandle
     public CudaStreamHandle() : base(0, true) => SetHandle(CudaDriver.StreamCreate(nonBlocking: true));
     public override bool IsInvalid => handle == 0;
     public void Synchronize() => CudaDriver.StreamSynchronize(handle);
+    public bool IsCapturing => CudaDriver.StreamIsCapturing(handle);
     protected override bool ReleaseHandle() => CudaDriver.StreamDestroy(handle) == 0;
 }
 

@@ -13,7 +13,7 @@ internal static class InferenceBench
 {
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
 
-    private sealed record Result(string Name, double PrefillMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
+    private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
 
     public static void Run(ModelConfig c, int prefillTokens, int decodeTokens, double keep)
     {
@@ -39,6 +39,9 @@ internal static class InferenceBench
         Console.WriteLine();
         Console.WriteLine($"pruned vs dense: prefill {dense.PrefillMs / pruned.PrefillMs:F2}x faster, decode (graphs) {pruned.GraphTokS / dense.GraphTokS:F2}x; " +
                           $"graphs vs eager decode: dense {dense.GraphTokS / dense.EagerTokS:F2}x, pruned {pruned.GraphTokS / pruned.EagerTokS:F2}x");
+        Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
+                          $"pruned {pruned.PrefillFirstAlgorithmMs:F1} ms ({dense.PrefillFirstAlgorithmMs / pruned.PrefillFirstAlgorithmMs:F2}x); " +
+                          $"tuning gives dense {dense.PrefillFirstAlgorithmMs / dense.PrefillMs:F2}x, pruned {pruned.PrefillFirstAlgorithmMs / pruned.PrefillMs:F2}x");
         var st = dev.Allocator.Stats;
         Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved; kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
         var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
@@ -57,16 +60,22 @@ internal static class InferenceBench
         var rng = new Engine.Rng(3);
         int[] prompt = Enumerable.Range(0, prefillTokens).Select(_ => (int)(rng.NextDouble() * config.VocabSize)).ToArray();
 
-        // Prefill: median of 5 after one warm-up, logits of the last row only (what generation needs).
-        var times = new List<double>();
-        for (int i = 0; i < 6; i++)
+        // Prefill: median of 5 after one warm-up (which, with GEMM tuning, chooses the algorithms), logits of the last
+        // row only (what generation needs). First with cuBLASLt's first-choice algorithms, then tuned (the default).
+        double Prefill(bool tune)
         {
-            using var cache = model.NewCache(prefillTokens);
-            float ms = dev.Time(() => model.Forward(prompt, cache, lastOnly: true));
-            if (i > 0) times.Add(ms);
+            dev.TuneGemms = tune;
+            var times = new List<double>();
+            for (int i = 0; i < 6; i++)
+            {
+                using var cache = model.NewCache(prefillTokens);
+                float ms = dev.Time(() => model.Forward(prompt, cache, lastOnly: true));
+                if (i > 0) times.Add(ms);
+            }
+            times.Sort();
+            return times[times.Count / 2];
         }
-        times.Sort();
-        double prefillMs = times[times.Count / 2];
+        double firstAlgorithmMs = Prefill(tune: false), prefillMs = Prefill(tune: true);
 
         double Decode(bool graphs)
         {
@@ -80,8 +89,8 @@ internal static class InferenceBench
             return decodeTokens / t.Elapsed.TotalSeconds;
         }
         double eager = Decode(graphs: false), graph = Decode(graphs: true);
-        Console.WriteLine($"{name}: prefill {prefillMs:F1} ms, decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
-        return new Result(name, prefillMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
+        Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({firstAlgorithmMs:F1} with first-choice GEMM algorithms), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
+        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
     }
 
     private static int Next(float[] logits) => Engine.Inference.Generator.ArgMax(logits);

@@ -75,6 +75,7 @@ public sealed unsafe class CudaDevice : IDisposable
     private readonly ConcurrentDictionary<nint, uint> _dynamicSharedLimits = new();
     private readonly int _device;   // the driver's CUdevice
     private readonly Dictionary<string, CublasLt.MatmulPlan> _plans = [];
+    private readonly HashSet<string> _tunedPlans = [];
     private readonly ulong _workspace;
     private PinnedHostBuffer? _staging;
     private bool _disposed;
@@ -84,6 +85,13 @@ public sealed unsafe class CudaDevice : IDisposable
     public CachingAllocator Allocator { get; }
     public KernelCompiler Compiler { get; }
     public CublasLtHandle Lt { get; }
+
+    /// <summary>The GEMM algorithm choices (see <see cref="GemmTuning"/>), kept beside the kernel cache.</summary>
+    public GemmTuning GemmTuning { get; internal set; }
+
+    /// <summary>On (the default): each GEMM shape runs the fastest of the algorithms cuBLASLt's heuristic offers,
+    /// timed on its first call (or taken from <see cref="GemmTuning"/>'s file). Off: the heuristic's first choice.</summary>
+    public bool TuneGemms { get; set; } = true;
 
     private CudaDevice(int ordinal, string? kernelCache)
     {
@@ -104,6 +112,8 @@ public sealed unsafe class CudaDevice : IDisposable
         try
         {
             Lt = new CublasLtHandle();
+            GemmTuning = new GemmTuning(Compiler.CacheDirectory,
+                string.Join("\n", Info.Name, Info.Architecture, CublasLt.LibraryName, CublasLt.Version));
             _workspace = Allocator.Allocate(GemmWorkspaceBytes);
         }
         catch
@@ -308,7 +318,8 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Strided batched row-major GEMM on device pointers (the layout of <see cref="BatchedGemm"/>): A and B in
     /// <paramref name="ab"/>, D in <paramref name="dType"/>, f32 accumulation. Plans are cached per shape, layout and
     /// the buffer alignment (the largest power of two, at most 256, dividing every matrix's start: the pointers and,
-    /// batched, the strides).</summary>
+    /// batched, the strides). With <see cref="TuneGemms"/>, a plan's first call outside graph capture chooses its
+    /// algorithm (<see cref="GemmTuning"/>).</summary>
     public void BatchedGemm(ulong a, ulong b, ulong d, DType ab, DType dType, int m, int n, int k, int batch,
         int lda, long strideA, bool transposeA, int ldb, long strideB, bool transposeB, int ldd, long strideD, float alpha, float beta)
     {
@@ -320,8 +331,59 @@ public sealed unsafe class CudaDevice : IDisposable
         string key = $"{m},{n},{k},{batch},{ab},{dType},{lda},{strideA},{transposeA},{ldb},{strideB},{transposeB},{ldd},{strideD},{align}";
         if (!_plans.TryGetValue(key, out var plan))
             _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(ab), LtType(dType), GemmWorkspaceBytes, batch, strideA, strideB, strideD,
-                lda, ldb, ldd, align, transposeB, transposeA);
-        plan.Run(Lt, a, b, d, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle());
+                lda, ldb, ldd, align, transposeB, transposeA, GemmTuning.Candidates);
+        if (TuneGemms && !_tunedPlans.Contains(key) && !Stream.IsCapturing)
+        {
+            _tunedPlans.Add(key);
+            if (plan.Candidates > 1) ChooseAlgorithm(key, plan, a, b, d, dType, m, batch, ldd, strideD, alpha, beta);
+        }
+        plan.Run(Lt, a, b, d, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle(), TuneGemms ? null : 0);
+    }
+
+    /// <summary>Times each candidate of <paramref name="plan"/> on the call's operands. The runs overwrite the output
+    /// (β = 0), so a call that accumulates into D (β ≠ 0) is timed into a scratch buffer of D's size instead; where
+    /// that does not fit in memory the plan keeps the heuristic's first choice.</summary>
+    private void ChooseAlgorithm(string key, CublasLt.MatmulPlan plan, ulong a, ulong b, ulong d, DType dType, int m, int batch, int ldd,
+        long strideD, float alpha, float beta)
+    {
+        DeviceTensor? scratch = null;
+        try
+        {
+            if (beta != 0)
+            {
+                scratch = Allocate(dType, (batch - 1) * strideD + (long)m * ldd);
+                d = scratch.Pointer;
+            }
+            nint stream = Stream.DangerousGetHandle();
+            var ids = Enumerable.Range(0, plan.Candidates).Select(plan.AlgorithmId).ToList();
+            plan.Chosen = GemmTuning.Choose(key, ids, i =>
+            {
+                void Run() => plan.Run(Lt, a, b, d, alpha, 0, _workspace, GemmWorkspaceBytes, stream, i);
+                try
+                {
+                    Run();   // untimed: first-use costs
+                    var ms = new[] { Time(Run), Time(Run), Time(Run) };
+                    Array.Sort(ms);
+                    return ms[1];
+                }
+                catch (CudaException) { return float.PositiveInfinity; }   // an algorithm the library refuses to run here
+            });
+        }
+        catch (CudaOutOfMemoryException) { /* no room for the scratch output: keep the heuristic's first choice */ }
+        finally { scratch?.Dispose(); }
+    }
+
+    /// <summary>Each GEMM plan so far: its shape key, the algorithm it runs (index in the heuristic's list) and how many
+    /// the heuristic offered.</summary>
+    public IEnumerable<(string Shape, int Chosen, int Candidates)> GemmAlgorithms => _plans.Select(p => (p.Key, p.Value.Chosen, p.Value.Candidates));
+
+    /// <summary>Drops every GEMM plan, so each shape's next call chooses its algorithm again (self-test).</summary>
+    internal void ForgetGemmPlans()
+    {
+        Synchronize();
+        foreach (var p in _plans.Values) p.Dispose();
+        _plans.Clear();
+        _tunedPlans.Clear();
     }
 
     public void Synchronize() { MakeCurrent(); Stream.Synchronize(); }

@@ -44,6 +44,7 @@
 #include <sstream>
 #include <string>
 #include <sys/mman.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -588,6 +589,7 @@ struct Matmul
     float alpha, beta;
     uintptr_t pa, pb, pc, pd;
     uint32_t align;
+    uint32_t delay_us;   // the emulated algorithm's extra cost (see cublasLtMatmulAlgoGetHeuristic)
 };
 
 int execute_matmul(const Matmul& mm)
@@ -672,7 +674,9 @@ int run_operation(const Operation& op)
         return execute_launch(*op.fn, op.grid, op.block, op.shared, ptrs.data());
     }
     case Operation::COPY: memmove((void*)op.dst, (const void*)op.src, op.bytes); return 0;
-    case Operation::MATMUL: return execute_matmul(op.mm);
+    case Operation::MATMUL:
+        if (op.mm.delay_us) std::this_thread::sleep_for(std::chrono::microseconds(op.mm.delay_us));
+        return execute_matmul(op.mm);
     case Operation::EVENT: op.event->at = std::chrono::steady_clock::now(); op.event->pending = false; return 0;
     }
     return 1;
@@ -1146,6 +1150,7 @@ EXPORT int cuLaunchKernelEx(const EmuLaunchConfig* c, void* f, void** params, vo
         }
     return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->shared, c->stream, params, extra);
 }
+EXPORT int cuStreamIsCapturing(void* s, int* status) { Guard g(g_lock); *status = s && ((Stream*)s)->capturing ? 1 : 0; return 0; }
 EXPORT int cuStreamBeginCapture_v2(void* s, int) { Stream* st = (Stream*)s; if (!st || st->capturing) return 900; st->capturing = true; st->captured.clear(); return 0; }
 EXPORT int cuStreamEndCapture(void* s, void** graph)
 {
@@ -1244,7 +1249,9 @@ EXPORT int cublasLtMatmulPreferenceSetAttribute(void* p, int attribute, const vo
     warn("cublasLtMatmulPreferenceSetAttribute(%d, %zu bytes) not emulated", attribute, size);
     return 15;
 }
-// The returned "algorithm" carries the smallest alignment the preference allowed; the matmul checks its pointers.
+// Each returned "algorithm" carries the smallest alignment the preference allowed (the matmul checks its pointers)
+// and an extra delay: the emulator offers three algorithms that compute the same result, the second the fastest
+// (no delay) and the first the slowest, so the engine's algorithm timing has something to find.
 EXPORT int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c, void* d, void* pref, int requested, void* results, int* found)
 {
     uint64_t m, n, k;
@@ -1254,9 +1261,16 @@ EXPORT int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, v
     auto* p = (LtPref*)pref;
     uint32_t align = *std::min_element(p->align, p->align + 4);
     if (align == 0 || (align & (align - 1)) != 0) return 7;
-    memset(results, 0, 96);
-    memcpy(results, &align, 4);
-    *found = 1;
+    static const uint32_t delays_us[] = {2000, 0, 1000};
+    int offered = std::min(requested, 3);
+    for (int i = 0; i < offered; i++)
+    {
+        char* r = (char*)results + 96 * i;   // cublasLtMatmulHeuristicResult_t: algo (64 bytes), workspace, state, waves, reserved
+        memset(r, 0, 96);
+        memcpy(r, &align, 4);
+        memcpy(r + 4, &delays_us[i], 4);
+    }
+    *found = offered;
     return 0;
 }
 EXPORT int cublasLtMatmul(void*, void* desc, const float* alpha, const void* A, void* a, const void* B, void* b, const float* beta,
@@ -1265,7 +1279,8 @@ EXPORT int cublasLtMatmul(void*, void* desc, const float* alpha, const void* A, 
     Guard g(g_lock);
     Matmul mm{*(LtDesc*)desc, *(LtLayout*)a, *(LtLayout*)b, *(LtLayout*)c, *(LtLayout*)d, *alpha, *beta,
         (uintptr_t)A, (uintptr_t)B, (uintptr_t)C, (uintptr_t)D, 256};
-    if (algo) memcpy(&mm.align, algo, 4);
+    mm.delay_us = 0;
+    if (algo) { memcpy(&mm.align, algo, 4); memcpy(&mm.delay_us, (const char*)algo + 4, 4); }
     if (mm.align == 0) mm.align = 256;
     uint64_t m, n, k;
     if (int rc = matmul_shape(mm.desc, mm.a, mm.b, mm.c, mm.d, m, n, k)) return rc;
@@ -1284,4 +1299,5 @@ EXPORT const char* cublasLtGetStatusName(int rc)
     default: return "CUBLAS_STATUS_INTERNAL_ERROR";
     }
 }
+EXPORT size_t cublasLtGetVersion() { return 990000; }
 EXPORT const char* cublasLtGetStatusString(int rc) { return rc == 0 ? "success" : "see the [cuda-emulator] line on stderr"; }
