@@ -178,6 +178,16 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
     { add_rmsnorm_gather<T>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
 FOR_EACH_STORAGE(NORMS)
 
+// KernelBench variants (bf16, blocks of at most 256 threads): the same code compiled for 8 resident blocks of 256
+// threads per SM, which caps it at 32 registers per thread. Whether register-limited occupancy (fewer, longer waves
+// of the 2048 one-row blocks) is what holds the row kernels below the bandwidth of a plain residual add.
+extern "C" __global__ __launch_bounds__(256, 8) void rmsnorm_gather_occupancy_bf16(const float* x, const bf16* gamma, const int* idx, bf16* out,
+    int d, int width, int out_stride, float eps, int row_in_smem)
+{ gather_norm<bf16, false>(x, gamma, nullptr, idx, out, d, width, out_stride, eps, row_in_smem); }
+extern "C" __global__ __launch_bounds__(256, 8) void add_rmsnorm_gather_occupancy_bf16(float* x, const float* y, const int* add_idx, const bf16* bias,
+    float add_scale, int add_width, int y_stride, const bf16* gamma, const int* idx, bf16* out, int d, int width, int out_stride, float eps)
+{ add_rmsnorm_gather<bf16>(x, y, add_idx, bias, add_scale, add_width, y_stride, gamma, idx, out, d, width, out_stride, eps); }
+
 #define MASKED_NORMS(T, S) \
     extern "C" __global__ void rmsnorm_masked_##S(const float* x, const T* gamma, T* out, const float* mask, T* masked, int d, float eps) \
     { masked_norm<T>(x, nullptr, nullptr, nullptr, gamma, out, mask, masked, d, eps); } \

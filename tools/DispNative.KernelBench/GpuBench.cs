@@ -84,6 +84,9 @@ internal static class GpuBench
             double gather = Bandwidth($"gather-rmsnorm {D}->{w}, row staged in smem (tuned)", gatherBytes, () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
             Bandwidth($"gather-rmsnorm {D}->{w}, row re-read from global (naive)", gatherBytes,
                 () => dev.Launch("norm", "rmsnorm_gather_bf16", (uint)T, 1024, 0, x, gamma, idx, h, D, w, w, 1e-5f, 0));
+            // The same kernel compiled for 8 blocks of 256 threads per SM (at most 32 registers): does occupancy limit it?
+            Bandwidth($"gather-rmsnorm {D}->{w}, 8 blocks of 256 per SM (<= 32 regs)", gatherBytes,
+                () => dev.Launch("norm", "rmsnorm_gather_occupancy_bf16", (uint)T, 256, (uint)(D * 4), x, gamma, idx, h, D, w, w, 1e-5f, 1));
             // Index-add traffic: the delta, and every 32-byte sector of the residual row that holds a selected channel,
             // read and written (DRAM moves whole sectors; at 65% of the channels that is every sector of the row). The
             // selected channels' bytes alone (useful bytes) are printed beside it.
@@ -106,6 +109,8 @@ internal static class GpuBench
             double oneLaunch = Bandwidth($"index-add {w}->{D} + gather-rmsnorm, one launch (tuned)", pairBytes,
                 () => ops.IndexAddRmsNorm(x, delta, idx, null, w, gamma, idx, h, T, D, 1e-5f));
             Console.WriteLine($"{"  one launch vs two",-58} {oneLaunch / twoLaunches,8:F2}x");
+            Bandwidth($"index-add {w}->{D} + gather-rmsnorm, 8 blocks of 256 per SM", pairBytes,
+                () => dev.Launch("norm", "add_rmsnorm_gather_occupancy_bf16", (uint)T, 256, (uint)(D * 4), x, delta, idx, 0UL, 1f, w, w, gamma, idx, h, D, w, w, 1e-5f));
             acceptance.AtLeast(3, "index-add fused into the next gather-norm >= 70% of HBM bandwidth", oneLaunch / bw, 0.7, Percent);
         }
 
@@ -135,23 +140,32 @@ internal static class GpuBench
         MaskGrad(Ffn, DType.BF16);
 
         Console.WriteLine();
+        // The engine's GEMMs run the fastest of the algorithms cuBLASLt's heuristic offers (timed on a shape's first
+        // call, CudaDevice.TuneGemms); the heuristic's first choice alone is the baseline, measured first.
         double Gemm(string name, int m, int n, int k)
         {
             using var a = dev.Upload(Rand((long)m * k), DType.BF16);
             using var b = dev.Upload(Rand((long)n * k), DType.BF16);
             using var c = dev.Allocate(DType.BF16, (long)m * n);
-            return Flops(name, 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            dev.TuneGemms = false;
+            double first = Flops($"{name}, heuristic's first", 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            dev.TuneGemms = true;
+            dev.Gemm(a, b, c, m, n, k);   // chooses the algorithm
+            var (_, chosen, offered) = dev.GemmAlgorithms.Single(p => p.Shape.StartsWith($"{m},{n},{k},1,", StringComparison.Ordinal));
+            double tuned = Flops($"  tuned: algorithm #{chosen} of {offered}", 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            Console.WriteLine($"{"  tuned vs heuristic's first",-58} {tuned / first,8:F2}x");
+            return tuned;
         }
-        double bigGemm = Gemm($"gemm bf16 {2 * T} x {Ffn} x {D} (cuBLASLt)", 2 * T, Ffn, D);
+        double bigGemm = Gemm($"gemm bf16 {2 * T} x {Ffn} x {D}", 2 * T, Ffn, D);
         acceptance.AtLeast(3, "bf16 GEMM 4096 x 11008 x 4096 >= 550 TFLOP/s", bigGemm, 550e12, r => $"{r / 1e12:F0} TFLOP/s");
-        Gemm($"gemm bf16 {T} x {Ffn} x {D} (MLP up, dense)", T, Ffn, D);
+        Gemm($"gemm bf16 {T} x {Ffn} x {D} (up, dense)", T, Ffn, D);
         int mid65 = (int)(Ffn * 0.65);
-        Gemm($"gemm bf16 {T} x {mid65} x {w65} (MLP up, pruned 65%)", T, mid65, w65);
-        Gemm($"gemm bf16 {T} x {w65} x {mid65} (MLP down, pruned 65%)", T, w65, mid65);
+        Gemm($"gemm bf16 {T} x {mid65} x {w65} (up, pruned 65%)", T, mid65, w65);
+        Gemm($"gemm bf16 {T} x {w65} x {mid65} (down, pruned 65%)", T, w65, mid65);
         // The engine stores pruned sites padded to a multiple of 8 (CudaOps.Padded): 16-byte aligned rows.
         int pw = CudaOps.Padded(w65), pm = CudaOps.Padded(mid65);
-        Gemm($"gemm bf16 {T} x {pm} x {pw} (MLP up, pruned, padded to 8)", T, pm, pw);
-        Gemm($"gemm bf16 {T} x {pw} x {pm} (MLP down, pruned, padded to 8)", T, pw, pm);
+        Gemm($"gemm bf16 {T} x {pm} x {pw} (up, padded)", T, pm, pw);
+        Gemm($"gemm bf16 {T} x {pw} x {pm} (down, padded)", T, pw, pm);
 
         // Decode's batch-1 linear layers: the warp-per-row GEMV kernel against cuBLASLt on the same operands.
         void Gemv(string name, int n, int k)

@@ -2,8 +2,11 @@
 # On the GPU machine (device tool, carry .gpu, after tools/gpu/pack.sh here): runs the GPU checks and benchmarks,
 # each into $OUT/<name>.txt, and prints each one's exit status and last lines.
 #
-#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train]    (default: all)
+#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train] [profile-norms]
+#   (default: all but profile-norms)
 #
+# profile-norms: Nsight Compute on the row kernels of `KernelBench gpu` (gather-norm, index-add and the fused pair;
+# cold L2, clocks as they are): duration, DRAM bytes and throughput, registers, occupancy and warp stalls, one CSV.
 # One device call may run 600 s: the limits below keep selftest+bench+infer and train+torch-* under it.
 set -u
 out=${OUT:-gpu-results}
@@ -24,7 +27,13 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
       train)       step train 240 bash .gpu/run.sh DispNative.KernelBench train ;;
       torch-infer) step torch-infer 120 python3 tools/reference/torch_baselines.py infer ;;
       torch-train) step torch-train 120 python3 tools/reference/torch_baselines.py train ;;
-      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train)" >&2; exit 2 ;;
+      profile-norms)
+        step profile-norms 300 /usr/local/cuda/bin/ncu --kernel-name regex:'gather|index_add' --cache-control all --clock-control none \
+          --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum -f -o /tmp/profile-norms bash .gpu/run.sh DispNative.KernelBench gpu --repeats 2
+        /usr/local/cuda/bin/ncu -i /tmp/profile-norms.ncu-rep --csv --page details > "$out/profile-norms.csv" 2>&1
+        echo "== profile-norms.csv: $(wc -l < "$out/profile-norms.csv") lines" ;;
+      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms)" >&2; exit 2 ;;
     esac
   done
 done

@@ -5,6 +5,7 @@ using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
 using DispNative.Engine.Models;
 using DispNative.Engine.Training;
+using DispNative.Interop;
 
 namespace DispNative.Engine.Cuda;
 
@@ -51,6 +52,8 @@ public static class SelfTest
             new("residual add + rmsnorm f32 in one launch (d 384)", dev => IndexAddNorm(dev, 384, null, null, DType.F32, 2e-6)),
             new("index-add + gather-rmsnorm f32, row above shared memory: two launches (d 13001 <- 5000; -> 77)",
                 dev => IndexAddNorm(dev, 13001, 5000, 77, DType.F32, 2e-6)),
+            new("gather-rmsnorm and index-add + gather-rmsnorm bf16 compiled for 8 blocks/SM (KernelBench) = the engine's kernels, bit for bit",
+                OccupancyVariants),
             new("index-add f32 (d 999 <- 311, input rows 320 apart)", dev => IndexAdd(dev, 311, bias: false, padded: true)),
             new("swiglu f32 in place (n 10007)", dev => SwiGlu(dev, DType.F32)),
             new("swiglu bf16 in place (n 10007: 16-byte steps and a tail)", dev => SwiGlu(dev, DType.BF16)),
@@ -108,6 +111,7 @@ public static class SelfTest
             new("gemv bf16 -> f32, accumulate (1 x 1000 x 4096)", dev => Gemm(dev, 1, 1000, 4096, DType.BF16, beta: 1)),
             new("gemv bf16 -> bf16 (1 x 300 x 11008)", dev => Gemm(dev, 1, 300, 11008, DType.BF16, output: DType.BF16)),
             new("gemm bf16 1 x 50 x 333 (K not a multiple of 8: cuBLASLt)", dev => Gemm(dev, 1, 50, 333, DType.BF16)),
+            new("gemm algorithm choice (37 x 200 x 136): the first call accumulates once, the choice is recorded, the heuristic's first agrees", GemmAlgorithmChoice),
             new("gemv fused f32: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.F32)),
             new("gemv fused bf16: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.BF16)),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
@@ -463,6 +467,38 @@ public static class SelfTest
         return Compare(dev.Download(tx), x, 1e-6, "residual max rel err") + "; " + Compare(dev.Download(tout), want, tol, "norm max rel err");
     }
 
+    /// <summary>KernelBench's register-capped builds of the row kernels run the same code: same outputs, same residual.</summary>
+    private static string OccupancyVariants(CudaDevice dev)
+    {
+        var rng = new Rng(31);
+        const int d = 4096;
+        int rows = Math.Max(300, dev.Info.Multiprocessors);   // enough rows for the engine's 256-thread blocks
+        int[] idx = Subset(rng, d, 2673), addIdx = Subset(rng, d, 2651);
+        int stride = CudaOps.Padded(idx.Length), yStride = CudaOps.Padded(addIdx.Length);
+        var x = Random(rng, rows * d, 2);
+        using var tg = dev.Upload(RoundTo(DType.BF16, Random(rng, d)), DType.BF16);
+        using var ti = dev.Upload(idx); using var tai = dev.Upload(addIdx);
+        using var ty = dev.Upload(Random(rng, rows * yStride));
+        var ops = new CudaOps(dev);
+        float[] Run(bool variant, bool add)
+        {
+            using var tx = dev.Upload(x);
+            using var tout = dev.Allocate(DType.BF16, rows * stride);
+            if (!variant && add) ops.IndexAddRmsNorm(tx, ty, tai, null, yStride, tg, ti, tout, rows, d, 1e-5f, 1f, stride);
+            else if (!variant) ops.GatherRmsNorm(tx, tg, ti, tout, rows, d, 1e-5f, stride);
+            else if (add) dev.Launch("norm", "add_rmsnorm_gather_occupancy_bf16", (uint)rows, 256, d * 4, tx, ty, tai, 0UL, 1f, addIdx.Length, yStride, tg, ti, tout, d, idx.Length, stride, 1e-5f);
+            else dev.Launch("norm", "rmsnorm_gather_occupancy_bf16", (uint)rows, 256, d * 4, tx, tg, ti, tout, d, idx.Length, stride, 1e-5f, 1);
+            return [.. dev.Download(tout), .. dev.Download(tx)];
+        }
+        foreach (bool add in new[] { false, true })
+        {
+            var (want, got) = (Run(false, add), Run(true, add));
+            int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+            if (diff >= 0) throw new Mismatch($"{(add ? "index-add + norm" : "norm")}: element {diff} is {got[diff]}, the engine's kernel gives {want[diff]}");
+        }
+        return "outputs and residual identical";
+    }
+
     /// <summary>In place (the output is the gate); n odd, so the 16-byte path leaves a tail.</summary>
     private static string SwiGlu(CudaDevice dev, DType dtype)
     {
@@ -812,10 +848,9 @@ public static class SelfTest
         return detail + "; " + Compare(g, gw, 1e-3, "hypernetwork grad rel err");
     }
 
-    /// <summary>Inputs are rounded to the storage type first, so with f32 accumulation both types must match the
-    /// CPU to summation-order error.</summary>
     /// <summary>D = A·Bᵀ (B [n, k]) or, without <paramref name="transposeB"/>, D = A·B (B [k, n]), plus beta·D. One row
-    /// (m 1) with K a multiple of 8 runs the GEMV kernel.</summary>
+    /// (m 1) with K a multiple of 8 runs the GEMV kernel. Inputs are rounded to the storage type first, so with f32
+    /// accumulation both types must match the CPU to summation-order error.</summary>
     private static string Gemm(CudaDevice dev, int m, int n, int k, DType dtype, bool transposeB = true, float beta = 0, DType output = DType.F32)
     {
         var rng = new Rng(13);
@@ -833,6 +868,45 @@ public static class SelfTest
         Cpu.Gemm.MatMulT(a, bt, want, m, n, k);
         for (int i = 0; i < want.Length; i++) want[i] += beta * prior[i];
         return Compare(dev.Download(c), want, output == DType.F32 ? 1e-5 : 1e-2);
+    }
+
+    /// <summary>With no plans and an empty tuning file, a GEMM's first call chooses its algorithm: with β = 1 the
+    /// candidates are timed into a scratch output and D = C + A·Bᵀ must come out once. The choice is recorded; the
+    /// heuristic's first algorithm (tuning off) gives the same product. On the emulator, whose second algorithm is the
+    /// fastest, the choice must be that one.</summary>
+    private static string GemmAlgorithmChoice(CudaDevice dev)
+    {
+        const int m = 37, n = 200, k = 136;
+        var rng = new Rng(29);
+        var a = RoundTo(DType.BF16, Random(rng, m * k)); var b = RoundTo(DType.BF16, Random(rng, n * k)); var prior = Random(rng, m * n);
+        using var ta = dev.Upload(a, DType.BF16); using var tb = dev.Upload(b, DType.BF16);
+        using var c = dev.Upload(prior);
+        bool tune = dev.TuneGemms;
+        var tuning = dev.GemmTuning;
+        string dir = Path.Combine(Path.GetTempPath(), $"dispnative-selftest-{Environment.ProcessId}-{Guid.NewGuid():N}");
+        try
+        {
+            dev.ForgetGemmPlans();
+            dev.GemmTuning = new GemmTuning(dir, "self-test");
+            dev.TuneGemms = true;
+            dev.Gemm(ta, tb, c, m, n, k, beta: 1);
+            var want = new float[m * n];
+            Cpu.Gemm.MatMulT(a, b, want, m, n, k);
+            string accumulated = Compare(dev.Download(c), want.Zip(prior, (p, q) => p + q).ToArray(), 1e-5, "accumulated once: max rel err");
+            var (shape, chosen, candidates) = dev.GemmAlgorithms.Single();
+            if (dev.GemmTuning.Timed != 1 || dev.GemmTuning.Recorded(shape) == null) throw new Mismatch($"{shape}: not timed and recorded");
+            if (Nvrtc.Version.Major == 99 && chosen != 1) throw new Mismatch($"the emulator's fastest algorithm is the second, chose #{chosen} of {candidates}");
+            dev.TuneGemms = false;
+            dev.Gemm(ta, tb, c, m, n, k);
+            string first = Compare(dev.Download(c), want, 1e-5, "heuristic's first: max rel err");
+            return $"algorithm #{chosen} of {candidates}; {accumulated}; {first}";
+        }
+        finally
+        {
+            dev.TuneGemms = tune;
+            dev.GemmTuning = tuning;
+            if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+        }
     }
 
     // ---- whole model ----
