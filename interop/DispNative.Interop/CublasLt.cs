@@ -88,9 +88,10 @@ public static unsafe class CublasLt
     internal static int Destroy(nint h) => A.cublasLtDestroy(h);
 
     /// <summary>One GEMM shape, prepared once: descriptors plus the heuristic's algorithms, best first (up to
-    /// <c>candidates</c>; <see cref="Chosen"/> picks the one that runs, the first unless set). Computes the row-major product D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·C (C = D), the layout of activations times
-    /// Linear weights, optionally batched with strides (elements) between the matrices of a batch. Without
-    /// <c>transposeB</c> B is [K,N] (D = A·B); with <c>transposeA</c> A is stored [K,M] and read transposed.</summary>
+    /// <c>candidates</c>; <see cref="Chosen"/> picks the one that runs, the first unless set). Computes the row-major
+    /// product D[M,N] = α·A[M,K]·B[N,K]ᵀ + β·C (C = D), the layout of activations times Linear weights, optionally
+    /// batched with strides (elements) between the matrices of a batch. Without <c>transposeB</c> B is [K,N] (D = A·B);
+    /// with <c>transposeA</c> A is stored [K,M] and read transposed.</summary>
     public sealed class MatmulPlan : IDisposable
     {
         private nint _desc, _a, _b, _c, _pref;

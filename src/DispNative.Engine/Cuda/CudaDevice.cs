@@ -340,24 +340,24 @@ public sealed unsafe class CudaDevice : IDisposable
         plan.Run(Lt, a, b, d, alpha, beta, _workspace, GemmWorkspaceBytes, Stream.DangerousGetHandle(), TuneGemms ? null : 0);
     }
 
-    /// <summary>Times each candidate of <paramref name="plan"/> on the call's operands. The runs overwrite the output
-    /// (β = 0), so a call that accumulates into D (β ≠ 0) is timed into a scratch buffer of D's size instead; where
-    /// that does not fit in memory the plan keeps the heuristic's first choice.</summary>
+    /// <summary>Times each candidate of <paramref name="plan"/> on the call's operands, unless the tuning file already
+    /// names one. The runs overwrite the output (β = 0), so a call that accumulates into D (β ≠ 0) is timed into a
+    /// scratch buffer of D's size instead; where that does not fit in memory the plan keeps the heuristic's first.</summary>
     private void ChooseAlgorithm(string key, CublasLt.MatmulPlan plan, ulong a, ulong b, ulong d, DType dType, int m, int batch, int ldd,
         long strideD, float alpha, float beta)
     {
         DeviceTensor? scratch = null;
         try
         {
-            if (beta != 0)
-            {
-                scratch = Allocate(dType, (batch - 1) * strideD + (long)m * ldd);
-                d = scratch.Pointer;
-            }
             nint stream = Stream.DangerousGetHandle();
             var ids = Enumerable.Range(0, plan.Candidates).Select(plan.AlgorithmId).ToList();
             plan.Chosen = GemmTuning.Choose(key, ids, i =>
             {
+                if (beta != 0 && scratch == null)
+                {
+                    scratch = Allocate(dType, (batch - 1) * strideD + (long)m * ldd);
+                    d = scratch.Pointer;
+                }
                 void Run() => plan.Run(Lt, a, b, d, alpha, 0, _workspace, GemmWorkspaceBytes, stream, i);
                 try
                 {

@@ -4,10 +4,11 @@ using System.Text;
 namespace DispNative.Engine.Cuda;
 
 /// <summary>Which of cuBLASLt's algorithms each GEMM shape runs. The heuristic's first choice is not always the fastest
-/// (pruned layers' odd widths leave a partial last wave of tiles), so the first call of a shape times each of up to
-/// <see cref="Candidates"/> algorithms the heuristic offers and keeps the fastest. Choices are also written to a file
-/// in the kernel cache directory, one file per <c>identity</c> (device, architecture, cuBLASLt version), so later
-/// processes on the same machine run the same algorithms (and round the same way) without timing them again.</summary>
+/// (its model of a shape can be off, as where a pruned width leaves a partial last wave of tiles), so the first call of
+/// a shape times each of up to <see cref="Candidates"/> algorithms the heuristic offers and keeps the fastest. Choices
+/// are also written to a file in the kernel cache directory, one file per <c>identity</c> (device, architecture,
+/// cuBLASLt version), so later processes on the same machine run the same algorithms (and round the same way) without
+/// timing them again.</summary>
 public sealed class GemmTuning
 {
     public const int Candidates = 8;
