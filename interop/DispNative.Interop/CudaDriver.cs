@@ -58,6 +58,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
         public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
         public readonly delegate* unmanaged<nint, int*, int> cuStreamIsCapturing;
+        public readonly delegate* unmanaged<int> cuProfilerStart, cuProfilerStop;   // null where not exported
         public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
         public readonly delegate* unmanaged<nint, nint, int> cuGraphLaunch;
         public readonly delegate* unmanaged<nint, int> cuGraphExecDestroy;
@@ -102,6 +103,8 @@ public static unsafe class CudaDriver
             cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
             cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
             cuStreamIsCapturing = (delegate* unmanaged<nint, int*, int>)lib.Export("cuStreamIsCapturing");
+            cuProfilerStart = (delegate* unmanaged<int>)lib.TryExport("cuProfilerStart");
+            cuProfilerStop = (delegate* unmanaged<int>)lib.TryExport("cuProfilerStop");
             cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
             cuGraphLaunch = (delegate* unmanaged<nint, nint, int>)lib.Export("cuGraphLaunch");
             cuGraphExecDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuGraphExecDestroy");
@@ -241,6 +244,14 @@ public static unsafe class CudaDriver
         public nint Stream;
         public LaunchAttribute* Attributes;
         public uint AttributeCount;
+    }
+
+    /// <summary>Marks the start (true) or end of the work a profiler started with profiling off (Nsight Compute's
+    /// <c>--profile-from-start off</c>) records; without a profiler attached, nothing happens.</summary>
+    public static void Profile(bool on)
+    {
+        var f = on ? A.cuProfilerStart : A.cuProfilerStop;
+        if (f != null) Check(f(), on ? "cuProfilerStart" : "cuProfilerStop");
     }
 
     /// <summary>Whether work put on <paramref name="stream"/> is being recorded into a graph (then it does not run, and

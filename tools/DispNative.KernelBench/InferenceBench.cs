@@ -15,13 +15,16 @@ internal static class InferenceBench
 
     private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
 
-    public static void Run(ModelConfig c, int prefillTokens, int decodeTokens, double keep)
+    /// <param name="profile">Also runs, for each model after its measurements, one prefill and two eager decode steps
+    /// between cuProfilerStart and cuProfilerStop: what <c>ncu --profile-from-start off</c> records
+    /// (tools/gpu/check.sh profile-infer).</param>
+    public static void Run(ModelConfig c, int prefillTokens, int decodeTokens, double keep, bool profile = false)
     {
         using var dev = CudaDevice.Open();
         var info = dev.Info;
         Console.WriteLine($"device: {info}; {BenchShapes.Describe(c)}, random bf16 weights; prefill {prefillTokens} tokens, decode {decodeTokens} tokens after a {DecodePrompt}-token prompt");
-        var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens) };
-        results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens));
+        var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile) };
+        results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
         Console.WriteLine();
@@ -52,7 +55,7 @@ internal static class InferenceBench
         acceptance.Print();
     }
 
-    private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens)
+    private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens, bool profile)
     {
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, config, DType.BF16, seed: 7, keep);
@@ -89,6 +92,18 @@ internal static class InferenceBench
             return decodeTokens / t.Elapsed.TotalSeconds;
         }
         double eager = Decode(graphs: false), graph = Decode(graphs: true);
+        if (profile)
+        {
+            // Each profiled segment starts with the embedding kernel: prefill, then two one-token decode steps.
+            model.UseCudaGraphs = false;
+            using var cache = model.NewCache(prefillTokens + 2);
+            dev.Synchronize();
+            Interop.CudaDriver.Profile(true);
+            int token = Next(model.Forward(prompt, cache, lastOnly: true));
+            for (int i = 0; i < 2; i++) token = Next(model.Forward([token], cache, lastOnly: true));
+            dev.Synchronize();
+            Interop.CudaDriver.Profile(false);
+        }
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({firstAlgorithmMs:F1} with first-choice GEMM algorithms), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
         return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
     }

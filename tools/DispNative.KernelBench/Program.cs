@@ -21,7 +21,7 @@ public static class Program
         if (args.Length == 0 || args[0] is "-h" or "--help")
         {
             Console.WriteLine("usage: DispNative.KernelBench cpu [--model DIR] [--tokens N] [--seconds S]\n       DispNative.KernelBench gpu [--repeats N] [--tokens N]\n" +
-                              "       DispNative.KernelBench infer [--tokens N] [--decode N] [--keep F]   (7B-shape dense vs pruned inference)\n" +
+                              "       DispNative.KernelBench infer [--tokens N] [--decode N] [--keep F] [--profile]   (7B-shape dense vs pruned inference)\n" +
                               "       DispNative.KernelBench train [--tokens N] [--layers N]   (7B-shape masked training step)\n" +
                               "  gpu, infer and train take --smoke: the same code at a small shape, once (a check, not a measurement)");
             return args.Length == 0 ? 1 : 0;
@@ -44,7 +44,7 @@ public static class Program
             try
             {
                 if (args[0] == "gpu") GpuBench.Run(repeats, shape, prefill);
-                else if (args[0] == "infer") InferenceBench.Run(shape, prefill, decode, keep);
+                else if (args[0] == "infer") InferenceBench.Run(shape, prefill, decode, keep, args.Contains("--profile"));
                 else TrainingBench.Run(shape, prefill, layers);
                 return 0;
             }

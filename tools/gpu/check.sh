@@ -2,11 +2,13 @@
 # On the GPU machine (device tool, carry .gpu, after tools/gpu/pack.sh here): runs the GPU checks and benchmarks,
 # each into $OUT/<name>.txt, and prints each one's exit status and last lines.
 #
-#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train] [profile-norms]
-#   (default: all but profile-norms)
+#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train] [profile-norms] [profile-infer]
+#   (default: all but the profiles)
 #
 # profile-norms: Nsight Compute on the row kernels of `KernelBench gpu` (gather-norm, index-add and the fused pair;
 # cold L2, clocks as they are): duration, DRAM bytes and throughput, registers, occupancy and warp stalls, one CSV.
+# profile-infer: kernel durations of one prefill and two decode steps of the dense and the pruned 7B-shape model
+# (`KernelBench infer --profile`), summed per phase and kernel by tools/gpu/kernel_times.py.
 # One device call may run 600 s: the limits below keep selftest+bench+infer and train+torch-* under it.
 set -u
 out=${OUT:-gpu-results}
@@ -33,7 +35,13 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
           --metrics dram__bytes_read.sum,dram__bytes_write.sum -f -o /tmp/profile-norms bash .gpu/run.sh DispNative.KernelBench gpu --repeats 2
         /usr/local/cuda/bin/ncu -i /tmp/profile-norms.ncu-rep --csv --page details > "$out/profile-norms.csv" 2>&1
         echo "== profile-norms.csv: $(wc -l < "$out/profile-norms.csv") lines" ;;
-      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms)" >&2; exit 2 ;;
+      profile-infer)
+        step profile-infer 300 /usr/local/cuda/bin/ncu --profile-from-start off --metrics gpu__time_duration.sum --print-units base \
+          --cache-control none --clock-control none -f -o /tmp/profile-infer bash .gpu/run.sh DispNative.KernelBench infer --decode 16 --profile
+        /usr/local/cuda/bin/ncu -i /tmp/profile-infer.ncu-rep --csv --page raw --print-units base > "$out/profile-infer.csv" 2>&1
+        python3 tools/gpu/kernel_times.py "$out/profile-infer.csv" > "$out/profile-infer-summary.txt" 2>&1
+        echo "== profile-infer-summary.txt:"; head -n 40 "$out/profile-infer-summary.txt" ;;
+      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms, profile-infer)" >&2; exit 2 ;;
     esac
   done
 done

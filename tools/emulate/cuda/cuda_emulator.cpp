@@ -1150,6 +1150,8 @@ EXPORT int cuLaunchKernelEx(const EmuLaunchConfig* c, void* f, void** params, vo
         }
     return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->shared, c->stream, params, extra);
 }
+EXPORT int cuProfilerStart() { return 0; }   // no profiler here
+EXPORT int cuProfilerStop() { return 0; }
 EXPORT int cuStreamIsCapturing(void* s, int* status) { Guard g(g_lock); *status = s && ((Stream*)s)->capturing ? 1 : 0; return 0; }
 EXPORT int cuStreamBeginCapture_v2(void* s, int) { Stream* st = (Stream*)s; if (!st || st->capturing) return 900; st->capturing = true; st->captured.clear(); return 0; }
 EXPORT int cuStreamEndCapture(void* s, void** graph)
