@@ -43,6 +43,19 @@ public class GemmTuningTests
     }
 
     [Test]
+    public void TwoProcesses_ChoosingAtTheSameTime_BothKeepTheirChoicesInTheFile()
+    {
+        var dir = TestAssets.TempDir();
+        var a = new GemmTuning(dir, "x");
+        var b = new GemmTuning(dir, "x");
+        a.Choose("first", Ids, Times(2, 1, 3, 4));   // a has read the file (empty) before b writes
+        b.Choose("second", Ids, Times(1, 2, 3, 4));
+        a.Choose("third", Ids, Times(3, 2, 1, 4));
+        var later = new GemmTuning(dir, "x");
+        Assert.That((later.Recorded("first"), later.Recorded("second"), later.Recorded("third")), Is.EqualTo(("B1", "A0", "C2")));
+    }
+
+    [Test]
     public void WhenNoCandidateRuns_TheFirstIsUsed_AndNothingIsRecorded()
     {
         var t = new GemmTuning(TestAssets.TempDir(), "x");

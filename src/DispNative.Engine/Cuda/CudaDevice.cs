@@ -93,6 +93,11 @@ public sealed unsafe class CudaDevice : IDisposable
     /// timed on its first call (or taken from <see cref="GemmTuning"/>'s file). Off: the heuristic's first choice.</summary>
     public bool TuneGemms { get; set; } = true;
 
+    /// <summary>GEMMs of fewer FLOPs (2·M·N·K per batch entry, summed) keep the heuristic's first choice: they take
+    /// microseconds, where timing is mostly launch noise, and decode or short prompts would otherwise add a tuned
+    /// shape for every new length.</summary>
+    public double MinTunedGemmFlops { get; set; } = 1e9;
+
     private CudaDevice(int ordinal, string? kernelCache)
     {
         CudaDriver.Init();
@@ -332,7 +337,7 @@ public sealed unsafe class CudaDevice : IDisposable
         if (!_plans.TryGetValue(key, out var plan))
             _plans[key] = plan = new CublasLt.MatmulPlan(Lt, m, n, k, LtType(ab), LtType(dType), GemmWorkspaceBytes, batch, strideA, strideB, strideD,
                 lda, ldb, ldd, align, transposeB, transposeA, GemmTuning.Candidates);
-        if (TuneGemms && !_tunedPlans.Contains(key) && !Stream.IsCapturing)
+        if (TuneGemms && !_tunedPlans.Contains(key) && 2.0 * m * n * k * batch >= MinTunedGemmFlops && !Stream.IsCapturing)
         {
             _tunedPlans.Add(key);
             if (plan.Candidates > 1) ChooseAlgorithm(key, plan, a, b, d, dType, m, batch, ldd, strideD, alpha, beta);

@@ -63,20 +63,26 @@ public sealed class GemmTuning
     {
         if (_loaded) return;
         _loaded = true;
-        try
-        {
-            if (!File.Exists(_path)) return;
-            foreach (var line in File.ReadAllLines(_path))
-            {
-                int tab = line.IndexOf('\t');
-                if (tab > 0 && tab < line.Length - 1) _choices[line[..tab]] = line[(tab + 1)..];
-            }
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* unreadable: time again */ }
+        foreach (var (shape, id) in ReadFile()) _choices[shape] = id;
     }
 
+    private IEnumerable<(string Shape, string Id)> ReadFile()
+    {
+        string[] lines;
+        try { lines = File.Exists(_path) ? File.ReadAllLines(_path) : []; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { lines = []; /* unreadable: time again */ }
+        foreach (var line in lines)
+        {
+            int tab = line.IndexOf('\t');
+            if (tab > 0 && tab < line.Length - 1) yield return (line[..tab], line[(tab + 1)..]);
+        }
+    }
+
+    /// <summary>Rewrites the file with this process's choices added to what it holds now (another process may have
+    /// added shapes since it was read).</summary>
     private void Save()
     {
+        foreach (var (shape, id) in ReadFile()) _choices.TryAdd(shape, id);
         try
         {
             Directory.CreateDirectory(Path.GetDirectoryName(_path)!);

@@ -882,6 +882,7 @@ public static class SelfTest
         using var ta = dev.Upload(a, DType.BF16); using var tb = dev.Upload(b, DType.BF16);
         using var c = dev.Upload(prior);
         bool tune = dev.TuneGemms;
+        double minFlops = dev.MinTunedGemmFlops;
         var tuning = dev.GemmTuning;
         string dir = Path.Combine(Path.GetTempPath(), $"dispnative-selftest-{Environment.ProcessId}-{Guid.NewGuid():N}");
         try
@@ -889,6 +890,7 @@ public static class SelfTest
             dev.ForgetGemmPlans();
             dev.GemmTuning = new GemmTuning(dir, "self-test");
             dev.TuneGemms = true;
+            dev.MinTunedGemmFlops = 0;   // a small shape, tuned all the same
             dev.Gemm(ta, tb, c, m, n, k, beta: 1);
             var want = new float[m * n];
             Cpu.Gemm.MatMulT(a, b, want, m, n, k);
@@ -904,6 +906,7 @@ public static class SelfTest
         finally
         {
             dev.TuneGemms = tune;
+            dev.MinTunedGemmFlops = minFlops;
             dev.GemmTuning = tuning;
             if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
         }
