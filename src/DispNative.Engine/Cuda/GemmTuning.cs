@@ -83,13 +83,7 @@ public sealed class GemmTuning
     private void Save()
     {
         foreach (var (shape, id) in ReadFile()) _choices.TryAdd(shape, id);
-        try
-        {
-            Directory.CreateDirectory(Path.GetDirectoryName(_path)!);
-            string tmp = _path + $".{Environment.ProcessId}.tmp";
-            File.WriteAllLines(tmp, _choices.OrderBy(c => c.Key, StringComparer.Ordinal).Select(c => $"{c.Key}\t{c.Value}"));
-            File.Move(tmp, _path, overwrite: true);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* a read-only cache only costs timing again */ }
+        KernelCompiler.TryWriteCacheFile(_path, tmp =>   // a read-only cache only costs timing again
+            File.WriteAllLines(tmp, _choices.OrderBy(c => c.Key, StringComparer.Ordinal).Select(c => $"{c.Key}\t{c.Value}")));
     }
 }

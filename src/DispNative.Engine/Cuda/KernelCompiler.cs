@@ -115,14 +115,21 @@ public sealed class KernelCompiler
         var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
         var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", headers, Options, out _);
         Compiled++;
+        TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
+        return cubin;
+    }
+
+    /// <summary>Replaces a cache file whole (<paramref name="write"/> fills a temporary file that is then moved over
+    /// it, so a reader never sees it half written); where the directory cannot be written, nothing happens.</summary>
+    internal static void TryWriteCacheFile(string path, Action<string> write)
+    {
         try
         {
-            Directory.CreateDirectory(CacheDirectory);
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
             string tmp = path + $".{Environment.ProcessId}.tmp";
-            File.WriteAllBytes(tmp, cubin);
+            write(tmp);
             File.Move(tmp, path, overwrite: true);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* a read-only cache only costs a recompile */ }
-        return cubin;
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
 }
