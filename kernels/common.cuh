@@ -94,10 +94,14 @@ template <typename Op> __device__ __forceinline__ float block_reduce(float v, Op
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp(), 0.f); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp(), NEG_INF); }
 
+struct NoHook { __device__ __forceinline__ void operator()() const {} };
+
 // Streams one row src[0..d) into copy (when set; global or shared memory) with UNROLL 16-byte loads in flight per
-// thread; with SUMS, also adds the values to s and their squares to ss.
-template <int UNROLL, bool SUMS>
-__device__ __forceinline__ void stream_row(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss)
+// thread; with SUMS, also adds the values to s and their squares to ss. after_issue runs once, when the first UNROLL
+// loads are issued and before they are used: loads it issues wait behind the row's, not the row's behind them.
+template <int UNROLL, bool SUMS, typename Hook = NoHook>
+__device__ __forceinline__ void stream_row(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss,
+    Hook after_issue = {})
 {
     if ((d & 3) == 0)
     {
@@ -113,6 +117,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
                 int i = base + u * blockDim.x;
                 v[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
             }
+            if (base == (int)threadIdx.x) after_issue();
 #pragma unroll
             for (int u = 0; u < UNROLL; u++)
             {
@@ -128,6 +133,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
     }
     else
     {
+        after_issue();
         for (int i = threadIdx.x; i < d; i += blockDim.x)
         {
             float v = src[i];

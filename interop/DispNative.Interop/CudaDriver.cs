@@ -9,6 +9,7 @@ public enum CuDeviceAttribute
     MultiprocessorCount = 16,
     MemoryClockRateKHz = 36,
     GlobalMemoryBusWidth = 37,
+    L2CacheSizeBytes = 38,
     ComputeCapabilityMajor = 75,
     ComputeCapabilityMinor = 76,
     MaxSharedMemoryPerBlockOptin = 97,

@@ -105,8 +105,8 @@ public class KernelSourceTests
         Assert.That(KernelSources.ParameterCount("attention_tc", "attention_prefill_tc128_bf16"), Is.EqualTo(11));
         Assert.That(KernelSources.ParameterCount("attention_tc", "attention_prefill_fa64_f16"), Is.EqualTo(11));
         Assert.That(KernelSources.ParameterCount("attention", "attention_prefill_f32"), Is.EqualTo(12));
-        Assert.That(KernelSources.ParameterCount("gemv", "gemv_bf16_to_f32"), Is.EqualTo(8));
-        Assert.That(KernelSources.ParameterCount("gemv", "gemv_qkv_f16"), Is.EqualTo(11));
+        Assert.That(KernelSources.ParameterCount("gemv", "gemv_bf16_to_f32_u12"), Is.EqualTo(8));
+        Assert.That(KernelSources.ParameterCount("gemv", "gemv_qkv_f16_u16"), Is.EqualTo(11));
         Assert.That(KernelSources.ParameterCount("masks", "gumbel_sigmoid"), Is.EqualTo(7));
         Assert.Throws<DispNativeException>(() => KernelSources.ParameterCount("attention", "attention_prefill_tc64_bf16"));
     }
@@ -117,12 +117,22 @@ public class KernelSourceTests
     [Test]
     public void EveryLaunch_PassesTheArgumentCountItsKernelDeclares()
     {
-        int checkedCalls = 0;
+        int checkedCalls = 0, gemvCalls = 0;
         foreach (string dir in new[] { "src", "tools" })
         foreach (string file in Directory.EnumerateFiles(Path.Combine(TestAssets.RepoRoot, dir), "*.cs", SearchOption.AllDirectories))
         {
             if (file.Contains($"{Path.DirectorySeparatorChar}obj{Path.DirectorySeparatorChar}")) continue;
             string text = File.ReadAllText(file);
+            // LaunchGemv(NAME, rows, k, accumulated, arguments...) launches gemv.cu's NAME_uU: every U declares the same.
+            for (int at = text.IndexOf("LaunchGemv($\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf("LaunchGemv($\"", at + 1, StringComparison.Ordinal))
+            {
+                var args = SplitArguments(text, at + "LaunchGemv".Length);
+                string where = $"{Path.GetFileName(file)}: LaunchGemv({args[0]}, ...)";
+                string name = System.Text.RegularExpressions.Regex.Replace(args[0].TrimStart('$').Trim('"'), @"\{[^}]*\}", "f32");
+                foreach (int u in CudaDevice.GemvUnrolls)
+                    Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - 4), $"{where}, unroll {u}");
+                gemvCalls++;
+            }
             for (int at = text.IndexOf("Launch(\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf("Launch(\"", at + 1, StringComparison.Ordinal))
             {
                 var args = SplitArguments(text, at + "Launch".Length);
@@ -144,6 +154,7 @@ public class KernelSourceTests
             }
         }
         Assert.That(checkedCalls, Is.GreaterThan(30));
+        Assert.That(gemvCalls, Is.EqualTo(4), "LaunchGemv calls found (pattern out of date?)");
     }
 
     /// <summary>The top-level arguments of the call whose '(' is at <paramref name="open"/> (strings kept whole).</summary>
@@ -205,8 +216,8 @@ public class KernelSourceTests
             "residual:index_add_##S", "residual:add_bias_##S", "activations:silu_mul_##S", "activations:gelu_##S",
             "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
-            "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "norm:rmsnorm_backward_##S",
-            "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O", "gemv:gemv_qkv_##S", "gemv:gemv_swiglu_##S",
+            "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "init:read_through", "norm:rmsnorm_backward_##S",
+            "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O##_u##U", "gemv:gemv_qkv_##S##_u##U", "gemv:gemv_swiglu_##S##_u##U",
             "norm:add_rmsnorm_gather_##S", "norm:rmsnorm_masked_##S", "norm:add_masked_rmsnorm_##S", "residual:index_add_staged_##S", "rope:rope_f32_to_##S",
             "masks:mask_columns_grad_tiled_##S", "masks:mask_grad_scale_##NAME", "masks:swiglu_mask_backward_##S", "masks:silu_mul_masked_##S",
         ];

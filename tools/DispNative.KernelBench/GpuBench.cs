@@ -33,7 +33,15 @@ internal static class GpuBench
         // it would be a sixth of a 20 µs kernel's figure, and in a forward pass kernels follow each other without it.
         using var flush = dev.Allocate(DType.F32, (shape == BenchShapes.Smoke ? 1L << 20 : 256L << 20) / 4);   // the smoke run only checks the code
         using var empty = dev.Allocate(DType.F32, 1);
-        float Cold(Action work) { ops.FillConstant(flush, 0f); return dev.Time(work); }
+        // Writing the flush buffer leaves the L2 full of dirty lines, which the timed kernel writes back as it evicts
+        // them. With `clean` the buffer is also read after it is written (CudaDevice.EvictL2): a cold L2 of clean lines.
+        bool clean = false;
+        float Cold(Action work)
+        {
+            ops.FillConstant(flush, 0f);
+            if (clean) dev.EvictL2(flush);
+            return dev.Time(work);
+        }
         float MedianOf(Func<float> sample)
         {
             var ms = new List<float>();
@@ -87,6 +95,9 @@ internal static class GpuBench
             // The same kernel compiled for 8 blocks of 256 threads per SM (at most 32 registers): does occupancy limit it?
             Bandwidth($"gather-rmsnorm {D}->{w}, 8 blocks of 256 per SM (<= 32 regs)", gatherBytes,
                 () => dev.Launch("norm", "rmsnorm_gather_occupancy_bf16", (uint)T, 256, (uint)(D * 4), x, gamma, idx, h, D, w, w, 1e-5f, 1));
+            // And with gamma's loads (which wait for idx) issued after the row's first loads, not ahead of them.
+            Bandwidth($"gather-rmsnorm {D}->{w}, gamma loaded after the row", gatherBytes,
+                () => dev.Launch("norm", "rmsnorm_gather_row_first_bf16", (uint)T, 256, (uint)(D * 4), x, gamma, idx, h, D, w, w, 1e-5f, 1));
             // Index-add traffic: the delta, and every 32-byte sector of the residual row that holds a selected channel,
             // read and written (DRAM moves whole sectors; at 65% of the channels that is every sector of the row). The
             // selected channels' bytes alone (useful bytes) are printed beside it.
@@ -112,6 +123,15 @@ internal static class GpuBench
             Bandwidth($"index-add {w}->{D} + gather-rmsnorm, 8 blocks of 256 per SM", pairBytes,
                 () => dev.Launch("norm", "add_rmsnorm_gather_occupancy_bf16", (uint)T, 256, (uint)(D * 4), x, delta, idx, 0UL, 1f, w, w, gamma, idx, h, D, w, w, 1e-5f));
             acceptance.AtLeast(3, "index-add fused into the next gather-norm >= 70% of HBM bandwidth", oneLaunch / bw, 0.7, Percent);
+
+            // The same kernels after a clean flush (a diagnostic beside the figures above, which the targets use): how much
+            // of their time is the write-back of the flush's dirty lines.
+            clean = true;
+            Bandwidth($"gather-rmsnorm {D}->{w} (tuned), clean cold L2", gatherBytes, () => ops.GatherRmsNorm(x, gamma, idx, h, T, D, 1e-5f));
+            Bandwidth($"index-add {w}->{D} (tuned), clean cold L2", sectorBytes, () => ops.IndexAdd(x, delta, idx, null, T, D));
+            Bandwidth($"index-add + gather-rmsnorm, one launch, clean cold L2", pairBytes,
+                () => ops.IndexAddRmsNorm(x, delta, idx, null, w, gamma, idx, h, T, D, 1e-5f));
+            clean = false;
         }
 
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))
@@ -179,13 +199,22 @@ internal static class GpuBench
             dev.UseGemv = false;
             Bandwidth($"{name}, cuBLASLt (baseline)", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             dev.UseGemv = true;
-            Bandwidth($"{name}, gemv kernel", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            foreach (int u in CudaDevice.GemvUnrolls)
+            {
+                dev.GemvUnroll = u;
+                Bandwidth($"{name}, unroll {u}", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            }
+            dev.GemvUnroll = null;   // the engine's default: the fastest unroll, timed on the shape's first call
+            Bandwidth($"{name}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
         }
         Console.WriteLine();
         Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
         Gemv($"gemv bf16 1 x {Ffn} x {D} (gate/up)", Ffn, D);
         Gemv($"gemv bf16 1 x {D} x {Ffn} (down)", D, Ffn);
-        Gemv($"gemv bf16 1 x {pm} x {pw} (up, pruned, padded)", pm, pw);
+        Gemv($"gemv bf16 1 x {3 * D} x {pw} (q/k/v, pruned)", 3 * D, pw);
+        Gemv($"gemv bf16 1 x {pm} x {pw} (up, pruned)", pm, pw);
+        Gemv($"gemv bf16 1 x {pw} x {D} (o proj, pruned)", pw, D);
+        Gemv($"gemv bf16 1 x {pw} x {pm} (down, pruned)", pw, pm);
         Gemv($"gemv bf16 1 x {Vocab} x {D} (LM head)", Vocab, D);
 
         // Decode's fused GEMVs against the separate launches they replace (the same weight bytes).

@@ -92,6 +92,9 @@ internal static class InferenceBench
             return decodeTokens / t.Elapsed.TotalSeconds;
         }
         double eager = Decode(graphs: false), graph = Decode(graphs: true);
+        dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
+        double graphFirstUnroll = Decode(graphs: true);
+        dev.GemvUnroll = null;
         if (profile)
         {
             // Each profiled segment starts with the embedding kernel: prefill, then two one-token decode steps.
@@ -105,6 +108,9 @@ internal static class InferenceBench
             Interop.CudaDriver.Profile(false);
         }
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({firstAlgorithmMs:F1} with first-choice GEMM algorithms), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
+        string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
+        Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
+                          $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}");
         return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
     }
 

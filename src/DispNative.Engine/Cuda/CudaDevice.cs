@@ -47,7 +47,7 @@ public sealed class DeviceTensor : IDisposable
 
 /// <summary>Static facts about a CUDA device: name, compute capability, memory and the peaks KernelBench compares with.</summary>
 public sealed record CudaDeviceInfo(int Ordinal, string Name, int Major, int Minor, int Multiprocessors, long TotalMemory,
-    int? MemoryClockKHz, int? BusWidthBits, int? SmClockKHz, int DriverVersion)
+    int? MemoryClockKHz, int? BusWidthBits, int? SmClockKHz, int DriverVersion, int? L2Bytes = null)
 {
     public string Architecture => $"sm_{Major}{Minor}";
 
@@ -108,7 +108,8 @@ public sealed unsafe class CudaDevice : IDisposable
             CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMajor), CudaDriver.Attribute(dev, CuDeviceAttribute.ComputeCapabilityMinor),
             CudaDriver.Attribute(dev, CuDeviceAttribute.MultiprocessorCount), CudaDriver.DeviceTotalMemory(dev),
             CudaDriver.TryAttribute(dev, CuDeviceAttribute.MemoryClockRateKHz), CudaDriver.TryAttribute(dev, CuDeviceAttribute.GlobalMemoryBusWidth),
-            CudaDriver.TryAttribute(dev, CuDeviceAttribute.ClockRateKHz), CudaDriver.DriverVersion());
+            CudaDriver.TryAttribute(dev, CuDeviceAttribute.ClockRateKHz), CudaDriver.DriverVersion(),
+            CudaDriver.TryAttribute(dev, CuDeviceAttribute.L2CacheSizeBytes));
         _context = new CudaContextHandle(dev);
         _context.MakeCurrent();
         Stream = new CudaStreamHandle();
@@ -296,6 +297,85 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
 
+    /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv.cu, entries
+    /// NAME_uU). The first is the default.</summary>
+    public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
+
+    /// <summary>Null (the default): each GEMV kernel and shape runs the fastest of <see cref="GemvUnrolls"/>, timed on its
+    /// first call outside graph capture (the unrolls give bit-identical results, so the choice changes only speed). A
+    /// value: that unroll everywhere (benchmarks).</summary>
+    public int? GemvUnroll
+    {
+        get => _gemvUnroll;
+        set => _gemvUnroll = value is not int u || GemvUnrolls.Contains(u) ? value
+            : throw new ArgumentOutOfRangeException(nameof(GemvUnroll), $"{u} is not one of the compiled unrolls ({string.Join(", ", GemvUnrolls)})");
+    }
+
+    private int? _gemvUnroll;
+    private readonly Dictionary<string, int> _gemvUnrollByShape = [];
+
+    /// <summary>The unroll chosen for each GEMV kernel and shape so far ("NAME,rows,k").</summary>
+    public IReadOnlyDictionary<string, int> GemvUnrollChoices => _gemvUnrollByShape;
+
+    /// <summary>Launches GEMV kernel <paramref name="name"/> (entry NAME_uU, one warp per output row) over
+    /// <paramref name="rows"/> rows of length <paramref name="k"/>. <paramref name="accumulated"/>: the output bytes the
+    /// kernel adds into (β ≠ 0, an index-add), which timing the unrolls would change: saved before and restored after.</summary>
+    internal void LaunchGemv(string name, int rows, int k, (ulong Address, long Bytes)? accumulated, params ReadOnlySpan<KernelArg> args)
+    {
+        string key = $"{name},{rows},{k}";
+        int unroll = GemvUnrolls[0];
+        if (_gemvUnroll is int forced) unroll = forced;
+        else if (_gemvUnrollByShape.TryGetValue(key, out int chosen)) unroll = chosen;
+        else if (!Stream.IsCapturing) _gemvUnrollByShape[key] = unroll = ChooseGemvUnroll(name, rows, accumulated, args.ToArray());
+        string entry = $"{name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
+        Launch("gemv", entry, GemvGrid(rows), GemvWarps * 32, 0, args);
+    }
+
+    /// <summary>Leaves the L2 cache cold and clean: reads <paramref name="buffer"/> (at least twice the L2 to evict
+    /// all of it) and writes nothing, so the next kernel neither hits in L2 nor pays for writing back lines an
+    /// earlier kernel dirtied (what a flush by writing a buffer leaves behind).</summary>
+    public void EvictL2(DeviceTensor buffer)
+    {
+        long words = buffer.Bytes / 16;
+        Launch("init", "read_through", GridFor(words), 256, 0, buffer, words);
+    }
+
+    /// <summary>Drops the unroll choices, so each GEMV shape's next call times them again (self-test).</summary>
+    internal void ForgetGemvUnrolls() => _gemvUnrollByShape.Clear();
+
+    private int ChooseGemvUnroll(string name, int rows, (ulong Address, long Bytes)? accumulated, KernelArg[] args)
+    {
+        DeviceTensor? saved = null, evict = null;
+        try
+        {
+            // Decode streams each weight from memory once per step; timed with the weights in L2 instead (a pruned
+            // layer's fit), the unrolls would be ranked on L2 bandwidth. Where the buffer does not fit, warm timing.
+            try { evict = Allocate(DType.F32, 2L * (Info.L2Bytes ?? 64 << 20) / 4); }
+            catch (CudaOutOfMemoryException) { }
+            if (accumulated is { } acc)
+            {
+                saved = Allocate(DType.F32, (acc.Bytes + 3) / 4);
+                CudaDriver.CopyDtoD(saved.Pointer, acc.Address, acc.Bytes, Stream.DangerousGetHandle());
+            }
+            int best = GemvUnrolls[0];
+            float bestMs = float.PositiveInfinity;
+            foreach (int u in GemvUnrolls)
+            {
+                string entry = $"{name}_u{u}";
+                void Run() => Launch("gemv", entry, GemvGrid(rows), GemvWarps * 32, 0, args);
+                float Cold() { if (evict != null) EvictL2(evict); return Time(Run); }
+                Run();   // untimed: first-use costs
+                var ms = new[] { Cold(), Cold(), Cold(), Cold(), Cold() };
+                Array.Sort(ms);
+                if (ms[2] < bestMs) (best, bestMs) = (u, ms[2]);
+            }
+            if (accumulated is { } a) CudaDriver.CopyDtoD(a.Address, saved!.Pointer, a.Bytes, Stream.DangerousGetHandle());
+            return best;
+        }
+        catch (CudaOutOfMemoryException) { return GemvUnrolls[0]; }   // no room to save the output: nothing was launched
+        finally { saved?.Dispose(); evict?.Dispose(); }
+    }
+
     /// <summary>Whether the GEMV kernels take x·Bᵀ for a single row x at these element offsets: <see cref="UseGemv"/> on,
     /// K a whole number of 16-byte loads, both operands 16-byte aligned.</summary>
     public bool GemvApplies(DeviceTensor x, DeviceTensor b, int k, long offsetX = 0, long offsetB = 0)
@@ -314,7 +394,8 @@ public sealed unsafe class CudaDevice : IDisposable
         ulong pa = a.Address(offsetA), pb = b.Address(offsetB), pd = d.Address(offsetD);
         if (m == 1 && transposeB && GemvApplies(a, b, k, offsetA, offsetB) && (d.DType == a.DType || d.DType == DType.F32))
         {
-            Launch("gemv", $"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", GemvGrid(n), GemvWarps * 32, 0, pa, pb, pd, 0UL, n, k, alpha, beta);
+            LaunchGemv($"gemv_{Suffix(a.DType)}_to_{Suffix(d.DType)}", n, k, beta != 0 ? (pd, (long)n * d.DType.Size()) : null,
+                pa, pb, pd, 0UL, n, k, alpha, beta);
             return;
         }
         BatchedGemm(pa, pb, pd, a.DType, d.DType, m, n, k, 1, k, 0, false, transposeB ? k : n, 0, transposeB, n, 0, alpha, beta);

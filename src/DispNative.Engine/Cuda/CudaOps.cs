@@ -68,7 +68,7 @@ public sealed class CudaOps(CudaDevice device)
         NeedGemv(x, wq, k); NeedGemv(x, wk, k); NeedGemv(x, wv, k);
         Need(wq, (long)nq * k, "q weight"); Need(wk, (long)nk * k, "k weight"); Need(wv, (long)nv * k, "v weight");
         Need(yq, nq, "q"); Need(yk, nk, "k"); Need(yv, nv, "v");
-        Device.Launch("gemv", $"gemv_qkv_{CudaDevice.Suffix(x.DType)}", CudaDevice.GemvGrid(nq + nk + nv), CudaDevice.GemvWarps * 32, 0,
+        Device.LaunchGemv($"gemv_qkv_{CudaDevice.Suffix(x.DType)}", nq + nk + nv, k, null,
             x, wq, yq, nq, wk, yk, nk, wv, yv, nv, k);
     }
 
@@ -78,7 +78,7 @@ public sealed class CudaOps(CudaDevice device)
     {
         NeedGemv(x, wGate, k); NeedGemv(x, wUp, k);
         Need(wGate, (long)n * k, "gate weight"); Need(wUp, (long)n * k, "up weight"); Need(output, n, "swiglu output");
-        Device.Launch("gemv", $"gemv_swiglu_{CudaDevice.Suffix(x.DType)}", CudaDevice.GemvGrid(n), CudaDevice.GemvWarps * 32, 0, x, wGate, wUp, output, n, k);
+        Device.LaunchGemv($"gemv_swiglu_{CudaDevice.Suffix(x.DType)}", n, k, null, x, wGate, wUp, output, n, k);
     }
 
     /// <summary>Decode's write-back in one pass: residual[idx[j]] += x·w[j] for j &lt; idx.Length (idx null: every
@@ -89,7 +89,7 @@ public sealed class CudaOps(CudaDevice device)
         NeedGemv(x, w, k);
         Need(w, (long)n * k, "weight"); Need(residual, d, "residual");
         if (residual.DType != DType.F32) throw new ArgumentException("the residual stream is f32");
-        Device.Launch("gemv", $"gemv_{CudaDevice.Suffix(x.DType)}_to_f32", CudaDevice.GemvGrid(n), CudaDevice.GemvWarps * 32, 0,
+        Device.LaunchGemv($"gemv_{CudaDevice.Suffix(x.DType)}_to_f32", n, k, (residual.Pointer, (long)d * sizeof(float)),
             x, w, residual, idx, n, k, 1f, 1f);
     }
 

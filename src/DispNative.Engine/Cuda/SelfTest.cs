@@ -52,7 +52,7 @@ public static class SelfTest
             new("residual add + rmsnorm f32 in one launch (d 384)", dev => IndexAddNorm(dev, 384, null, null, DType.F32, 2e-6)),
             new("index-add + gather-rmsnorm f32, row above shared memory: two launches (d 13001 <- 5000; -> 77)",
                 dev => IndexAddNorm(dev, 13001, 5000, 77, DType.F32, 2e-6)),
-            new("gather-rmsnorm and index-add + gather-rmsnorm bf16 compiled for 8 blocks/SM (KernelBench) = the engine's kernels, bit for bit",
+            new("gather-rmsnorm and index-add + gather-rmsnorm bf16 compiled for 8 blocks/SM, gather-rmsnorm loading gamma after the row (KernelBench) = the engine's kernels, bit for bit",
                 OccupancyVariants),
             new("index-add f32 (d 999 <- 311, input rows 320 apart)", dev => IndexAdd(dev, 311, bias: false, padded: true)),
             new("swiglu f32 in place (n 10007)", dev => SwiGlu(dev, DType.F32)),
@@ -114,6 +114,9 @@ public static class SelfTest
             new("gemm algorithm choice (37 x 200 x 136): the first call accumulates once, the choice is recorded, the heuristic's first agrees", GemmAlgorithmChoice),
             new("gemv fused f32: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.F32)),
             new("gemv fused bf16: q/k/v in one launch, gate/up + swiglu, index-add of 57 of 96 channels (K 264)", dev => GemvFused(dev, DType.BF16)),
+            new("gemv unrolls 8/12/16 bf16, all four kernels, K 2656 and 4104 (1-3 rounds of loads): same bits; the tuned first call adds once",
+                dev => GemvUnrolls(dev, DType.BF16, [2656, 4104])),
+            new("gemv unrolls 8/12/16 f32, all four kernels, K 1300: same bits; the tuned first call adds once", dev => GemvUnrolls(dev, DType.F32, [1300])),
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
@@ -363,6 +366,66 @@ public static class SelfTest
         return $"{qkv}; {glu}; {Compare(dev.Download(tres), residual, 1e-5, "index-add max rel err")}";
     }
 
+    /// <summary>Each GEMV kernel (plain, q/k/v, gate/up + SwiGLU, index-add) at each compiled unroll: unroll 8 matches the
+    /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll,
+    /// the index-add into the residual it then restores) give them too.</summary>
+    private static string GemvUnrolls(CudaDevice dev, DType dtype, int[] ks)
+    {
+        const int nq = 40, nkv = 24, mid = 50, d = 60, n = 33;
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        var ops = new CudaOps(dev);
+        int? forced = dev.GemvUnroll;
+        var report = new List<string>();
+        try
+        {
+            foreach (int k in ks)
+            {
+                var rng = new Rng(37);
+                var x = RoundTo(dtype, Random(rng, k));
+                float[] Weights(int rows) => RoundTo(dtype, Random(rng, rows * k));
+                float[] Times(float[] w, int rows) { var y = new float[rows]; Cpu.Gemm.MatMulT(x, w, y, 1, rows, k); return y; }
+                var (wq, wk, wv, wg, wu, wp) = (Weights(nq), Weights(nkv), Weights(nkv), Weights(mid), Weights(mid), Weights(n));
+                var idx = Subset(rng, d, 37);
+                var wo = Weights(idx.Length);
+                var residual = Random(rng, d);
+                using var tx = dev.Upload(x, dtype); using var ti = dev.Upload(idx);
+                using var twq = dev.Upload(wq, dtype); using var twk = dev.Upload(wk, dtype); using var twv = dev.Upload(wv, dtype);
+                using var twg = dev.Upload(wg, dtype); using var twu = dev.Upload(wu, dtype); using var two = dev.Upload(wo, dtype);
+                using var twp = dev.Upload(wp, dtype);
+                float[] Run()
+                {
+                    using var yq = dev.Allocate(dtype, nq); using var yk = dev.Allocate(dtype, nkv); using var yv = dev.Allocate(dtype, nkv);
+                    using var act = dev.Allocate(dtype, mid); using var yp = dev.Allocate(dtype, n); using var tres = dev.Upload(residual);
+                    ops.GemvQkv(tx, twq, yq, nq, twk, yk, nkv, twv, yv, nkv, k);
+                    ops.GemvSwiGlu(tx, twg, twu, act, mid, k);
+                    ops.GemvIndexAdd(tx, two, tres, ti, d, k);
+                    dev.Gemm(tx, twp, yp, 1, n, k);
+                    return [.. dev.Download(yq), .. dev.Download(yk), .. dev.Download(yv), .. dev.Download(act), .. dev.Download(tres), .. dev.Download(yp)];
+                }
+                dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
+                var want = Run();
+                var swiglu = Times(wg, mid);
+                CpuOps.SiluMul(swiglu, Times(wu, mid), mid);
+                var added = (float[])residual.Clone();
+                var delta = Times(wo, idx.Length);
+                for (int j = 0; j < idx.Length; j++) added[idx[j]] += delta[j];
+                report.Add($"K {k}: " + Compare(want, [.. Times(wq, nq), .. Times(wk, nkv), .. Times(wv, nkv), .. swiglu, .. added, .. Times(wp, n)], tol));
+                void Same(float[] got, string what)
+                {
+                    int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                    if (diff >= 0) throw new Mismatch($"K {k}, {what}: output {diff} is {got[diff]}, unroll {CudaDevice.GemvUnrolls[0]} gives {want[diff]}");
+                }
+                foreach (int u in CudaDevice.GemvUnrolls.Skip(1)) { dev.GemvUnroll = u; Same(Run(), $"unroll {u}"); }
+                dev.GemvUnroll = null;
+                dev.ForgetGemvUnrolls();
+                Same(Run(), "tuned first call");
+                if (dev.GemvUnrollChoices.Count != 4) throw new Mismatch($"K {k}: {dev.GemvUnrollChoices.Count} shapes tuned, meant 4");
+            }
+            return string.Join("; ", report) + "; unrolls identical";
+        }
+        finally { dev.GemvUnroll = forced; }
+    }
+
     /// <summary>With <paramref name="padded"/> the output rows are <see cref="CudaOps.Padded"/> apart and the padding,
     /// NaN before the call, must come back zero.</summary>
     private static string Norm(CudaDevice dev, int rows, int d, int? width, DType dtype, double tol, bool padded = false)
@@ -467,7 +530,8 @@ public static class SelfTest
         return Compare(dev.Download(tx), x, 1e-6, "residual max rel err") + "; " + Compare(dev.Download(tout), want, tol, "norm max rel err");
     }
 
-    /// <summary>KernelBench's register-capped builds of the row kernels run the same code: same outputs, same residual.</summary>
+    /// <summary>KernelBench's register-capped builds of the row kernels and its gather-norm that loads gamma after the
+    /// row run the same arithmetic: same outputs, same residual.</summary>
     private static string OccupancyVariants(CudaDevice dev)
     {
         var rng = new Rng(31);
@@ -480,21 +544,21 @@ public static class SelfTest
         using var ti = dev.Upload(idx); using var tai = dev.Upload(addIdx);
         using var ty = dev.Upload(Random(rng, rows * yStride));
         var ops = new CudaOps(dev);
-        float[] Run(bool variant, bool add)
+        float[] Run(string? variant, bool add)
         {
             using var tx = dev.Upload(x);
             using var tout = dev.Allocate(DType.BF16, rows * stride);
-            if (!variant && add) ops.IndexAddRmsNorm(tx, ty, tai, null, yStride, tg, ti, tout, rows, d, 1e-5f, 1f, stride);
-            else if (!variant) ops.GatherRmsNorm(tx, tg, ti, tout, rows, d, 1e-5f, stride);
-            else if (add) dev.Launch("norm", "add_rmsnorm_gather_occupancy_bf16", (uint)rows, 256, d * 4, tx, ty, tai, 0UL, 1f, addIdx.Length, yStride, tg, ti, tout, d, idx.Length, stride, 1e-5f);
-            else dev.Launch("norm", "rmsnorm_gather_occupancy_bf16", (uint)rows, 256, d * 4, tx, tg, ti, tout, d, idx.Length, stride, 1e-5f, 1);
+            if (variant == null && add) ops.IndexAddRmsNorm(tx, ty, tai, null, yStride, tg, ti, tout, rows, d, 1e-5f, 1f, stride);
+            else if (variant == null) ops.GatherRmsNorm(tx, tg, ti, tout, rows, d, 1e-5f, stride);
+            else if (add) dev.Launch("norm", variant, (uint)rows, 256, d * 4, tx, ty, tai, 0UL, 1f, addIdx.Length, yStride, tg, ti, tout, d, idx.Length, stride, 1e-5f);
+            else dev.Launch("norm", variant, (uint)rows, 256, d * 4, tx, tg, ti, tout, d, idx.Length, stride, 1e-5f, 1);
             return [.. dev.Download(tout), .. dev.Download(tx)];
         }
-        foreach (bool add in new[] { false, true })
+        foreach (var (variant, add) in new[] { ("rmsnorm_gather_occupancy_bf16", false), ("rmsnorm_gather_row_first_bf16", false), ("add_rmsnorm_gather_occupancy_bf16", true) })
         {
-            var (want, got) = (Run(false, add), Run(true, add));
+            var (want, got) = (Run(null, add), Run(variant, add));
             int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
-            if (diff >= 0) throw new Mismatch($"{(add ? "index-add + norm" : "norm")}: element {diff} is {got[diff]}, the engine's kernel gives {want[diff]}");
+            if (diff >= 0) throw new Mismatch($"{variant}: element {diff} is {got[diff]}, the engine's kernel gives {want[diff]}");
         }
         return "outputs and residual identical";
     }

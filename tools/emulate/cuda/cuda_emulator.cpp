@@ -964,6 +964,7 @@ EXPORT int cuDeviceGetAttribute(int* v, int attribute, int)
     case 16: *v = 132; return 0;       // multiprocessors
     case 36: *v = 2619000; return 0;   // memory clock (kHz)
     case 37: *v = 5120; return 0;      // bus width (bits)
+    case 38: *v = 1 << 20; return 0;   // L2 bytes: no cache is modelled; small, so eviction reads stay cheap
     case 75: *v = 9; return 0;         // compute capability
     case 76: *v = 0; return 0;
     case 97: *v = 232448; return 0;    // shared memory per block, opt-in (bytes)
