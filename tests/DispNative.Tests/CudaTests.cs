@@ -229,6 +229,15 @@ public class KernelSourceTests
     }
 
     [Test]
+    public void PrunedWidths_ArePaddedToTheModelsMultiple()
+    {
+        Assert.That(new[] { CudaOps.Padded(2651), CudaOps.Padded(2656), CudaOps.Padded(1) }, Is.EqualTo(new[] { 2656, 2656, 8 }));
+        Assert.That(new[] { CudaOps.Padded(2651, 64), CudaOps.Padded(7155, 128), CudaOps.Padded(58, 128) }, Is.EqualTo(new[] { 2688, 7168, 128 }));
+        Assert.That(new[] { 8, 16, 64, 256 }.All(CudaOps.ValidPadding), Is.True);
+        Assert.That(new[] { 0, 4, 12, 48, 512, -8 }.Any(CudaOps.ValidPadding), Is.False);
+    }
+
+    [Test]
     public void CacheKey_ChangesWithSourceOptionsArchitectureAndCompilerVersion()
     {
         string k = KernelCompiler.Key("src", "hdr", ["-arch=sm_90"], "sm_90", "13.0");

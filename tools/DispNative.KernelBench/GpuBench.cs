@@ -164,17 +164,19 @@ internal static class GpuBench
         // call, CudaDevice.TuneGemms); the heuristic's first choice alone is the baseline, measured first. The 7B
         // shapes are all above the engine's size threshold; the smoke shapes are tuned too.
         dev.MinTunedGemmFlops = 0;
-        double Gemm(string name, int m, int n, int k)
+        // usefulFlops: what the rates count (default 2·m·n·k); less for a padded shape, whose zero channels do no work.
+        double Gemm(string name, int m, int n, int k, double? usefulFlops = null)
         {
+            double flops = usefulFlops ?? 2.0 * m * n * k;
             using var a = dev.Upload(Rand((long)m * k), DType.BF16);
             using var b = dev.Upload(Rand((long)n * k), DType.BF16);
             using var c = dev.Allocate(DType.BF16, (long)m * n);
             dev.TuneGemms = false;
-            double first = Flops($"{name}, heuristic's first", 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            double first = Flops($"{name}, heuristic's first", flops, () => dev.Gemm(a, b, c, m, n, k));
             dev.TuneGemms = true;
             dev.Gemm(a, b, c, m, n, k);   // chooses the algorithm
             var (_, chosen, offered) = dev.GemmAlgorithms.Single(p => p.Shape.StartsWith($"{m},{n},{k},1,", StringComparison.Ordinal));
-            double tuned = Flops($"  tuned: algorithm #{chosen} of {offered}", 2.0 * m * n * k, () => dev.Gemm(a, b, c, m, n, k));
+            double tuned = Flops($"  tuned: algorithm #{chosen} of {offered}", flops, () => dev.Gemm(a, b, c, m, n, k));
             Console.WriteLine($"{"  tuned vs heuristic's first",-58} {tuned / first,8:F2}x");
             return tuned;
         }
@@ -188,6 +190,10 @@ internal static class GpuBench
         int pw = CudaOps.Padded(w65), pm = CudaOps.Padded(mid65);
         Gemm($"gemm bf16 {T} x {pm} x {pw} (up, padded)", T, pm, pw);
         Gemm($"gemm bf16 {T} x {pw} x {pm} (down, padded)", T, pw, pm);
+        // Padded to 64 (CudaLlama.Padding 64): whole tiles for a few zero channels more. Rates count the unpadded FLOPs.
+        int pw64 = CudaOps.Padded(w65, 64), pm64 = CudaOps.Padded(mid65, 64);
+        Gemm($"gemm bf16 {T} x {pm64} x {pw64} (up, padded to 64; useful FLOPs)", T, pm64, pw64, 2.0 * T * mid65 * w65);
+        Gemm($"gemm bf16 {T} x {pw64} x {pm64} (down, padded to 64; useful FLOPs)", T, pw64, pm64, 2.0 * T * w65 * mid65);
 
         // Decode's batch-1 linear layers: the warp-per-row GEMV kernel against cuBLASLt on the same operands.
         void Gemv(string name, int n, int k)

@@ -55,7 +55,8 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 {
     /// <summary>One decoder layer's device weights. A pruned site is stored at <see cref="CudaOps.Padded"/> of its
-    /// width with zero rows/columns (16-byte aligned GEMM operands); a dense site at its full width.</summary>
+    /// width (to <see cref="Padding"/>) with zero rows/columns (16-byte aligned GEMM operands); a dense site at its full
+    /// width.</summary>
     internal sealed class Layer
     {
         public required DeviceTensor AttnNorm, Wq, Wk, Wv, Wo, MlpNorm, WGate, WUp, WDown;
@@ -63,9 +64,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         public IEnumerable<DeviceTensor?> All => [AttnNorm, Wq, Wk, Wv, Wo, MlpNorm, WGate, WUp, WDown, Bq, Bk, Bv, Bo, AttnIn, AttnOut, MlpIn, MlpMid, MlpOut];
     }
 
-    /// <summary>Stored width of a site: full when dense (idx null), else its kept channels padded to 8.</summary>
-    private static int Stored(int[]? idx, int full) => idx == null ? full : CudaOps.Padded(idx.Length);
-    private static int Stored(DeviceTensor? idx, int full) => idx == null ? full : CudaOps.Padded((int)idx.Length);
+    /// <summary>Stored width of a site: full when dense (idx null), else its kept channels padded to a multiple of
+    /// <paramref name="padding"/>.</summary>
+    private static int Stored(int[]? idx, int full, int padding) => idx == null ? full : CudaOps.Padded(idx.Length, padding);
+    private int Stored(DeviceTensor? idx, int full) => idx == null ? full : CudaOps.Padded((int)idx.Length, Padding);
 
     private readonly CudaDevice _device;
     private readonly CudaOps _ops;
@@ -85,37 +87,45 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     public ModelConfig Config { get; }
     public DType DType { get; }
+
+    /// <summary>Pruned sites are stored padded to a multiple of this many channels (<see cref="CudaOps.Padded"/>).</summary>
+    public int Padding { get; }
     public string DeviceName => $"cuda:{_device.Info.Ordinal} {DType.ToString().ToLowerInvariant()}";
 
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
     /// With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
-    public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false)
-        : this(device, config, LayerwiseWeights.Of(weights), dtype, ownsDevice) { }
+    public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false,
+        int padding = CudaOps.DefaultPadding)
+        : this(device, config, LayerwiseWeights.Of(weights), dtype, ownsDevice, padding) { }
 
     /// <summary>Uploads <paramref name="weights"/> one part at a time (a layer's at most): from a checkpoint
     /// (<see cref="LayerwiseWeights.Read"/>) the host never holds the whole model. With <paramref name="ownsDevice"/> the
-    /// device is disposed with the model.</summary>
-    public CudaLlama(CudaDevice device, ModelConfig config, LayerwiseWeights weights, DType dtype, bool ownsDevice = false)
-        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights)) { }
+    /// device is disposed with the model. <paramref name="padding"/>: see <see cref="Padding"/>.</summary>
+    public CudaLlama(CudaDevice device, ModelConfig config, LayerwiseWeights weights, DType dtype, bool ownsDevice = false,
+        int padding = CudaOps.DefaultPadding)
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights, padding), padding) { }
 
     /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
     /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
     /// sorted <paramref name="keep"/> share of the channels of each of its five sites.</summary>
-    public static CudaLlama RandomWeights(CudaDevice device, ModelConfig config, DType dtype, ulong seed, double keep = 1)
+    public static CudaLlama RandomWeights(CudaDevice device, ModelConfig config, DType dtype, ulong seed, double keep = 1,
+        int padding = CudaOps.DefaultPadding)
     {
         if (keep is <= 0 or > 1) throw new InvalidSettingException($"kept share must be in (0, 1] (got {keep})");
-        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep));
+        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding), padding);
     }
 
-    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source)
+    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source, int padding)
     {
         if (dtype is not (DType.F32 or DType.BF16 or DType.F16)) throw new InvalidSettingException($"CUDA storage type must be f32, bf16 or f16 (got {dtype})");
+        if (!CudaOps.ValidPadding(padding)) throw new InvalidSettingException($"padding of pruned widths must be a power of two from 8 to 256 (got {padding})");
         if (config.HeadDim > CudaOps.MaxHeadDim) throw new DispNativeException($"head_dim {config.HeadDim} is above the CUDA attention kernel's limit {CudaOps.MaxHeadDim}");
         _device = device;
         _ops = new CudaOps(device);
         _ownsDevice = ownsDevice;
         Config = config;
         DType = dtype;
+        Padding = padding;
         var rope = new Cpu.Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
         var invFreq = new float[config.HeadDim / 2];
         for (int i = 0; i < invFreq.Length; i++) invFreq[i] = rope.InverseFrequency(i);
@@ -163,7 +173,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     }
 
     /// <summary>f32 host weights, uploaded as each is asked for.</summary>
-    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host) : WeightSource
+    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host, int padding) : WeightSource
     {
         public override DeviceTensor Embedding() => device.Upload(host.Embedding(), dtype, "model.embed_tokens.weight");
         public override DeviceTensor FinalNorm() => device.Upload(host.FinalNorm(), dtype, "model.norm.weight");
@@ -173,7 +183,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             var w = host.Layer(l);
             int d = c.HiddenSize, f = c.IntermediateSize;
-            int ai = Stored(w.AttnInIdx, d), ao = Stored(w.AttnOutIdx, d), mi = Stored(w.MlpInIdx, d), mm = Stored(w.MlpMidIdx, f), mo = Stored(w.MlpOutIdx, d);
+            int ai = Stored(w.AttnInIdx, d, padding), ao = Stored(w.AttnOutIdx, d, padding), mi = Stored(w.MlpInIdx, d, padding),
+                mm = Stored(w.MlpMidIdx, f, padding), mo = Stored(w.MlpOutIdx, d, padding);
             int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;
             string Name(string module) => $"model.layers.{l}.{module}";
             DeviceTensor? Opt(float[]? v, DType t, string module) => v == null ? null : Track(device.Upload(v, t, Name(module)));
@@ -202,7 +213,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
-    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep) : WeightSource
+    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep, int padding) : WeightSource
     {
         private readonly CudaOps _ops = new(device);
         private readonly Rng _rng = new(seed);
@@ -241,7 +252,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             int d = c.HiddenSize, f = c.IntermediateSize;
             int[]? attnIn = Subset(d), attnOut = Subset(d), mlpIn = Subset(d), mid = Subset(f), mlpOut = Subset(d);
-            int ai = Stored(attnIn, d), ao = Stored(attnOut, d), mi = Stored(mlpIn, d), mm = Stored(mid, f), mo = Stored(mlpOut, d);
+            int ai = Stored(attnIn, d, padding), ao = Stored(attnOut, d, padding), mi = Stored(mlpIn, d, padding), mm = Stored(mid, f, padding),
+                mo = Stored(mlpOut, d, padding);
             DeviceTensor? Idx(int[]? v) => v == null ? null : Track(device.Upload(v));
             // The padding only has to keep SwiGLU's padded columns zero: up's padding rows are zero (the norm zeroes the
             // padded input columns, and the padded output rows are never added to the residual).
@@ -294,7 +306,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         public readonly int Rows, LogitRows;
         public readonly DeviceTensor Tokens, X, H, Q, K, V, Att, Gate, Up, Delta, Logits;
 
-        public Activations(CudaDevice d, ModelConfig c, DType dtype, int rows, int logitRows)
+        public Activations(CudaDevice d, ModelConfig c, DType dtype, int padding, int rows, int logitRows)
         {
             (Rows, LogitRows) = (rows, logitRows);
             var all = new List<DeviceTensor>();
@@ -303,11 +315,11 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             {
                 Tokens = A(DType.I32, rows);
                 // H, Gate, Up and Delta hold pruned sites at their padded width: at most the padded full (or widest) width.
-                X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * CudaOps.Padded(c.HiddenSize));
+                X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * CudaOps.Padded(c.HiddenSize, padding));
                 Q = A(dtype, (long)rows * c.QDim); K = A(dtype, (long)rows * c.KvDim); V = A(dtype, (long)rows * c.KvDim);
                 Att = A(dtype, (long)rows * c.QDim);
-                Gate = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle)); Up = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle));
-                Delta = A(DType.F32, (long)rows * CudaOps.Padded(c.HiddenSize));
+                Gate = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle, padding)); Up = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle, padding));
+                Delta = A(DType.F32, (long)rows * CudaOps.Padded(c.HiddenSize, padding));
                 Logits = A(DType.F32, (long)logitRows * c.VocabSize);
             }
             catch { foreach (var x in all) x.Dispose(); throw; }
@@ -364,7 +376,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     private unsafe float[] ForwardEager(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, bool lastOnly)
     {
-        using var a = new Activations(_device, Config, DType, tokens.Length, lastOnly ? 1 : tokens.Length);
+        using var a = new Activations(_device, Config, DType, Padding, tokens.Length, lastOnly ? 1 : tokens.Length);
         fixed (int* p = tokens) CudaDriver.CopyHtoD(a.Tokens.Pointer, p, tokens.Length * 4L, _device.Stream.DangerousGetHandle());
         Enqueue(a, cache, start, null);
         return _device.Download(a.Logits);   // waits for the stream, so the host span outlives its copy
@@ -379,7 +391,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         bool first = g == null;
         if (g == null)
         {
-            var act = new Activations(_device, Config, DType, 1, 1);
+            var act = new Activations(_device, Config, DType, Padding, 1, 1);
             DeviceTensor? position = null;
             try { position = _device.Allocate(DType.I32, 1); g = new DecodeGraph(act, position, new PinnedHostBuffer(8)); }
             catch { act.Dispose(); position?.Dispose(); throw; }

@@ -99,10 +99,17 @@ public sealed class CudaOps(CudaDevice device)
         if (!Device.GemvApplies(x, w, k)) throw new ArgumentException($"GEMV of K {k} in {x.DType}: needs 16-byte rows and operands (CudaDevice.GemvApplies)");
     }
 
-    /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of 8 with zero
-    /// padding, so every GEMM operand row starts 16-byte aligned (cuBLASLt's tensor-core kernels need it; unaligned
-    /// odd widths run several times slower).</summary>
-    public static int Padded(int width) => (width + 7) & ~7;
+    /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of
+    /// <paramref name="multiple"/> (default 8) with zero padding, so every GEMM operand row starts 16-byte aligned
+    /// (cuBLASLt's tensor-core kernels need it; unaligned odd widths run several times slower). A larger multiple
+    /// (<see cref="CudaLlama.Padding"/>) fills more of the GEMMs' tiles for a few zero channels more.</summary>
+    public static int Padded(int width, int multiple = DefaultPadding) => (width + multiple - 1) / multiple * multiple;
+
+    /// <summary>The padding multiple of pruned sites unless a model asks for another.</summary>
+    public const int DefaultPadding = 8;
+
+    /// <summary>Whether <paramref name="multiple"/> is a valid padding: a power of two from 8 to 256.</summary>
+    public static bool ValidPadding(int multiple) => multiple is >= 8 and <= 256 && (multiple & (multiple - 1)) == 0;
 
     /// <summary>Gather RMSNorm: out[r, j] = x[r, idx[j]] / rms(x[r]) · gamma[idx[j]]; idx null → dense (width d). Output
     /// rows are <paramref name="outputStride"/> apart (default: the width), the columns past the width zeroed.</summary>

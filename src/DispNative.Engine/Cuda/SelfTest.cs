@@ -120,6 +120,7 @@ public static class SelfTest
             new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
             new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
+            new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill + decode)", dev => Forward(dev, pruned: true, padding: 128)),
             new("load streamed from a dense checkpoint = uploaded from host weights (bf16, tied, sharded)", dev => StreamedLoad(dev, pruned: false)),
             new("load streamed from a DISP-pruned checkpoint = uploaded from host weights (bf16, untied, sharded)", dev => StreamedLoad(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
@@ -994,11 +995,16 @@ public static class SelfTest
         return Pruner.Apply(c, w, PruningPlan.FromMasks(layout, masks), "disp", 0.4, "random");
     }
 
-    private static string Forward(CudaDevice dev, bool pruned)
+    private static string Forward(CudaDevice dev, bool pruned, int padding = CudaOps.DefaultPadding)
     {
         var (c, w) = RandomModel(pruned);
         var cpu = new LlamaModel(c, w);
-        using var gpu = new CudaLlama(dev, c, w, DType.F32);
+        using var gpu = new CudaLlama(dev, c, w, DType.F32, padding: padding);
+        if (padding != CudaOps.DefaultPadding)
+        {
+            using var usual = new CudaLlama(dev, c, w, DType.F32);
+            if (gpu.DecodeWeightBytes <= usual.DecodeWeightBytes) throw new Mismatch($"padded to {padding}: {gpu.DecodeWeightBytes} weight bytes, not more than {usual.DecodeWeightBytes} padded to {CudaOps.DefaultPadding}");
+        }
         int[] prompt = [1, 5, 77, 300, 2, 516, 9, 9, 123, 45, 46, 47, 0];
         var cpuCache = cpu.NewCache(prompt.Length + 4);
         using var graphCache = gpu.NewCache(prompt.Length + 4);
