@@ -131,12 +131,18 @@ internal static class GpuBench
             Bandwidth($"index-add {w}->{D} (tuned), clean cold L2", sectorBytes, () => ops.IndexAdd(x, delta, idx, null, T, D));
             Bandwidth($"index-add + gather-rmsnorm, one launch, clean cold L2", pairBytes,
                 () => ops.IndexAddRmsNorm(x, delta, idx, null, w, gamma, idx, h, T, D, 1e-5f));
+            Bandwidth("residual add dense (f32), clean cold L2", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));
             clean = false;
         }
 
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))
         using (var u = dev.Upload(Rand((long)T * Ffn), DType.BF16))
+        {
             Bandwidth($"swiglu bf16 ({T} x {Ffn})", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
+            clean = true;
+            Bandwidth($"swiglu bf16 ({T} x {Ffn}), clean cold L2", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
+            clean = false;
+        }
 
         using (var logits = dev.Upload(Rand((long)T * Vocab)))
         using (var targets = dev.Upload(Enumerable.Range(0, T).Select(i => i % Vocab).ToArray()))
