@@ -97,8 +97,9 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce(v, Max
 struct NoHook { __device__ __forceinline__ void operator()() const {} };
 
 // Streams one row src[0..d) into copy (when set; global or shared memory) with UNROLL 16-byte loads in flight per
-// thread; with SUMS, also adds the values to s and their squares to ss. after_issue runs once, when the first UNROLL
-// loads are issued and before they are used: loads it issues wait behind the row's, not the row's behind them.
+// thread; with SUMS, also adds the values to s and their squares to ss. after_issue runs once in every thread, when
+// its first UNROLL loads are issued and before they are used: loads it issues wait behind the row's, not the row's
+// behind them.
 template <int UNROLL, bool SUMS, typename Hook = NoHook>
 __device__ __forceinline__ void stream_row(const float* __restrict__ src, float* __restrict__ copy, int d, float& s, float& ss,
     Hook after_issue = {})
@@ -108,6 +109,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
         const float4* src4 = reinterpret_cast<const float4*>(src);
         float4* copy4 = reinterpret_cast<float4*>(copy);
         int n4 = d >> 2;
+        bool issued = false;
         for (int base = threadIdx.x; base < n4; base += UNROLL * blockDim.x)
         {
             float4 v[UNROLL];
@@ -117,7 +119,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
                 int i = base + u * blockDim.x;
                 v[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
             }
-            if (base == (int)threadIdx.x) after_issue();
+            if (!issued) { after_issue(); issued = true; }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++)
             {
@@ -130,6 +132,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
                 }
             }
         }
+        if (!issued) after_issue();   // a thread past the row's end
     }
     else
     {
