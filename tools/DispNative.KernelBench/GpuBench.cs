@@ -170,6 +170,7 @@ internal static class GpuBench
         // call, CudaDevice.TuneGemms); the heuristic's first choice alone is the baseline, measured first. The 7B
         // shapes are all above the engine's size threshold; the smoke shapes are tuned too.
         dev.MinTunedGemmFlops = 0;
+        dev.MinTunedGemvElements = 0;
         // usefulFlops: what the rates count (default 2·m·n·k); less for a padded shape, whose zero channels do no work.
         double Gemm(string name, int m, int n, int k, double? usefulFlops = null)
         {

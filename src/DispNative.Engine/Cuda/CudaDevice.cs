@@ -302,8 +302,8 @@ public sealed unsafe class CudaDevice : IDisposable
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
 
     /// <summary>Null (the default): each GEMV kernel and shape runs the fastest of <see cref="GemvUnrolls"/>, timed on its
-    /// first call outside graph capture (the unrolls give bit-identical results, so the choice changes only speed). A
-    /// value: that unroll everywhere (benchmarks).</summary>
+    /// first call outside graph capture (the unrolls give bit-identical results, so the choice changes only speed;
+    /// see <see cref="MinTunedGemvElements"/>). A value: that unroll everywhere (benchmarks).</summary>
     public int? GemvUnroll
     {
         get => _gemvUnroll;
@@ -311,11 +311,18 @@ public sealed unsafe class CudaDevice : IDisposable
             : throw new ArgumentOutOfRangeException(nameof(GemvUnroll), $"{u} is not one of the compiled unrolls ({string.Join(", ", GemvUnrolls)})");
     }
 
+    /// <summary>GEMV shapes of fewer weight elements (rows·K) keep the first unroll: they take a few microseconds, where
+    /// timing is mostly launch noise (a small model's every shape).</summary>
+    public long MinTunedGemvElements { get; set; } = 1 << 21;
+
     private int? _gemvUnroll;
     private readonly Dictionary<string, int> _gemvUnrollByShape = [];
 
     /// <summary>The unroll chosen for each GEMV kernel and shape so far ("NAME,rows,k").</summary>
     public IReadOnlyDictionary<string, int> GemvUnrollChoices => _gemvUnrollByShape;
+
+    /// <summary>GEMV shapes whose unrolls were timed in this process.</summary>
+    public int GemvShapesTimed { get; private set; }
 
     /// <summary>Launches GEMV kernel <paramref name="name"/> (entry NAME_uU, one warp per output row) over
     /// <paramref name="rows"/> rows of length <paramref name="k"/>. <paramref name="accumulated"/>: the output bytes the
@@ -326,7 +333,8 @@ public sealed unsafe class CudaDevice : IDisposable
         int unroll = GemvUnrolls[0];
         if (_gemvUnroll is int forced) unroll = forced;
         else if (_gemvUnrollByShape.TryGetValue(key, out int chosen)) unroll = chosen;
-        else if (!Stream.IsCapturing) _gemvUnrollByShape[key] = unroll = ChooseGemvUnroll(name, rows, accumulated, args.ToArray());
+        else if (!Stream.IsCapturing)
+            _gemvUnrollByShape[key] = unroll = (long)rows * k >= MinTunedGemvElements ? ChooseGemvUnroll(name, rows, accumulated, args.ToArray()) : unroll;
         string entry = $"{name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
         Launch("gemv", entry, GemvGrid(rows), GemvWarps * 32, 0, args);
     }
@@ -370,6 +378,7 @@ public sealed unsafe class CudaDevice : IDisposable
                 if (ms[2] < bestMs) (best, bestMs) = (u, ms[2]);
             }
             if (accumulated is { } a) CudaDriver.CopyDtoD(a.Address, saved!.Pointer, a.Bytes, Stream.DangerousGetHandle());
+            GemvShapesTimed++;
             return best;
         }
         catch (CudaOutOfMemoryException) { return GemvUnrolls[0]; }   // no room to save the output: nothing was launched

@@ -340,9 +340,11 @@ public static class SelfTest
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll;
+        long minTuned = dev.MinTunedGemvElements;
         var report = new List<string>();
         try
         {
+            dev.MinTunedGemvElements = 0;   // small shapes, tuned all the same
             foreach (int k in ks)
             {
                 var rng = new Rng(37);
@@ -385,12 +387,13 @@ public static class SelfTest
                 foreach (int u in CudaDevice.GemvUnrolls.Skip(1)) { dev.GemvUnroll = u; Same(Run(), $"unroll {u}"); }
                 dev.GemvUnroll = null;
                 dev.ForgetGemvUnrolls();
+                int timed = dev.GemvShapesTimed;
                 Same(Run(), "tuned first call");
-                if (dev.GemvUnrollChoices.Count != 4) throw new Mismatch($"K {k}: {dev.GemvUnrollChoices.Count} shapes tuned, meant 4");
+                if (dev.GemvShapesTimed - timed != 4) throw new Mismatch($"K {k}: {dev.GemvShapesTimed - timed} shapes timed, meant 4");
             }
             return string.Join("; ", report) + "; unrolls identical";
         }
-        finally { dev.GemvUnroll = forced; }
+        finally { dev.GemvUnroll = forced; dev.MinTunedGemvElements = minTuned; }
     }
 
     /// <summary>With <paramref name="padded"/> the output rows are <see cref="CudaOps.Padded"/> apart and the padding,
