@@ -31,6 +31,8 @@ __device__ void elementwise(const T* a, const T* b, T* out, long long n, Op op)
 #define ACTIVATIONS(T, S) \
     extern "C" __global__ void silu_mul_##S(const T* gate, const T* up, T* out, long long n) \
     { elementwise<T>(gate, up, out, n, SiluMulOp()); } \
+    extern "C" __global__ void silu_mul_fast_##S(const T* gate, const T* up, T* out, long long n) \
+    { elementwise<T>(gate, up, out, n, SiluMulFastOp()); } \
     extern "C" __global__ void gelu_##S(const T* in, T* out, long long n) \
     { elementwise<T>(in, (const T*)nullptr, out, n, GeluOp()); }
 FOR_EACH_STORAGE(ACTIVATIONS)

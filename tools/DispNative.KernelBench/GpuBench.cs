@@ -139,6 +139,7 @@ internal static class GpuBench
         using (var u = dev.Upload(Rand((long)T * Ffn), DType.BF16))
         {
             Bandwidth($"swiglu bf16 ({T} x {Ffn})", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
+            Bandwidth($"swiglu bf16 ({T} x {Ffn}), approximate exp and divide", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn, fastMath: true));
             clean = true;
             Bandwidth($"swiglu bf16 ({T} x {Ffn}), clean cold L2", T * Ffn * 6.0, () => ops.SiluMul(g, u, g, (long)T * Ffn));
             clean = false;

@@ -201,9 +201,12 @@ public sealed class CudaOps(CudaDevice device)
     public void AddBias(DeviceTensor y, DeviceTensor bias, int rows)
         => Device.Launch("residual", $"add_bias_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y, bias, (int)bias.Length);
 
-    /// <summary>out = silu(gate)·up (out may be gate).</summary>
-    public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n)
-        => Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
+    /// <summary>out = silu(gate)·up (out may be gate). <paramref name="fastMath"/>: approximate exp and divide (KernelBench).</summary>
+    public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n, bool fastMath = false)
+    {
+        if (fastMath) Device.Launch("activations", $"silu_mul_fast_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
+        else Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
+    }
 
     /// <summary>Grid of the 16-byte-per-thread elementwise kernels: a thread per 8 elements (grid-stride beyond).</summary>
     private static uint VectorGrid(long n) => CudaDevice.GridFor((n + 7) / 8);
