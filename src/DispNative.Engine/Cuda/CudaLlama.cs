@@ -103,7 +103,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// device is disposed with the model. <paramref name="padding"/>: see <see cref="Padding"/>.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, LayerwiseWeights weights, DType dtype, bool ownsDevice = false,
         int padding = CudaOps.DefaultPadding)
-        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights, padding), padding) { }
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights, padding)) { }
 
     /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
     /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
@@ -112,20 +112,20 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         int padding = CudaOps.DefaultPadding)
     {
         if (keep is <= 0 or > 1) throw new InvalidSettingException($"kept share must be in (0, 1] (got {keep})");
-        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding), padding);
+        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding));
     }
 
-    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source, int padding)
+    private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source)
     {
         if (dtype is not (DType.F32 or DType.BF16 or DType.F16)) throw new InvalidSettingException($"CUDA storage type must be f32, bf16 or f16 (got {dtype})");
-        if (!CudaOps.ValidPadding(padding)) throw new InvalidSettingException($"padding of pruned widths must be a power of two from 8 to 256 (got {padding})");
+        if (!CudaOps.ValidPadding(source.Padding)) throw new InvalidSettingException($"padding of pruned widths must be a power of two from 8 to 256 (got {source.Padding})");
         if (config.HeadDim > CudaOps.MaxHeadDim) throw new DispNativeException($"head_dim {config.HeadDim} is above the CUDA attention kernel's limit {CudaOps.MaxHeadDim}");
         _device = device;
         _ops = new CudaOps(device);
         _ownsDevice = ownsDevice;
         Config = config;
         DType = dtype;
-        Padding = padding;
+        Padding = source.Padding;
         var rope = new Cpu.Rope(config.HeadDim, config.RopeTheta, config.RopeScaling);
         var invFreq = new float[config.HeadDim / 2];
         for (int i = 0; i < invFreq.Length; i++) invFreq[i] = rope.InverseFrequency(i);
@@ -148,9 +148,12 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     /// <summary>Where the device weights come from. A layer's tensors are tracked until the layer is complete, so that a
     /// failure halfway through one (out of device memory) releases what it had made.</summary>
-    private abstract class WeightSource
+    private abstract class WeightSource(int padding)
     {
         private readonly List<DeviceTensor> _layerTensors = [];
+
+        /// <summary>The multiple pruned sites are padded to (the model's <see cref="CudaLlama.Padding"/>).</summary>
+        public int Padding => padding;
         public abstract DeviceTensor Embedding();
         public abstract DeviceTensor FinalNorm();
         public abstract DeviceTensor LmHead(DeviceTensor embedding);
@@ -173,7 +176,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     }
 
     /// <summary>f32 host weights, uploaded as each is asked for.</summary>
-    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host, int padding) : WeightSource
+    private sealed class UploadedWeights(CudaDevice device, ModelConfig c, DType dtype, LayerwiseWeights host, int padding) : WeightSource(padding)
     {
         public override DeviceTensor Embedding() => device.Upload(host.Embedding(), dtype, "model.embed_tokens.weight");
         public override DeviceTensor FinalNorm() => device.Upload(host.FinalNorm(), dtype, "model.norm.weight");
@@ -183,8 +186,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             var w = host.Layer(l);
             int d = c.HiddenSize, f = c.IntermediateSize;
-            int ai = Stored(w.AttnInIdx, d, padding), ao = Stored(w.AttnOutIdx, d, padding), mi = Stored(w.MlpInIdx, d, padding),
-                mm = Stored(w.MlpMidIdx, f, padding), mo = Stored(w.MlpOutIdx, d, padding);
+            int ai = Stored(w.AttnInIdx, d, Padding), ao = Stored(w.AttnOutIdx, d, Padding), mi = Stored(w.MlpInIdx, d, Padding),
+                mm = Stored(w.MlpMidIdx, f, Padding), mo = Stored(w.MlpOutIdx, d, Padding);
             int wo = w.AttnOutIdx?.Length ?? d, wm = w.MlpMidIdx?.Length ?? f, wdo = w.MlpOutIdx?.Length ?? d;
             string Name(string module) => $"model.layers.{l}.{module}";
             DeviceTensor? Opt(float[]? v, DType t, string module) => v == null ? null : Track(device.Upload(v, t, Name(module)));
@@ -213,7 +216,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
-    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep, int padding) : WeightSource
+    private sealed class RandomDeviceWeights(CudaDevice device, ModelConfig c, DType dtype, ulong seed, double keep, int padding) : WeightSource(padding)
     {
         private readonly CudaOps _ops = new(device);
         private readonly Rng _rng = new(seed);
@@ -252,8 +255,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             int d = c.HiddenSize, f = c.IntermediateSize;
             int[]? attnIn = Subset(d), attnOut = Subset(d), mlpIn = Subset(d), mid = Subset(f), mlpOut = Subset(d);
-            int ai = Stored(attnIn, d, padding), ao = Stored(attnOut, d, padding), mi = Stored(mlpIn, d, padding), mm = Stored(mid, f, padding),
-                mo = Stored(mlpOut, d, padding);
+            int ai = Stored(attnIn, d, Padding), ao = Stored(attnOut, d, Padding), mi = Stored(mlpIn, d, Padding), mm = Stored(mid, f, Padding),
+                mo = Stored(mlpOut, d, Padding);
             DeviceTensor? Idx(int[]? v) => v == null ? null : Track(device.Upload(v));
             // The padding only has to keep SwiGLU's padded columns zero: up's padding rows are zero (the norm zeroes the
             // padded input columns, and the padded output rows are never added to the residual).
