@@ -109,6 +109,12 @@ internal static class GpuBench
             Console.WriteLine($"{"  staged vs direct",-58} {indexAdd / direct,8:F2}x");
             Console.WriteLine($"{$"  index-add staged, useful bytes only ({sectors} of {D / 8} sectors touched)",-58} {usefulBytes / sectorBytes * indexAdd / 1e9,23:F0} GB/s" +
                               (bw is double pk ? $" {100 * usefulBytes / sectorBytes * indexAdd / pk,6:F1}%" : ""));
+            // What moving these bytes costs at this size with no reduction and no gather: each row read and its first w
+            // columns written (a streaming kernel), and a device-to-device copy of as many bytes (half read, half written).
+            Bandwidth($"ceiling: read rows, write their first {w} columns (no norm)", gatherBytes,
+                () => dev.Launch("convert", "stream_prefix_f32_to_bf16", CudaDevice.GridFor((long)T * D / 4), 256, 0, x, h, (long)T, D, w));
+            Bandwidth("ceiling: device-to-device copy of the same bytes", gatherBytes,
+                () => CudaDriver.CopyDtoD(delta.Pointer, x.Pointer, (long)(gatherBytes / 2), dev.Stream.DangerousGetHandle()));
             acceptance.AtLeast(3, "gather-rmsnorm >= 70% of HBM bandwidth", gather / bw, 0.7, Percent);
             acceptance.AtLeast(3, "index-add >= 70% of HBM bandwidth (32-byte sectors moved)", indexAdd / bw, 0.7, Percent);
             Bandwidth("residual add dense (f32)", T * D * 12.0, () => ops.IndexAdd(x, delta, null, null, T, D));

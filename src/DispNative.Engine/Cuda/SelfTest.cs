@@ -85,6 +85,7 @@ public static class SelfTest
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),
+            new("stream prefix f32 -> bf16 (KernelBench's gather-norm ceiling; rows 300, d 1028, w 1013)", StreamPrefix),
             new("mask columns: scale, masked residual add, gradient (rows 203, width 301)", dev => MaskColumns(dev, DType.F32, 203)),
             new("mask columns bf16: scale in place, f32 -> bf16, accumulated gradient (rows 13)", dev => MaskColumns(dev, DType.BF16, 13)),
             new("fused mask kernels f32: gradient + scale, SwiGLU backward with its mask's gradient, masked SwiGLU, write-back into a new residual (rows 203, width 301)",
@@ -620,6 +621,19 @@ public static class SelfTest
         ops.FillNormal(t, 42, std);
         if (!dev.Download(t).AsSpan().SequenceEqual(x)) throw new Mismatch("fill_normal is not reproducible from its seed");
         return detail;
+    }
+
+    private static string StreamPrefix(CudaDevice dev)
+    {
+        const int rows = 300, d = 1028, w = 1013;
+        var x = Random(new Rng(12), rows * d);
+        using var tx = dev.Upload(x);
+        using var tout = dev.Allocate(DType.BF16, (long)rows * w);
+        dev.Launch("convert", "stream_prefix_f32_to_bf16", CudaDevice.GridFor((long)rows * d / 4), 256, 0, tx, tout, (long)rows, d, w);
+        var want = new float[rows * w];
+        for (int r = 0; r < rows; r++) x.AsSpan(r * d, w).CopyTo(want.AsSpan(r * w));
+        if (!dev.Download(tout).AsSpan().SequenceEqual(RoundTo(DType.BF16, want))) throw new Mismatch("not each row's first w columns rounded to bf16");
+        return "bit for bit";
     }
 
     private static string CrossEntropy(CudaDevice dev)
