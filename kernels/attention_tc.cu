@@ -105,7 +105,13 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N / 8][4], int distanc
 // (log2 domain) and this thread's partial sums l (its quad adds them up at the end), rescales the output accumulators
 // and packs the probabilities as P·V's A fragments: the accumulators of key groups 2k and 2k + 1 are exactly the A
 // fragment of k-step k.
-template <typename T, int N, int D>
+// LAZY: m is a reference, not the exact maximum. It moves (and o and l are rescaled) only on tiles where some row of
+// the warp sees a score more than LAZY_MARGIN above its reference; otherwise the tile's probabilities are taken
+// relative to the stale reference (at most 2^LAZY_MARGIN, well inside f32 and bf16/f16 range) and the D/4 rescaling
+// multiplies per thread are skipped. m + log2(l) is the same log-sum-exp either way. Once a causal row's maximum
+// settles, most tiles skip the rescale (the trick FlashAttention-4 uses).
+#define LAZY_MARGIN 8.f
+template <typename T, int N, int D, bool LAZY>
 __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2], float (&l)[2], float (&o)[D / 8][4],
     unsigned (&pf)[N / 16][4])
 {
@@ -113,9 +119,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
 #pragma unroll
     for (int n = 0; n < N / 8; n++) { mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1])); mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3])); }
     mx0 = quad_max(mx0); mx1 = quad_max(mx1);
+    // m = -inf (nothing visible yet) moves on the first finite score: -inf + margin is -inf.
+    bool rescale = !LAZY || __any_sync(0xffffffffu, mx0 > m[0] + LAZY_MARGIN || mx1 > m[1] + LAZY_MARGIN);
+    if (!rescale) { mx0 = m[0]; mx1 = m[1]; }
     // A row with nothing visible yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
     float base0 = mx0 == NEG_INF ? 0.f : mx0, base1 = mx1 == NEG_INF ? 0.f : mx1;
-    float corr0 = exp2f(m[0] - base0), corr1 = exp2f(m[1] - base1);
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int n = 0; n < N / 8; n++)
@@ -125,11 +133,16 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
         sum0 += s[n][0] + s[n][1];
         sum1 += s[n][2] + s[n][3];
     }
-    l[0] = l[0] * corr0 + sum0;
-    l[1] = l[1] * corr1 + sum1;
-    m[0] = mx0; m[1] = mx1;
+    if (rescale)
+    {
+        float corr0 = exp2f(m[0] - base0), corr1 = exp2f(m[1] - base1);
+        l[0] = l[0] * corr0 + sum0;
+        l[1] = l[1] * corr1 + sum1;
+        m[0] = mx0; m[1] = mx1;
 #pragma unroll
-    for (int d = 0; d < D / 8; d++) { o[d][0] *= corr0; o[d][1] *= corr0; o[d][2] *= corr1; o[d][3] *= corr1; }
+        for (int d = 0; d < D / 8; d++) { o[d][0] *= corr0; o[d][1] *= corr0; o[d][2] *= corr1; o[d][3] *= corr1; }
+    }
+    else { l[0] += sum0; l[1] += sum1; }
 #pragma unroll
     for (int k = 0; k < N / 16; k++)
     {
@@ -245,7 +258,7 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
         if (compute)
         {
             scale_and_mask<TC_N>(s, start + row0 - tile, span, interior, scale_log2);
-            softmax_tile<T, TC_N, D>(s, m, l, o, pf);
+            softmax_tile<T, TC_N, D, false>(s, m, l, o, pf);
         }
 
         cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
@@ -290,7 +303,7 @@ ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)
 #define FA_M (FA_WARPS * 32)   // query rows per block
 #define FA_KEYS(D) ((D) > 64 ? 32 : 64)   // keys per tile (CudaOps.WidePrefillSharedBytes mirrors it)
 
-template <typename T, int D, int FA_N>   // FA_N: keys per tile
+template <typename T, int D, int FA_N, bool LAZY>   // FA_N: keys per tile; LAZY: see softmax_tile
 __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
@@ -385,7 +398,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
             for (int i = 0; i < 2; i++)
             {
                 scale_and_mask<FA_N>(s[i], pos_g + 16 * i - tile, span, interior, scale_log2);
-                softmax_tile<T, FA_N, D>(s[i], m[i], l[i], o[i], pf[i]);
+                softmax_tile<T, FA_N, D, LAZY>(s[i], m[i], l[i], o[i], pf[i]);
             }
         }
 
@@ -421,6 +434,11 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
 
 #define ATTENTION_FA(T, S, D) \
     extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
-    { attention_prefill_fa<T, D, FA_KEYS(D)>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+    { attention_prefill_fa<T, D, FA_KEYS(D), true>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 ATTENTION_FA(bf16, bf16, 64) ATTENTION_FA(bf16, bf16, 128)
 ATTENTION_FA(f16, f16, 64) ATTENTION_FA(f16, f16, 128)
+
+// KernelBench's baseline: the output rescaled on every key tile.
+extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_rescale_always128_bf16(const bf16* q, const bf16* kc,
+    const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
+{ attention_prefill_fa<bf16, 128, FA_KEYS(128), false>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }

@@ -82,6 +82,10 @@ public static class SelfTest
             new("attention prefill f16 tensor cores 32 rows/warp (t 300 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 300, 30, 4, 1, 128, null, DType.F16)),
             new("attention prefill bf16 tensor cores 32 rows/warp, window 50 (t 200, head_dim 64)", dev => Attention(dev, 200, 0, 2, 2, 64, 50, DType.BF16)),
             new("attention prefill bf16 tensor cores 32 rows/warp, window 100 (t 290 after 40, heads 2/1, head_dim 128)", dev => Attention(dev, 290, 40, 2, 1, 128, 100, DType.BF16)),
+            new("attention prefill bf16 tensor cores 32 rows/warp, keys growing with position: row maxima move on some tiles, not others (t 300 after 30, head_dim 128)",
+                dev => Attention(dev, 300, 30, 2, 1, 128, null, DType.BF16, keyGrowth: 1f / 32)),
+            new("attention prefill f16 tensor cores 32 rows/warp, keys growing with position (t 257, heads 3/3, head_dim 64)",
+                dev => Attention(dev, 257, 0, 3, 3, 64, null, DType.F16, keyGrowth: 1f / 64)),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),
@@ -573,12 +577,16 @@ public static class SelfTest
     /// start + tq), the rows past the queries random: the kernels must not read them. A split-KV decode runs twice with
     /// one scratch, as the layers of a decode step share it: both outputs must match and its arrival counters be zero.</summary>
     private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
-        PrefillKernel? prefill = null, int? capacity = null, DecodeKernel decode = DecodeKernel.SplitKv, int keysPerSplit = CudaOps.DecodeKeysPerSplit)
+        PrefillKernel? prefill = null, int? capacity = null, DecodeKernel decode = DecodeKernel.SplitKv, int keysPerSplit = CudaOps.DecodeKeysPerSplit,
+        float keyGrowth = 0)
     {
         var rng = new Rng(9);
         int total = start + tq, rows = capacity ?? total, qd = heads * hd, kvd = kvHeads * hd;
         var q = RoundTo(dtype, Random(rng, tq * qd));
-        var k = RoundTo(dtype, Random(rng, rows * kvd));
+        var k = Random(rng, rows * kvd);
+        // Keys scaled by 1 + growth · position: later keys score ever higher, so row maxima keep growing.
+        for (int i = 0; i < k.Length; i++) k[i] *= 1 + keyGrowth * (i / kvd);
+        k = RoundTo(dtype, k);
         var v = RoundTo(dtype, Random(rng, rows * kvd));
         using var tq_ = dev.Upload(q, dtype); using var tk = dev.Upload(k, dtype); using var tv = dev.Upload(v, dtype);
         using var o = dev.Allocate(dtype, tq * qd);

@@ -122,6 +122,16 @@ template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta
     return emu_shuffle(mask, v, (lane & (unsigned)(width - 1)) >= delta ? lane - delta : lane);
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu_api->collective(EMU_SYNCWARP, mask, nullptr, 0, nullptr); }
+// Votes, built from one shuffle per lane of the mask (every lane makes the same sequence of collectives).
+inline unsigned __ballot_sync(unsigned mask, int predicate)
+{
+    unsigned bits = 0;
+    for (unsigned src = 0; src < 32; src++)
+        if (mask >> src & 1u) bits |= emu_shuffle(mask, predicate ? 1u : 0u, src) << src;
+    return bits;
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
 
 // The PTX that the emulator's source rewriting maps inline asm statements to.
 // Shared addresses: 0x80000000 + offset into the launch's dynamic shared memory, or 0x40000000 + the distance of a

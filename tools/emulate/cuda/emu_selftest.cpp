@@ -127,6 +127,13 @@ extern "C" __global__ void divergent(float* y)
     else v = __shfl_xor_sync(0xffffffffu, v, 1);
     y[threadIdx.x] = v;
 }
+// Every condition true: 31 in every lane.
+extern "C" __global__ void votes(float* y)
+{
+    unsigned t = threadIdx.x, all = 0xffffffffu;
+    y[t] = (__ballot_sync(all, t % 3 == 0) == 0x49249249u ? 1.f : 0.f) + (__any_sync(all, t == 7) ? 2.f : 0.f)
+         + (__any_sync(all, 0) ? 0.f : 4.f) + (__all_sync(all, t < 32) ? 8.f : 0.f) + (__all_sync(all, t != 5) ? 0.f : 16.f);
+}
 extern "C" __global__ void overrun(float* y, int n)
 {
     for (int i = threadIdx.x; i < n + 4096; i += blockDim.x) y[i] = 1.f;
@@ -215,6 +222,13 @@ int main(int argc, char** argv)
         void* g = function(kBarrier, "divergent");
         rc = run(g, 1, 32, 0, {&y});
         report(rc != 0, "half a warp at __syncthreads, half at a full-warp shuffle: fails instead of hanging", "rc " + std::to_string(rc));
+    }
+    {
+        int rc = run(function(kBarrier, "votes"), 1, 32, 0, {&y});
+        auto out = download(y, 32);
+        int right = 0;
+        for (float v : out) right += v == 31.f;
+        report(rc == 0 && right == 32, "warp votes: ballot, any, all", std::to_string(right) + " of 32 lanes got every vote right");
     }
     for (const char* entry : {"stale_static", "stale_dynamic"})
     {
