@@ -3,7 +3,9 @@
 // CUDA graph can replay it); angle = position * inv_freq[i] in f32, as on the CPU. direction -1 rotates by the
 // negative angle: the backward of the rotation (its transpose) applied to a gradient.
 // rope_kv_append is the inference step's form: q rotated in place, k rotated into the key cache and v copied into
-// the value cache at rows start.. ([capacity, kv_heads * head_dim] caches), one launch.
+// the value cache at rows start.. ([capacity, kv_heads * head_dim] caches), one launch. k == nullptr: the new keys
+// are already at those cache rows (prefill's projection writes them there) and are rotated in place; v == nullptr:
+// the values are already there too.
 #include "common.cuh"
 
 __device__ __forceinline__ int rope_start(int start, const int* position) { return position ? *position : start; }
@@ -55,9 +57,8 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
     int half = head_dim / 2, kv_dim = kv_heads * head_dim;
     float pos = (float)(start + (int)blockIdx.x);
     T* qr = q + (long long)blockIdx.x * heads * head_dim;
-    const T* kr = k + (long long)blockIdx.x * kv_dim;
-    const T* vr = v + (long long)blockIdx.x * kv_dim;
     long long dst = (long long)(start + (int)blockIdx.x) * kv_dim;
+    const T* kr = k ? k + (long long)blockIdx.x * kv_dim : k_cache + dst;
     for (int t = rope_item(); t < (heads + kv_heads) * half; t += rope_stride())
     {
         int h = t / half, i = t % half;
@@ -70,6 +71,8 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
             rotate_pair(kr + off, k_cache + dst + off, half, s, c);
         }
     }
+    if (!v) return;
+    const T* vr = v + (long long)blockIdx.x * kv_dim;
     for (int i = rope_item(); i < kv_dim; i += rope_stride()) v_cache[dst + i] = vr[i];
 }
 

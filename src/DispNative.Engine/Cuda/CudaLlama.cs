@@ -307,7 +307,9 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     internal sealed class Activations : IDisposable
     {
         public readonly int Rows, LogitRows;
-        public readonly DeviceTensor Tokens, X, H, Q, K, V, Att, Gate, Up, Delta, Logits;
+        public readonly DeviceTensor Tokens, X, H, Q, Att, Gate, Up, Delta, Logits;
+        /// <summary>A single row's new key and value (several rows' projections write theirs straight into the cache).</summary>
+        public readonly DeviceTensor? K, V;
 
         public Activations(CudaDevice d, ModelConfig c, DType dtype, int padding, int rows, int logitRows)
         {
@@ -319,7 +321,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 Tokens = A(DType.I32, rows);
                 // H, Gate, Up and Delta hold pruned sites at their padded width: at most the padded full (or widest) width.
                 X = A(DType.F32, (long)rows * c.HiddenSize); H = A(dtype, (long)rows * CudaOps.Padded(c.HiddenSize, padding));
-                Q = A(dtype, (long)rows * c.QDim); K = A(dtype, (long)rows * c.KvDim); V = A(dtype, (long)rows * c.KvDim);
+                Q = A(dtype, (long)rows * c.QDim);
+                if (rows == 1) { K = A(dtype, c.KvDim); V = A(dtype, c.KvDim); }
                 Att = A(dtype, (long)rows * c.QDim);
                 Gate = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle, padding)); Up = A(dtype, (long)rows * CudaOps.Padded(c.WidestMlpMiddle, padding));
                 Delta = A(DType.F32, (long)rows * CudaOps.Padded(c.HiddenSize, padding));
@@ -442,21 +445,19 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             var w = _layers[l];
             int attnIn = Stored(w.AttnIn, dm);
             Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
-            if (rows == 1 && w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn))
-                _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, a.K, kvd, w.Wv, a.V, kvd, attnIn);
-            else
-            {
-                d.Gemm(a.H, w.Wq, a.Q, rows, qd, attnIn);
-                d.Gemm(a.H, w.Wk, a.K, rows, kvd, attnIn);
-                d.Gemm(a.H, w.Wv, a.V, rows, kvd, attnIn);
-                if (w.Bq != null) { _ops.AddBias(a.Q, w.Bq, rows); _ops.AddBias(a.K, w.Bk!, rows); _ops.AddBias(a.V, w.Bv!, rows); }
-            }
             if (rows == 1)
-                _ops.RopeKvAppendAttention(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
+            {
+                var (k, v) = (a.K!, a.V!);
+                if (w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn)) _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, k, kvd, w.Wv, v, kvd, attnIn);
+                else Project(a.H, w, a.Q, k, v, 0, 1, attnIn);
+                _ops.RopeKvAppendAttention(a.Q, k, v, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
                     c.SlidingWindow, position, cache.DecodeScratch);
+            }
             else
             {
-                _ops.RopeKvAppend(a.Q, a.K, a.V, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start, position);
+                // The keys and values go straight to their cache rows, where RoPE rotates the keys in place.
+                Project(a.H, w, a.Q, cache.K[l], cache.V[l], (long)start * kvd, rows, attnIn);
+                _ops.RopeKvAppend(a.Q, null, null, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start);
                 _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
             }
             pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
@@ -474,6 +475,20 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
         Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
         d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
+    }
+
+    /// <summary>The q, k and v projections (and biases) of <paramref name="rows"/> rows of h: q into
+    /// <paramref name="q"/>, k and v into <paramref name="k"/> and <paramref name="v"/> from element <paramref name="kvOffset"/>.</summary>
+    private void Project(DeviceTensor h, Layer w, DeviceTensor q, DeviceTensor k, DeviceTensor v, long kvOffset, int rows, int attnIn)
+    {
+        int qd = Config.QDim, kvd = Config.KvDim;
+        _device.Gemm(h, w.Wq, q, rows, qd, attnIn);
+        _device.Gemm(h, w.Wk, k, rows, kvd, attnIn, offsetD: kvOffset);
+        _device.Gemm(h, w.Wv, v, rows, kvd, attnIn, offsetD: kvOffset);
+        if (w.Bq == null) return;
+        _ops.AddBias(q, w.Bq, rows);
+        _ops.AddBias(k, w.Bk!, rows, kvOffset);
+        _ops.AddBias(v, w.Bv!, rows, kvOffset);
     }
 
     /// <summary>An index-add into the residual that the next norm applies (<see cref="CudaOps.IndexAddRmsNorm"/>):

@@ -48,12 +48,17 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>The inference step's RoPE and cache write in one launch: q ([rows, heads·headDim]) rotated in place, k
     /// rotated into the key cache and v copied into the value cache at rows start.. (or at the device-held position).
-    /// The same values as <see cref="Rope"/> on q and k followed by copying k and v into the caches.</summary>
-    public void RopeKvAppend(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor invFreq,
+    /// The same values as <see cref="Rope"/> on q and k followed by copying k and v into the caches. k and v null: the
+    /// new keys and values are already at the caches' rows start.. (written there by their projections); the keys are
+    /// rotated in place.</summary>
+    public void RopeKvAppend(DeviceTensor q, DeviceTensor? k, DeviceTensor? v, DeviceTensor kCache, DeviceTensor vCache, DeviceTensor invFreq,
         int rows, int heads, int kvHeads, int headDim, int start, DeviceTensor? position = null)
     {
         int kvDim = kvHeads * headDim;
-        Need(q, (long)rows * heads * headDim, "queries"); Need(k, (long)rows * kvDim, "new keys"); Need(v, (long)rows * kvDim, "new values");
+        if ((k == null) != (v == null)) throw new ArgumentException("the new keys and values are either both in the caches already or neither");
+        if (k == null && position != null) throw new ArgumentException("keys already in the cache need a host-held start");
+        Need(q, (long)rows * heads * headDim, "queries");
+        if (k != null) { Need(k, (long)rows * kvDim, "new keys"); Need(v!, (long)rows * kvDim, "new values"); }
         if (position == null) { Need(kCache, (long)(start + rows) * kvDim, "key cache"); Need(vCache, (long)(start + rows) * kvDim, "value cache"); }
         Device.Launch("rope", $"rope_kv_append_{CudaDevice.Suffix(q.DType)}", ((uint)rows, RopeSlices(rows, (heads + kvHeads) * (headDim / 2)), 1),
             (RopeThreads, 1, 1), 0, q, k, v, kCache, vCache, invFreq,
@@ -198,8 +203,12 @@ public sealed class CudaOps(CudaDevice device)
             Device.Launch("residual", $"index_add_{CudaDevice.Suffix(y.DType)}", (uint)rows, Threads(width), 0, x, y, idx, bias, scale, d, width, stride);
     }
 
-    public void AddBias(DeviceTensor y, DeviceTensor bias, int rows)
-        => Device.Launch("residual", $"add_bias_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y, bias, (int)bias.Length);
+    /// <summary>y[r] += bias for <paramref name="rows"/> rows of y from element <paramref name="offset"/>.</summary>
+    public void AddBias(DeviceTensor y, DeviceTensor bias, int rows, long offset = 0)
+    {
+        Need(y, offset + (long)rows * bias.Length, "biased rows");
+        Device.Launch("residual", $"add_bias_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y.Address(offset), bias, (int)bias.Length);
+    }
 
     /// <summary>out = silu(gate)·up (out may be gate). <paramref name="fastMath"/>: approximate exp and divide (KernelBench).</summary>
     public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n, bool fastMath = false)

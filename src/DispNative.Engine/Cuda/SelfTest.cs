@@ -32,6 +32,7 @@ public static class SelfTest
             new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
             new("rope + kv append f32 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.F32)),
             new("rope + kv append bf16 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.BF16)),
+            new("rope of keys already in the cache (prefill's form), bf16 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.BF16, inCache: true)),
             new("decode rope + kv append + attention bf16 (position 1500 of 2048, heads 8/2, head_dim 128)", dev => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048)),
             new("decode rope + kv append + attention f32 (position 0 of 300, heads 4/4, head_dim 64)", dev => RopeAttentionDecode(dev, DType.F32, 4, 4, 64, 0, 300)),
             new("decode rope + kv append + attention f16, window 100 (position 250 of 256, heads 6/3, head_dim 48)", dev => RopeAttentionDecode(dev, DType.F16, 6, 3, 48, 250, 256, 100)),
@@ -123,10 +124,11 @@ public static class SelfTest
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
-            new("forward dense f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: false)),
+            new("forward dense f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
-            new("forward DISP-pruned f32 vs CPU (prefill + decode)", dev => Forward(dev, pruned: true)),
-            new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill + decode)", dev => Forward(dev, pruned: true, padding: 128)),
+            new("forward DISP-pruned f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: true)),
+            new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, padding: 128)),
+            new("forward DISP-pruned f32 vs CPU, q/k/v biases as in Qwen2 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, qkvBias: true)),
             new("load streamed from a dense checkpoint = uploaded from host weights (bf16, tied, sharded)", dev => StreamedLoad(dev, pruned: false)),
             new("load streamed from a DISP-pruned checkpoint = uploaded from host weights (bf16, untied, sharded)", dev => StreamedLoad(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
@@ -297,19 +299,27 @@ public static class SelfTest
         public void Dispose() { foreach (var t in new[] { Tq, Tk, Tv, Tkc, Tvc, InvFreq }) t.Dispose(); }
     }
 
-    /// <summary>q rotated in place; rotated k and v land in cache rows start.., the rest of the caches untouched.</summary>
-    private static string RopeKvAppend(CudaDevice dev, DType dtype)
+    /// <summary>q rotated in place; rotated k and v land in cache rows start.., the rest of the caches untouched. With
+    /// <paramref name="inCache"/>, k and v are first placed at those cache rows (as prefill's projections write them)
+    /// and the kernel rotates the keys there.</summary>
+    private static string RopeKvAppend(CudaDevice dev, DType dtype, bool inCache = false)
     {
         int rows = 5, heads = 6, kvHeads = 2, hd = 64, start = 11, kvd = kvHeads * hd;
         using var x = new RopeStepInputs(dev, dtype, new Rng(21), rows, heads, kvHeads, hd, capacity: 20);
-        new CudaOps(dev).RopeKvAppend(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, x.InvFreq, rows, heads, kvHeads, hd, start);
+        var ops = new CudaOps(dev);
+        var (kc, vc) = (x.KCache.ToArray(), x.VCache.ToArray());
+        if (inCache) { x.K.CopyTo(kc, start * kvd); x.V.CopyTo(vc, start * kvd); }
+        using var kCache = inCache ? dev.Upload(kc, dtype) : null;
+        using var vCache = inCache ? dev.Upload(vc, dtype) : null;
+        if (inCache) ops.RopeKvAppend(x.Tq, null, null, kCache!, vCache!, x.InvFreq, rows, heads, kvHeads, hd, start);
+        else ops.RopeKvAppend(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, x.InvFreq, rows, heads, kvHeads, hd, start);
         x.Rope.Apply(x.Q, rows, heads, start);
         x.Rope.Apply(x.K, rows, kvHeads, start);
         x.K.CopyTo(x.KCache, start * kvd);
         x.V.CopyTo(x.VCache, start * kvd);
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
-        return $"{Compare(dev.Download(x.Tq), x.Q, tol, "q max rel err")}; {Compare(dev.Download(x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
-            Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
+        return $"{Compare(dev.Download(x.Tq), x.Q, tol, "q max rel err")}; {Compare(dev.Download(kCache ?? x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
+            Compare(dev.Download(vCache ?? x.Tvc), x.VCache, 0, "value cache max rel err");
     }
 
     /// <summary>Decode's RoPE + cache append + attention (one launch where <see cref="CudaOps.RopeFusesIntoDecode"/>,
@@ -982,12 +992,12 @@ public static class SelfTest
     // ---- whole model ----
 
     /// <summary>A small random model with GQA, odd widths and, when pruned, random per-site channel subsets.</summary>
-    public static (ModelConfig Config, ModelWeights Weights) RandomModel(bool pruned, ulong seed = 14)
+    public static (ModelConfig Config, ModelWeights Weights) RandomModel(bool pruned, ulong seed = 14, bool qkvBias = false)
     {
         var c = new ModelConfig
         {
-            Architecture = "LlamaForCausalLM", HiddenSize = 96, IntermediateSize = 200, NumLayers = 3, NumHeads = 6, NumKvHeads = 2,
-            HeadDim = 16, VocabSize = 517, RmsNormEps = 1e-5f, TieWordEmbeddings = true, MaxPositionEmbeddings = 256,
+            Architecture = qkvBias ? "Qwen2ForCausalLM" : "LlamaForCausalLM", HiddenSize = 96, IntermediateSize = 200, NumLayers = 3, NumHeads = 6,
+            NumKvHeads = 2, HeadDim = 16, VocabSize = 517, RmsNormEps = 1e-5f, TieWordEmbeddings = true, MaxPositionEmbeddings = 256, QkvBias = qkvBias,
         };
         var w = ModelWeights.Random(c, seed, std: 0.1f);
         if (!pruned) return (c, w);
@@ -997,9 +1007,9 @@ public static class SelfTest
         return Pruner.Apply(c, w, PruningPlan.FromMasks(layout, masks), "disp", 0.4, "random");
     }
 
-    private static string Forward(CudaDevice dev, bool pruned, int padding = CudaOps.DefaultPadding)
+    private static string Forward(CudaDevice dev, bool pruned, int padding = CudaOps.DefaultPadding, bool qkvBias = false)
     {
-        var (c, w) = RandomModel(pruned);
+        var (c, w) = RandomModel(pruned, qkvBias: qkvBias);
         var cpu = new LlamaModel(c, w);
         using var gpu = new CudaLlama(dev, c, w, DType.F32, padding: padding);
         if (padding != CudaOps.DefaultPadding)
@@ -1007,22 +1017,29 @@ public static class SelfTest
             using var usual = new CudaLlama(dev, c, w, DType.F32);
             if (gpu.DecodeWeightBytes <= usual.DecodeWeightBytes) throw new Mismatch($"padded to {padding}: {gpu.DecodeWeightBytes} weight bytes, not more than {usual.DecodeWeightBytes} padded to {CudaOps.DefaultPadding}");
         }
-        int[] prompt = [1, 5, 77, 300, 2, 516, 9, 9, 123, 45, 46, 47, 0];
-        var cpuCache = cpu.NewCache(prompt.Length + 4);
-        using var graphCache = gpu.NewCache(prompt.Length + 4);
-        using var eagerCache = gpu.NewCache(prompt.Length + 4);
-        var want = cpu.Forward(prompt, cpuCache);
-        string detail = "prefill " + Compare(gpu.Forward(prompt, graphCache), want, 1e-4);
-        Compare(gpu.Forward(prompt, eagerCache), want, 1e-4);
+        int[] prompt = [1, 5, 77, 300, 2, 516, 9, 9, 123, 45, 46, 47, 0], more = [31, 32, 400];
+        int capacity = prompt.Length + more.Length + 4;
+        var cpuCache = cpu.NewCache(capacity);
+        using var graphCache = gpu.NewCache(capacity);
+        using var eagerCache = gpu.NewCache(capacity);
+        // Two prefill chunks: the second's keys and values go to cache rows from 13 on.
+        string detail = "";
+        foreach (var chunk in new[] { prompt, more })
+        {
+            var wantChunk = cpu.Forward(chunk, cpuCache);
+            detail = $"prefill chunks {Compare(gpu.Forward(chunk, graphCache), wantChunk, 1e-4)}";
+            Compare(gpu.Forward(chunk, eagerCache), wantChunk, 1e-4);
+        }
+        string decode = "";
         foreach (int t in new[] { 3, 400, 8, 250 })
         {
-            want = cpu.Forward([t], cpuCache, lastOnly: true);
+            var want = cpu.Forward([t], cpuCache, lastOnly: true);
             gpu.UseCudaGraphs = true;   // the first step runs eagerly and is captured, the others replay the graph
-            detail = "decode (CUDA graph) " + Compare(gpu.Forward([t], graphCache, lastOnly: true), want, 1e-4);
+            string graph = "decode (CUDA graph) " + Compare(gpu.Forward([t], graphCache, lastOnly: true), want, 1e-4);
             gpu.UseCudaGraphs = false;
-            detail += ", eager " + Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4);
+            decode = $"{graph}, eager {Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4)}";
         }
-        return detail;
+        return $"{detail}; {decode}";
     }
 
     /// <summary>Decode logits with the kernels launched programmatically (each may start before the previous ends and
