@@ -26,6 +26,25 @@ __device__ __forceinline__ void rotate_pair(const TI* in, TO* out, int half, flo
 __device__ __forceinline__ int rope_item() { return blockIdx.y * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int rope_stride() { return gridDim.y * blockDim.x; }
 
+// Calls f(h, i, sin, cos) for this thread's items t = rope_item() + k · rope_stride() below heads · half (head h = t / half,
+// pair i = t % half), stepping h and i without a division. The angle depends on i only, so sin and cos are
+// recomputed only when i changes: never when the stride is a multiple of half (128 threads, head_dim 128 or 64),
+// one sincos per thread and row instead of one per head.
+template <typename F>
+__device__ __forceinline__ void for_each_pair(int heads, int half, float pos, const float* __restrict__ inv_freq, F&& f)
+{
+    int t = rope_item(), stride = rope_stride();
+    int h = t / half, i = t % half, dh = stride / half, di = stride % half, cached = -1;
+    float s = 0.f, c = 1.f;
+    while (h < heads)
+    {
+        if (i != cached) { sincosf(pos * inv_freq[i], &s, &c); cached = i; }
+        f(h, i, s, c);
+        h += dh; i += di;
+        if (i >= half) { i -= half; h++; }
+    }
+}
+
 // out may be x (in place); rope_f32_to_<T> writes an f32 input's rotation in T (training's backward: the rotated
 // gradient is the next GEMM's operand).
 template <typename TI, typename TO>
@@ -36,14 +55,11 @@ __device__ void rope(const TI* x, TO* out, const float* __restrict__ inv_freq, i
     int half = head_dim / 2;
     float pos = (float)(start + (int)blockIdx.x);
     long long row = (long long)blockIdx.x * heads * head_dim;
-    for (int t = rope_item(); t < heads * half; t += rope_stride())
+    for_each_pair(heads, half, pos, inv_freq, [&](int h, int i, float s, float c)
     {
-        int h = t / half, i = t % half;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
         long long off = row + h * head_dim + i;
         rotate_pair(x + off, out + off, half, s * direction, c);
-    }
+    });
 }
 
 template <typename T>
@@ -59,18 +75,15 @@ __device__ void rope_kv_append(T* __restrict__ q, const T* __restrict__ k, const
     T* qr = q + (long long)blockIdx.x * heads * head_dim;
     long long dst = (long long)(start + (int)blockIdx.x) * kv_dim;
     const T* kr = k ? k + (long long)blockIdx.x * kv_dim : k_cache + dst;
-    for (int t = rope_item(); t < (heads + kv_heads) * half; t += rope_stride())
+    for_each_pair(heads + kv_heads, half, pos, inv_freq, [&](int h, int i, float s, float c)
     {
-        int h = t / half, i = t % half;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
         if (h < heads) rotate_pair(qr + h * head_dim + i, qr + h * head_dim + i, half, s, c);
         else
         {
             int off = (h - heads) * head_dim + i;
             rotate_pair(kr + off, k_cache + dst + off, half, s, c);
         }
-    }
+    });
     if (!v) return;
     const T* vr = v + (long long)blockIdx.x * kv_dim;
     for (int i = rope_item(); i < kv_dim; i += rope_stride()) v_cache[dst + i] = vr[i];

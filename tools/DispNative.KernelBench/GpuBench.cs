@@ -141,6 +141,14 @@ internal static class GpuBench
             clean = false;
         }
 
+        // Prefill's RoPE: q rotated in place, the new keys rotated where their projection wrote them in the cache.
+        using (var queries = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16))
+        using (var kCache = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16))
+        using (var vCache = dev.Allocate(DType.BF16, (long)T * Heads * HeadDim))
+        using (var frequencies = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(new Engine.Cpu.Rope(HeadDim, 10000).InverseFrequency).ToArray()))
+            Bandwidth($"rope of q and of the keys in the cache ({T} x {Heads} + {Heads} heads, bf16)", 4.0 * T * Heads * HeadDim * 2,
+                () => ops.RopeKvAppend(queries, null, null, kCache, vCache, frequencies, T, Heads, Heads, HeadDim, 0));
+
         using (var g = dev.Upload(Rand((long)T * Ffn), DType.BF16))
         using (var u = dev.Upload(Rand((long)T * Ffn), DType.BF16))
         {
