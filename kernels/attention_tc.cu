@@ -23,6 +23,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 // Waits until at most one committed group is still in flight.
 __device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Waits until every committed group has landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // Two f32 values as one register of two 16-bit elements, the lower column in the low half.
 template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, float hi)
@@ -297,21 +299,28 @@ ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)
 // shared memory feeds two mma (one per 16-row half), where the kernel above uses each once. Q no longer fits in
 // registers beside the doubled accumulators, so the block stages its FA_M rows of Q in shared memory once and reads
 // the A fragments with ldmatrix at every k-step; K's B fragments come through ldmatrix too (one instruction for two
-// key groups). Dynamic shared memory: (FA_M + 2·FA_N) rows of D + 8 elements (52,224 bytes at D = 128; the launch
-// opts in above 48 KiB). At D = 128 the tiles hold 32 keys: with 64, ptxas (sm_90) spills the accumulators.
+// key groups). At D = 128 the tiles hold 32 keys: with 64, ptxas (sm_90) spills the accumulators.
+// STAGES 2 (the engine's): K and V tiles double-buffered, one barrier per tile; at its top the tile's K and V have
+// landed and every warp is done with the other buffers, so the next tile's K and V load into them at once, a whole
+// tile ahead. STAGES 1 (KernelBench's baseline): single buffers and four barriers per tile (K landed; done with K,
+// next K issued; V landed; done with V, next V issued). Dynamic shared memory: (FA_M + 2·STAGES·FA_N) rows of D + 8
+// elements (69,632 bytes at D = 128 with two stages; the launch opts in above 48 KiB).
 #define FA_WARPS 4
 #define FA_M (FA_WARPS * 32)   // query rows per block
 #define FA_KEYS(D) ((D) > 64 ? 32 : 64)   // keys per tile (CudaOps.WidePrefillSharedBytes mirrors it)
+#define FA_STAGES 2                        // the engine's (CudaOps.WidePrefillStages mirrors it)
 
-template <typename T, int D, int FA_N, bool LAZY>   // FA_N: keys per tile; LAZY: see softmax_tile
+// FA_N: keys per tile; LAZY: see softmax_tile; STAGES: buffers per K and V tile
+template <typename T, int D, int FA_N, bool LAZY, int STAGES>
 __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
     constexpr int STRIDE = D + 8;
     extern __shared__ __align__(16) unsigned short fa_shared[];
+    constexpr int TILE = FA_N * STRIDE;         // elements of one K or V tile
     unsigned short* qs = fa_shared;             // [FA_M][STRIDE]
-    unsigned short* ks = qs + FA_M * STRIDE;    // [FA_N][STRIDE]
-    unsigned short* vs = ks + FA_N * STRIDE;    // [FA_N][STRIDE]
+    unsigned short* ks = qs + FA_M * STRIDE;    // STAGES × [FA_N][STRIDE]
+    unsigned short* vs = ks + STAGES * TILE;    // STAGES × [FA_N][STRIDE]
 
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     int h = blockIdx.y, kvh = h / (heads / kv_heads);
@@ -352,12 +361,28 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
     int tile_begin = block_first - block_first % FA_N;
     load_tile(ks, kc, tile_begin);
     load_tile(vs, vc, tile_begin);
-    for (int tile = tile_begin; tile <= block_last; tile += FA_N)
+    for (int tile = tile_begin, stage = 0; tile <= block_last; tile += FA_N, stage ^= STAGES - 1)
     {
         bool has_next = tile + FA_N <= block_last;
         bool compute = warp_active && tile <= warp_last_key && tile + FA_N - 1 >= warp_first_key;
-        cp_async_wait_all_but_one();   // Q and K(tile) have landed; V(tile) may be in flight
-        __syncthreads();
+        const unsigned short* k_tile = k_lane + stage * TILE;
+        const unsigned short* v_tile = v_lane + stage * TILE;
+        if (STAGES == 2)
+        {
+            cp_async_wait_all();   // this thread's copies of Q, K(tile) and V(tile) have landed
+            __syncthreads();       // everyone's have, and every warp is done with the other stage's tiles
+            if (has_next)
+            {
+                copy_rows_async<T, D, FA_N, FA_WARPS * 32>(ks + (stage ^ 1) * TILE, kc, tile + FA_N, block_last, kv_dim, kvh * D);
+                copy_rows_async<T, D, FA_N, FA_WARPS * 32>(vs + (stage ^ 1) * TILE, vc, tile + FA_N, block_last, kv_dim, kvh * D);
+                cp_async_commit();
+            }
+        }
+        else
+        {
+            cp_async_wait_all_but_one();   // Q and K(tile) have landed; V(tile) may be in flight
+            __syncthreads();
+        }
 
         float s[2][FA_N / 8][4];
         if (compute)
@@ -376,7 +401,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
                 for (int n = 0; n < FA_N / 8; n += 2)
                 {
                     unsigned b[4];   // B fragments of key groups n (b0, b1) and n + 1 (b2, b3) at k-step k
-                    ldmatrix_x4(b, k_lane + n * 8 * STRIDE + k * 16);
+                    ldmatrix_x4(b, k_tile + n * 8 * STRIDE + k * 16);
 #pragma unroll
                     for (int i = 0; i < 2; i++)
                     {
@@ -386,8 +411,11 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
                 }
             }
         }
-        __syncthreads();   // every warp is done with K(tile)
-        if (has_next) load_tile(ks, kc, tile + FA_N); else cp_async_commit();
+        if (STAGES == 1)
+        {
+            __syncthreads();   // every warp is done with K(tile)
+            if (has_next) load_tile(ks, kc, tile + FA_N); else cp_async_commit();
+        }
 
         // Every key of the tile visible to every row of the warp: no masking.
         bool interior = tile + FA_N - 1 <= start + warp_row && (window <= 0 || start + warp_row + 31 - tile < window);
@@ -402,8 +430,11 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
             }
         }
 
-        cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
-        __syncthreads();
+        if (STAGES == 1)
+        {
+            cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
+            __syncthreads();
+        }
         if (compute)
         {
 #pragma unroll
@@ -413,7 +444,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
                 for (int d = 0; d < D / 8; d += 2)
                 {
                     unsigned b[4];
-                    ldmatrix_x4_trans(b, v_lane + k * 16 * STRIDE + d * 8);
+                    ldmatrix_x4_trans(b, v_tile + k * 16 * STRIDE + d * 8);
 #pragma unroll
                     for (int i = 0; i < 2; i++)
                     {
@@ -423,8 +454,11 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
                 }
             }
         }
-        __syncthreads();   // every warp is done with V(tile)
-        if (has_next) load_tile(vs, vc, tile + FA_N); else cp_async_commit();
+        if (STAGES == 1)
+        {
+            __syncthreads();   // every warp is done with V(tile)
+            if (has_next) load_tile(vs, vc, tile + FA_N); else cp_async_commit();
+        }
     }
     if (!warp_active) return;
 
@@ -434,11 +468,15 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
 
 #define ATTENTION_FA(T, S, D) \
     extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
-    { attention_prefill_fa<T, D, FA_KEYS(D), true>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+    { attention_prefill_fa<T, D, FA_KEYS(D), true, FA_STAGES>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 ATTENTION_FA(bf16, bf16, 64) ATTENTION_FA(bf16, bf16, 128)
 ATTENTION_FA(f16, f16, 64) ATTENTION_FA(f16, f16, 128)
 
-// KernelBench's baseline: the output rescaled on every key tile.
+// KernelBench's baselines, each one change away from the engine's: the output rescaled on every key tile; single
+// K and V buffers with four barriers per tile.
 extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_rescale_always128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
-{ attention_prefill_fa<bf16, 128, FA_KEYS(128), false>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+{ attention_prefill_fa<bf16, 128, FA_KEYS(128), false, FA_STAGES>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_single_buffer128_bf16(const bf16* q, const bf16* kc,
+    const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
+{ attention_prefill_fa<bf16, 128, FA_KEYS(128), true, 1>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }

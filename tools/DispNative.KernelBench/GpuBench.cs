@@ -298,9 +298,11 @@ internal static class GpuBench
             () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.TensorCores32Rows));
         // The engine's kernel rescales the output only when a row's maximum grows by more than 2^8 (softmax_tile).
         double always = Flops("the same, output rescaled on every key tile", causalFlops,
-            () => dev.Launch("attention_tc", "attention_prefill_fa_rescale_always128_bf16", ((uint)((T + 127) / 128), (uint)Heads, 1),
-                (128, 1, 1), CudaOps.WidePrefillSharedBytes(HeadDim), q, kc, vc, o, 0UL, T, 0, Heads, Heads, 0, 1f / MathF.Sqrt(HeadDim)));
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.TensorCores32RowsRescaleEveryTile));
         Console.WriteLine($"{"  lazy rescaling vs every tile",-58} {"",8} {attn / always,12:F2} x");
+        double single = Flops("the same, single K/V buffers, four barriers per tile", causalFlops,
+            () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.TensorCores32RowsSingleBuffer));
+        Console.WriteLine($"{"  double-buffered (one barrier per tile) vs single",-58} {"",8} {attn / single,12:F2} x");
         Console.WriteLine($"{"tensor cores 16 rows/warp vs SIMT",-58} {"",8} {rows16 / simt,12:F2} x");
         Console.WriteLine($"{"tensor cores 32 rows/warp vs 16 rows/warp",-58} {"",8} {attn / rows16,12:F2} x");
         // The same FLOPs as plain GEMMs: per head S = Q·Kᵀ [T,T,hd] and O = P·V [T,hd,T], batched over heads.

@@ -257,9 +257,13 @@ public sealed class CudaOps(CudaDevice device)
     /// <summary>Query rows per block of the 32-rows-per-warp tensor-core kernel (FA_M in attention_tc.cu).</summary>
     private const int WideRows = TensorCoreWarps * 32;
 
-    /// <summary>Dynamic shared memory of the 32-rows-per-warp kernel: Q rows and one K and one V tile (FA_KEYS keys),
-    /// each row head_dim + 8 16-bit elements.</summary>
-    public static uint WidePrefillSharedBytes(int headDim) => (uint)((WideRows + 2 * (headDim > 64 ? 32 : 64)) * (headDim + 8) * 2);
+    /// <summary>Buffers per K and V tile of the engine's 32-rows-per-warp kernel (FA_STAGES in attention_tc.cu).</summary>
+    public const int WidePrefillStages = 2;
+
+    /// <summary>Dynamic shared memory of the 32-rows-per-warp kernel: Q rows and <paramref name="stages"/> K and V
+    /// tiles (FA_KEYS keys), each row head_dim + 8 16-bit elements.</summary>
+    public static uint WidePrefillSharedBytes(int headDim, int stages = WidePrefillStages) =>
+        (uint)((WideRows + 2 * stages * (headDim > 64 ? 32 : 64)) * (headDim + 8) * 2);
 
     private void Prefill(PrefillKernel kernel, DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor output, DeviceTensor? lse,
         int tq, int start, int heads, int kvHeads, int headDim, int window, float scale)
@@ -272,6 +276,16 @@ public sealed class CudaOps(CudaDevice device)
             case PrefillKernel.TensorCores32Rows:
                 Device.Launch("attention_tc", $"attention_prefill_fa{headDim}_{s}", ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1),
                     (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                break;
+            case PrefillKernel.TensorCores32RowsRescaleEveryTile or PrefillKernel.TensorCores32RowsSingleBuffer:
+                if (q.DType != DType.BF16 || headDim != 128) throw new ArgumentException($"{kernel} is built for bf16 with head_dim 128 only");
+                var grid = ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1u);
+                if (kernel == PrefillKernel.TensorCores32RowsRescaleEveryTile)
+                    Device.Launch("attention_tc", "attention_prefill_fa_rescale_always128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
+                        q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                else
+                    Device.Launch("attention_tc", "attention_prefill_fa_single_buffer128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim, stages: 1),
+                        q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
             case PrefillKernel.TensorCores16Rows:
                 int rows = TensorCoreWarps * 16;
@@ -662,4 +676,8 @@ public enum PrefillKernel
     TensorCores16Rows,
     /// <summary>Tensor cores, 32 query rows per warp with Q in shared memory, as in FlashAttention-2 (attention_prefill_fa).</summary>
     TensorCores32Rows,
+    /// <summary>The same with the output rescaled on every key tile (KernelBench's baseline; bf16, head_dim 128).</summary>
+    TensorCores32RowsRescaleEveryTile,
+    /// <summary>The same with single K and V buffers and four barriers per tile (KernelBench's baseline; bf16, head_dim 128).</summary>
+    TensorCores32RowsSingleBuffer,
 }
