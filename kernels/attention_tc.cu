@@ -84,12 +84,12 @@ __device__ __forceinline__ void copy_rows_async(unsigned short* dst, const T* sr
     }
 }
 
-// A 16-row slab's scores to log2 units, with the keys a row must not see at -inf. Key tile + j is visible to the row
-// at position p when 0 <= p - tile - j < span (span: the window, or 2^31 - 1 without one; unsigned, so one compare);
-// distance_g is p - tile for this thread's row g (row g + 8 is 8 further on). interior: every key of the tile is
-// visible to every row of the slab, nothing to mask.
+// A 16-row slab's raw scores with the keys a row must not see at -inf (softmax_tile scales them). Key tile + j is
+// visible to the row at position p when 0 <= p - tile - j < span (span: the window, or 2^31 - 1 without one;
+// unsigned, so one compare); distance_g is p - tile for this thread's row g (row g + 8 is 8 further on). Callers skip
+// it on interior tiles (every key visible to every row of the slab).
 template <int N>
-__device__ __forceinline__ void scale_and_mask(float (&s)[N / 8][4], int distance_g, unsigned span, bool interior, float scale_log2)
+__device__ __forceinline__ void mask_scores(float (&s)[N / 8][4], int distance_g, unsigned span)
 {
     int tg = threadIdx.x & 3;
 #pragma unroll
@@ -98,8 +98,8 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N / 8][4], int distanc
         for (int e = 0; e < 2; e++)
         {
             int distance = distance_g - (n * 8 + 2 * tg + e);
-            s[n][e] = interior || (unsigned)distance < span ? s[n][e] * scale_log2 : NEG_INF;
-            s[n][2 + e] = interior || (unsigned)(distance + 8) < span ? s[n][2 + e] * scale_log2 : NEG_INF;
+            if ((unsigned)distance >= span) s[n][e] = NEG_INF;
+            if ((unsigned)(distance + 8) >= span) s[n][2 + e] = NEG_INF;
         }
 }
 
@@ -115,12 +115,13 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[N / 8][4], int distanc
 #define LAZY_MARGIN 8.f
 template <typename T, int N, int D, bool LAZY>
 __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2], float (&l)[2], float (&o)[D / 8][4],
-    unsigned (&pf)[N / 16][4])
+    unsigned (&pf)[N / 16][4], float scale_log2)
 {
-    float mx0 = m[0], mx1 = m[1];
+    // Raw scores s; the maxima and probabilities in log2 units (scale_log2 > 0, so the maximum commutes with it).
+    float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
     for (int n = 0; n < N / 8; n++) { mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1])); mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3])); }
-    mx0 = quad_max(mx0); mx1 = quad_max(mx1);
+    mx0 = fmaxf(m[0], quad_max(mx0) * scale_log2); mx1 = fmaxf(m[1], quad_max(mx1) * scale_log2);
     // m = -inf (nothing visible yet) moves on the first finite score: -inf + margin is -inf.
     bool rescale = !LAZY || __any_sync(0xffffffffu, mx0 > m[0] + LAZY_MARGIN || mx1 > m[1] + LAZY_MARGIN);
     if (!rescale) { mx0 = m[0]; mx1 = m[1]; }
@@ -130,8 +131,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
 #pragma unroll
     for (int n = 0; n < N / 8; n++)
     {
-        s[n][0] = exp2f(s[n][0] - base0); s[n][1] = exp2f(s[n][1] - base0);
-        s[n][2] = exp2f(s[n][2] - base1); s[n][3] = exp2f(s[n][3] - base1);
+        s[n][0] = exp2f(fmaf(s[n][0], scale_log2, -base0)); s[n][1] = exp2f(fmaf(s[n][1], scale_log2, -base0));
+        s[n][2] = exp2f(fmaf(s[n][2], scale_log2, -base1)); s[n][3] = exp2f(fmaf(s[n][3], scale_log2, -base1));
         sum0 += s[n][0] + s[n][1];
         sum1 += s[n][2] + s[n][3];
     }
@@ -259,8 +260,8 @@ __device__ __forceinline__ void attention_prefill_tc(const T* __restrict__ q, co
         unsigned pf[TC_N / 16][4];
         if (compute)
         {
-            scale_and_mask<TC_N>(s, start + row0 - tile, span, interior, scale_log2);
-            softmax_tile<T, TC_N, D, false>(s, m, l, o, pf);
+            if (!interior) mask_scores<TC_N>(s, start + row0 - tile, span);
+            softmax_tile<T, TC_N, D, false>(s, m, l, o, pf, scale_log2);
         }
 
         cp_async_wait_all_but_one();   // V(tile) has landed; K(tile + 1) may be in flight
@@ -328,7 +329,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
     int q0 = (gridDim.x - 1 - blockIdx.x) * FA_M;   // the longest causal rows start first
     int warp_row = q0 + warp * 32;
     // This thread's query rows: half i (rows warp_row + 16i ..) has accumulator rows g and g + 8, at positions
-    // pos_g + 16i (+ 8); scale_and_mask tells which keys they see.
+    // pos_g + 16i (+ 8); mask_scores tells which keys they see.
     int pos_g = start + warp_row + g;
     unsigned span = window > 0 ? (unsigned)window : 0x7fffffffu;
     bool warp_active = warp_row < tq;
@@ -425,8 +426,8 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
 #pragma unroll
             for (int i = 0; i < 2; i++)
             {
-                scale_and_mask<FA_N>(s[i], pos_g + 16 * i - tile, span, interior, scale_log2);
-                softmax_tile<T, FA_N, D, LAZY>(s[i], m[i], l[i], o[i], pf[i]);
+                if (!interior) mask_scores<FA_N>(s[i], pos_g + 16 * i - tile, span);
+                softmax_tile<T, FA_N, D, LAZY>(s[i], m[i], l[i], o[i], pf[i], scale_log2);
             }
         }
 
