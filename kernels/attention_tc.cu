@@ -340,11 +340,11 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
 
     // Q rows past tq are zeros; they go in the first K tile's cp.async group.
     copy_rows_async<T, D, FA_M, FA_WARPS * 32>(qs, q, q0, tq - 1, q_dim, h * D);
-    auto load_tile = [&](unsigned short* dst, const T* src, int tile)
+    auto copy_tile = [&](unsigned short* dst, const T* src, int tile)
     {
         copy_rows_async<T, D, FA_N, FA_WARPS * 32>(dst, src, tile, block_last, kv_dim, kvh * D);
-        cp_async_commit();
     };
+    auto load_tile = [&](unsigned short* dst, const T* src, int tile) { copy_tile(dst, src, tile); cp_async_commit(); };
 
     float o[2][D / 8][4];
 #pragma unroll
@@ -374,9 +374,8 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
             __syncthreads();       // everyone's have, and every warp is done with the other stage's tiles
             if (has_next)
             {
-                copy_rows_async<T, D, FA_N, FA_WARPS * 32>(ks + (stage ^ 1) * TILE, kc, tile + FA_N, block_last, kv_dim, kvh * D);
-                copy_rows_async<T, D, FA_N, FA_WARPS * 32>(vs + (stage ^ 1) * TILE, vc, tile + FA_N, block_last, kv_dim, kvh * D);
-                cp_async_commit();
+                copy_tile(ks + (stage ^ 1) * TILE, kc, tile + FA_N);
+                load_tile(vs + (stage ^ 1) * TILE, vc, tile + FA_N);   // one cp.async group for both
             }
         }
         else
