@@ -13,7 +13,13 @@ internal static class InferenceBench
 {
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
 
-    private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes);
+    private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, long GemmParams, long DecodeBytes)
+    {
+        /// <summary>Prefill ms and decode (graphs) ms per token with kernels left out (<see cref="CudaLlama.Skipped"/>).</summary>
+        public Ablation? Without { get; init; }
+    }
+
+    private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
 
     /// <param name="profile">Also runs, for each model after its measurements, one prefill and two eager decode steps
     /// between cuProfilerStart and cuProfilerStop: what <c>ncu --profile-from-start off</c> records
@@ -23,11 +29,11 @@ internal static class InferenceBench
         using var dev = CudaDevice.Open();
         var info = dev.Info;
         Console.WriteLine($"device: {info}; {BenchShapes.Describe(c)}, random bf16 weights; prefill {prefillTokens} tokens, decode {decodeTokens} tokens after a {DecodePrompt}-token prompt");
-        var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile) };
-        results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile));
+        var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile, ablations: true) };
+        results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile, ablations: true));
         // The same model with its pruned widths stored padded to 64 instead of 8 (CudaLlama.Padding): fuller GEMM tiles
         // against a few more zero channels to read.
-        if (keep < 1) results.Add(Measure(dev, c, "  the same, widths padded to 64", keep, prefillTokens, decodeTokens, false, padding: 64));
+        if (keep < 1) results.Add(Measure(dev, c, "  the same, widths padded to 64", keep, prefillTokens, decodeTokens, false, false, padding: 64));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
         Console.WriteLine();
@@ -48,6 +54,14 @@ internal static class InferenceBench
         if (results.Count > 2)
             Console.WriteLine($"pruned, padded to 64: prefill {dense.PrefillMs / results[2].PrefillMs:F2}x faster than dense, decode (graphs) {results[2].GraphTokS / dense.GraphTokS:F2}x " +
                               $"(padded to {CudaOps.DefaultPadding}: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
+        if (dense.Without is { } dw && pruned.Without is { } pw)
+        {
+            // What the shared, unpruned parts cap: DISP keeps attention whole, and decode's norms read the full row.
+            double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;
+            Console.WriteLine($"ablations (kernels left out, CUDA graphs for decode): prefill without attention {dw.PrefillNoAttentionMs / pw.PrefillNoAttentionMs:F2}x; " +
+                              $"decode without the norms {dw.StepNoNormsMs / pw.StepNoNormsMs:F2}x, without attention {dw.StepNoAttentionMs / pw.StepNoAttentionMs:F2}x, " +
+                              $"GEMVs alone {dw.StepGemvsMs / pw.StepGemvsMs:F2}x (all of it {denseStep / prunedStep:F2}x)");
+        }
         Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
                           $"pruned {pruned.PrefillFirstAlgorithmMs:F1} ms ({dense.PrefillFirstAlgorithmMs / pruned.PrefillFirstAlgorithmMs:F2}x); " +
                           $"tuning gives dense {dense.PrefillFirstAlgorithmMs / dense.PrefillMs:F2}x, pruned {pruned.PrefillFirstAlgorithmMs / pruned.PrefillMs:F2}x");
@@ -61,8 +75,10 @@ internal static class InferenceBench
         acceptance.Print();
     }
 
+    /// <param name="ablations">Also times decode without the norms, without attention and with neither, and prefill
+    /// without attention (<see cref="CudaLlama.SkipForTiming"/>).</param>
     private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens, bool profile,
-        int padding = CudaOps.DefaultPadding)
+        bool ablations, int padding = CudaOps.DefaultPadding)
     {
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, config, DType.BF16, seed: 7, keep, padding);
@@ -102,6 +118,20 @@ internal static class InferenceBench
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
+        Ablation? without = null;
+        if (ablations)
+        {
+            double Step(CudaLlama.Skipped skip) { model.SkipForTiming = skip; return 1e3 / Decode(graphs: true); }
+            double noNorms = Step(CudaLlama.Skipped.DecodeNorms), noAttention = Step(CudaLlama.Skipped.Attention);
+            double prefillNoAttention = Prefill(tune: true);
+            double gemvs = Step(CudaLlama.Skipped.DecodeNorms | CudaLlama.Skipped.Attention);
+            model.SkipForTiming = CudaLlama.Skipped.None;
+            without = new(prefillNoAttention, noNorms, noAttention, gemvs);
+            double step = 1e3 / graph;
+            Console.WriteLine($"{name}: left out for timing: attention from prefill {prefillMs:F1} -> {prefillNoAttention:F1} ms (it costs {prefillMs - prefillNoAttention:F1} ms); " +
+                              $"from a decode step of {step:F3} ms (graphs) the norms -> {noNorms:F3} ms (cost {step - noNorms:F3}), attention -> {noAttention:F3} " +
+                              $"(cost {step - noAttention:F3}), both -> {gemvs:F3} ms (GEMVs and the rest)");
+        }
         if (profile)
         {
             // Each profiled segment starts with the embedding kernel: prefill, then two one-token decode steps.
@@ -118,7 +148,7 @@ internal static class InferenceBench
         string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}");
-        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes);
+        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes) { Without = without };
     }
 
     private static int Next(float[] logits) => Engine.Inference.Generator.ArgMax(logits);

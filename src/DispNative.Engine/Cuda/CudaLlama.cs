@@ -299,6 +299,22 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// cost); off runs every step eagerly. The two give the same logits.</summary>
     public bool UseCudaGraphs { get; set; } = true;
 
+    /// <summary>Kernels a forward leaves out, for timing only (KernelBench's ablations): what a decode step or a
+    /// prefill costs without them is what they cost inside the pipelined sequence, overlap included, which timing
+    /// them alone does not tell. The logits are meaningless with anything skipped.</summary>
+    [Flags]
+    internal enum Skipped
+    {
+        None = 0,
+        /// <summary>Single-row calls: the gather-norms (decode's index-adds are in the GEMVs, so the residual still updates).</summary>
+        DecodeNorms = 1,
+        /// <summary>RoPE, the KV-cache append and attention (the output projection reads a stale attention output).</summary>
+        Attention = 2,
+    }
+
+    /// <summary>See <see cref="Skipped"/>; KernelBench only. A captured decode graph keeps what it captured: use a new cache.</summary>
+    internal Skipped SkipForTiming { get; set; }
+
     /// <summary>Decode steps launch their kernels programmatically (<see cref="CudaDevice.ProgrammaticLaunch"/>); off:
     /// plain stream order (the self-test compares the two).</summary>
     public bool UseProgrammaticLaunch { get; set; } = true;
@@ -445,20 +461,25 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             var w = _layers[l];
             int attnIn = Stored(w.AttnIn, dm);
             Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
+            bool attention = !SkipForTiming.HasFlag(Skipped.Attention);
             if (rows == 1)
             {
                 var (k, v) = (a.K!, a.V!);
                 if (w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn)) _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, k, kvd, w.Wv, v, kvd, attnIn);
                 else Project(a.H, w, a.Q, k, v, 0, 1, attnIn);
-                _ops.RopeKvAppendAttention(a.Q, k, v, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
-                    c.SlidingWindow, position, cache.DecodeScratch);
+                if (attention)
+                    _ops.RopeKvAppendAttention(a.Q, k, v, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
+                        c.SlidingWindow, position, cache.DecodeScratch);
             }
             else
             {
                 // The keys and values go straight to their cache rows, where RoPE rotates the keys in place.
                 Project(a.H, w, a.Q, cache.K[l], cache.V[l], (long)start * kvd, rows, attnIn);
-                _ops.RopeKvAppend(a.Q, null, null, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start);
-                _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                if (attention)
+                {
+                    _ops.RopeKvAppend(a.Q, null, null, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start);
+                    _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                }
             }
             pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
@@ -512,6 +533,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// applying the <paramref name="pending"/> write-back first, in the same launch.</summary>
     private void Norm(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, DeviceTensor output, int rows, int outputStride, ref WriteBack? pending)
     {
+        if (rows == 1 && pending == null && SkipForTiming.HasFlag(Skipped.DecodeNorms)) return;
         int dm = Config.HiddenSize;
         float eps = Config.RmsNormEps;
         if (pending is { } p) _ops.IndexAddRmsNorm(x, p.Delta, p.Idx, p.Bias, p.Stride, gamma, idx, output, rows, dm, eps, outputStride: outputStride);
