@@ -36,7 +36,7 @@ template <typename T> __device__ __forceinline__ void unpack16(const uint4& raw,
 // ProgrammaticLaunch, decode steps) may start while the previous kernel in the stream still runs, once that kernel has
 // called allow_dependents_launch() in all its blocks; grid_dependency_wait() then blocks until the previous kernel has
 // finished and its writes are visible. Before the wait a kernel may only read what no earlier kernel writes (weights)
-// and must write nothing. Both are no-ops for a normal launch and below sm_90. Kernels that wait are listed in
+// and must write no global memory (its own shared memory is free). Both are no-ops for a normal launch and below sm_90. Kernels that wait are listed in
 // CudaDevice.WaitsForGridDependency.
 __device__ __forceinline__ void allow_dependents_launch()
 {
@@ -98,6 +98,24 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce(v, Max
 
 struct NoHook { __device__ __forceinline__ void operator()() const {} };
 
+// 16-byte loads in flight per thread of the norm kernels (norm.cu) and of the decode norm fused into the GEMVs
+// (gemv.cu), which repeats their loop.
+#define NORM_UNROLL 4
+
+// A norm's running sums over one float4 of its row: s += the values, ss += their squares. stream_row and the decode
+// norm fused into the GEMVs add in this one order, so both get the same bits.
+__device__ __forceinline__ void add_sums(float& s, float& ss, const float4& v)
+{
+    s += v.x + v.y + v.z + v.w;
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+}
+
+// RMSNorm's 1 / rms of a d-wide row from its sum of squares.
+__device__ __forceinline__ float rms_scale(float sum_squares, int d, float eps) { return 1.f / sqrtf(sum_squares / d + eps); }
+
+// One normalized output channel: (x - mean) * scale * gamma + beta (RMSNorm: mean 0, beta 0).
+__device__ __forceinline__ float norm_affine(float x, float mean, float scale, float gamma, float beta) { return (x - mean) * scale * gamma + beta; }
+
 // Streams one row src[0..d) into copy (when set; global or shared memory) with UNROLL 16-byte loads in flight per
 // thread; with SUMS, also adds the values to s and their squares to ss. after_issue runs once in every thread, when
 // its first UNROLL loads are issued and before they are used: loads it issues wait behind the row's, not the row's
@@ -127,11 +145,7 @@ __device__ __forceinline__ void stream_row(const float* __restrict__ src, float*
             {
                 int i = base + u * blockDim.x;
                 if (copy && i < n4) copy4[i] = v[u];
-                if (SUMS)
-                {
-                    s += v[u].x + v[u].y + v[u].z + v[u].w;
-                    ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
-                }
+                if (SUMS) add_sums(s, ss, v[u]);
             }
         }
         if (!issued) after_issue();   // a thread past the row's end

@@ -129,7 +129,150 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
     float g = warp_dot<U>(x, w_gate + (long long)row * k, k, first);
     load_first<U>(w_up + (long long)row * k, k, first);
     float u = warp_dot<U>(x, w_up + (long long)row * k, k, first);
-    if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(g / (1.f + expf(-g)) * u);
+    if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
+}
+
+// Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu): every block normalizes
+// the f32 residual row x into shared memory itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to
+// k - and its warps then stream weight rows against h, several rows each (the grid is at most what the GPU holds at
+// once, so each resident block reads and normalizes the row once). No launch of the norm, no h written to memory
+// and read back; before the grid-dependency wait a block loads its first weight rows and the norm's idx and gamma.
+// The arithmetic repeats rmsnorm_gather's as the engine launches it with norm_threads threads: each of those
+// threads' sums in its order (stream_row), reduced as block_sum does, the same rms_scale and norm_affine - so h, and
+// with it every output, is bit for bit what the two launches give.
+// Dynamic shared memory: d floats (the row), k ints when idx is set (idx), k T (gamma[idx], then h); d a multiple of 4.
+template <typename T>
+struct DecodeNorm
+{
+    const float* x;         // the residual row, written by the previous kernel
+    const T* gamma;
+    const int* idx;         // the selected channels (null: all d)
+    int d, width, norm_threads;
+    float eps;
+};
+
+// Before the grid-dependency wait: the selected channels and their gamma values (weights) into shared memory.
+template <typename T>
+__device__ __forceinline__ void stage_norm_weights(const DecodeNorm<T>& n, int* cs, T* gs, int k)
+{
+#pragma unroll 4
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+    {
+        int c = j < n.width ? (n.idx ? n.idx[j] : j) : -1;
+        if (n.idx) cs[j] = c;
+        gs[j] = c >= 0 ? n.gamma[c] : T{};
+    }
+}
+
+// After the wait: x into xs, its sum of squares as rmsnorm_gather's norm_threads threads take it, and h over gs.
+template <typename T>
+__device__ __forceinline__ void normalize_row(const DecodeNorm<T>& n, float* xs, const int* cs, T* hs, int k)
+{
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int nt = n.norm_threads, n4 = n.d >> 2;
+    const float4* src4 = reinterpret_cast<const float4*>(opaque(n.x));
+    float4* xs4 = reinterpret_cast<float4*>(xs);
+    // Warp vw of the norm kernel's block, lane for lane (stream_row<NORM_UNROLL, true> with blockDim nt).
+    for (int vw = warp; vw < nt / 32; vw += warps)
+    {
+        int v = vw * 32 + lane;
+        float s = 0.f, ss = 0.f;
+        for (int base = v; base < n4; base += NORM_UNROLL * nt)
+        {
+            float4 val[NORM_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * nt;
+                val[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * nt;
+                if (i < n4) xs4[i] = val[u];
+                add_sums(s, ss, val[u]);
+            }
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) partial[vw] = ss;
+    }
+    __syncthreads();
+    float scale = rms_scale(warp_sum(lane < nt / 32 ? partial[lane] : 0.f), n.d, n.eps);   // block_sum's second step
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+    {
+        int c = n.idx ? cs[j] : (j < n.width ? j : -1);
+        float y = 0.f;
+        if (c >= 0) y = norm_affine(xs[c], 0.f, scale, to_f32(hs[j]), 0.f);
+        hs[j] = from_f32<T>(y);
+    }
+    __syncthreads();
+}
+
+// The shared-memory arrays of a fused decode norm: xs (d floats), cs (k ints, when idx is set), hs (k T).
+template <typename T> struct DecodeNormSmem { float* xs; int* cs; T* hs; };
+template <typename T>
+__device__ __forceinline__ DecodeNormSmem<T> decode_norm_smem(const DecodeNorm<T>& n, int k)
+{
+    extern __shared__ float4 fused_norm_smem[];
+    float* xs = reinterpret_cast<float*>(fused_norm_smem);
+    int* cs = reinterpret_cast<int*>(xs + n.d);
+    return {xs, cs, reinterpret_cast<T*>(cs + (n.idx ? k : 0))};
+}
+
+// gemv_qkv of the normalized row: rows [0, n0) x . w0 into y0, the next n1 into y1, the last n2 into y2.
+template <int U, typename T>
+__device__ void gemv_norm_qkv(const DecodeNorm<T> n, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
+{
+    DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+    allow_dependents_launch();
+    int warps = blockDim.x >> 5, total = n0 + n1 + n2;
+    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    auto weight_row = [&](int row, T*& y, int& r) -> const T*
+    {
+        if (row < n0) { y = y0; r = row; return w0 + (long long)row * k; }
+        if (row < n0 + n1) { y = y1; r = row - n0; return w1 + (long long)r * k; }
+        y = y2; r = row - n0 - n1; return w2 + (long long)r * k;
+    };
+    uint4 first[U];
+    if (first_row < total) { T* y; int r; load_first<U>(weight_row(first_row, y, r), k, first); }
+    stage_norm_weights(n, sm.cs, sm.hs, k);
+    grid_dependency_wait();
+    normalize_row(n, sm.xs, sm.cs, sm.hs, k);
+    for (int row = first_row; row < total; row += step)
+    {
+        T* y; int r;
+        const T* w = weight_row(row, y, r);
+        if (row != first_row) load_first<U>(w, k, first);
+        float acc = warp_dot<U>(sm.hs, w, k, first);
+        if ((threadIdx.x & 31) == 0) y[r] = from_f32<T>(acc);
+    }
+}
+
+// gemv_swiglu of the normalized row.
+template <int U, typename T>
+__device__ void gemv_norm_swiglu(const DecodeNorm<T> n, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
+    int rows, int k)
+{
+    DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+    allow_dependents_launch();
+    int warps = blockDim.x >> 5;
+    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    uint4 first[U];
+    if (first_row < rows) load_first<U>(w_gate + (long long)first_row * k, k, first);
+    stage_norm_weights(n, sm.cs, sm.hs, k);
+    grid_dependency_wait();
+    normalize_row(n, sm.xs, sm.cs, sm.hs, k);
+    for (int row = first_row; row < rows; row += step)
+    {
+        if (row != first_row) load_first<U>(w_gate + (long long)row * k, k, first);
+        float g = warp_dot<U>(sm.hs, w_gate + (long long)row * k, k, first);
+        load_first<U>(w_up + (long long)row * k, k, first);
+        float u = warp_dot<U>(sm.hs, w_up + (long long)row * k, k, first);
+        if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
+    }
 }
 
 // gemv_<input>_to_<output>_u<U>: output in the input's type, or f32 (the residual stream, deltas, logits).
@@ -150,3 +293,13 @@ GEMV(f16, float, f16, f32)
     { gemv_swiglu<U, T>(x, w_gate, w_up, out, n, k); }
 #define GEMV_FUSED(T, S) GEMV_FUSED_U(T, S, 8) GEMV_FUSED_U(T, S, 12) GEMV_FUSED_U(T, S, 16)
 FOR_EACH_STORAGE(GEMV_FUSED)
+
+#define GEMV_NORM_U(T, S, U) \
+    extern "C" __global__ void gemv_norm_qkv_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, int norm_threads, \
+        float eps, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
+    { gemv_norm_qkv<U, T>(DecodeNorm<T>{x, gamma, idx, d, width, norm_threads, eps}, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
+    extern "C" __global__ void gemv_norm_swiglu_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, int norm_threads, \
+        float eps, const T* w_gate, const T* w_up, T* out, int n, int k) \
+    { gemv_norm_swiglu<U, T>(DecodeNorm<T>{x, gamma, idx, d, width, norm_threads, eps}, w_gate, w_up, out, n, k); }
+#define GEMV_NORM(T, S) GEMV_NORM_U(T, S, 8) GEMV_NORM_U(T, S, 12) GEMV_NORM_U(T, S, 16)
+FOR_EACH_STORAGE(GEMV_NORM)

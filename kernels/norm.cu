@@ -10,8 +10,6 @@
 // rmsnorm_masked and add_masked_rmsnorm are DISP training's dense norms with a column-masked copy of the output.
 #include "common.cuh"
 
-#define NORM_UNROLL 4
-
 // One thread's UNROLL output channels j = base + u * blockDim.x: c = idx[j] (-1 past width), gamma[c], beta[c] and
 // mask[j] (a column mask for a masked copy of the output; null: none). The first chunk is loaded before the row, so
 // the dependent idx -> gamma loads overlap the row's loads and its reduction instead of following them (with one row
@@ -66,7 +64,7 @@ __device__ __forceinline__ void store_gathered(const float* src, float s, float 
         float var = fmaxf(block_sum(ss) / d - mean * mean, 0.f);
         scale = 1.f / sqrtf(var + eps);
     }
-    else scale = 1.f / sqrtf(block_sum(ss) / d + eps);
+    else scale = rms_scale(block_sum(ss), d, eps);
     __syncthreads();
     T* o = out + (long long)blockIdx.x * out_stride;
     T* om = masked ? masked + (long long)blockIdx.x * out_stride : nullptr;
@@ -79,7 +77,7 @@ __device__ __forceinline__ void store_gathered(const float* src, float s, float 
             int j = base + u * blockDim.x;
             if (j >= out_stride) break;
             float y = 0.f;
-            if (chunk.c[u] >= 0) y = (src[chunk.c[u]] - mean) * scale * chunk.g[u] + chunk.b[u];
+            if (chunk.c[u] >= 0) y = norm_affine(src[chunk.c[u]], mean, scale, chunk.g[u], chunk.b[u]);
             o[j] = from_f32<T>(y);
             if (om) om[j] = from_f32<T>(y * chunk.m[u]);
         }

@@ -60,6 +60,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint, nint*, int> cuStreamEndCapture;
         public readonly delegate* unmanaged<nint, int*, int> cuStreamIsCapturing;
         public readonly delegate* unmanaged<int> cuProfilerStart, cuProfilerStop;   // null where not exported
+        public readonly delegate* unmanaged<int*, nint, int, nuint, int> cuOccupancyMaxActiveBlocksPerMultiprocessor;   // null where not exported
         public readonly delegate* unmanaged<nint*, nint, ulong, int> cuGraphInstantiateWithFlags;
         public readonly delegate* unmanaged<nint, nint, int> cuGraphLaunch;
         public readonly delegate* unmanaged<nint, int> cuGraphExecDestroy;
@@ -106,6 +107,7 @@ public static unsafe class CudaDriver
             cuStreamIsCapturing = (delegate* unmanaged<nint, int*, int>)lib.Export("cuStreamIsCapturing");
             cuProfilerStart = (delegate* unmanaged<int>)lib.TryExport("cuProfilerStart");
             cuProfilerStop = (delegate* unmanaged<int>)lib.TryExport("cuProfilerStop");
+            cuOccupancyMaxActiveBlocksPerMultiprocessor = (delegate* unmanaged<int*, nint, int, nuint, int>)lib.TryExport("cuOccupancyMaxActiveBlocksPerMultiprocessor");
             cuGraphInstantiateWithFlags = (delegate* unmanaged<nint*, nint, ulong, int>)lib.Export("cuGraphInstantiateWithFlags");
             cuGraphLaunch = (delegate* unmanaged<nint, nint, int>)lib.Export("cuGraphLaunch");
             cuGraphExecDestroy = (delegate* unmanaged<nint, int>)lib.Export("cuGraphExecDestroy");
@@ -205,6 +207,18 @@ public static unsafe class CudaDriver
     {
         const int maxDynamicSharedSizeBytes = 8;
         Check(A.cuFuncSetAttribute(function, maxDynamicSharedSizeBytes, bytes), $"cuFuncSetAttribute({name}, max dynamic shared memory {bytes} bytes)");
+    }
+
+    /// <summary>How many blocks of <paramref name="blockSize"/> threads and <paramref name="dynamicSharedBytes"/> of dynamic
+    /// shared memory one multiprocessor holds at once (registers, shared memory, threads); null where the driver lacks
+    /// the call.</summary>
+    public static int? MaxActiveBlocksPerMultiprocessor(nint function, string name, int blockSize, uint dynamicSharedBytes)
+    {
+        if (A.cuOccupancyMaxActiveBlocksPerMultiprocessor == null) return null;
+        int blocks;
+        Check(A.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, function, blockSize, dynamicSharedBytes),
+            $"cuOccupancyMaxActiveBlocksPerMultiprocessor({name}, {blockSize} threads, {dynamicSharedBytes} bytes)");
+        return blocks;
     }
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)

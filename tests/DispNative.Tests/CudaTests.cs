@@ -123,11 +123,13 @@ public class KernelSourceTests
         {
             if (file.Contains($"{Path.DirectorySeparatorChar}obj{Path.DirectorySeparatorChar}")) continue;
             string text = File.ReadAllText(file);
-            // LaunchGemv(NAME, rows, k, accumulated, arguments...) launches gemv.cu's NAME_uU: every U declares the same.
-            for (int at = text.IndexOf("LaunchGemv($\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf("LaunchGemv($\"", at + 1, StringComparison.Ordinal))
+            // LaunchGemv(NAME, rows, k, accumulated, arguments...) and LaunchPersistentGemv(NAME, rows, k, shared bytes,
+            // arguments...) launch gemv.cu's NAME_uU: every U declares the same.
+            foreach (string call in new[] { "LaunchGemv", "LaunchPersistentGemv" })
+            for (int at = text.IndexOf(call + "($\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf(call + "($\"", at + 1, StringComparison.Ordinal))
             {
-                var args = SplitArguments(text, at + "LaunchGemv".Length);
-                string where = $"{Path.GetFileName(file)}: LaunchGemv({args[0]}, ...)";
+                var args = SplitArguments(text, at + call.Length);
+                string where = $"{Path.GetFileName(file)}: {call}({args[0]}, ...)";
                 string name = System.Text.RegularExpressions.Regex.Replace(args[0].TrimStart('$').Trim('"'), @"\{[^}]*\}", "f32");
                 foreach (int u in CudaDevice.GemvUnrolls)
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - 4), $"{where}, unroll {u}");
@@ -154,7 +156,7 @@ public class KernelSourceTests
             }
         }
         Assert.That(checkedCalls, Is.GreaterThan(30));
-        Assert.That(gemvCalls, Is.EqualTo(4), "LaunchGemv calls found (pattern out of date?)");
+        Assert.That(gemvCalls, Is.EqualTo(6), "LaunchGemv and LaunchPersistentGemv calls found (pattern out of date?)");
     }
 
     /// <summary>The top-level arguments of the call whose '(' is at <paramref name="open"/> (strings kept whole).</summary>
@@ -218,6 +220,7 @@ public class KernelSourceTests
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
             "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "init:read_through", "norm:rmsnorm_backward_##S",
             "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O##_u##U", "gemv:gemv_qkv_##S##_u##U", "gemv:gemv_swiglu_##S##_u##U",
+            "gemv:gemv_norm_qkv_##S##_u##U", "gemv:gemv_norm_swiglu_##S##_u##U",
             "norm:add_rmsnorm_gather_##S", "norm:rmsnorm_masked_##S", "norm:add_masked_rmsnorm_##S", "residual:index_add_staged_##S", "rope:rope_f32_to_##S",
             "masks:mask_columns_grad_tiled_##S", "masks:mask_grad_scale_##NAME", "masks:swiglu_mask_backward_##S", "masks:silu_mul_masked_##S",
         ];

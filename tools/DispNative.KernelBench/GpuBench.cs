@@ -283,6 +283,38 @@ internal static class GpuBench
                 () => { dev.Gemm(att, wo, delta, 1, CudaOps.Padded(n), QD); ops.IndexAdd(residual, delta, idx, null, 1, D, inputStride: CudaOps.Padded(n)); },
                 () => ops.GemvIndexAdd(att, wo, residual, idx, D, QD));
         }
+        // Decode's norm inside the GEMV that reads it (every block normalizes the row itself) against the norm's own
+        // launch before the GEMV; both launched programmatically, as a decode step runs them. Rates: weight bytes.
+        using (var residual = dev.Upload(Rand(D)))
+        using (var gamma = dev.Upload(Rand(D), DType.BF16))
+        using (var idx = dev.Upload(Keep(D, 0.65).Take(w65).ToArray()))
+        using (var h = dev.Allocate(DType.BF16, D))
+        using (var wq = dev.Upload(Rand((long)QD * D), DType.BF16))
+        using (var wk = dev.Upload(Rand((long)KVD * D), DType.BF16))
+        using (var wv = dev.Upload(Rand((long)KVD * D), DType.BF16))
+        using (var wg = dev.Upload(Rand((long)Ffn * D), DType.BF16))
+        using (var wu = dev.Upload(Rand((long)Ffn * D), DType.BF16))
+        using (var yq = dev.Allocate(DType.BF16, QD))
+        using (var yk = dev.Allocate(DType.BF16, KVD))
+        using (var yv = dev.Allocate(DType.BF16, KVD))
+        using (var act = dev.Allocate(DType.BF16, Ffn))
+        {
+            dev.ProgrammaticLaunch = true;
+            void NormFused(string name, double bytes, Action run)
+            {
+                Fused(name, bytes, () => { dev.FuseDecodeNorms = false; run(); }, () => { dev.FuseDecodeNorms = true; run(); });
+                dev.FuseDecodeNorms = null;
+            }
+            foreach (var (site, sel, k) in new[] { ("dense", (DeviceTensor?)null, D), ($"{w65} of {D} kept", idx, pw) })
+            {
+                int mid = sel == null ? Ffn : pm;   // the weights' first rows of k elements (pruned: fewer, shorter rows)
+                NormFused($"norm + q/k/v GEMVs 1 x {QD + 2 * KVD} x {k} ({site})", 2.0 * (QD + 2 * KVD) * k,
+                    () => ops.NormGemvQkv(residual, gamma, sel, D, 1e-5f, h, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, k));
+                NormFused($"norm + gate/up GEMVs + swiglu 1 x {mid} x {k} ({site})", 2.0 * 2 * mid * k,
+                    () => ops.NormGemvSwiGlu(residual, gamma, sel, D, 1e-5f, h, wg, wu, act, mid, k));
+            }
+            dev.ProgrammaticLaunch = false;
+        }
 
         Console.WriteLine();
         using var q = dev.Upload(Rand((long)T * Heads * HeadDim), DType.BF16);

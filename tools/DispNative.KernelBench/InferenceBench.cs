@@ -147,7 +147,8 @@ internal static class InferenceBench
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({firstAlgorithmMs:F1} with first-choice GEMM algorithms), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s");
         string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
-                          $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}");
+                          $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
+                          $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value)} of {dev.DecodeNormFusionChoices.Count} shapes (CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes) { Without = without };
     }
 

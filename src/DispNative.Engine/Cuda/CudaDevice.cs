@@ -328,15 +328,111 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <paramref name="rows"/> rows of length <paramref name="k"/>. <paramref name="accumulated"/>: the output bytes the
     /// kernel adds into (β ≠ 0, an index-add), which timing the unrolls would change: saved before and restored after.</summary>
     internal void LaunchGemv(string name, int rows, int k, (ulong Address, long Bytes)? accumulated, params ReadOnlySpan<KernelArg> args)
+        => LaunchGemv(new GemvLaunch(name, rows, k, accumulated, 0, false), args);
+
+    /// <summary>Launches a GEMV kernel whose warps loop over the rows (gemv.cu's fused decode norms): a grid of at most
+    /// <see cref="PersistentBlocksPerSM"/> resident blocks per SM (<see cref="PersistentGridLimit"/> lowers it), each
+    /// with <paramref name="sharedBytes"/> of dynamic shared memory; unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
+    internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
+        => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, true), args);
+
+    /// <summary>Blocks per SM of <see cref="LaunchPersistentGemv"/> (fewer where fewer fit): each block normalizes the
+    /// row once, so more blocks repeat that work, while 16 warps of 8 to 16 loads of 16 bytes per lane keep 64 KB or more
+    /// of weights in flight per SM, above what HBM's latency needs (about 25 KB per SM on an H100).</summary>
+    public const int PersistentBlocksPerSM = 2;
+
+    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: resident blocks per SM × SMs): the self-test
+    /// uses a few blocks so that every warp takes several rows.</summary>
+    internal int? PersistentGridLimit { get; set; }
+
+    /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
+    /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls.</summary>
+    private readonly record struct GemvLaunch(string Name, int Rows, int K, (ulong Address, long Bytes)? Accumulated, uint SharedBytes, bool Persistent);
+
+    private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
-        string key = $"{name},{rows},{k}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes}";
         int unroll = GemvUnrolls[0];
         if (_gemvUnroll is int forced) unroll = forced;
         else if (_gemvUnrollByShape.TryGetValue(key, out int chosen)) unroll = chosen;
         else if (!Stream.IsCapturing)
-            _gemvUnrollByShape[key] = unroll = (long)rows * k >= MinTunedGemvElements ? ChooseGemvUnroll(name, rows, accumulated, args.ToArray()) : unroll;
-        string entry = $"{name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
-        Launch("gemv", entry, GemvGrid(rows), GemvWarps * 32, 0, args);
+            _gemvUnrollByShape[key] = unroll = (long)g.Rows * g.K >= MinTunedGemvElements ? ChooseGemvUnroll(g, args.ToArray()) : unroll;
+        LaunchGemvUnroll(g, unroll, args);
+    }
+
+    private void LaunchGemvUnroll(GemvLaunch g, int unroll, ReadOnlySpan<KernelArg> args)
+    {
+        string entry = $"{g.Name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
+        uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
+        if (g.Persistent)
+        {
+            long resident = (long)Math.Min(PersistentBlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
+            grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
+        }
+        Launch("gemv", entry, grid, threads, g.SharedBytes, args);
+    }
+
+    /// <summary>Blocks of <paramref name="threads"/> threads and <paramref name="sharedBytes"/> of dynamic shared memory
+    /// that one SM holds at once (at least 1; 1 where the driver cannot tell).</summary>
+    internal int ResidentBlocks(string kernel, string entry, uint threads, uint sharedBytes)
+    {
+        string key = $"{kernel}/{entry},{threads},{sharedBytes}";
+        if (_residentBlocks.TryGetValue(key, out int n)) return n;
+        nint fn = Function(kernel, entry);
+        if (sharedBytes > DefaultDynamicSharedBytes) AllowDynamicShared(fn, entry, sharedBytes);
+        return _residentBlocks[key] = Math.Max(1, CudaDriver.MaxActiveBlocksPerMultiprocessor(fn, entry, (int)threads, sharedBytes) ?? 1);
+    }
+
+    private readonly Dictionary<string, int> _residentBlocks = [];
+
+    /// <summary>Decode's norms fused into the GEMVs that read them (<see cref="CudaOps.NormGemvQkv"/>,
+    /// <see cref="CudaOps.NormGemvSwiGlu"/>): null (the default) times both forms on the first call of each shape of at
+    /// least <see cref="MinTunedGemvElements"/> weight elements outside graph capture and keeps the faster (smaller
+    /// shapes, mostly launch cost, fuse); true or false forces one. The two give the same bits, so the choice changes
+    /// only speed.</summary>
+    public bool? FuseDecodeNorms { get; set; }
+
+    private readonly Dictionary<string, bool> _fuseNormByShape = [];
+
+    /// <summary>The fused-or-not choice for each decode norm + GEMV shape so far (key: the fused kernel, rows, k, d).</summary>
+    public IReadOnlyDictionary<string, bool> DecodeNormFusionChoices => _fuseNormByShape;
+
+    /// <summary>Runs <paramref name="fused"/> or <paramref name="separate"/> (the same outputs) per <see cref="FuseDecodeNorms"/>.</summary>
+    internal void FusedOrSeparate(string key, long weightElements, Action fused, Action separate)
+    {
+        bool fuse = FuseDecodeNorms ?? true;
+        if (FuseDecodeNorms == null)
+        {
+            if (_fuseNormByShape.TryGetValue(key, out bool chosen)) fuse = chosen;
+            else if (!Stream.IsCapturing) _fuseNormByShape[key] = fuse = weightElements < MinTunedGemvElements || FusedIsFaster(fused, separate);
+        }
+        (fuse ? fused : separate)();
+    }
+
+    private bool FusedIsFaster(Action fused, Action separate)
+    {
+        DeviceTensor? evict = null;
+        try
+        {
+            try { evict = Allocate(DType.F32, 2L * (Info.L2Bytes ?? 64 << 20) / 4); }
+            catch (CudaOutOfMemoryException) { }
+            fused(); separate();   // untimed: first-use costs, and each form's unrolls chosen
+            return ColdMedianMs(fused, evict) < ColdMedianMs(separate, evict);
+        }
+        finally { evict?.Dispose(); }
+    }
+
+    /// <summary>Median of 5 timings of <paramref name="work"/>, each after evicting the L2 with <paramref name="evict"/> (when set).</summary>
+    private float ColdMedianMs(Action work, DeviceTensor? evict)
+    {
+        var ms = new float[5];
+        for (int i = 0; i < ms.Length; i++)
+        {
+            if (evict != null) EvictL2(evict);
+            ms[i] = Time(work);
+        }
+        Array.Sort(ms);
+        return ms[2];
     }
 
     /// <summary>Leaves the L2 cache cold and clean: reads <paramref name="buffer"/> (at least twice the L2 to evict
@@ -348,10 +444,10 @@ public sealed unsafe class CudaDevice : IDisposable
         Launch("init", "read_through", GridFor(words), 256, 0, buffer, words);
     }
 
-    /// <summary>Drops the unroll choices, so each GEMV shape's next call times them again (self-test).</summary>
-    internal void ForgetGemvUnrolls() => _gemvUnrollByShape.Clear();
+    /// <summary>Drops the unroll and norm-fusion choices, so each GEMV shape's next call times them again (self-test).</summary>
+    internal void ForgetGemvChoices() { _gemvUnrollByShape.Clear(); _fuseNormByShape.Clear(); }
 
-    private int ChooseGemvUnroll(string name, int rows, (ulong Address, long Bytes)? accumulated, KernelArg[] args)
+    private int ChooseGemvUnroll(GemvLaunch g, KernelArg[] args)
     {
         DeviceTensor? saved = null, evict = null;
         try
@@ -360,7 +456,7 @@ public sealed unsafe class CudaDevice : IDisposable
             // layer's fit), the unrolls would be ranked on L2 bandwidth. Where the buffer does not fit, warm timing.
             try { evict = Allocate(DType.F32, 2L * (Info.L2Bytes ?? 64 << 20) / 4); }
             catch (CudaOutOfMemoryException) { }
-            if (accumulated is { } acc)
+            if (g.Accumulated is { } acc)
             {
                 saved = Allocate(DType.F32, (acc.Bytes + 3) / 4);
                 CudaDriver.CopyDtoD(saved.Pointer, acc.Address, acc.Bytes, Stream.DangerousGetHandle());
@@ -369,15 +465,12 @@ public sealed unsafe class CudaDevice : IDisposable
             float bestMs = float.PositiveInfinity;
             foreach (int u in GemvUnrolls)
             {
-                string entry = $"{name}_u{u}";
-                void Run() => Launch("gemv", entry, GemvGrid(rows), GemvWarps * 32, 0, args);
-                float Cold() { if (evict != null) EvictL2(evict); return Time(Run); }
+                void Run() => LaunchGemvUnroll(g, u, args);
                 Run();   // untimed: first-use costs
-                var ms = new[] { Cold(), Cold(), Cold(), Cold(), Cold() };
-                Array.Sort(ms);
-                if (ms[2] < bestMs) (best, bestMs) = (u, ms[2]);
+                float ms = ColdMedianMs(Run, evict);
+                if (ms < bestMs) (best, bestMs) = (u, ms);
             }
-            if (accumulated is { } a) CudaDriver.CopyDtoD(a.Address, saved!.Pointer, a.Bytes, Stream.DangerousGetHandle());
+            if (g.Accumulated is { } a) CudaDriver.CopyDtoD(a.Address, saved!.Pointer, a.Bytes, Stream.DangerousGetHandle());
             GemvShapesTimed++;
             return best;
         }

@@ -460,19 +460,26 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         {
             var w = _layers[l];
             int attnIn = Stored(w.AttnIn, dm);
-            Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
             bool attention = !SkipForTiming.HasFlag(Skipped.Attention);
             if (rows == 1)
             {
                 var (k, v) = (a.K!, a.V!);
-                if (w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn)) _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, k, kvd, w.Wv, v, kvd, attnIn);
-                else Project(a.H, w, a.Q, k, v, 0, 1, attnIn);
+                bool gemv = w.Bq == null && d.GemvApplies(a.H, w.Wq, attnIn);
+                if (gemv && NormFusable(pending))
+                    _ops.NormGemvQkv(a.X, w.AttnNorm, w.AttnIn, dm, c.RmsNormEps, a.H, w.Wq, a.Q, qd, w.Wk, k, kvd, w.Wv, v, kvd, attnIn);
+                else
+                {
+                    Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
+                    if (gemv) _ops.GemvQkv(a.H, w.Wq, a.Q, qd, w.Wk, k, kvd, w.Wv, v, kvd, attnIn);
+                    else Project(a.H, w, a.Q, k, v, 0, 1, attnIn);
+                }
                 if (attention)
                     _ops.RopeKvAppendAttention(a.Q, k, v, cache.K[l], cache.V[l], _invFreq, a.Att, start, c.NumHeads, c.NumKvHeads, c.HeadDim,
                         c.SlidingWindow, position, cache.DecodeScratch);
             }
             else
             {
+                Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
                 // The keys and values go straight to their cache rows, where RoPE rotates the keys in place.
                 Project(a.H, w, a.Q, cache.K[l], cache.V[l], (long)start * kvd, rows, attnIn);
                 if (attention)
@@ -484,10 +491,16 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 
             int mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);
-            Norm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, mlpIn, ref pending);
-            if (rows == 1 && d.GemvApplies(a.H, w.WGate, mlpIn)) _ops.GemvSwiGlu(a.H, w.WGate, w.WUp, a.Gate, mid, mlpIn);
+            bool mlpGemv = rows == 1 && d.GemvApplies(a.H, w.WGate, mlpIn);
+            if (mlpGemv && NormFusable(pending)) _ops.NormGemvSwiGlu(a.X, w.MlpNorm, w.MlpIn, dm, c.RmsNormEps, a.H, w.WGate, w.WUp, a.Gate, mid, mlpIn);
+            else if (mlpGemv)
+            {
+                Norm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, mlpIn, ref pending);
+                _ops.GemvSwiGlu(a.H, w.WGate, w.WUp, a.Gate, mid, mlpIn);
+            }
             else
             {
+                Norm(a.X, w.MlpNorm, w.MlpIn, a.H, rows, mlpIn, ref pending);
                 d.Gemm(a.H, w.WGate, a.Gate, rows, mid, mlpIn);
                 d.Gemm(a.H, w.WUp, a.Up, rows, mid, mlpIn);
                 _ops.SiluMul(a.Gate, a.Up, a.Gate, (long)rows * mid);
@@ -497,6 +510,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
         d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
     }
+
+    /// <summary>Whether a decode norm may go into the GEMV that reads it (<see cref="CudaOps.NormGemvQkv"/>): no
+    /// write-back to apply first, and the norms not left out for timing.</summary>
+    private bool NormFusable(WriteBack? pending) => pending == null && !SkipForTiming.HasFlag(Skipped.DecodeNorms);
 
     /// <summary>The q, k and v projections (and biases) of <paramref name="rows"/> rows of h: q into
     /// <paramref name="q"/>, k and v into <paramref name="k"/> and <paramref name="v"/> from element <paramref name="kvOffset"/>.</summary>

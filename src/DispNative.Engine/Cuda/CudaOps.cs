@@ -86,6 +86,58 @@ public sealed class CudaOps(CudaDevice device)
         Device.LaunchGemv($"gemv_swiglu_{CudaDevice.Suffix(x.DType)}", n, k, null, x, wGate, wUp, output, n, k);
     }
 
+    /// <summary>Decode's attention input side: the gather-RMSNorm of the f32 residual row <paramref name="x"/> (gamma,
+    /// idx: as <see cref="GatherRmsNorm"/>, into k channels) and the q/k/v GEMVs of it (<see cref="GemvQkv"/>), either
+    /// in one launch (gemv.cu's gemv_norm_qkv: every block normalizes the row into shared memory) or as the two launches
+    /// through <paramref name="h"/>, per <see cref="CudaDevice.FuseDecodeNorms"/>; bit for bit the same outputs.
+    /// <paramref name="h"/> holds the normalized row only after the two launches.</summary>
+    public void NormGemvQkv(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, int d, float eps, DeviceTensor h,
+        DeviceTensor wq, DeviceTensor yq, int nq, DeviceTensor wk, DeviceTensor yk, int nk, DeviceTensor wv, DeviceTensor yv, int nv, int k)
+    {
+        void Separate() { GatherRmsNorm(x, gamma, idx, h, 1, d, eps, k); GemvQkv(h, wq, yq, nq, wk, yk, nk, wv, yv, nv, k); }
+        if (FusedNormShared(x, idx, h, d, k) is not uint smem) { Separate(); return; }
+        NeedGemv(h, wq, k); NeedGemv(h, wk, k); NeedGemv(h, wv, k);
+        Need(wq, (long)nq * k, "q weight"); Need(wk, (long)nk * k, "k weight"); Need(wv, (long)nv * k, "v weight");
+        Need(yq, nq, "q"); Need(yk, nk, "k"); Need(yv, nv, "v");
+        string name = $"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}";
+        int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
+        Device.FusedOrSeparate($"{name},{nq + nk + nv},{k},{d}", (long)(nq + nk + nv) * k,
+            () => Device.LaunchPersistentGemv($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}", nq + nk + nv, k, smem,
+                x, gamma, idx, d, width, normThreads, eps, wq, yq, nq, wk, yk, nk, wv, yv, nv, k),
+            Separate);
+    }
+
+    /// <summary>Decode's MLP input side: the gather-RMSNorm of <paramref name="x"/> and <see cref="GemvSwiGlu"/> of it, in
+    /// one launch or two, as <see cref="NormGemvQkv"/>.</summary>
+    public void NormGemvSwiGlu(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, int d, float eps, DeviceTensor h,
+        DeviceTensor wGate, DeviceTensor wUp, DeviceTensor output, int n, int k)
+    {
+        void Separate() { GatherRmsNorm(x, gamma, idx, h, 1, d, eps, k); GemvSwiGlu(h, wGate, wUp, output, n, k); }
+        if (FusedNormShared(x, idx, h, d, k) is not uint smem) { Separate(); return; }
+        NeedGemv(h, wGate, k); NeedGemv(h, wUp, k);
+        Need(wGate, (long)n * k, "gate weight"); Need(wUp, (long)n * k, "up weight"); Need(output, n, "swiglu output");
+        string name = $"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}";
+        int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
+        Device.FusedOrSeparate($"{name},{n},{k},{d}", 2L * n * k,
+            () => Device.LaunchPersistentGemv($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}", n, k, smem,
+                x, gamma, idx, d, width, normThreads, eps, wGate, wUp, output, n, k),
+            Separate);
+    }
+
+    /// <summary>Dynamic shared memory of a fused decode norm (the f32 row, idx, gamma then h; gemv.cu), or null where the
+    /// fused kernels do not apply: d not a multiple of 4, a row that is not f32, h not in a GEMV's reach, a width above k,
+    /// or more than <see cref="MaxFusedNormSharedBytes"/>.</summary>
+    private uint? FusedNormShared(DeviceTensor x, DeviceTensor? idx, DeviceTensor h, int d, int k)
+    {
+        if (d % 4 != 0 || x.DType != DType.F32 || (idx?.Length ?? d) > k || k % (16 / h.DType.Size()) != 0) return null;
+        Need(x, d, "norm input");
+        long bytes = 4L * d + (idx != null ? 4L * k : 0) + (long)k * h.DType.Size();
+        return bytes <= MaxFusedNormSharedBytes ? (uint)bytes : null;
+    }
+
+    /// <summary>The most shared memory a fused decode norm takes (d 8192 with k 8192 in bf16: 80 KiB).</summary>
+    public const int MaxFusedNormSharedBytes = 96 << 10;
+
     /// <summary>Decode's write-back in one pass: residual[idx[j]] += x·w[j] for j &lt; idx.Length (idx null: every
     /// channel of the d-wide residual) - the GEMM and <see cref="IndexAdd"/> fused. Needs <see cref="CudaDevice.GemvApplies"/>.</summary>
     public void GemvIndexAdd(DeviceTensor x, DeviceTensor w, DeviceTensor residual, DeviceTensor? idx, int d, int k)

@@ -128,6 +128,11 @@ public static class SelfTest
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
+            new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
+                "two launches vs CPU, fused the same bits at every unroll, with grids of 1, 3 and the engine's blocks, and tuned",
+                dev => FusedDecodeNorms(dev, DType.BF16, [(4096, 2651), (96, null)])),
+            new("decode norm fused into the GEMVs, f32: 600 of 1000 channels (norm block 256, 250 row loads), dense 2048 (block 512)",
+                dev => FusedDecodeNorms(dev, DType.F32, [(1000, 600), (2048, null)])),
             new("forward dense f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
             new("forward DISP-pruned f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: true)),
@@ -407,7 +412,7 @@ public static class SelfTest
                 }
                 foreach (int u in CudaDevice.GemvUnrolls.Skip(1)) { dev.GemvUnroll = u; Same(Run(), $"unroll {u}"); }
                 dev.GemvUnroll = null;
-                dev.ForgetGemvUnrolls();
+                dev.ForgetGemvChoices();
                 int timed = dev.GemvShapesTimed;
                 Same(Run(), "tuned first call");
                 if (dev.GemvShapesTimed - timed != 4) throw new Mismatch($"K {k}: {dev.GemvShapesTimed - timed} shapes timed, meant 4");
@@ -415,6 +420,98 @@ public static class SelfTest
             return string.Join("; ", report) + "; unrolls identical";
         }
         finally { dev.GemvUnroll = forced; dev.MinTunedGemvElements = minTuned; }
+    }
+
+    /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
+    /// against the CPU's gather-norm and products, then the fused kernels (each block normalizing the row itself) for
+    /// every unroll and with the grid capped at 1 and 3 blocks (every warp several rows) and the engine's: the same bits;
+    /// then the timed choice (which runs both forms) too. Each case: the row width d and the selected channels (null:
+    /// dense), stored padded to 8.</summary>
+    private static string FusedDecodeNorms(CudaDevice dev, DType dtype, (int D, int? Width)[] cases)
+    {
+        const int nq = 40, nkv = 24, mid = 50;
+        const float eps = 1e-5f;
+        double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
+        var ops = new CudaOps(dev);
+        bool? fuse = dev.FuseDecodeNorms;
+        int? unroll = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
+        long minTuned = dev.MinTunedGemvElements;
+        var report = new List<string>();
+        try
+        {
+            foreach (var (d, width) in cases)
+            {
+                var rng = new Rng(41);
+                int[]? idx = width is int w ? Subset(rng, d, w) : null;
+                int k = idx == null ? d : CudaOps.Padded(idx.Length);
+                var x = Random(rng, d, 2);
+                var gamma = RoundTo(dtype, Random(rng, d));
+                float[] Weights(int rows) => RoundTo(dtype, Random(rng, rows * k));
+                var (wq, wk, wv, wg, wu) = (Weights(nq), Weights(nkv), Weights(nkv), Weights(mid), Weights(mid));
+                using var tx = dev.Upload(x); using var tg = dev.Upload(gamma, dtype);
+                using var ti = idx == null ? null : dev.Upload(idx);
+                using var th = dev.Allocate(dtype, k);
+                using var twq = dev.Upload(wq, dtype); using var twk = dev.Upload(wk, dtype); using var twv = dev.Upload(wv, dtype);
+                using var twg = dev.Upload(wg, dtype); using var twu = dev.Upload(wu, dtype);
+                float[] Run(DeviceTensor tx)
+                {
+                    using var yq = dev.Allocate(dtype, nq); using var yk = dev.Allocate(dtype, nkv); using var yv = dev.Allocate(dtype, nkv);
+                    using var act = dev.Allocate(dtype, mid);
+                    ops.NormGemvQkv(tx, tg, ti, d, eps, th, twq, yq, nq, twk, yk, nkv, twv, yv, nkv, k);
+                    ops.NormGemvSwiGlu(tx, tg, ti, d, eps, th, twg, twu, act, mid, k);
+                    return [.. dev.Download(yq), .. dev.Download(yk), .. dev.Download(yv), .. dev.Download(act)];
+                }
+                dev.FuseDecodeNorms = false;
+                dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
+                var want = Run(tx);
+                // CPU: the gather-norm rounded to the storage type, zero-padded to k, then the products.
+                var h = new float[k];
+                var normed = new float[idx?.Length ?? d];
+                if (idx == null) CpuOps.RmsNorm(x, gamma, normed, 1, d, eps);
+                else CpuOps.GatherRmsNorm(x, gamma, idx, normed, 1, d, eps);
+                Array.Copy(RoundTo(dtype, normed), h, normed.Length);
+                float[] Times(float[] wt, int rows) { var y = new float[rows]; Cpu.Gemm.MatMulT(h, wt, y, 1, rows, k); return y; }
+                var swiglu = Times(wg, mid);
+                CpuOps.SiluMul(swiglu, Times(wu, mid), mid);
+                report.Add($"d {d}{(idx == null ? " dense" : $", {idx.Length} kept")}: " +
+                           Compare(want, [.. Times(wq, nq), .. Times(wk, nkv), .. Times(wv, nkv), .. swiglu], tol));
+                void Same(float[] got, string what)
+                {
+                    int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                    if (diff >= 0) throw new Mismatch($"d {d}, {what}: output {diff} is {got[diff]}, the two launches give {want[diff]}");
+                }
+                dev.FuseDecodeNorms = true;
+                foreach (int? limit in new int?[] { 1, 3, null })
+                    foreach (int u in CudaDevice.GemvUnrolls)
+                    {
+                        (dev.PersistentGridLimit, dev.GemvUnroll) = (limit, u);
+                        Same(Run(tx), $"fused, unroll {u}, grid {(limit is int l ? $"capped at {l}" : "the engine's")}");
+                    }
+                // More rows of wide dynamic range: their sums of squares round differently in any other order, and in f32
+                // a scale one ulp off changes the outputs.
+                for (int extra = 0; extra < 6; extra++)
+                {
+                    using var wide = dev.Upload(Random(rng, d).Select(v => v * MathF.Pow(10, 3 * v)).ToArray());
+                    (dev.FuseDecodeNorms, dev.PersistentGridLimit, dev.GemvUnroll) = (false, gridLimit, CudaDevice.GemvUnrolls[0]);
+                    var separate = Run(wide);
+                    dev.FuseDecodeNorms = true;
+                    var fused = Run(wide);
+                    int diff = Enumerable.Range(0, fused.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(fused[i]) != BitConverter.SingleToInt32Bits(separate[i]), -1);
+                    if (diff >= 0) throw new Mismatch($"d {d}, fused, row {extra + 2}: output {diff} is {fused[diff]}, the two launches give {separate[diff]}");
+                }
+                (dev.FuseDecodeNorms, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (null, null, gridLimit, 0);
+                dev.ForgetGemvChoices();
+                Same(Run(tx), "timed choice");
+                if (dev.DecodeNormFusionChoices.Count != 2) throw new Mismatch($"d {d}: {dev.DecodeNormFusionChoices.Count} fusion choices recorded, meant 2");
+                report[^1] += $", chosen: {string.Join(", ", dev.DecodeNormFusionChoices.Select(c => $"{c.Key.Split(',')[0]} {(c.Value ? "fused" : "two launches")}"))}";
+            }
+            return string.Join("; ", report) + "; fused identical";
+        }
+        finally
+        {
+            (dev.FuseDecodeNorms, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (fuse, unroll, gridLimit, minTuned);
+            dev.ForgetGemvChoices();
+        }
     }
 
     /// <summary>With <paramref name="padded"/> the output rows are <see cref="CudaOps.Padded"/> apart and the padding,
@@ -1059,7 +1156,7 @@ public static class SelfTest
         {
             gpu.UseProgrammaticLaunch = programmatic;
             gpu.UseCudaGraphs = graphs;
-            dev.ForgetGemvUnrolls();   // each run's first decode step times the GEMV unrolls (saving and restoring the residual) in its own launch mode
+            dev.ForgetGemvChoices();   // each run's first decode step times the GEMV unrolls (saving and restoring the residual) in its own launch mode
             using var cache = gpu.NewCache(prompt.Length + steps.Length);
             var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
             foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));

@@ -1118,6 +1118,15 @@ EXPORT int cuFuncSetAttribute(void* f, int attribute, int value)
     ((Function*)f)->max_dynamic_shared = (unsigned)value;
     return 0;
 }
+// Blocks run one at a time here: as many as sm_90's 2048 threads and 227 KiB of shared memory would hold.
+EXPORT int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* f, int block_size, size_t dynamic_shared)
+{
+    if (!blocks || !f || block_size <= 0 || block_size > 1024) return 1;
+    int n = 2048 / block_size;
+    if (dynamic_shared > 0) n = std::min<long>(n, 232448 / (long)dynamic_shared);
+    *blocks = std::min(n, 32);
+    return 0;
+}
 EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
     void* stream, void** params, void** extra)
 {
