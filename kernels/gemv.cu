@@ -134,9 +134,10 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
 
 // Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu): every block normalizes
 // the f32 residual row x into shared memory itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to
-// k - and its warps then stream weight rows against h, several rows each (the grid is at most what the GPU holds at
-// once, so each resident block reads and normalizes the row once). No launch of the norm, no h written to memory
-// and read back; before the grid-dependency wait a block loads its first weight rows and the norm's idx and gamma.
+// k - and its warps then stream weight rows against h, several rows each (a grid of at most two resident blocks per
+// SM, CudaDevice.PersistentBlocksPerSM, so the row is normalized that many times). No launch of the norm, no h
+// written to memory and read back; before the grid-dependency wait a block loads its first weight rows and the
+// norm's idx and gamma.
 // The arithmetic repeats rmsnorm_gather's as the engine launches it with norm_threads threads: each of those
 // threads' sums in its order (stream_row), reduced as block_sum does, the same rms_scale and norm_affine - so h, and
 // with it every output, is bit for bit what the two launches give.
