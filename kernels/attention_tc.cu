@@ -59,6 +59,19 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row)
         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_address(row)));
 }
 
+// 2^x with the hardware's ex2.approx.ftz: the instruction exp2f also uses, without the scaling it wraps around it for
+// results below 2^-126 (which flush to zero here: a probability that small is zero in the output's 16-bit type and
+// in the row's f32 sum). One instruction per score instead of four in the softmax, the attention kernel's only
+// non-tensor-core work. EXACT: exp2f itself (the KernelBench baseline).
+template <bool EXACT>
+__device__ __forceinline__ float exp2_scores(float x)
+{
+    if (EXACT) return exp2f(x);
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float quad_max(float v)
 {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -113,7 +126,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[N / 8][4], int distance_g
 // multiplies per thread are skipped. m + log2(l) is the same log-sum-exp either way. Once a causal row's maximum
 // settles, most tiles skip the rescale (the trick FlashAttention-4 uses).
 #define LAZY_MARGIN 8.f
-template <typename T, int N, int D, bool LAZY>
+template <typename T, int N, int D, bool LAZY, bool EXACT_EXP = false>
 __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2], float (&l)[2], float (&o)[D / 8][4],
     unsigned (&pf)[N / 16][4], float scale_log2)
 {
@@ -131,14 +144,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
 #pragma unroll
     for (int n = 0; n < N / 8; n++)
     {
-        s[n][0] = exp2f(fmaf(s[n][0], scale_log2, -base0)); s[n][1] = exp2f(fmaf(s[n][1], scale_log2, -base0));
-        s[n][2] = exp2f(fmaf(s[n][2], scale_log2, -base1)); s[n][3] = exp2f(fmaf(s[n][3], scale_log2, -base1));
+        s[n][0] = exp2_scores<EXACT_EXP>(fmaf(s[n][0], scale_log2, -base0)); s[n][1] = exp2_scores<EXACT_EXP>(fmaf(s[n][1], scale_log2, -base0));
+        s[n][2] = exp2_scores<EXACT_EXP>(fmaf(s[n][2], scale_log2, -base1)); s[n][3] = exp2_scores<EXACT_EXP>(fmaf(s[n][3], scale_log2, -base1));
         sum0 += s[n][0] + s[n][1];
         sum1 += s[n][2] + s[n][3];
     }
     if (rescale)
     {
-        float corr0 = exp2f(m[0] - base0), corr1 = exp2f(m[1] - base1);
+        float corr0 = exp2_scores<EXACT_EXP>(m[0] - base0), corr1 = exp2_scores<EXACT_EXP>(m[1] - base1);
         l[0] = l[0] * corr0 + sum0;
         l[1] = l[1] * corr1 + sum1;
         m[0] = mx0; m[1] = mx1;
@@ -311,8 +324,8 @@ ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)
 #define FA_KEYS(D) ((D) > 64 ? 32 : 64)   // keys per tile (CudaOps.WidePrefillSharedBytes mirrors it)
 #define FA_STAGES 2                        // the engine's (CudaOps.WidePrefillStages mirrors it)
 
-// FA_N: keys per tile; LAZY: see softmax_tile; STAGES: buffers per K and V tile
-template <typename T, int D, int FA_N, bool LAZY, int STAGES>
+// FA_N: keys per tile; LAZY: see softmax_tile; STAGES: buffers per K and V tile; EXACT_EXP: see exp2_scores
+template <typename T, int D, int FA_N, bool LAZY, int STAGES, bool EXACT_EXP = false>
 __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
@@ -426,7 +439,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
             for (int i = 0; i < 2; i++)
             {
                 if (!interior) mask_scores<FA_N>(s[i], pos_g + 16 * i - tile, span);
-                softmax_tile<T, FA_N, D, LAZY>(s[i], m[i], l[i], o[i], pf[i], scale_log2);
+                softmax_tile<T, FA_N, D, LAZY, EXACT_EXP>(s[i], m[i], l[i], o[i], pf[i], scale_log2);
             }
         }
 
@@ -473,10 +486,13 @@ ATTENTION_FA(bf16, bf16, 64) ATTENTION_FA(bf16, bf16, 128)
 ATTENTION_FA(f16, f16, 64) ATTENTION_FA(f16, f16, 128)
 
 // KernelBench's baselines, each one change away from the engine's: the output rescaled on every key tile; single
-// K and V buffers with four barriers per tile.
+// K and V buffers with four barriers per tile; exp2f for the probabilities.
 extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_rescale_always128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 { attention_prefill_fa<bf16, 128, FA_KEYS(128), false, FA_STAGES>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_single_buffer128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 { attention_prefill_fa<bf16, 128, FA_KEYS(128), true, 1>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_exact_exp128_bf16(const bf16* q, const bf16* kc,
+    const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
+{ attention_prefill_fa<bf16, 128, FA_KEYS(128), true, FA_STAGES, true>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }

@@ -329,14 +329,17 @@ public sealed class CudaOps(CudaDevice device)
                 Device.Launch("attention_tc", $"attention_prefill_fa{headDim}_{s}", ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1),
                     (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
-            case PrefillKernel.TensorCores32RowsRescaleEveryTile or PrefillKernel.TensorCores32RowsSingleBuffer:
+            case PrefillKernel.TensorCores32RowsRescaleEveryTile or PrefillKernel.TensorCores32RowsSingleBuffer or PrefillKernel.TensorCores32RowsExactExp:
                 if (q.DType != DType.BF16 || headDim != 128) throw new ArgumentException($"{kernel} is built for bf16 with head_dim 128 only");
                 var grid = ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1u);
                 if (kernel == PrefillKernel.TensorCores32RowsRescaleEveryTile)
                     Device.Launch("attention_tc", "attention_prefill_fa_rescale_always128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
-                else
+                else if (kernel == PrefillKernel.TensorCores32RowsSingleBuffer)
                     Device.Launch("attention_tc", "attention_prefill_fa_single_buffer128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim, stages: 1),
+                        q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                else
+                    Device.Launch("attention_tc", "attention_prefill_fa_exact_exp128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
             case PrefillKernel.TensorCores16Rows:
@@ -732,4 +735,6 @@ public enum PrefillKernel
     TensorCores32RowsRescaleEveryTile,
     /// <summary>The same with single K and V buffers and four barriers per tile (KernelBench's baseline; bf16, head_dim 128).</summary>
     TensorCores32RowsSingleBuffer,
+    /// <summary>The same with exp2f for the probabilities instead of the bare ex2.approx.ftz (KernelBench's baseline; bf16, head_dim 128).</summary>
+    TensorCores32RowsExactExp,
 }

@@ -91,6 +91,8 @@ public static class SelfTest
                 dev => Attention(dev, 300, 30, 2, 1, 128, null, DType.BF16, PrefillKernel.TensorCores32RowsRescaleEveryTile, keyGrowth: 1f / 32)),
             new("attention prefill bf16 32 rows/warp, single K/V buffers (KernelBench's baseline; t 300 after 30, window 100)",
                 dev => Attention(dev, 300, 30, 2, 1, 128, 100, DType.BF16, PrefillKernel.TensorCores32RowsSingleBuffer)),
+            new("attention prefill bf16 32 rows/warp, exp2f for the probabilities (KernelBench's baseline; t 300 after 30, keys growing)",
+                dev => Attention(dev, 300, 30, 2, 1, 128, null, DType.BF16, PrefillKernel.TensorCores32RowsExactExp, keyGrowth: 1f / 32)),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),

@@ -183,6 +183,13 @@ inline void emu_cp_async_wait(unsigned pending)
     }
     s.copies.resize(kept);
 }
+// ex2.approx.ftz.f32: 2^x with results below the smallest normal flushed to zero (the host's exp2f is at least as
+// accurate as the hardware's approximation; the self-test compares with tolerances).
+inline float emu_ex2_ftz(float x)
+{
+    float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.f : y;
+}
 inline void emu_mma_m16n8k16(int kind, float* c0, float* c1, float* c2, float* c3, unsigned a0, unsigned a1, unsigned a2,
     unsigned a3, unsigned b0, unsigned b1)
 {
