@@ -61,8 +61,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row)
 
 // 2^x with the hardware's ex2.approx.ftz: the instruction exp2f also uses, without the scaling it wraps around it for
 // results below 2^-126 (which flush to zero here: a probability that small is zero in the output's 16-bit type and
-// in the row's f32 sum). One instruction per score instead of four in the softmax, the attention kernel's only
-// non-tensor-core work. EXACT: exp2f itself (the KernelBench baseline).
+// in the row's f32 sum). One instruction per score in the softmax, the attention kernel's only non-tensor-core
+// work, where ptxas expands the non-ftz form with a range check and two predicated multiplies. EXACT: exp2f itself
+// (the KernelBench baseline, which times the two).
 template <bool EXACT>
 __device__ __forceinline__ float exp2_scores(float x)
 {
