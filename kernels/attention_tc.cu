@@ -26,8 +26,24 @@ __device__ __forceinline__ void cp_async_wait_all_but_one() { asm volatile("cp.a
 // Waits until every committed group has landed.
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
-// Two f32 values as one register of two 16-bit elements, the lower column in the low half.
-template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, float hi)
+// Two f32 values as one register of two 16-bit elements, the lower column in the low half, rounded to nearest even
+// by the pair conversion (one instruction per pair; sm_80+, as the bf16 mma).
+template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack_pair<bf16>(float lo, float hi)
+{
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ unsigned pack_pair<f16>(float lo, float hi)
+{
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// The same, each value rounded by common.cuh's from_f32 (for bf16 a handful of integer instructions per value): the
+// same bits for every value but NaN. The former softmax's, kept for KernelBench's baseline.
+template <typename T> __device__ __forceinline__ unsigned pack_each(float lo, float hi)
 {
     return (unsigned)from_f32<T>(lo).bits | ((unsigned)from_f32<T>(hi).bits << 16);
 }
@@ -62,12 +78,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row)
 // 2^x with the hardware's ex2.approx.ftz: the instruction exp2f also uses, without the scaling it wraps around it for
 // results below 2^-126 (which flush to zero here: a probability that small is zero in the output's 16-bit type and
 // in the row's f32 sum). One instruction per score in the softmax, the attention kernel's only non-tensor-core
-// work, where ptxas expands the non-ftz form with a range check and two predicated multiplies. EXACT: exp2f itself
-// (the KernelBench baseline, which times the two).
-template <bool EXACT>
+// work, where ptxas expands the non-ftz form with a range check and two predicated multiplies. BASELINE: exp2f
+// itself (the former softmax, KernelBench's baseline, which times the two).
+template <bool BASELINE>
 __device__ __forceinline__ float exp2_scores(float x)
 {
-    if (EXACT) return exp2f(x);
+    if (BASELINE) return exp2f(x);
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
@@ -127,7 +143,8 @@ __device__ __forceinline__ void mask_scores(float (&s)[N / 8][4], int distance_g
 // multiplies per thread are skipped. m + log2(l) is the same log-sum-exp either way. Once a causal row's maximum
 // settles, most tiles skip the rescale (the trick FlashAttention-4 uses).
 #define LAZY_MARGIN 8.f
-template <typename T, int N, int D, bool LAZY, bool EXACT_EXP = false>
+// BASELINE_SOFTMAX: exp2f and probabilities rounded one at a time (exp2_scores, pack_each), KernelBench's baseline.
+template <typename T, int N, int D, bool LAZY, bool BASELINE_SOFTMAX = false>
 __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2], float (&l)[2], float (&o)[D / 8][4],
     unsigned (&pf)[N / 16][4], float scale_log2)
 {
@@ -145,14 +162,14 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
 #pragma unroll
     for (int n = 0; n < N / 8; n++)
     {
-        s[n][0] = exp2_scores<EXACT_EXP>(fmaf(s[n][0], scale_log2, -base0)); s[n][1] = exp2_scores<EXACT_EXP>(fmaf(s[n][1], scale_log2, -base0));
-        s[n][2] = exp2_scores<EXACT_EXP>(fmaf(s[n][2], scale_log2, -base1)); s[n][3] = exp2_scores<EXACT_EXP>(fmaf(s[n][3], scale_log2, -base1));
+        s[n][0] = exp2_scores<BASELINE_SOFTMAX>(fmaf(s[n][0], scale_log2, -base0)); s[n][1] = exp2_scores<BASELINE_SOFTMAX>(fmaf(s[n][1], scale_log2, -base0));
+        s[n][2] = exp2_scores<BASELINE_SOFTMAX>(fmaf(s[n][2], scale_log2, -base1)); s[n][3] = exp2_scores<BASELINE_SOFTMAX>(fmaf(s[n][3], scale_log2, -base1));
         sum0 += s[n][0] + s[n][1];
         sum1 += s[n][2] + s[n][3];
     }
     if (rescale)
     {
-        float corr0 = exp2_scores<EXACT_EXP>(m[0] - base0), corr1 = exp2_scores<EXACT_EXP>(m[1] - base1);
+        float corr0 = exp2_scores<BASELINE_SOFTMAX>(m[0] - base0), corr1 = exp2_scores<BASELINE_SOFTMAX>(m[1] - base1);
         l[0] = l[0] * corr0 + sum0;
         l[1] = l[1] * corr1 + sum1;
         m[0] = mx0; m[1] = mx1;
@@ -163,10 +180,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[N / 8][4], float (&m)[2]
 #pragma unroll
     for (int k = 0; k < N / 16; k++)
     {
-        pf[k][0] = pack_pair<T>(s[2 * k][0], s[2 * k][1]);
-        pf[k][1] = pack_pair<T>(s[2 * k][2], s[2 * k][3]);
-        pf[k][2] = pack_pair<T>(s[2 * k + 1][0], s[2 * k + 1][1]);
-        pf[k][3] = pack_pair<T>(s[2 * k + 1][2], s[2 * k + 1][3]);
+        auto pack = [](float lo, float hi) { return BASELINE_SOFTMAX ? pack_each<T>(lo, hi) : pack_pair<T>(lo, hi); };
+        pf[k][0] = pack(s[2 * k][0], s[2 * k][1]);
+        pf[k][1] = pack(s[2 * k][2], s[2 * k][3]);
+        pf[k][2] = pack(s[2 * k + 1][0], s[2 * k + 1][1]);
+        pf[k][3] = pack(s[2 * k + 1][2], s[2 * k + 1][3]);
     }
 }
 
@@ -325,8 +343,8 @@ ATTENTION_TC(f16, f16, 64) ATTENTION_TC(f16, f16, 128)
 #define FA_KEYS(D) ((D) > 64 ? 32 : 64)   // keys per tile (CudaOps.WidePrefillSharedBytes mirrors it)
 #define FA_STAGES 2                        // the engine's (CudaOps.WidePrefillStages mirrors it)
 
-// FA_N: keys per tile; LAZY: see softmax_tile; STAGES: buffers per K and V tile; EXACT_EXP: see exp2_scores
-template <typename T, int D, int FA_N, bool LAZY, int STAGES, bool EXACT_EXP = false>
+// FA_N: keys per tile; LAZY, BASELINE_SOFTMAX: see softmax_tile; STAGES: buffers per K and V tile
+template <typename T, int D, int FA_N, bool LAZY, int STAGES, bool BASELINE_SOFTMAX = false>
 __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
@@ -440,7 +458,7 @@ __device__ __forceinline__ void attention_prefill_fa(const T* __restrict__ q, co
             for (int i = 0; i < 2; i++)
             {
                 if (!interior) mask_scores<FA_N>(s[i], pos_g + 16 * i - tile, span);
-                softmax_tile<T, FA_N, D, LAZY, EXACT_EXP>(s[i], m[i], l[i], o[i], pf[i], scale_log2);
+                softmax_tile<T, FA_N, D, LAZY, BASELINE_SOFTMAX>(s[i], m[i], l[i], o[i], pf[i], scale_log2);
             }
         }
 
@@ -487,13 +505,13 @@ ATTENTION_FA(bf16, bf16, 64) ATTENTION_FA(bf16, bf16, 128)
 ATTENTION_FA(f16, f16, 64) ATTENTION_FA(f16, f16, 128)
 
 // KernelBench's baselines, each one change away from the engine's: the output rescaled on every key tile; single
-// K and V buffers with four barriers per tile; exp2f for the probabilities.
+// K and V buffers with four barriers per tile; the former softmax (exp2f, probabilities rounded one at a time).
 extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_rescale_always128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 { attention_prefill_fa<bf16, 128, FA_KEYS(128), false, FA_STAGES>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_single_buffer128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 { attention_prefill_fa<bf16, 128, FA_KEYS(128), true, 1>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
-extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_exact_exp128_bf16(const bf16* q, const bf16* kc,
+extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa_baseline_softmax128_bf16(const bf16* q, const bf16* kc,
     const bf16* vc, bf16* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 { attention_prefill_fa<bf16, 128, FA_KEYS(128), true, FA_STAGES, true>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }

@@ -329,7 +329,7 @@ public sealed class CudaOps(CudaDevice device)
                 Device.Launch("attention_tc", $"attention_prefill_fa{headDim}_{s}", ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1),
                     (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
-            case PrefillKernel.TensorCores32RowsRescaleEveryTile or PrefillKernel.TensorCores32RowsSingleBuffer or PrefillKernel.TensorCores32RowsExactExp:
+            case PrefillKernel.TensorCores32RowsRescaleEveryTile or PrefillKernel.TensorCores32RowsSingleBuffer or PrefillKernel.TensorCores32RowsBaselineSoftmax:
                 if (q.DType != DType.BF16 || headDim != 128) throw new ArgumentException($"{kernel} is built for bf16 with head_dim 128 only");
                 var grid = ((uint)((tq + WideRows - 1) / WideRows), (uint)heads, 1u);
                 if (kernel == PrefillKernel.TensorCores32RowsRescaleEveryTile)
@@ -339,7 +339,7 @@ public sealed class CudaOps(CudaDevice device)
                     Device.Launch("attention_tc", "attention_prefill_fa_single_buffer128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim, stages: 1),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 else
-                    Device.Launch("attention_tc", "attention_prefill_fa_exact_exp128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
+                    Device.Launch("attention_tc", "attention_prefill_fa_baseline_softmax128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
             case PrefillKernel.TensorCores16Rows:
@@ -735,6 +735,7 @@ public enum PrefillKernel
     TensorCores32RowsRescaleEveryTile,
     /// <summary>The same with single K and V buffers and four barriers per tile (KernelBench's baseline; bf16, head_dim 128).</summary>
     TensorCores32RowsSingleBuffer,
-    /// <summary>The same with exp2f for the probabilities instead of the bare ex2.approx.ftz (KernelBench's baseline; bf16, head_dim 128).</summary>
-    TensorCores32RowsExactExp,
+    /// <summary>The same with the former softmax: exp2f instead of the bare ex2.approx.ftz, probabilities rounded to 16 bits one at a
+    /// time instead of in pairs (KernelBench's baseline; bf16, head_dim 128).</summary>
+    TensorCores32RowsBaselineSoftmax,
 }

@@ -779,6 +779,8 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
         if (text.find_first_not_of(" \t\n") == std::string::npos) call = "((void)0)";
         else if (has("cvt.f32.f16") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_h2f(" + in[0] + ")";
         else if (has("cvt.rn.f16.f32") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_f2h(" + in[0] + ")";
+        else if (has("cvt.rn.bf16x2.f32") && o.size() == 1 && in.size() == 2) call = "(" + o[0] + ") = emu_cvt_bf16x2(" + in[0] + ", " + in[1] + ")";
+        else if (has("cvt.rn.f16x2.f32") && o.size() == 1 && in.size() == 2) call = "(" + o[0] + ") = emu_cvt_f16x2(" + in[0] + ", " + in[1] + ")";
         else if (has("ex2.approx.ftz.f32") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_ex2_ftz(" + in[0] + ")";
         else if (has("cp.async.cg.shared.global") && in.size() == 3) call = "emu_cp_async16(" + in[0] + ", " + in[1] + ", " + in[2] + ")";
         else if (has("cp.async.commit_group")) call = "emu_cp_async_commit()";

@@ -183,6 +183,17 @@ inline void emu_cp_async_wait(unsigned pending)
     }
     s.copies.resize(kept);
 }
+// cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 d, hi, lo: both rounded to nearest even, hi in the upper half. The bf16 NaN is
+// the hardware's canonical 0x7fff.
+inline unsigned emu_bf16_rn(float v)
+{
+    unsigned u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+inline unsigned emu_cvt_bf16x2(float hi, float lo) { return (emu_bf16_rn(hi) << 16) | emu_bf16_rn(lo); }
+inline unsigned emu_cvt_f16x2(float hi, float lo) { return ((unsigned)emu_f2h(hi) << 16) | (unsigned)emu_f2h(lo); }
 // ex2.approx.ftz.f32: 2^x with results below the smallest normal flushed to zero (the host's exp2f is at least as
 // accurate as the hardware's approximation; the self-test compares with tolerances).
 inline float emu_ex2_ftz(float x)
