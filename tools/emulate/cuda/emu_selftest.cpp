@@ -156,6 +156,26 @@ extern "C" __global__ void stale_dynamic(float* y)
 }
 )";
 
+// The attention kernel's softmax instructions: pair conversions (first operand in the upper half, round to nearest
+// even) and ex2.approx.ftz (results below the smallest normal flushed).
+const char* kConversions = R"(
+extern "C" __global__ void convert(const float* x, unsigned* y)
+{
+    unsigned r;
+    float e;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x[0]), "f"(x[1]));
+    y[0] = r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x[0]), "f"(x[1]));
+    y[1] = r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x[2]));
+    y[2] = __float_as_uint(e);
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x[3]));
+    y[3] = __float_as_uint(e);
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x[4]), "f"(x[5]));
+    y[4] = r;
+}
+)";
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -229,6 +249,19 @@ int main(int argc, char** argv)
         int right = 0;
         for (float v : out) right += v == 31.f;
         report(rc == 0 && right == 32, "warp votes: ballot, any, all", std::to_string(right) + " of 32 lanes got every vote right");
+    }
+    {
+        // 1 + 2^-8 is a bf16 tie (to 1.0, the even neighbour) and exact in f16; 2^-130 is below f32's normals.
+        uint64_t in = upload({1.00390625f, 3.f, -130.f, 3.f, 1.01171875f, NAN});
+        int rc = run(function(kConversions, "convert"), 1, 1, 0, {&in, &y});
+        auto out = download(y, 5);
+        unsigned u[5];
+        memcpy(u, out.data(), sizeof u);
+        bool ok = rc == 0 && u[0] == 0x3f804040u && u[1] == 0x3c044200u && u[2] == 0u && u[3] == 0x41000000u && u[4] == 0x3f827fffu;
+        char detail[160];
+        snprintf(detail, sizeof detail, "bf16x2 %08x, f16x2 %08x, ex2(-130) %08x, ex2(3) %08x, bf16x2 of 1+3*2^-8 and NaN %08x", u[0], u[1], u[2], u[3], u[4]);
+        report(ok, "pair conversions round to nearest even, first operand high; ex2.approx.ftz flushes", detail);
+        cuMemFree(in);
     }
     for (const char* entry : {"stale_static", "stale_dynamic"})
     {
