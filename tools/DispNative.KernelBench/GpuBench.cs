@@ -261,44 +261,32 @@ internal static class GpuBench
         using (var yq = dev.Allocate(DType.BF16, QD))
         using (var yk = dev.Allocate(DType.BF16, KVD))
         using (var yv = dev.Allocate(DType.BF16, KVD))
-            Fused($"q/k/v GEMVs 1 x {QD}+{KVD}+{KVD} x {D}", 2.0 * (QD + 2 * KVD) * D,
-                () => { dev.Gemm(x, wq, yq, 1, QD, D); dev.Gemm(x, wk, yk, 1, KVD, D); dev.Gemm(x, wv, yv, 1, KVD, D); },
-                () => ops.GemvQkv(x, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, D));
-        using (var x = dev.Upload(Rand(D), DType.BF16))
         using (var wg = dev.Upload(Rand((long)Ffn * D), DType.BF16))
         using (var wu = dev.Upload(Rand((long)Ffn * D), DType.BF16))
         using (var g = dev.Allocate(DType.BF16, Ffn))
         using (var u = dev.Allocate(DType.BF16, Ffn))
+        using (var residual = dev.Upload(Rand(D)))
+        using (var idx = dev.Upload(Keep(D, 0.65).Take(w65).ToArray()))   // at most w65 rows: wo holds Padded(w65)
+        {
+            Fused($"q/k/v GEMVs 1 x {QD}+{KVD}+{KVD} x {D}", 2.0 * (QD + 2 * KVD) * D,
+                () => { dev.Gemm(x, wq, yq, 1, QD, D); dev.Gemm(x, wk, yk, 1, KVD, D); dev.Gemm(x, wv, yv, 1, KVD, D); },
+                () => ops.GemvQkv(x, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, D));
             Fused($"gate + up GEMVs + swiglu 1 x {Ffn} x {D}", 2.0 * 2 * Ffn * D,
                 () => { dev.Gemm(x, wg, g, 1, Ffn, D); dev.Gemm(x, wu, u, 1, Ffn, D); ops.SiluMul(g, u, g, Ffn); },
                 () => ops.GemvSwiGlu(x, wg, wu, g, Ffn, D));
-        using (var att = dev.Upload(Rand(QD), DType.BF16))
-        using (var wo = dev.Upload(Rand((long)pw * QD), DType.BF16))
-        using (var idx = dev.Upload(Keep(D, 0.65).Take(w65).ToArray()))   // at most w65 rows: wo holds Padded(w65)
-        using (var residual = dev.Upload(Rand(D)))
-        using (var delta = dev.Allocate(DType.F32, pw))
-        {
-            int n = (int)idx.Length;
-            Fused($"o_proj GEMV + index-add {QD} -> {n} of {D} (pruned)", 2.0 * n * QD,
-                () => { dev.Gemm(att, wo, delta, 1, CudaOps.Padded(n), QD); ops.IndexAdd(residual, delta, idx, null, 1, D, inputStride: CudaOps.Padded(n)); },
-                () => ops.GemvIndexAdd(att, wo, residual, idx, D, QD));
-        }
-        // Decode's norm inside the GEMV that reads it (every block normalizes the row itself) against the norm's own
-        // launch before the GEMV; both launched programmatically, as a decode step runs them. Rates: weight bytes.
-        using (var residual = dev.Upload(Rand(D)))
-        using (var gamma = dev.Upload(Rand(D), DType.BF16))
-        using (var idx = dev.Upload(Keep(D, 0.65).Take(w65).ToArray()))
-        using (var h = dev.Allocate(DType.BF16, D))
-        using (var wq = dev.Upload(Rand((long)QD * D), DType.BF16))
-        using (var wk = dev.Upload(Rand((long)KVD * D), DType.BF16))
-        using (var wv = dev.Upload(Rand((long)KVD * D), DType.BF16))
-        using (var wg = dev.Upload(Rand((long)Ffn * D), DType.BF16))
-        using (var wu = dev.Upload(Rand((long)Ffn * D), DType.BF16))
-        using (var yq = dev.Allocate(DType.BF16, QD))
-        using (var yk = dev.Allocate(DType.BF16, KVD))
-        using (var yv = dev.Allocate(DType.BF16, KVD))
-        using (var act = dev.Allocate(DType.BF16, Ffn))
-        {
+            using (var att = dev.Upload(Rand(QD), DType.BF16))
+            using (var wo = dev.Upload(Rand((long)pw * QD), DType.BF16))
+            using (var delta = dev.Allocate(DType.F32, pw))
+            {
+                int n = (int)idx.Length;
+                Fused($"o_proj GEMV + index-add {QD} -> {n} of {D} (pruned)", 2.0 * n * QD,
+                    () => { dev.Gemm(att, wo, delta, 1, CudaOps.Padded(n), QD); ops.IndexAdd(residual, delta, idx, null, 1, D, inputStride: CudaOps.Padded(n)); },
+                    () => ops.GemvIndexAdd(att, wo, residual, idx, D, QD));
+            }
+            // Decode's norm inside the GEMV that reads it (every block normalizes the row itself) against the norm's own
+            // launch before the GEMV; both launched programmatically, as a decode step runs them. Rates: weight bytes.
+            using var gamma = dev.Upload(Rand(D), DType.BF16);
+            using var h = dev.Allocate(DType.BF16, D);
             dev.ProgrammaticLaunch = true;
             void NormFused(string name, double bytes, Action run)
             {
@@ -311,7 +299,7 @@ internal static class GpuBench
                 NormFused($"norm + q/k/v GEMVs 1 x {QD + 2 * KVD} x {k} ({site})", 2.0 * (QD + 2 * KVD) * k,
                     () => ops.NormGemvQkv(residual, gamma, sel, D, 1e-5f, h, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, k));
                 NormFused($"norm + gate/up GEMVs + swiglu 1 x {mid} x {k} ({site})", 2.0 * 2 * mid * k,
-                    () => ops.NormGemvSwiGlu(residual, gamma, sel, D, 1e-5f, h, wg, wu, act, mid, k));
+                    () => ops.NormGemvSwiGlu(residual, gamma, sel, D, 1e-5f, h, wg, wu, g, mid, k));
             }
             dev.ProgrammaticLaunch = false;
         }
