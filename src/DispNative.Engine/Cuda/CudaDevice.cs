@@ -341,8 +341,8 @@ public sealed unsafe class CudaDevice : IDisposable
     /// of weights in flight per SM, above what HBM's latency needs (about 25 KB per SM on an H100).</summary>
     public const int PersistentBlocksPerSM = 2;
 
-    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: resident blocks per SM × SMs): the self-test
-    /// uses a few blocks so that every warp takes several rows.</summary>
+    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: no cap below <see cref="PersistentBlocksPerSM"/>
+    /// per SM): the self-test uses a few blocks so that every warp takes several rows.</summary>
     internal int? PersistentGridLimit { get; set; }
 
     /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
