@@ -293,9 +293,11 @@ public class NvrtcTests
     }
 
     /// <summary>The largest block a kernel may be launched with (CudaOps): 128 threads for the tensor-core prefill and
-    /// the decode attention, which hold tiles in registers; any size up to 1024 for the rest.</summary>
+    /// the decode attention, which hold tiles in registers; the GEMV kernels' 256 (their deeper unrolls hold up to 16
+    /// loads of 16 bytes per lane); any size up to 1024 for the rest.</summary>
     private static int MaxBlockThreads(string entry) =>
-        entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_decode") ? 128 : 1024;
+        entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_decode") ? 128
+        : entry.StartsWith("gemv_") ? CudaDevice.GemvWarps * 32 : 1024;
 
     /// <summary>A spill turns register traffic into local-memory traffic inside the hot loops (the tensor-core attention
     /// sits at 238 of 255 registers). And a block whose threads need more than the SM's 65,536 registers does not
