@@ -148,7 +148,8 @@ internal static class InferenceBench
         string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
-                          $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value)} of {dev.DecodeNormFusionChoices.Count} shapes (CudaDevice.FuseDecodeNorms)");
+                          $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
+                          $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, model.LayerGemmParameters, model.DecodeWeightBytes) { Without = without };
     }
 

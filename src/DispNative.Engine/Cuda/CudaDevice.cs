@@ -328,30 +328,32 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <paramref name="rows"/> rows of length <paramref name="k"/>. <paramref name="accumulated"/>: the output bytes the
     /// kernel adds into (β ≠ 0, an index-add), which timing the unrolls would change: saved before and restored after.</summary>
     internal void LaunchGemv(string name, int rows, int k, (ulong Address, long Bytes)? accumulated, params ReadOnlySpan<KernelArg> args)
-        => LaunchGemv(new GemvLaunch(name, rows, k, accumulated, 0, false), args);
+        => LaunchGemv(new GemvLaunch(name, rows, k, accumulated, 0, 0), args);
 
     /// <summary>Launches a GEMV kernel whose warps loop over the rows (gemv.cu's fused decode norms): a grid of at most
-    /// <see cref="PersistentBlocksPerSM"/> resident blocks per SM (<see cref="PersistentGridLimit"/> lowers it), each
-    /// with <paramref name="sharedBytes"/> of dynamic shared memory; unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
-    internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
-        => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, true), args);
+    /// <paramref name="blocksPerSM"/> resident blocks per SM (<see cref="PersistentGridLimit"/> lowers it), each with
+    /// <paramref name="sharedBytes"/> of dynamic shared memory; unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
+    internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, int blocksPerSM, params ReadOnlySpan<KernelArg> args)
+        => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, blocksPerSM), args);
 
-    /// <summary>Blocks per SM of <see cref="LaunchPersistentGemv"/> (fewer where fewer fit): each block normalizes the
-    /// row once, so more blocks repeat that work, while 16 warps of 8 to 16 loads of 16 bytes per lane keep 64 KB or more
-    /// of weights in flight per SM, above what HBM's latency needs (about 25 KB per SM on an H100).</summary>
-    public const int PersistentBlocksPerSM = 2;
+    /// <summary>Blocks per SM that <see cref="LaunchPersistentGemv"/> is timed with (fewer where fewer fit); the first is
+    /// the default. Each block normalizes the row once, so more blocks repeat that work; 2 blocks of 8 warps with 8 to 16
+    /// loads of 16 bytes per lane keep 64 KB or more of weights in flight per SM, above what HBM's latency needs (about
+    /// 25 KB per SM on an H100), 4 twice that.</summary>
+    public static readonly IReadOnlyList<int> PersistentBlocksPerSM = [2, 4];
 
-    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: no cap below <see cref="PersistentBlocksPerSM"/>
-    /// per SM): the self-test uses a few blocks so that every warp takes several rows.</summary>
+    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: its blocks per SM alone): the self-test uses a
+    /// few blocks so that every warp takes several rows.</summary>
     internal int? PersistentGridLimit { get; set; }
 
     /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
-    /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls.</summary>
-    private readonly record struct GemvLaunch(string Name, int Rows, int K, (ulong Address, long Bytes)? Accumulated, uint SharedBytes, bool Persistent);
+    /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls; <c>BlocksPerSM</c>: 0 for a block
+    /// per 8 rows, else the persistent grid's.</summary>
+    private readonly record struct GemvLaunch(string Name, int Rows, int K, (ulong Address, long Bytes)? Accumulated, uint SharedBytes, int BlocksPerSM);
 
     private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM}";
         int unroll = GemvUnrolls[0];
         if (_gemvUnroll is int forced) unroll = forced;
         else if (_gemvUnrollByShape.TryGetValue(key, out int chosen)) unroll = chosen;
@@ -364,9 +366,9 @@ public sealed unsafe class CudaDevice : IDisposable
     {
         string entry = $"{g.Name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
         uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
-        if (g.Persistent)
+        if (g.BlocksPerSM > 0)
         {
-            long resident = (long)Math.Min(PersistentBlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
+            long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
             grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
         }
         Launch("gemv", entry, grid, threads, g.SharedBytes, args);
@@ -386,38 +388,45 @@ public sealed unsafe class CudaDevice : IDisposable
     private readonly Dictionary<string, int> _residentBlocks = [];
 
     /// <summary>Decode's norms fused into the GEMVs that read them (<see cref="CudaOps.NormGemvQkv"/>,
-    /// <see cref="CudaOps.NormGemvSwiGlu"/>): null (the default) times both forms on the first call of each shape of at
-    /// least <see cref="MinTunedGemvElements"/> weight elements outside graph capture and keeps the faster (smaller
-    /// shapes, mostly launch cost, fuse); true or false forces one. The two give the same bits, so the choice changes
-    /// only speed.</summary>
+    /// <see cref="CudaOps.NormGemvSwiGlu"/>): null (the default) times the two launches and the fused kernel at each of
+    /// <see cref="PersistentBlocksPerSM"/> on the first call of each shape of at least <see cref="MinTunedGemvElements"/>
+    /// weight elements outside graph capture and keeps the fastest (smaller shapes, mostly launch cost, fuse); true
+    /// forces the fused kernel at the first blocks per SM, false the two launches. All give the same bits, so the choice
+    /// changes only speed.</summary>
     public bool? FuseDecodeNorms { get; set; }
 
-    private readonly Dictionary<string, bool> _fuseNormByShape = [];
+    private readonly Dictionary<string, int> _fuseNormByShape = [];
 
-    /// <summary>The fused-or-not choice for each decode norm + GEMV shape so far (key: the fused kernel, rows, k, d).</summary>
-    public IReadOnlyDictionary<string, bool> DecodeNormFusionChoices => _fuseNormByShape;
+    /// <summary>The form chosen for each decode norm + GEMV shape so far (key: the fused kernel, rows, k, d): the fused
+    /// kernel's blocks per SM, or 0 for the two launches.</summary>
+    public IReadOnlyDictionary<string, int> DecodeNormFusionChoices => _fuseNormByShape;
 
-    /// <summary>Runs <paramref name="fused"/> or <paramref name="separate"/> (the same outputs) per <see cref="FuseDecodeNorms"/>.</summary>
-    internal void FusedOrSeparate(string key, long weightElements, Action fused, Action separate)
+    /// <summary>Runs <paramref name="fused"/> (given its blocks per SM) or <paramref name="separate"/> (the same outputs)
+    /// per <see cref="FuseDecodeNorms"/>.</summary>
+    internal void FusedOrSeparate(string key, long weightElements, Action<int> fused, Action separate)
     {
-        bool fuse = FuseDecodeNorms ?? true;
+        int blocks = FuseDecodeNorms == false ? 0 : PersistentBlocksPerSM[0];
         if (FuseDecodeNorms == null)
         {
-            if (_fuseNormByShape.TryGetValue(key, out bool chosen)) fuse = chosen;
-            else if (!Stream.IsCapturing) _fuseNormByShape[key] = fuse = weightElements < MinTunedGemvElements || FusedIsFaster(fused, separate);
+            if (_fuseNormByShape.TryGetValue(key, out int chosen)) blocks = chosen;
+            else if (!Stream.IsCapturing)
+                _fuseNormByShape[key] = blocks = weightElements < MinTunedGemvElements ? blocks : FastestNormForm(fused, separate);
         }
-        (fuse ? fused : separate)();
+        if (blocks > 0) fused(blocks);
+        else separate();
     }
 
-    private bool FusedIsFaster(Action fused, Action separate)
+    /// <summary>0 where the two launches are fastest, else the fused kernel's fastest blocks per SM.</summary>
+    private int FastestNormForm(Action<int> fused, Action separate)
     {
         DeviceTensor? evict = null;
         try
         {
             try { evict = Allocate(DType.F32, 2L * (Info.L2Bytes ?? 64 << 20) / 4); }
             catch (CudaOutOfMemoryException) { }
-            fused(); separate();   // untimed: first-use costs, and each form's unrolls chosen
-            return ColdMedianMs(fused, evict) < ColdMedianMs(separate, evict);
+            var forms = PersistentBlocksPerSM.Select(b => (Blocks: b, Run: (Action)(() => fused(b)))).Prepend((Blocks: 0, Run: separate)).ToList();
+            foreach (var f in forms) f.Run();   // untimed: first-use costs, and each form's unrolls chosen
+            return forms.MinBy(f => ColdMedianMs(f.Run, evict)).Blocks;
         }
         finally { evict?.Dispose(); }
     }

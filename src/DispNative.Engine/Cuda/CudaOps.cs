@@ -102,7 +102,7 @@ public sealed class CudaOps(CudaDevice device)
         string name = $"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}";
         int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
         Device.FusedOrSeparate($"{name},{nq + nk + nv},{k},{d}", (long)(nq + nk + nv) * k,
-            () => Device.LaunchPersistentGemv($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}", nq + nk + nv, k, smem,
+            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}", nq + nk + nv, k, smem, blocksPerSM,
                 x, gamma, idx, d, width, normThreads, eps, wq, yq, nq, wk, yk, nk, wv, yv, nv, k),
             Separate);
     }
@@ -119,7 +119,7 @@ public sealed class CudaOps(CudaDevice device)
         string name = $"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}";
         int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
         Device.FusedOrSeparate($"{name},{n},{k},{d}", 2L * n * k,
-            () => Device.LaunchPersistentGemv($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}", n, k, smem,
+            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}", n, k, smem, blocksPerSM,
                 x, gamma, idx, d, width, normThreads, eps, wGate, wUp, output, n, k),
             Separate);
     }

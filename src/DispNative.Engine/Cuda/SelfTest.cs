@@ -505,7 +505,7 @@ public static class SelfTest
                 dev.ForgetGemvChoices();
                 Same(Run(tx), "timed choice");
                 if (dev.DecodeNormFusionChoices.Count != 2) throw new Mismatch($"d {d}: {dev.DecodeNormFusionChoices.Count} fusion choices recorded, meant 2");
-                report[^1] += $", chosen: {string.Join(", ", dev.DecodeNormFusionChoices.Select(c => $"{c.Key.Split(',')[0]} {(c.Value ? "fused" : "two launches")}"))}";
+                report[^1] += $", chosen: {string.Join(", ", dev.DecodeNormFusionChoices.Select(c => $"{c.Key.Split(',')[0]} {(c.Value > 0 ? $"fused, {c.Value} blocks/SM" : "two launches")}"))}";
             }
             return string.Join("; ", report) + "; fused identical";
         }
