@@ -36,8 +36,8 @@ template <typename T> __device__ __forceinline__ void unpack16(const uint4& raw,
 // ProgrammaticLaunch, decode steps) may start while the previous kernel in the stream still runs, once that kernel has
 // called allow_dependents_launch() in all its blocks; grid_dependency_wait() then blocks until the previous kernel has
 // finished and its writes are visible. Before the wait a kernel may only read what no earlier kernel writes (weights)
-// and must write no global memory (its own shared memory is free). Both are no-ops for a normal launch and below sm_90. Kernels that wait are listed in
-// CudaDevice.WaitsForGridDependency.
+// and must write no global memory (its own shared memory is free). Both are no-ops for a normal launch and below
+// sm_90. Kernels that wait are listed in CudaDevice.WaitsForGridDependency.
 __device__ __forceinline__ void allow_dependents_launch()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
