@@ -95,15 +95,13 @@ public sealed class CudaOps(CudaDevice device)
         DeviceTensor wq, DeviceTensor yq, int nq, DeviceTensor wk, DeviceTensor yk, int nk, DeviceTensor wv, DeviceTensor yv, int nv, int k)
     {
         void Separate() { GatherRmsNorm(x, gamma, idx, h, 1, d, eps, k); GemvQkv(h, wq, yq, nq, wk, yk, nk, wv, yv, nv, k); }
-        if (FusedNormShared(x, idx, h, d, k) is not uint smem) { Separate(); return; }
+        if (FusedNorm(x, idx, h, d, k) is not { } f) { Separate(); return; }
         NeedGemv(h, wq, k); NeedGemv(h, wk, k); NeedGemv(h, wv, k);
         Need(wq, (long)nq * k, "q weight"); Need(wk, (long)nk * k, "k weight"); Need(wv, (long)nv * k, "v weight");
         Need(yq, nq, "q"); Need(yk, nk, "k"); Need(yv, nv, "v");
-        string name = $"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}";
-        int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
-        Device.FusedOrSeparate($"{name},{nq + nk + nv},{k},{d}", (long)(nq + nk + nv) * k,
-            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}", nq + nk + nv, k, smem, blocksPerSM,
-                x, gamma, idx, d, width, normThreads, eps, wq, yq, nq, wk, yk, nk, wv, yv, nv, k),
+        Device.FusedOrSeparate($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)},{nq + nk + nv},{k},{d}", (long)(nq + nk + nv) * k,
+            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_qkv_{CudaDevice.Suffix(h.DType)}", nq + nk + nv, k, f.SharedBytes, blocksPerSM,
+                x, gamma, idx, d, f.Width, f.NormThreads, eps, wq, yq, nq, wk, yk, nk, wv, yv, nv, k),
             Separate);
     }
 
@@ -113,26 +111,29 @@ public sealed class CudaOps(CudaDevice device)
         DeviceTensor wGate, DeviceTensor wUp, DeviceTensor output, int n, int k)
     {
         void Separate() { GatherRmsNorm(x, gamma, idx, h, 1, d, eps, k); GemvSwiGlu(h, wGate, wUp, output, n, k); }
-        if (FusedNormShared(x, idx, h, d, k) is not uint smem) { Separate(); return; }
+        if (FusedNorm(x, idx, h, d, k) is not { } f) { Separate(); return; }
         NeedGemv(h, wGate, k); NeedGemv(h, wUp, k);
         Need(wGate, (long)n * k, "gate weight"); Need(wUp, (long)n * k, "up weight"); Need(output, n, "swiglu output");
-        string name = $"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}";
-        int width = (int)(idx?.Length ?? d), normThreads = (int)NormThreads(1, d, k);
-        Device.FusedOrSeparate($"{name},{n},{k},{d}", 2L * n * k,
-            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}", n, k, smem, blocksPerSM,
-                x, gamma, idx, d, width, normThreads, eps, wGate, wUp, output, n, k),
+        Device.FusedOrSeparate($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)},{n},{k},{d}", 2L * n * k,
+            blocksPerSM => Device.LaunchPersistentGemv($"gemv_norm_swiglu_{CudaDevice.Suffix(h.DType)}", n, k, f.SharedBytes, blocksPerSM,
+                x, gamma, idx, d, f.Width, f.NormThreads, eps, wGate, wUp, output, n, k),
             Separate);
     }
 
-    /// <summary>Dynamic shared memory of a fused decode norm (the f32 row, idx, gamma then h; gemv.cu), or null where the
-    /// fused kernels do not apply: d not a multiple of 4, a row that is not f32, h not in a GEMV's reach, a width above k,
-    /// or more than <see cref="MaxFusedNormSharedBytes"/>.</summary>
-    private uint? FusedNormShared(DeviceTensor x, DeviceTensor? idx, DeviceTensor h, int d, int k)
+    /// <summary>A fused decode norm's launch figures: its dynamic shared memory (the f32 row, idx, gamma then h; gemv.cu),
+    /// the norm's width and the block size whose arithmetic it repeats (the one-row <see cref="GatherRmsNorm"/>'s).</summary>
+    private readonly record struct FusedNormShape(uint SharedBytes, int Width, int NormThreads);
+
+    /// <summary>The fused decode norm's <see cref="FusedNormShape"/>, or null where the fused kernels do not apply: d not
+    /// a multiple of 4, a row that is not f32, h not in a GEMV's reach, a width above k, or more than
+    /// <see cref="MaxFusedNormSharedBytes"/>.</summary>
+    private FusedNormShape? FusedNorm(DeviceTensor x, DeviceTensor? idx, DeviceTensor h, int d, int k)
     {
-        if (d % 4 != 0 || x.DType != DType.F32 || (idx?.Length ?? d) > k || k % (16 / h.DType.Size()) != 0) return null;
+        int width = (int)(idx?.Length ?? d);
+        if (d % 4 != 0 || x.DType != DType.F32 || width > k || k % (16 / h.DType.Size()) != 0) return null;
         Need(x, d, "norm input");
         long bytes = 4L * d + (idx != null ? 4L * k : 0) + (long)k * h.DType.Size();
-        return bytes <= MaxFusedNormSharedBytes ? (uint)bytes : null;
+        return bytes <= MaxFusedNormSharedBytes ? new FusedNormShape((uint)bytes, width, (int)NormThreads(1, d, k)) : null;
     }
 
     /// <summary>The most shared memory a fused decode norm takes (d 8192 with k 8192 in bf16: 80 KiB).</summary>
