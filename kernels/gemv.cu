@@ -86,6 +86,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __re
     load_first<U>(w + (long long)row * k, k, first);
     grid_dependency_wait();
     x = opaque(x);
+    y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
     float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0)
     {
