@@ -54,14 +54,21 @@ internal static class InferenceBench
         if (results.Count > 2)
             Console.WriteLine($"pruned, padded to 64: prefill {dense.PrefillMs / results[2].PrefillMs:F2}x faster than dense, decode (graphs) {results[2].GraphTokS / dense.GraphTokS:F2}x " +
                               $"(padded to {CudaOps.DefaultPadding}: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
+        double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
         if (dense.Without is { } dw && pruned.Without is { } pw)
         {
             // What the shared, unpruned parts cap: DISP keeps attention whole, and decode's norms read the full row.
-            double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;
             Console.WriteLine($"ablations (kernels left out, CUDA graphs for decode): prefill without attention {dw.PrefillNoAttentionMs / pw.PrefillNoAttentionMs:F2}x; " +
                               $"decode without the norms {dw.StepNoNormsMs / pw.StepNoNormsMs:F2}x, without attention {dw.StepNoAttentionMs / pw.StepNoAttentionMs:F2}x, " +
                               $"GEMVs alone {dw.StepGemvsMs / pw.StepGemvsMs:F2}x (all of it {denseStep / prunedStep:F2}x)");
         }
+        if (DecodeCostFit.From(denseStep, dense.DecodeBytes, prunedStep, pruned.DecodeBytes) is { } fit)
+        {
+            string ofPeak = bw is double peak ? $" ({fit.BytesPerSecond / peak:P0} of peak)" : "";
+            Console.WriteLine($"decode (graphs) fitted to t = bytes / B + F: B = {fit.BytesPerSecond / 1e12:F2} TB/s{ofPeak}, F = {fit.FixedMs:F3} ms per token " +
+                              $"({1e3 * fit.FixedMs / c.NumLayers:F1} us per layer); at this B, 1.7x needs F <= {fit.FixedMsForRatio(1.7, dense.DecodeBytes, pruned.DecodeBytes):F3} ms");
+        }
+        else Console.WriteLine("decode (graphs): no fit to t = bytes / B + F (the pruned step is not faster)");
         Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
                           $"pruned {pruned.PrefillFirstAlgorithmMs:F1} ms ({dense.PrefillFirstAlgorithmMs / pruned.PrefillFirstAlgorithmMs:F2}x); " +
                           $"tuning gives dense {dense.PrefillFirstAlgorithmMs / dense.PrefillMs:F2}x, pruned {pruned.PrefillFirstAlgorithmMs / pruned.PrefillMs:F2}x");
