@@ -68,7 +68,7 @@ internal static class InferenceBench
             Console.WriteLine($"decode (graphs) fitted to t = bytes / B + F: B = {fit.BytesPerSecond / 1e12:F2} TB/s{ofPeak}, F = {fit.FixedMs:F3} ms per token " +
                               $"({1e3 * fit.FixedMs / c.NumLayers:F1} us per layer); at this B, 1.7x needs F <= {fit.FixedMsForRatio(1.7, dense.DecodeBytes, pruned.DecodeBytes):F3} ms");
         }
-        else Console.WriteLine("decode (graphs): no fit to t = bytes / B + F (the pruned step is not faster)");
+        else Console.WriteLine("decode (graphs): no fit to t = bytes / B + F (it needs a pruned step that reads fewer bytes and is faster)");
         Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
                           $"pruned {pruned.PrefillFirstAlgorithmMs:F1} ms ({dense.PrefillFirstAlgorithmMs / pruned.PrefillFirstAlgorithmMs:F2}x); " +
                           $"tuning gives dense {dense.PrefillFirstAlgorithmMs / dense.PrefillMs:F2}x, pruned {pruned.PrefillFirstAlgorithmMs / pruned.PrefillMs:F2}x");
