@@ -389,5 +389,70 @@ internal static class GpuBench
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");
         Console.WriteLine($"kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
         acceptance.Print();
+        DependencyCosts(dev, ops, repeats, shape == BenchShapes.Smoke);   // last: a grid barrier that hung would cost nothing above
+    }
+
+    /// <summary>What one dependency between the kernels of a decode step costs (5 per layer after the decode fusions,
+    /// 160 per token at the 7B shape): a chain of that many dependent links, each one increment per block of a slot the
+    /// link before wrote, run as a kernel per link in a CUDA graph (stream order, then programmatic launch, as decode
+    /// runs) and as one persistent kernel with a grid barrier per link. The links do next to no work, so the time per
+    /// link is the dependency's price: what a persistent decode kernel's barriers would have to beat. Every form's
+    /// slots are checked afterwards (each counted once per link).</summary>
+    private static void DependencyCosts(CudaDevice dev, CudaOps ops, int repeats, bool smoke)
+    {
+        int links = smoke ? 8 : 5 * BenchShapes.Llama2_7B.NumLayers;
+        const uint Threads = 256;
+        // The persistent decode GEMVs' grid, 2 blocks of 256 per SM (all resident, as the barrier needs). The smoke run
+        // uses one block: the CUDA emulator runs blocks one after another, and a grid barrier needs them all at once.
+        uint blocks = smoke ? 1 : (uint)(Math.Min(2, dev.ResidentBlocks("boundaries", "grid_barrier_links", Threads, 0)) * dev.Info.Multiprocessors);
+        using var slots = dev.Allocate(DType.F32, blocks);
+        using var count = dev.Allocate(DType.F32, 1);   // the barrier's u32 arrival counter (0f has the bits of 0u)
+        float Median(Func<float> sample)
+        {
+            var ms = new List<float>();
+            for (int i = 0; i < repeats; i++) ms.Add(sample());
+            ms.Sort();
+            return ms[ms.Count / 2];
+        }
+        void CheckSlots(string form)
+        {
+            var got = dev.Download(slots);
+            if (got.Any(v => v != links))
+                throw new InvalidOperationException($"{form}: slots hold {string.Join(", ", got.Distinct().Take(4))} after {links} links, not {links} each");
+        }
+        void Print(string form, float ms) => Console.WriteLine($"  {form,-56} {1e3 * ms / links,8:F2} µs per link ({ms:F3} ms for {links})");
+
+        Console.WriteLine();
+        Console.WriteLine($"a dependency between decode kernels: {links} dependent links, {blocks} blocks of {Threads} threads, one increment per block and link");
+        float KernelPerLink(bool programmatic)
+        {
+            using var graph = new CudaGraphHandle(dev.Stream, () =>
+            {
+                dev.ProgrammaticLaunch = programmatic;
+                try { for (int i = 0; i < links; i++) dev.Launch("boundaries", "chain_link_step", (blocks, 1, 1), (Threads, 1, 1), 0, slots); }
+                finally { dev.ProgrammaticLaunch = false; }
+            });
+            for (int i = 0; i < 3; i++) graph.Launch(dev.Stream);
+            float ms = Median(() => dev.Time(() => graph.Launch(dev.Stream)));
+            ops.FillConstant(slots, 0f);
+            graph.Launch(dev.Stream);
+            CheckSlots(programmatic ? "kernels launched programmatically" : "kernels in stream order");
+            return ms;
+        }
+        float streamOrder = KernelPerLink(programmatic: false), programmatic = KernelPerLink(programmatic: true);
+        Print("a kernel per link, CUDA graph, stream order", streamOrder);
+        Print("a kernel per link, CUDA graph, programmatic launch", programmatic);
+        void Barriers() => dev.Launch("boundaries", "grid_barrier_links", (blocks, 1, 1), (Threads, 1, 1), 0, slots, count, links);
+        ops.FillConstant(count, 0f);
+        Barriers();   // loads the kernel outside the timing
+        float barrier = Median(() =>
+        {
+            ops.FillConstant(slots, 0f);
+            ops.FillConstant(count, 0f);
+            return dev.Time(Barriers);
+        });
+        CheckSlots("grid barriers");
+        Print("one kernel, a grid barrier per link", barrier);
+        Console.WriteLine($"  {"grid barrier vs programmatic kernel boundary",-56} {programmatic / barrier,8:F2} x");
     }
 }

@@ -271,7 +271,7 @@ public sealed unsafe class CudaDevice : IDisposable
     public static bool WaitsForGridDependency(string entry) =>
         entry.StartsWith("gemv_", StringComparison.Ordinal) || entry.StartsWith("rmsnorm_gather_", StringComparison.Ordinal)
         || entry.StartsWith("rope_kv_append_", StringComparison.Ordinal) || entry.StartsWith("attention_decode_", StringComparison.Ordinal)
-        || entry.StartsWith("embedding_", StringComparison.Ordinal);
+        || entry.StartsWith("embedding_", StringComparison.Ordinal) || entry.StartsWith("chain_link_", StringComparison.Ordinal);
 
     /// <summary>Dynamic shared memory a launch may use without opting in per function.</summary>
     public const uint DefaultDynamicSharedBytes = 48 << 10;
