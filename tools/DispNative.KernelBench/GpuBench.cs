@@ -42,13 +42,7 @@ internal static class GpuBench
             if (clean) dev.EvictL2(flush);
             return dev.Time(work);
         }
-        float MedianOf(Func<float> sample)
-        {
-            var ms = new List<float>();
-            for (int i = 0; i < repeats; i++) ms.Add(sample());
-            ms.Sort();
-            return ms[ms.Count / 2];
-        }
+        float MedianOf(Func<float> sample) => MedianOfSamples(repeats, sample);
         float launchMs = MedianOf(() => Cold(() => ops.FillConstant(empty, 0f)));
         Console.WriteLine($"empty launch between two events: {launchMs * 1e3:F1} µs (subtracted from every time below)");
         Console.WriteLine();
@@ -407,13 +401,6 @@ internal static class GpuBench
         uint blocks = smoke ? 1 : (uint)(Math.Min(2, dev.ResidentBlocks("boundaries", "grid_barrier_links", Threads, 0)) * dev.Info.Multiprocessors);
         using var slots = dev.Allocate(DType.F32, blocks);
         using var count = dev.Allocate(DType.F32, 1);   // the barrier's u32 arrival counter (0f has the bits of 0u)
-        float Median(Func<float> sample)
-        {
-            var ms = new List<float>();
-            for (int i = 0; i < repeats; i++) ms.Add(sample());
-            ms.Sort();
-            return ms[ms.Count / 2];
-        }
         void CheckSlots(string form)
         {
             var got = dev.Download(slots);
@@ -433,7 +420,7 @@ internal static class GpuBench
                 finally { dev.ProgrammaticLaunch = false; }
             });
             for (int i = 0; i < 3; i++) graph.Launch(dev.Stream);
-            float ms = Median(() => dev.Time(() => graph.Launch(dev.Stream)));
+            float ms = MedianOfSamples(repeats, () => dev.Time(() => graph.Launch(dev.Stream)));
             ops.FillConstant(slots, 0f);
             graph.Launch(dev.Stream);
             CheckSlots(programmatic ? "kernels launched programmatically" : "kernels in stream order");
@@ -445,7 +432,7 @@ internal static class GpuBench
         void Barriers() => dev.Launch("boundaries", "grid_barrier_links", (blocks, 1, 1), (Threads, 1, 1), 0, slots, count, links);
         ops.FillConstant(count, 0f);
         Barriers();   // loads the kernel outside the timing
-        float barrier = Median(() =>
+        float barrier = MedianOfSamples(repeats, () =>
         {
             ops.FillConstant(slots, 0f);
             ops.FillConstant(count, 0f);
@@ -454,5 +441,14 @@ internal static class GpuBench
         CheckSlots("grid barriers");
         Print("one kernel, a grid barrier per link", barrier);
         Console.WriteLine($"  {"grid barrier vs programmatic kernel boundary",-56} {programmatic / barrier,8:F2} x");
+    }
+
+    /// <summary>The median of <paramref name="repeats"/> samples.</summary>
+    private static float MedianOfSamples(int repeats, Func<float> sample)
+    {
+        var ms = new List<float>();
+        for (int i = 0; i < repeats; i++) ms.Add(sample());
+        ms.Sort();
+        return ms[ms.Count / 2];
     }
 }
