@@ -410,7 +410,7 @@ internal static class GpuBench
         void Print(string form, float ms) => Console.WriteLine($"  {form,-56} {1e3 * ms / links,8:F2} µs per link ({ms:F3} ms for {links})");
 
         Console.WriteLine();
-        Console.WriteLine($"a dependency between decode kernels: {links} dependent links, {blocks} blocks of {Threads} threads, one increment per block and link");
+        Console.WriteLine($"a dependency between decode kernels: {links} dependent links, {blocks} block{(blocks == 1 ? "" : "s")} of {Threads} threads, one increment per block and link");
         float KernelPerLink(bool programmatic)
         {
             using var graph = new CudaGraphHandle(dev.Stream, () =>
