@@ -14,29 +14,39 @@ __device__ void chain_link(float* slots)
 }
 
 // Waits until `target` block arrivals have been counted on *count (which only grows: barrier i of a launch waits for
-// (i + 1) · gridDim.x). Every block of the grid must be resident at once, or the first ones spin forever.
-__device__ __forceinline__ void grid_barrier(unsigned* count, unsigned target)
+// (i + 1) · gridDim.x). Every block of the grid must be resident at once; if they are not, the wait gives up after
+// about 2^22 polls (seconds) and returns false instead of hanging.
+__device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
 {
+    __shared__ bool arrived;
     __syncthreads();   // the block's writes are done
     if (threadIdx.x == 0)
     {
         __threadfence();   // ... and visible to the whole device before the arrival is
         atomicAdd(count, 1u);
-        while (*(volatile unsigned*)count < target) {}
+        unsigned polls = 0;
+        while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) {}
+        arrived = polls < (1u << 22);
         __threadfence();
     }
     __syncthreads();
+    return arrived;
 }
 
 // `links` links in one launch: at link i block b increments slot (b + i) mod gridDim.x, a slot another block
-// incremented at the link before, so a missing barrier loses increments. *count starts at zero.
+// incremented at the link before, so a missing barrier loses increments. *count starts at zero. A block whose
+// barrier gave up writes NaN into its own slot and leaves.
 __device__ void grid_barrier_chain(float* slots, unsigned* count, int links)
 {
     for (int i = 0; i < links; i++)
     {
         int j = (blockIdx.x + i) % gridDim.x;
         if (threadIdx.x == 0) slots[j] = __ldcg(slots + j) + 1.f;   // through L2: another SM wrote it
-        grid_barrier(count, (unsigned)(i + 1) * gridDim.x);
+        if (!grid_barrier(count, (unsigned)(i + 1) * gridDim.x))
+        {
+            if (threadIdx.x == 0) slots[blockIdx.x] = __int_as_float(0x7fc00000);
+            return;
+        }
     }
 }
 
