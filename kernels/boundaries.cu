@@ -14,8 +14,8 @@ __device__ void chain_link(float* slots)
 }
 
 // Waits until `target` block arrivals have been counted on *count (which only grows: barrier i of a launch waits for
-// (i + 1) · gridDim.x). Every block of the grid must be resident at once; if they are not, the wait gives up after
-// about 2^22 polls (seconds) and returns false instead of hanging.
+// (i + 1) · gridDim.x). Every block of the grid must be resident at once (a cooperative launch); should one not be, the
+// wait gives up after about 2^22 polls (seconds) and returns false instead of hanging.
 __device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
 {
     __shared__ bool arrived;
@@ -25,7 +25,7 @@ __device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
         __threadfence();   // ... and visible to the whole device before the arrival is
         atomicAdd(count, 1u);
         unsigned polls = 0;
-        while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) {}
+        while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) spin_pause();
         arrived = polls < (1u << 22);
         __threadfence();
     }

@@ -50,6 +50,14 @@ __device__ __forceinline__ void grid_dependency_wait()
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// The body of a spin-wait loop: nothing on a GPU; the CUDA emulator (g++, no __CUDA_ARCH__), whose threads switch only
+// where they wait, runs the others there.
+__device__ __forceinline__ void spin_pause()
+{
+#if !defined(__CUDA_ARCH__)
+    __nanosleep(0);
+#endif
+}
 // p, with its value hidden from the optimizer by an empty asm: loads through the result depend on the asm, so they
 // stay after it. Loads through a const __restrict__ pointer may be compiled as invariant (ld.global.nc) and scheduled
 // freely across a memory clobber; a kernel reads the previous kernel's output through opaque(p) after

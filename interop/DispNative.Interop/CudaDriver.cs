@@ -54,6 +54,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
         public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
         public readonly delegate* unmanaged<nint, int, int, int> cuFuncSetAttribute;
+        public readonly delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, int> cuLaunchCooperativeKernel;
         /// <summary>Null where the driver predates CUDA 12 (no cuLaunchKernelEx): launches go through cuLaunchKernel.</summary>
         public readonly delegate* unmanaged<LaunchConfig*, nint, void**, void**, int> cuLaunchKernelEx;
         public readonly delegate* unmanaged<nint, int, int> cuStreamBeginCapture;
@@ -102,6 +103,7 @@ public static unsafe class CudaDriver
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)lib.Export("cuLaunchKernel");
             cuFuncSetAttribute = (delegate* unmanaged<nint, int, int, int>)lib.Export("cuFuncSetAttribute");
             cuLaunchKernelEx = (delegate* unmanaged<LaunchConfig*, nint, void**, void**, int>)lib.TryExport("cuLaunchKernelEx");
+            cuLaunchCooperativeKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, int>)lib.Export("cuLaunchCooperativeKernel");
             cuStreamBeginCapture = (delegate* unmanaged<nint, int, int>)lib.Export("cuStreamBeginCapture_v2");
             cuStreamEndCapture = (delegate* unmanaged<nint, nint*, int>)lib.Export("cuStreamEndCapture");
             cuStreamIsCapturing = (delegate* unmanaged<nint, int*, int>)lib.Export("cuStreamIsCapturing");
@@ -223,6 +225,11 @@ public static unsafe class CudaDriver
 
     public static void Launch(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
         => Check(A.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args, null), $"cuLaunchKernel({name})");
+
+    /// <summary>A launch whose blocks are all resident at once, so that a grid-wide barrier can complete; the driver
+    /// refuses a grid larger than the device holds at once (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE).</summary>
+    public static void LaunchCooperative(nint function, string name, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes, nint stream, void** args)
+        => Check(A.cuLaunchCooperativeKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, stream, args), $"cuLaunchCooperativeKernel({name})");
 
     /// <summary>Whether the driver has cuLaunchKernelEx, which <see cref="LaunchProgrammatic"/> needs.</summary>
     public static bool HasLaunchEx => A.cuLaunchKernelEx != null;

@@ -235,7 +235,15 @@ public sealed unsafe class CudaDevice : IDisposable
 
     /// <summary>Enqueues a kernel on the engine's stream.</summary>
     public void Launch(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
-        params ReadOnlySpan<KernelArg> args)
+        params ReadOnlySpan<KernelArg> args) => Enqueue(kernel, entry, grid, block, sharedBytes, cooperative: false, args);
+
+    /// <summary>Enqueues a kernel whose blocks all run at once (a cooperative launch: a grid-wide barrier can complete);
+    /// the driver refuses a grid larger than the device holds.</summary>
+    public void LaunchCooperative(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
+        params ReadOnlySpan<KernelArg> args) => Enqueue(kernel, entry, grid, block, sharedBytes, cooperative: true, args);
+
+    private void Enqueue(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
+        bool cooperative, ReadOnlySpan<KernelArg> args)
     {
         MakeCurrent();   // the caller may be on a thread that has not used this device yet
         nint fn = Function(kernel, entry);
@@ -245,7 +253,9 @@ public sealed unsafe class CudaDevice : IDisposable
         ulong* slots = stackalloc ulong[Math.Max(1, args.Length)];
         void** ptrs = stackalloc void*[Math.Max(1, args.Length)];
         for (int i = 0; i < args.Length; i++) { slots[i] = args[i].Bits; ptrs[i] = &slots[i]; }
-        if (ProgrammaticLaunch && WaitsForGridDependency(entry))
+        if (cooperative)
+            CudaDriver.LaunchCooperative(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
+        else if (ProgrammaticLaunch && WaitsForGridDependency(entry))
             CudaDriver.LaunchProgrammatic(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);
         else
             CudaDriver.Launch(fn, entry, grid, block, sharedBytes, Stream.DangerousGetHandle(), ptrs);

@@ -10,7 +10,10 @@
 //   collective fail the launch with a message instead of hanging. Each thread runs as far as it can before the next
 //   one starts, so a missing barrier shows up as wrong results; DISPNATIVE_EMU_SCHEDULE=reverse runs the threads
 //   and the blocks from the last one down, to catch the races that the first order hides (and a block that counts on
-//   finishing after the others). Atomics are plain read-modify-writes: a fiber switches only at a collective.
+//   finishing after the others). Atomics are plain read-modify-writes: a fiber switches only at a collective, or at
+//   __nanosleep, with which a spin-wait lets the others run. A cooperative launch (cuLaunchCooperativeKernel) runs
+//   all its blocks at once, each with its own shared memory, so a grid-wide barrier can complete; spin-waits that
+//   never end (such a barrier in a normal launch) fail the launch.
 // - A vector load or store (reinterpret_cast to uint4*, float4* and the like) at an address that is not a multiple of
 //   its size fails the launch, as it faults on a GPU (x86 would read it quietly).
 // - Device memory is host memory from mmap, filled with 0xff bytes (NaN as floats, -1 as ints), as shared memory is
@@ -105,6 +108,8 @@ struct Fiber
     unsigned mask = 0;
     unsigned long long in[10]{}, out[4]{};
     int count = 0;
+    int block = 0;          // index of its block among those running at once (a cooperative launch's grid)
+    bool yielded = false;   // its last switch back came from __nanosleep (a spin-wait), not from progress
 };
 
 constexpr size_t StackBytes = 128 << 10;
@@ -154,6 +159,12 @@ void api_collective(int kind, unsigned mask, const unsigned long long* in, int c
     for (int i = 0; i < count; i++) f->in[i] = in[i];
     yield_to_scheduler();
     if (out) for (int i = 0; i < 4; i++) out[i] = f->out[i];
+}
+
+void api_yield()
+{
+    g_run.current->yielded = true;   // stays RUNNABLE
+    yield_to_scheduler();
 }
 
 void api_fail(const char* message)
@@ -307,70 +318,113 @@ bool schedule_reversed()
     return reverse;
 }
 
-// Runs one block to completion. False with g_run.error set when it cannot finish.
-bool run_block(EmuDim3 block, int threads)
+// Shared memory of a cooperative launch, whose blocks run at once: each block has its own dynamic shared memory, and
+// the module's static __shared__ section holds one block's arrays at a time, swapped when the scheduler moves on to a
+// thread of another block.
+struct GridShared
 {
-    if ((int)g_run.fibers.size() < threads) g_run.fibers.resize(threads);
-    static unsigned long long blocks_run = 0;
-    unsigned long long serial = ++blocks_run;
-    for (int i = 0; i < threads; i++)
+    char* section = nullptr;
+    size_t section_bytes = 0;
+    std::vector<std::vector<char>> dynamic, saved;   // per block, 0xff-filled at the start
+    int loaded = -1;
+
+    void enter(int b)
     {
-        Fiber& f = g_run.fibers[i];
-        if (!f.stack) f.stack = (char*)malloc(StackBytes);
-        unsigned bx = g_api.block_dim.x, by = g_api.block_dim.y;
-        f.thread.thread_idx = {(unsigned)i % bx, ((unsigned)i / bx) % by, (unsigned)i / (bx * by)};
-        f.thread.block_idx = block;
-        f.thread.linear = (unsigned)i;
-        f.thread.serial = serial;
-        f.state = RUNNABLE;
-        uint64_t* sp = (uint64_t*)(((uintptr_t)(f.stack + StackBytes)) & ~(uintptr_t)15);
-        *--sp = 0;                              // fiber_main's return address (never used): keeps the ABI alignment
-        *--sp = (uint64_t)(uintptr_t)&fiber_main;
-        for (int r = 0; r < 6; r++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
-        f.sp = sp;
+        g_api.dynamic_shared = dynamic[b].data();
+        if (b == loaded) return;
+        if (section_bytes)
+        {
+            if (loaded >= 0) memcpy(saved[loaded].data(), section, section_bytes);
+            memcpy(section, saved[b].data(), section_bytes);
+        }
+        loaded = b;
     }
-    bool reverse = schedule_reversed();
-    for (;;)
+};
+
+// Runs the blocks `ids` of `threads` threads each at once (their threads are fibers[b * threads + i]) to completion:
+// one block for a normal launch, whose blocks run one after another; a cooperative launch's whole grid, with `shared`
+// switching shared memory between blocks. False with g_run.error set when they cannot finish.
+bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared)
+{
+    int blocks = (int)ids.size(), total = blocks * threads;
+    if ((int)g_run.fibers.size() < total) g_run.fibers.resize(total);
+    static unsigned long long blocks_run = 0;
+    for (int b = 0; b < blocks; b++)
     {
-        bool ran = false;
-        for (int n = 0; n < threads; n++)
-        {
-            Fiber& f = g_run.fibers[reverse ? threads - 1 - n : n];
-            if (f.state != RUNNABLE) continue;
-            g_run.current = &f;
-            g_api.current = &f.thread;
-            emu_switch_context(&g_run.scheduler_sp, f.sp);
-            ran = true;
-            if (!g_run.error.empty()) return false;
-        }
-        bool resolved = false;
-        for (int w = 0; w * 32 < threads; w++)
-        {
-            int lanes = std::min(32, threads - w * 32);
-            Fiber* warp = &g_run.fibers[w * 32];
-            for (int l = 0; l < lanes; l++)
-                if (warp[l].state == AT_COLLECTIVE)
-                {
-                    if (!resolve_collective(warp, lanes, l)) return false;
-                    if (warp[l].state == RUNNABLE) resolved = true;
-                    break;
-                }
-        }
-        if (ran || resolved) continue;
-        int done = 0, barrier = 0;
+        unsigned long long serial = ++blocks_run;
         for (int i = 0; i < threads; i++)
         {
-            done += g_run.fibers[i].state == DONE;
-            barrier += g_run.fibers[i].state == AT_BARRIER;
+            Fiber& f = g_run.fibers[b * threads + i];
+            if (!f.stack) f.stack = (char*)malloc(StackBytes);
+            unsigned bx = g_api.block_dim.x, by = g_api.block_dim.y;
+            f.thread.thread_idx = {(unsigned)i % bx, ((unsigned)i / bx) % by, (unsigned)i / (bx * by)};
+            f.thread.block_idx = ids[b];
+            f.thread.linear = (unsigned)i;
+            f.thread.serial = serial;
+            f.block = b;
+            f.state = RUNNABLE;
+            uint64_t* sp = (uint64_t*)(((uintptr_t)(f.stack + StackBytes)) & ~(uintptr_t)15);
+            *--sp = 0;                              // fiber_main's return address (never used): keeps the ABI alignment
+            *--sp = (uint64_t)(uintptr_t)&fiber_main;
+            for (int r = 0; r < 6; r++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
+            f.sp = sp;
         }
-        if (done == threads) return true;
-        if (barrier + done == threads)
+    }
+    bool reverse = schedule_reversed();
+    long long spinning = 0;   // passes in a row in which only spin-waits ran
+    for (;;)
+    {
+        bool ran = false, progressed = false;
+        for (int n = 0; n < total; n++)
         {
-            for (int i = 0; i < threads; i++)
-                if (g_run.fibers[i].state == AT_BARRIER) g_run.fibers[i].state = RUNNABLE;
-            continue;
+            Fiber& f = g_run.fibers[reverse ? total - 1 - n : n];
+            if (f.state != RUNNABLE) continue;
+            if (shared) shared->enter(f.block);
+            g_run.current = &f;
+            g_api.current = &f.thread;
+            f.yielded = false;
+            emu_switch_context(&g_run.scheduler_sp, f.sp);
+            ran = true;
+            progressed |= !f.yielded;
+            if (!g_run.error.empty()) return false;
         }
-        g_run.error = "deadlock: " + describe_states(threads);
+        for (int b = 0; b < blocks; b++)
+            for (int w = 0; w * 32 < threads; w++)
+            {
+                int lanes = std::min(32, threads - w * 32);
+                Fiber* warp = &g_run.fibers[b * threads + w * 32];
+                for (int l = 0; l < lanes; l++)
+                    if (warp[l].state == AT_COLLECTIVE)
+                    {
+                        if (!resolve_collective(warp, lanes, l)) return false;
+                        if (warp[l].state == RUNNABLE) progressed = true;
+                        break;
+                    }
+            }
+        // A block whose every thread waits at __syncthreads (or has finished) goes on.
+        bool finished = true;
+        for (int b = 0; b < blocks; b++)
+        {
+            int done = 0, barrier = 0;
+            for (int i = 0; i < threads; i++)
+            {
+                done += g_run.fibers[b * threads + i].state == DONE;
+                barrier += g_run.fibers[b * threads + i].state == AT_BARRIER;
+            }
+            finished &= done == threads;
+            if (barrier > 0 && barrier + done == threads)
+            {
+                for (int i = 0; i < threads; i++)
+                    if (g_run.fibers[b * threads + i].state == AT_BARRIER) g_run.fibers[b * threads + i].state = RUNNABLE;
+                progressed = true;
+            }
+        }
+        if (finished) return true;
+        if (progressed) { spinning = 0; continue; }
+        if (ran && ++spinning < (1 << 20)) continue;
+        g_run.error = ran ? "threads spin-wait (__nanosleep) and nothing else moves: a wait that cannot end (a grid barrier "
+                            "in a launch whose blocks do not all run at once?)"
+                          : "deadlock: " + describe_states(total);
         return false;
     }
 }
@@ -489,8 +543,9 @@ int check_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned share
     return 0;
 }
 
-// Runs a launch that check_launch accepted when it was submitted.
-int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args)
+// Runs a launch that check_launch accepted when it was submitted: its blocks one after another, or, cooperative, all
+// at once.
+int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned shared_bytes, void** args, bool cooperative)
 {
     long long threads = (long long)block.x * block.y * block.z;
     static std::vector<char> dynamic_shared;
@@ -507,7 +562,23 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
     g_run.running = true;
     bool ok = true;
     bool reverse = schedule_reversed();
-    for (unsigned zi = 0; zi < grid.z && ok; zi++)
+    if (cooperative)
+    {
+        std::vector<EmuDim3> ids;
+        for (unsigned z = 0; z < grid.z; z++)
+            for (unsigned y = 0; y < grid.y; y++)
+                for (unsigned x = 0; x < grid.x; x++) ids.push_back({x, y, z});
+        GridShared gs;
+        gs.section = fn.module->shared_begin;
+        gs.section_bytes = fn.module->shared_begin ? fn.module->shared_end - fn.module->shared_begin : 0;
+        gs.dynamic.assign(ids.size(), std::vector<char>(std::max(1u, shared_bytes), (char)0xff));
+        gs.saved.assign(ids.size(), std::vector<char>(gs.section_bytes, (char)0xff));
+        ok = run_blocks(ids, (int)threads, &gs);
+        if (!ok)
+            warn("kernel %s, cooperative grid (%u,%u,%u), %lld threads per block: %s", fn.name.c_str(), grid.x, grid.y, grid.z, threads,
+                g_run.error.c_str());
+    }
+    for (unsigned zi = 0; zi < grid.z && ok && !cooperative; zi++)
         for (unsigned yi = 0; yi < grid.y && ok; yi++)
             for (unsigned xi = 0; xi < grid.x && ok; xi++)
             {
@@ -515,7 +586,7 @@ int execute_launch(const Function& fn, EmuDim3 grid, EmuDim3 block, unsigned sha
                 // Each block starts with shared memory that holds nothing it wrote: 0xff bytes, NaN as floats.
                 memset(dynamic_shared.data(), 0xff, dynamic_shared.size());
                 if (fn.module->shared_begin) memset(fn.module->shared_begin, 0xff, fn.module->shared_end - fn.module->shared_begin);
-                if (!run_block({x, y, z}, (int)threads))
+                if (!run_blocks({{x, y, z}}, (int)threads, nullptr))
                 {
                     warn("kernel %s, block (%u,%u,%u) of (%u,%u,%u), %lld threads: %s", fn.name.c_str(), x, y, z, grid.x, grid.y,
                         grid.z, threads, g_run.error.c_str());
@@ -654,6 +725,7 @@ struct Operation
     const Function* fn = nullptr;
     EmuDim3 grid{}, block{};
     unsigned shared = 0;
+    bool cooperative = false;
     std::vector<std::vector<char>> args;
     uintptr_t dst = 0, src = 0; size_t bytes = 0;
     Matmul mm{};
@@ -671,7 +743,7 @@ int run_operation(const Operation& op)
     {
         std::vector<void*> ptrs;
         for (auto& a : op.args) ptrs.push_back((void*)a.data());
-        return execute_launch(*op.fn, op.grid, op.block, op.shared, ptrs.data());
+        return execute_launch(*op.fn, op.grid, op.block, op.shared, ptrs.data(), op.cooperative);
     }
     case Operation::COPY: memmove((void*)op.dst, (const void*)op.src, op.bytes); return 0;
     case Operation::MATMUL:
@@ -944,6 +1016,7 @@ const char* driver_error_name(int rc)
     case 500: return "CUDA_ERROR_NOT_FOUND";
     case 600: return "CUDA_ERROR_NOT_READY";
     case 719: return "CUDA_ERROR_LAUNCH_FAILED";
+    case 720: return "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE";
     case 900: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
     default: return "CUDA_ERROR_UNKNOWN";
     }
@@ -1094,6 +1167,7 @@ EXPORT int cuModuleLoadData(void** module, const void* image)
     g_api.syncthreads = api_syncthreads;
     g_api.collective = api_collective;
     g_api.fail = api_fail;
+    g_api.yield = api_yield;
     bind(&g_api);
     auto section = (void (*)(char**, char**))dlsym(h, "emu_shared_section");
     char* begin = nullptr; char* end = nullptr;
@@ -1130,21 +1204,44 @@ EXPORT int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* f, int
     *blocks = std::min(n, 32);
     return 0;
 }
-EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
-    void* stream, void** params, void** extra)
+namespace {
+int launch(void* f, EmuDim3 grid, EmuDim3 block, unsigned shared, void* stream, void** params, bool cooperative)
 {
     Guard g(g_lock);
-    if (extra) { warn("cuLaunchKernel: 'extra' is not emulated"); return 1; }
     const Function* fn = (const Function*)f;
-    if (int rc = check_launch(*fn, {gx, gy, gz}, {bx, by, bz}, shared)) return rc;
+    if (int rc = check_launch(*fn, grid, block, shared)) return rc;
+    if (cooperative)
+    {
+        // As many blocks as the device holds at once (cuOccupancyMaxActiveBlocksPerMultiprocessor × 132 SMs).
+        int per_sm = 0;
+        cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, (int)(block.x * block.y * block.z), shared);
+        if ((long long)grid.x * grid.y * grid.z > 132LL * per_sm)
+        {
+            warn("cooperative launch of %s: %u blocks, more than the %d the device holds at once", fn->name.c_str(), grid.x * grid.y * grid.z, 132 * per_sm);
+            return 720;   // CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+        }
+    }
     Operation op{Operation::LAUNCH};
-    op.fn = fn; op.grid = {gx, gy, gz}; op.block = {bx, by, bz}; op.shared = shared;
+    op.fn = fn; op.grid = grid; op.block = block; op.shared = shared; op.cooperative = cooperative;
     for (int i = 0; i < fn->params[0]; i++)
     {
         const char* p = (const char*)params[i];
         op.args.emplace_back(p, p + fn->params[1 + i]);
     }
     return submit(stream, std::move(op));
+}
+} // namespace
+EXPORT int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
+    void* stream, void** params, void** extra)
+{
+    if (extra) { warn("cuLaunchKernel: 'extra' is not emulated"); return 1; }
+    return launch(f, {gx, gy, gz}, {bx, by, bz}, shared, stream, params, false);
+}
+// All blocks at once, so that a grid-wide barrier (threads spin-waiting through __nanosleep) can complete.
+EXPORT int cuLaunchCooperativeKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
+    void* stream, void** params)
+{
+    return launch(f, {gx, gy, gz}, {bx, by, bz}, shared, stream, params, true);
 }
 // cuLaunchKernelEx with CUlaunchConfig/CUlaunchAttribute as cuda.h lays them out; the only attribute taken is
 // programmatic stream serialization (id 6), which changes nothing here: operations on a stream run one after another,

@@ -20,6 +20,8 @@ struct EmuApi
     // `out` (4 words, or null) receives its results.
     void (*collective)(int kind, unsigned mask, const unsigned long long* in, int count, unsigned long long* out);
     void (*fail)(const char* message);
+    // __nanosleep: lets the other threads run (a thread switches only where it waits; a spin-wait loop yields here).
+    void (*yield)();
 };
 
 enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5, EMU_LDMATRIX_X4 = 6 };

@@ -1,6 +1,6 @@
 // Force-included before every kernel source that the CUDA emulator compiles with g++: CUDA's built-ins in plain
 // C++. Each CUDA thread is a fiber of the emulator's scheduler (cuda_emulator.cpp); __shared__ variables are static
-// (the blocks of a launch run one after another), warp collectives (shuffles, mma.sync, ldmatrix) go through the
+// (the blocks of a launch run one after another; a cooperative launch's, which run at once, swap them), warp collectives (shuffles, mma.sync, ldmatrix) go through the
 // scheduler, which resumes the lanes of a warp only when all of them have arrived.
 #pragma once
 #include <cmath>
@@ -51,6 +51,7 @@ inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
 inline float __uint_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
 inline int __float_as_int(float f) { int v; memcpy(&v, &f, 4); return v; }
 inline unsigned __float_as_uint(float f) { unsigned v; memcpy(&v, &f, 4); return v; }
+inline void __nanosleep(unsigned) { emu_api->yield(); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }

@@ -35,6 +35,7 @@ int (*cuStreamSynchronize)(void*);
 int (*cuModuleLoadData)(void**, const void*);
 int (*cuModuleGetFunction)(void**, void*, const char*);
 int (*cuLaunchKernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**, void**);
+int (*cuLaunchCooperativeKernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**);
 int (*nvrtcCreateProgram)(void**, const char*, const char*, int, const char* const*, const char* const*);
 int (*nvrtcCompileProgram)(void*, int, const char* const*);
 int (*nvrtcGetCUBINSize)(void*, size_t*);
@@ -176,6 +177,30 @@ extern "C" __global__ void convert(const float* x, unsigned* y)
 }
 )";
 
+// Block b writes b to its static and dynamic shared arrays and to y[b], waits for the whole grid (a barrier on *count,
+// spinning through __nanosleep), then reads its neighbour's y and its own shared arrays: each thread should find
+// (b + 1) mod gridDim.x, plus 100 if its static array was not its block's own and 1000 if its dynamic one was not.
+const char* kGrid = R"(
+extern "C" __global__ void neighbours(float* y, unsigned* count)
+{
+    __shared__ float st[32];
+    extern __shared__ float dy[];
+    st[threadIdx.x] = (float)blockIdx.x;
+    dy[threadIdx.x] = (float)blockIdx.x;
+    if (threadIdx.x == 0) y[blockIdx.x] = (float)blockIdx.x;
+    __syncthreads();
+    if (threadIdx.x == 0)
+    {
+        __threadfence();
+        atomicAdd(count, 1u);
+        while (*(volatile unsigned*)count < gridDim.x) __nanosleep(0);
+    }
+    __syncthreads();
+    y[gridDim.x + blockIdx.x * 32 + threadIdx.x] = y[(blockIdx.x + 1) % gridDim.x] + (st[threadIdx.x] != (float)blockIdx.x ? 100.f : 0.f)
+        + (dy[threadIdx.x] != (float)blockIdx.x ? 1000.f : 0.f);
+}
+)";
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -195,6 +220,7 @@ int main(int argc, char** argv)
     cuModuleLoadData = get<decltype(cuModuleLoadData)>("cuModuleLoadData");
     cuModuleGetFunction = get<decltype(cuModuleGetFunction)>("cuModuleGetFunction");
     cuLaunchKernel = get<decltype(cuLaunchKernel)>("cuLaunchKernel");
+    cuLaunchCooperativeKernel = get<decltype(cuLaunchCooperativeKernel)>("cuLaunchCooperativeKernel");
     nvrtcCreateProgram = get<decltype(nvrtcCreateProgram)>("nvrtcCreateProgram");
     nvrtcCompileProgram = get<decltype(nvrtcCompileProgram)>("nvrtcCompileProgram");
     nvrtcGetCUBINSize = get<decltype(nvrtcGetCUBINSize)>("nvrtcGetCUBINSize");
@@ -302,6 +328,29 @@ int main(int argc, char** argv)
         waitpid(child, &status, 0);
         report(WIFEXITED(status) && WEXITSTATUS(status) == 99, "a write past the end of a device buffer is reported and ends the process",
             "child exit status " + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1));
+    }
+    {
+        // A grid-wide barrier: it completes in a cooperative launch (all blocks at once, each with its own shared
+        // memory), fails a normal launch instead of hanging (its first block would wait for the others forever), and
+        // a cooperative grid larger than the device holds is refused.
+        void* f = function(kGrid, "neighbours");
+        const unsigned blocks = 4;
+        uint64_t count = upload({0.f});   // a u32 zero
+        std::vector<void*> args{&y, &count};
+        int rc = cuLaunchCooperativeKernel(f, blocks, 1, 1, 32, 1, 1, 32 * 4, stream, args.data());
+        int sync = cuStreamSynchronize(stream);
+        auto out = download(y, blocks + blocks * 32);
+        int right = 0;
+        for (unsigned b = 0; b < blocks; b++)
+            for (int t = 0; t < 32; t++) right += out[blocks + b * 32 + t] == (float)((b + 1) % blocks);
+        report(rc == 0 && sync == 0 && right == (int)(blocks * 32), "grid barrier in a cooperative launch of 4 blocks, shared memory per block",
+            std::to_string(right) + " of " + std::to_string(blocks * 32) + " threads read their neighbour's value and their own shared memory");
+        cuMemcpyHtoDAsync(count, std::vector<float>{0.f}.data(), 4, stream);
+        rc = run(f, blocks, 32, 32 * 4, args);
+        report(rc != 0, "the same barrier in a normal launch fails instead of hanging", "rc " + std::to_string(rc));
+        rc = cuLaunchCooperativeKernel(f, 132 * 32 + 1, 1, 1, 32, 1, 1, 32 * 4, stream, args.data());
+        report(rc == 720, "a cooperative grid larger than the device holds at once is refused", "rc " + std::to_string(rc));
+        cuMemFree(count);
     }
     cuMemFree(x); cuMemFree(y);
     printf("%d passed, %d failed\n", passed, failed);
