@@ -113,6 +113,7 @@ struct Fiber
 };
 
 constexpr size_t StackBytes = 128 << 10;
+constexpr int Multiprocessors = 132;   // the emulated device's SMs (an H100's)
 
 struct LaunchState
 {
@@ -1037,7 +1038,7 @@ EXPORT int cuDeviceGetAttribute(int* v, int attribute, int)
     switch (attribute)
     {
     case 13: *v = 1980000; return 0;   // clock rate (kHz), H100 SXM boost
-    case 16: *v = 132; return 0;       // multiprocessors
+    case 16: *v = Multiprocessors; return 0;
     case 36: *v = 2619000; return 0;   // memory clock (kHz)
     case 37: *v = 5120; return 0;      // bus width (bits)
     case 38: *v = 1 << 20; return 0;   // L2 bytes: no cache is modelled; small, so eviction reads stay cheap
@@ -1212,12 +1213,12 @@ int launch(void* f, EmuDim3 grid, EmuDim3 block, unsigned shared, void* stream, 
     if (int rc = check_launch(*fn, grid, block, shared)) return rc;
     if (cooperative)
     {
-        // As many blocks as the device holds at once (cuOccupancyMaxActiveBlocksPerMultiprocessor × 132 SMs).
+        // As many blocks as the device holds at once (cuOccupancyMaxActiveBlocksPerMultiprocessor on every SM).
         int per_sm = 0;
         cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, (int)(block.x * block.y * block.z), shared);
-        if ((long long)grid.x * grid.y * grid.z > 132LL * per_sm)
+        if ((long long)grid.x * grid.y * grid.z > (long long)Multiprocessors * per_sm)
         {
-            warn("cooperative launch of %s: %u blocks, more than the %d the device holds at once", fn->name.c_str(), grid.x * grid.y * grid.z, 132 * per_sm);
+            warn("cooperative launch of %s: %u blocks, more than the %d the device holds at once", fn->name.c_str(), grid.x * grid.y * grid.z, Multiprocessors * per_sm);
             return 720;   // CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
         }
     }

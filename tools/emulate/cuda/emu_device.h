@@ -1,7 +1,8 @@
 // Force-included before every kernel source that the CUDA emulator compiles with g++: CUDA's built-ins in plain
 // C++. Each CUDA thread is a fiber of the emulator's scheduler (cuda_emulator.cpp); __shared__ variables are static
-// (the blocks of a launch run one after another; a cooperative launch's, which run at once, swap them), warp collectives (shuffles, mma.sync, ldmatrix) go through the
-// scheduler, which resumes the lanes of a warp only when all of them have arrived.
+// (the blocks of a launch run one after another; a cooperative launch's, which run at once, swap them), warp
+// collectives (shuffles, mma.sync, ldmatrix) go through the scheduler, which resumes the lanes of a warp only when all
+// of them have arrived.
 #pragma once
 #include <cmath>
 #include <cstddef>
