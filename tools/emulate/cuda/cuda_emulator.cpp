@@ -345,6 +345,10 @@ struct GridShared
 // Runs the blocks `ids` of `threads` threads each at once (their threads are fibers[b * threads + i]) to completion:
 // one block for a normal launch, whose blocks run one after another; a cooperative launch's whole grid, with `shared`
 // switching shared memory between blocks. False with g_run.error set when they cannot finish.
+// A cooperative grid runs one block at a time for as long as it moves (its threads run, meet at __syncthreads and warp
+// collectives, and go on), and the next block only when every thread of this one is done or spin-waits: a block runs
+// ahead to its next grid barrier before the others start, so that a missing barrier (a block reading what others write
+// in the same phase) reads what no block has written yet.
 bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared)
 {
     int blocks = (int)ids.size(), total = blocks * threads;
@@ -372,13 +376,17 @@ bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared
         }
     }
     bool reverse = schedule_reversed();
-    long long spinning = 0;   // passes in a row in which only spin-waits ran
+    int focus = reverse ? blocks - 1 : 0;   // the block that runs (all of them at once in a pass: blocks == 1)
+    int idle_blocks = 0;                    // blocks in a row that did not move when their turn came
+    bool ran_in_round = false;
+    long long spinning = 0;                 // rounds in a row in which only spin-waits ran
+    std::vector<char> done_blocks(blocks, 0);
     for (;;)
     {
         bool ran = false, progressed = false;
-        for (int n = 0; n < total; n++)
+        for (int n = 0; n < threads; n++)
         {
-            Fiber& f = g_run.fibers[reverse ? total - 1 - n : n];
+            Fiber& f = g_run.fibers[focus * threads + (reverse ? threads - 1 - n : n)];
             if (f.state != RUNNABLE) continue;
             if (shared) shared->enter(f.block);
             g_run.current = &f;
@@ -389,43 +397,46 @@ bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared
             progressed |= !f.yielded;
             if (!g_run.error.empty()) return false;
         }
-        for (int b = 0; b < blocks; b++)
-            for (int w = 0; w * 32 < threads; w++)
-            {
-                int lanes = std::min(32, threads - w * 32);
-                Fiber* warp = &g_run.fibers[b * threads + w * 32];
-                for (int l = 0; l < lanes; l++)
-                    if (warp[l].state == AT_COLLECTIVE)
-                    {
-                        if (!resolve_collective(warp, lanes, l)) return false;
-                        if (warp[l].state == RUNNABLE) progressed = true;
-                        break;
-                    }
-            }
-        // A block whose every thread waits at __syncthreads (or has finished) goes on.
-        bool finished = true;
-        for (int b = 0; b < blocks; b++)
+        for (int w = 0; w * 32 < threads; w++)
         {
-            int done = 0, barrier = 0;
-            for (int i = 0; i < threads; i++)
-            {
-                done += g_run.fibers[b * threads + i].state == DONE;
-                barrier += g_run.fibers[b * threads + i].state == AT_BARRIER;
-            }
-            finished &= done == threads;
-            if (barrier > 0 && barrier + done == threads)
-            {
-                for (int i = 0; i < threads; i++)
-                    if (g_run.fibers[b * threads + i].state == AT_BARRIER) g_run.fibers[b * threads + i].state = RUNNABLE;
-                progressed = true;
-            }
+            int lanes = std::min(32, threads - w * 32);
+            Fiber* warp = &g_run.fibers[focus * threads + w * 32];
+            for (int l = 0; l < lanes; l++)
+                if (warp[l].state == AT_COLLECTIVE)
+                {
+                    if (!resolve_collective(warp, lanes, l)) return false;
+                    if (warp[l].state == RUNNABLE) progressed = true;
+                    break;
+                }
         }
+        // A block whose every thread waits at __syncthreads (or has finished) goes on.
+        int done = 0, barrier = 0;
+        for (int i = 0; i < threads; i++)
+        {
+            done += g_run.fibers[focus * threads + i].state == DONE;
+            barrier += g_run.fibers[focus * threads + i].state == AT_BARRIER;
+        }
+        if (barrier > 0 && barrier + done == threads)
+        {
+            for (int i = 0; i < threads; i++)
+                if (g_run.fibers[focus * threads + i].state == AT_BARRIER) g_run.fibers[focus * threads + i].state = RUNNABLE;
+            progressed = true;
+        }
+        if (done == threads && !done_blocks[focus]) { done_blocks[focus] = 1; progressed = true; }
+        bool finished = true;
+        for (int b = 0; b < blocks && finished; b++) finished = done_blocks[b];
         if (finished) return true;
-        if (progressed) { spinning = 0; continue; }
-        if (ran && ++spinning < (1 << 20)) continue;
-        g_run.error = ran ? "threads spin-wait (__nanosleep) and nothing else moves: a wait that cannot end (a grid barrier "
-                            "in a launch whose blocks do not all run at once?)"
-                          : "deadlock: " + describe_states(total);
+        ran_in_round |= ran;
+        if (progressed) { spinning = 0; idle_blocks = 0; ran_in_round = false; continue; }
+        focus = reverse ? (focus + blocks - 1) % blocks : (focus + 1) % blocks;
+        if (++idle_blocks < blocks) continue;   // the others' turn before this counts as a round without progress
+        idle_blocks = 0;
+        bool any_ran = ran_in_round;
+        ran_in_round = false;
+        if (any_ran && ++spinning < (1 << 20)) continue;
+        g_run.error = any_ran ? "threads spin-wait (__nanosleep) and nothing else moves: a wait that cannot end (a grid barrier "
+                                "in a launch whose blocks do not all run at once?)"
+                              : "deadlock: " + describe_states(total);
         return false;
     }
 }
@@ -991,7 +1002,15 @@ int compile_program(Program& p)
     if (entries == 0) { p.log = p.name + ": no extern \"C\" __global__ entry points"; return 6; }
     write_file(d + "/pre.ii", pre + wrappers.str());
     const char* opt = getenv("DISPNATIVE_EMU_OPT");
-    rc = run_command(cxx + " -std=c++17 " + (opt && *opt ? opt : "-O2") + " -g0 -fPIC -shared -fno-strict-aliasing -Wno-unknown-pragmas -o " + d + "/module.so " + d + "/pre.ii", out);
+    // g++ ignores the section attribute of a static local in a function template (a __shared__ array declared in a
+    // template device function) and gives it a section of its own, .bss._ZZ<name>; the linker script gathers those into
+    // emu_shared too, so that every static __shared__ array is refilled and, under a cooperative launch, swapped per block.
+    // -fno-gnu-unique: such a static is otherwise a process-wide unique symbol, which the dynamic linker binds to the
+    // first loaded module's copy, outside a later module's emu_shared.
+    if (!write_file(d + "/emu_shared.ld", "SECTIONS { emu_shared : { *(emu_shared) *(.bss._ZZ*) } } INSERT AFTER .data;\n"))
+    { p.log = "cannot write to " + d; return 6; }
+    rc = run_command(cxx + " -std=c++17 " + (opt && *opt ? opt : "-O2") + " -g0 -fPIC -shared -fno-strict-aliasing -fno-gnu-unique -Wno-unknown-pragmas -Wl,-T," + d +
+        "/emu_shared.ld -o " + d + "/module.so " + d + "/pre.ii", out);
     if (rc != 0) { p.log = nvrtc_style(out, d); return 6; }
     std::string so = read_file(d + "/module.so");
     p.image.assign(so.begin(), so.end());

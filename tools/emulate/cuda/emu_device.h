@@ -71,12 +71,13 @@ inline float max(float a, float b) { return fmaxf(a, b); }
 // The kernels' vector loads and stores (reinterpret_cast<const uint4*>(p) and the like, which the emulator's source
 // rewriting turns into this call): a GPU faults on a vector access at an address that is not a multiple of its
 // size, where x86 would quietly read it, so the cast checks the address.
+static char emu_misaligned_message[160];   // not a function-local static: those are the kernels' __shared__ arrays
 template <typename V, typename P> inline V* emu_vector_cast(P* p)
 {
     if ((uintptr_t)p % sizeof(V) != 0)
     {
-        static char message[160];
-        snprintf(message, sizeof message, "misaligned address: a %zu-byte vector access at %p, which is not %zu-byte aligned",
+        char* message = emu_misaligned_message;
+        snprintf(message, sizeof emu_misaligned_message, "misaligned address: a %zu-byte vector access at %p, which is not %zu-byte aligned",
             sizeof(V), (const void*)p, sizeof(V));
         emu_api->fail(message);
     }

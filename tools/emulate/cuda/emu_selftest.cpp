@@ -148,6 +148,15 @@ extern "C" __global__ void stale_static(float* y)
     __syncthreads();
     y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
 }
+// The same with the array declared in a function template (where g++ ignores a static's section attribute).
+template <typename T> __device__ T* template_array() { __shared__ T s[32]; return s; }
+extern "C" __global__ void stale_template(float* y)
+{
+    float* s = template_array<float>();
+    if (blockIdx.x == 0) s[threadIdx.x] = 5.f;
+    __syncthreads();
+    y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
 extern "C" __global__ void stale_dynamic(float* y)
 {
     extern __shared__ float s[];
@@ -181,11 +190,14 @@ extern "C" __global__ void convert(const float* x, unsigned* y)
 // spinning through __nanosleep), then reads its neighbour's y and its own shared arrays: each thread should find
 // (b + 1) mod gridDim.x, plus 100 if its static array was not its block's own and 1000 if its dynamic one was not.
 const char* kGrid = R"(
+template <typename T> __device__ T* block_array() { __shared__ T st[32]; return st; }
 extern "C" __global__ void neighbours(float* y, unsigned* count)
 {
     __shared__ float st[32];
+    float* tt = block_array<float>();   // a function template's static array: per block too
     extern __shared__ float dy[];
     st[threadIdx.x] = (float)blockIdx.x;
+    tt[threadIdx.x] = (float)blockIdx.x;
     dy[threadIdx.x] = (float)blockIdx.x;
     if (threadIdx.x == 0) y[blockIdx.x] = (float)blockIdx.x;
     __syncthreads();
@@ -197,7 +209,14 @@ extern "C" __global__ void neighbours(float* y, unsigned* count)
     }
     __syncthreads();
     y[gridDim.x + blockIdx.x * 32 + threadIdx.x] = y[(blockIdx.x + 1) % gridDim.x] + (st[threadIdx.x] != (float)blockIdx.x ? 100.f : 0.f)
-        + (dy[threadIdx.x] != (float)blockIdx.x ? 1000.f : 0.f);
+        + (dy[threadIdx.x] != (float)blockIdx.x ? 1000.f : 0.f) + (tt[threadIdx.x] != (float)blockIdx.x ? 10000.f : 0.f);
+}
+// The same exchange with only a block barrier where the grid barrier belongs.
+extern "C" __global__ void neighbours_unsynced(float* y)
+{
+    if (threadIdx.x == 0) y[blockIdx.x] = (float)blockIdx.x;
+    __syncthreads();
+    y[gridDim.x + blockIdx.x * 32 + threadIdx.x] = y[(blockIdx.x + 1) % gridDim.x];
 }
 )";
 
@@ -289,7 +308,7 @@ int main(int argc, char** argv)
         report(ok, "pair conversions round to nearest even, first operand high; ex2.approx.ftz flushes", detail);
         cuMemFree(in);
     }
-    for (const char* entry : {"stale_static", "stale_dynamic"})
+    for (const char* entry : {"stale_static", "stale_template", "stale_dynamic"})
     {
         int rc = run(function(kBarrier, entry), 2, 32, 128, {&y});
         auto out = download(y, 64);
@@ -348,6 +367,18 @@ int main(int argc, char** argv)
         cuMemcpyHtoDAsync(count, std::vector<float>{0.f}.data(), 4, stream);
         rc = run(f, blocks, 32, 32 * 4, args);
         report(rc != 0, "the same barrier in a normal launch fails instead of hanging", "rc " + std::to_string(rc));
+        // Without the grid barrier: each block runs up to its next grid-wide wait before the next block starts, so the
+        // neighbour's value is not there yet (running the blocks' threads in turns, one step each, would hide this).
+        void* g = function(kGrid, "neighbours_unsynced");
+        cuMemcpyHtoDAsync(y, std::vector<float>(blocks, -1.f).data(), blocks * 4, stream);
+        std::vector<void*> unsynced_args{&y};
+        rc = cuLaunchCooperativeKernel(g, blocks, 1, 1, 32, 1, 1, 0, stream, unsynced_args.data());
+        sync = cuStreamSynchronize(stream);
+        auto early = download(y, blocks + blocks * 32);
+        int unwritten = 0;
+        for (unsigned i = blocks; i < blocks + blocks * 32; i++) unwritten += early[i] == -1.f;
+        report(rc == 0 && sync == 0 && unwritten > 0, "the same exchange with __syncthreads instead of the grid barrier reads unwritten values",
+            std::to_string(unwritten) + " of " + std::to_string(blocks * 32) + " threads read their neighbour before it wrote");
         rc = cuLaunchCooperativeKernel(f, 132 * 32 + 1, 1, 1, 32, 1, 1, 32 * 4, stream, args.data());
         report(rc == 720, "a cooperative grid larger than the device holds at once is refused", "rc " + std::to_string(rc));
         cuMemFree(count);
