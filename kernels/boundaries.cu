@@ -13,26 +13,6 @@ __device__ void chain_link(float* slots)
     if (threadIdx.x == 0) s[blockIdx.x] += 1.f;
 }
 
-// Waits until `target` block arrivals have been counted on *count (which only grows: barrier i of a launch waits for
-// (i + 1) · gridDim.x). Every block of the grid must be resident at once (a cooperative launch); should one not be, the
-// wait gives up after about 2^22 polls (seconds) and returns false instead of hanging.
-__device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
-{
-    __shared__ bool arrived;
-    __syncthreads();   // the block's writes are done
-    if (threadIdx.x == 0)
-    {
-        __threadfence();   // ... and visible to the whole device before the arrival is
-        atomicAdd(count, 1u);
-        unsigned polls = 0;
-        while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) spin_pause();
-        arrived = polls < (1u << 22);
-        __threadfence();
-    }
-    __syncthreads();
-    return arrived;
-}
-
 // `links` links in one launch: at link i block b increments slot (b + i) mod gridDim.x, a slot another block
 // incremented at the link before, so a missing barrier loses increments. *count starts at zero. A block whose
 // barrier gave up writes NaN into its own slot and leaves.

@@ -50,6 +50,9 @@ __device__ __forceinline__ void grid_dependency_wait()
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Where a kernel waits for its inputs: by default the grid-dependency wait (device functions that a persistent kernel
+// also runs take it as a parameter and are given a grid barrier there).
+struct DependencyWait { __device__ __forceinline__ void operator()() const { grid_dependency_wait(); } };
 // The body of a spin-wait loop: nothing on a GPU; the CUDA emulator (g++, no __CUDA_ARCH__), whose threads switch only
 // where they wait, runs the others there.
 __device__ __forceinline__ void spin_pause()
@@ -58,6 +61,26 @@ __device__ __forceinline__ void spin_pause()
     __nanosleep(0);
 #endif
 }
+// Waits until `target` block arrivals have been counted on *count (which only grows: barrier i of a launch waits for
+// (i + 1) · gridDim.x). Every block of the grid must be resident at once (a cooperative launch); should one not be, the
+// wait gives up after about 2^22 polls (seconds) and returns false instead of hanging.
+__device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
+{
+    __shared__ bool arrived;
+    __syncthreads();   // the block's writes are done
+    if (threadIdx.x == 0)
+    {
+        __threadfence();   // ... and visible to the whole device before the arrival is
+        atomicAdd(count, 1u);
+        unsigned polls = 0;
+        while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) spin_pause();
+        arrived = polls < (1u << 22);
+        __threadfence();
+    }
+    __syncthreads();
+    return arrived;
+}
+
 // p, with its value hidden from the optimizer by an empty asm: loads through the result depend on the asm, so they
 // stay after it. Loads through a const __restrict__ pointer may be compiled as invariant (ld.global.nc) and scheduled
 // freely across a memory clobber; a kernel reads the previous kernel's output through opaque(p) after

@@ -96,7 +96,11 @@ public class KernelSourceTests
         Assert.That(KernelSources.KernelNames, Is.EqualTo(onDisk));
         foreach (var k in onDisk)
             Assert.That(KernelSources.Source(k!), Is.EqualTo(File.ReadAllText(Path.Combine(KernelsDir, k + ".cu"))), k);
-        Assert.That(KernelSources.Files[KernelSources.Header], Is.EqualTo(File.ReadAllText(Path.Combine(KernelsDir, "common.cuh"))));
+        var headers = Directory.GetFiles(KernelsDir, "*.cuh").Select(Path.GetFileName).Order(StringComparer.Ordinal).ToList();
+        Assert.That(headers, Does.Contain("common.cuh"));
+        Assert.That(KernelSources.Headers.Keys, Is.EqualTo(headers));
+        foreach (var h in headers)
+            Assert.That(KernelSources.Headers[h!], Is.EqualTo(File.ReadAllText(Path.Combine(KernelsDir, h!))), h);
     }
 
     [Test]
@@ -293,11 +297,11 @@ public class NvrtcTests
     }
 
     /// <summary>The largest block a kernel may be launched with (CudaOps): 128 threads for the tensor-core prefill and
-    /// the decode attention, which hold tiles in registers; the GEMV kernels' 256 (their deeper unrolls hold up to 16
-    /// loads of 16 bytes per lane); any size up to 1024 for the rest.</summary>
+    /// the decode attention, which hold tiles in registers; the GEMV kernels' and the persistent decode step's 256 (their
+    /// deeper unrolls hold up to 16 loads of 16 bytes per lane); any size up to 1024 for the rest.</summary>
     private static int MaxBlockThreads(string entry) =>
         entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_decode") ? 128
-        : entry.StartsWith("gemv_") ? CudaDevice.GemvWarps * 32 : 1024;
+        : entry.StartsWith("gemv_") || entry.StartsWith("decode_layers_") ? CudaDevice.GemvWarps * 32 : 1024;
 
     /// <summary>A spill turns register traffic into local-memory traffic inside the hot loops (the tensor-core attention
     /// sits at 238 of 255 registers). And a block whose threads need more than the SM's 65,536 registers does not
@@ -308,7 +312,7 @@ public class NvrtcTests
     public void NoKernelSpillsRegisters_OrNeedsMoreThanTheSmHasForItsLargestBlock(string arch)
     {
         if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
-        var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
+        var headers = KernelSources.Headers;
         var options = new KernelCompiler(arch, TestAssets.TempDir()).Options.Append("--ptxas-options=-v").ToList();
         int entries = 0;
         foreach (var k in KernelSources.KernelNames)

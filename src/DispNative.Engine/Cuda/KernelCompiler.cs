@@ -4,16 +4,26 @@ using DispNative.Interop;
 
 namespace DispNative.Engine.Cuda;
 
-/// <summary>The <c>kernels/*.cu</c> sources and their shared header, embedded in the engine assembly.</summary>
+/// <summary>The <c>kernels/*.cu</c> sources and the headers they include (<c>kernels/*.cuh</c>), embedded in the engine
+/// assembly.</summary>
 public static class KernelSources
 {
-    public const string Header = "common.cuh";
     private static readonly Lazy<IReadOnlyDictionary<string, string>> All = new(Read);
+    private static readonly Lazy<IReadOnlyDictionary<string, string>> AllHeaders =
+        new(() => Files.Where(f => IsHeader(f.Key)).OrderBy(f => f.Key, StringComparer.Ordinal).ToDictionary());
 
-    /// <summary>Kernel files by name without extension (for example "norm"), plus the header under its file name.</summary>
+    /// <summary>Kernel files by name without extension (for example "norm"), plus the headers under their file names.</summary>
     public static IReadOnlyDictionary<string, string> Files => All.Value;
 
-    public static IEnumerable<string> KernelNames => Files.Keys.Where(k => k != Header).Order();
+    /// <summary>The headers by file name (for example "common.cuh"): every kernel is compiled with all of them at hand.</summary>
+    public static IReadOnlyDictionary<string, string> Headers => AllHeaders.Value;
+
+    /// <summary>Every header's name and text in name order: part of each kernel's cache key.</summary>
+    public static string HeaderText => string.Join("\n\u0002", Headers.Select(h => h.Key + "\n" + h.Value));
+
+    private static bool IsHeader(string file) => file.EndsWith(".cuh", StringComparison.Ordinal);
+
+    public static IEnumerable<string> KernelNames => Files.Keys.Where(k => !IsHeader(k)).Order();
 
     public static string Source(string kernel) => Files.TryGetValue(kernel, out var s)
         ? s : throw new DispNativeException($"no kernel source '{kernel}.cu' is embedded (have: {string.Join(", ", KernelNames)})");
@@ -61,7 +71,7 @@ public static class KernelSources
 }
 
 /// <summary>Compiles embedded kernels with NVRTC for one architecture and caches the CUBINs on disk, keyed by
-/// SHA-256 of (source, header, options, architecture, NVRTC version): a second start compiles nothing.</summary>
+/// SHA-256 of (source, headers, options, architecture, NVRTC version): a second start compiles nothing.</summary>
 public sealed class KernelCompiler
 {
     public string Architecture { get; }
@@ -93,7 +103,7 @@ public sealed class KernelCompiler
     }
 
     /// <summary>The cache key of one kernel file under these options and the loaded NVRTC.</summary>
-    public string CacheKey(string kernel) => Key(KernelSources.Source(kernel), KernelSources.Files[KernelSources.Header],
+    public string CacheKey(string kernel) => Key(KernelSources.Source(kernel), KernelSources.HeaderText,
         Options, Architecture, Nvrtc.Version.ToString());
 
     internal static string Key(string source, string header, IEnumerable<string> options, string arch, string nvrtcVersion)
@@ -112,8 +122,7 @@ public sealed class KernelCompiler
             try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { CacheHits++; return cached; } }
             catch (IOException) { /* unreadable cache entry: compile again */ }
         }
-        var headers = new Dictionary<string, string> { [KernelSources.Header] = KernelSources.Files[KernelSources.Header] };
-        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", headers, Options, out _);
+        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, Options, out _);
         Compiled++;
         TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
         return cubin;

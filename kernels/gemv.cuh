@@ -1,0 +1,305 @@
+// Batch-1 linear layers for decode, one warp per output row: the warp streams the weight row with 16-byte loads,
+// U loads in flight per lane, and reduces with shuffles; x (a single row, at most tens of KB) stays in L1/L2.
+// Every kernel comes in U = 8, 12 and 16 (entry NAME_uU): a deeper unroll covers a row in fewer memory round trips
+// (a pruned K of 2656 bf16 is 332 loads: 2 rounds at U 8, one at 12) but holds more registers, so fewer warps fit on
+// an SM. The host times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever
+// U is, so the variants give bit-identical results.
+// Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (the caller checks; cuBLASLt takes the rest).
+// Grid ceil(rows / warps per block). Besides the plain GEMV, the decode step's fusions:
+//   gemv (out_index set): y[out_index[row]] += dot - the pruned o_proj/down GEMM and DISP's index-add in one pass;
+//   gemv_qkv: the q, k and v projections of one input in one launch;
+//   gemv_swiglu: out[row] = silu(x.w_gate[row]) * (x.w_up[row]) - gate, up and the activation in one pass.
+#pragma once
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
+{
+    constexpr int N = 16 / sizeof(T);
+    float fa[N], fb[N], s = 0.f;
+    unpack16<T>(a, fa);
+    unpack16<T>(b, fb);
+#pragma unroll
+    for (int e = 0; e < N; e++) s += fa[e] * fb[e];
+    return s;
+}
+
+// A lane's first U 16-byte loads of a weight row (zero past the row's end). Issued before grid_dependency_wait():
+// under a programmatic launch they stream while the previous kernel (which produces x) finishes.
+template <int U, typename T>
+__device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4* a)
+{
+    int lane = threadIdx.x & 31, nv = k / (int)(16 / sizeof(T));
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+#pragma unroll
+    for (int u = 0; u < U; u++)
+    {
+        int e = lane + u * 32;
+        a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
+// U loads of w (load_first).
+template <int U, typename T>
+__device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __restrict__ w, int k, const uint4* first)
+{
+    int lane = threadIdx.x & 31;
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    int nv = k / (int)(16 / sizeof(T));
+    float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+    {
+        int e = lane + u * 32;
+        acc += dot16<T>(first[u], e < nv ? xv[e] : make_uint4(0, 0, 0, 0));
+    }
+    // Predicated rather than a scalar tail loop: a row whose length is not a multiple of U·32 loads (a pruned
+    // width such as 2680) still costs ceil(nv / (U·32)) memory latencies, not a few more one load at a time.
+    for (int i = lane + U * 32; i < nv; i += U * 32)
+    {
+        uint4 a[U], b[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+        {
+            int e = i + u * 32;
+            a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
+            b[u] = e < nv ? xv[e] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) acc += dot16<T>(a[u], b[u]);
+    }
+    return warp_sum(acc);
+}
+
+__device__ __forceinline__ int gemv_row() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+
+// y[o] = alpha * x . w[row] + beta * y[o], o = out_index ? out_index[row] : row; w row-major [n, k].
+template <int U, typename T, typename OUT>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
+    int n, int k, float alpha, float beta)
+{
+    allow_dependents_launch();
+    int row = gemv_row();
+    if (row >= n) return;
+    uint4 first[U];
+    load_first<U>(w + (long long)row * k, k, first);
+    grid_dependency_wait();
+    x = opaque(x);
+    y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
+    float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
+    if ((threadIdx.x & 31) == 0)
+    {
+        int o = out_index ? out_index[row] : row;
+        float v = alpha * acc;
+        if (beta != 0.f) v += beta * to_f32(y[o]);
+        y[o] = from_f32<OUT>(v);
+    }
+}
+
+// Rows [0, n0) of the output are x . w0 into y0, the next n1 x . w1 into y1, the last n2 x . w2 into y2.
+template <int U, typename T>
+__device__ void gemv_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
+{
+    allow_dependents_launch();
+    int row = gemv_row();
+    const T* w = w0; T* y = y0;
+    if (row >= n0) { row -= n0; w = w1; y = y1; if (row >= n1) { row -= n1; w = w2; y = y2; if (row >= n2) return; } }
+    uint4 first[U];
+    load_first<U>(w + (long long)row * k, k, first);
+    grid_dependency_wait();
+    x = opaque(x);
+    float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
+    if ((threadIdx.x & 31) == 0) y[row] = from_f32<T>(acc);
+}
+
+// The gate row's first loads go before the wait; the up row's after the gate's dot (both at once would double the
+// registers the first loads hold).
+template <int U, typename T>
+__device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
+    int n, int k)
+{
+    allow_dependents_launch();
+    int row = gemv_row();
+    if (row >= n) return;
+    uint4 first[U];
+    load_first<U>(w_gate + (long long)row * k, k, first);
+    grid_dependency_wait();
+    x = opaque(x);
+    float g = warp_dot<U>(x, w_gate + (long long)row * k, k, first);
+    load_first<U>(w_up + (long long)row * k, k, first);
+    float u = warp_dot<U>(x, w_up + (long long)row * k, k, first);
+    if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
+}
+
+// Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu): every block normalizes
+// the f32 residual row x into shared memory itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to
+// k - and its warps then stream weight rows against h, several rows each (a grid of a few resident blocks per SM,
+// CudaDevice.PersistentBlocksPerSM, so the row is normalized that many times per SM). No launch of the norm, no h
+// written to memory and read back; before the grid-dependency wait a block loads its first weight rows and the
+// norm's idx and gamma.
+// The arithmetic repeats rmsnorm_gather's as the engine launches it with norm_threads threads: each of those
+// threads' sums in its order (stream_row), reduced as block_sum does, the same rms_scale and norm_affine - so h, and
+// with it every output, is bit for bit what the two launches give.
+// Dynamic shared memory: d floats (the row), k ints when idx is set (idx), k T (gamma[idx], then h); d a multiple of 4.
+template <typename T>
+struct DecodeNorm
+{
+    const float* x;         // the residual row, written by the previous kernel
+    const T* gamma;
+    const int* idx;         // the selected channels (null: all d)
+    int d, width, norm_threads;
+    float eps;
+};
+
+// Before the grid-dependency wait: the selected channels and their gamma values (weights) into shared memory.
+template <typename T>
+__device__ __forceinline__ void stage_norm_weights(const DecodeNorm<T>& n, int* cs, T* gs, int k)
+{
+#pragma unroll 4
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+    {
+        int c = j < n.width ? (n.idx ? n.idx[j] : j) : -1;
+        if (n.idx) cs[j] = c;
+        gs[j] = c >= 0 ? n.gamma[c] : T{};
+    }
+}
+
+// After the wait: x into xs, its sum of squares as rmsnorm_gather's norm_threads threads take it, and h over gs.
+template <typename T>
+__device__ __forceinline__ void normalize_row(const DecodeNorm<T>& n, float* xs, const int* cs, T* hs, int k)
+{
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int nt = n.norm_threads, n4 = n.d >> 2;
+    const float4* src4 = reinterpret_cast<const float4*>(opaque(n.x));
+    float4* xs4 = reinterpret_cast<float4*>(xs);
+    // Warp vw of the norm kernel's block, lane for lane (stream_row<NORM_UNROLL, true> with blockDim nt).
+    for (int vw = warp; vw < nt / 32; vw += warps)
+    {
+        int v = vw * 32 + lane;
+        float s = 0.f, ss = 0.f;
+        for (int base = v; base < n4; base += NORM_UNROLL * nt)
+        {
+            float4 val[NORM_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * nt;
+                val[u] = i < n4 ? src4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < NORM_UNROLL; u++)
+            {
+                int i = base + u * nt;
+                if (i < n4) xs4[i] = val[u];
+                add_sums(s, ss, val[u]);
+            }
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) partial[vw] = ss;
+    }
+    __syncthreads();
+    float scale = rms_scale(warp_sum(lane < nt / 32 ? partial[lane] : 0.f), n.d, n.eps);   // block_sum's second step
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+    {
+        int c = n.idx ? cs[j] : (j < n.width ? j : -1);
+        float y = 0.f;
+        if (c >= 0) y = norm_affine(xs[c], 0.f, scale, to_f32(hs[j]), 0.f);
+        hs[j] = from_f32<T>(y);
+    }
+    __syncthreads();
+}
+
+// The shared-memory arrays of a fused decode norm: xs (d floats), cs (k ints, when idx is set), hs (k T).
+template <typename T> struct DecodeNormSmem { float* xs; int* cs; T* hs; };
+template <typename T>
+__device__ __forceinline__ DecodeNormSmem<T> decode_norm_smem(const DecodeNorm<T>& n, int k)
+{
+    extern __shared__ float4 fused_norm_smem[];
+    float* xs = reinterpret_cast<float*>(fused_norm_smem);
+    int* cs = reinterpret_cast<int*>(xs + n.d);
+    return {xs, cs, reinterpret_cast<T*>(cs + (n.idx ? k : 0))};
+}
+
+// gemv_qkv of the normalized row: rows [0, n0) x . w0 into y0, the next n1 into y1, the last n2 into y2.
+// wait(): where the kernel waits for x (the grid-dependency wait; a persistent decode kernel's grid barrier).
+template <int U, typename T, typename Wait = DependencyWait>
+__device__ void gemv_norm_qkv(const DecodeNorm<T> n, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k, Wait wait = {})
+{
+    DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+    allow_dependents_launch();
+    int warps = blockDim.x >> 5, total = n0 + n1 + n2;
+    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    auto weight_row = [&](int row, T*& y, int& r) -> const T*
+    {
+        if (row < n0) { y = y0; r = row; return w0 + (long long)row * k; }
+        if (row < n0 + n1) { y = y1; r = row - n0; return w1 + (long long)r * k; }
+        y = y2; r = row - n0 - n1; return w2 + (long long)r * k;
+    };
+    uint4 first[U];
+    if (first_row < total) { T* y; int r; load_first<U>(weight_row(first_row, y, r), k, first); }
+    stage_norm_weights(n, sm.cs, sm.hs, k);
+    wait();
+    normalize_row(n, sm.xs, sm.cs, sm.hs, k);
+    for (int row = first_row; row < total; row += step)
+    {
+        T* y; int r;
+        const T* w = weight_row(row, y, r);
+        if (row != first_row) load_first<U>(w, k, first);
+        float acc = warp_dot<U>(sm.hs, w, k, first);
+        if ((threadIdx.x & 31) == 0) y[r] = from_f32<T>(acc);
+    }
+}
+
+// gemv_swiglu of the normalized row.
+template <int U, typename T, typename Wait = DependencyWait>
+__device__ void gemv_norm_swiglu(const DecodeNorm<T> n, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
+    int rows, int k, Wait wait = {})
+{
+    DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+    allow_dependents_launch();
+    int warps = blockDim.x >> 5;
+    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    uint4 first[U];
+    if (first_row < rows) load_first<U>(w_gate + (long long)first_row * k, k, first);
+    stage_norm_weights(n, sm.cs, sm.hs, k);
+    wait();
+    normalize_row(n, sm.xs, sm.cs, sm.hs, k);
+    for (int row = first_row; row < rows; row += step)
+    {
+        if (row != first_row) load_first<U>(w_gate + (long long)row * k, k, first);
+        float g = warp_dot<U>(sm.hs, w_gate + (long long)row * k, k, first);
+        load_first<U>(w_up + (long long)row * k, k, first);
+        float u = warp_dot<U>(sm.hs, w_up + (long long)row * k, k, first);
+        if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
+    }
+}
+
+// The index-add GEMV (gemv with out_index, alpha and beta 1: y[out_index[row]] += x . w[row]) on a persistent grid whose
+// warps loop over the rows, for a kernel whose blocks all call wait() (a grid barrier) before reading x and y; a warp's
+// first row is loaded before it. The same bits as gemv.
+template <int U, typename T, typename Wait>
+__device__ void gemv_index_add_rows(const T* x, const T* __restrict__ w, float* y, const int* __restrict__ out_index, int n, int k, Wait wait)
+{
+    int warps = blockDim.x >> 5;
+    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    uint4 first[U];
+    if (first_row < n) load_first<U>(w + (long long)first_row * k, k, first);
+    wait();
+    x = opaque(x);
+    y = opaque(y);
+    for (int row = first_row; row < n; row += step)
+    {
+        if (row != first_row) load_first<U>(w + (long long)row * k, k, first);
+        float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
+        if ((threadIdx.x & 31) == 0)
+        {
+            int o = out_index ? out_index[row] : row;
+            y[o] += acc;
+        }
+    }
+}
