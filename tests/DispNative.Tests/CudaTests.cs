@@ -139,12 +139,13 @@ public class KernelSourceTests
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, unroll {u}");
                 gemvCalls++;
             }
-            for (int at = text.IndexOf("Launch(\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf("Launch(\"", at + 1, StringComparison.Ordinal))
+            foreach (string call in new[] { "Launch", "LaunchCooperative" })
+            for (int at = text.IndexOf(call + "(\"", StringComparison.Ordinal); at >= 0; at = text.IndexOf(call + "(\"", at + 1, StringComparison.Ordinal))
             {
-                var args = SplitArguments(text, at + "Launch".Length);
+                var args = SplitArguments(text, at + call.Length);
                 string kernel = args[0].Trim('"'), entry = args[1];
                 if (!entry.StartsWith('"') && !entry.StartsWith("$\"")) continue;   // an entry name in a variable
-                string where = $"{Path.GetFileName(file)}: Launch(\"{kernel}\", {entry}, ...)";
+                string where = $"{Path.GetFileName(file)}: {call}(\"{kernel}\", {entry}, ...)";
                 // Fill each interpolation hole with a storage suffix or a head size, whichever combination names an entry.
                 string[] parts = System.Text.RegularExpressions.Regex.Split(entry.TrimStart('$').Trim('"'), @"\{[^}]*\}");
                 int? expected = null;
@@ -194,19 +195,26 @@ public class KernelSourceTests
     {
         var entry = new System.Text.RegularExpressions.Regex(@"extern ""C"" __global__(?:\s+__launch_bounds__\([^)]*\))?\s+void\s+([\w#]+)\([^)]*\)\s*\\?\s*\{\s*(\w+)\s*[<(]");
         int programmatic = 0;
+        string headers = string.Concat(KernelSources.Headers.Values);
         foreach (var kernel in KernelSources.KernelNames)
         {
-            string source = KernelSources.Source(kernel);
-            foreach (System.Text.RegularExpressions.Match m in entry.Matches(source))
+            string source = KernelSources.Source(kernel) + headers;   // the device function may be in a header
+            foreach (System.Text.RegularExpressions.Match m in entry.Matches(KernelSources.Source(kernel)))
             {
                 if (!CudaDevice.WaitsForGridDependency(m.Groups[1].Value)) continue;
                 programmatic++;
                 string callee = m.Groups[2].Value;
                 var definition = System.Text.RegularExpressions.Regex.Match(source, $@"__device__\s+void\s+{callee}\s*\(");
                 Assert.That(definition.Success, Is.True, $"{kernel}.cu: {m.Groups[1].Value} calls {callee}, whose definition was not found");
-                int open = source.IndexOf('{', definition.Index), depth = 0, end = open;
+                int close = definition.Index + definition.Length - 1, parens = 0;   // the parameter list's ')' (its defaults may hold braces)
+                do { parens += source[close] == '(' ? 1 : source[close] == ')' ? -1 : 0; close++; } while (parens > 0);
+                int open = source.IndexOf('{', close), depth = 0, end = open;
                 do { depth += source[end] == '{' ? 1 : source[end] == '}' ? -1 : 0; end++; } while (depth > 0);
-                Assert.That(source[open..end], Does.Contain("grid_dependency_wait();"), $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
+                string body = source[open..end];
+                // The wait itself, or a Wait parameter whose default is it (DependencyWait; a persistent kernel passes a grid barrier).
+                string declaration = source[(Math.Max(source.LastIndexOf('}', definition.Index), source.LastIndexOf(';', definition.Index)) + 1)..definition.Index];
+                bool waits = body.Contains("grid_dependency_wait();") || (body.Contains("wait();") && declaration.Contains("typename Wait = DependencyWait"));
+                Assert.That(waits, $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
             }
         }
         Assert.That(programmatic, Is.GreaterThanOrEqualTo(8), "the programmatic entry points were not found (pattern out of date?)");
@@ -224,7 +232,7 @@ public class KernelSourceTests
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
             "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "init:read_through", "norm:rmsnorm_backward_##S",
             "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O##_u##U", "gemv:gemv_qkv_##S##_u##U", "gemv:gemv_swiglu_##S##_u##U",
-            "gemv:gemv_norm_qkv_##S##_u##U", "gemv:gemv_norm_swiglu_##S##_u##U",
+            "gemv:gemv_norm_qkv_##S##_u##U", "gemv:gemv_norm_swiglu_##S##_u##U", "decode_step:decode_layers_##S##_u##U",
             "norm:add_rmsnorm_gather_##S", "norm:rmsnorm_masked_##S", "norm:add_masked_rmsnorm_##S", "residual:index_add_staged_##S", "rope:rope_f32_to_##S",
             "masks:mask_columns_grad_tiled_##S", "masks:mask_grad_scale_##NAME", "masks:swiglu_mask_backward_##S", "masks:silu_mul_masked_##S",
         ];
@@ -233,6 +241,26 @@ public class KernelSourceTests
             var (file, entry) = (e.Split(':')[0], e.Split(':')[1]);
             Assert.That(KernelSources.Source(file), Does.Contain($"void {entry}("), e);
         }
+    }
+
+    /// <summary>CudaLlama writes the persistent decode kernel's layer table as decode_step.cu's DecodeLayer reads it: as
+    /// many 8-byte fields, pointers first.</summary>
+    [Test]
+    public void PersistentDecodeLayerTable_HasTheKernelsFields()
+    {
+        string source = KernelSources.Source("decode_step");
+        var body = System.Text.RegularExpressions.Regex.Match(source, @"struct DecodeLayer\s*\{([^}]*)\}");
+        Assert.That(body.Success, "struct DecodeLayer not found in decode_step.cu");
+        var declarations = body.Groups[1].Value.Split(';', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        int pointers = 0, widths = 0;
+        foreach (var d in declarations)
+        {
+            int names = d.Count(c => c == ',') + 1;
+            if (d.Contains('*')) { Assert.That(names, Is.EqualTo(1), $"one pointer per declaration: {d}"); pointers++; }
+            else { Assert.That(d, Does.StartWith("long long "), d); widths += names; }
+        }
+        Assert.That((pointers, widths), Is.EqualTo((15, 9)));
+        Assert.That(pointers + widths, Is.EqualTo(CudaLlama.DecodeLayerFields));
     }
 
     [Test]

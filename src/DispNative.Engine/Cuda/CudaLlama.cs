@@ -36,11 +36,18 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
     /// <summary>The captured single-token decode step for this cache (its buffers and K/V pointers are baked in).</summary>
     internal CudaLlama.DecodeGraph? Graph { get; set; }
 
+    /// <summary>The persistent decode kernel's layer table (with this cache's K/V pointers) and barrier counter.</summary>
+    internal CudaLlama.PersistentDecodeState? Persistent { get; set; }
+
+    /// <summary>Whether the persistent decode kernel applies to this cache's model; null until a decode step has asked.</summary>
+    internal bool? PersistentDecodeApplies { get; set; }
+
     public void Reset() => Length = 0;
 
     public void Dispose()
     {
         Graph?.Dispose();
+        Persistent?.Dispose();
         foreach (var t in K) t?.Dispose();
         foreach (var t in V) t?.Dispose();
         DecodeScratch?.Dispose();
@@ -315,6 +322,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <summary>See <see cref="Skipped"/>; KernelBench only. A captured decode graph keeps what it captured: use a new cache.</summary>
     internal Skipped SkipForTiming { get; set; }
 
+    /// <summary>Decode steps run their decoder layers as one persistent kernel (kernels/decode_step.cu: one cooperative
+    /// launch, a grid barrier where a kernel boundary was) where it applies (no biases, every GEMV and fused norm in the
+    /// kernels' reach), eagerly: embedding, that kernel, the final norm and the LM head, no CUDA graph (where it does not
+    /// apply, decode goes on as without it). Off (the default until a GPU has timed it): five kernels per layer. The two
+    /// give the same logits, bit for bit.</summary>
+    public bool UsePersistentDecode { get; set; }
+
     /// <summary>Decode steps launch their kernels programmatically (<see cref="CudaDevice.ProgrammaticLaunch"/>); off:
     /// plain stream order (the self-test compares the two).</summary>
     public bool UseProgrammaticLaunch { get; set; } = true;
@@ -390,7 +404,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
-            float[] logits = rows == 1 && UseCudaGraphs ? DecodeWithGraph(tokens[0], cache, start) : ForwardEager(tokens, cache, start, lastOnly);
+            bool graph = rows == 1 && UseCudaGraphs && !(UsePersistentDecode && cache.PersistentDecodeApplies != false);
+            float[] logits = graph ? DecodeWithGraph(tokens[0], cache, start) : ForwardEager(tokens, cache, start, lastOnly);
             cache.Length += rows;
             return logits;
         }
@@ -456,6 +471,15 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);
         WriteBack? pending = null;
+        uint? persistentShared = rows == 1 && position == null && UsePersistentDecode ? PersistentDecodeShape(a, cache) : null;
+        if (rows == 1 && position == null && UsePersistentDecode) cache.PersistentDecodeApplies = persistentShared != null;
+        if (persistentShared is uint sharedBytes)
+        {
+            PersistentLayers(a, cache, start, sharedBytes);
+            Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
+            d.Gemm(a.H, _lmHead, a.Logits, 1, c.VocabSize, dm);
+            return;
+        }
         for (int l = 0; l < c.NumLayers; l++)
         {
             var w = _layers[l];
@@ -509,6 +533,122 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
         Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
         d.Gemm(a.H, _lmHead, a.Logits, a.LogitRows, c.VocabSize, dm, offsetA: (long)(rows - a.LogitRows) * dm);
+    }
+
+    /// <summary>A persistent decode kernel's per-cache state: the layer table it reads (kernels/decode_step.cu's
+    /// DecodeLayer, 8-byte fields), its barrier counter, and the unroll and blocks per SM chosen for it.</summary>
+    internal sealed class PersistentDecodeState(DeviceTensor layers, DeviceTensor barrier) : IDisposable
+    {
+        public DeviceTensor Layers { get; } = layers;
+        public DeviceTensor Barrier { get; } = barrier;
+        public (int Unroll, int BlocksPerSM)? Form { get; set; }
+
+        public void Dispose() { Layers.Dispose(); Barrier.Dispose(); }
+    }
+
+    /// <summary>Fields per layer of decode_step.cu's DecodeLayer: 15 pointers, then 9 widths.</summary>
+    internal const int DecodeLayerFields = 24;
+
+    /// <summary>Threads per block of the persistent decode kernel: two groups of the decode attention's 4 warps, and the
+    /// GEMVs' 8 warps.</summary>
+    private const int PersistentDecodeThreads = CudaDevice.GemvWarps * 32;
+
+    /// <summary>The dynamic shared memory of the persistent decode kernel (its larger fused norm's), or null where the
+    /// kernel does not apply: a bias, a GEMV or fused norm out of the kernels' reach, no split-KV layout with RoPE fused,
+    /// anything skipped for timing.</summary>
+    private uint? PersistentDecodeShape(Activations a, CudaKvCache cache)
+    {
+        var c = Config;
+        var d = _device;
+        int dm = c.HiddenSize, f = c.IntermediateSize;
+        if (SkipForTiming != Skipped.None || cache.DecodeScratch == null) return null;
+        uint shared = 0;
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var w = _layers[l];
+            if (w.Bq != null || w.Bo != null) return null;
+            if (!CudaOps.RopeFusesIntoDecode(a.Q, a.K!, a.V!, cache.K[l], cache.V[l], c.HeadDim)) return null;
+            int attnIn = Stored(w.AttnIn, dm), mlpIn = Stored(w.MlpIn, dm), mid = Stored(w.MlpMid, f);
+            if (!d.GemvApplies(a.H, w.Wq, attnIn) || !d.GemvApplies(a.H, w.Wk, attnIn) || !d.GemvApplies(a.H, w.Wv, attnIn)
+                || !d.GemvApplies(a.Att, w.Wo, c.QDim) || !d.GemvApplies(a.H, w.WGate, mlpIn) || !d.GemvApplies(a.H, w.WUp, mlpIn)
+                || !d.GemvApplies(a.Gate, w.WDown, mid)) return null;
+            if (_ops.FusedNorm(a.X, w.AttnIn, a.H, dm, attnIn) is not { } attnNorm || _ops.FusedNorm(a.X, w.MlpIn, a.H, dm, mlpIn) is not { } mlpNorm)
+                return null;
+            shared = Math.Max(shared, Math.Max(attnNorm.SharedBytes, mlpNorm.SharedBytes));
+        }
+        return shared;
+    }
+
+    /// <summary>The layers of one decode step at position <paramref name="start"/> as one cooperative launch of
+    /// decode_step.cu. A cache's first step times every compiled unroll at each of <see cref="CudaDevice.PersistentBlocksPerSM"/>
+    /// (the whole step from the embedding on, which gives the same result however often it runs) and keeps the fastest;
+    /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll, and models under <see cref="CudaDevice.MinTunedGemvElements"/>
+    /// weight elements take the first of each.</summary>
+    private void PersistentLayers(Activations a, CudaKvCache cache, int start, uint sharedBytes)
+    {
+        var c = Config;
+        var d = _device;
+        var state = cache.Persistent ??= NewPersistentState(a, cache);
+        var scratch = cache.DecodeScratch!;
+        int splits = CudaOps.DecodeSplits(cache.Capacity, c.SlidingWindow ?? 0);
+        void Launch((int Unroll, int BlocksPerSM) form)
+        {
+            string entry = $"decode_layers_{CudaDevice.Suffix(DType)}_u{form.Unroll}";
+            long resident = (long)Math.Min(form.BlocksPerSM, d.ResidentBlocks("decode_step", entry, PersistentDecodeThreads, sharedBytes)) * d.Info.Multiprocessors;
+            uint grid = (uint)Math.Max(1, Math.Min(resident, d.PersistentGridLimit ?? long.MaxValue));
+            _ops.FillConstant(state.Barrier, 0f);
+            d.LaunchCooperative("decode_step", entry, (grid, 1, 1), (PersistentDecodeThreads, 1, 1), sharedBytes,
+                state.Layers, c.NumLayers, a.X, a.Q, a.K, a.V, a.Att, a.Gate, _invFreq, scratch.States, scratch.Counters, state.Barrier,
+                start, c.HiddenSize, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow ?? 0, splits, 1f / MathF.Sqrt(c.HeadDim), c.RmsNormEps);
+        }
+        if (state.Form == null)
+        {
+            var unrolls = d.GemvUnroll is int u ? [u] : LayerGemmParameters < d.MinTunedGemvElements ? [CudaDevice.GemvUnrolls[0]] : CudaDevice.GemvUnrolls;
+            var blocks = LayerGemmParameters < d.MinTunedGemvElements ? [CudaDevice.PersistentBlocksPerSM[0]] : CudaDevice.PersistentBlocksPerSM;
+            var forms = unrolls.SelectMany(u => blocks.Select(b => (Unroll: u, BlocksPerSM: b))).ToList();
+            if (forms.Count > 1)
+            {
+                void Step((int, int) form) { _ops.Embedding(_embedding, a.Tokens, a.X, 1, c.HiddenSize); Launch(form); }
+                foreach (var form in forms) Step(form);   // untimed: first-use costs
+                state.Form = forms.MinBy(form =>
+                {
+                    var ms = Enumerable.Range(0, 5).Select(_ => d.Time(() => Step(form))).Order().ToList();
+                    return ms[2];
+                });
+                _ops.Embedding(_embedding, a.Tokens, a.X, 1, c.HiddenSize);   // the residual as the step began
+            }
+            else state.Form = forms[0];
+        }
+        Launch(state.Form.Value);
+    }
+
+    /// <summary>The layer table of <paramref name="cache"/> (decode_step.cu's DecodeLayer per layer) on the device, and a
+    /// barrier counter; <see cref="PersistentDecodeShape"/> has accepted the model.</summary>
+    private PersistentDecodeState NewPersistentState(Activations a, CudaKvCache cache)
+    {
+        var c = Config;
+        int dm = c.HiddenSize, f = c.IntermediateSize;
+        var table = new long[c.NumLayers * DecodeLayerFields];
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            var w = _layers[l];
+            int attnIn = Stored(w.AttnIn, dm), mlpIn = Stored(w.MlpIn, dm);
+            long P(DeviceTensor? t) => (long)(t?.Pointer ?? 0);
+            long[] fields =
+            [
+                P(w.AttnNorm), P(w.AttnIn), P(w.Wq), P(w.Wk), P(w.Wv), P(cache.K[l]), P(cache.V[l]),
+                P(w.Wo), P(w.AttnOut), P(w.MlpNorm), P(w.MlpIn), P(w.WGate), P(w.WUp), P(w.WDown), P(w.MlpOut),
+                w.AttnIn?.Length ?? dm, attnIn, _ops.FusedNorm(a.X, w.AttnIn, a.H, dm, attnIn)!.Value.NormThreads,
+                w.AttnOut?.Length ?? dm,
+                w.MlpIn?.Length ?? dm, mlpIn, _ops.FusedNorm(a.X, w.MlpIn, a.H, dm, mlpIn)!.Value.NormThreads,
+                Stored(w.MlpMid, f), w.MlpOut?.Length ?? dm,
+            ];
+            fields.CopyTo(table, l * DecodeLayerFields);
+        }
+        var layers = _device.Upload(System.Runtime.InteropServices.MemoryMarshal.Cast<long, int>(table));
+        DeviceTensor? barrier = null;
+        try { barrier = _device.Allocate(DType.F32, 1); return new PersistentDecodeState(layers, barrier); }
+        catch { layers.Dispose(); barrier?.Dispose(); throw; }
     }
 
     /// <summary>Whether a decode norm may go into the GEMV that reads it (<see cref="CudaOps.NormGemvQkv"/>): no

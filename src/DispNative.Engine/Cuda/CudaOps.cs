@@ -122,12 +122,12 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>A fused decode norm's launch figures: its dynamic shared memory (the f32 row, idx, gamma then h; gemv.cu),
     /// the norm's width and the block size whose arithmetic it repeats (the one-row <see cref="GatherRmsNorm"/>'s).</summary>
-    private readonly record struct FusedNormShape(uint SharedBytes, int Width, int NormThreads);
+    internal readonly record struct FusedNormShape(uint SharedBytes, int Width, int NormThreads);
 
     /// <summary>The fused decode norm's <see cref="FusedNormShape"/>, or null where the fused kernels do not apply: d not
     /// a multiple of 4, a row that is not f32, h not in a GEMV's reach, a width above k, or more than
     /// <see cref="MaxFusedNormSharedBytes"/>.</summary>
-    private FusedNormShape? FusedNorm(DeviceTensor x, DeviceTensor? idx, DeviceTensor h, int d, int k)
+    internal FusedNormShape? FusedNorm(DeviceTensor x, DeviceTensor? idx, DeviceTensor h, int d, int k)
     {
         int width = (int)(idx?.Length ?? d);
         if (d % 4 != 0 || x.DType != DType.F32 || width > k || k % (16 / h.DType.Size()) != 0) return null;

@@ -137,6 +137,12 @@ public static class SelfTest
                 dev => FusedDecodeNorms(dev, DType.F32, [(1000, 600), (2048, null)])),
             new("forward dense f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
+            new("decode bf16 as one persistent kernel = a kernel per phase, bit for bit: dense and DISP-pruned, 1 and 4 KV splits, " +
+                "grids of 1 and 3 blocks at every unroll", dev => PersistentDecode(dev, DType.BF16, [false, true], [13, 200], full: false)),
+            new("decode bf16 as one persistent kernel, DISP-pruned, 4 KV splits: the engine's grid and the timed form, bit for bit",
+                dev => PersistentDecode(dev, DType.BF16, [true], [200], full: true)),
+            new("decode f32 as one persistent kernel = a kernel per phase, bit for bit (DISP-pruned, 4 KV splits); with biases it declines",
+                dev => PersistentDecode(dev, DType.F32, [true], [200], full: false)),
             new("forward DISP-pruned f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: true)),
             new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, padding: 128)),
             new("forward DISP-pruned f32 vs CPU, q/k/v biases as in Qwen2 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, qkvBias: true)),
@@ -1175,6 +1181,90 @@ public static class SelfTest
         finally { dev.MinTunedGemvElements = minTuned; }
         gpu.UseProgrammaticLaunch = true;
         return detail + (dev.ProgrammaticLaunchSupported ? "" : " (programmatic launch unsupported here: both ran in plain order)");
+    }
+
+    /// <summary>Decode steps with the layers as one persistent kernel (<see cref="CudaLlama.UsePersistentDecode"/>: phases
+    /// between grid barriers, every block working on every phase) against the same steps with a kernel per phase, eager:
+    /// the same bits, or a phase that read another's output before the barrier let it (or a barrier that gave up: NaN)
+    /// shows. Caches of 13 rows (one KV split) and 200 (four, merged by the last group of each head); grids of 1 block
+    /// (every warp all rows) and 3 (attention's items looping) at every unroll; with <paramref name="full"/>, also the
+    /// engine's grid and the timed choice of unroll and blocks per SM (on a 3-block grid: it is the choice that is
+    /// checked, and the CUDA emulator runs a cooperative grid's blocks all at once, slowly).</summary>
+    private static string PersistentDecode(CudaDevice dev, DType dtype, bool[] pruning, int[] capacities, bool full)
+    {
+        int? unroll = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
+        long minTuned = dev.MinTunedGemvElements;
+        int[] prompt = [1, 5, 77, 300, 2, 516, 9];
+        int[] steps = [3, 400, 8, 250, 17, 99];
+        var report = new List<string>();
+        try
+        {
+            foreach (bool pruned in pruning)
+            {
+                var (c, w) = RandomModel(pruned);
+                using var gpu = new CudaLlama(dev, c, w, dtype) { UseCudaGraphs = false };
+                foreach (int capacity in capacities)
+                {
+                    string? form = null;
+                    float[]? want = null;
+                    float[] Run(bool persistent)
+                    {
+                        gpu.UsePersistentDecode = persistent;
+                        using var cache = gpu.NewCache(capacity);
+                        var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
+                        foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
+                        if (persistent)
+                            form = cache.Persistent?.Form is { } f ? $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM"
+                                : throw new Mismatch("the persistent kernel did not run (it should apply to this model)");
+                        return logits.ToArray();
+                    }
+                    void Same(int? limit, int? u, string how)
+                    {
+                        (dev.PersistentGridLimit, dev.GemvUnroll) = (limit, u);
+                        Compare(Run(true), want!, 0, $"{(pruned ? "pruned" : "dense")}, cache {capacity}, {how}: differ by");
+                    }
+                    dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
+                    want = Run(false);
+                    foreach (int limit in new[] { 1, 3 })
+                        foreach (int u in CudaDevice.GemvUnrolls) Same(limit, u, $"grid of {limit}, unroll {u}");
+                    string detail = $"{(pruned ? "pruned" : "dense")}, {CudaOps.DecodeSplits(capacity, 0)} split(s): identical";
+                    if (full)
+                    {
+                        Same(gridLimit, CudaDevice.GemvUnrolls[0], "the engine's grid");
+                        dev.MinTunedGemvElements = 0;
+                        Same(3, null, "timed form");
+                        dev.MinTunedGemvElements = minTuned;
+                        detail += $" (the engine's grid too; timed: {form})";
+                    }
+                    report.Add(detail);
+                }
+            }
+            if (dtype == DType.F32)
+            {
+                // q/k/v biases (Qwen2) are outside the kernel: decode goes on as without it, through CUDA graphs.
+                var (c, w) = RandomModel(pruned: true, qkvBias: true);
+                using var gpu = new CudaLlama(dev, c, w, dtype);
+                float[] Run(bool persistent, out CudaKvCache used)
+                {
+                    gpu.UsePersistentDecode = persistent;
+                    var cache = gpu.NewCache(prompt.Length + steps.Length);
+                    var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
+                    foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
+                    used = cache;
+                    return logits.ToArray();
+                }
+                var want = Run(false, out var plain);
+                var got = Run(true, out var asked);
+                using (plain) using (asked)
+                {
+                    if (asked.PersistentDecodeApplies != false || asked.Graph == null)
+                        throw new Mismatch("with q/k/v biases the persistent kernel should decline and decode go through a CUDA graph");
+                    report.Add($"with q/k/v biases it declines: decode through graphs {Compare(got, want, 0, "differ by")}");
+                }
+            }
+            return string.Join("; ", report);
+        }
+        finally { (dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (unroll, gridLimit, minTuned); }
     }
 
     /// <summary>A checkpoint streamed to the device tensor by tensor (<see cref="LayerwiseWeights.Read"/>, as <c>eval</c>,
