@@ -4,6 +4,9 @@
 // same device functions as those kernels (gemv.cuh, attention_decode.cuh), so the outputs are bit for bit theirs; what
 // changes is the price of a dependency (KernelBench gpu measures both) and that a block loads its next weight rows
 // before it waits at the barrier, as a programmatically launched kernel does before its grid-dependency wait.
+// What one phase wrote, a later one reads after the barrier through plain pointers (never const __restrict__, whose
+// loads may be compiled as non-coherent and miss another SM's writes in the same launch); the barrier's fences order the
+// writes before the arrival and the reads after it, as cooperative groups' grid sync does.
 // Launch: cooperative, blocks of 2 x DECODE_WARPS warps (the GEMVs' 8; attention runs a share per group of 4 warps), at
 // most as many blocks as are resident at once; *barrier zero; the embedding kernel before it writes x, the final norm
 // after it reads x. Dynamic shared memory: the larger of the two fused norms' (gemv.cuh).
@@ -75,12 +78,12 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
             attend_share<T>(a, active, t, groups[group], active ? item / splits : 0, active ? item % splits : 0, splits);
         }
 
-        gemv_index_add_rows<U, T>(att, static_cast<const T*>(L.wo), x, L.attn_out, (int)L.attn_out_rows, qd, wait);
+        gemv<U, T, float>(att, static_cast<const T*>(L.wo), x, L.attn_out, (int)L.attn_out_rows, qd, 1.f, 1.f, wait);
 
         gemv_norm_swiglu<U, T>(DecodeNorm<T>{x, static_cast<const T*>(L.mlp_norm), L.mlp_in, d, (int)L.mlp_in_width, (int)L.mlp_norm_threads, eps},
             static_cast<const T*>(L.w_gate), static_cast<const T*>(L.w_up), gate, (int)L.mid_rows, (int)L.mlp_in_k, wait);
 
-        gemv_index_add_rows<U, T>(gate, static_cast<const T*>(L.w_down), x, L.mlp_out, (int)L.mlp_out_rows, (int)L.mid_rows, wait);
+        gemv<U, T, float>(gate, static_cast<const T*>(L.w_down), x, L.mlp_out, (int)L.mlp_out_rows, (int)L.mid_rows, 1.f, 1.f, wait);
     }
 }
 

@@ -40,9 +40,10 @@ __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4
 }
 
 // x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
-// U loads of w (load_first).
+// U loads of w (load_first). x is not __restrict__: a persistent kernel's x was written earlier in the same launch, which
+// the non-coherent loads a const __restrict__ pointer may be compiled to would not see.
 template <int U, typename T>
-__device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __restrict__ w, int k, const uint4* first)
+__device__ __forceinline__ float warp_dot(const T* x, const T* __restrict__ w, int k, const uint4* first)
 {
     int lane = threadIdx.x & 31;
     const uint4* wr = reinterpret_cast<const uint4*>(w);
@@ -75,26 +76,31 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ x, const T* __re
 
 __device__ __forceinline__ int gemv_row() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
 
-// y[o] = alpha * x . w[row] + beta * y[o], o = out_index ? out_index[row] : row; w row-major [n, k].
-template <int U, typename T, typename OUT>
-__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
-    int n, int k, float alpha, float beta)
+// y[o] = alpha * x . w[row] + beta * y[o], o = out_index ? out_index[row] : row; w row-major [n, k]. A warp takes rows
+// gemv_row(), then every gridDim.x * warps-per-block rows on (one row in the GEMV's own grid; several on a persistent
+// kernel's, where wait() is a grid barrier: every warp calls it, rows or not).
+template <int U, typename T, typename OUT, typename Wait = DependencyWait>
+__device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
+    int n, int k, float alpha, float beta, Wait wait = {})
 {
     allow_dependents_launch();
-    int row = gemv_row();
-    if (row >= n) return;
+    int first_row = gemv_row(), step = gridDim.x * (blockDim.x >> 5);
     uint4 first[U];
-    load_first<U>(w + (long long)row * k, k, first);
-    grid_dependency_wait();
+    if (first_row < n) load_first<U>(w + (long long)first_row * k, k, first);
+    wait();
     x = opaque(x);
     y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
-    float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
-    if ((threadIdx.x & 31) == 0)
+    for (int row = first_row; row < n; row += step)
     {
-        int o = out_index ? out_index[row] : row;
-        float v = alpha * acc;
-        if (beta != 0.f) v += beta * to_f32(y[o]);
-        y[o] = from_f32<OUT>(v);
+        if (row != first_row) load_first<U>(w + (long long)row * k, k, first);
+        float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
+        if ((threadIdx.x & 31) == 0)
+        {
+            int o = out_index ? out_index[row] : row;
+            float v = alpha * acc;
+            if (beta != 0.f) v += beta * to_f32(y[o]);
+            y[o] = from_f32<OUT>(v);
+        }
     }
 }
 
@@ -276,30 +282,5 @@ __device__ void gemv_norm_swiglu(const DecodeNorm<T> n, const T* __restrict__ w_
         load_first<U>(w_up + (long long)row * k, k, first);
         float u = warp_dot<U>(sm.hs, w_up + (long long)row * k, k, first);
         if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
-    }
-}
-
-// The index-add GEMV (gemv with out_index, alpha and beta 1: y[out_index[row]] += x . w[row]) on a persistent grid whose
-// warps loop over the rows, for a kernel whose blocks all call wait() (a grid barrier) before reading x and y; a warp's
-// first row is loaded before it. The same bits as gemv.
-template <int U, typename T, typename Wait>
-__device__ void gemv_index_add_rows(const T* x, const T* __restrict__ w, float* y, const int* __restrict__ out_index, int n, int k, Wait wait)
-{
-    int warps = blockDim.x >> 5;
-    int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
-    uint4 first[U];
-    if (first_row < n) load_first<U>(w + (long long)first_row * k, k, first);
-    wait();
-    x = opaque(x);
-    y = opaque(y);
-    for (int row = first_row; row < n; row += step)
-    {
-        if (row != first_row) load_first<U>(w + (long long)row * k, k, first);
-        float acc = warp_dot<U>(x, w + (long long)row * k, k, first);
-        if ((threadIdx.x & 31) == 0)
-        {
-            int o = out_index ? out_index[row] : row;
-            y[o] += acc;
-        }
     }
 }
