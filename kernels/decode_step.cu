@@ -94,4 +94,7 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
     { decode_layers<U, T>(layers, n_layers, x, q, k_new, v_new, att, gate, inv_freq, partial, arrivals, barrier, start, d, heads, kv_heads, \
         head_dim, window, splits, scale, eps); }
 #define DECODE_LAYERS(T, S) DECODE_LAYERS_U(T, S, 8) DECODE_LAYERS_U(T, S, 12) DECODE_LAYERS_U(T, S, 16)
-FOR_EACH_STORAGE(DECODE_LAYERS)
+// f32 and bf16 only (CudaLlama.PersistentDecodeShape): each entry holds all of a layer's phases, and NVRTC compiles the
+// file whole on first use.
+DECODE_LAYERS(float, f32)
+DECODE_LAYERS(bf16, bf16)

@@ -555,13 +555,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     /// <summary>The dynamic shared memory of the persistent decode kernel (its larger fused norm's), or null where the
     /// kernel does not apply: a bias, a GEMV or fused norm out of the kernels' reach, no split-KV layout with RoPE fused,
-    /// anything skipped for timing.</summary>
+    /// anything skipped for timing, an f16 model (decode_step.cu is compiled for f32 and bf16).</summary>
     private uint? PersistentDecodeShape(Activations a, CudaKvCache cache)
     {
         var c = Config;
         var d = _device;
         int dm = c.HiddenSize, f = c.IntermediateSize;
-        if (SkipForTiming != Skipped.None || cache.DecodeScratch == null) return null;
+        if (SkipForTiming != Skipped.None || cache.DecodeScratch == null || DType is not (DType.F32 or DType.BF16)) return null;
         uint shared = 0;
         for (int l = 0; l < c.NumLayers; l++)
         {
