@@ -240,7 +240,15 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Enqueues a kernel whose blocks all run at once (a cooperative launch: a grid-wide barrier can complete);
     /// the driver refuses a grid larger than the device holds.</summary>
     public void LaunchCooperative(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
-        params ReadOnlySpan<KernelArg> args) => Enqueue(kernel, entry, grid, block, sharedBytes, cooperative: true, args);
+        params ReadOnlySpan<KernelArg> args)
+    {
+        if (RefuseCooperativeLaunches)
+            throw new CudaException("driver", $"cuLaunchCooperativeKernel({entry})", 801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported (refused for a test)");
+        Enqueue(kernel, entry, grid, block, sharedBytes, cooperative: true, args);
+    }
+
+    /// <summary>Self-test only: cooperative launches fail as on a device without them.</summary>
+    internal bool RefuseCooperativeLaunches { get; set; }
 
     private void Enqueue(string kernel, string entry, (uint X, uint Y, uint Z) grid, (uint X, uint Y, uint Z) block, uint sharedBytes,
         bool cooperative, ReadOnlySpan<KernelArg> args)

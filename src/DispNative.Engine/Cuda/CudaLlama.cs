@@ -475,10 +475,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         if (rows == 1 && position == null && UsePersistentDecode) cache.PersistentDecodeApplies = persistentShared != null;
         if (persistentShared is uint sharedBytes)
         {
-            PersistentLayers(a, cache, start, sharedBytes);
-            Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
-            d.Gemm(a.H, _lmHead, a.Logits, 1, c.VocabSize, dm);
-            return;
+            if (PersistentLayers(a, cache, start, sharedBytes))
+            {
+                Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
+                d.Gemm(a.H, _lmHead, a.Logits, 1, c.VocabSize, dm);
+                return;
+            }
+            _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);   // refused: the step again, a kernel per phase
         }
         for (int l = 0; l < c.NumLayers; l++)
         {
@@ -583,8 +586,21 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// decode_step.cu. A cache's first step times every compiled unroll at each of <see cref="CudaDevice.PersistentBlocksPerSM"/>
     /// (the whole step from the embedding on, which gives the same result however often it runs) and keeps the fastest;
     /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll, and models under <see cref="CudaDevice.MinTunedGemvElements"/>
-    /// weight elements take the first of each.</summary>
-    private void PersistentLayers(Activations a, CudaKvCache cache, int start, uint sharedBytes)
+    /// weight elements take the first of each. False where the driver refuses the cooperative launch (a device without
+    /// it, or a grid it will not hold): the cache then decodes without the kernel from this step on.</summary>
+    private bool PersistentLayers(Activations a, CudaKvCache cache, int start, uint sharedBytes)
+    {
+        try { PersistentLayersOrThrow(a, cache, start, sharedBytes); return true; }
+        catch (CudaException e) when (e.Code is CooperativeLaunchTooLarge or NotSupported)
+        {
+            cache.PersistentDecodeApplies = false;
+            return false;
+        }
+    }
+
+    private const int CooperativeLaunchTooLarge = 720, NotSupported = 801;   // CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED
+
+    private void PersistentLayersOrThrow(Activations a, CudaKvCache cache, int start, uint sharedBytes)
     {
         var c = Config;
         var d = _device;

@@ -141,7 +141,7 @@ public static class SelfTest
                 "grids of 1 and 3 blocks at every unroll", dev => PersistentDecode(dev, DType.BF16, [false, true], [13, 200], full: false)),
             new("decode bf16 as one persistent kernel, DISP-pruned, 4 KV splits: the engine's grid and the timed form, bit for bit",
                 dev => PersistentDecode(dev, DType.BF16, [true], [200], full: true)),
-            new("decode f32 as one persistent kernel = a kernel per phase, bit for bit (DISP-pruned, 4 KV splits); with biases it declines",
+            new("decode f32 as one persistent kernel = a kernel per phase, bit for bit (DISP-pruned, 4 KV splits); with biases it declines, refused it falls back",
                 dev => PersistentDecode(dev, DType.F32, [true], [200], full: false)),
             new("forward DISP-pruned f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: true)),
             new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, padding: 128)),
@@ -1261,6 +1261,26 @@ public static class SelfTest
                         throw new Mismatch("with q/k/v biases the persistent kernel should decline and decode go through a CUDA graph");
                     report.Add($"with q/k/v biases it declines: decode through graphs {Compare(got, want, 0, "differ by")}");
                 }
+            }
+            if (dtype == DType.F32)
+            {
+                // A driver that refuses the cooperative launch: the step is run again a kernel per phase, and so is the rest.
+                var (c, w) = RandomModel(pruned: true);
+                using var gpu = new CudaLlama(dev, c, w, dtype) { UseCudaGraphs = false };
+                using var plain = gpu.NewCache(prompt.Length + steps.Length);
+                using var refused = gpu.NewCache(prompt.Length + steps.Length);
+                var want = new List<float>(gpu.Forward(prompt, plain, lastOnly: true));
+                var got = new List<float>(gpu.Forward(prompt, refused, lastOnly: true));
+                foreach (int t in steps)
+                {
+                    gpu.UsePersistentDecode = false;
+                    want.AddRange(gpu.Forward([t], plain, lastOnly: true));
+                    (gpu.UsePersistentDecode, dev.RefuseCooperativeLaunches) = (true, true);
+                    try { got.AddRange(gpu.Forward([t], refused, lastOnly: true)); }
+                    finally { dev.RefuseCooperativeLaunches = false; }
+                }
+                if (refused.PersistentDecodeApplies != false) throw new Mismatch("a refused cooperative launch should turn the persistent kernel off for the cache");
+                report.Add($"refused by the driver it falls back: {Compare(got.ToArray(), want.ToArray(), 0, "differ by")}");
             }
             return string.Join("; ", report);
         }
