@@ -50,9 +50,15 @@ __device__ __forceinline__ void grid_dependency_wait()
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// Where a kernel waits for its inputs: by default the grid-dependency wait (device functions that a persistent kernel
-// also runs take it as a parameter and are given a grid barrier there).
-struct DependencyWait { __device__ __forceinline__ void operator()() const { grid_dependency_wait(); } };
+// Where a kernel waits for its inputs, in two steps: arrive() once the block's earlier writes are done, wait() before it
+// reads what others wrote. For a kernel that is the grid-dependency wait alone (its launch boundary is the arrival).
+// Device functions that a persistent kernel also runs take it as a parameter and are given a grid barrier's two halves
+// there; between the two they load weights and fill shared memory, which delays neither the arrival nor the others.
+struct DependencySync
+{
+    __device__ __forceinline__ void arrive() const {}
+    __device__ __forceinline__ void wait() const { grid_dependency_wait(); }
+};
 // The body of a spin-wait loop: nothing on a GPU; the CUDA emulator (g++, no __CUDA_ARCH__), whose threads switch only
 // where they wait, runs the others there.
 __device__ __forceinline__ void spin_pause()
@@ -61,24 +67,40 @@ __device__ __forceinline__ void spin_pause()
     __nanosleep(0);
 #endif
 }
-// Waits until `target` block arrivals have been counted on *count (which only grows: barrier i of a launch waits for
-// (i + 1) · gridDim.x). Every block of the grid must be resident at once (a cooperative launch); should one not be, the
-// wait gives up after about 2^22 polls (seconds) and returns false instead of hanging.
-__device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
+// A grid-wide barrier in two halves. grid_arrive counts the block in on *count once its writes so far are visible to
+// the whole device; grid_wait waits until `target` arrivals have been counted (the count only grows: barrier i of a
+// launch waits for (i + 1) * gridDim.x). The arriving thread issues no loads in between, so its fence waits for no
+// load in flight. Every block of the grid must be resident at once (a cooperative launch); should one not be, the
+// wait gives up after about 2^22 polls (seconds) and returns false instead of hanging. Each grid_wait follows a
+// grid_arrive (whose block barrier keeps the shared flag from being overwritten while still read).
+__device__ __forceinline__ void grid_arrive(unsigned* count)
 {
-    __shared__ bool arrived;
     __syncthreads();   // the block's writes are done
     if (threadIdx.x == 0)
     {
         __threadfence();   // ... and visible to the whole device before the arrival is
         atomicAdd(count, 1u);
+    }
+}
+
+__device__ __forceinline__ bool grid_wait(unsigned* count, unsigned target)
+{
+    __shared__ bool arrived;
+    if (threadIdx.x == 0)
+    {
         unsigned polls = 0;
         while (*(volatile unsigned*)count < target && ++polls < (1u << 22)) spin_pause();
         arrived = polls < (1u << 22);
-        __threadfence();
+        __threadfence();   // the others' writes are read after their arrivals were seen
     }
     __syncthreads();
     return arrived;
+}
+
+__device__ __forceinline__ bool grid_barrier(unsigned* count, unsigned target)
+{
+    grid_arrive(count);
+    return grid_wait(count, target);
 }
 
 // p, with its value hidden from the optimizer by an empty asm: loads through the result depend on the asm, so they

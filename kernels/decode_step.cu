@@ -3,7 +3,8 @@
 // index-add GEMV) as phases of one cooperative launch, a grid barrier where a kernel boundary was. Each phase runs the
 // same device functions as those kernels (gemv.cuh, attention_decode.cuh), so the outputs are bit for bit theirs; what
 // changes is the price of a dependency (KernelBench gpu measures both) and that a block loads its next weight rows
-// before it waits at the barrier, as a programmatically launched kernel does before its grid-dependency wait.
+// between its arrival at the barrier and its wait there, as a programmatically launched kernel does before its
+// grid-dependency wait.
 // What one phase wrote, a later one reads after the barrier through plain pointers (never const __restrict__, whose
 // loads may be compiled as non-coherent and miss another SM's writes in the same launch); the barrier's fences order the
 // writes before the arrival and the reads after it, as cooperative groups' grid sync does.
@@ -25,24 +26,38 @@ struct DecodeLayer
 
 // The grid barriers of one launch, in order: barrier i waits for (i + 1) * gridDim.x arrivals. One that gives up (a grid
 // not all resident: cannot happen under a cooperative launch) writes NaN into the residual, so the step's logits show
-// it, and the block waits at no later barrier.
+// it, and the block takes part in no later barrier. skip: the barrier before the first layer, which has none.
 struct StepBarrier
 {
     unsigned* count;
     float* poison;
     unsigned target;
     bool ok;
+    bool skip;
 
-    __device__ void sync()
+    __device__ void arrive()
     {
+        if (skip) return;
         target += gridDim.x;
-        if (!ok) return;
-        if (!grid_barrier(count, target))
+        if (ok) grid_arrive(count);
+    }
+    __device__ void wait()
+    {
+        if (skip || !ok) return;
+        if (!grid_wait(count, target))
         {
             ok = false;
             if (threadIdx.x == 0) *poison = __int_as_float(0x7fc00000);
         }
     }
+};
+
+// The barrier as the device functions take it (their Sync parameter): by reference, as it counts.
+struct StepSync
+{
+    StepBarrier* bar;
+    __device__ void arrive() const { bar->arrive(); }
+    __device__ void wait() const { bar->wait(); }
 };
 
 template <int U, typename T>
@@ -51,8 +66,8 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
     int head_dim, int window, int splits, float scale, float eps)
 {
     __shared__ DecodeGroupShared groups[2];
-    StepBarrier bar{barrier, x, 0u, true};
-    auto wait = [&] { bar.sync(); };
+    StepBarrier bar{barrier, x, 0u, true, true};
+    StepSync sync{&bar};
     int qd = heads * head_dim, kvd = kv_heads * head_dim;
     int group = threadIdx.x / (DECODE_WARPS * 32), t = threadIdx.x % (DECODE_WARPS * 32);
     for (int l = 0; l < n_layers; l++)
@@ -62,11 +77,14 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
         const T* v_cache = static_cast<const T*>(L.v_cache);
 
         // The first layer's input is the embedding kernel's output: launched before this kernel, nothing to wait for.
+        bar.skip = l == 0;
         gemv_norm_qkv<U, T>(DecodeNorm<T>{x, static_cast<const T*>(L.attn_norm), L.attn_in, d, (int)L.attn_in_width, (int)L.attn_norm_threads, eps},
             static_cast<const T*>(L.wq), q, qd, static_cast<const T*>(L.wk), k_new, kvd, static_cast<const T*>(L.wv), v_new, kvd, (int)L.attn_in_k,
-            [&] { if (l > 0) bar.sync(); });
+            sync);
+        bar.skip = false;
 
-        bar.sync();
+        bar.arrive();
+        bar.wait();
         DecodeAttention<T> a{opaque(q), opaque(k_cache), opaque(v_cache), att, opaque(partial), opaque(arrivals), opaque(k_new), opaque(v_new),
             inv_freq, static_cast<T*>(L.k_cache), static_cast<T*>(L.v_cache), start, heads, kv_heads, head_dim, window, scale};
         int items = heads * splits;
@@ -78,12 +96,12 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
             attend_share<T>(a, active, t, groups[group], active ? item / splits : 0, active ? item % splits : 0, splits);
         }
 
-        gemv<U, T, float>(att, static_cast<const T*>(L.wo), x, L.attn_out, (int)L.attn_out_rows, qd, 1.f, 1.f, wait);
+        gemv<U, T, float>(att, static_cast<const T*>(L.wo), x, L.attn_out, (int)L.attn_out_rows, qd, 1.f, 1.f, sync);
 
         gemv_norm_swiglu<U, T>(DecodeNorm<T>{x, static_cast<const T*>(L.mlp_norm), L.mlp_in, d, (int)L.mlp_in_width, (int)L.mlp_norm_threads, eps},
-            static_cast<const T*>(L.w_gate), static_cast<const T*>(L.w_up), gate, (int)L.mid_rows, (int)L.mlp_in_k, wait);
+            static_cast<const T*>(L.w_gate), static_cast<const T*>(L.w_up), gate, (int)L.mid_rows, (int)L.mlp_in_k, sync);
 
-        gemv<U, T, float>(gate, static_cast<const T*>(L.w_down), x, L.mlp_out, (int)L.mlp_out_rows, (int)L.mid_rows, 1.f, 1.f, wait);
+        gemv<U, T, float>(gate, static_cast<const T*>(L.w_down), x, L.mlp_out, (int)L.mlp_out_rows, (int)L.mid_rows, 1.f, 1.f, sync);
     }
 }
 

@@ -78,16 +78,17 @@ __device__ __forceinline__ int gemv_row() { return blockIdx.x * (blockDim.x >> 5
 
 // y[o] = alpha * x . w[row] + beta * y[o], o = out_index ? out_index[row] : row; w row-major [n, k]. A warp takes rows
 // gemv_row(), then every gridDim.x * warps-per-block rows on (one row in the GEMV's own grid; several on a persistent
-// kernel's, where wait() is a grid barrier: every warp calls it, rows or not).
-template <int U, typename T, typename OUT, typename Wait = DependencyWait>
+// kernel's, where sync is a grid barrier: every warp takes part, rows or not).
+template <int U, typename T, typename OUT, typename Sync = DependencySync>
 __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
-    int n, int k, float alpha, float beta, Wait wait = {})
+    int n, int k, float alpha, float beta, Sync sync = {})
 {
     allow_dependents_launch();
     int first_row = gemv_row(), step = gridDim.x * (blockDim.x >> 5);
+    sync.arrive();
     uint4 first[U];
     if (first_row < n) load_first<U>(w + (long long)first_row * k, k, first);
-    wait();
+    sync.wait();
     x = opaque(x);
     y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
     for (int row = first_row; row < n; row += step)
@@ -231,10 +232,10 @@ __device__ __forceinline__ DecodeNormSmem<T> decode_norm_smem(const DecodeNorm<T
 }
 
 // gemv_qkv of the normalized row: rows [0, n0) x . w0 into y0, the next n1 into y1, the last n2 into y2.
-// wait(): where the kernel waits for x (the grid-dependency wait; a persistent decode kernel's grid barrier).
-template <int U, typename T, typename Wait = DependencyWait>
+// sync: where the kernel waits for x (DependencySync: the grid-dependency wait; a persistent decode kernel's grid barrier).
+template <int U, typename T, typename Sync = DependencySync>
 __device__ void gemv_norm_qkv(const DecodeNorm<T> n, const T* __restrict__ w0, T* __restrict__ y0, int n0,
-    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k, Wait wait = {})
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k, Sync sync = {})
 {
     DecodeNormSmem<T> sm = decode_norm_smem(n, k);
     allow_dependents_launch();
@@ -246,10 +247,11 @@ __device__ void gemv_norm_qkv(const DecodeNorm<T> n, const T* __restrict__ w0, T
         if (row < n0 + n1) { y = y1; r = row - n0; return w1 + (long long)r * k; }
         y = y2; r = row - n0 - n1; return w2 + (long long)r * k;
     };
+    sync.arrive();
     uint4 first[U];
     if (first_row < total) { T* y; int r; load_first<U>(weight_row(first_row, y, r), k, first); }
     stage_norm_weights(n, sm.cs, sm.hs, k);
-    wait();
+    sync.wait();
     normalize_row(n, sm.xs, sm.cs, sm.hs, k);
     for (int row = first_row; row < total; row += step)
     {
@@ -262,18 +264,19 @@ __device__ void gemv_norm_qkv(const DecodeNorm<T> n, const T* __restrict__ w0, T
 }
 
 // gemv_swiglu of the normalized row.
-template <int U, typename T, typename Wait = DependencyWait>
+template <int U, typename T, typename Sync = DependencySync>
 __device__ void gemv_norm_swiglu(const DecodeNorm<T> n, const T* __restrict__ w_gate, const T* __restrict__ w_up, T* __restrict__ out,
-    int rows, int k, Wait wait = {})
+    int rows, int k, Sync sync = {})
 {
     DecodeNormSmem<T> sm = decode_norm_smem(n, k);
     allow_dependents_launch();
     int warps = blockDim.x >> 5;
     int first_row = blockIdx.x * warps + (threadIdx.x >> 5), step = gridDim.x * warps;
+    sync.arrive();
     uint4 first[U];
     if (first_row < rows) load_first<U>(w_gate + (long long)first_row * k, k, first);
     stage_norm_weights(n, sm.cs, sm.hs, k);
-    wait();
+    sync.wait();
     normalize_row(n, sm.xs, sm.cs, sm.hs, k);
     for (int row = first_row; row < rows; row += step)
     {

@@ -211,9 +211,9 @@ public class KernelSourceTests
                 int open = source.IndexOf('{', close), depth = 0, end = open;
                 do { depth += source[end] == '{' ? 1 : source[end] == '}' ? -1 : 0; end++; } while (depth > 0);
                 string body = source[open..end];
-                // The wait itself, or a Wait parameter whose default is it (DependencyWait; a persistent kernel passes a grid barrier).
+                // The wait itself, or a Sync parameter whose default is it (DependencySync; a persistent kernel passes a grid barrier).
                 string declaration = source[(Math.Max(source.LastIndexOf('}', definition.Index), source.LastIndexOf(';', definition.Index)) + 1)..definition.Index];
-                bool waits = body.Contains("grid_dependency_wait();") || (body.Contains("wait();") && declaration.Contains("typename Wait = DependencyWait"));
+                bool waits = body.Contains("grid_dependency_wait();") || (body.Contains("sync.wait();") && declaration.Contains("typename Sync = DependencySync"));
                 Assert.That(waits, $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
             }
         }
