@@ -132,7 +132,8 @@ internal static class InferenceBench
             var t = Stopwatch.StartNew();
             for (int i = 0; i < decodeTokens; i++) token = Next(model.Forward([token], cache, lastOnly: true));
             double tokS = decodeTokens / t.Elapsed.TotalSeconds;
-            if (persistent && cache.Persistent?.Form is { } f) persistentForm = $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM";
+            if (persistent && cache.PersistentDecodeApplies == true && model.PersistentDecodeForm is { } f)
+                persistentForm = $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM";
             model.UsePersistentDecode = false;
             return tokS;
         }

@@ -471,17 +471,20 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         int rows = a.Rows, dm = c.HiddenSize, f = c.IntermediateSize, qd = c.QDim, kvd = c.KvDim;
         _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);
         WriteBack? pending = null;
-        uint? persistentShared = rows == 1 && position == null && UsePersistentDecode ? PersistentDecodeShape(a, cache) : null;
-        if (rows == 1 && position == null && UsePersistentDecode) cache.PersistentDecodeApplies = persistentShared != null;
-        if (persistentShared is uint sharedBytes)
+        if (rows == 1 && position == null && UsePersistentDecode)
         {
-            if (PersistentLayers(a, cache, start, sharedBytes))
+            uint? sharedBytes = PersistentDecodeShape(a, cache);
+            cache.PersistentDecodeApplies = sharedBytes != null;
+            if (sharedBytes != null)
             {
-                Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
-                d.Gemm(a.H, _lmHead, a.Logits, 1, c.VocabSize, dm);
-                return;
+                if (PersistentLayers(a, cache, start, sharedBytes.Value))
+                {
+                    Norm(a.X, _finalNorm, null, a.H, rows, dm, ref pending);
+                    d.Gemm(a.H, _lmHead, a.Logits, 1, c.VocabSize, dm);
+                    return;
+                }
+                _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);   // refused: the step again, a kernel per phase
             }
-            _ops.Embedding(_embedding, a.Tokens, a.X, rows, dm);   // refused: the step again, a kernel per phase
         }
         for (int l = 0; l < c.NumLayers; l++)
         {
@@ -539,15 +542,18 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     }
 
     /// <summary>A persistent decode kernel's per-cache state: the layer table it reads (kernels/decode_step.cu's
-    /// DecodeLayer, 8-byte fields), its barrier counter, and the unroll and blocks per SM chosen for it.</summary>
+    /// DecodeLayer, 8-byte fields) and its barrier counter.</summary>
     internal sealed class PersistentDecodeState(DeviceTensor layers, DeviceTensor barrier) : IDisposable
     {
         public DeviceTensor Layers { get; } = layers;
         public DeviceTensor Barrier { get; } = barrier;
-        public (int Unroll, int BlocksPerSM)? Form { get; set; }
 
         public void Dispose() { Layers.Dispose(); Barrier.Dispose(); }
     }
+
+    /// <summary>The persistent decode kernel's unroll and blocks per SM: timed on the model's first persistent step
+    /// (<see cref="PersistentLayers"/>) unless <see cref="CudaDevice.GemvUnroll"/> forces the unroll; null before.</summary>
+    internal (int Unroll, int BlocksPerSM)? PersistentDecodeForm { get; private set; }
 
     /// <summary>Fields per layer of decode_step.cu's DecodeLayer: 15 pointers, then 9 widths.</summary>
     internal const int DecodeLayerFields = 24;
@@ -583,10 +589,11 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     }
 
     /// <summary>The layers of one decode step at position <paramref name="start"/> as one cooperative launch of
-    /// decode_step.cu. A cache's first step times every compiled unroll at each of <see cref="CudaDevice.PersistentBlocksPerSM"/>
-    /// (the whole step from the embedding on, which gives the same result however often it runs) and keeps the fastest;
-    /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll, and models under <see cref="CudaDevice.MinTunedGemvElements"/>
-    /// weight elements take the first of each. False where the driver refuses the cooperative launch (a device without
+    /// decode_step.cu. The model's first such step times every compiled unroll at each of
+    /// <see cref="CudaDevice.PersistentBlocksPerSM"/> (the whole step from the embedding on, which gives the same result
+    /// however often it runs) and keeps the fastest (<see cref="PersistentDecodeForm"/>); models under
+    /// <see cref="CudaDevice.MinTunedGemvElements"/> weight elements take the first of each, and
+    /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll (at the first blocks per SM). False where the driver refuses the cooperative launch (a device without
     /// it, or a grid it will not hold): the cache then decodes without the kernel from this step on.</summary>
     private bool PersistentLayers(Activations a, CudaKvCache cache, int start, uint sharedBytes)
     {
@@ -617,25 +624,31 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 state.Layers, c.NumLayers, a.X, a.Q, a.K, a.V, a.Att, a.Gate, _invFreq, scratch.States, scratch.Counters, state.Barrier,
                 start, c.HiddenSize, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow ?? 0, splits, 1f / MathF.Sqrt(c.HeadDim), c.RmsNormEps);
         }
-        if (state.Form == null)
+        if (d.GemvUnroll is int forced)
         {
-            var unrolls = d.GemvUnroll is int u ? [u] : LayerGemmParameters < d.MinTunedGemvElements ? [CudaDevice.GemvUnrolls[0]] : CudaDevice.GemvUnrolls;
-            var blocks = LayerGemmParameters < d.MinTunedGemvElements ? [CudaDevice.PersistentBlocksPerSM[0]] : CudaDevice.PersistentBlocksPerSM;
-            var forms = unrolls.SelectMany(u => blocks.Select(b => (Unroll: u, BlocksPerSM: b))).ToList();
+            Launch((forced, CudaDevice.PersistentBlocksPerSM[0]));
+            return;
+        }
+        if (PersistentDecodeForm == null)
+        {
+            bool tune = LayerGemmParameters >= d.MinTunedGemvElements;
+            var forms = (tune ? CudaDevice.GemvUnrolls : [CudaDevice.GemvUnrolls[0]])
+                .SelectMany(u => (tune ? CudaDevice.PersistentBlocksPerSM : [CudaDevice.PersistentBlocksPerSM[0]]).Select(b => (Unroll: u, BlocksPerSM: b)))
+                .ToList();
             if (forms.Count > 1)
             {
                 void Step((int, int) form) { _ops.Embedding(_embedding, a.Tokens, a.X, 1, c.HiddenSize); Launch(form); }
                 foreach (var form in forms) Step(form);   // untimed: first-use costs
-                state.Form = forms.MinBy(form =>
+                PersistentDecodeForm = forms.MinBy(form =>
                 {
                     var ms = Enumerable.Range(0, 5).Select(_ => d.Time(() => Step(form))).Order().ToList();
                     return ms[2];
                 });
                 _ops.Embedding(_embedding, a.Tokens, a.X, 1, c.HiddenSize);   // the residual as the step began
             }
-            else state.Form = forms[0];
+            else PersistentDecodeForm = forms[0];
         }
-        Launch(state.Form.Value);
+        Launch(PersistentDecodeForm.Value);
     }
 
     /// <summary>The layer table of <paramref name="cache"/> (decode_step.cu's DecodeLayer per layer) on the device, and a

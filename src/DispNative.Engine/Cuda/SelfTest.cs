@@ -1213,9 +1213,9 @@ public static class SelfTest
                         using var cache = gpu.NewCache(capacity);
                         var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
                         foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
-                        if (persistent)
-                            form = cache.Persistent?.Form is { } f ? $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM"
-                                : throw new Mismatch("the persistent kernel did not run (it should apply to this model)");
+                        if (persistent && cache.PersistentDecodeApplies != true)
+                            throw new Mismatch("the persistent kernel did not run (it should apply to this model)");
+                        if (gpu.PersistentDecodeForm is { } f) form = $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM";
                         return logits.ToArray();
                     }
                     void Same(int? limit, int? u, string how)
