@@ -1189,13 +1189,26 @@ public static class SelfTest
     /// shows. Caches of 13 rows (one KV split) and 200 (four, merged by the last group of each head); grids of 1 block
     /// (every warp all rows) and 3 (attention's items looping) at every unroll; with <paramref name="full"/>, also the
     /// engine's grid and the timed choice of unroll and blocks per SM (on a 3-block grid: it is the choice that is
-    /// checked, and the CUDA emulator runs a cooperative grid's blocks all at once, slowly).</summary>
+    /// checked, and the CUDA emulator runs a cooperative grid's every block, slowly). In f32, also where it does not
+    /// apply (q/k/v biases) and where the driver refuses the launch: decode goes on without it, the same bits.</summary>
     private static string PersistentDecode(CudaDevice dev, DType dtype, bool[] pruning, int[] capacities, bool full)
     {
         int? unroll = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
         long minTuned = dev.MinTunedGemvElements;
         int[] prompt = [1, 5, 77, 300, 2, 516, 9];
         int[] steps = [3, 400, 8, 250, 17, 99];
+        // The prompt's last logits and each decode step's, beforeStep run before each step.
+        float[] Decode(CudaLlama gpu, CudaKvCache cache, bool persistent, Action? beforeStep = null)
+        {
+            gpu.UsePersistentDecode = persistent;
+            var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
+            foreach (int t in steps)
+            {
+                beforeStep?.Invoke();
+                logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
+            }
+            return logits.ToArray();
+        }
         var report = new List<string>();
         try
         {
@@ -1205,26 +1218,17 @@ public static class SelfTest
                 using var gpu = new CudaLlama(dev, c, w, dtype) { UseCudaGraphs = false };
                 foreach (int capacity in capacities)
                 {
-                    string? form = null;
-                    float[]? want = null;
-                    float[] Run(bool persistent)
-                    {
-                        gpu.UsePersistentDecode = persistent;
-                        using var cache = gpu.NewCache(capacity);
-                        var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
-                        foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
-                        if (persistent && cache.PersistentDecodeApplies != true)
-                            throw new Mismatch("the persistent kernel did not run (it should apply to this model)");
-                        if (gpu.PersistentDecodeForm is { } f) form = $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM";
-                        return logits.ToArray();
-                    }
+                    string what = $"{(pruned ? "pruned" : "dense")}, cache {capacity}";
+                    dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
+                    float[] want;
+                    using (var cache = gpu.NewCache(capacity)) want = Decode(gpu, cache, persistent: false);
                     void Same(int? limit, int? u, string how)
                     {
                         (dev.PersistentGridLimit, dev.GemvUnroll) = (limit, u);
-                        Compare(Run(true), want!, 0, $"{(pruned ? "pruned" : "dense")}, cache {capacity}, {how}: differ by");
+                        using var cache = gpu.NewCache(capacity);
+                        Compare(Decode(gpu, cache, persistent: true), want, 0, $"{what}, {how}: differ by");
+                        if (cache.PersistentDecodeApplies != true) throw new Mismatch($"{what}: the persistent kernel did not run (it should apply)");
                     }
-                    dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
-                    want = Run(false);
                     foreach (int limit in new[] { 1, 3 })
                         foreach (int u in CudaDevice.GemvUnrolls) Same(limit, u, $"grid of {limit}, unroll {u}");
                     string detail = $"{(pruned ? "pruned" : "dense")}, {CudaOps.DecodeSplits(capacity, 0)} split(s): identical";
@@ -1234,7 +1238,8 @@ public static class SelfTest
                         dev.MinTunedGemvElements = 0;
                         Same(3, null, "timed form");
                         dev.MinTunedGemvElements = minTuned;
-                        detail += $" (the engine's grid too; timed: {form})";
+                        var f = gpu.PersistentDecodeForm ?? throw new Mismatch($"{what}: no form was chosen");
+                        detail += $" (the engine's grid too; timed: unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM)";
                     }
                     report.Add(detail);
                 }
@@ -1243,44 +1248,29 @@ public static class SelfTest
             {
                 // q/k/v biases (Qwen2) are outside the kernel: decode goes on as without it, through CUDA graphs.
                 var (c, w) = RandomModel(pruned: true, qkvBias: true);
-                using var gpu = new CudaLlama(dev, c, w, dtype);
-                float[] Run(bool persistent, out CudaKvCache used)
+                using (var gpu = new CudaLlama(dev, c, w, dtype))
+                using (var plain = gpu.NewCache(prompt.Length + steps.Length))
+                using (var asked = gpu.NewCache(prompt.Length + steps.Length))
                 {
-                    gpu.UsePersistentDecode = persistent;
-                    var cache = gpu.NewCache(prompt.Length + steps.Length);
-                    var logits = new List<float>(gpu.Forward(prompt, cache, lastOnly: true));
-                    foreach (int t in steps) logits.AddRange(gpu.Forward([t], cache, lastOnly: true));
-                    used = cache;
-                    return logits.ToArray();
-                }
-                var want = Run(false, out var plain);
-                var got = Run(true, out var asked);
-                using (plain) using (asked)
-                {
+                    var want = Decode(gpu, plain, persistent: false);
+                    var got = Decode(gpu, asked, persistent: true);
                     if (asked.PersistentDecodeApplies != false || asked.Graph == null)
                         throw new Mismatch("with q/k/v biases the persistent kernel should decline and decode go through a CUDA graph");
                     report.Add($"with q/k/v biases it declines: decode through graphs {Compare(got, want, 0, "differ by")}");
                 }
-            }
-            if (dtype == DType.F32)
-            {
-                // A driver that refuses the cooperative launch: the step is run again a kernel per phase, and so is the rest.
-                var (c, w) = RandomModel(pruned: true);
-                using var gpu = new CudaLlama(dev, c, w, dtype) { UseCudaGraphs = false };
-                using var plain = gpu.NewCache(prompt.Length + steps.Length);
-                using var refused = gpu.NewCache(prompt.Length + steps.Length);
-                var want = new List<float>(gpu.Forward(prompt, plain, lastOnly: true));
-                var got = new List<float>(gpu.Forward(prompt, refused, lastOnly: true));
-                foreach (int t in steps)
+                // A driver that refuses the cooperative launch: the step runs again a kernel per phase, and so do the next.
+                (c, w) = RandomModel(pruned: true);
+                using (var gpu = new CudaLlama(dev, c, w, dtype) { UseCudaGraphs = false })
+                using (var plain = gpu.NewCache(prompt.Length + steps.Length))
+                using (var refused = gpu.NewCache(prompt.Length + steps.Length))
                 {
-                    gpu.UsePersistentDecode = false;
-                    want.AddRange(gpu.Forward([t], plain, lastOnly: true));
-                    (gpu.UsePersistentDecode, dev.RefuseCooperativeLaunches) = (true, true);
-                    try { got.AddRange(gpu.Forward([t], refused, lastOnly: true)); }
+                    var want = Decode(gpu, plain, persistent: false);
+                    float[] got;
+                    try { got = Decode(gpu, refused, persistent: true, () => dev.RefuseCooperativeLaunches = true); }
                     finally { dev.RefuseCooperativeLaunches = false; }
+                    if (refused.PersistentDecodeApplies != false) throw new Mismatch("a refused cooperative launch should turn the persistent kernel off for the cache");
+                    report.Add($"refused by the driver it falls back: {Compare(got, want, 0, "differ by")}");
                 }
-                if (refused.PersistentDecodeApplies != false) throw new Mismatch("a refused cooperative launch should turn the persistent kernel off for the cache");
-                report.Add($"refused by the driver it falls back: {Compare(got.ToArray(), want.ToArray(), 0, "differ by")}");
             }
             return string.Join("; ", report);
         }
