@@ -390,7 +390,8 @@ internal static class GpuBench
     /// 160 per token at the 7B shape): a chain of that many dependent links, each one increment per block of a slot the
     /// link before wrote, run as a kernel per link in a CUDA graph (stream order, then programmatic launch, as decode
     /// runs) and as one persistent kernel with a grid barrier per link. The links do next to no work, so the time per
-    /// link is the dependency's price: what a persistent decode kernel's barriers would have to beat. Every form's
+    /// link is the dependency's price: what a persistent decode kernel's barriers would have to beat. Then the barrier
+    /// with loads across it, in one piece or split around them (as the persistent decode kernel does). Every form's
     /// slots are checked afterwards (each counted once per link).</summary>
     private static void DependencyCosts(CudaDevice dev, CudaOps ops, int repeats, bool smoke)
     {
@@ -398,7 +399,8 @@ internal static class GpuBench
         const uint Threads = 256;
         // The persistent decode GEMVs' grid, 2 blocks of 256 per SM; the barrier kernel is launched cooperatively (all
         // blocks resident at once, as a grid barrier needs). The smoke run, a check of the code, uses 3 blocks.
-        uint blocks = smoke ? 3 : (uint)(Math.Min(2, dev.ResidentBlocks("boundaries", "grid_barrier_links", Threads, 0)) * dev.Info.Multiprocessors);
+        uint blocks = smoke ? 3 : (uint)(Math.Min(2, Math.Min(dev.ResidentBlocks("boundaries", "grid_barrier_links", Threads, 0),
+            dev.ResidentBlocks("boundaries", "grid_barrier_links_loading", Threads, 0))) * dev.Info.Multiprocessors);
         using var slots = dev.Allocate(DType.F32, blocks);
         using var count = dev.Allocate(DType.F32, 1);   // the barrier's u32 arrival counter (0f has the bits of 0u)
         void CheckSlots(string form)
@@ -441,6 +443,32 @@ internal static class GpuBench
         CheckSlots("grid barriers");
         Print("one kernel, a grid barrier per link", barrier);
         Console.WriteLine($"  {"grid barrier vs programmatic kernel boundary",-56} {programmatic / barrier,8:F2} x");
+
+        // With loads across each barrier, as the persistent decode kernel has (its next phase's first weight rows): 8
+        // loads of 16 bytes per thread from a zeroed buffer larger than the L2, issued before the block arrives (the
+        // arriving thread's fence waits for them) or between its arrival and its wait (the engine's split barrier).
+        long words = smoke ? 1 << 12 : Math.Max(4L * (dev.Info.L2Bytes ?? 64 << 20), 256L << 20) / 16;
+        using var source = dev.Allocate(DType.F32, 4 * words);
+        ops.FillConstant(source, 0f);
+        float Loading(int split)
+        {
+            void Run() => dev.LaunchCooperative("boundaries", "grid_barrier_links_loading", (blocks, 1, 1), (Threads, 1, 1), 0,
+                slots, count, links, source, words, split);
+            ops.FillConstant(count, 0f);
+            Run();   // loads the kernel outside the timing
+            float ms = MedianOfSamples(repeats, () =>
+            {
+                ops.FillConstant(slots, 0f);
+                ops.FillConstant(count, 0f);
+                return dev.Time(Run);
+            });
+            CheckSlots(split != 0 ? "split grid barriers with loads" : "grid barriers with loads");
+            return ms;
+        }
+        float whole = Loading(split: 0), split = Loading(split: 1);
+        Print("the same, 8 loads of 16 B/thread in flight at arrival", whole);
+        Print("the same, the loads between arrival and wait (split)", split);
+        Console.WriteLine($"  {"split grid barrier vs one piece, loads across it",-56} {whole / split,8:F2} x");
     }
 
     /// <summary>The median of <paramref name="repeats"/> samples.</summary>
