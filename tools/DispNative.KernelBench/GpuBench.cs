@@ -431,16 +431,22 @@ internal static class GpuBench
         float streamOrder = KernelPerLink(programmatic: false), programmatic = KernelPerLink(programmatic: true);
         Print("a kernel per link, CUDA graph, stream order", streamOrder);
         Print("a kernel per link, CUDA graph, programmatic launch", programmatic);
-        void Barriers() => dev.LaunchCooperative("boundaries", "grid_barrier_links", (blocks, 1, 1), (Threads, 1, 1), 0, slots, count, links);
-        ops.FillConstant(count, 0f);
-        Barriers();   // loads the kernel outside the timing
-        float barrier = MedianOfSamples(repeats, () =>
+        // One cooperative launch of a barrier chain: timed from a zero count, each sample from zeroed slots, then checked.
+        float BarrierChain(string form, Action launch)
         {
-            ops.FillConstant(slots, 0f);
             ops.FillConstant(count, 0f);
-            return dev.Time(Barriers);
-        });
-        CheckSlots("grid barriers");
+            launch();   // loads the kernel outside the timing
+            float ms = MedianOfSamples(repeats, () =>
+            {
+                ops.FillConstant(slots, 0f);
+                ops.FillConstant(count, 0f);
+                return dev.Time(launch);
+            });
+            CheckSlots(form);
+            return ms;
+        }
+        float barrier = BarrierChain("grid barriers", () =>
+            dev.LaunchCooperative("boundaries", "grid_barrier_links", (blocks, 1, 1), (Threads, 1, 1), 0, slots, count, links));
         Print("one kernel, a grid barrier per link", barrier);
         Console.WriteLine($"  {"grid barrier vs programmatic kernel boundary",-56} {programmatic / barrier,8:F2} x");
 
@@ -450,21 +456,8 @@ internal static class GpuBench
         long words = smoke ? 1 << 12 : Math.Max(4L * (dev.Info.L2Bytes ?? 64 << 20), 256L << 20) / 16;
         using var source = dev.Allocate(DType.F32, 4 * words);
         ops.FillConstant(source, 0f);
-        float Loading(int split)
-        {
-            void Run() => dev.LaunchCooperative("boundaries", "grid_barrier_links_loading", (blocks, 1, 1), (Threads, 1, 1), 0,
-                slots, count, links, source, words, split);
-            ops.FillConstant(count, 0f);
-            Run();   // loads the kernel outside the timing
-            float ms = MedianOfSamples(repeats, () =>
-            {
-                ops.FillConstant(slots, 0f);
-                ops.FillConstant(count, 0f);
-                return dev.Time(Run);
-            });
-            CheckSlots(split != 0 ? "split grid barriers with loads" : "grid barriers with loads");
-            return ms;
-        }
+        float Loading(int split) => BarrierChain(split != 0 ? "split grid barriers with loads" : "grid barriers with loads", () =>
+            dev.LaunchCooperative("boundaries", "grid_barrier_links_loading", (blocks, 1, 1), (Threads, 1, 1), 0, slots, count, links, source, words, split));
         float whole = Loading(split: 0), split = Loading(split: 1);
         Print("the same, 8 loads of 16 B/thread in flight at arrival", whole);
         Print("the same, the loads between arrival and wait (split)", split);
