@@ -75,8 +75,7 @@ internal static class InferenceBench
                               $"({1e3 * fit.FixedMs / c.NumLayers:F1} us per layer); at this B, 1.7x needs F <= {fit.FixedMsForRatio(1.7, dense.DecodeBytes, pruned.DecodeBytes):F3} ms");
         }
         else Console.WriteLine("decode (graphs): no fit to t = bytes / B + F (it needs a pruned step that reads fewer bytes and is faster)");
-        if (dense.PersistentTokS > 0 && pruned.PersistentTokS > 0
-            && DecodeCostFit.From(1e3 / dense.PersistentTokS, dense.DecodeBytes, 1e3 / pruned.PersistentTokS, pruned.DecodeBytes) is { } persistentFit)
+        if (DecodeCostFit.From(1e3 / dense.PersistentTokS, dense.DecodeBytes, 1e3 / pruned.PersistentTokS, pruned.DecodeBytes) is { } persistentFit)
             Console.WriteLine($"decode (persistent kernel) fitted the same way: B = {persistentFit.BytesPerSecond / 1e12:F2} TB/s, F = {persistentFit.FixedMs:F3} ms per token " +
                               $"({1e3 * persistentFit.FixedMs / c.NumLayers:F1} us per layer)");
         Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
@@ -137,13 +136,8 @@ internal static class InferenceBench
             model.UsePersistentDecode = false;
             return tokS;
         }
-        double eager = Decode(graphs: false), graph = Decode(graphs: true), persistentTokS = 0;
-        try { persistentTokS = Decode(graphs: false, persistent: true); }
-        catch (Interop.CudaException e)   // a refused cooperative launch: report it, keep the rest of the run
-        {
-            persistentForm = $"failed: {e.Message}";
-            model.UsePersistentDecode = false;
-        }
+        // Where the kernel does not apply or the driver refuses it, the engine decodes eagerly without it: "did not apply".
+        double eager = Decode(graphs: false), graph = Decode(graphs: true), persistentTokS = Decode(graphs: false, persistent: true);
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
