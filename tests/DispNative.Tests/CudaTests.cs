@@ -305,16 +305,18 @@ public class NvrtcTests
     {
         var dir = TestAssets.TempDir();
         var compiler = new KernelCompiler(arch, dir);
-        foreach (var k in KernelSources.KernelNames)
-        {
-            var cubin = compiler.Cubin(k);
-            Assert.That(cubin.AsSpan(0, 4).ToArray(), Is.EqualTo(new byte[] { 0x7f, (byte)'E', (byte)'L', (byte)'F' }), $"{k}: not an ELF CUBIN");
-        }
         int n = KernelSources.KernelNames.Count();
+        var build = compiler.CompileAll(parallelism: 3);   // several at once, as selftest and KernelBench do
+        Assert.That((build.Files, build.Compiled, build.FromCache, build.Failed.Count), Is.EqualTo((n, n, 0, 0)), build.ToString());
         Assert.That((compiler.Compiled, compiler.CacheHits), Is.EqualTo((n, 0)));
         var again = new KernelCompiler(arch, dir);
-        foreach (var k in KernelSources.KernelNames) again.Cubin(k);
+        foreach (var k in KernelSources.KernelNames)
+        {
+            var cubin = again.Cubin(k);
+            Assert.That(cubin.AsSpan(0, 4).ToArray(), Is.EqualTo(new byte[] { 0x7f, (byte)'E', (byte)'L', (byte)'F' }), $"{k}: not an ELF CUBIN");
+        }
         Assert.That((again.Compiled, again.CacheHits), Is.EqualTo((0, n)));
+        Assert.That(again.CompileAll().ToString(), Does.StartWith($"{n} kernel files ready in").And.Contain($"(0 compiled, {n} from the cache)"));
         // An empty cache entry (a write cut short) is compiled again and replaced.
         string norm = Directory.GetFiles(dir, "norm-*.cubin").Single();
         var compiled = File.ReadAllBytes(norm);
@@ -360,6 +362,16 @@ public class NvrtcTests
             }
         }
         Assert.That(entries, Is.GreaterThan(50), "ptxas reported on too few entry points");
+    }
+
+    /// <summary>CompileAll reports a kernel it cannot build by name and carries on with the others.</summary>
+    [Test]
+    public void CompileAll_ReportsAFailureByName_AndBuildsTheRest()
+    {
+        var build = new KernelCompiler("sm_90", TestAssets.TempDir()).CompileAll(["norm", "nope"]);
+        Assert.That((build.Compiled, build.Failed.Count, build.Failed[0].Key), Is.EqualTo((1, 1, "nope")));
+        Assert.That(build.Failed[0].Value, Does.Contain("no kernel source 'nope.cu'"));
+        Assert.That(build.ToString(), Does.Contain("1 failed: nope"));
     }
 
     [Test]

@@ -19,6 +19,7 @@ internal static class GpuBench
         var info = dev.Info;
         var ops = new CudaOps(dev);
         Console.WriteLine($"device: {info}, driver {info.DriverVersion}, NVRTC {Nvrtc.Version}, cuBLASLt {CublasLt.LibraryName}");
+        Console.WriteLine($"kernels: {dev.Compiler.CompileAll()}");
         double? bw = info.PeakBandwidth, tf = info.PeakBf16Flops;
         Console.WriteLine($"peak DRAM bandwidth: {(bw is double b ? $"{b / 1e12:F2} TB/s" : "unknown (driver reports no memory clock)")}" +
                           $" = 2 × {info.MemoryClockKHz} kHz × {info.BusWidthBits} bit / 8");
@@ -381,7 +382,6 @@ internal static class GpuBench
         var st = dev.Allocator.Stats;
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");
-        Console.WriteLine($"kernels compiled {dev.Compiler.Compiled}, from cache {dev.Compiler.CacheHits}");
         acceptance.Print();
         DependencyCosts(dev, ops, repeats, shape == BenchShapes.Smoke);   // last: a grid barrier that hung would cost nothing above
     }

@@ -18,6 +18,7 @@ internal static class TrainingBench
         using var dev = CudaDevice.Open();
         var c = shape with { NumLayers = layers };
         Console.WriteLine($"device: {dev.Info}; {BenchShapes.Describe(c)}, random bf16 weights; block {tokens} tokens");
+        Console.WriteLine($"kernels: {dev.Compiler.CompileAll()}");
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, c, DType.BF16, seed: 7);
         Console.WriteLine($"built on the device in {sw.Elapsed.TotalSeconds:F1} s");

@@ -70,14 +70,24 @@ public static class KernelSources
     }
 }
 
+/// <summary>What <see cref="KernelCompiler.CompileAll"/> did: kernel files compiled and read from the cache, the ones that
+/// failed (name, error) and the wall time.</summary>
+public sealed record KernelBuild(int Files, int Compiled, int FromCache, IReadOnlyList<KeyValuePair<string, string>> Failed, TimeSpan Elapsed)
+{
+    public override string ToString() =>
+        $"{Files} kernel files ready in {Elapsed.TotalSeconds:F1} s ({Compiled} compiled, {FromCache} from the cache"
+        + (Failed.Count > 0 ? $"; {Failed.Count} failed: {string.Join(", ", Failed.Select(f => f.Key))}" : "") + ")";
+}
+
 /// <summary>Compiles embedded kernels with NVRTC for one architecture and caches the CUBINs on disk, keyed by
 /// SHA-256 of (source, headers, options, architecture, NVRTC version): a second start compiles nothing.</summary>
 public sealed class KernelCompiler
 {
     public string Architecture { get; }
     public string CacheDirectory { get; }
-    public int Compiled { get; private set; }
-    public int CacheHits { get; private set; }
+    private int _compiled, _cacheHits;
+    public int Compiled => _compiled;
+    public int CacheHits => _cacheHits;
 
     /// <summary>Options for every kernel. No --use_fast_math: the kernels are checked against the CPU reference
     /// and their exp/log/sincos must stay accurate.</summary>
@@ -119,13 +129,29 @@ public sealed class KernelCompiler
         string path = Path.Combine(CacheDirectory, $"{kernel}-{Architecture}-{CacheKey(kernel)}.cubin");
         if (File.Exists(path))
         {
-            try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { CacheHits++; return cached; } }
+            try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { Interlocked.Increment(ref _cacheHits); return cached; } }
             catch (IOException) { /* unreadable cache entry: compile again */ }
         }
         var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, Options, out _);
-        Compiled++;
+        Interlocked.Increment(ref _compiled);
         TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
         return cubin;
+    }
+
+    /// <summary>Brings <paramref name="kernels"/> (default: every embedded kernel) into the cache, compiling the missing
+    /// ones on up to <paramref name="parallelism"/> threads at once (NVRTC compiles different programs concurrently; 0:
+    /// one per processor). A first start would otherwise compile them one file at a time as each is first launched.
+    /// A kernel that fails is reported, not thrown: its first launch compiles it again and throws the error there.</summary>
+    public KernelBuild CompileAll(IEnumerable<string>? kernels = null, int parallelism = 0)
+    {
+        var names = (kernels ?? KernelSources.KernelNames).ToList();
+        int compiled = Compiled, hits = CacheHits;
+        var failed = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        Parallel.ForEach(names, new ParallelOptions { MaxDegreeOfParallelism = parallelism > 0 ? parallelism : Environment.ProcessorCount },
+            k => { try { Cubin(k); } catch (Exception e) when (e is DispNativeException or NvrtcCompileException or CudaException) { failed[k] = e.Message; } });
+        return new KernelBuild(names.Count, Compiled - compiled, CacheHits - hits,
+            failed.OrderBy(f => f.Key, StringComparer.Ordinal).ToList(), clock.Elapsed);
     }
 
     /// <summary>Replaces a cache file whole (<paramref name="write"/> fills a temporary file that is then moved over
