@@ -147,21 +147,23 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
         int n4 = d >> 2;
         for (int base = threadIdx.x; base < n4; base += NORM_UNROLL * blockDim.x)
         {
-            float4 a[NORM_UNROLL], b[NORM_UNROLL], m[NORM_UNROLL];
+            // The rows' loads all in flight first; the mask (the same d floats for every row, mostly cached, and
+            // not 16-byte aligned) is read as it is used, which keeps the thread within 64 registers.
+            float4 a[NORM_UNROLL], b[NORM_UNROLL];
 #pragma unroll
             for (int u = 0; u < NORM_UNROLL; u++)
             {
                 int i = base + u * blockDim.x;
                 if (i >= n4) continue;
                 a[u] = x4[i]; b[u] = y4[i];
-                m[u] = make_float4(add_mask[4 * i], add_mask[4 * i + 1], add_mask[4 * i + 2], add_mask[4 * i + 3]);
             }
 #pragma unroll
             for (int u = 0; u < NORM_UNROLL; u++)
             {
                 int i = base + u * blockDim.x;
                 if (i >= n4) continue;
-                float4 v = make_float4(a[u].x + b[u].x * m[u].x, a[u].y + b[u].y * m[u].y, a[u].z + b[u].z * m[u].z, a[u].w + b[u].w * m[u].w);
+                const float* m = add_mask + 4 * i;
+                float4 v = make_float4(a[u].x + b[u].x * m[0], a[u].y + b[u].y * m[1], a[u].z + b[u].z * m[2], a[u].w + b[u].w * m[3]);
                 row4[i] = v;
                 o4[i] = v;
                 ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
@@ -193,8 +195,9 @@ __device__ void masked_norm(const float* __restrict__ x, const float* __restrict
 FOR_EACH_STORAGE(NORMS)
 
 // KernelBench variants (bf16, blocks of at most 256 threads): the same code compiled for 8 resident blocks of 256
-// threads per SM, which caps it at 32 registers per thread. Whether register-limited occupancy (fewer, longer waves
-// of the 2048 one-row blocks) is what holds the row kernels below the bandwidth of a plain residual add.
+// threads per SM, which caps it at 32 registers per thread (NVRTC 11.8 spills up to 72 bytes to fit). Whether
+// register-limited occupancy (fewer, longer waves of the 2048 one-row blocks) is what holds the row kernels below the
+// bandwidth of a plain residual add.
 extern "C" __global__ __launch_bounds__(256, 8) void rmsnorm_gather_occupancy_bf16(const float* x, const bf16* gamma, const int* idx, bf16* out,
     int d, int width, int out_stride, float eps, int row_in_smem)
 { gather_norm<bf16, false>(x, gamma, nullptr, idx, out, d, width, out_stride, eps, row_in_smem); }
@@ -207,10 +210,12 @@ extern "C" __global__ void rmsnorm_gather_row_first_bf16(const float* x, const b
     int d, int width, int out_stride, float eps, int row_in_smem)
 { gather_norm<bf16, false, true>(x, gamma, nullptr, idx, out, d, width, out_stride, eps, row_in_smem); }
 
+// Launched with up to 1024 threads (one pass over a 4096-wide row, CudaOps.NormThreads): the bound keeps
+// add_masked_rmsnorm within 64 registers per thread (it took 80-96, and a block of 1024 would not launch).
 #define MASKED_NORMS(T, S) \
-    extern "C" __global__ void rmsnorm_masked_##S(const float* x, const T* gamma, T* out, const float* mask, T* masked, int d, float eps) \
+    extern "C" __global__ __launch_bounds__(1024) void rmsnorm_masked_##S(const float* x, const T* gamma, T* out, const float* mask, T* masked, int d, float eps) \
     { masked_norm<T>(x, nullptr, nullptr, nullptr, gamma, out, mask, masked, d, eps); } \
-    extern "C" __global__ void add_masked_rmsnorm_##S(const float* x, const float* y, const float* add_mask, float* x_out, const T* gamma, \
+    extern "C" __global__ __launch_bounds__(1024) void add_masked_rmsnorm_##S(const float* x, const float* y, const float* add_mask, float* x_out, const T* gamma, \
         T* out, const float* mask, T* masked, int d, float eps) \
     { masked_norm<T>(x, y, add_mask, x_out, gamma, out, mask, masked, d, eps); }
 FOR_EACH_STORAGE(MASKED_NORMS)

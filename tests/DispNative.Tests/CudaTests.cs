@@ -354,7 +354,8 @@ public class NvrtcTests
                 var name = System.Text.RegularExpressions.Regex.Match(line, "Compiling entry function '(\\w+)'");
                 if (name.Success) { entry = name.Groups[1].Value; entries++; continue; }
                 var spill = System.Text.RegularExpressions.Regex.Match(line, "(\\d+) bytes spill stores");
-                if (spill.Success) Assert.That(int.Parse(spill.Groups[1].Value), Is.Zero, $"{k}.cu: {entry} spills on {arch}");
+                if (spill.Success && !entry!.Contains("_occupancy_"))   // KernelBench's 32-register builds may spill: what they measure
+                    Assert.That(int.Parse(spill.Groups[1].Value), Is.Zero, $"{k}.cu: {entry} spills on {arch}");
                 var used = System.Text.RegularExpressions.Regex.Match(line, "Used (\\d+) registers");
                 if (used.Success)
                     Assert.That(int.Parse(used.Groups[1].Value) * MaxBlockThreads(entry!), Is.LessThanOrEqualTo(65536),
