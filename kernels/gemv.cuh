@@ -25,7 +25,9 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
 }
 
 // A lane's first U 16-byte loads of a weight row (zero past the row's end). Issued before grid_dependency_wait():
-// under a programmatic launch they stream while the previous kernel (which produces x) finishes.
+// under a programmatic launch they stream while the previous kernel (which produces x) finishes. Through L2 only
+// (ld.global.cg; a weight is read once per step): where w was const __restrict__ (gemv_swiglu), plain loads became
+// non-coherent ones, which ptxas 11.8 moved after the wait and issued one at a time, each waiting for the one before.
 template <int U, typename T>
 __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4* a)
 {
@@ -35,7 +37,7 @@ __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4
     for (int u = 0; u < U; u++)
     {
         int e = lane + u * 32;
-        a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
+        a[u] = e < nv ? __ldcg(wr + e) : make_uint4(0, 0, 0, 0);
     }
 }
 

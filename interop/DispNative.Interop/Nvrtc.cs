@@ -27,6 +27,8 @@ public static unsafe class Nvrtc
         public readonly delegate* unmanaged<nint, byte*, int> nvrtcGetProgramLog;
         public readonly delegate* unmanaged<nint, nuint*, int> nvrtcGetCUBINSize;
         public readonly delegate* unmanaged<nint, byte*, int> nvrtcGetCUBIN;
+        public readonly delegate* unmanaged<nint, nuint*, int> nvrtcGetPTXSize;   // null where the library has none
+        public readonly delegate* unmanaged<nint, byte*, int> nvrtcGetPTX;
         public readonly delegate* unmanaged<int, byte*> nvrtcGetErrorString;
         public readonly string LibraryName;
 
@@ -44,6 +46,8 @@ public static unsafe class Nvrtc
             nvrtcGetProgramLog = (delegate* unmanaged<nint, byte*, int>)lib.Export("nvrtcGetProgramLog");
             nvrtcGetCUBINSize = (delegate* unmanaged<nint, nuint*, int>)lib.Export("nvrtcGetCUBINSize");
             nvrtcGetCUBIN = (delegate* unmanaged<nint, byte*, int>)lib.Export("nvrtcGetCUBIN");
+            nvrtcGetPTXSize = (delegate* unmanaged<nint, nuint*, int>)lib.TryExport("nvrtcGetPTXSize");
+            nvrtcGetPTX = (delegate* unmanaged<nint, byte*, int>)lib.TryExport("nvrtcGetPTX");
             nvrtcGetErrorString = (delegate* unmanaged<int, byte*>)lib.Export("nvrtcGetErrorString");
         }
     }
@@ -73,6 +77,37 @@ public static unsafe class Nvrtc
     /// Throws <see cref="NvrtcCompileException"/> with NVRTC's log on a compile error.</summary>
     public static byte[] CompileToCubin(string source, string programName, IReadOnlyDictionary<string, string> headers,
         IReadOnlyList<string> options, out string log)
+        => Compile(source, programName, headers, options, out log, prog =>
+        {
+            nuint size;
+            Check(A.nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
+            var cubin = new byte[(int)size];
+            fixed (byte* pc = cubin) Check(A.nvrtcGetCUBIN(prog, pc), "nvrtcGetCUBIN");
+            return cubin;
+        });
+
+    /// <summary>Whether the loaded NVRTC hands out PTX (<see cref="CompileToPtx"/>).</summary>
+    public static bool HasPtx => A.nvrtcGetPTX != null && A.nvrtcGetPTXSize != null;
+
+    /// <summary>The PTX of a source compiled for a virtual architecture (options <c>-arch=compute_XY</c>): what ptxas is
+    /// given, for tests that inspect the instructions a kernel was lowered to.</summary>
+    public static string CompileToPtx(string source, string programName, IReadOnlyDictionary<string, string> headers,
+        IReadOnlyList<string> options, out string log)
+    {
+        if (!HasPtx) throw new InvalidOperationException($"{LibraryName} exports no nvrtcGetPTX");
+        var bytes = Compile(source, programName, headers, options, out log, prog =>
+        {
+            nuint size;
+            Check(A.nvrtcGetPTXSize(prog, &size), "nvrtcGetPTXSize");
+            var ptx = new byte[(int)size];
+            fixed (byte* pp = ptx) Check(A.nvrtcGetPTX(prog, pp), "nvrtcGetPTX");
+            return ptx;
+        });
+        return Encoding.UTF8.GetString(bytes).TrimEnd('\0');
+    }
+
+    private static byte[] Compile(string source, string programName, IReadOnlyDictionary<string, string> headers,
+        IReadOnlyList<string> options, out string log, Func<nint, byte[]> output)
     {
         var pinned = new List<GCHandle>();
         byte* Utf8(string s)
@@ -99,11 +134,7 @@ public static unsafe class Nvrtc
             log = Encoding.UTF8.GetString(logBytes).TrimEnd('\0');
             if (rc == 6) throw new NvrtcCompileException(programName, log); // NVRTC_ERROR_COMPILATION
             Check(rc, "nvrtcCompileProgram");
-            nuint size;
-            Check(A.nvrtcGetCUBINSize(prog, &size), "nvrtcGetCUBINSize");
-            var cubin = new byte[(int)size];
-            fixed (byte* pc = cubin) Check(A.nvrtcGetCUBIN(prog, pc), "nvrtcGetCUBIN");
-            return cubin;
+            return output(prog);
         }
         finally
         {

@@ -365,6 +365,31 @@ public class NvrtcTests
         Assert.That(entries, Is.GreaterThan(50), "ptxas reported on too few entry points");
     }
 
+    /// <summary>Loads issued before a kernel's grid-dependency wait stream while the previous kernel finishes, unless
+    /// they are non-coherent (ld.global.nc, what loads through a const __restrict__ pointer may become): ptxas 11.8 moved
+    /// gemv_swiglu's 16 such weight loads after the wait and issued them one at a time (its SASS, cuobjdump). Checked on
+    /// the PTX: no entry point loads through .nc before its wait.</summary>
+    [Test]
+    public void NoKernelLoadsNonCoherentlyBeforeItsDependencyWait()
+    {
+        if (Nvrtc.Version.Major == 99 || !Nvrtc.HasPtx) Assert.Ignore("the CUDA emulator's NVRTC gives no PTX");
+        int waits = 0;
+        foreach (var k in KernelSources.KernelNames)
+        {
+            string ptx = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, ["-arch=compute_90", "-std=c++17"], out _);
+            foreach (System.Text.RegularExpressions.Match entry in System.Text.RegularExpressions.Regex.Matches(ptx, @"\.entry (\w+)\("))
+            {
+                int end = ptx.IndexOf("\n}", entry.Index, StringComparison.Ordinal);
+                int wait = ptx.IndexOf("griddepcontrol.wait", entry.Index, end - entry.Index, StringComparison.Ordinal);
+                if (wait < 0) continue;
+                waits++;
+                int nc = System.Text.RegularExpressions.Regex.Matches(ptx[entry.Index..wait], @"ld\.global\.nc").Count;
+                Assert.That(nc, Is.Zero, $"{k}.cu: {entry.Groups[1].Value} loads {nc} values through ld.global.nc before its grid-dependency wait");
+            }
+        }
+        Assert.That(waits, Is.GreaterThan(50), "too few entry points wait for the previous kernel: the PTX was not searched");
+    }
+
     /// <summary>CompileAll reports a kernel it cannot build by name and carries on with the others.</summary>
     [Test]
     public void CompileAll_ReportsAFailureByName_AndBuildsTheRest()
