@@ -551,8 +551,9 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         public void Dispose() { Layers.Dispose(); Barrier.Dispose(); }
     }
 
-    /// <summary>The persistent decode kernel's unroll and blocks per SM: timed on the model's first persistent step
-    /// (<see cref="PersistentLayers"/>) unless <see cref="CudaDevice.GemvUnroll"/> forces the unroll; null before.</summary>
+    /// <summary>The persistent decode kernel's unroll and blocks per SM (as launched: at most what fits): timed on the
+    /// model's first persistent step (<see cref="PersistentLayers"/>) unless <see cref="CudaDevice.GemvUnroll"/> forces
+    /// the unroll; null before.</summary>
     internal (int Unroll, int BlocksPerSM)? PersistentDecodeForm { get; private set; }
 
     /// <summary>Fields per layer of decode_step.cu's DecodeLayer: 15 pointers, then 9 widths.</summary>
@@ -614,27 +615,31 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         var state = cache.Persistent ??= NewPersistentState(a, cache);
         var scratch = cache.DecodeScratch!;
         int splits = CudaOps.DecodeSplits(cache.Capacity, c.SlidingWindow ?? 0);
+        string Entry(int unroll) => $"decode_layers_{CudaDevice.Suffix(DType)}_u{unroll}";
+        // The blocks per SM a form gets: fewer where fewer fit (each entry holds all phases' registers: ptxas 11.8 gave
+        // them 198-240 per thread, one block of 256 per SM).
+        (int Unroll, int BlocksPerSM) Fitted(int unroll, int blocksPerSM) =>
+            (unroll, Math.Min(blocksPerSM, d.ResidentBlocks("decode_step", Entry(unroll), PersistentDecodeThreads, sharedBytes)));
         void Launch((int Unroll, int BlocksPerSM) form)
         {
-            string entry = $"decode_layers_{CudaDevice.Suffix(DType)}_u{form.Unroll}";
-            long resident = (long)Math.Min(form.BlocksPerSM, d.ResidentBlocks("decode_step", entry, PersistentDecodeThreads, sharedBytes)) * d.Info.Multiprocessors;
+            long resident = (long)form.BlocksPerSM * d.Info.Multiprocessors;
             uint grid = (uint)Math.Max(1, Math.Min(resident, d.PersistentGridLimit ?? long.MaxValue));
             _ops.FillConstant(state.Barrier, 0f);
-            d.LaunchCooperative("decode_step", entry, (grid, 1, 1), (PersistentDecodeThreads, 1, 1), sharedBytes,
+            d.LaunchCooperative("decode_step", Entry(form.Unroll), (grid, 1, 1), (PersistentDecodeThreads, 1, 1), sharedBytes,
                 state.Layers, c.NumLayers, a.X, a.Q, a.K, a.V, a.Att, a.Gate, _invFreq, scratch.States, scratch.Counters, state.Barrier,
                 start, c.HiddenSize, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow ?? 0, splits, 1f / MathF.Sqrt(c.HeadDim), c.RmsNormEps);
         }
         if (d.GemvUnroll is int forced)
         {
-            Launch((forced, CudaDevice.PersistentBlocksPerSM[0]));
+            Launch(Fitted(forced, CudaDevice.PersistentBlocksPerSM[0]));
             return;
         }
         if (PersistentDecodeForm == null)
         {
             bool tune = LayerGemmParameters >= d.MinTunedGemvElements;
             var forms = (tune ? CudaDevice.GemvUnrolls : [CudaDevice.GemvUnrolls[0]])
-                .SelectMany(u => (tune ? CudaDevice.PersistentBlocksPerSM : [CudaDevice.PersistentBlocksPerSM[0]]).Select(b => (Unroll: u, BlocksPerSM: b)))
-                .ToList();
+                .SelectMany(u => (tune ? CudaDevice.PersistentBlocksPerSM : [CudaDevice.PersistentBlocksPerSM[0]]).Select(b => Fitted(u, b)))
+                .Distinct().ToList();   // forms that fit the same blocks are timed once
             if (forms.Count > 1)
             {
                 void Step((int, int) form) { _ops.Embedding(_embedding, a.Tokens, a.X, 1, c.HiddenSize); Launch(form); }
