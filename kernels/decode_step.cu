@@ -111,8 +111,9 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
         int heads, int kv_heads, int head_dim, int window, int splits, float scale, float eps) \
     { decode_layers<U, T>(layers, n_layers, x, q, k_new, v_new, att, gate, inv_freq, partial, arrivals, barrier, start, d, heads, kv_heads, \
         head_dim, window, splits, scale, eps); }
-#define DECODE_LAYERS(T, S) DECODE_LAYERS_U(T, S, 8) DECODE_LAYERS_U(T, S, 12) DECODE_LAYERS_U(T, S, 16)
-// f32 and bf16 only (CudaLlama.PersistentDecodeShape): each entry holds all of a layer's phases, and NVRTC compiles the
-// file whole on first use.
+// Unrolls 8 and 12 (CudaLlama.PersistentDecodeUnrolls): each entry holds all of a layer's phases in registers (ptxas 11.8,
+// sm_90: 217 and 249 per thread, one block of 256 per SM); at 16 it spilled. f32 and bf16 only
+// (CudaLlama.PersistentDecodeShape); NVRTC compiles the file whole on first use.
+#define DECODE_LAYERS(T, S) DECODE_LAYERS_U(T, S, 8) DECODE_LAYERS_U(T, S, 12)
 DECODE_LAYERS(float, f32)
 DECODE_LAYERS(bf16, bf16)

@@ -2,7 +2,7 @@
 // U loads in flight per lane, and reduces with shuffles; x (a single row, at most tens of KB) stays in L1/L2.
 // Every kernel comes in U = 8, 12 and 16 (entry NAME_uU): a deeper unroll covers a row in fewer memory round trips
 // (a pruned K of 2656 bf16 is 332 loads: 2 rounds at U 8, one at 12) but holds more registers, so fewer warps fit on
-// an SM. The host times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever
+// an SM (ptxas 11.8, bf16 gemv: 126 registers at U 8, two blocks of 256 per SM; 167 at 12 and 248 at 16, one). The host times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever
 // U is, so the variants give bit-identical results.
 // Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (the caller checks; cuBLASLt takes the rest).
 // Grid ceil(rows / warps per block). Besides the plain GEMV, the decode step's fusions:
@@ -44,6 +44,11 @@ __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4
 // x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
 // U loads of w (load_first). x is not __restrict__: a persistent kernel's x was written earlier in the same launch, which
 // the non-coherent loads a const __restrict__ pointer may be compiled to would not see.
+// A row longer than one round of U loads per lane (a down projection's K of 11008 or 7160) is software-pipelined: the
+// next round's weight loads are issued before this round is summed, so U loads stay in flight to the row's end. (The
+// plain loop - load a round, sum it - ptxas 11.8 compiled to one load in flight per lane, each waiting for the last.)
+// Only the next round's loads are unconditional, their addresses clamped into the row and the values past its end
+// zeroed after the load: predicated loads in a loop were among what ptxas issued one at a time.
 template <int U, typename T>
 __device__ __forceinline__ float warp_dot(const T* x, const T* __restrict__ w, int k, const uint4* first)
 {
@@ -52,26 +57,34 @@ __device__ __forceinline__ float warp_dot(const T* x, const T* __restrict__ w, i
     const uint4* xv = reinterpret_cast<const uint4*>(x);
     int nv = k / (int)(16 / sizeof(T));
     float acc = 0.f;
+    uint4 cur[U];
 #pragma unroll
-    for (int u = 0; u < U; u++)
+    for (int u = 0; u < U; u++) cur[u] = first[u];
+    for (int base = 0; base < nv; base += U * 32)   // the same rounds for the whole warp
     {
-        int e = lane + u * 32;
-        acc += dot16<T>(first[u], e < nv ? xv[e] : make_uint4(0, 0, 0, 0));
-    }
-    // Predicated rather than a scalar tail loop: a row whose length is not a multiple of U·32 loads (a pruned
-    // width such as 2680) still costs ceil(nv / (U·32)) memory latencies, not a few more one load at a time.
-    for (int i = lane + U * 32; i < nv; i += U * 32)
-    {
-        uint4 a[U], b[U];
+        bool more = base + U * 32 < nv;
+        uint4 next[U];
+        if (more)
+        {
+#pragma unroll
+            for (int u = 0; u < U; u++)
+            {
+                int e = base + U * 32 + lane + u * 32;
+                uint4 v = __ldcg(wr + min(e, nv - 1));
+                next[u] = e < nv ? v : make_uint4(0, 0, 0, 0);
+            }
+        }
 #pragma unroll
         for (int u = 0; u < U; u++)
         {
-            int e = i + u * 32;
-            a[u] = e < nv ? wr[e] : make_uint4(0, 0, 0, 0);
-            b[u] = e < nv ? xv[e] : make_uint4(0, 0, 0, 0);
+            int e = base + lane + u * 32;
+            acc += dot16<T>(cur[u], e < nv ? xv[e] : make_uint4(0, 0, 0, 0));
         }
+        if (more)
+        {
 #pragma unroll
-        for (int u = 0; u < U; u++) acc += dot16<T>(a[u], b[u]);
+            for (int u = 0; u < U; u++) cur[u] = next[u];
+        }
     }
     return warp_sum(acc);
 }

@@ -556,6 +556,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// the unroll; null before.</summary>
     internal (int Unroll, int BlocksPerSM)? PersistentDecodeForm { get; private set; }
 
+    /// <summary>The unrolls decode_step.cu is compiled with (its GEMV phases' loads in flight per lane): those of
+    /// <see cref="CudaDevice.GemvUnrolls"/> whose registers fit without spilling; a forced larger unroll runs the largest.</summary>
+    internal static readonly IReadOnlyList<int> PersistentDecodeUnrolls = [8, 12];
+
     /// <summary>Fields per layer of decode_step.cu's DecodeLayer: 15 pointers, then 9 widths.</summary>
     internal const int DecodeLayerFields = 24;
 
@@ -594,7 +598,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// <see cref="CudaDevice.PersistentBlocksPerSM"/> (the whole step from the embedding on, which gives the same result
     /// however often it runs) and keeps the fastest (<see cref="PersistentDecodeForm"/>); models under
     /// <see cref="CudaDevice.MinTunedGemvElements"/> weight elements take the first of each, and
-    /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll (at the first blocks per SM). False where the driver refuses the cooperative launch (a device without
+    /// <see cref="CudaDevice.GemvUnroll"/> forces the unroll (at the first blocks per SM; above 12, 12). False where the driver refuses the cooperative launch (a device without
     /// it, or a grid it will not hold): the cache then decodes without the kernel from this step on.</summary>
     private bool PersistentLayers(Activations a, CudaKvCache cache, int start, uint sharedBytes)
     {
@@ -631,13 +635,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
         if (d.GemvUnroll is int forced)
         {
-            Launch(Fitted(forced, CudaDevice.PersistentBlocksPerSM[0]));
+            Launch(Fitted(PersistentDecodeUnrolls.Last(u => u <= forced), CudaDevice.PersistentBlocksPerSM[0]));
             return;
         }
         if (PersistentDecodeForm == null)
         {
             bool tune = LayerGemmParameters >= d.MinTunedGemvElements;
-            var forms = (tune ? CudaDevice.GemvUnrolls : [CudaDevice.GemvUnrolls[0]])
+            var forms = (tune ? PersistentDecodeUnrolls : [PersistentDecodeUnrolls[0]])
                 .SelectMany(u => (tune ? CudaDevice.PersistentBlocksPerSM : [CudaDevice.PersistentBlocksPerSM[0]]).Select(b => Fitted(u, b)))
                 .Distinct().ToList();   // forms that fit the same blocks are timed once
             if (forms.Count > 1)
