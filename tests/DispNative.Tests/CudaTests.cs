@@ -345,9 +345,15 @@ public class NvrtcTests
         var headers = KernelSources.Headers;
         var options = new KernelCompiler(arch, TestAssets.TempDir()).Options.Append("--ptxas-options=-v").ToList();
         int entries = 0;
-        foreach (var k in KernelSources.KernelNames)
+        var logs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
+        Parallel.ForEach(KernelSources.KernelNames, k =>
         {
             Nvrtc.CompileToCubin(KernelSources.Source(k), k + ".cu", headers, options, out string log);
+            logs[k] = log;
+        });
+        foreach (var k in KernelSources.KernelNames)
+        {
+            string log = logs[k];
             string? entry = null;
             foreach (var line in log.Split('\n'))
             {
@@ -374,9 +380,12 @@ public class NvrtcTests
     {
         if (Nvrtc.Version.Major == 99 || !Nvrtc.HasPtx) Assert.Ignore("the CUDA emulator's NVRTC gives no PTX");
         int waits = 0;
+        var ptxs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
+        Parallel.ForEach(KernelSources.KernelNames,
+            k => ptxs[k] = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, ["-arch=compute_90", "-std=c++17"], out _));
         foreach (var k in KernelSources.KernelNames)
         {
-            string ptx = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, ["-arch=compute_90", "-std=c++17"], out _);
+            string ptx = ptxs[k];
             foreach (System.Text.RegularExpressions.Match entry in System.Text.RegularExpressions.Regex.Matches(ptx, @"\.entry (\w+)\("))
             {
                 int end = ptx.IndexOf("\n}", entry.Index, StringComparison.Ordinal);
