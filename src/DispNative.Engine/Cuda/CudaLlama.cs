@@ -621,7 +621,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         int splits = CudaOps.DecodeSplits(cache.Capacity, c.SlidingWindow ?? 0);
         string Entry(int unroll) => $"decode_layers_{CudaDevice.Suffix(DType)}_u{unroll}";
         // The blocks per SM a form gets: fewer where fewer fit (each entry holds all phases' registers: ptxas 11.8 gave
-        // them 198-240 per thread, one block of 256 per SM).
+        // them 203-249 per thread, one block of 256 per SM).
         (int Unroll, int BlocksPerSM) Fitted(int unroll, int blocksPerSM) =>
             (unroll, Math.Min(blocksPerSM, d.ResidentBlocks("decode_step", Entry(unroll), PersistentDecodeThreads, sharedBytes)));
         void Launch((int Unroll, int BlocksPerSM) form)
