@@ -2,9 +2,11 @@
 # On the GPU machine (device tool, carry .gpu, after tools/gpu/pack.sh here): runs the GPU checks and benchmarks,
 # each into $OUT/<name>.txt, and prints each one's exit status and last lines.
 #
-#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train] [profile-norms] [profile-infer]
-#   (default: all but the profiles)
+#   bash tools/gpu/check.sh [selftest] [bench] [infer] [train] [torch-infer] [torch-train] [profile-norms] [profile-infer] [report]
+#   (default: all but the profiles and the report)
 #
+# report: what this machine's NVRTC makes of the kernels (no GPU used): registers, spills, and loads in flight in the
+# decode GEMVs and the persistent decode kernel (tools/gpu/kernel_report.py with its cuobjdump).
 # profile-norms: Nsight Compute on the row kernels of `KernelBench gpu` (gather-norm, index-add and the fused pair;
 # cold L2, clocks as they are): duration, DRAM bytes and throughput, registers, occupancy and warp stalls, one CSV.
 # profile-infer: kernel durations of one prefill and two decode steps of the dense and the pruned 7B-shape model
@@ -29,6 +31,7 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
       train)       step train 240 bash .gpu/run.sh DispNative.KernelBench train ;;
       torch-infer) step torch-infer 120 python3 tools/reference/torch_baselines.py infer ;;
       torch-train) step torch-train 120 python3 tools/reference/torch_baselines.py train ;;
+      report)      step report 90 python3 tools/gpu/kernel_report.py --inflight 'gemv_bf16_to_f32_u|gemv_(norm_)?swiglu_bf16_u|decode_layers_bf16' ;;
       profile-norms)
         step profile-norms 300 /usr/local/cuda/bin/ncu --kernel-name regex:'gather|index_add' --cache-control all --clock-control none \
           --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
@@ -41,7 +44,7 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
         /usr/local/cuda/bin/ncu -i /tmp/profile-infer.ncu-rep --csv --page raw --print-units base > "$out/profile-infer.csv" 2>&1
         python3 tools/gpu/kernel_times.py "$out/profile-infer.csv" > "$out/profile-infer-summary.txt" 2>&1
         echo "== profile-infer-summary.txt:"; head -n 40 "$out/profile-infer-summary.txt" ;;
-      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms, profile-infer)" >&2; exit 2 ;;
+      *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms, profile-infer, report)" >&2; exit 2 ;;
     esac
   done
 done

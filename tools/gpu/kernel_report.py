@@ -3,17 +3,20 @@
 (ptxas through NVRTC), and with cuobjdump at hand, how many global loads are in flight when each is first used (its
 SASS, straight-line: a load counts as in flight from its issue to the first instruction that reads its registers).
 
-    python3 tools/gpu/kernel_report.py [--arch sm_90] [--nvrtc libnvrtc.so.11.2] [--cuobjdump PATH] [--inflight REGEX] [KERNEL ...]
+    python3 tools/gpu/kernel_report.py [--arch sm_90] [--nvrtc LIB] [--cuobjdump PATH] [--inflight REGEX] [KERNEL ...]
 
-KERNEL: file names without .cu (default: all). --inflight: entries whose loads to report (needs cuobjdump).
+KERNEL: file names without .cu (default: all), compiled in parallel. --inflight: entries whose loads to report (needs
+cuobjdump: on PATH, /usr/local/cuda/bin, or given). On the GPU machine: tools/gpu/check.sh report.
 Any NVRTC 11.2+ works (README "NVIDIA's compiler without a GPU" shows how to get 11.8 and cuobjdump on the dev machine);
 its register allocation and schedules may differ from the GPU machine's NVRTC.
 """
 import argparse
+import concurrent.futures
 import ctypes
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,32 +107,49 @@ def loads_in_flight(instructions):
     return report
 
 
+NVRTC_NAMES = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2"]
+NVRTC_DIRS = ["", "/usr/local/cuda/lib64/", "/usr/local/cuda/targets/x86_64-linux/lib/"]
+
+
+def load_nvrtc(path):
+    for candidate in [path] if path else [d + n for n in NVRTC_NAMES for d in NVRTC_DIRS]:
+        try:
+            return ctypes.CDLL(candidate)
+        except OSError:
+            pass
+    sys.exit("no NVRTC library loads (README: NVIDIA's compiler without a GPU)")
+
+
+def report(job):
+    """One kernel file's lines (run in a worker process: NVRTC compiles files in parallel)."""
+    name, arch, nvrtc, cuobjdump, inflight = job
+    cubin, log = compile_cubin(load_nvrtc(nvrtc), name, arch)
+    lines = []
+    for entry, regs, stores, loads, smem in resources(log):
+        lines.append(f"{name + '.cu':20} {entry:58} {regs:4} {f'{stores}/{loads}':>11} {smem:6}")
+        if inflight and cuobjdump and re.search(inflight, entry):
+            counts = loads_in_flight(sass(cuobjdump, cubin, entry))
+            lines.append(f"    loads in flight at first use ({len(counts)} loads): {' '.join(map(str, counts))}")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("kernels", nargs="*")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--nvrtc", default=None, help="library to load (default: libnvrtc.so.13, .12, .11.2)")
-    p.add_argument("--cuobjdump", default=None)
+    p.add_argument("--cuobjdump", default=shutil.which("cuobjdump") or
+                   ("/usr/local/cuda/bin/cuobjdump" if os.path.exists("/usr/local/cuda/bin/cuobjdump") else None))
     p.add_argument("--inflight", default=None, help="regular expression: entries whose loads in flight to print")
     a = p.parse_args()
-    lib = None
-    for candidate in [a.nvrtc] if a.nvrtc else ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2"]:
-        try:
-            lib = ctypes.CDLL(candidate)
-            break
-        except OSError:
-            pass
-    if lib is None:
-        sys.exit("no NVRTC library loads (README: NVIDIA's compiler without a GPU)")
+    load_nvrtc(a.nvrtc)   # fail here, once, if none loads
+    if a.inflight and not a.cuobjdump:
+        sys.exit("--inflight needs cuobjdump (--cuobjdump PATH)")
     names = a.kernels or sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(KERNELS, "*.cu")))
     print(f"{'kernel':20} {'entry':58} {'regs':>4} {'spill st/ld':>11} {'smem':>6}")
-    for name in names:
-        cubin, log = compile_cubin(lib, name, a.arch)
-        for entry, regs, stores, loads, smem in resources(log):
-            print(f"{name + '.cu':20} {entry:58} {regs:4} {f'{stores}/{loads}':>11} {smem:6}")
-            if a.inflight and a.cuobjdump and re.search(a.inflight, entry):
-                counts = loads_in_flight(sass(a.cuobjdump, cubin, entry))
-                print(f"    loads in flight at first use ({len(counts)} loads): {' '.join(map(str, counts))}")
+    with concurrent.futures.ProcessPoolExecutor() as pool:
+        for lines in pool.map(report, [(n, a.arch, a.nvrtc, a.cuobjdump, a.inflight) for n in names]):
+            print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
