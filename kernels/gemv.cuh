@@ -1,9 +1,10 @@
 // Batch-1 linear layers for decode, one warp per output row: the warp streams the weight row with 16-byte loads,
 // U loads in flight per lane, and reduces with shuffles; x (a single row, at most tens of KB) stays in L1/L2.
-// Every kernel comes in U = 8, 12 and 16 (entry NAME_uU): a deeper unroll covers a row in fewer memory round trips
-// (a pruned K of 2656 bf16 is 332 loads: 2 rounds at U 8, one at 12) but holds more registers, so fewer warps fit on
-// an SM (ptxas 11.8, bf16 gemv: 126 registers at U 8, two blocks of 256 per SM; 167 at 12 and 248 at 16, one). The host times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever
-// U is, so the variants give bit-identical results.
+// Every kernel comes in U = 8, 12 and 16 (entry NAME_uU): a deeper unroll keeps more loads in flight per lane (a
+// pruned K of 2656 bf16 is 332 loads: 2 rounds at U 8, one at 12) but holds more registers, so fewer warps fit on an
+// SM (ptxas 11.8, bf16 gemv: 126 registers at U 8, two blocks of 256 per SM; 167 at 12 and 248 at 16, one). The host
+// times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever U is, so the
+// variants give bit-identical results.
 // Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (the caller checks; cuBLASLt takes the rest).
 // Grid ceil(rows / warps per block). Besides the plain GEMV, the decode step's fusions:
 //   gemv (out_index set): y[out_index[row]] += dot - the pruned o_proj/down GEMM and DISP's index-add in one pass;
@@ -47,8 +48,8 @@ __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4
 // A row longer than one round of U loads per lane (a down projection's K of 11008 or 7160) is software-pipelined: the
 // next round's weight loads are issued before this round is summed, so U loads stay in flight to the row's end. (The
 // plain loop - load a round, sum it - ptxas 11.8 compiled to one load in flight per lane, each waiting for the last.)
-// Only the next round's loads are unconditional, their addresses clamped into the row and the values past its end
-// zeroed after the load: predicated loads in a loop were among what ptxas issued one at a time.
+// The next round's loads are unconditional (addresses clamped into the row, values past its end zeroed after the
+// load): predicated loads in a loop were among what ptxas issued one at a time.
 template <int U, typename T>
 __device__ __forceinline__ float warp_dot(const T* x, const T* __restrict__ w, int k, const uint4* first)
 {

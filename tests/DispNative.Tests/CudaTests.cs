@@ -380,9 +380,10 @@ public class NvrtcTests
     {
         if (Nvrtc.Version.Major == 99 || !Nvrtc.HasPtx) Assert.Ignore("the CUDA emulator's NVRTC gives no PTX");
         int waits = 0;
+        var options = new KernelCompiler("compute_90", TestAssets.TempDir()).Options;   // the engine's, for the virtual architecture
         var ptxs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
         Parallel.ForEach(KernelSources.KernelNames,
-            k => ptxs[k] = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, ["-arch=compute_90", "-std=c++17"], out _));
+            k => ptxs[k] = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, options, out _));
         foreach (var k in KernelSources.KernelNames)
         {
             string ptx = ptxs[k];
