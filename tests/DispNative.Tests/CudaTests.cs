@@ -371,6 +371,28 @@ public class NvrtcTests
         Assert.That(entries, Is.GreaterThan(50), "ptxas reported on too few entry points");
     }
 
+    /// <summary>Every entry point's PTX for sm_90 with the engine's options: (file, entry, body), compiled once.</summary>
+    private static readonly Lazy<List<(string File, string Entry, string Body)>> EntryPtx = new(() =>
+    {
+        var options = new KernelCompiler("compute_90", TestAssets.TempDir()).Options;   // the engine's, for the virtual architecture
+        var ptxs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
+        Parallel.ForEach(KernelSources.KernelNames,
+            k => ptxs[k] = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, options, out _));
+        var entries = new List<(string, string, string)>();
+        foreach (var k in KernelSources.KernelNames)
+        {
+            string ptx = ptxs[k];
+            foreach (System.Text.RegularExpressions.Match entry in System.Text.RegularExpressions.Regex.Matches(ptx, @"\.entry (\w+)\("))
+                entries.Add((k, entry.Groups[1].Value, ptx[entry.Index..ptx.IndexOf("\n}", entry.Index, StringComparison.Ordinal)]));
+        }
+        return entries;
+    });
+
+    private static void RequirePtx()
+    {
+        if (Nvrtc.Version.Major == 99 || !Nvrtc.HasPtx) Assert.Ignore("the CUDA emulator's NVRTC gives no PTX");
+    }
+
     /// <summary>Loads issued before a kernel's grid-dependency wait stream while the previous kernel finishes, unless
     /// they are non-coherent (ld.global.nc, what loads through a const __restrict__ pointer may become): ptxas 11.8 moved
     /// gemv_swiglu's 16 such weight loads after the wait and issued them one at a time (its SASS, cuobjdump). Checked on
@@ -378,26 +400,36 @@ public class NvrtcTests
     [Test]
     public void NoKernelLoadsNonCoherentlyBeforeItsDependencyWait()
     {
-        if (Nvrtc.Version.Major == 99 || !Nvrtc.HasPtx) Assert.Ignore("the CUDA emulator's NVRTC gives no PTX");
+        RequirePtx();
         int waits = 0;
-        var options = new KernelCompiler("compute_90", TestAssets.TempDir()).Options;   // the engine's, for the virtual architecture
-        var ptxs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
-        Parallel.ForEach(KernelSources.KernelNames,
-            k => ptxs[k] = Nvrtc.CompileToPtx(KernelSources.Source(k), k + ".cu", KernelSources.Headers, options, out _));
-        foreach (var k in KernelSources.KernelNames)
+        foreach (var (file, entry, body) in EntryPtx.Value)
         {
-            string ptx = ptxs[k];
-            foreach (System.Text.RegularExpressions.Match entry in System.Text.RegularExpressions.Regex.Matches(ptx, @"\.entry (\w+)\("))
-            {
-                int end = ptx.IndexOf("\n}", entry.Index, StringComparison.Ordinal);
-                int wait = ptx.IndexOf("griddepcontrol.wait", entry.Index, end - entry.Index, StringComparison.Ordinal);
-                if (wait < 0) continue;
-                waits++;
-                int nc = System.Text.RegularExpressions.Regex.Matches(ptx[entry.Index..wait], @"ld\.global\.nc").Count;
-                Assert.That(nc, Is.Zero, $"{k}.cu: {entry.Groups[1].Value} loads {nc} values through ld.global.nc before its grid-dependency wait");
-            }
+            int wait = body.IndexOf("griddepcontrol.wait", StringComparison.Ordinal);
+            if (wait < 0) continue;
+            waits++;
+            int nc = System.Text.RegularExpressions.Regex.Matches(body[..wait], @"ld\.global\.nc").Count;
+            Assert.That(nc, Is.Zero, $"{file}.cu: {entry} loads {nc} values through ld.global.nc before its grid-dependency wait");
         }
         Assert.That(waits, Is.GreaterThan(50), "too few entry points wait for the previous kernel: the PTX was not searched");
+    }
+
+    /// <summary>The persistent decode kernel reads, after a grid barrier, what other blocks wrote in an earlier phase of
+    /// the same launch. A non-coherent load (ld.global.nc: the read-only path, which a const __restrict__ pointer invites)
+    /// may return what that SM cached before, and nothing but a GPU would show it (the emulator has no such cache). So
+    /// its only .nc loads are of the CUDA math library's constant tables (sinf/cosf's range reduction).</summary>
+    [Test]
+    public void ThePersistentDecodeKernel_LoadsNothingOfItsOwnNonCoherently()
+    {
+        RequirePtx();
+        var kernels = EntryPtx.Value.Where(e => e.Entry.StartsWith("decode_layers_")).ToList();
+        Assert.That(kernels, Has.Count.EqualTo(2 * CudaLlama.PersistentDecodeUnrolls.Count), "decode_layers_{f32,bf16}_u* entry points");
+        foreach (var (file, entry, body) in kernels)
+        {
+            // A table load's address is the table's symbol plus an offset, computed in the few lines before it.
+            var own = System.Text.RegularExpressions.Regex.Matches(body, @"ld\.global\.nc[^\n]*")
+                .Where(m => !body[Math.Max(0, m.Index - 200)..m.Index].Contains("__cudart_")).Select(m => m.Value).ToList();
+            Assert.That(own, Is.Empty, $"{file}.cu: {entry} loads through ld.global.nc");
+        }
     }
 
     /// <summary>CompileAll reports a kernel it cannot build by name and carries on with the others.</summary>
