@@ -1,6 +1,7 @@
 using System.Text.Json;
 using DispNative.Engine;
 using DispNative.Engine.Cpu;
+using DispNative.Engine.Disp;
 using DispNative.Engine.Evaluation;
 using DispNative.Engine.Inference;
 using DispNative.Engine.IO;
@@ -91,6 +92,58 @@ public class ForwardTests
         var step = new List<float>(m.Forward(ids[..4], cache));
         for (int t = 4; t < ids.Length; t++) step.AddRange(m.Forward([ids[t]], cache));
         AssertClose(step.ToArray(), full, 1e-5, "incremental vs full");
+    }
+
+    /// <summary>With lastOnly the last layer's queries, attention, output projection and MLP run on each sequence's last
+    /// row only (its keys and values on every row, for the cache): the logits are the full forward's last row, and the
+    /// cache left behind decodes bit for bit as the full forward's. Dense and pruned, with biases, alone and batched,
+    /// from position 0 and after cached positions, on both attention paths.</summary>
+    [TestCase(false, false, false)]
+    [TestCase(true, true, false)]
+    [TestCase(false, false, true)]
+    [TestCase(true, true, true)]
+    public void LastOnly_IsTheFullForwardsLastRow_AndLeavesTheSameCache(bool qkvBias, bool outputBias, bool pruned)
+    {
+        var c = TestAssets.TinyConfig(qkvBias: qkvBias, tied: false) with { OutputBias = outputBias };
+        var w = ModelWeights.Random(c, 3, 0.1f);
+        if (pruned) (c, w) = Pruner.Apply(c, w, PruningTests.RandomPlan(c, PruningMode.Disp, 0.6, 3), "disp", 0.4, null);
+        var m = new LlamaModel(c, w);
+        int vocab = c.VocabSize;
+        int[][] batch = [Enumerable.Range(0, 40).Select(i => 1 + i * 7 % 250).ToArray(), [1, 5, 9], [1], [1, 20, 30, 40]];
+        Assert.That(batch[0].Length, Is.GreaterThanOrEqualTo(LlamaModel.GemmAttentionMinRows), "the long prompt's full forward must take the GEMM path");
+        var batched = m.Forward(batch, batch.Select(s => m.NewCache(s.Length + 9)).ToArray(), lastOnly: true);
+        for (int b = 0; b < batch.Length; b++)
+        {
+            int[] ids = batch[b];
+            var (fullCache, lastCache) = (m.NewCache(ids.Length + 9), m.NewCache(ids.Length + 9));
+            var full = m.Forward(ids, fullCache);
+            var last = m.Forward(ids, lastCache, lastOnly: true);
+            AssertClose(last, full[^vocab..], 1e-5, $"sequence {b}: lastOnly vs the full forward's last row");
+            AssertClose(batched[b], last, 1e-5, $"sequence {b}: batched vs alone");
+            Assert.That(m.Forward([7], lastCache), Is.EqualTo(m.Forward([7], fullCache)), $"sequence {b}: the next step from either cache");
+            // A further chunk after cached positions.
+            int[] more = [3, 8, 13, 21, 34, 55, 89, 144];
+            full = m.Forward(more, fullCache);
+            AssertClose(m.Forward(more, lastCache, lastOnly: true), full[^vocab..], 1e-5, $"sequence {b}: a second chunk");
+        }
+    }
+
+    /// <summary>The FLOPs KernelBench holds prefill against, counted another way for a dense model: every layer's whole
+    /// GEMMs for all rows but the last layer's, where only the key and value projections see every row.</summary>
+    [Test]
+    public void LastRowPrefillFlops_CountsTheLastLayersQuerySideForOneRow()
+    {
+        var c = TestAssets.TinyConfig() with { NumLayers = 3 };
+        int t = 10, L = c.NumLayers;
+        var counts = c.ParameterCounts();
+        double perLayer = (counts["attention"] + counts["mlp"]) / (double)L, keysValues = 2.0 * c.HiddenSize * c.KvDim;
+        double attention = 2.0 * c.NumHeads * c.HeadDim * t * (t + 1);   // causal, per layer, every row
+        double expected = (L - 1) * (2 * perLayer * t + attention)
+                          + 2 * keysValues * t + 2 * (perLayer - keysValues) + 4.0 * c.NumHeads * c.HeadDim * t
+                          + 2.0 * c.VocabSize * c.HiddenSize;
+        Assert.That(c.LastRowPrefillFlops(t), Is.EqualTo(expected).Within(1e-9 * expected));
+        int[] half = [24, 24, 24, 40, 24];
+        Assert.That(c.LastRowPrefillFlops(t, _ => half), Is.LessThan(0.6 * expected), "the widths given are the ones counted");
     }
 
     [Test]

@@ -11,7 +11,7 @@ namespace DispNative.Tests;
 public class PruningTests
 {
     /// <summary>A random plan keeping about <paramref name="keep"/> of every site (at least one channel).</summary>
-    private static PruningPlan RandomPlan(ModelConfig c, PruningMode mode, double keep, ulong seed)
+    internal static PruningPlan RandomPlan(ModelConfig c, PruningMode mode, double keep, ulong seed)
     {
         var layout = new SiteLayout(c, mode);
         var rng = new Rng(seed);

@@ -14,7 +14,7 @@ internal static class InferenceBench
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
 
     private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, double PersistentTokS,
-        long GemmParams, long DecodeBytes)
+        long GemmParams, long DecodeBytes, double PrefillFlops)
     {
         /// <summary>The faster decode: through CUDA graphs, or with the layers as one persistent kernel.</summary>
         public double DecodeTokS => Math.Max(GraphTokS, PersistentTokS);
@@ -45,9 +45,9 @@ internal static class InferenceBench
         Console.WriteLine($"{"model",-32} {"GEMM params",12} {"prefill ms",11} {"bound ms",9} {"decode tok/s eager",19} {"graphs",8} {"persistent",11} {"bound",8}");
         foreach (var r in results)
         {
-            // Prefill FLOPs: layer GEMMs for every token, causal attention, LM head for the last row only.
-            double flops = 2.0 * r.GemmParams * prefillTokens + 2.0 * c.NumLayers * c.NumHeads * c.HeadDim * (double)prefillTokens * (prefillTokens + 1)
-                           + 2.0 * c.VocabSize * c.HiddenSize;
+            // Prefill FLOPs of the model's unpadded widths (ModelConfig.LastRowPrefillFlops: the last layer's query side
+            // and the LM head for the last row only).
+            double flops = r.PrefillFlops;
             string prefillBound = tf is double p ? $"{1e3 * flops / p,9:F1}" : "        -";
             string decodeBound = bw is double b ? $"{b / r.DecodeBytes,8:F0}" : "       -";
             Console.WriteLine($"{r.Name,-32} {r.GemmParams / 1e9,10:F2} B {r.PrefillMs,11:F1} {prefillBound} {r.EagerTokS,19:F1} {r.GraphTokS,8:F1} {r.PersistentTokS,11:F1} {decodeBound}");
@@ -175,7 +175,8 @@ internal static class InferenceBench
                           $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
-        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, persistentTokS, model.LayerGemmParameters, model.DecodeWeightBytes) { Without = without };
+        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, persistentTokS, model.LayerGemmParameters, model.DecodeWeightBytes,
+            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without };
     }
 
     private static int Next(float[] logits) => Engine.Inference.Generator.ArgMax(logits);

@@ -303,9 +303,7 @@ public static class Program
         return models.Select((model, i) =>
         {
             var c = model.Config;
-            double attnFlops = 2.0 * c.NumLayers * c.NumHeads * c.HeadDim * tokens * (tokens + 1);
-            double flops = 2.0 * c.PrunableParameters() * tokens + attnFlops + 2.0 * c.VocabSize * c.HiddenSize;
-            return new ForwardTimes(Median(prefill[i]), flops, Median(decode[i]));
+            return new ForwardTimes(Median(prefill[i]), c.LastRowPrefillFlops(tokens), Median(decode[i]));
         }).ToList();
     }
 }

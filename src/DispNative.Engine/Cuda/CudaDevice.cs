@@ -189,6 +189,18 @@ public sealed unsafe class CudaDevice : IDisposable
         return dst;
     }
 
+    /// <summary>Copies row <paramref name="from"/> of a tensor of rows <paramref name="width"/> elements long over row
+    /// <paramref name="to"/>, in stream order.</summary>
+    public void CopyRow(DeviceTensor t, int from, int to, int width)
+    {
+        long bytes = (long)width * t.DType.Size();
+        if (from < 0 || to < 0 || (Math.Max(from, to) + 1L) * width > t.Length)
+            throw new ArgumentException($"rows {from} and {to} of {width} elements do not both lie in a tensor of {t.Length}");
+        if (from == to) return;
+        MakeCurrent();
+        CudaDriver.CopyDtoD(t.Address((long)to * width), t.Address((long)from * width), bytes, Stream.DangerousGetHandle());
+    }
+
     /// <summary>Downloads a tensor as f32 values through a pinned staging buffer (waits for the stream).</summary>
     public float[] Download(DeviceTensor t)
     {

@@ -291,6 +291,16 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         }
     }
 
+    /// <summary>Kept widths of layer <paramref name="layer"/> as stored here, padding aside: [attn_in, attn_out, mlp_in,
+    /// mlp_mid, mlp_out] (<see cref="ModelConfig.LayerWidths"/>; a random pruned model's config is the dense one).</summary>
+    public int[] LayerWidths(int layer)
+    {
+        var w = _layers[layer];
+        int d = Config.HiddenSize;
+        return [(int)(w.AttnIn?.Length ?? d), (int)(w.AttnOut?.Length ?? d), (int)(w.MlpIn?.Length ?? d),
+            (int)(w.MlpMid?.Length ?? Config.IntermediateSize), (int)(w.MlpOut?.Length ?? d)];
+    }
+
     /// <summary>Parameters of the layers' GEMMs (q/k/v/o, gate/up/down) as stored, padding included: what prefill multiplies per token.</summary>
     public long LayerGemmParameters
     {
@@ -512,11 +522,19 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
                 Norm(a.X, w.AttnNorm, w.AttnIn, a.H, rows, attnIn, ref pending);
                 // The keys and values go straight to their cache rows, where RoPE rotates the keys in place.
                 Project(a.H, w, a.Q, cache.K[l], cache.V[l], (long)start * kvd, rows, attnIn);
-                if (attention)
+                if (attention) _ops.RopeKvAppend(a.Q, null, null, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start);
+                // Where only the last row's logits are wanted, the last layer needs every row's keys and values (for the
+                // cache) but the rest only for that row: its query and residual move to row 0, and the layer goes on
+                // as a decode step at the last position.
+                int queryStart = start;
+                if (l == c.NumLayers - 1 && a.LogitRows < rows)
                 {
-                    _ops.RopeKvAppend(a.Q, null, null, cache.K[l], cache.V[l], _invFreq, rows, c.NumHeads, c.NumKvHeads, c.HeadDim, start);
-                    _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                    d.CopyRow(a.Q, rows - 1, 0, qd);
+                    d.CopyRow(a.X, rows - 1, 0, dm);
+                    queryStart = start + rows - 1;
+                    rows = 1;
                 }
+                if (attention) _ops.Attention(a.Q, cache.K[l], cache.V[l], a.Att, rows, queryStart, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
             }
             pending = Residual(a.X, a.Att, w.Wo, w.Bo, w.AttnOut, a.Delta, rows, qd);
 

@@ -73,29 +73,41 @@ public sealed class LlamaModel : ICausalLanguageModel
         for (int l = 0; l < c.NumLayers; l++)
         {
             var w = Weights.Layers[l];
+            // With lastOnly, the last layer needs every row's keys and values (for the cache) but the rest of the layer
+            // only for each sequence's last row: its queries, attention, output projection and MLP run on those rows.
+            bool lastRowsOnly = lastOnly && l == c.NumLayers - 1;
             int attnIn = w.AttnInIdx?.Length ?? d;
             Norm(x, w.AttnNorm, w.AttnInIdx, h, rows);
-            Gemm.MatMulT(h, w.Wq, q, rows, qd, attnIn);
             Gemm.MatMulT(h, w.Wk, k, rows, kvd, attnIn);
             Gemm.MatMulT(h, w.Wv, v, rows, kvd, attnIn);
-            if (w.Bq != null) { CpuOps.AddBias(q, w.Bq, rows); CpuOps.AddBias(k, w.Bk!, rows); CpuOps.AddBias(v, w.Bv!, rows); }
+            if (lastRowsOnly)
+            {
+                KeepLastRows(h, offsets, attnIn);
+                KeepLastRows(x, offsets, d);
+            }
+            int qRows = lastRowsOnly ? batch.Count : rows;
+            Gemm.MatMulT(h, w.Wq, q, qRows, qd, attnIn);
+            if (w.Bq != null) { CpuOps.AddBias(q, w.Bq, qRows); CpuOps.AddBias(k, w.Bk!, rows); CpuOps.AddBias(v, w.Bv!, rows); }
             for (int b = 0; b < batch.Count; b++)
             {
                 var cache = caches[b];
                 int start = cache.Length, len = offsets[b + 1] - offsets[b];
+                // The queries: every row of the sequence, or its last one (row b of q, at position start + len - 1).
+                int qRow = lastRowsOnly ? b : offsets[b], qLen = lastRowsOnly ? 1 : len, qStart = start + len - qLen;
                 // One sequence works on the batch buffers themselves; several copy their rows out and back.
                 bool whole = batch.Count == 1;
-                var qs = whole ? q : Slice(q, offsets[b], len, qd);
+                var qs = whole ? q : Slice(q, qRow, qLen, qd);
                 var ks = whole ? k : Slice(k, offsets[b], len, kvd);
-                _rope.Apply(qs, len, c.NumHeads, start);
+                _rope.Apply(qs, qLen, c.NumHeads, qStart);
                 _rope.Apply(ks, len, c.NumKvHeads, start);
                 Array.Copy(ks, 0, cache.K[l], (long)start * kvd, (long)len * kvd);
                 Array.Copy(v, (long)offsets[b] * kvd, cache.V[l], (long)start * kvd, (long)len * kvd);
-                var ao = whole ? att : new float[(long)len * qd];
-                if (len >= GemmAttentionMinRows) CpuOps.AttentionOnGemms(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-                else CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, len, start, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
-                if (!whole) Array.Copy(ao, 0, att, (long)offsets[b] * qd, ao.Length);
+                var ao = whole ? att : new float[(long)qLen * qd];
+                if (qLen >= GemmAttentionMinRows) CpuOps.AttentionOnGemms(qs, cache.K[l], cache.V[l], ao, qLen, qStart, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                else CpuOps.Attention(qs, cache.K[l], cache.V[l], ao, qLen, qStart, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow);
+                if (!whole) Array.Copy(ao, 0, att, (long)qRow * qd, ao.Length);
             }
+            rows = qRows;
             Residual(x, att, w.Wo, w.Bo, w.AttnOutIdx, delta, rows, qd);
 
             int mlpIn = w.MlpInIdx?.Length ?? d, mid = w.MlpMidIdx?.Length ?? f;
@@ -107,15 +119,24 @@ public sealed class LlamaModel : ICausalLanguageModel
         }
         for (int b = 0; b < batch.Count; b++) caches[b].Length += batch[b].Length;
 
+        // x holds every row, or with lastOnly each sequence's last row as row b (a config has at least one layer).
         CpuOps.RmsNorm(x, Weights.FinalNorm, h, rows, d, c.RmsNormEps);
         var result = new float[batch.Count][];
         for (int b = 0; b < batch.Count; b++)
         {
-            int first = lastOnly ? offsets[b + 1] - 1 : offsets[b], n = offsets[b + 1] - first;
+            int first = lastOnly ? b : offsets[b], n = lastOnly ? 1 : offsets[b + 1] - first;
             result[b] = new float[(long)n * c.VocabSize];
             Gemm.MatMulT(h, first * d, Weights.LmHead, 0, result[b], 0, n, c.VocabSize, d);
         }
         return result;
+    }
+
+    /// <summary>Moves each sequence's last row (row offsets[b + 1] - 1 of rows <paramref name="width"/> wide) to row b.
+    /// Row b is never after its source, and sources only grow with b, so no source is overwritten before it is read.</summary>
+    private static void KeepLastRows(float[] a, int[] offsets, int width)
+    {
+        for (int b = 0; b + 1 < offsets.Length; b++)
+            Array.Copy(a, (long)(offsets[b + 1] - 1) * width, a, (long)b * width, width);
     }
 
     /// <summary>The activations of one forward, for up to <see cref="Rows"/> rows: every op writes the rows it uses before

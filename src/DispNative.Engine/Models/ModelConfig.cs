@@ -148,6 +148,27 @@ public sealed record ModelConfig
         };
     }
 
+    /// <summary>Multiply-add FLOPs (2 per weight per row) that a prefill of <paramref name="tokens"/> tokens from position 0
+    /// needs for the last row's logits: every layer's key and value projections for every row; the queries, causal
+    /// attention (no window), output projection and MLP for every row except in the last layer, which needs them for the
+    /// last row only; the LM head for the last row. Biases and norms aside. The CPU forward does exactly this work; the
+    /// CUDA one also projects the last layer's queries for every row. The layers' widths
+    /// are <paramref name="widths"/>' where given (as <see cref="LayerWidths"/>), else this config's.</summary>
+    public double LastRowPrefillFlops(int tokens, Func<int, int[]>? widths = null)
+    {
+        double t = tokens, flops = 0;
+        for (int l = 0; l < NumLayers; l++)
+        {
+            var w = (widths ?? LayerWidths)(l);
+            double queryRows = l == NumLayers - 1 ? 1 : t;
+            double keysSeen = l == NumLayers - 1 ? t : t * (t + 1) / 2;   // summed over the query rows
+            flops += 2.0 * w[0] * 2 * KvDim * t
+                     + 2.0 * queryRows * ((double)w[0] * QDim + (double)QDim * w[1] + 2.0 * w[2] * w[3] + (double)w[3] * w[4])
+                     + 4.0 * NumHeads * HeadDim * keysSeen;
+        }
+        return flops + 2.0 * VocabSize * HiddenSize;
+    }
+
     /// <summary>The parameters DISP-LLM prunes: attention and MLP projections (with their biases).</summary>
     public long PrunableParameters()
     {
