@@ -74,8 +74,9 @@ public sealed class LlamaModel : ICausalLanguageModel
         {
             var w = Weights.Layers[l];
             // With lastOnly, the last layer needs every row's keys and values (for the cache) but the rest of the layer
-            // only for each sequence's last row: its queries, attention, output projection and MLP run on those rows.
-            bool lastRowsOnly = lastOnly && l == c.NumLayers - 1;
+            // only for each sequence's last row: its queries, attention, output projection and MLP run on those rows
+            // (nothing to do where every sequence is one row: a decode step).
+            bool lastRowsOnly = lastOnly && l == c.NumLayers - 1 && rows > batch.Count;
             int attnIn = w.AttnInIdx?.Length ?? d;
             Norm(x, w.AttnNorm, w.AttnInIdx, h, rows);
             Gemm.MatMulT(h, w.Wk, k, rows, kvd, attnIn);
