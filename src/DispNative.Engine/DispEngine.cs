@@ -73,7 +73,7 @@ public sealed class DispEngine : IDisposable
         if (ids.Length < 2) throw new InvalidSettingException("the text is too short to score (it needs at least one token after BOS)");
         m.Config.RequireContext(ids.Length, $"the text ({ids.Length} tokens with BOS; Perplexity scores longer texts in blocks)");
         call.ThrowIfStopped();
-        return (-Evaluation.Perplexity.BlockNll(m.Runner.Logits(ids), ids, m.Config.VocabSize), ids.Length - 1);
+        return (-Evaluation.Perplexity.BlockNll(m.Runner, ids), ids.Length - 1);
     }
 
     /// <summary>Perplexity with the DISP-LLM/SliceGPT protocol (see <see cref="Evaluation.Perplexity"/>).</summary>

@@ -309,7 +309,7 @@ public class TrainingTests
         var masked = new MaskedLlama<double>(c, w);
         double loss = masked.Loss(tape, blocks[0], (_, _) => null).Scalar;
         var dense = new LlamaModel(c, w);
-        double nll = Engine.Evaluation.Perplexity.BlockNll(dense.Logits(blocks[0]), blocks[0], c.VocabSize);
+        double nll = Engine.Evaluation.Perplexity.BlockNll(dense, blocks[0]);
         Assert.That(loss, Is.EqualTo(nll / (blocks[0].Length - 1)).Within(1e-5 * loss));
         Assert.That(Assert.Throws<InvalidSettingException>(() => masked.Loss(tape, [3], (_, _) => null))!.Message,
             Is.EqualTo("a training block needs at least 2 tokens"));

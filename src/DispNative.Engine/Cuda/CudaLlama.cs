@@ -404,29 +404,69 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// Calls are serialised (one stream).</summary>
     public float[] Forward(ReadOnlySpan<int> tokens, CudaKvCache cache, bool lastOnly = false)
     {
-        var c = Config;
         int rows = tokens.Length, start = cache.Length;
-        if (rows == 0) throw new InvalidSettingException("the sequence is empty");
-        if (start + rows > cache.Capacity)
-            throw new InvalidSettingException($"{start + rows} positions exceed the KV cache capacity {cache.Capacity}");
-        foreach (int t in tokens)
-            if ((uint)t >= (uint)c.VocabSize) throw new DispNativeException($"token id {t} is outside the vocabulary (size {c.VocabSize})");
+        Validate(tokens, cache);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
             bool graph = rows == 1 && UseCudaGraphs && !(UsePersistentDecode && cache.PersistentDecodeApplies != false);
-            float[] logits = graph ? DecodeWithGraph(tokens[0], cache, start) : ForwardEager(tokens, cache, start, lastOnly);
+            float[] logits = graph ? DecodeWithGraph(tokens[0], cache, start)
+                : ForwardEager(tokens, cache, start, lastOnly ? 1 : rows, a => _device.Download(a.Logits));
             cache.Length += rows;
             return logits;
         }
     }
 
-    private unsafe float[] ForwardEager(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, bool lastOnly)
+    /// <summary>−log p(tokens[t+1] | tokens[..t]) for t = 0..n-2 (<see cref="ICausalLanguageModel.TokenNll"/>), on the
+    /// device: the logits stay there, the cross-entropy kernel scores each row against the next token and n - 1 f32
+    /// values come back, not the n × vocab logits (262 MB for a block of 2048 over a 32000-token vocabulary) whose
+    /// log-sum-exp the host would otherwise compute.</summary>
+    public double[] TokenNll(int[] tokens)
     {
-        using var a = new Activations(_device, Config, DType, Padding, tokens.Length, lastOnly ? 1 : tokens.Length);
+        int scored = tokens.Length - 1, vocab = Config.VocabSize;
+        if (scored <= 0) return [];
+        using var cache = NewCache(tokens.Length);
+        Validate(tokens, cache);
+        float[] nll;
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_released, this);
+            nll = ForwardEager(tokens, cache, 0, tokens.Length, a =>
+            {
+                using var targets = _device.Upload(tokens.AsSpan(1));
+                using var loss = _device.Allocate(DType.F32, scored);
+                _ops.CrossEntropy(a.Logits, targets, loss, null, scored, vocab, 0);
+                var values = _device.Download(loss);
+                int bad = Array.FindIndex(values, v => !float.IsFinite(v));
+                if (bad >= 0)
+                {
+                    Generator.RequireFiniteLogits(_device.Download(a.Logits).AsSpan(bad * vocab, vocab), $"position {bad} of a block");
+                    throw new DispNativeException($"the loss at position {bad} of a block is not finite ({values[bad]})");
+                }
+                return values;
+            });
+        }
+        return Array.ConvertAll(nll, v => (double)v);
+    }
+
+    private void Validate(ReadOnlySpan<int> tokens, CudaKvCache cache)
+    {
+        if (tokens.Length == 0) throw new InvalidSettingException("the sequence is empty");
+        if (cache.Length + tokens.Length > cache.Capacity)
+            throw new InvalidSettingException($"{cache.Length + tokens.Length} positions exceed the KV cache capacity {cache.Capacity}");
+        foreach (int t in tokens)
+            if ((uint)t >= (uint)Config.VocabSize) throw new DispNativeException($"token id {t} is outside the vocabulary (size {Config.VocabSize})");
+    }
+
+    /// <summary>The forward of <paramref name="tokens"/> at positions start.. with the logits of the last
+    /// <paramref name="logitRows"/> rows, kernel by kernel; <paramref name="read"/> takes what it needs from the
+    /// activations before they are released.</summary>
+    private unsafe T ForwardEager<T>(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, int logitRows, Func<Activations, T> read)
+    {
+        using var a = new Activations(_device, Config, DType, Padding, tokens.Length, logitRows);
         fixed (int* p = tokens) CudaDriver.CopyHtoD(a.Tokens.Pointer, p, tokens.Length * 4L, _device.Stream.DangerousGetHandle());
         Enqueue(a, cache, start, null);
-        return _device.Download(a.Logits);   // waits for the stream, so the host span outlives its copy
+        return read(a);   // a download waits for the stream, so the host span outlives its copy
     }
 
     /// <summary>One decode step through the cache's graph. The first step runs eagerly with the graph's buffers (which

@@ -146,6 +146,8 @@ public static class SelfTest
             new("forward DISP-pruned f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: true)),
             new("forward DISP-pruned f32 vs CPU, widths stored padded to 128, wider than the full 96 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, padding: 128)),
             new("forward DISP-pruned f32 vs CPU, q/k/v biases as in Qwen2 (prefill in two chunks + decode)", dev => Forward(dev, pruned: true, qkvBias: true)),
+            new("perplexity scoring on the device (cross-entropy of the logits kept there) vs the host's log-sum-exp of the " +
+                "downloaded logits: dense and DISP-pruned, f32 and bf16", DeviceScoring),
             new("load streamed from a dense checkpoint = uploaded from host weights (bf16, tied, sharded)", dev => StreamedLoad(dev, pruned: false)),
             new("load streamed from a DISP-pruned checkpoint = uploaded from host weights (bf16, untied, sharded)", dev => StreamedLoad(dev, pruned: true)),
             new("masked training step f32 vs CPU (loss, mask gradients; disp)", dev => TrainingStep(dev, PruningMode.Disp, DType.F32)),
@@ -1151,6 +1153,24 @@ public static class SelfTest
             decode = $"{graph}, eager {Compare(gpu.Forward([t], eagerCache, lastOnly: true), want, 1e-4)}";
         }
         return $"{detail}; {decode}";
+    }
+
+    /// <summary>Each position's next-token NLL as perplexity takes it from a CUDA model (<see cref="CudaLlama.TokenNll"/>:
+    /// computed on the device) against the same from its logits, downloaded and scored on the host as the CPU model's are.</summary>
+    private static string DeviceScoring(CudaDevice dev)
+    {
+        var report = new List<string>();
+        int[] block = Enumerable.Range(0, 40).Select(i => 1 + i * 37 % 500).ToArray();
+        foreach (bool pruned in new[] { false, true })
+            foreach (var dtype in new[] { DType.F32, DType.BF16 })
+            {
+                var (c, w) = RandomModel(pruned);
+                using var gpu = new CudaLlama(dev, c, w, dtype);
+                var host = Evaluation.Perplexity.TokenNll(((ICausalLanguageModel)gpu).Logits(block), block, c.VocabSize);
+                var device = gpu.TokenNll(block);
+                report.Add($"{(pruned ? "pruned" : "dense")} {dtype} {Compare(Array.ConvertAll(device, v => (float)v), Array.ConvertAll(host, v => (float)v), 1e-5)}");
+            }
+        return string.Join("; ", report);
     }
 
     /// <summary>Decode logits with the kernels launched programmatically (each may start before the previous ends and

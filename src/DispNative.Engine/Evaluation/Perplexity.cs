@@ -31,27 +31,34 @@ public static class Perplexity
         var blocks = Blocks(ids, blockSize, maxBlocks);
         model.Config.RequireContext(blockSize, $"block size {blockSize}");
         if (blocks.Count == 0) throw new InvalidSettingException($"the text has {ids.Length} tokens: nothing to score (a block needs at least 2)");
-        int vocab = model.Config.VocabSize;
         double nll = 0;
         long scored = 0;
         for (int b = 0; b < blocks.Count; b++)
         {
             cancellationToken.ThrowIfCancellationRequested();
             var block = blocks[b];
-            nll += BlockNll(model.Logits(block), block, vocab);
+            nll += BlockNll(model, block);
             scored += block.Length - 1;
             progress?.Report(new PerplexityProgress(b + 1, blocks.Count, scored, Math.Exp(nll / scored)));
         }
         return new PerplexityResult(Math.Exp(nll / scored), nll, scored, blocks.Count, ids.Length);
     }
 
-    /// <summary>Σ over positions t = 0..n-2 of −log p(block[t+1] | block[..t]). The rows are scored in parallel and
-    /// summed in order, so the result does not depend on the thread count.</summary>
-    public static double BlockNll(float[] logits, int[] block, int vocab)
+    /// <summary>Σ over positions t = 0..n-2 of −log p(block[t+1] | block[..t]), the block run as a new sequence: the
+    /// model's <see cref="ICausalLanguageModel.TokenNll"/>, summed in order.</summary>
+    public static double BlockNll(ICausalLanguageModel model, int[] block)
+    {
+        double nll = 0;
+        foreach (double v in model.TokenNll(block)) nll += v;
+        return nll;
+    }
+
+    /// <summary>−log p(block[t+1] | block[..t]) for t = 0..n-2 from the block's logits [n, vocab]. The rows are scored in
+    /// parallel, each on its own, so the result does not depend on the thread count.</summary>
+    public static double[] TokenNll(float[] logits, int[] block, int vocab)
     {
         const int RowsPerItem = 16;
-        int rows = block.Length - 1;
-        if (rows <= 0) return 0;
+        int rows = Math.Max(0, block.Length - 1);
         var perRow = new double[rows];
         WorkTeam.For((rows + RowsPerItem - 1) / RowsPerItem, Gemm.Threads, item =>
         {
@@ -61,12 +68,8 @@ public static class Perplexity
                 perRow[t] = CpuOps.LogSumExp(row) - row[block[t + 1]];
             }
         });
-        double nll = 0;
         for (int t = 0; t < rows; t++)
-        {
             if (!double.IsFinite(perRow[t])) Generator.RequireFiniteLogits(logits.AsSpan(t * vocab, vocab), $"position {t} of a block");
-            nll += perRow[t];
-        }
-        return nll;
+        return perRow;
     }
 }

@@ -24,6 +24,11 @@ public interface ICausalLanguageModel
     /// <summary>Appends <paramref name="tokens"/> to the sequence in <paramref name="cache"/>; returns logits
     /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>
     float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false);
+
+    /// <summary>−log p(tokens[t+1] | tokens[..t]) for t = 0..n-2, <paramref name="tokens"/> run as a new sequence: what
+    /// perplexity sums. From the logits here; a GPU backend computes it on the device and returns n - 1 values instead
+    /// of n × vocab logits. Logits that are not finite are an error naming the position.</summary>
+    double[] TokenNll(int[] tokens) => Evaluation.Perplexity.TokenNll(this.Logits(tokens), tokens, Config.VocabSize);
 }
 
 public static class CausalLanguageModelExtensions
