@@ -431,10 +431,10 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
+            using var targets = _device.Upload(tokens.AsSpan(1));   // before the forward: its synchronization waits for nothing
+            using var loss = _device.Allocate(DType.F32, scored);
             nll = ForwardEager(tokens, cache, 0, tokens.Length, a =>
             {
-                using var targets = _device.Upload(tokens.AsSpan(1));
-                using var loss = _device.Allocate(DType.F32, scored);
                 _ops.CrossEntropy(a.Logits, targets, loss, null, scored, vocab, 0);
                 var values = _device.Download(loss);
                 int bad = Array.FindIndex(values, v => !float.IsFinite(v));
