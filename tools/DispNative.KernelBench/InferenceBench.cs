@@ -47,8 +47,7 @@ internal static class InferenceBench
         {
             // Prefill FLOPs of the model's unpadded widths (ModelConfig.LastRowPrefillFlops: the last layer's query side
             // and the LM head for the last row only).
-            double flops = r.PrefillFlops;
-            string prefillBound = tf is double p ? $"{1e3 * flops / p,9:F1}" : "        -";
+            string prefillBound = tf is double p ? $"{1e3 * r.PrefillFlops / p,9:F1}" : "        -";
             string decodeBound = bw is double b ? $"{b / r.DecodeBytes,8:F0}" : "       -";
             Console.WriteLine($"{r.Name,-32} {r.GemmParams / 1e9,10:F2} B {r.PrefillMs,11:F1} {prefillBound} {r.EagerTokS,19:F1} {r.GraphTokS,8:F1} {r.PersistentTokS,11:F1} {decodeBound}");
         }
