@@ -330,8 +330,27 @@ public class NvrtcTests
     /// the decode attention, which hold tiles in registers; the GEMV kernels' and the persistent decode step's 256 (their
     /// deeper unrolls hold up to 16 loads of 16 bytes per lane); any size up to 1024 for the rest.</summary>
     private static int MaxBlockThreads(string entry) =>
-        entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_decode") ? 128
+        entry.StartsWith("attention_prefill_tc") || entry.StartsWith("attention_prefill_fa") || entry.StartsWith("attention_prefill_wgmma")
+            || entry.StartsWith("attention_decode") ? 128
         : entry.StartsWith("gemv_") || entry.StartsWith("decode_layers_") ? CudaDevice.GemvWarps * 32 : 1024;
+
+    /// <summary>attention_tc's warpgroup-MMA prefill is built for sm_90a (wgmma exists nowhere else) and none of its
+    /// wgmma is serialized: ptxas serializes every wgmma of a kernel (its "Potential Performance Loss" C7513/C7515)
+    /// when other instructions may write a wgmma's registers while it is in flight, as a P·V left running across the
+    /// key loop's back edge did. Needs NVRTC 12+ (11.x knows no sm_90a).</summary>
+    [Test]
+    public void TheWarpgroupMmaPrefill_BuildsForSm90a_WithNoWgmmaSerialized()
+    {
+        if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
+        var compiler = new KernelCompiler("sm_90", TestAssets.TempDir());
+        if (compiler.ArchitectureFor("attention_tc") != "sm_90a") Assert.Ignore($"NVRTC {Nvrtc.Version} does not target sm_90a (12.0 and later do)");
+        Assert.That(compiler.ArchitectureFor("norm"), Is.EqualTo("sm_90"));
+        Nvrtc.CompileToCubin(KernelSources.Source("attention_tc"), "attention_tc.cu", KernelSources.Headers,
+            compiler.OptionsFor("attention_tc").Append("--ptxas-options=-v").ToList(), out string log);
+        foreach (var entry in new[] { "attention_prefill_wgmma128_bf16", "attention_prefill_wgmma64_f16" })
+            Assert.That(log, Does.Contain($"Compiling entry function '{entry}' for 'sm_90a'"));
+        Assert.That(log, Does.Not.Contain("instructions are serialized"), log);
+    }
 
     /// <summary>A spill turns register traffic into local-memory traffic inside the hot loops (the tensor-core attention
     /// sits at 238 of 255 registers). And a block whose threads need more than the SM's 65,536 registers does not
@@ -343,12 +362,12 @@ public class NvrtcTests
     {
         if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
         var headers = KernelSources.Headers;
-        var options = new KernelCompiler(arch, TestAssets.TempDir()).Options.Append("--ptxas-options=-v").ToList();
+        var compiler = new KernelCompiler(arch, TestAssets.TempDir());   // each file for the target the engine builds it for
         int entries = 0;
         var logs = new System.Collections.Concurrent.ConcurrentDictionary<string, string>();
         Parallel.ForEach(KernelSources.KernelNames, k =>
         {
-            Nvrtc.CompileToCubin(KernelSources.Source(k), k + ".cu", headers, options, out string log);
+            Nvrtc.CompileToCubin(KernelSources.Source(k), k + ".cu", headers, compiler.OptionsFor(k).Append("--ptxas-options=-v").ToList(), out string log);
             logs[k] = log;
         });
         foreach (var k in KernelSources.KernelNames)

@@ -93,6 +93,15 @@ public sealed unsafe class CudaDevice : IDisposable
     /// timed on its first call (or taken from <see cref="GemmTuning"/>'s file). Off: the heuristic's first choice.</summary>
     public bool TuneGemms { get; set; } = true;
 
+    /// <summary>Whether the Hopper prefill attention (<see cref="PrefillKernel.Wgmma"/>, sm_90a's warpgroup MMA) can
+    /// run here: an sm_90 device whose NVRTC builds attention_tc for sm_90a.</summary>
+    public bool SupportsWgmma => Compiler.ArchitectureFor("attention_tc") == "sm_90a";
+
+    /// <summary>On: prefill attention runs <see cref="PrefillKernel.Wgmma"/> where <see cref="SupportsWgmma"/> and the
+    /// head fits it. Off (the default) until a GPU has checked it (<c>selftest</c>) and timed it against the mma.sync
+    /// kernel (<c>KernelBench gpu</c>, <c>infer</c>).</summary>
+    public bool WgmmaPrefill { get; set; }
+
     /// <summary>GEMMs of fewer FLOPs (2·M·N·K per batch entry, summed) keep the heuristic's first choice: they take
     /// microseconds, where timing is mostly launch noise, and decode or short prompts would otherwise add a tuned
     /// shape for every new length.</summary>

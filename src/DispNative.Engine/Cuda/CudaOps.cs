@@ -300,8 +300,20 @@ public sealed class CudaOps(CudaDevice device)
         if (tq == 1)
             Decode(q, kCache, vCache, output, start, heads, kvHeads, headDim, window ?? 0, scale, position, decodeScratch, decode, decodeKeysPerSplit);
         else
-            Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
+            Prefill(prefill ?? PrefillFor(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
     }
+
+    /// <summary>The prefill kernel the engine runs on this device: <see cref="PrefillKernel.Wgmma"/> where
+    /// <see cref="CudaDevice.WgmmaPrefill"/> is on and it applies, else <see cref="DefaultPrefill"/>.</summary>
+    public PrefillKernel PrefillFor(DType dtype, int headDim) =>
+        Device.WgmmaPrefill && Device.SupportsWgmma && UsesTensorCores(dtype, headDim) ? PrefillKernel.Wgmma : DefaultPrefill(dtype, headDim);
+
+    /// <summary>Query rows per block of the warpgroup-MMA kernel (WG_M in attention_tc.cu).</summary>
+    private const int WgmmaRows = 64;
+
+    /// <summary>Dynamic shared memory of the warpgroup-MMA kernel: Q rows and two stages of K and V tiles of 64 keys,
+    /// each row head_dim 16-bit elements, and 1 KB to align them to 1024 bytes.</summary>
+    public static uint WgmmaPrefillSharedBytes(int headDim) => (uint)((WgmmaRows + 4 * 64) * headDim * 2 + 1024);
 
     /// <summary>The prefill kernel used unless one is named: tensor cores with 32 query rows per warp where
     /// <see cref="UsesTensorCores"/>, else SIMT (<c>KernelBench gpu</c> times all three).</summary>
@@ -342,6 +354,12 @@ public sealed class CudaOps(CudaDevice device)
                 else
                     Device.Launch("attention_tc", "attention_prefill_fa_baseline_softmax128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                break;
+            case PrefillKernel.Wgmma:
+                if (!Device.SupportsWgmma)
+                    throw new ArgumentException($"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Device.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})");
+                Device.Launch("attention_tc", $"attention_prefill_wgmma{headDim}_{s}", ((uint)((tq + WgmmaRows - 1) / WgmmaRows), (uint)heads, 1),
+                    (128, 1, 1), WgmmaPrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
             case PrefillKernel.TensorCores16Rows:
                 int rows = TensorCoreWarps * 16;
@@ -463,7 +481,7 @@ public sealed class CudaOps(CudaDevice device)
     {
         CheckHeads(heads, kvHeads, headDim);
         Need(lse, (long)heads * t, "attention log-sum-exp");
-        Prefill(prefill ?? DefaultPrefill(q.DType, headDim), q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim));
+        Prefill(prefill ?? PrefillFor(q.DType, headDim), q, k, v, output, lse, t, 0, heads, kvHeads, headDim, window ?? 0, 1f / MathF.Sqrt(headDim));
     }
 
     /// <summary>Upper bound on the transient [T, T] buffers of the GEMM backward (a chunk of heads at a time).</summary>
@@ -739,4 +757,7 @@ public enum PrefillKernel
     /// <summary>The same with the former softmax: exp2f instead of the bare ex2.approx.ftz, probabilities rounded to 16 bits one at a
     /// time instead of in pairs (KernelBench's baseline; bf16, head_dim 128).</summary>
     TensorCores32RowsBaselineSoftmax,
+    /// <summary>Hopper warpgroup MMA (wgmma, sm_90a): one warpgroup of 64 query rows per block, Q, K and V read by the
+    /// tensor cores from swizzled shared memory (attention_prefill_wgmma; <see cref="CudaDevice.SupportsWgmma"/>).</summary>
+    Wgmma,
 }

@@ -112,9 +112,22 @@ public sealed class KernelCompiler
         return Path.Combine(root, "dispnative", "kernels");
     }
 
+    /// <summary>Kernel files with entry points that need an architecture-specific target on sm_90: attention_tc's
+    /// warpgroup-MMA prefill (wgmma, sm_90a only; the file's other kernels are the same for sm_90a).</summary>
+    private static readonly string[] Sm90aKernels = ["attention_tc"];
+
+    /// <summary>The target <c>kernels/{kernel}.cu</c> is built for: sm_90a for <see cref="Sm90aKernels"/> on sm_90
+    /// where NVRTC knows it (12.0 and later), else <see cref="Architecture"/>.</summary>
+    public string ArchitectureFor(string kernel) =>
+        Architecture == "sm_90" && Sm90aKernels.Contains(kernel) && Nvrtc.Version.Major >= 12 ? "sm_90a" : Architecture;
+
+    /// <summary><see cref="Options"/> with <c>-arch</c> set to <see cref="ArchitectureFor"/>.</summary>
+    public IReadOnlyList<string> OptionsFor(string kernel) =>
+        ArchitectureFor(kernel) is var arch && arch == Architecture ? Options : [$"-arch={arch}", .. Options.Skip(1)];
+
     /// <summary>The cache key of one kernel file under these options and the loaded NVRTC.</summary>
     public string CacheKey(string kernel) => Key(KernelSources.Source(kernel), KernelSources.HeaderText,
-        Options, Architecture, Nvrtc.Version.ToString());
+        OptionsFor(kernel), ArchitectureFor(kernel), Nvrtc.Version.ToString());
 
     internal static string Key(string source, string header, IEnumerable<string> options, string arch, string nvrtcVersion)
     {
@@ -126,13 +139,13 @@ public sealed class KernelCompiler
     public byte[] Cubin(string kernel)
     {
         string source = KernelSources.Source(kernel);
-        string path = Path.Combine(CacheDirectory, $"{kernel}-{Architecture}-{CacheKey(kernel)}.cubin");
+        string path = Path.Combine(CacheDirectory, $"{kernel}-{ArchitectureFor(kernel)}-{CacheKey(kernel)}.cubin");
         if (File.Exists(path))
         {
             try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { Interlocked.Increment(ref _cacheHits); return cached; } }
             catch (IOException) { /* unreadable cache entry: compile again */ }
         }
-        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, Options, out _);
+        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, OptionsFor(kernel), out _);
         Interlocked.Increment(ref _compiled);
         TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
         return cubin;

@@ -93,6 +93,16 @@ public static class SelfTest
                 dev => Attention(dev, 300, 30, 2, 1, 128, 100, DType.BF16, PrefillKernel.TensorCores32RowsSingleBuffer)),
             new("attention prefill bf16 32 rows/warp, the former softmax: exp2f, probabilities rounded one at a time (KernelBench's baseline; t 300 after 30, keys growing)",
                 dev => Attention(dev, 300, 30, 2, 1, 128, null, DType.BF16, PrefillKernel.TensorCores32RowsBaselineSoftmax, keyGrowth: 1f / 32)),
+            new("attention prefill bf16 warpgroup MMA, sm_90a (t 300 after 30, heads 4/1, head_dim 128, keys growing)",
+                dev => Wgmma(dev, () => Attention(dev, 300, 30, 4, 1, 128, null, DType.BF16, PrefillKernel.Wgmma, keyGrowth: 1f / 32))),
+            new("attention prefill f16 warpgroup MMA, sm_90a (t 257, heads 3/3, head_dim 64, keys growing)",
+                dev => Wgmma(dev, () => Attention(dev, 257, 0, 3, 3, 64, null, DType.F16, PrefillKernel.Wgmma, keyGrowth: 1f / 64))),
+            new("attention prefill bf16 warpgroup MMA, sm_90a, window 100 (t 290 after 40, heads 2/1, head_dim 128)",
+                dev => Wgmma(dev, () => Attention(dev, 290, 40, 2, 1, 128, 100, DType.BF16, PrefillKernel.Wgmma))),
+            new("attention prefill bf16 warpgroup MMA, sm_90a (t 37: one partial block, heads 4/2, head_dim 64)",
+                dev => Wgmma(dev, () => Attention(dev, 37, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Wgmma))),
+            new("attention backward bf16, forward with lse on warpgroup MMA, sm_90a (t 100, heads 4/2, head_dim 128)",
+                dev => Wgmma(dev, () => AttentionBackward(dev, 100, 4, 2, 128, null, DType.BF16, prefill: PrefillKernel.Wgmma))),
             new("cross-entropy f32 with gradient (vocab 32003, ignore)", CrossEntropy),
             new("gumbel-sigmoid masks and backward", Gumbel),
             new("fill normal and constant bf16 (n 1048583)", Fill),
@@ -693,6 +703,11 @@ public static class SelfTest
         CpuOps.Gelu(x, want, n);
         return Compare(dev.Download(ty), want, dtype == DType.F32 ? 1e-6 : 1e-2);
     }
+
+    /// <summary>A check of the sm_90a-only kernel: run where <see cref="CudaDevice.SupportsWgmma"/>, else passed as not
+    /// applying (with the reason).</summary>
+    private static string Wgmma(CudaDevice dev, Func<string> check) => dev.SupportsWgmma ? check()
+        : $"does not apply: needs an sm_90 device and NVRTC 12+ (here {dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})";
 
     /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
     /// start + tq), the rows past the queries random: the kernels must not read them. A split-KV decode runs twice with

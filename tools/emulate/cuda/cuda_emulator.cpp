@@ -184,6 +184,77 @@ unsigned short f32_to_bf16(float v)
     return (unsigned short)(u >> 16);
 }
 
+// One warp's share of wgmma.mma_async.m64nNk16 (emu_wgmma): its 16 rows of D = A·B (+ D). A: its 16 rows, from the
+// lanes' registers (mma.sync's A fragment) or through descriptor A; B (16 × N) through descriptor B. Descriptors as
+// the PTX ISA gives them (start address, leading and stride byte offsets, each >> 4; swizzle mode in bits 62-63);
+// only the 128-byte swizzle is implemented: a 16-byte chunk's address bits 4-6 are XORed with bits 7-9. Canonical
+// layouts: K-major, element (row r, k) at start + (r / 8)·SBO + (r % 8)·128 + 2k (k < 16: within a 128-byte row);
+// MN-major, element (k, n) at start + (k / 8)·SBO + (k % 8)·128 + (n / 64)·LBO + 2(n % 64).
+bool resolve_wgmma(Fiber* warp, bool bf16)
+{
+    unsigned long long meta = warp[0].in[0];
+    for (int l = 1; l < 32; l++)
+        for (int i : {0, 2, 7})
+            if (warp[l].in[i] != warp[0].in[i]) { g_run.error = "wgmma: lanes disagree on the shape, flags or descriptors"; return false; }
+    int n = (int)(meta & 1023), w = (int)(meta >> 16 & 3);
+    bool tnsp_a = meta >> 10 & 1, tnsp_b = meta >> 11 & 1, a_regs = meta >> 12 & 1, scale_d = meta >> 13 & 1;
+    auto cvt = [&](unsigned short v) { return bf16 ? bf16_to_f32(v) : emu_h2f(v); };
+    bool ok = true;
+    // The 16-bit element at byte offset `offset` from the descriptor's start, after the swizzle.
+    auto element = [&](unsigned long long desc, unsigned offset) -> float {
+        if ((desc >> 62) != 1) { g_run.error = "wgmma: only the 128-byte swizzle is emulated (descriptor mode " + std::to_string(desc >> 62) + ")"; ok = false; return 0.f; }
+        unsigned address = (unsigned)((desc & 0x3fff) << 4) + offset;
+        address ^= ((address >> 7) & 7u) << 4;
+        if (address + 2 > g_api.dynamic_shared_bytes) { g_run.error = "wgmma: operand address " + std::to_string(address) + " past the dynamic shared memory"; ok = false; return 0.f; }
+        unsigned short v; memcpy(&v, g_api.dynamic_shared + address, 2);
+        return cvt(v);
+    };
+    auto lbo = [](unsigned long long desc) { return (unsigned)((desc >> 16) & 0x3fff) << 4; };
+    auto sbo = [](unsigned long long desc) { return (unsigned)((desc >> 32) & 0x3fff) << 4; };
+    if (!a_regs && tnsp_a) { g_run.error = "wgmma: an M-major A is not emulated"; return false; }
+    static float A[16][16], B[16][256];
+    auto a16 = [](unsigned reg, int half) { return (unsigned short)(half ? reg >> 16 : reg & 0xffffu); };
+    for (int l = 0; l < 32; l++)
+    {
+        int g = l >> 2, t = l & 3;
+        const unsigned long long* r = warp[l].in;
+        if (a_regs)
+            for (int h = 0; h < 2; h++)
+            {
+                A[g][2 * t + h] = cvt(a16((unsigned)r[3], h));
+                A[g + 8][2 * t + h] = cvt(a16((unsigned)r[4], h));
+                A[g][2 * t + 8 + h] = cvt(a16((unsigned)r[5], h));
+                A[g + 8][2 * t + 8 + h] = cvt(a16((unsigned)r[6], h));
+            }
+    }
+    unsigned long long da = warp[0].in[2], db = warp[0].in[7];
+    if (!a_regs)
+        for (int i = 0; i < 16; i++)
+            for (int k = 0; k < 16; k++)
+            {
+                int row = 16 * w + i;
+                A[i][k] = element(da, (row / 8) * sbo(da) + (row % 8) * 128 + 2 * k);
+            }
+    for (int k = 0; k < 16; k++)
+        for (int c = 0; c < n; c++)
+            B[k][c] = tnsp_b ? element(db, (k / 8) * sbo(db) + (k % 8) * 128 + (c / 64) * lbo(db) + 2 * (c % 64))
+                             : element(db, (c / 8) * sbo(db) + (c % 8) * 128 + 2 * k);
+    if (!ok) return false;
+    for (int l = 0; l < 32; l++)
+    {
+        int g = l >> 2, t = l & 3;
+        float* d = (float*)(uintptr_t)warp[l].in[1];
+        for (int i = 0; i < n / 2; i++)
+        {
+            int row = g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+            float s = scale_d ? d[i] : 0.f;
+            for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+            d[i] = s;
+        }
+    }
+    return true;
+}
+
 // Resolves one warp's collective once all lanes of its mask wait in it. Returns false (and sets the error) when
 // the lanes cannot meet: one has left the kernel, or they wait in different collectives.
 bool resolve_collective(Fiber* warp, int lanes, int first)
@@ -293,6 +364,11 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
         }
         break;
     }
+    case EMU_WGMMA_BF16:
+    case EMU_WGMMA_F16:
+        if (mask != 0xffffffffu || lanes != 32) { g_run.error = "wgmma needs the full warp"; return false; }
+        if (!resolve_wgmma(warp, lead.kind == EMU_WGMMA_BF16)) return false;
+        break;
     default:
         g_run.error = "unknown warp collective " + std::to_string(lead.kind);
         return false;
@@ -885,6 +961,23 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
             && o.size() == 4 && in.size() == 1)
             call = std::string("emu_ldmatrix_x4(") + (has(".trans") ? "EMU_LDMATRIX_X4_TRANS" : "EMU_LDMATRIX_X4") + ", &(" + o[0]
                 + "), &(" + o[1] + "), &(" + o[2] + "), &(" + o[3] + "), " + in[0] + ")";
+        // Warpgroup MMA: fences, commits and waits have nothing to order (each wgmma completes when issued).
+        else if (has("wgmma.fence") || has("wgmma.commit_group") || has("wgmma.wait_group") || has("fence.proxy.async"))
+            call = "((void)0)";
+        else if (has("wgmma.mma_async.sync.aligned.m64n") && (has(".f32.bf16.bf16") || has(".f32.f16.f16")))
+        {
+            std::smatch shape, imm;
+            bool a_regs = in.size() == 6;
+            if (!std::regex_search(text, shape, std::regex("m64n(\\d+)k16")) || (in.size() != 3 && !a_regs) || (int)o.size() * 2 != std::stoi(shape[1].str())
+                || !std::regex_search(text, imm, std::regex(a_regs ? "p,\\s*1,\\s*1,\\s*([01])\\s*;" : "p,\\s*1,\\s*1,\\s*([01]),\\s*([01])\\s*;")))
+            { log += file + ": wgmma.mma_async with unexpected operands\n"; return false; }
+            call = std::string("emu_wgmma(") + (has(".bf16.bf16") ? "EMU_WGMMA_BF16" : "EMU_WGMMA_F16") + ", " + shape[1].str() + ", "
+                + (a_regs ? "0, " + imm[1].str() + ", 1, 0ull, (unsigned)(" + in[0] + "), (unsigned)(" + in[1] + "), (unsigned)(" + in[2] + "), (unsigned)("
+                        + in[3] + "), " + in[4] + ", " + in[5]
+                    : imm[1].str() + ", " + imm[2].str() + ", 0, " + in[0] + ", 0u, 0u, 0u, 0u, " + in[1] + ", " + in[2]) + ", {";
+            for (size_t k = 0; k < o.size(); k++) call += (k ? ", &(" : "&(") + o[k] + ")";
+            call += "})";
+        }
         else
         {
             size_t line = std::count(src.begin(), src.begin() + (src.size() - rest.size()) + m.position(), '\n') + 1;

@@ -24,7 +24,8 @@ struct EmuApi
     void (*yield)();
 };
 
-enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5, EMU_LDMATRIX_X4 = 6 };
+enum EmuCollective { EMU_SHUFFLE = 1, EMU_SYNCWARP = 2, EMU_MMA_BF16 = 3, EMU_MMA_F16 = 4, EMU_LDMATRIX_X4_TRANS = 5, EMU_LDMATRIX_X4 = 6,
+    EMU_WGMMA_BF16 = 7, EMU_WGMMA_F16 = 8 };
 
 // f16 ↔ f32 as the PTX cvt instructions do (round to nearest even), for the kernels' rewritten asm and for cuBLASLt.
 inline float emu_h2f(unsigned short h)

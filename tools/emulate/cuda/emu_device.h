@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <math.h>
 #include <vector>
 
@@ -218,4 +219,22 @@ inline void emu_ldmatrix_x4(int kind, unsigned* r0, unsigned* r1, unsigned* r2, 
     unsigned long long in[1] = {(unsigned long long)(uintptr_t)emu_shared_pointer(address)}, out[4];
     emu_api->collective(kind, 0xffffffffu, in, 1, out);
     *r0 = (unsigned)out[0]; *r1 = (unsigned)out[1]; *r2 = (unsigned)out[2]; *r3 = (unsigned)out[3];
+}
+// wgmma.mma_async.m64nNk16 with f32 accumulators (acc: this lane's N / 2 of them): a collective of each warp of the
+// warpgroup on its own, since a warp's 16 rows of D depend only on its rows of A and on B. Shared-memory operands are
+// read through their descriptors when the warp's lanes have all arrived; the instruction completes at once (its
+// wait_group is a no-op here).
+inline void emu_wgmma(int kind, int n, int tnsp_a, int tnsp_b, int a_regs, unsigned long long desc_a, unsigned a0, unsigned a1,
+    unsigned a2, unsigned a3, unsigned long long desc_b, int scale_d, std::initializer_list<float*> acc)
+{
+    float d[128];
+    if ((int)acc.size() != n / 2 || n > 256) emu_api->fail("wgmma: the accumulator count is not N / 2");
+    int i = 0;
+    for (float* p : acc) d[i++] = *p;
+    unsigned long long meta = (unsigned long long)n | (unsigned long long)tnsp_a << 10 | (unsigned long long)tnsp_b << 11
+        | (unsigned long long)a_regs << 12 | (unsigned long long)(scale_d != 0) << 13 | (unsigned long long)((emu_api->current->linear >> 5) & 3) << 16;
+    unsigned long long in[8] = {meta, (unsigned long long)(uintptr_t)d, desc_a, a0, a1, a2, a3, desc_b};
+    emu_api->collective(kind, 0xffffffffu, in, 8, nullptr);
+    i = 0;
+    for (float* p : acc) *p = d[i++];
 }
