@@ -337,7 +337,14 @@ internal static class GpuBench
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
         Console.WriteLine($"{"attention prefill (32 rows/warp) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
-        double engineAttn = CudaOps.DefaultPrefill(DType.BF16, HeadDim) == PrefillKernel.TensorCores32Rows ? attn : rows16;   // the kernel the engine runs
+        // The kernel the engine runs; the warpgroup-MMA one (off by default) is timed at the end.
+        double engineAttn = ops.PrefillFor(DType.BF16, HeadDim) switch
+        {
+            PrefillKernel.Wgmma => Flops("attention prefill bf16 warpgroup MMA (wgmma, sm_90a; CudaDevice.WgmmaPrefill on)", causalFlops,
+                () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.Wgmma)),
+            PrefillKernel.TensorCores32Rows => attn,
+            _ => rows16,
+        };
         acceptance.AtLeast(3, "prefill attention >= 40% of same-FLOP cuBLASLt GEMMs", engineAttn / gemmRate, 0.4, Percent);
         double kvBytes = 2.0 * T * Heads * HeadDim * 2;
         double naiveDecode = Bandwidth($"attention decode bf16, naive: block per head (position {T - 1}, KV read)", kvBytes,
@@ -383,7 +390,16 @@ internal static class GpuBench
         Console.WriteLine();
         Console.WriteLine($"allocator: {st.Requests} requests, {st.CacheHits} cache hits, {st.DeviceAllocations} device allocations, peak {st.PeakReservedBytes / (1 << 20)} MiB reserved");
         acceptance.Print();
-        DependencyCosts(dev, ops, repeats, shape == BenchShapes.Smoke);   // last: a grid barrier that hung would cost nothing above
+        DependencyCosts(dev, ops, repeats, shape == BenchShapes.Smoke);   // a grid barrier that hung would cost nothing above
+        if (dev.SupportsWgmma)   // last: a fault in the kernel no GPU has yet run (it leaves the context unusable) would cost nothing above
+        {
+            Console.WriteLine();
+            double wgmma = Flops("attention prefill bf16 warpgroup MMA (wgmma, sm_90a), 64 rows/block", causalFlops,
+                () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.Wgmma));
+            Console.WriteLine($"{"  warpgroup MMA vs 32 rows/warp mma.sync",-58} {"",8} {wgmma / attn,12:F2} x");
+            Console.WriteLine($"{"  warpgroup MMA vs same-FLOP GEMMs",-58} {"",8} {100 * wgmma / gemmRate,12:F1} %");
+        }
+        else Console.WriteLine($"attention prefill on warpgroup MMA: does not apply here ({dev.Info.Architecture}, NVRTC {Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
     }
 
     /// <summary>What one dependency between the kernels of a decode step costs (5 per layer after the decode fusions,

@@ -21,6 +21,7 @@ internal static class InferenceBench
 
         /// <summary>Prefill ms and decode (graphs) ms per token with kernels left out (<see cref="CudaLlama.Skipped"/>).</summary>
         public Ablation? Without { get; init; }
+
     }
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
@@ -89,6 +90,61 @@ internal static class InferenceBench
         acceptance.AtLeast(5, "dense decode (graphs or persistent kernel) >= 150 tokens/s", dense.DecodeTokS, 150, r => $"{r:F1} tok/s");
         acceptance.AtLeast(5, "pruned decode >= 1.7x dense (the faster form of each)", pruned.DecodeTokS / dense.DecodeTokS, 1.7, Times);
         acceptance.Print();
+        PrefillAttentionKernels(dev, c, prefillTokens, keep);
+    }
+
+    /// <summary>Prefill of both models (rebuilt) with the warpgroup-MMA attention and with mma.sync's, alternating, where
+    /// the former applies (<see cref="CudaDevice.SupportsWgmma"/>). Last in the run: a fault in the kernel no GPU has
+    /// yet run (it leaves the context unusable) would cost nothing above.</summary>
+    private static void PrefillAttentionKernels(CudaDevice dev, ModelConfig c, int prefillTokens, double keep)
+    {
+        Console.WriteLine();
+        if (!dev.SupportsWgmma)
+        {
+            Console.WriteLine($"prefill with warpgroup-MMA attention: does not apply here ({dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
+            return;
+        }
+        bool engine = dev.WgmmaPrefill;
+        var ms = new Dictionary<(double Keep, bool Wgmma), double>();
+        foreach (double k in new[] { 1, keep })
+        {
+            using var model = CudaLlama.RandomWeights(dev, c, DType.BF16, seed: 7, k);
+            int[] prompt = Prompt(c, prefillTokens);
+            foreach (bool wgmma in new[] { false, true, false, true })   // alternating; the second of each counts
+            {
+                dev.WgmmaPrefill = wgmma;
+                ms[(k, wgmma)] = PrefillMs(dev, model, prompt);
+            }
+        }
+        dev.WgmmaPrefill = engine;
+        var (dw, pw, dm, pm) = (ms[(1, true)], ms[(keep, true)], ms[(1, false)], ms[(keep, false)]);
+        Console.WriteLine($"prefill with warpgroup-MMA attention (sm_90a; CudaDevice.WgmmaPrefill {(engine ? "on" : "off")}): dense {dw:F1} ms, pruned {pw:F1} ms " +
+                          $"({dw / pw:F2}x); with mma.sync attention {dm:F1} / {pm:F1} ms ({dm / pm:F2}x): warpgroup MMA {dm / dw:F2}x faster dense, {pm / pw:F2}x pruned");
+        var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
+        acceptance.AtLeast(5, "pruned prefill >= 1.6x dense, warpgroup-MMA attention", dw / pw, 1.6, r => $"{r:F2}x");
+        acceptance.Print();
+    }
+
+    /// <summary>A random prompt of <paramref name="tokens"/> tokens (the same for every model).</summary>
+    private static int[] Prompt(ModelConfig c, int tokens)
+    {
+        var rng = new Engine.Rng(3);
+        return Enumerable.Range(0, tokens).Select(_ => (int)(rng.NextDouble() * c.VocabSize)).ToArray();
+    }
+
+    /// <summary>Prefill ms, logits of the last row only (what generation needs): median of 5 after one warm-up (which,
+    /// with GEMM tuning, chooses the algorithms).</summary>
+    private static double PrefillMs(CudaDevice dev, CudaLlama model, int[] prompt)
+    {
+        var times = new List<double>();
+        for (int i = 0; i < 6; i++)
+        {
+            using var cache = model.NewCache(prompt.Length);
+            float ms = dev.Time(() => model.Forward(prompt, cache, lastOnly: true));
+            if (i > 0) times.Add(ms);
+        }
+        times.Sort();
+        return times[times.Count / 2];
     }
 
     /// <param name="ablations">Also times decode without the norms, without attention and with neither, and prefill
@@ -99,23 +155,13 @@ internal static class InferenceBench
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, config, DType.BF16, seed: 7, keep, padding);
         Console.WriteLine($"{name}: built on the device in {sw.Elapsed.TotalSeconds:F1} s, {model.DecodeWeightBytes / 1e9:F2} GB read per decoded token");
-        var rng = new Engine.Rng(3);
-        int[] prompt = Enumerable.Range(0, prefillTokens).Select(_ => (int)(rng.NextDouble() * config.VocabSize)).ToArray();
+        int[] prompt = Prompt(config, prefillTokens);
 
-        // Prefill: median of 5 after one warm-up (which, with GEMM tuning, chooses the algorithms), logits of the last
-        // row only (what generation needs). First with cuBLASLt's first-choice algorithms, then tuned (the default).
+        // Prefill (PrefillMs): first with cuBLASLt's first-choice algorithms, then tuned (the default).
         double Prefill(bool tune)
         {
             dev.TuneGemms = tune;
-            var times = new List<double>();
-            for (int i = 0; i < 6; i++)
-            {
-                using var cache = model.NewCache(prefillTokens);
-                float ms = dev.Time(() => model.Forward(prompt, cache, lastOnly: true));
-                if (i > 0) times.Add(ms);
-            }
-            times.Sort();
-            return times[times.Count / 2];
+            return PrefillMs(dev, model, prompt);
         }
         double firstAlgorithmMs = Prefill(tune: false), prefillMs = Prefill(tune: true);
 

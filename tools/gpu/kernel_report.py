@@ -120,11 +120,25 @@ def load_nvrtc(path):
     sys.exit("no NVRTC library loads (README: NVIDIA's compiler without a GPU)")
 
 
+# Files the engine builds for sm_90a on sm_90 where NVRTC is 12+ (KernelCompiler.ArchitectureFor): wgmma exists only there.
+SM90A_KERNELS = {"attention_tc"}
+
+
+def nvrtc_major(lib):
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value
+
+
 def report(job):
     """One kernel file's lines (run in a worker process: NVRTC compiles files in parallel)."""
     name, arch, nvrtc, cuobjdump, inflight = job
-    cubin, log = compile_cubin(load_nvrtc(nvrtc), name, arch)
-    lines = []
+    lib = load_nvrtc(nvrtc)
+    if arch == "sm_90" and name in SM90A_KERNELS and nvrtc_major(lib) >= 12:
+        arch = "sm_90a"
+    cubin, log = compile_cubin(lib, name, arch)
+    # ptxas's "Potential Performance Loss" notes (wgmma serialized, and the like), as they are.
+    lines = [f"{name + '.cu':20} ({arch}) {line.strip()}" for line in log.split("\n") if "Performance Loss" in line]
     for entry, regs, stores, loads, smem in resources(log):
         lines.append(f"{name + '.cu':20} {entry:58} {regs:4} {f'{stores}/{loads}':>11} {smem:6}")
         if inflight and cuobjdump and re.search(inflight, entry):
