@@ -272,6 +272,15 @@ public class KernelSourceTests
         Assert.That(new[] { 0, 4, 12, 48, 512, -8 }.Any(CudaOps.ValidPadding), Is.False);
     }
 
+    [TestCase("sm_90", "attention_tc", 13, "sm_90a")]
+    [TestCase("sm_90", "attention_tc", 12, "sm_90a")]
+    [TestCase("sm_90", "attention_tc", 11, "sm_90")]   // NVRTC 11.x knows no sm_90a
+    [TestCase("sm_90", "norm", 13, "sm_90")]
+    [TestCase("sm_80", "attention_tc", 13, "sm_80")]
+    [TestCase("sm_89", "attention_tc", 13, "sm_89")]
+    public void OnlyAttentionTc_IsBuiltForSm90a_OnSm90WithNvrtc12OrLater(string arch, string kernel, int nvrtcMajor, string target) =>
+        Assert.That(KernelCompiler.Target(arch, kernel, nvrtcMajor), Is.EqualTo(target));
+
     [Test]
     public void CacheKey_ChangesWithSourceOptionsArchitectureAndCompilerVersion()
     {

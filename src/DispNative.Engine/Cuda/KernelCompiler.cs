@@ -118,8 +118,10 @@ public sealed class KernelCompiler
 
     /// <summary>The target <c>kernels/{kernel}.cu</c> is built for: sm_90a for <see cref="Sm90aKernels"/> on sm_90
     /// where NVRTC knows it (12.0 and later), else <see cref="Architecture"/>.</summary>
-    public string ArchitectureFor(string kernel) =>
-        Architecture == "sm_90" && Sm90aKernels.Contains(kernel) && Nvrtc.Version.Major >= 12 ? "sm_90a" : Architecture;
+    public string ArchitectureFor(string kernel) => Target(Architecture, kernel, Nvrtc.Version.Major);
+
+    internal static string Target(string architecture, string kernel, int nvrtcMajor) =>
+        architecture == "sm_90" && Sm90aKernels.Contains(kernel) && nvrtcMajor >= 12 ? "sm_90a" : architecture;
 
     /// <summary><see cref="Options"/> with <c>-arch</c> set to <see cref="ArchitectureFor"/>.</summary>
     public IReadOnlyList<string> OptionsFor(string kernel) =>
