@@ -518,8 +518,8 @@ extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa
 
 // ---------------------------------------------------------------------------------------------------------------
 // Hopper (sm_90a): the same contract on warpgroup MMA (wgmma.mma_async), where mma.sync reaches about half of the
-// tensor cores' rate. A block is one warpgroup (4 warps, 16 query rows each, WG_M rows in all) and streams tiles of
-// WG_N keys: S = Q·Kᵀ with Q and K read by the tensor cores from shared memory, then the online softmax above on
+// tensor cores' rate. A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M rows per warpgroup; with
+// two, both share each K/V tile, half the loads per FLOP) and streams tiles of WG_N keys: S = Q·Kᵀ with Q and K read by the tensor cores from shared memory, then the online softmax above on
 // the accumulators (per warp the same layout as mma.sync's), then O += P·V with P from registers and V from shared
 // memory. Shared tiles use the 128-byte swizzle wgmma reads: rows of 64 elements (128 bytes), the 16-byte chunk c
 // of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart, a tile's columns 64.. in a second such block
@@ -528,9 +528,8 @@ extern "C" __global__ __launch_bounds__(FA_WARPS * 32) void attention_prefill_fa
 // Compiled for sm_90a only (CudaOps.UsesWgmma; the engine's NVRTC 12+ builds attention_tc for sm_90a on sm_90); the
 // CUDA emulator implements the instructions (and the swizzle) from the PTX ISA.
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define WG_M 64   // query rows per block
+#define WG_M 64   // query rows per warpgroup
 #define WG_N 64   // keys per tile
-#define WG_THREADS 128   // one warpgroup
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -603,12 +602,12 @@ template <> __device__ __forceinline__ void wgmma_rs<f16, 128>(float (&d)[16][4]
 }
 
 // Rows first .. first + ROWS - 1 of one head's D columns into the swizzled layout above (ROWS a multiple of 8; blocks
-// of 64 columns ROWS · 128 bytes apart), with cp.async; rows past last are zero-filled without a read.
-template <typename T, int D, int ROWS>
+// of 64 columns ROWS · 128 bytes apart), with cp.async by THREADS threads; rows past last are zero-filled without a read.
+template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void copy_rows_swizzled(unsigned short* dst, const T* src, int first, int last, long long ld, int col)
 {
     constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
-    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += WG_THREADS)
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS)
     {
         int j = i / CHUNKS, c = i % CHUNKS, row = first + j;
         bool ok = row <= last;
@@ -616,36 +615,41 @@ __device__ __forceinline__ void copy_rows_swizzled(unsigned short* dst, const T*
     }
 }
 
-template <typename T, int D>
+template <typename T, int D, int WGS>
 __device__ __forceinline__ void attention_prefill_wgmma(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ lse, int tq, int start, int heads, int kv_heads, int window, float scale)
 {
+    constexpr int ROWS = WGS * WG_M, THREADS = WGS * 128;
     constexpr int TILE = WG_N * D;   // elements of one K or V tile
     extern __shared__ __align__(16) unsigned short wg_shared[];
     // The swizzle is a function of the shared address: the tiles start on a 1024-byte boundary (1 KB of slack).
-    unsigned short* qs = wg_shared + ((1024u - (smem_address(wg_shared) & 1023u)) & 1023u) / 2;   // [WG_M × D]
-    unsigned short* ks = qs + WG_M * D;   // 2 × [WG_N × D]
+    unsigned short* qs = wg_shared + ((1024u - (smem_address(wg_shared) & 1023u)) & 1023u) / 2;   // [ROWS × D]
+    unsigned short* ks = qs + ROWS * D;   // 2 × [WG_N × D]
     unsigned short* vs = ks + 2 * TILE;   // 2 × [WG_N × D]
-    unsigned q_addr = smem_address(qs), k_addr = smem_address(ks), v_addr = smem_address(vs);
+    unsigned k_addr = smem_address(ks), v_addr = smem_address(vs);
 
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2;
     int h = blockIdx.y, kvh = h / (heads / kv_heads);
     int q_dim = heads * D, kv_dim = kv_heads * D;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * WG_M;   // the longest causal rows start first
-    int warp_row = q0 + warp * 16;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;   // the longest causal rows start first
+    int wg_row = q0 + wg * WG_M, warp_row = wg_row + warp * 16;
     int pos_g = start + warp_row + g;                 // this thread's rows g and g + 8
     unsigned span = window > 0 ? (unsigned)window : 0x7fffffffu;
-    int block_last = start + min(tq, q0 + WG_M) - 1;
+    int block_last = start + min(tq, q0 + ROWS) - 1;
     int block_first = window > 0 ? max(0, start + q0 - window + 1) : 0;
+    // The keys this warpgroup's rows see (uniform across it, as its wgmma must be): tiles outside are skipped.
+    int wg_last = start + min(tq - 1, wg_row + WG_M - 1);
+    int wg_first = window > 0 ? max(0, start + wg_row - window + 1) : 0;
+    unsigned q_addr = smem_address(qs) + wg * WG_M * 128;   // this warpgroup's rows: 8-row groups 1024 bytes apart
 
     auto load_tiles = [&](int stage, int tile)
     {
-        copy_rows_swizzled<T, D, WG_N>(ks + stage * TILE, kc, tile, block_last, kv_dim, kvh * D);
-        copy_rows_swizzled<T, D, WG_N>(vs + stage * TILE, vc, tile, block_last, kv_dim, kvh * D);
+        copy_rows_swizzled<T, D, WG_N, THREADS>(ks + stage * TILE, kc, tile, block_last, kv_dim, kvh * D);
+        copy_rows_swizzled<T, D, WG_N, THREADS>(vs + stage * TILE, vc, tile, block_last, kv_dim, kvh * D);
         cp_async_commit();
     };
     // Q rows past tq are zeros; they go in the first tiles' cp.async group.
-    copy_rows_swizzled<T, D, WG_M>(qs, q, q0, tq - 1, q_dim, h * D);
+    copy_rows_swizzled<T, D, ROWS, THREADS>(qs, q, q0, tq - 1, q_dim, h * D);
     int tile_begin = block_first - block_first % WG_N;
     load_tiles(0, tile_begin);
 
@@ -661,13 +665,14 @@ __device__ __forceinline__ void attention_prefill_wgmma(const T* __restrict__ q,
         fence_proxy_async();
         __syncthreads();       // every thread's copies are in and every warp is done with the other stage
         if (tile + WG_N <= block_last) load_tiles(stage ^ 1, tile + WG_N);
+        if (tile > wg_last || tile + WG_N - 1 < wg_first) continue;
 
         float s[WG_N / 8][4];   // written by the first k-step (accumulate 0)
         wgmma_fence();
         unsigned k_stage = k_addr + stage * TILE * 2;
 #pragma unroll
         for (int k = 0; k < D / 16; k++)   // k-step k: columns 16k.. = block k / 4, bytes 32 (k % 4) into its rows
-            wgmma_ss_n64<T>(s, wgmma_desc(q_addr + (k >> 2) * WG_M * 128 + (k & 3) * 32, 16, 1024),
+            wgmma_ss_n64<T>(s, wgmma_desc(q_addr + (k >> 2) * ROWS * 128 + (k & 3) * 32, 16, 1024),
                 wgmma_desc(k_stage + (k >> 2) * WG_N * 128 + (k & 3) * 32, 16, 1024), k > 0);
         wgmma_commit();
         wgmma_wait_all();
@@ -696,9 +701,12 @@ __device__ __forceinline__ void attention_prefill_wgmma(const T* __restrict__ q,
     store_rows<T, D>(o, m, l, warp_row + g, tq, h, q_dim, out, lse);
 }
 
+// attention_prefill_wgmma: one warpgroup per block (CudaOps: PrefillKernel.Wgmma); _2wg: two (PrefillKernel.Wgmma2Warpgroups).
 #define ATTENTION_WGMMA(T, S, D) \
-    extern "C" __global__ __launch_bounds__(WG_THREADS) void attention_prefill_wgmma##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
-    { attention_prefill_wgmma<T, D>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
+    extern "C" __global__ __launch_bounds__(128) void attention_prefill_wgmma##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
+    { attention_prefill_wgmma<T, D, 1>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); } \
+    extern "C" __global__ __launch_bounds__(256) void attention_prefill_wgmma_2wg##D##_##S(const T* q, const T* kc, const T* vc, T* out, float* lse, int tq, int start, int heads, int kv_heads, int window, float scale) \
+    { attention_prefill_wgmma<T, D, 2>(q, kc, vc, out, lse, tq, start, heads, kv_heads, window, scale); }
 ATTENTION_WGMMA(bf16, bf16, 64) ATTENTION_WGMMA(bf16, bf16, 128)
 ATTENTION_WGMMA(f16, f16, 64) ATTENTION_WGMMA(f16, f16, 128)
 #endif

@@ -340,10 +340,10 @@ internal static class GpuBench
         // The kernel the engine runs; the warpgroup-MMA one (off by default) is timed at the end.
         double engineAttn = ops.PrefillFor(DType.BF16, HeadDim) switch
         {
-            PrefillKernel.Wgmma => Flops("attention prefill bf16 warpgroup MMA (wgmma, sm_90a; CudaDevice.WgmmaPrefill on)", causalFlops,
-                () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.Wgmma)),
             PrefillKernel.TensorCores32Rows => attn,
-            _ => rows16,
+            PrefillKernel.TensorCores16Rows => rows16,
+            var other => Flops($"attention prefill bf16, {other} (CudaDevice.PrefillAttention)", causalFlops,
+                () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, other)),
         };
         acceptance.AtLeast(3, "prefill attention >= 40% of same-FLOP cuBLASLt GEMMs", engineAttn / gemmRate, 0.4, Percent);
         double kvBytes = 2.0 * T * Heads * HeadDim * 2;
@@ -394,10 +394,13 @@ internal static class GpuBench
         if (dev.SupportsWgmma)   // last: a fault in the kernel no GPU has yet run (it leaves the context unusable) would cost nothing above
         {
             Console.WriteLine();
-            double wgmma = Flops("attention prefill bf16 warpgroup MMA (wgmma, sm_90a), 64 rows/block", causalFlops,
-                () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, PrefillKernel.Wgmma));
-            Console.WriteLine($"{"  warpgroup MMA vs 32 rows/warp mma.sync",-58} {"",8} {wgmma / attn,12:F2} x");
-            Console.WriteLine($"{"  warpgroup MMA vs same-FLOP GEMMs",-58} {"",8} {100 * wgmma / gemmRate,12:F1} %");
+            foreach (var (kernel, rows) in new[] { (PrefillKernel.Wgmma, 64), (PrefillKernel.Wgmma2Warpgroups, 128) })
+            {
+                double wgmma = Flops($"attention prefill bf16 warpgroup MMA (wgmma, sm_90a), {rows} rows/block", causalFlops,
+                    () => ops.Attention(q, kc, vc, o, T, 0, Heads, Heads, HeadDim, null, kernel));
+                Console.WriteLine($"{"  vs 32 rows/warp mma.sync",-58} {"",8} {wgmma / attn,12:F2} x");
+                Console.WriteLine($"{"  vs same-FLOP GEMMs",-58} {"",8} {100 * wgmma / gemmRate,12:F1} %");
+            }
         }
         else Console.WriteLine($"attention prefill on warpgroup MMA: does not apply here ({dev.Info.Architecture}, NVRTC {Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
     }

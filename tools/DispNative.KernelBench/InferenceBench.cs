@@ -93,9 +93,9 @@ internal static class InferenceBench
         PrefillAttentionKernels(dev, c, prefillTokens, keep);
     }
 
-    /// <summary>Prefill of both models (rebuilt) with the warpgroup-MMA attention and with mma.sync's, alternating, where
-    /// the former applies (<see cref="CudaDevice.SupportsWgmma"/>). Last in the run: a fault in the kernel no GPU has
-    /// yet run (it leaves the context unusable) would cost nothing above.</summary>
+    /// <summary>Prefill of both models (rebuilt) with each prefill attention kernel that runs here: mma.sync's (the
+    /// default) and the warpgroup-MMA ones (<see cref="CudaDevice.SupportsWgmma"/>), in turns. Last in the run: a fault
+    /// in a kernel no GPU has yet run (it leaves the context unusable) would cost nothing above.</summary>
     private static void PrefillAttentionKernels(CudaDevice dev, ModelConfig c, int prefillTokens, double keep)
     {
         Console.WriteLine();
@@ -104,24 +104,30 @@ internal static class InferenceBench
             Console.WriteLine($"prefill with warpgroup-MMA attention: does not apply here ({dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
             return;
         }
-        bool engine = dev.WgmmaPrefill;
-        var ms = new Dictionary<(double Keep, bool Wgmma), double>();
+        PrefillKernel[] kernels = [PrefillKernel.TensorCores32Rows, PrefillKernel.Wgmma, PrefillKernel.Wgmma2Warpgroups];
+        var engine = dev.PrefillAttention;
+        var ms = new Dictionary<(double Keep, PrefillKernel Kernel), double>();
         foreach (double k in new[] { 1, keep })
         {
             using var model = CudaLlama.RandomWeights(dev, c, DType.BF16, seed: 7, k);
             int[] prompt = Prompt(c, prefillTokens);
-            foreach (bool wgmma in new[] { false, true, false, true })   // alternating; the second of each counts
-            {
-                dev.WgmmaPrefill = wgmma;
-                ms[(k, wgmma)] = PrefillMs(dev, model, prompt);
-            }
+            for (int round = 0; round < 2; round++)   // each kernel twice, in turns; the second round counts
+                foreach (var kernel in kernels)
+                {
+                    dev.PrefillAttention = kernel;
+                    ms[(k, kernel)] = PrefillMs(dev, model, prompt);
+                }
         }
-        dev.WgmmaPrefill = engine;
-        var (dw, pw, dm, pm) = (ms[(1, true)], ms[(keep, true)], ms[(1, false)], ms[(keep, false)]);
-        Console.WriteLine($"prefill with warpgroup-MMA attention (sm_90a; CudaDevice.WgmmaPrefill {(engine ? "on" : "off")}): dense {dw:F1} ms, pruned {pw:F1} ms " +
-                          $"({dw / pw:F2}x); with mma.sync attention {dm:F1} / {pm:F1} ms ({dm / pm:F2}x): warpgroup MMA {dm / dw:F2}x faster dense, {pm / pw:F2}x pruned");
+        dev.PrefillAttention = engine;
+        Console.WriteLine($"prefill by attention kernel (CudaDevice.PrefillAttention; the engine's: {new CudaOps(dev).PrefillFor(DType.BF16, c.HeadDim)}):");
         var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
-        acceptance.AtLeast(5, "pruned prefill >= 1.6x dense, warpgroup-MMA attention", dw / pw, 1.6, r => $"{r:F2}x");
+        foreach (var kernel in kernels)
+        {
+            double dense = ms[(1, kernel)], pruned = ms[(keep, kernel)], denseMma = ms[(1, kernels[0])], prunedMma = ms[(keep, kernels[0])];
+            Console.WriteLine($"  {kernel,-20} dense {dense,7:F1} ms, pruned {pruned,7:F1} ms, pruned {dense / pruned:F2}x faster; " +
+                              $"vs mma.sync: dense {denseMma / dense:F2}x, pruned {prunedMma / pruned:F2}x");
+            if (kernel != kernels[0]) acceptance.AtLeast(5, $"pruned prefill >= 1.6x dense, {kernel}", dense / pruned, 1.6, r => $"{r:F2}x");
+        }
         acceptance.Print();
     }
 

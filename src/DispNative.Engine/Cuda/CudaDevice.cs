@@ -97,10 +97,10 @@ public sealed unsafe class CudaDevice : IDisposable
     /// run here: an sm_90 device whose NVRTC builds attention_tc for sm_90a.</summary>
     public bool SupportsWgmma => Compiler.ArchitectureFor("attention_tc") == "sm_90a";
 
-    /// <summary>On: prefill attention runs <see cref="PrefillKernel.Wgmma"/> where <see cref="SupportsWgmma"/> and the
-    /// head fits it. Off (the default) until a GPU has checked it (<c>selftest</c>) and timed it against the mma.sync
-    /// kernel (<c>KernelBench gpu</c>, <c>infer</c>).</summary>
-    public bool WgmmaPrefill { get; set; }
+    /// <summary>The prefill attention kernel to run instead of <see cref="CudaOps.DefaultPrefill"/> wherever it applies
+    /// (<see cref="CudaOps.Applies"/>); null (the default): the default. The warpgroup-MMA kernels stay off until a GPU
+    /// has checked them (<c>selftest</c>) and timed them against the mma.sync kernel (<c>KernelBench gpu</c>, <c>infer</c>).</summary>
+    public PrefillKernel? PrefillAttention { get; set; }
 
     /// <summary>GEMMs of fewer FLOPs (2·M·N·K per batch entry, summed) keep the heuristic's first choice: they take
     /// microseconds, where timing is mostly launch noise, and decode or short prompts would otherwise add a tuned

@@ -303,17 +303,27 @@ public sealed class CudaOps(CudaDevice device)
             Prefill(prefill ?? PrefillFor(q.DType, headDim), q, kCache, vCache, output, null, tq, start, heads, kvHeads, headDim, window ?? 0, scale);
     }
 
-    /// <summary>The prefill kernel the engine runs on this device: <see cref="PrefillKernel.Wgmma"/> where
-    /// <see cref="CudaDevice.WgmmaPrefill"/> is on and it applies, else <see cref="DefaultPrefill"/>.</summary>
+    /// <summary>The prefill kernel the engine runs on this device: <see cref="CudaDevice.PrefillAttention"/> where it
+    /// names one that applies, else <see cref="DefaultPrefill"/>.</summary>
     public PrefillKernel PrefillFor(DType dtype, int headDim) =>
-        Device.WgmmaPrefill && Device.SupportsWgmma && UsesTensorCores(dtype, headDim) ? PrefillKernel.Wgmma : DefaultPrefill(dtype, headDim);
+        Device.PrefillAttention is { } k && Applies(k, dtype, headDim) ? k : DefaultPrefill(dtype, headDim);
 
-    /// <summary>Query rows per block of the warpgroup-MMA kernel (WG_M in attention_tc.cu).</summary>
+    /// <summary>Whether <paramref name="kernel"/> runs prefill attention of this storage type and head size here.</summary>
+    public bool Applies(PrefillKernel kernel, DType dtype, int headDim) => kernel switch
+    {
+        PrefillKernel.Simt => true,
+        PrefillKernel.TensorCores16Rows or PrefillKernel.TensorCores32Rows => UsesTensorCores(dtype, headDim),
+        PrefillKernel.Wgmma or PrefillKernel.Wgmma2Warpgroups => Device.SupportsWgmma && UsesTensorCores(dtype, headDim),
+        _ => dtype == DType.BF16 && headDim == 128,   // KernelBench's baselines
+    };
+
+    /// <summary>Query rows per warpgroup of the warpgroup-MMA kernels (WG_M in attention_tc.cu).</summary>
     private const int WgmmaRows = 64;
 
-    /// <summary>Dynamic shared memory of the warpgroup-MMA kernel: Q rows and two stages of K and V tiles of 64 keys,
-    /// each row head_dim 16-bit elements, and 1 KB to align them to 1024 bytes.</summary>
-    public static uint WgmmaPrefillSharedBytes(int headDim) => (uint)((WgmmaRows + 4 * 64) * headDim * 2 + 1024);
+    /// <summary>Dynamic shared memory of a warpgroup-MMA kernel with <paramref name="warpgroups"/> warpgroups: their Q
+    /// rows and two stages of K and V tiles of 64 keys, each row head_dim 16-bit elements, and 1 KB to align them to
+    /// 1024 bytes.</summary>
+    public static uint WgmmaPrefillSharedBytes(int headDim, int warpgroups) => (uint)((warpgroups * WgmmaRows + 4 * 64) * headDim * 2 + 1024);
 
     /// <summary>The prefill kernel used unless one is named: tensor cores with 32 query rows per warp where
     /// <see cref="UsesTensorCores"/>, else SIMT (<c>KernelBench gpu</c> times all three).</summary>
@@ -355,11 +365,13 @@ public sealed class CudaOps(CudaDevice device)
                     Device.Launch("attention_tc", "attention_prefill_fa_baseline_softmax128_bf16", grid, (TensorCoreWarps * 32, 1, 1), WidePrefillSharedBytes(headDim),
                         q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
-            case PrefillKernel.Wgmma:
+            case PrefillKernel.Wgmma or PrefillKernel.Wgmma2Warpgroups:
                 if (!Device.SupportsWgmma)
                     throw new ArgumentException($"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Device.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})");
-                Device.Launch("attention_tc", $"attention_prefill_wgmma{headDim}_{s}", ((uint)((tq + WgmmaRows - 1) / WgmmaRows), (uint)heads, 1),
-                    (128, 1, 1), WgmmaPrefillSharedBytes(headDim), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
+                int groups = kernel == PrefillKernel.Wgmma ? 1 : 2;
+                Device.Launch("attention_tc", $"attention_prefill_wgmma{(groups == 2 ? "_2wg" : "")}{headDim}_{s}",
+                    ((uint)((tq + groups * WgmmaRows - 1) / (groups * WgmmaRows)), (uint)heads, 1), ((uint)(128 * groups), 1, 1),
+                    WgmmaPrefillSharedBytes(headDim, groups), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;
             case PrefillKernel.TensorCores16Rows:
                 int rows = TensorCoreWarps * 16;
@@ -760,4 +772,6 @@ public enum PrefillKernel
     /// <summary>Hopper warpgroup MMA (wgmma, sm_90a): one warpgroup of 64 query rows per block, Q, K and V read by the
     /// tensor cores from swizzled shared memory (attention_prefill_wgmma; <see cref="CudaDevice.SupportsWgmma"/>).</summary>
     Wgmma,
+    /// <summary>The same with two warpgroups (128 query rows) per block sharing each K/V tile (attention_prefill_wgmma_2wg).</summary>
+    Wgmma2Warpgroups,
 }

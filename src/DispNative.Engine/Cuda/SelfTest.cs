@@ -175,7 +175,13 @@ public static class SelfTest
             new("attention prefill bf16 warpgroup MMA, sm_90a (t 37: one partial block, heads 4/2, head_dim 64)",
                 dev => Wgmma(dev, () => Attention(dev, 37, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Wgmma))),
             new("attention backward bf16, forward with lse on warpgroup MMA, sm_90a (t 100, heads 4/2, head_dim 128)",
-                dev => Wgmma(dev, () => AttentionBackward(dev, 100, 4, 2, 128, null, DType.BF16, prefill: PrefillKernel.Wgmma)))
+                dev => Wgmma(dev, () => AttentionBackward(dev, 100, 4, 2, 128, null, DType.BF16, prefill: PrefillKernel.Wgmma))),
+            new("attention prefill bf16 warpgroup MMA, two warpgroups per block, sm_90a (t 300 after 30, heads 4/1, head_dim 128, keys growing)",
+                dev => Wgmma(dev, () => Attention(dev, 300, 30, 4, 1, 128, null, DType.BF16, PrefillKernel.Wgmma2Warpgroups, keyGrowth: 1f / 32))),
+            new("attention prefill f16 warpgroup MMA, two warpgroups per block, sm_90a, window 50 (t 200, heads 2/2, head_dim 64)",
+                dev => Wgmma(dev, () => Attention(dev, 200, 0, 2, 2, 64, 50, DType.F16, PrefillKernel.Wgmma2Warpgroups))),
+            new("attention prefill bf16 warpgroup MMA, two warpgroups per block, sm_90a (t 100: the second warpgroup's rows partly past t, head_dim 128)",
+                dev => Wgmma(dev, () => Attention(dev, 100, 0, 2, 1, 128, null, DType.BF16, PrefillKernel.Wgmma2Warpgroups)))
         ]);
         return checks;
     }
