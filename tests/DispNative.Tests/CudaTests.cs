@@ -272,13 +272,13 @@ public class KernelSourceTests
         Assert.That(new[] { 0, 4, 12, 48, 512, -8 }.Any(CudaOps.ValidPadding), Is.False);
     }
 
-    [TestCase("sm_90", "attention_tc", 13, "sm_90a")]
-    [TestCase("sm_90", "attention_tc", 12, "sm_90a")]
-    [TestCase("sm_90", "attention_tc", 11, "sm_90")]   // NVRTC 11.x knows no sm_90a
-    [TestCase("sm_90", "norm", 13, "sm_90")]
-    [TestCase("sm_80", "attention_tc", 13, "sm_80")]
-    [TestCase("sm_89", "attention_tc", 13, "sm_89")]
-    public void OnlyAttentionTc_IsBuiltForSm90a_OnSm90WithNvrtc12OrLater(string arch, string kernel, int nvrtcMajor, string target) =>
+    [TestCase("sm_90", "attention_wgmma", 13, "sm_90a")]
+    [TestCase("sm_90", "attention_wgmma", 12, "sm_90a")]
+    [TestCase("sm_90", "attention_wgmma", 11, "sm_90")]   // NVRTC 11.x knows no sm_90a
+    [TestCase("sm_90", "attention_tc", 13, "sm_90")]
+    [TestCase("sm_80", "attention_wgmma", 13, "sm_80")]
+    [TestCase("sm_89", "attention_wgmma", 13, "sm_89")]
+    public void OnlyAttentionWgmma_IsBuiltForSm90a_OnSm90WithNvrtc12OrLater(string arch, string kernel, int nvrtcMajor, string target) =>
         Assert.That(KernelCompiler.Target(arch, kernel, nvrtcMajor), Is.EqualTo(target));
 
     [Test]
@@ -343,7 +343,7 @@ public class NvrtcTests
             || entry.StartsWith("attention_decode") ? 128
         : entry.StartsWith("gemv_") || entry.StartsWith("decode_layers_") ? CudaDevice.GemvWarps * 32 : 1024;
 
-    /// <summary>attention_tc's warpgroup-MMA prefill is built for sm_90a (wgmma exists nowhere else) and none of its
+    /// <summary>The warpgroup-MMA prefill (attention_wgmma) is built for sm_90a (wgmma exists nowhere else) and none of its
     /// wgmma is serialized: ptxas serializes every wgmma of a kernel (its "Potential Performance Loss" C7513/C7515)
     /// when other instructions may write a wgmma's registers while it is in flight, as a P·V left running across the
     /// key loop's back edge did. Needs NVRTC 12+ (11.x knows no sm_90a).</summary>
@@ -352,10 +352,10 @@ public class NvrtcTests
     {
         if (Nvrtc.Version.Major == 99) Assert.Ignore("the CUDA emulator's NVRTC runs no ptxas");
         var compiler = new KernelCompiler("sm_90", TestAssets.TempDir());
-        if (compiler.ArchitectureFor("attention_tc") != "sm_90a") Assert.Ignore($"NVRTC {Nvrtc.Version} does not target sm_90a (12.0 and later do)");
-        Assert.That(compiler.ArchitectureFor("norm"), Is.EqualTo("sm_90"));
-        Nvrtc.CompileToCubin(KernelSources.Source("attention_tc"), "attention_tc.cu", KernelSources.Headers,
-            compiler.OptionsFor("attention_tc").Append("--ptxas-options=-v").ToList(), out string log);
+        if (compiler.ArchitectureFor("attention_wgmma") != "sm_90a") Assert.Ignore($"NVRTC {Nvrtc.Version} does not target sm_90a (12.0 and later do)");
+        Assert.That(compiler.ArchitectureFor("attention_tc"), Is.EqualTo("sm_90"));
+        Nvrtc.CompileToCubin(KernelSources.Source("attention_wgmma"), "attention_wgmma.cu", KernelSources.Headers,
+            compiler.OptionsFor("attention_wgmma").Append("--ptxas-options=-v").ToList(), out string log);
         foreach (var entry in new[] { "attention_prefill_wgmma128_bf16", "attention_prefill_wgmma64_f16" })
             Assert.That(log, Does.Contain($"Compiling entry function '{entry}' for 'sm_90a'"));
         Assert.That(log, Does.Not.Contain("instructions are serialized"), log);

@@ -121,7 +121,7 @@ def load_nvrtc(path):
 
 
 # Files the engine builds for sm_90a on sm_90 where NVRTC is 12+ (KernelCompiler.ArchitectureFor): wgmma exists only there.
-SM90A_KERNELS = {"attention_tc"}
+SM90A_KERNELS = {"attention_wgmma"}
 
 
 def nvrtc_major(lib):

@@ -94,8 +94,8 @@ public sealed unsafe class CudaDevice : IDisposable
     public bool TuneGemms { get; set; } = true;
 
     /// <summary>Whether the Hopper prefill attention (<see cref="PrefillKernel.Wgmma"/>, sm_90a's warpgroup MMA) can
-    /// run here: an sm_90 device whose NVRTC builds attention_tc for sm_90a.</summary>
-    public bool SupportsWgmma => Compiler.ArchitectureFor("attention_tc") == "sm_90a";
+    /// run here: an sm_90 device whose NVRTC builds attention_wgmma for sm_90a.</summary>
+    public bool SupportsWgmma => Compiler.ArchitectureFor("attention_wgmma") == "sm_90a";
 
     /// <summary>The prefill attention kernel to run instead of <see cref="CudaOps.DefaultPrefill"/> wherever it applies
     /// (<see cref="CudaOps.Applies"/>); null (the default): the default. The warpgroup-MMA kernels stay off until a GPU

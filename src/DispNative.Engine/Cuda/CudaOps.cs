@@ -317,7 +317,7 @@ public sealed class CudaOps(CudaDevice device)
         _ => dtype == DType.BF16 && headDim == 128,   // KernelBench's baselines
     };
 
-    /// <summary>Query rows per warpgroup of the warpgroup-MMA kernels (WG_M in attention_tc.cu).</summary>
+    /// <summary>Query rows per warpgroup of the warpgroup-MMA kernels (WG_M in attention_wgmma.cu).</summary>
     private const int WgmmaRows = 64;
 
     /// <summary>Dynamic shared memory of a warpgroup-MMA kernel with <paramref name="warpgroups"/> warpgroups: their Q
@@ -369,7 +369,7 @@ public sealed class CudaOps(CudaDevice device)
                 if (!Device.SupportsWgmma)
                     throw new ArgumentException($"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Device.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})");
                 int groups = kernel == PrefillKernel.Wgmma ? 1 : 2;
-                Device.Launch("attention_tc", $"attention_prefill_wgmma{(groups == 2 ? "_2wg" : "")}{headDim}_{s}",
+                Device.Launch("attention_wgmma", $"attention_prefill_wgmma{(groups == 2 ? "_2wg" : "")}{headDim}_{s}",
                     ((uint)((tq + groups * WgmmaRows - 1) / (groups * WgmmaRows)), (uint)heads, 1), ((uint)(128 * groups), 1, 1),
                     WgmmaPrefillSharedBytes(headDim, groups), q, k, v, output, lse, tq, start, heads, kvHeads, window, scale);
                 break;

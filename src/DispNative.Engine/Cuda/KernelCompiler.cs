@@ -112,9 +112,9 @@ public sealed class KernelCompiler
         return Path.Combine(root, "dispnative", "kernels");
     }
 
-    /// <summary>Kernel files with entry points that need an architecture-specific target on sm_90: attention_tc's
-    /// warpgroup-MMA prefill (wgmma, sm_90a only; the file's other kernels are the same for sm_90a).</summary>
-    private static readonly string[] Sm90aKernels = ["attention_tc"];
+    /// <summary>Kernel files that need an architecture-specific target on sm_90: the warpgroup-MMA prefill (wgmma
+    /// exists on sm_90a only).</summary>
+    private static readonly string[] Sm90aKernels = ["attention_wgmma"];
 
     /// <summary>The target <c>kernels/{kernel}.cu</c> is built for: sm_90a for <see cref="Sm90aKernels"/> on sm_90
     /// where NVRTC knows it (12.0 and later), else <see cref="Architecture"/>.</summary>

@@ -715,7 +715,7 @@ public static class SelfTest
         return Compare(dev.Download(ty), want, dtype == DType.F32 ? 1e-6 : 1e-2);
     }
 
-    /// <summary>A check of the sm_90a-only kernel: run where <see cref="CudaDevice.SupportsWgmma"/>, else passed as not
+    /// <summary>A check of the sm_90a-only kernels: run where <see cref="CudaDevice.SupportsWgmma"/>, else passed as not
     /// applying (with the reason).</summary>
     private static string Wgmma(CudaDevice dev, Func<string> check) => dev.SupportsWgmma ? check()
         : $"does not apply: needs an sm_90 device and NVRTC 12+ (here {dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})";
