@@ -1,6 +1,6 @@
 // Hopper (sm_90a) causal GQA prefill attention on warpgroup MMA (wgmma.mma_async), where attention_tc.cu's kernels
-// use mma.sync, which on Hopper reaches about half of the tensor cores' rate; the same contract, softmax and output
-// store (attention_tc.cuh). A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M rows per warpgroup;
+// use mma.sync, which on Hopper falls well short of the tensor cores' rate (only wgmma reaches it); the same contract,
+// softmax and output store (attention_tc.cuh). A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M rows per warpgroup;
 // with two, both share each K/V tile: half the loads per FLOP) and streams tiles of WG_N keys: S = Q·Kᵀ with Q and K
 // read by the tensor cores from shared memory, the online softmax on the accumulators (per warp mma.sync's layout),
 // then O += P·V with P from registers and V from shared memory. Shared tiles use the 128-byte swizzle wgmma reads:
