@@ -1,8 +1,9 @@
 // Hopper (sm_90a) causal GQA prefill attention on warpgroup MMA (wgmma.mma_async), where attention_tc.cu's kernels
 // use mma.sync, which on Hopper falls well short of the tensor cores' rate (only wgmma reaches it); the same contract,
-// softmax and output store (attention_tc.cuh). A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M rows per warpgroup;
-// with two, both share each K/V tile: half the loads per FLOP) and streams tiles of WG_N keys: S = Q·Kᵀ with Q and K
-// read by the tensor cores from shared memory, the online softmax on the accumulators (per warp mma.sync's layout),
+// softmax and output store (attention_tc.cuh). A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M
+// rows per warpgroup; with two, both share each K/V tile: half the loads per FLOP) and streams tiles of WG_N keys:
+// S = Q·Kᵀ with Q and K read by the tensor cores from shared memory, the online softmax on the accumulators (per warp
+// mma.sync's layout),
 // then O += P·V with P from registers and V from shared memory. Shared tiles use the 128-byte swizzle wgmma reads:
 // rows of 64 elements (128 bytes), the 16-byte chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes
 // apart, a tile's columns 64.. in a second such block. K is K-major for Q·Kᵀ; V, with the head dimension contiguous,

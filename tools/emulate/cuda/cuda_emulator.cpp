@@ -109,6 +109,7 @@ struct Fiber
     unsigned long long in[10]{}, out[4]{};
     int count = 0;
     int block = 0;          // index of its block among those running at once (a cooperative launch's grid)
+    int wgmma_issued = 0;   // lane 0 of a warp: the wgmma its warp has issued in this block (warpgroup_check)
     bool yielded = false;   // its last switch back came from __nanosleep (a spin-wait), not from progress
 };
 
@@ -255,6 +256,27 @@ bool resolve_wgmma(Fiber* warp, bool bf16)
     return true;
 }
 
+// wgmma is warpgroup-wide (.sync.aligned): the four warps of a warpgroup must each issue every one, which the
+// per-warp emulation above cannot see as it goes. Checked when a block finishes: every warpgroup's warps issued as
+// many, and a block that issued any has whole warpgroups.
+bool warpgroup_check(const Fiber* block, int threads)
+{
+    int warps = (threads + 31) / 32;
+    bool any = false;
+    for (int w = 0; w < warps; w++) any |= block[w * 32].wgmma_issued > 0;
+    if (!any) return true;
+    if (threads % 128 != 0) { g_run.error = "wgmma in a block of " + std::to_string(threads) + " threads: not whole warpgroups of 128"; return false; }
+    for (int w = 0; w < warps; w += 4)
+        for (int i = 1; i < 4; i++)
+            if (block[(w + i) * 32].wgmma_issued != block[w * 32].wgmma_issued)
+            {
+                g_run.error = "warp " + std::to_string(w + i) + " issued " + std::to_string(block[(w + i) * 32].wgmma_issued) + " wgmma, warp "
+                    + std::to_string(w) + " of its warpgroup " + std::to_string(block[w * 32].wgmma_issued) + ": all four warps must issue each one";
+                return false;
+            }
+    return true;
+}
+
 // Resolves one warp's collective once all lanes of its mask wait in it. Returns false (and sets the error) when
 // the lanes cannot meet: one has left the kernel, or they wait in different collectives.
 bool resolve_collective(Fiber* warp, int lanes, int first)
@@ -368,6 +390,7 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
     case EMU_WGMMA_F16:
         if (mask != 0xffffffffu || lanes != 32) { g_run.error = "wgmma needs the full warp"; return false; }
         if (!resolve_wgmma(warp, lead.kind == EMU_WGMMA_BF16)) return false;
+        warp[0].wgmma_issued++;
         break;
     default:
         g_run.error = "unknown warp collective " + std::to_string(lead.kind);
@@ -443,6 +466,7 @@ bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared
             f.thread.linear = (unsigned)i;
             f.thread.serial = serial;
             f.block = b;
+            f.wgmma_issued = 0;
             f.state = RUNNABLE;
             uint64_t* sp = (uint64_t*)(((uintptr_t)(f.stack + StackBytes)) & ~(uintptr_t)15);
             *--sp = 0;                              // fiber_main's return address (never used): keeps the ABI alignment
@@ -498,7 +522,12 @@ bool run_blocks(const std::vector<EmuDim3>& ids, int threads, GridShared* shared
                 if (g_run.fibers[focus * threads + i].state == AT_BARRIER) g_run.fibers[focus * threads + i].state = RUNNABLE;
             progressed = true;
         }
-        if (done == threads && !done_blocks[focus]) { done_blocks[focus] = 1; progressed = true; }
+        if (done == threads && !done_blocks[focus])
+        {
+            if (!warpgroup_check(&g_run.fibers[focus * threads], threads)) return false;
+            done_blocks[focus] = 1;
+            progressed = true;
+        }
         bool finished = true;
         for (int b = 0; b < blocks && finished; b++) finished = done_blocks[b];
         if (finished) return true;

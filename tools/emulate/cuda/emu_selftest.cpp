@@ -113,6 +113,29 @@ extern "C" __global__ void stage(const float* x, float* y, int offset)
 }
 )";
 
+// D[64 x 8] = A[64 x 16] · B[16 x 8] on wgmma.m64n8k16 with A from registers, every element 1, and B K-major in
+// shared memory with the 128-byte swizzle: B[k][n] = 16 n + k + 1 (exact in bf16) at row n, 16-byte chunk
+// (k / 8) ^ (n % 8). Every row of D is then 256 n + 136. Only the warps below `issuing` issue it (4: the whole
+// warpgroup, as the instruction requires).
+const char* kWgmma = R"(
+extern "C" __global__ void wgmma_ones(float* y, int issuing)
+{
+    extern __shared__ __align__(16) unsigned short b[];
+    int t = threadIdx.x, warp = t / 32, lane = t % 32;
+    if (t < 128) { int n = t / 16, k = t % 16; b[n * 64 + (((k / 8) ^ n) * 8) + k % 8] = (unsigned short)(__float_as_uint(16.f * n + k + 1) >> 16); }
+    __syncthreads();
+    unsigned one = 0x3f803f80u;   // two bf16 ones
+    unsigned long long desc = (unsigned long long)((unsigned)__cvta_generic_to_shared(b) & 0x3ffffu) >> 4 | 1ull << 16 | 64ull << 32 | 1ull << 62;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    if (warp < issuing)
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(one), "r"(one), "r"(one), "r"(one), "l"(desc), "r"(0));
+    // Thread (warp w, lane 4g + c): rows 16w + g and + 8, columns 2c and 2c + 1.
+    for (int i = 0; i < 4; i++) y[t * 4 + i] = d[i];
+}
+)";
+
 const char* kBarrier = R"(
 extern "C" __global__ void neighbour(float* y, int sync)
 {
@@ -382,6 +405,20 @@ int main(int argc, char** argv)
         rc = cuLaunchCooperativeKernel(f, 132 * 32 + 1, 1, 1, 32, 1, 1, 32 * 4, stream, args.data());
         report(rc == 720, "a cooperative grid larger than the device holds at once is refused", "rc " + std::to_string(rc));
         cuMemFree(count);
+    }
+    {
+        void* f = function(kWgmma, "wgmma_ones");
+        int issuing = 4;
+        int rc = run(f, 1, 128, 1024, {&y, &issuing});
+        auto out = download(y, 512);
+        int right = 0;
+        for (int t = 0; t < 128; t++)
+            for (int i = 0; i < 4; i++) right += out[t * 4 + i] == 256.f * (2 * (t % 4) + (i & 1)) + 136.f;
+        report(rc == 0 && right == 512, "wgmma m64n8k16, A from registers, B through a 128-byte-swizzled descriptor",
+            std::to_string(right) + " of 512 accumulators right");
+        issuing = 3;
+        rc = run(f, 1, 128, 1024, {&y, &issuing});
+        report(rc != 0, "the same wgmma issued by 3 of the warpgroup's 4 warps fails", "rc " + std::to_string(rc));
     }
     cuMemFree(x); cuMemFree(y);
     printf("%d passed, %d failed\n", passed, failed);
