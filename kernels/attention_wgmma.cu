@@ -3,14 +3,13 @@
 // softmax and output store (attention_tc.cuh). A block is WGS warpgroups (4 warps each, 16 query rows per warp, WG_M
 // rows per warpgroup; with two, both share each K/V tile: half the loads per FLOP) and streams tiles of WG_N keys:
 // S = Q·Kᵀ with Q and K read by the tensor cores from shared memory, the online softmax on the accumulators (per warp
-// mma.sync's layout),
-// then O += P·V with P from registers and V from shared memory. Shared tiles use the 128-byte swizzle wgmma reads:
-// rows of 64 elements (128 bytes), the 16-byte chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes
-// apart, a tile's columns 64.. in a second such block. K is K-major for Q·Kᵀ; V, with the head dimension contiguous,
+// mma.sync's layout), then O += P·V with P from registers and V from shared memory. Shared tiles use the 128-byte
+// swizzle wgmma reads: rows of 64 elements (128 bytes), the 16-byte chunk c of row r stored at chunk c ^ (r % 8),
+// 8-row groups 1024 bytes apart, a tile's columns 64.. in a second such block. K is K-major for Q·Kᵀ; V, with the head dimension contiguous,
 // is N-major (transposed by the instruction) for P·V. K and V are double-buffered.
-// Only this file is built for sm_90a (KernelCompiler.ArchitectureFor: on sm_90 with NVRTC 12+; CudaDevice.SupportsWgmma),
-// so a compiler that rejected it would cost these kernels alone; for any other target it is empty. The CUDA emulator
-// implements the instructions, descriptors and swizzle from the PTX ISA.
+// Only this file is built for sm_90a (KernelCompiler.ArchitectureFor: on sm_90 with NVRTC 12+; CudaDevice.
+// SupportsWgmma), so a compiler that rejected it would cost these kernels alone; for any other target it is empty.
+// The CUDA emulator implements the instructions, descriptors and swizzle from the PTX ISA.
 #include "attention_tc.cuh"
 
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
