@@ -27,7 +27,7 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
     case $w in
       selftest)    step selftest 200 bash .gpu/run.sh DispNative.Cli selftest --reference-model .gpu/models/ref-llama-25m ;;
       bench)       step bench 170 bash .gpu/run.sh DispNative.KernelBench gpu ;;
-      infer)       step infer 200 bash .gpu/run.sh DispNative.KernelBench infer ;;
+      infer)       step infer 240 bash .gpu/run.sh DispNative.KernelBench infer ;;
       train)       step train 240 bash .gpu/run.sh DispNative.KernelBench train ;;
       torch-infer) step torch-infer 120 python3 tools/reference/torch_baselines.py infer ;;
       torch-train) step torch-train 120 python3 tools/reference/torch_baselines.py train ;;
