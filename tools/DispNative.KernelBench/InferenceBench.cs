@@ -21,7 +21,6 @@ internal static class InferenceBench
 
         /// <summary>Prefill ms and decode (graphs) ms per token with kernels left out (<see cref="CudaLlama.Skipped"/>).</summary>
         public Ablation? Without { get; init; }
-
     }
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
