@@ -185,6 +185,27 @@ unsigned short f32_to_bf16(float v)
     return (unsigned short)(u >> 16);
 }
 
+// A 16-bit element of a register (half 0: the low bits) as f32, bf16 or f16.
+float half_of(unsigned reg, int half, bool bf16)
+{
+    unsigned short v = (unsigned short)(half ? reg >> 16 : reg & 0xffffu);
+    return bf16 ? bf16_to_f32(v) : emu_h2f(v);
+}
+
+// Lane (4g + t)'s share of a 16 x 16 A fragment (mma.sync m16n8k16's, and per warp wgmma's from registers): rows g and
+// g + 8, columns 2t, 2t + 1 (r0, r1) and 2t + 8, 2t + 9 (r2, r3).
+void a_fragment(float (&A)[16][16], int lane, const unsigned long long* r, bool bf16)
+{
+    int g = lane >> 2, t = lane & 3;
+    for (int h = 0; h < 2; h++)
+    {
+        A[g][2 * t + h] = half_of((unsigned)r[0], h, bf16);
+        A[g + 8][2 * t + h] = half_of((unsigned)r[1], h, bf16);
+        A[g][2 * t + 8 + h] = half_of((unsigned)r[2], h, bf16);
+        A[g + 8][2 * t + 8 + h] = half_of((unsigned)r[3], h, bf16);
+    }
+}
+
 // One warp's share of wgmma.mma_async.m64nNk16 (emu_wgmma): its 16 rows of D = A·B (+ D). A: its 16 rows, from the
 // lanes' registers (mma.sync's A fragment) or through descriptor A; B (16 × N) through descriptor B. Descriptors as
 // the PTX ISA gives them (start address, leading and stride byte offsets, each >> 4; swizzle mode in bits 62-63);
@@ -199,7 +220,6 @@ bool resolve_wgmma(Fiber* warp, bool bf16)
             if (warp[l].in[i] != warp[0].in[i]) { g_run.error = "wgmma: lanes disagree on the shape, flags or descriptors"; return false; }
     int n = (int)(meta & 1023), w = (int)(meta >> 16 & 3);
     bool tnsp_a = meta >> 10 & 1, tnsp_b = meta >> 11 & 1, a_regs = meta >> 12 & 1, scale_d = meta >> 13 & 1;
-    auto cvt = [&](unsigned short v) { return bf16 ? bf16_to_f32(v) : emu_h2f(v); };
     bool ok = true;
     // The 16-bit element at byte offset `offset` from the descriptor's start, after the swizzle.
     auto element = [&](unsigned long long desc, unsigned offset) -> float {
@@ -208,26 +228,14 @@ bool resolve_wgmma(Fiber* warp, bool bf16)
         address ^= ((address >> 7) & 7u) << 4;
         if (address + 2 > g_api.dynamic_shared_bytes) { g_run.error = "wgmma: operand address " + std::to_string(address) + " past the dynamic shared memory"; ok = false; return 0.f; }
         unsigned short v; memcpy(&v, g_api.dynamic_shared + address, 2);
-        return cvt(v);
+        return half_of(v, 0, bf16);
     };
     auto lbo = [](unsigned long long desc) { return (unsigned)((desc >> 16) & 0x3fff) << 4; };
     auto sbo = [](unsigned long long desc) { return (unsigned)((desc >> 32) & 0x3fff) << 4; };
     if (!a_regs && tnsp_a) { g_run.error = "wgmma: an M-major A is not emulated"; return false; }
     static float A[16][16], B[16][256];
-    auto a16 = [](unsigned reg, int half) { return (unsigned short)(half ? reg >> 16 : reg & 0xffffu); };
-    for (int l = 0; l < 32; l++)
-    {
-        int g = l >> 2, t = l & 3;
-        const unsigned long long* r = warp[l].in;
-        if (a_regs)
-            for (int h = 0; h < 2; h++)
-            {
-                A[g][2 * t + h] = cvt(a16((unsigned)r[3], h));
-                A[g + 8][2 * t + h] = cvt(a16((unsigned)r[4], h));
-                A[g][2 * t + 8 + h] = cvt(a16((unsigned)r[5], h));
-                A[g + 8][2 * t + 8 + h] = cvt(a16((unsigned)r[6], h));
-            }
-    }
+    if (a_regs)
+        for (int l = 0; l < 32; l++) a_fragment(A, l, warp[l].in + 3, bf16);
     unsigned long long da = warp[0].in[2], db = warp[0].in[7];
     if (!a_regs)
         for (int i = 0; i < 16; i++)
@@ -304,7 +312,6 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
     for (int l = lanes; l < 32; l++)
         if (mask >> l & 1u) { g_run.error = "collective mask names lanes past the block's last thread"; return false; }
 
-    auto a16 = [](unsigned reg, int half) { return (unsigned short)(half ? reg >> 16 : reg & 0xffffu); };
     switch (lead.kind)
     {
     case EMU_SHUFFLE:
@@ -326,20 +333,17 @@ bool resolve_collective(Fiber* warp, int lanes, int first)
     case EMU_MMA_F16:
     {
         if (mask != 0xffffffffu || lanes != 32) { g_run.error = "mma.sync needs the full warp"; return false; }
-        auto cvt = [&](unsigned short v) { return lead.kind == EMU_MMA_BF16 ? bf16_to_f32(v) : emu_h2f(v); };
+        bool bf16 = lead.kind == EMU_MMA_BF16;
         float A[16][16], B[16][8], C[16][8];
         for (int l = 0; l < 32; l++)
         {
             int g = l >> 2, t = l & 3;
             const unsigned long long* r = warp[l].in;
+            a_fragment(A, l, r, bf16);
             for (int h = 0; h < 2; h++)
             {
-                A[g][2 * t + h] = cvt(a16((unsigned)r[0], h));
-                A[g + 8][2 * t + h] = cvt(a16((unsigned)r[1], h));
-                A[g][2 * t + 8 + h] = cvt(a16((unsigned)r[2], h));
-                A[g + 8][2 * t + 8 + h] = cvt(a16((unsigned)r[3], h));
-                B[2 * t + h][g] = cvt(a16((unsigned)r[4], h));
-                B[2 * t + 8 + h][g] = cvt(a16((unsigned)r[5], h));
+                B[2 * t + h][g] = half_of((unsigned)r[4], h, bf16);
+                B[2 * t + 8 + h][g] = half_of((unsigned)r[5], h, bf16);
             }
             float c[4];
             for (int i = 0; i < 4; i++) { unsigned u = (unsigned)r[6 + i]; memcpy(&c[i], &u, 4); }
