@@ -402,7 +402,7 @@ internal static class GpuBench
                 Console.WriteLine($"{"  vs same-FLOP GEMMs",-58} {"",8} {100 * wgmma / gemmRate,12:F1} %");
             }
         }
-        else Console.WriteLine($"attention prefill on warpgroup MMA: does not apply here ({dev.Info.Architecture}, NVRTC {Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
+        else Console.WriteLine($"attention prefill on warpgroup MMA: does not apply here: {dev.WgmmaUnsupportedReason}");
     }
 
     /// <summary>What one dependency between the kernels of a decode step costs (5 per layer after the decode fusions,

@@ -100,7 +100,7 @@ internal static class InferenceBench
         Console.WriteLine();
         if (!dev.SupportsWgmma)
         {
-            Console.WriteLine($"prefill with warpgroup-MMA attention: does not apply here ({dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version}; needs sm_90 and NVRTC 12+)");
+            Console.WriteLine($"prefill with warpgroup-MMA attention: does not apply here: {dev.WgmmaUnsupportedReason}");
             return;
         }
         PrefillKernel[] kernels = [PrefillKernel.TensorCores32Rows, PrefillKernel.Wgmma, PrefillKernel.Wgmma2Warpgroups];

@@ -97,6 +97,9 @@ public sealed unsafe class CudaDevice : IDisposable
     /// run here: an sm_90 device whose NVRTC builds attention_wgmma for sm_90a.</summary>
     public bool SupportsWgmma => Compiler.ArchitectureFor("attention_wgmma") == "sm_90a";
 
+    /// <summary>Why <see cref="SupportsWgmma"/> is false here (what it needs, what this device and NVRTC are).</summary>
+    public string WgmmaUnsupportedReason => $"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Info.Architecture}, NVRTC {Nvrtc.Version})";
+
     /// <summary>The prefill attention kernel to run instead of <see cref="CudaOps.DefaultPrefill"/> wherever it applies
     /// (<see cref="CudaOps.Applies"/>); null (the default): the default. The warpgroup-MMA kernels stay off until a GPU
     /// has checked them (<c>selftest</c>) and timed them against the mma.sync kernel (<c>KernelBench gpu</c>, <c>infer</c>).</summary>

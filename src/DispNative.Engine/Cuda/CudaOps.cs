@@ -367,7 +367,7 @@ public sealed class CudaOps(CudaDevice device)
                 break;
             case PrefillKernel.Wgmma or PrefillKernel.Wgmma2Warpgroups:
                 if (!Device.SupportsWgmma)
-                    throw new ArgumentException($"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Device.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})");
+                    throw new ArgumentException(Device.WgmmaUnsupportedReason);
                 int groups = kernel == PrefillKernel.Wgmma ? 1 : 2;
                 Device.Launch("attention_wgmma", $"attention_prefill_wgmma{(groups == 2 ? "_2wg" : "")}{headDim}_{s}",
                     ((uint)((tq + groups * WgmmaRows - 1) / (groups * WgmmaRows)), (uint)heads, 1), ((uint)(128 * groups), 1, 1),

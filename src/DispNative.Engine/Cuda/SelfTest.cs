@@ -718,7 +718,7 @@ public static class SelfTest
     /// <summary>A check of the sm_90a-only kernels: run where <see cref="CudaDevice.SupportsWgmma"/>, else passed as not
     /// applying (with the reason).</summary>
     private static string Wgmma(CudaDevice dev, Func<string> check) => dev.SupportsWgmma ? check()
-        : $"does not apply: needs an sm_90 device and NVRTC 12+ (here {dev.Info.Architecture}, NVRTC {Interop.Nvrtc.Version})";
+        : $"does not apply: {dev.WgmmaUnsupportedReason}";
 
     /// <summary>Attention of tq queries after start cached rows; the cache holds <paramref name="capacity"/> rows (default
     /// start + tq), the rows past the queries random: the kernels must not read them. A split-KV decode runs twice with
