@@ -12,8 +12,9 @@ namespace DispNative.KernelBench;
 internal static class InferenceBench
 {
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
+    private const int LeastPadding = 8;   // the baseline padding: 16-byte rows of bf16
 
-    private sealed record Result(string Name, double PrefillMs, double PrefillFirstAlgorithmMs, double EagerTokS, double GraphTokS, double PersistentTokS,
+    private sealed record Result(string Name, double PrefillMs, double PrefillOtherTuningMs, double EagerTokS, double GraphTokS, double PersistentTokS,
         long GemmParams, long DecodeBytes, double PrefillFlops)
     {
         /// <summary>The faster decode: through CUDA graphs, or with the layers as one persistent kernel.</summary>
@@ -36,9 +37,9 @@ internal static class InferenceBench
         Console.WriteLine($"kernels: {dev.Compiler.CompileAll()}");
         var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile, ablations: true) };
         results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile, ablations: true));
-        // The same model with its pruned widths stored padded to 64 instead of 8 (CudaLlama.Padding): fuller GEMM tiles
-        // against a few more zero channels to read.
-        if (keep < 1) results.Add(Measure(dev, c, "  the same, widths padded to 64", keep, prefillTokens, decodeTokens, false, false, padding: 64));
+        // The same model with its pruned widths stored padded to 8 (16-byte rows, the least cuBLASLt's tensor cores
+        // take) instead of the engine's 64 (CudaLlama.Padding): fewer zero channels to read, emptier GEMM tiles.
+        if (keep < 1) results.Add(Measure(dev, c, $"  the same, widths padded to {LeastPadding}", keep, prefillTokens, decodeTokens, false, false, padding: LeastPadding));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
         Console.WriteLine();
@@ -56,8 +57,8 @@ internal static class InferenceBench
         Console.WriteLine($"pruned vs dense: prefill {dense.PrefillMs / pruned.PrefillMs:F2}x faster, decode (graphs) {pruned.GraphTokS / dense.GraphTokS:F2}x; " +
                           $"graphs vs eager decode: dense {dense.GraphTokS / dense.EagerTokS:F2}x, pruned {pruned.GraphTokS / pruned.EagerTokS:F2}x");
         if (results.Count > 2)
-            Console.WriteLine($"pruned, padded to 64: prefill {dense.PrefillMs / results[2].PrefillMs:F2}x faster than dense, decode (graphs) {results[2].GraphTokS / dense.GraphTokS:F2}x " +
-                              $"(padded to {CudaOps.DefaultPadding}: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
+            Console.WriteLine($"pruned, padded to {LeastPadding}: prefill {dense.PrefillMs / results[2].PrefillMs:F2}x faster than dense, decode (graphs) {results[2].GraphTokS / dense.GraphTokS:F2}x " +
+                              $"(padded to {CudaOps.DefaultPadding}, the engine's: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
         Console.WriteLine($"persistent decode kernel vs graphs: dense {dense.PersistentTokS / dense.GraphTokS:F2}x, pruned {pruned.PersistentTokS / pruned.GraphTokS:F2}x; " +
                           $"pruned vs dense with it {pruned.PersistentTokS / dense.PersistentTokS:F2}x, the faster form of each {pruned.DecodeTokS / dense.DecodeTokS:F2}x");
         double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
@@ -78,9 +79,10 @@ internal static class InferenceBench
         if (DecodeCostFit.From(1e3 / dense.PersistentTokS, dense.DecodeBytes, 1e3 / pruned.PersistentTokS, pruned.DecodeBytes) is { } persistentFit)
             Console.WriteLine($"decode (persistent kernel) fitted the same way: B = {persistentFit.BytesPerSecond / 1e12:F2} TB/s, F = {persistentFit.FixedMs:F3} ms per token " +
                               $"({1e3 * persistentFit.FixedMs / c.NumLayers:F1} us per layer)");
-        Console.WriteLine($"prefill with cuBLASLt's first-choice algorithms (no GEMM tuning): dense {dense.PrefillFirstAlgorithmMs:F1} ms, " +
-                          $"pruned {pruned.PrefillFirstAlgorithmMs:F1} ms ({dense.PrefillFirstAlgorithmMs / pruned.PrefillFirstAlgorithmMs:F2}x); " +
-                          $"tuning gives dense {dense.PrefillFirstAlgorithmMs / dense.PrefillMs:F2}x, pruned {pruned.PrefillFirstAlgorithmMs / pruned.PrefillMs:F2}x");
+        var (tuned, first) = dev.TuneGemms ? ((Func<Result, double>)(r => r.PrefillMs), (Func<Result, double>)(r => r.PrefillOtherTuningMs))
+            : (r => r.PrefillOtherTuningMs, r => r.PrefillMs);
+        Console.WriteLine($"prefill with tuned GEMM algorithms (CudaDevice.TuneGemms, engine default {(dev.TuneGemms ? "on" : "off")}): dense {tuned(dense):F1} ms, " +
+                          $"pruned {tuned(pruned):F1} ms ({tuned(dense) / tuned(pruned):F2}x); tuning gives dense {first(dense) / tuned(dense):F2}x, pruned {first(pruned) / tuned(pruned):F2}x");
         var st = dev.Allocator.Stats;
         Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved");
         var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
@@ -162,13 +164,15 @@ internal static class InferenceBench
         Console.WriteLine($"{name}: built on the device in {sw.Elapsed.TotalSeconds:F1} s, {model.DecodeWeightBytes / 1e9:F2} GB read per decoded token");
         int[] prompt = Prompt(config, prefillTokens);
 
-        // Prefill (PrefillMs): first with cuBLASLt's first-choice algorithms, then tuned (the default).
+        // Prefill (PrefillMs) with the engine's GEMM algorithms, and with the other setting of CudaDevice.TuneGemms.
+        bool engineTunes = dev.TuneGemms;
         double Prefill(bool tune)
         {
             dev.TuneGemms = tune;
-            return PrefillMs(dev, model, prompt);
+            try { return PrefillMs(dev, model, prompt); }
+            finally { dev.TuneGemms = engineTunes; }
         }
-        double firstAlgorithmMs = Prefill(tune: false), prefillMs = Prefill(tune: true);
+        double otherTuningMs = Prefill(!engineTunes), prefillMs = Prefill(engineTunes);
 
         string persistentForm = "did not apply";
         double Decode(bool graphs, bool persistent = false)
@@ -197,7 +201,7 @@ internal static class InferenceBench
         {
             double Step(CudaLlama.Skipped skip) { model.SkipForTiming = skip; return 1e3 / Decode(graphs: true); }
             double noNorms = Step(CudaLlama.Skipped.DecodeNorms), noAttention = Step(CudaLlama.Skipped.Attention);
-            double prefillNoAttention = Prefill(tune: true);
+            double prefillNoAttention = Prefill(engineTunes);
             double gemvs = Step(CudaLlama.Skipped.DecodeNorms | CudaLlama.Skipped.Attention);
             model.SkipForTiming = CudaLlama.Skipped.None;
             without = new(prefillNoAttention, noNorms, noAttention, gemvs);
@@ -218,14 +222,14 @@ internal static class InferenceBench
             dev.Synchronize();
             Interop.CudaDriver.Profile(false);
         }
-        Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({firstAlgorithmMs:F1} with first-choice GEMM algorithms), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
+        Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm})");
         string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
-        return new Result(name, prefillMs, firstAlgorithmMs, eager, graph, persistentTokS, model.LayerGemmParameters, model.DecodeWeightBytes,
+        return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, model.LayerGemmParameters, model.DecodeWeightBytes,
             model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without };
     }
 

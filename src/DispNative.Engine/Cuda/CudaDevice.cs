@@ -89,9 +89,11 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>The GEMM algorithm choices (see <see cref="GemmTuning"/>), kept beside the kernel cache.</summary>
     public GemmTuning GemmTuning { get; internal set; }
 
-    /// <summary>On (the default): each GEMM shape runs the fastest of the algorithms cuBLASLt's heuristic offers,
-    /// timed on its first call (or taken from <see cref="GemmTuning"/>'s file). Off: the heuristic's first choice.</summary>
-    public bool TuneGemms { get; set; } = true;
+    /// <summary>On: each GEMM shape runs the fastest of the algorithms cuBLASLt's heuristic offers, timed on its first
+    /// call (or taken from <see cref="GemmTuning"/>'s file). Off (the default): the heuristic's first choice. Tuned
+    /// alone, a shape ran up to 1.07x faster, but inside the 7B-shape prefill tuning gave dense 1.00x and pruned
+    /// 0.96-0.98x (H200, 2026-12-04, <c>KernelBench infer</c>): each shape is timed with its weights warm in L2.</summary>
+    public bool TuneGemms { get; set; }
 
     /// <summary>Whether the Hopper prefill attention (<see cref="PrefillKernel.Wgmma"/>, sm_90a's warpgroup MMA) can
     /// run here: an sm_90 device whose NVRTC builds attention_wgmma for sm_90a.</summary>
@@ -100,9 +102,8 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Why <see cref="SupportsWgmma"/> is false here (what it needs, what this device and NVRTC are).</summary>
     public string WgmmaUnsupportedReason => $"the warpgroup-MMA prefill needs an sm_90 device and NVRTC 12 or later (here {Info.Architecture}, NVRTC {Nvrtc.Version})";
 
-    /// <summary>The prefill attention kernel to run instead of <see cref="CudaOps.DefaultPrefill"/> wherever it applies
-    /// (<see cref="CudaOps.Applies"/>); null (the default): the default. The warpgroup-MMA kernels stay off until a GPU
-    /// has checked them (<c>selftest</c>) and timed them against the mma.sync kernel (<c>KernelBench gpu</c>, <c>infer</c>).</summary>
+    /// <summary>The prefill attention kernel to run instead of the engine's choice wherever it applies
+    /// (<see cref="CudaOps.Applies"/>); null (the default): <see cref="CudaOps.PrefillFor"/>'s choice.</summary>
     public PrefillKernel? PrefillAttention { get; set; }
 
     /// <summary>GEMMs of fewer FLOPs (2·M·N·K per batch entry, summed) keep the heuristic's first choice: they take

@@ -158,13 +158,14 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of
-    /// <paramref name="multiple"/> (default 8) with zero padding, so every GEMM operand row starts 16-byte aligned
+    /// <paramref name="multiple"/> (default <see cref="DefaultPadding"/>) with zero padding, so every GEMM operand row starts 16-byte aligned
     /// (cuBLASLt's tensor-core kernels need it; unaligned odd widths run several times slower). A larger multiple
     /// (<see cref="CudaLlama.Padding"/>) fills more of the GEMMs' tiles for a few zero channels more.</summary>
     public static int Padded(int width, int multiple = DefaultPadding) => (width + multiple - 1) / multiple * multiple;
 
-    /// <summary>The padding multiple of pruned sites unless a model asks for another.</summary>
-    public const int DefaultPadding = 8;
+    /// <summary>The padding multiple of pruned sites unless a model asks for another: 64, whose fuller GEMM tiles made
+    /// the pruned 7B-shape prefill 1.62-1.63x dense against 1.55-1.57x at 8, with decode unchanged (H200, 2026-12-04).</summary>
+    public const int DefaultPadding = 64;
 
     /// <summary>Whether <paramref name="multiple"/> is a valid padding: a power of two from 8 to 256.</summary>
     public static bool ValidPadding(int multiple) => multiple is >= 8 and <= 256 && (multiple & (multiple - 1)) == 0;
@@ -263,10 +264,12 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("residual", $"add_bias_{CudaDevice.Suffix(y.DType)}", (uint)rows, 128, 0, y.Address(offset), bias, (int)bias.Length);
     }
 
-    /// <summary>out = silu(gate)·up (out may be gate). <paramref name="fastMath"/>: approximate exp and divide (KernelBench).</summary>
-    public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n, bool fastMath = false)
+    /// <summary>out = silu(gate)·up (out may be gate). <paramref name="fastMath"/>: the hardware's approximate exp and
+    /// divide (a few ulp of f32); by default for bf16 and f16, whose rounding is thousands of times coarser, where it ran
+    /// 2.5x as fast at 2048 x 11008 (the exact divide's instruction count made the kernel compute-bound: H200, 2026-12-04).</summary>
+    public void SiluMul(DeviceTensor gate, DeviceTensor up, DeviceTensor output, long n, bool? fastMath = null)
     {
-        if (fastMath) Device.Launch("activations", $"silu_mul_fast_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
+        if (fastMath ?? gate.DType != DType.F32) Device.Launch("activations", $"silu_mul_fast_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
         else Device.Launch("activations", $"silu_mul_{CudaDevice.Suffix(gate.DType)}", VectorGrid(n), 256, 0, gate, up, output, n);
     }
 
@@ -304,9 +307,12 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>The prefill kernel the engine runs on this device: <see cref="CudaDevice.PrefillAttention"/> where it
-    /// names one that applies, else <see cref="DefaultPrefill"/>.</summary>
+    /// names one that applies, else the warpgroup-MMA kernel with two warpgroups per block where it applies (1.19x the
+    /// mma.sync kernel on the H200, KernelBench gpu, 2026-12-04), else <see cref="DefaultPrefill"/>.</summary>
     public PrefillKernel PrefillFor(DType dtype, int headDim) =>
-        Device.PrefillAttention is { } k && Applies(k, dtype, headDim) ? k : DefaultPrefill(dtype, headDim);
+        Device.PrefillAttention is { } k && Applies(k, dtype, headDim) ? k
+        : Applies(PrefillKernel.Wgmma2Warpgroups, dtype, headDim) ? PrefillKernel.Wgmma2Warpgroups
+        : DefaultPrefill(dtype, headDim);
 
     /// <summary>Whether <paramref name="kernel"/> runs prefill attention of this storage type and head size here.</summary>
     public bool Applies(PrefillKernel kernel, DType dtype, int headDim) => kernel switch
@@ -325,8 +331,9 @@ public sealed class CudaOps(CudaDevice device)
     /// 1024 bytes.</summary>
     public static uint WgmmaPrefillSharedBytes(int headDim, int warpgroups) => (uint)((warpgroups * WgmmaRows + 4 * 64) * headDim * 2 + 1024);
 
-    /// <summary>The prefill kernel used unless one is named: tensor cores with 32 query rows per warp where
-    /// <see cref="UsesTensorCores"/>, else SIMT (<c>KernelBench gpu</c> times all three).</summary>
+    /// <summary>The prefill kernel used unless one is named or the device runs warpgroup MMA (<see cref="PrefillFor"/>):
+    /// tensor cores with 32 query rows per warp where <see cref="UsesTensorCores"/>, else SIMT (<c>KernelBench gpu</c>
+    /// times them all).</summary>
     public static PrefillKernel DefaultPrefill(DType dtype, int headDim) => UsesTensorCores(dtype, headDim) ? PrefillKernel.TensorCores32Rows : PrefillKernel.Simt;
 
     /// <summary>Query rows per block of the 32-rows-per-warp tensor-core kernel (FA_M in attention_tc.cu).</summary>
@@ -387,9 +394,9 @@ public sealed class CudaOps(CudaDevice device)
 
     private const int MaxDecodeSplits = 64;
 
-    /// <summary>Keys per share of the split-KV decode unless told otherwise: one DECODE_UNROLL step of the kernel's
-    /// four warps at head_dim 128 in bf16 (each block issues all its loads at once).</summary>
-    public const int DecodeKeysPerSplit = 64;
+    /// <summary>Keys per share of the split-KV decode unless told otherwise: 128, two DECODE_UNROLL steps of the kernel's
+    /// four warps at head_dim 128 in bf16 (64-key shares, one step, ran 0.77x as fast at 2048 keys: H200, 2026-12-04).</summary>
+    public const int DecodeKeysPerSplit = 128;
 
     /// <summary>Shares of the visible keys the split-KV decode uses for a cache of <paramref name="capacity"/> rows
     /// (the capacity, not the current length: a captured decode step keeps its grid for every position).</summary>
