@@ -270,6 +270,10 @@ public class KernelSourceTests
         Assert.That(new[] { CudaOps.Padded(2651, 64), CudaOps.Padded(7155, 128), CudaOps.Padded(58, 128) }, Is.EqualTo(new[] { 2688, 7168, 128 }));
         Assert.That(new[] { 8, 16, 64, 256 }.All(CudaOps.ValidPadding), Is.True);
         Assert.That(new[] { 0, 4, 12, 48, 512, -8 }.Any(CudaOps.ValidPadding), Is.False);
+        // The default: 64 at the 7B shape, smaller where 64 would be above 1/32 of the narrower full width, never below 8.
+        int Default(int hidden, int mlp) => CudaOps.DefaultPadding(TestAssets.TinyConfig() with { HiddenSize = hidden, IntermediateSize = mlp });
+        Assert.That(new[] { Default(4096, 11008), Default(2048, 5632), Default(512, 1376), Default(1024, 256), Default(96, 256) },
+            Is.EqualTo(new[] { 64, 64, 16, 8, 8 }));
     }
 
     [TestCase("sm_90", "attention_wgmma", 13, "sm_90a")]

@@ -379,7 +379,7 @@ internal static class GpuBench
         using var dOut = dev.Upload(Rand((long)T * Heads * HeadDim));
         using var dq = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
         using var dk = dev.Allocate(DType.F32, (long)T * Heads * HeadDim); using var dv = dev.Allocate(DType.F32, (long)T * Heads * HeadDim);
-        Flops("attention training forward with lse, tensor cores 32 rows/warp", causalFlops, () => ops.AttentionForTraining(q, kc, vc, o, lse, T, Heads, Heads, HeadDim, null));
+        Flops($"attention training forward with lse, {ops.PrefillFor(DType.BF16, HeadDim)}", causalFlops, () => ops.AttentionForTraining(q, kc, vc, o, lse, T, Heads, Heads, HeadDim, null));
         double backwardFlops = 2.5 * causalFlops;   // S recomputed, dP, dV, dK, dQ: five causal products against the forward's two
         double simtBackward = Flops("attention backward bf16 SIMT, naive (flash-style dq + dk/dv)", backwardFlops,
             () => ops.AttentionBackward(q, kc, vc, o, dOut, lse, dq, dk, dv, dsum, T, Heads, Heads, HeadDim, null, gemm: false));

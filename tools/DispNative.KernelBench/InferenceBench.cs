@@ -38,7 +38,7 @@ internal static class InferenceBench
         var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile, ablations: true) };
         results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile, ablations: true));
         // The same model with its pruned widths stored padded to 8 (16-byte rows, the least cuBLASLt's tensor cores
-        // take) instead of the engine's 64 (CudaLlama.Padding): fewer zero channels to read, emptier GEMM tiles.
+        // take) instead of the engine's default (CudaOps.DefaultPadding: 64 at the 7B shape): fewer zero channels to read, emptier GEMM tiles.
         if (keep < 1) results.Add(Measure(dev, c, $"  the same, widths padded to {LeastPadding}", keep, prefillTokens, decodeTokens, false, false, padding: LeastPadding));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
@@ -58,7 +58,7 @@ internal static class InferenceBench
                           $"graphs vs eager decode: dense {dense.GraphTokS / dense.EagerTokS:F2}x, pruned {pruned.GraphTokS / pruned.EagerTokS:F2}x");
         if (results.Count > 2)
             Console.WriteLine($"pruned, padded to {LeastPadding}: prefill {dense.PrefillMs / results[2].PrefillMs:F2}x faster than dense, decode (graphs) {results[2].GraphTokS / dense.GraphTokS:F2}x " +
-                              $"(padded to {CudaOps.DefaultPadding}, the engine's: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
+                              $"(padded to {CudaOps.DefaultPadding(c)}, the engine's: {dense.PrefillMs / pruned.PrefillMs:F2}x, {pruned.GraphTokS / dense.GraphTokS:F2}x)");
         Console.WriteLine($"persistent decode kernel vs graphs: dense {dense.PersistentTokS / dense.GraphTokS:F2}x, pruned {pruned.PersistentTokS / pruned.GraphTokS:F2}x; " +
                           $"pruned vs dense with it {pruned.PersistentTokS / dense.PersistentTokS:F2}x, the faster form of each {pruned.DecodeTokS / dense.DecodeTokS:F2}x");
         double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
@@ -157,7 +157,7 @@ internal static class InferenceBench
     /// <param name="ablations">Also times decode without the norms, without attention and with neither, and prefill
     /// without attention (<see cref="CudaLlama.SkipForTiming"/>).</param>
     private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens, bool profile,
-        bool ablations, int padding = CudaOps.DefaultPadding)
+        bool ablations, int? padding = null)
     {
         var sw = Stopwatch.StartNew();
         using var model = CudaLlama.RandomWeights(dev, config, DType.BF16, seed: 7, keep, padding);

@@ -95,31 +95,32 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     public ModelConfig Config { get; }
     public DType DType { get; }
 
-    /// <summary>Pruned sites are stored padded to a multiple of this many channels (<see cref="CudaOps.Padded"/>).</summary>
+    /// <summary>Pruned sites are stored padded to a multiple of this many channels (<see cref="CudaOps.Padded"/>; unless
+    /// the model is built with another, <see cref="CudaOps.DefaultPadding"/>).</summary>
     public int Padding { get; }
     public string DeviceName => $"cuda:{_device.Info.Ordinal} {DType.ToString().ToLowerInvariant()}";
 
     /// <summary>Uploads <paramref name="weights"/> to <paramref name="device"/> in <paramref name="dtype"/>.
     /// With <paramref name="ownsDevice"/> the device is disposed with the model.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, ModelWeights weights, DType dtype, bool ownsDevice = false,
-        int padding = CudaOps.DefaultPadding)
+        int? padding = null)
         : this(device, config, LayerwiseWeights.Of(weights), dtype, ownsDevice, padding) { }
 
     /// <summary>Uploads <paramref name="weights"/> one part at a time (a layer's at most): from a checkpoint
     /// (<see cref="LayerwiseWeights.Read"/>) the host never holds the whole model. With <paramref name="ownsDevice"/> the
     /// device is disposed with the model. <paramref name="padding"/>: see <see cref="Padding"/>.</summary>
     public CudaLlama(CudaDevice device, ModelConfig config, LayerwiseWeights weights, DType dtype, bool ownsDevice = false,
-        int padding = CudaOps.DefaultPadding)
-        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights, padding)) { }
+        int? padding = null)
+        : this(device, config, dtype, ownsDevice, new UploadedWeights(device, config, dtype, weights, padding ?? CudaOps.DefaultPadding(config))) { }
 
     /// <summary>A model with N(0, 0.02²) weights and unit norms made on the device (nothing crosses the bus), for
     /// benchmarks at real shapes. With <paramref name="keep"/> &lt; 1 it is DISP-pruned: every layer keeps a random
     /// sorted <paramref name="keep"/> share of the channels of each of its five sites.</summary>
     public static CudaLlama RandomWeights(CudaDevice device, ModelConfig config, DType dtype, ulong seed, double keep = 1,
-        int padding = CudaOps.DefaultPadding)
+        int? padding = null)
     {
         if (keep is <= 0 or > 1) throw new InvalidSettingException($"kept share must be in (0, 1] (got {keep})");
-        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding));
+        return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding ?? CudaOps.DefaultPadding(config)));
     }
 
     private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source)

@@ -158,14 +158,21 @@ public sealed class CudaOps(CudaDevice device)
     }
 
     /// <summary>Width a pruned site is stored at on the device: its kept channels rounded up to a multiple of
-    /// <paramref name="multiple"/> (default <see cref="DefaultPadding"/>) with zero padding, so every GEMM operand row starts 16-byte aligned
+    /// <paramref name="multiple"/> (default 8) with zero padding, so every GEMM operand row starts 16-byte aligned
     /// (cuBLASLt's tensor-core kernels need it; unaligned odd widths run several times slower). A larger multiple
     /// (<see cref="CudaLlama.Padding"/>) fills more of the GEMMs' tiles for a few zero channels more.</summary>
-    public static int Padded(int width, int multiple = DefaultPadding) => (width + multiple - 1) / multiple * multiple;
+    public static int Padded(int width, int multiple = 8) => (width + multiple - 1) / multiple * multiple;
 
-    /// <summary>The padding multiple of pruned sites unless a model asks for another: 64, whose fuller GEMM tiles made
-    /// the pruned 7B-shape prefill 1.62-1.63x dense against 1.55-1.57x at 8, with decode unchanged (H200, 2026-12-04).</summary>
-    public const int DefaultPadding = 64;
+    /// <summary>The padding multiple of a model's pruned sites unless it asks for another: 64, whose fuller GEMM tiles
+    /// made the pruned 7B-shape prefill 1.62-1.65x dense against 1.55-1.58x at 8 with decode unchanged (H200,
+    /// 2026-12-04), halved while above 1/32 of the model's narrower full width (hidden or MLP), down to 8: a small
+    /// model's sites would otherwise round up to their full width.</summary>
+    public static int DefaultPadding(Models.ModelConfig c)
+    {
+        int multiple = 64, narrower = Math.Min(c.HiddenSize, c.IntermediateSize);
+        while (multiple > 8 && multiple > narrower / 32) multiple /= 2;
+        return multiple;
+    }
 
     /// <summary>Whether <paramref name="multiple"/> is a valid padding: a power of two from 8 to 256.</summary>
     public static bool ValidPadding(int multiple) => multiple is >= 8 and <= 256 && (multiple & (multiple - 1)) == 0;
