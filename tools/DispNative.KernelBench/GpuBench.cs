@@ -339,7 +339,7 @@ internal static class GpuBench
             pvPlan.Run(dev.Lt, s.Pointer, vc.Pointer, o.Pointer, 1, 0, ws.Pointer, CudaDevice.GemmWorkspaceBytes, stream);
         });
         Console.WriteLine($"{"attention prefill (32 rows/warp) vs those GEMMs",-58} {"",8} {100 * attn / gemmRate,12:F1} %");
-        // The kernel the engine runs; the warpgroup-MMA one (off by default) is timed at the end.
+        // The kernel the engine runs (warpgroup MMA where it builds); both warpgroup-MMA forms are timed again at the end.
         double engineAttn = ops.PrefillFor(DType.BF16, HeadDim) switch
         {
             PrefillKernel.TensorCores32Rows => attn,
