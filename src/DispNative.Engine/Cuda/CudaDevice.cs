@@ -91,8 +91,8 @@ public sealed unsafe class CudaDevice : IDisposable
 
     /// <summary>On: each GEMM shape runs the fastest of the algorithms cuBLASLt's heuristic offers, timed on its first
     /// call (or taken from <see cref="GemmTuning"/>'s file). Off (the default): the heuristic's first choice. Tuned
-    /// alone, a shape ran up to 1.07x faster, but inside the 7B-shape prefill tuning gave dense 1.00x and pruned
-    /// 0.96-0.98x (H200, 2026-12-04, <c>KernelBench infer</c>): each shape is timed with its weights warm in L2.</summary>
+    /// alone, a shape ran up to 1.07x faster, but inside the 7B-shape prefill tuning gave 0.96-1.04x over four runs
+    /// (H200, 2026-12-04, <c>KernelBench infer</c>): no gain beyond the noise for the start-up timing it costs.</summary>
     public bool TuneGemms { get; set; }
 
     /// <summary>Whether the Hopper prefill attention (<see cref="PrefillKernel.Wgmma"/>, sm_90a's warpgroup MMA) can

@@ -164,7 +164,7 @@ public sealed class CudaOps(CudaDevice device)
     public static int Padded(int width, int multiple = 8) => (width + multiple - 1) / multiple * multiple;
 
     /// <summary>The padding multiple of a model's pruned sites unless it asks for another: 64, whose fuller GEMM tiles
-    /// made the pruned 7B-shape prefill 1.62-1.65x dense against 1.55-1.58x at 8 with decode unchanged (H200,
+    /// made the pruned 7B-shape prefill 1.62-1.67x dense against 1.55-1.59x at 8 with decode unchanged (H200,
     /// 2026-12-04), halved while above 1/32 of the model's narrower full width (hidden or MLP), down to 8: a small
     /// model's sites would otherwise round up to their full width.</summary>
     public static int DefaultPadding(Models.ModelConfig c)
