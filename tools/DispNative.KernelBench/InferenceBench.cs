@@ -38,7 +38,8 @@ internal static class InferenceBench
         var results = new List<Result> { Measure(dev, c, "dense", 1, prefillTokens, decodeTokens, profile, ablations: true) };
         results.Add(Measure(dev, c, $"DISP-pruned (every site {keep:P0})", keep, prefillTokens, decodeTokens, profile, ablations: true));
         // The same model with its pruned widths stored padded to 8 (16-byte rows, the least cuBLASLt's tensor cores
-        // take) instead of the engine's default (CudaOps.DefaultPadding: 64 at the 7B shape): fewer zero channels to read, emptier GEMM tiles.
+        // take) instead of the engine's default (CudaOps.DefaultPadding: 64 at the 7B shape): fewer zero channels to
+        // read, emptier GEMM tiles.
         if (keep < 1) results.Add(Measure(dev, c, $"  the same, widths padded to {LeastPadding}", keep, prefillTokens, decodeTokens, false, false, padding: LeastPadding));
 
         double? tf = info.PeakBf16Flops, bw = info.PeakBandwidth;
@@ -79,10 +80,10 @@ internal static class InferenceBench
         if (DecodeCostFit.From(1e3 / dense.PersistentTokS, dense.DecodeBytes, 1e3 / pruned.PersistentTokS, pruned.DecodeBytes) is { } persistentFit)
             Console.WriteLine($"decode (persistent kernel) fitted the same way: B = {persistentFit.BytesPerSecond / 1e12:F2} TB/s, F = {persistentFit.FixedMs:F3} ms per token " +
                               $"({1e3 * persistentFit.FixedMs / c.NumLayers:F1} us per layer)");
-        var (tuned, first) = dev.TuneGemms ? ((Func<Result, double>)(r => r.PrefillMs), (Func<Result, double>)(r => r.PrefillOtherTuningMs))
-            : (r => r.PrefillOtherTuningMs, r => r.PrefillMs);
-        Console.WriteLine($"prefill with tuned GEMM algorithms (CudaDevice.TuneGemms, engine default {(dev.TuneGemms ? "on" : "off")}): dense {tuned(dense):F1} ms, " +
-                          $"pruned {tuned(pruned):F1} ms ({tuned(dense) / tuned(pruned):F2}x); tuning gives dense {first(dense) / tuned(dense):F2}x, pruned {first(pruned) / tuned(pruned):F2}x");
+        double Tuned(Result r) => dev.TuneGemms ? r.PrefillMs : r.PrefillOtherTuningMs;
+        double Untuned(Result r) => dev.TuneGemms ? r.PrefillOtherTuningMs : r.PrefillMs;
+        Console.WriteLine($"prefill with tuned GEMM algorithms (CudaDevice.TuneGemms, engine default {(dev.TuneGemms ? "on" : "off")}): dense {Tuned(dense):F1} ms, " +
+                          $"pruned {Tuned(pruned):F1} ms ({Tuned(dense) / Tuned(pruned):F2}x); tuning gives dense {Untuned(dense) / Tuned(dense):F2}x, pruned {Untuned(pruned) / Tuned(pruned):F2}x");
         var st = dev.Allocator.Stats;
         Console.WriteLine($"allocator: peak {st.PeakReservedBytes / (1L << 20)} MiB reserved");
         var acceptance = new IssueTargets(IssueTargets.AppliesTo(c, prefillTokens) && keep == 0.65);
