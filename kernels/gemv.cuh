@@ -42,6 +42,21 @@ __device__ __forceinline__ void load_first(const T* __restrict__ w, int k, uint4
     }
 }
 
+// A lane's U 16-byte loads of round `base` of a weight row of nv vectors: unconditional (addresses clamped into the
+// row), the values past its end zeroed after the load.
+template <int U>
+__device__ __forceinline__ void load_round(const uint4* wr, int nv, int base, uint4* a)
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+    {
+        int e = base + lane + u * 32;
+        uint4 v = __ldcg(wr + min(e, nv - 1));
+        a[u] = e < nv ? v : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
 // U loads of w (load_first). x is not __restrict__: a persistent kernel's x was written earlier in the same launch, which
 // the non-coherent loads a const __restrict__ pointer may be compiled to would not see.
@@ -65,16 +80,7 @@ __device__ __forceinline__ float warp_dot(const T* x, const T* __restrict__ w, i
     {
         bool more = base + U * 32 < nv;
         uint4 next[U];
-        if (more)
-        {
-#pragma unroll
-            for (int u = 0; u < U; u++)
-            {
-                int e = base + U * 32 + lane + u * 32;
-                uint4 v = __ldcg(wr + min(e, nv - 1));
-                next[u] = e < nv ? v : make_uint4(0, 0, 0, 0);
-            }
-        }
+        if (more) load_round<U>(wr, nv, base + U * 32, next);
 #pragma unroll
         for (int u = 0; u < U; u++)
         {
@@ -118,6 +124,56 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
             if (beta != 0.f) v += beta * to_f32(y[o]);
             y[o] = from_f32<OUT>(v);
         }
+    }
+}
+
+// The plain GEMV as one stream of loads per warp (KernelBench's variant, gemv_streamed; a grid of resident blocks):
+// a warp takes rows gemv_row(), + step, ... and issues each round of U loads per lane before it sums the round before,
+// across the end of a row too (the next row's first round), so its loads stay in flight from its first row to its
+// last, where gemv's warps issue a row's first loads only after the row before is summed (and a block per 8 rows
+// waits for its slowest warp). Each lane sums as warp_dot does: the outputs are gemv's bit for bit.
+template <int U, typename T, typename OUT>
+__device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
+    int n, int k, float alpha, float beta)
+{
+    allow_dependents_launch();
+    int lane = threadIdx.x & 31, row = gemv_row(), step = gridDim.x * (blockDim.x >> 5);
+    int nv = k / (int)(16 / sizeof(T));
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    uint4 cur[U];
+    if (row < n) load_round<U>(wr + (long long)row * nv, nv, 0, cur);
+    grid_dependency_wait();
+    const uint4* xv = reinterpret_cast<const uint4*>(opaque(x));
+    y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
+    float acc = 0.f;
+    for (int base = 0; row < n;)
+    {
+        int next_base = base + U * 32, next_row = row;
+        if (next_base >= nv) { next_base = 0; next_row += step; }
+        uint4 next[U];
+        if (next_row < n) load_round<U>(wr + (long long)next_row * nv, nv, next_base, next);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+        {
+            int e = base + lane + u * 32;
+            acc += dot16<T>(cur[u], e < nv ? xv[e] : make_uint4(0, 0, 0, 0));
+        }
+        if (next_base == 0)   // the row is summed
+        {
+            float dot = warp_sum(acc);
+            acc = 0.f;
+            if (lane == 0)
+            {
+                int o = out_index ? out_index[row] : row;
+                float v = alpha * dot;
+                if (beta != 0.f) v += beta * to_f32(y[o]);
+                y[o] = from_f32<OUT>(v);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) cur[u] = next[u];
+        row = next_row;
+        base = next_base;
     }
 }
 

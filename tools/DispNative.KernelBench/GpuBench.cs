@@ -222,7 +222,7 @@ internal static class GpuBench
             using var y = dev.Allocate(DType.BF16, n);
             double bytes = 2.0 * n * k;
             dev.UseGemv = false;
-            Bandwidth($"{name}, cuBLASLt (baseline)", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            double cublas = Bandwidth($"{name}, cuBLASLt (baseline)", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             dev.UseGemv = true;
             foreach (int u in CudaDevice.GemvUnrolls)
             {
@@ -230,7 +230,10 @@ internal static class GpuBench
                 Bandwidth($"{name}, unroll {u}", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             }
             dev.GemvUnroll = null;   // the engine's default: the fastest unroll, timed on the shape's first call
-            Bandwidth($"{name}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            double tuned = Bandwidth($"{name}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
+            // The variant: resident blocks whose warps stream their rows without a gap between rows (gemv_streamed).
+            double streamed = CudaDevice.GemvUnrolls.Max(u => Bandwidth($"{name}, streamed over rows, unroll {u}", bytes, () => ops.GemvStreamed(x, w, y, n, k, u)));
+            Console.WriteLine($"{"  streamed (fastest unroll) vs tuned / vs cuBLASLt",-58} {"",8} {streamed / tuned,5:F2} / {streamed / cublas,4:F2} x");
         }
         Console.WriteLine();
         Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
