@@ -1,10 +1,13 @@
 // The GEMV kernels (gemv.cuh) for each storage type and unroll.
 #include "gemv.cuh"
 
-// gemv_<input>_to_<output>_u<U>: output in the input's type, or f32 (the residual stream, deltas, logits).
+// gemv_<input>_to_<output>_u<U>: output in the input's type, or f32 (the residual stream, deltas, logits); a block per
+// 8 rows. gemv_streamed_<input>_to_<output>_u<U>: the same on a grid of resident blocks (the engine's; CudaDevice.StreamGemvs).
 #define GEMV_U(T, OUT, S, O, U) \
     extern "C" __global__ void gemv_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
-    { gemv<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); }
+    { gemv<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); } \
+    extern "C" __global__ void gemv_streamed_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
+    { gemv_streamed<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); }
 #define GEMV(T, OUT, S, O) GEMV_U(T, OUT, S, O, 8) GEMV_U(T, OUT, S, O, 12) GEMV_U(T, OUT, S, O, 16)
 GEMV(float, float, f32, f32)
 GEMV(bf16, bf16, bf16, bf16)
@@ -12,13 +15,6 @@ GEMV(f16, f16, f16, f16)
 GEMV(bf16, float, bf16, f32)
 GEMV(f16, float, f16, f32)
 
-// gemv_streamed_<input>_to_<output>_u<U>: KernelBench's variant of the plain GEMV (bf16 in, bf16 or f32 out).
-#define GEMV_STREAMED_U(T, OUT, S, O, U) \
-    extern "C" __global__ void gemv_streamed_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
-    { gemv_streamed<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); }
-#define GEMV_STREAMED(T, OUT, S, O) GEMV_STREAMED_U(T, OUT, S, O, 8) GEMV_STREAMED_U(T, OUT, S, O, 12) GEMV_STREAMED_U(T, OUT, S, O, 16)
-GEMV_STREAMED(bf16, bf16, bf16, bf16)
-GEMV_STREAMED(bf16, float, bf16, f32)
 
 #define GEMV_FUSED_U(T, S, U) \
     extern "C" __global__ void gemv_qkv_##S##_u##U(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \

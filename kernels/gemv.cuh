@@ -127,7 +127,7 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
     }
 }
 
-// The plain GEMV as one stream of loads per warp (KernelBench's variant, gemv_streamed; a grid of resident blocks):
+// The plain GEMV as one stream of loads per warp (gemv_streamed, the engine's; on a grid of resident blocks):
 // a warp takes rows gemv_row(), + step, ... and issues each round of U loads per lane before it sums the round before,
 // across the end of a row too (the next row's first round), so its loads stay in flight from its first row to its
 // last, where gemv's warps issue a row's first loads only after the row before is summed (and a block per 8 rows

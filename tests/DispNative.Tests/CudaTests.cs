@@ -136,7 +136,11 @@ public class KernelSourceTests
                 string where = $"{Path.GetFileName(file)}: {call}({args[0]}, ...)";
                 string name = System.Text.RegularExpressions.Regex.Replace(args[0].TrimStart('$').Trim('"'), @"\{[^}]*\}", "f32");
                 foreach (int u in CudaDevice.GemvUnrolls)
+                {
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, unroll {u}");
+                    if (call == "LaunchGemv" && name.Contains("_to_"))   // plain: launched streamed too (CudaDevice.StreamGemvs)
+                        Assert.That(KernelSources.ParameterCount("gemv", $"{CudaDevice.StreamedGemv(name)}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, streamed, unroll {u}");
+                }
                 gemvCalls++;
             }
             foreach (string call in new[] { "Launch", "LaunchCooperative" })

@@ -197,6 +197,9 @@ internal static class InferenceBench
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
+        dev.StreamGemvs = false;   // the baseline of the streamed GEMV: a block per 8 rows
+        double graphBlockGemvs = Decode(graphs: true);
+        dev.StreamGemvs = true;
         Ablation? without = null;
         if (ablations)
         {
@@ -227,7 +230,8 @@ internal static class InferenceBench
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm})");
         string unrolls = string.Join(", ", dev.GemvUnrollChoices.GroupBy(c => c.Value).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
-                          $"tuned {graph / graphFirstUnroll:F2}x that; GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
+                          $"tuned {graph / graphFirstUnroll:F2}x that; with a block per 8 rows in the plain GEMVs {graphBlockGemvs:F1} tok/s, streamed " +
+                          $"{graph / graphBlockGemvs:F2}x that (CudaDevice.StreamGemvs); GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, model.LayerGemmParameters, model.DecodeWeightBytes,

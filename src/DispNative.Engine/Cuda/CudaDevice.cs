@@ -337,6 +337,12 @@ public sealed unsafe class CudaDevice : IDisposable
     /// allow 16-byte loads; off sends them to cuBLASLt too (KernelBench compares the two).</summary>
     public bool UseGemv { get; set; } = true;
 
+    /// <summary>On (the default): the plain GEMV (gemv.cu's <c>gemv_X_to_Y</c>, index-add included) runs as
+    /// <c>gemv_streamed_X_to_Y</c>, on a grid of resident blocks whose warps stream their rows' weights without a gap
+    /// between rows: 1.13-1.47x the block-per-8-rows kernel at the 7B shapes and 0.97-1.13x cuBLASLt (H200, 2026-12-04);
+    /// the same bits. Off: a block per 8 rows (KernelBench's baseline).</summary>
+    public bool StreamGemvs { get; set; } = true;
+
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
 
@@ -379,23 +385,28 @@ public sealed unsafe class CudaDevice : IDisposable
     internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, int blocksPerSM, params ReadOnlySpan<KernelArg> args)
         => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, blocksPerSM), args);
 
+    /// <summary>The streamed form of plain GEMV kernel <paramref name="name"/> (<see cref="StreamGemvs"/>).</summary>
+    internal static string StreamedGemv(string name) => "gemv_streamed" + name["gemv".Length..];
+
     /// <summary>Blocks per SM that <see cref="LaunchPersistentGemv"/> is timed with (fewer where fewer fit); the first is
     /// the default. Each block normalizes the row once, so more blocks repeat that work; 2 blocks of 8 warps with 8 to 16
     /// loads of 16 bytes per lane keep 64 KB or more of weights in flight per SM, above what HBM's latency needs (about
     /// 25 KB per SM on an H100), 4 twice that.</summary>
     public static readonly IReadOnlyList<int> PersistentBlocksPerSM = [2, 4];
 
-    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> (null: its blocks per SM alone): the self-test uses a
-    /// few blocks so that every warp takes several rows.</summary>
+    /// <summary>Caps the grid of <see cref="LaunchPersistentGemv"/> and of the streamed GEMV (null: their blocks per SM
+    /// alone): the self-test uses a few blocks so that every warp takes several rows.</summary>
     internal int? PersistentGridLimit { get; set; }
 
     /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
     /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls; <c>BlocksPerSM</c>: 0 for a block
-    /// per 8 rows, else the persistent grid's.</summary>
+    /// per 8 rows, else the persistent grid's (at most the resident blocks).</summary>
     private readonly record struct GemvLaunch(string Name, int Rows, int K, (ulong Address, long Bytes)? Accumulated, uint SharedBytes, int BlocksPerSM);
 
     private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
+        if (StreamGemvs && g.BlocksPerSM == 0 && g.Name.Contains("_to_", StringComparison.Ordinal))
+            g = g with { Name = StreamedGemv(g.Name), BlocksPerSM = int.MaxValue };   // as many blocks as are resident
         string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM}";
         int unroll = GemvUnrolls[0];
         if (_gemvUnroll is int forced) unroll = forced;

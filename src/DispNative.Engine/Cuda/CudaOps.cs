@@ -151,24 +151,6 @@ public sealed class CudaOps(CudaDevice device)
             x, w, residual, idx, n, k, 1f, 1f);
     }
 
-    /// <summary>y = x·wᵀ (1×n, bf16 in, bf16 or f32 out) by <c>gemv_streamed</c>, KernelBench's variant of the plain GEMV:
-    /// a grid of as many blocks as the SMs hold at once (<see cref="CudaDevice.PersistentGridLimit"/> lowers it), each
-    /// warp streaming its rows' weights as one sequence of rounds of <paramref name="unroll"/> loads per lane. The
-    /// same bits as the engine's GEMV.</summary>
-    public void GemvStreamed(DeviceTensor x, DeviceTensor w, DeviceTensor y, int n, int k, int unroll)
-    {
-        NeedGemv(x, w, k);
-        Need(w, (long)n * k, "weight"); Need(y, n, "GEMV output");
-        if (x.DType != DType.BF16 || w.DType != DType.BF16 || y.DType is not (DType.BF16 or DType.F32))
-            throw new ArgumentException($"gemv_streamed is built for bf16 in and bf16 or f32 out, not {x.DType} -> {y.DType}");
-        if (!CudaDevice.GemvUnrolls.Contains(unroll)) throw new ArgumentOutOfRangeException(nameof(unroll), unroll, "not one of the compiled unrolls");
-        string entry = $"gemv_streamed_bf16_to_{CudaDevice.Suffix(y.DType)}_u{unroll}";
-        uint threads = CudaDevice.GemvWarps * 32;
-        long resident = (long)Device.ResidentBlocks("gemv", entry, threads, 0) * Device.Info.Multiprocessors;
-        uint grid = (uint)Math.Max(1, Math.Min(CudaDevice.GemvGrid(n), Math.Min(resident, Device.PersistentGridLimit ?? long.MaxValue)));
-        Device.Launch("gemv", entry, grid, threads, 0, x, w, y, null, n, k, 1f, 0f);
-    }
-
     private void NeedGemv(DeviceTensor x, DeviceTensor w, int k)
     {
         Need(x, k, "GEMV input");

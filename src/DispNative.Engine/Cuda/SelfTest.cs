@@ -128,8 +128,8 @@ public static class SelfTest
             new("gemm algorithm choice (37 x 200 x 136): the first call accumulates once, the choice is recorded, the heuristic's first agrees", GemmAlgorithmChoice),
             new("gemv bf16 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 2656, 4104: 1-3 rounds of loads): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
-            new("gemv bf16 streamed over rows (KernelBench's variant), -> bf16 and f32, K 264, 2656, 4104, grids of 1, 3 and resident blocks: " +
-                "the engine's GEMV's bits at every unroll", GemvStreamed),
+            new("gemv bf16 streamed over rows (the engine's plain GEMV) = a block per 8 rows, bit for bit: -> bf16, -> f32, index-add of 203 of 300; " +
+                "K 264, 2656, 4104; every unroll; grids of 1, 3 and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
@@ -455,14 +455,16 @@ public static class SelfTest
         finally { dev.GemvUnroll = forced; dev.MinTunedGemvElements = minTuned; }
     }
 
-    /// <summary>gemv_streamed against the engine's GEMV (unroll 8) on the same operands, bit for bit: every unroll, output
-    /// bf16 and f32, rows of 1 to 3 rounds of loads, the grid capped at 1 and 3 blocks (each warp many rows, the stream
-    /// crossing row ends) and uncapped.</summary>
+    /// <summary>The streamed plain GEMV (<see cref="CudaDevice.StreamGemvs"/>) against the block-per-8-rows one (unroll 8)
+    /// on the same operands, bit for bit: every unroll, output bf16 and f32, the index-add into an f32 residual, rows of
+    /// 1 to 3 rounds of loads, the grid capped at 1 and 3 blocks (each warp many rows, its stream crossing row ends) and
+    /// uncapped.</summary>
     private static string GemvStreamed(CudaDevice dev)
     {
-        const int n = 203;
+        const int n = 203, d = 300;
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
+        bool stream = dev.StreamGemvs;
         int checks = 0;
         try
         {
@@ -471,28 +473,33 @@ public static class SelfTest
                 var rng = new Rng(41);
                 using var x = dev.Upload(RoundTo(DType.BF16, Random(rng, k)), DType.BF16);
                 using var w = dev.Upload(RoundTo(DType.BF16, Random(rng, n * k)), DType.BF16);
-                foreach (var output in new[] { DType.BF16, DType.F32 })
+                using var idx = dev.Upload(Subset(rng, d, n));
+                var residual = Random(rng, d);
+                using var y16 = dev.Allocate(DType.BF16, n); using var y32 = dev.Allocate(DType.F32, n);
+                float[] Run()
                 {
-                    using var y = dev.Allocate(output, n);
-                    dev.GemvUnroll = CudaDevice.GemvUnrolls[0];
-                    dev.Gemm(x, w, y, 1, n, k);
-                    var want = dev.Download(y);
-                    foreach (int? limit in new int?[] { 1, 3, null })
-                        foreach (int u in CudaDevice.GemvUnrolls)
-                        {
-                            dev.PersistentGridLimit = limit;
-                            ops.FillConstant(y, float.NaN);
-                            ops.GemvStreamed(x, w, y, n, k, u);
-                            var got = dev.Download(y);
-                            int diff = Enumerable.Range(0, n).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
-                            if (diff >= 0) throw new Mismatch($"K {k} -> {output}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} is {got[diff]}, the GEMV gives {want[diff]}");
-                            checks++;
-                        }
+                    dev.Gemm(x, w, y16, 1, n, k);
+                    dev.Gemm(x, w, y32, 1, n, k);
+                    using var added = dev.Upload(residual);
+                    ops.GemvIndexAdd(x, w, added, idx, d, k);
+                    return [.. dev.Download(y16), .. dev.Download(y32), .. dev.Download(added)];
                 }
+                (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (false, CudaDevice.GemvUnrolls[0], null);
+                var want = Run();
+                dev.StreamGemvs = true;
+                foreach (int? limit in new int?[] { 1, 3, null })
+                    foreach (int u in CudaDevice.GemvUnrolls)
+                    {
+                        (dev.GemvUnroll, dev.PersistentGridLimit) = (u, limit);
+                        var got = Run();
+                        int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                        if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add) is {got[diff]}, a block per 8 rows gives {want[diff]}");
+                        checks++;
+                    }
             }
             return $"{checks} runs identical";
         }
-        finally { dev.GemvUnroll = forced; dev.PersistentGridLimit = gridLimit; }
+        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (stream, forced, gridLimit); }
     }
 
     /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
