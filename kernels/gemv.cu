@@ -20,7 +20,11 @@ GEMV(f16, float, f16, f32)
     extern "C" __global__ void gemv_qkv_##S##_u##U(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
     { gemv_qkv<U, T>(x, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
     extern "C" __global__ void gemv_swiglu_##S##_u##U(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
-    { gemv_swiglu<U, T>(x, w_gate, w_up, out, n, k); }
+    { gemv_swiglu<U, T>(x, w_gate, w_up, out, n, k); } \
+    extern "C" __global__ void gemv_streamed_qkv_##S##_u##U(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
+    { gemv_streamed_qkv<U, T>(x, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
+    extern "C" __global__ void gemv_streamed_swiglu_##S##_u##U(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
+    { gemv_streamed_swiglu<U, T>(x, w_gate, w_up, out, n, k); }
 #define GEMV_FUSED(T, S) GEMV_FUSED_U(T, S, 8) GEMV_FUSED_U(T, S, 12) GEMV_FUSED_U(T, S, 16)
 FOR_EACH_STORAGE(GEMV_FUSED)
 

@@ -128,31 +128,33 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
     }
 }
 
-// The plain GEMV as one stream of loads per warp (gemv_streamed, the engine's; on a grid of resident blocks):
-// a warp takes rows gemv_row(), + step, ... and issues each round of U loads per lane before it sums the round before,
-// across the end of a row too (the next row's first round), so its loads stay in flight from its first row to its
-// last, where gemv's warps issue a row's first loads only after the row before is summed (and a block per 8 rows
-// waits for its slowest warp). Each lane sums as warp_dot does: the outputs are gemv's bit for bit.
-template <int U, typename T, typename OUT>
-__device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
-    int n, int k, float alpha, float beta)
+// The GEMVs as one stream of loads per warp (gemv_streamed*, on a grid of resident blocks): a warp takes outputs
+// gemv_row(), + step, ..., each of `per` weight rows (1; 2 for gate and up), and issues each round of U loads per lane
+// before it sums the round before, across the end of a row too (the next row's first round), so its loads stay in
+// flight from its first row to its last, where the kernels above issue a row's first loads only after the row before
+// is summed (and a block per 8 rows waits for its slowest warp). Row j of output i starts at row(i, j); done(i, j, dot)
+// gets each row's dot in every lane. Each lane sums as warp_dot does: the outputs are the other kernels' bit for bit.
+template <int U, typename T, typename Row, typename Done>
+__device__ __forceinline__ void stream_rows(const T* x, int outputs, int per, int k, Row row, Done done)
 {
     allow_dependents_launch();
-    int lane = threadIdx.x & 31, row = gemv_row(), step = gridDim.x * (blockDim.x >> 5);
+    int lane = threadIdx.x & 31, i = gemv_row(), step = gridDim.x * (blockDim.x >> 5), j = 0;
     int nv = k / (int)(16 / sizeof(T));
-    const uint4* wr = reinterpret_cast<const uint4*>(w);
     uint4 cur[U];
-    if (row < n) load_round<U>(wr + (long long)row * nv, nv, 0, cur);
+    if (i < outputs) load_round<U>(row(i, 0), nv, 0, cur);
     grid_dependency_wait();
     const uint4* xv = reinterpret_cast<const uint4*>(opaque(x));
-    y = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
     float acc = 0.f;
-    for (int base = 0; row < n;)
+    for (int base = 0; i < outputs;)
     {
-        int next_base = base + U * 32, next_row = row;
-        if (next_base >= nv) { next_base = 0; next_row += step; }
+        int next_base = base + U * 32, next_i = i, next_j = j;
+        if (next_base >= nv)
+        {
+            next_base = 0;
+            if (++next_j == per) { next_j = 0; next_i += step; }
+        }
         uint4 next[U];
-        if (next_row < n) load_round<U>(wr + (long long)next_row * nv, nv, next_base, next);
+        if (next_i < outputs) load_round<U>(row(next_i, next_j), nv, next_base, next);
 #pragma unroll
         for (int u = 0; u < U; u++)
         {
@@ -161,21 +163,33 @@ __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restri
         }
         if (next_base == 0)   // the row is summed
         {
-            float dot = warp_sum(acc);
+            done(i, j, warp_sum(acc));
             acc = 0.f;
-            if (lane == 0)
-            {
-                int o = out_index ? out_index[row] : row;
-                float v = alpha * dot;
-                if (beta != 0.f) v += beta * to_f32(y[o]);
-                y[o] = from_f32<OUT>(v);
-            }
         }
 #pragma unroll
         for (int u = 0; u < U; u++) cur[u] = next[u];
-        row = next_row;
+        i = next_i;
+        j = next_j;
         base = next_base;
     }
+}
+
+// gemv, streamed.
+template <int U, typename T, typename OUT>
+__device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
+    int n, int k, float alpha, float beta)
+{
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    long long nv = k / (int)(16 / sizeof(T));
+    stream_rows<U>(x, n, 1, k, [&](int i, int) { return wr + i * nv; }, [&](int i, int, float dot)
+    {
+        if ((threadIdx.x & 31) != 0) return;
+        OUT* yo = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
+        int o = out_index ? out_index[i] : i;
+        float v = alpha * dot;
+        if (beta != 0.f) v += beta * to_f32(yo[o]);
+        yo[o] = from_f32<OUT>(v);
+    });
 }
 
 // Rows [0, n0) of the output are x . w0 into y0, the next n1 x . w1 into y1, the last n2 x . w2 into y2.
@@ -212,6 +226,39 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
     load_first<U>(w_up + (long long)row * k, k, first);
     float u = warp_dot<U>(x, w_up + (long long)row * k, k, first);
     if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
+}
+
+// gemv_qkv, streamed.
+template <int U, typename T>
+__device__ void gemv_streamed_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
+{
+    stream_rows<U>(x, n0 + n1 + n2, 1, k, [&](int i, int)
+    {
+        const T* w = i < n0 ? w0 + (long long)i * k : i < n0 + n1 ? w1 + (long long)(i - n0) * k : w2 + (long long)(i - n0 - n1) * k;
+        return reinterpret_cast<const uint4*>(w);
+    }, [&](int i, int, float dot)
+    {
+        if ((threadIdx.x & 31) != 0) return;
+        T* y = i < n0 ? y0 + i : i < n0 + n1 ? y1 + (i - n0) : y2 + (i - n0 - n1);
+        *y = from_f32<T>(dot);
+    });
+}
+
+// gemv_swiglu, streamed: the gate row, then the up row of each output.
+template <int U, typename T>
+__device__ void gemv_streamed_swiglu(const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up,
+    T* __restrict__ out, int n, int k)
+{
+    const uint4* wg = reinterpret_cast<const uint4*>(w_gate);
+    const uint4* wu = reinterpret_cast<const uint4*>(w_up);
+    long long nv = k / (int)(16 / sizeof(T));
+    float g = 0.f;
+    stream_rows<U>(x, n, 2, k, [&](int i, int j) { return (j == 0 ? wg : wu) + i * nv; }, [&](int i, int j, float dot)
+    {
+        if (j == 0) g = dot;
+        else if ((threadIdx.x & 31) == 0) out[i] = from_f32<T>(SiluMulOp()(g, dot));
+    });
 }
 
 // Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu): every block normalizes

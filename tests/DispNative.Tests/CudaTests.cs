@@ -138,8 +138,8 @@ public class KernelSourceTests
                 foreach (int u in CudaDevice.GemvUnrolls)
                 {
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, unroll {u}");
-                    if (call == "LaunchGemv" && name.Contains("_to_"))   // plain: launched streamed too (CudaDevice.StreamGemvs)
-                        Assert.That(KernelSources.ParameterCount("gemv", $"{CudaDevice.StreamedGemv(name)}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, streamed, unroll {u}");
+                    if (call == "LaunchGemv" && CudaDevice.StreamedGemv(name) is { } streamed)   // launched streamed too (CudaDevice.StreamGemvs)
+                        Assert.That(KernelSources.ParameterCount("gemv", $"{streamed}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, streamed, unroll {u}");
                 }
                 gemvCalls++;
             }
@@ -166,6 +166,26 @@ public class KernelSourceTests
         }
         Assert.That(checkedCalls, Is.GreaterThan(30));
         Assert.That(gemvCalls, Is.EqualTo(6), "LaunchGemv and LaunchPersistentGemv calls found (pattern out of date?)");
+    }
+
+    /// <summary>Whether device function <paramref name="callee"/> of <paramref name="source"/> calls grid_dependency_wait():
+    /// itself, through a Sync parameter whose default is it (DependencySync; a persistent kernel passes a grid barrier), or
+    /// through a device function it calls (up to <paramref name="depth"/> calls down).</summary>
+    private static bool Waits(string source, string callee, int depth)
+    {
+        var definition = System.Text.RegularExpressions.Regex.Match(source, $@"__device__\s+(?:__forceinline__\s+)?void\s+{callee}\s*\(");
+        Assert.That(definition.Success, Is.True, $"the definition of {callee} was not found");
+        int close = definition.Index + definition.Length - 1, parens = 0;   // the parameter list's ')' (its defaults may hold braces)
+        do { parens += source[close] == '(' ? 1 : source[close] == ')' ? -1 : 0; close++; } while (parens > 0);
+        int open = source.IndexOf('{', close), level = 0, end = open;
+        do { level += source[end] == '{' ? 1 : source[end] == '}' ? -1 : 0; end++; } while (level > 0);
+        string body = source[open..end];
+        string declaration = source[(Math.Max(source.LastIndexOf('}', definition.Index), source.LastIndexOf(';', definition.Index)) + 1)..definition.Index];
+        if (body.Contains("grid_dependency_wait();") || (body.Contains("sync.wait();") && declaration.Contains("typename Sync = DependencySync"))) return true;
+        return depth > 0 && System.Text.RegularExpressions.Regex.Matches(body, @"\b(\w+)\s*<[^;(]*>\s*\(|\b(\w+)\s*\(")
+            .Select(c => c.Groups[1].Success ? c.Groups[1].Value : c.Groups[2].Value).Distinct()
+            .Where(f => f != callee && System.Text.RegularExpressions.Regex.IsMatch(source, $@"__device__\s+(?:__forceinline__\s+)?void\s+{f}\s*\("))
+            .Any(f => Waits(source, f, depth - 1));
     }
 
     /// <summary>The top-level arguments of the call whose '(' is at <paramref name="open"/> (strings kept whole).</summary>
@@ -208,17 +228,7 @@ public class KernelSourceTests
                 if (!CudaDevice.WaitsForGridDependency(m.Groups[1].Value)) continue;
                 programmatic++;
                 string callee = m.Groups[2].Value;
-                var definition = System.Text.RegularExpressions.Regex.Match(source, $@"__device__\s+void\s+{callee}\s*\(");
-                Assert.That(definition.Success, Is.True, $"{kernel}.cu: {m.Groups[1].Value} calls {callee}, whose definition was not found");
-                int close = definition.Index + definition.Length - 1, parens = 0;   // the parameter list's ')' (its defaults may hold braces)
-                do { parens += source[close] == '(' ? 1 : source[close] == ')' ? -1 : 0; close++; } while (parens > 0);
-                int open = source.IndexOf('{', close), depth = 0, end = open;
-                do { depth += source[end] == '{' ? 1 : source[end] == '}' ? -1 : 0; end++; } while (depth > 0);
-                string body = source[open..end];
-                // The wait itself, or a Sync parameter whose default is it (DependencySync; a persistent kernel passes a grid barrier).
-                string declaration = source[(Math.Max(source.LastIndexOf('}', definition.Index), source.LastIndexOf(';', definition.Index)) + 1)..definition.Index];
-                bool waits = body.Contains("grid_dependency_wait();") || (body.Contains("sync.wait();") && declaration.Contains("typename Sync = DependencySync"));
-                Assert.That(waits, $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
+                Assert.That(Waits(source, callee, 2), $"{kernel}.cu: {callee} (entry {m.Groups[1].Value}) never waits");
             }
         }
         Assert.That(programmatic, Is.GreaterThanOrEqualTo(8), "the programmatic entry points were not found (pattern out of date?)");

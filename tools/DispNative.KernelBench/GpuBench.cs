@@ -238,7 +238,8 @@ internal static class GpuBench
                 return Bandwidth($"{name}, {form}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             }
             double blocks = Form(streamed: false), streamed = Form(streamed: true);
-            Console.WriteLine($"{"  streamed (the engine's) vs block per 8 rows / vs cuBLASLt",-58} {"",8} {streamed / blocks,5:F2} / {streamed / cublas,4:F2} x");
+            dev.StreamGemvs = null;   // the engine's: whichever form times faster per shape
+            Console.WriteLine($"{"  streamed vs block per 8 rows / vs cuBLASLt",-58} {"",8} {streamed / blocks,5:F2} / {streamed / cublas,4:F2} x");
         }
         Console.WriteLine();
         Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
@@ -257,6 +258,18 @@ internal static class GpuBench
             double a = Bandwidth($"{name}, separate launches (baseline)", bytes, separate);
             double b = Bandwidth($"{name}, fused", bytes, fused);
             Console.WriteLine($"{"  fused vs separate",-58} {"",8} {b / a,12:F2} x");
+        }
+        // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll.
+        void Forms(string name, double bytes, Action run)
+        {
+            double Form(bool streamed)
+            {
+                dev.StreamGemvs = streamed;
+                return Bandwidth($"{name}, {(streamed ? "streamed over rows" : "block per 8 rows")}", bytes, run);
+            }
+            double blocks = Form(streamed: false), streamed = Form(streamed: true);
+            dev.StreamGemvs = null;
+            Console.WriteLine($"{"  streamed vs block per 8 rows",-58} {"",8} {streamed / blocks,12:F2} x");
         }
         int QD = shape.QDim, KVD = shape.KvDim;
         using (var x = dev.Upload(Rand(D), DType.BF16))
@@ -279,6 +292,18 @@ internal static class GpuBench
             Fused($"gate + up GEMVs + swiglu 1 x {Ffn} x {D}", 2.0 * 2 * Ffn * D,
                 () => { dev.Gemm(x, wg, g, 1, Ffn, D); dev.Gemm(x, wu, u, 1, Ffn, D); ops.SiluMul(g, u, g, Ffn); },
                 () => ops.GemvSwiGlu(x, wg, wu, g, Ffn, D));
+            Forms($"q/k/v GEMVs fused 1 x {QD}+{KVD}+{KVD} x {D}", 2.0 * (QD + 2 * KVD) * D, () => ops.GemvQkv(x, wq, yq, QD, wk, yk, KVD, wv, yv, KVD, D));
+            Forms($"gate + up GEMVs + swiglu fused 1 x {Ffn} x {D}", 2.0 * 2 * Ffn * D, () => ops.GemvSwiGlu(x, wg, wu, g, Ffn, D));
+            using (var wqp = dev.Upload(Rand((long)QD * pw), DType.BF16))
+            using (var wkp = dev.Upload(Rand((long)KVD * pw), DType.BF16))
+            using (var wvp = dev.Upload(Rand((long)KVD * pw), DType.BF16))
+            using (var wgp = dev.Upload(Rand((long)pm * pw), DType.BF16))
+            using (var wup = dev.Upload(Rand((long)pm * pw), DType.BF16))
+            using (var xp = dev.Upload(Rand(pw), DType.BF16))
+            {
+                Forms($"q/k/v GEMVs fused 1 x {QD}+{KVD}+{KVD} x {pw} (pruned)", 2.0 * (QD + 2 * KVD) * pw, () => ops.GemvQkv(xp, wqp, yq, QD, wkp, yk, KVD, wvp, yv, KVD, pw));
+                Forms($"gate + up GEMVs + swiglu fused 1 x {pm} x {pw} (pruned)", 2.0 * 2 * pm * pw, () => ops.GemvSwiGlu(xp, wgp, wup, g, pm, pw));
+            }
             using (var att = dev.Upload(Rand(QD), DType.BF16))
             using (var wo = dev.Upload(Rand((long)pw * QD), DType.BF16))
             using (var delta = dev.Allocate(DType.F32, pw))

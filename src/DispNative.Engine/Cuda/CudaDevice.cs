@@ -337,11 +337,12 @@ public sealed unsafe class CudaDevice : IDisposable
     /// allow 16-byte loads; off sends them to cuBLASLt too (KernelBench compares the two).</summary>
     public bool UseGemv { get; set; } = true;
 
-    /// <summary>On (the default): the plain GEMV (gemv.cu's <c>gemv_X_to_Y</c>, index-add included) runs as
-    /// <c>gemv_streamed_X_to_Y</c>, on a grid of resident blocks whose warps stream their rows' weights without a gap
-    /// between rows: 1.13-1.47x the block-per-8-rows kernel at the 7B shapes and 0.97-1.13x cuBLASLt (H200, 2026-12-04);
-    /// the same bits. Off: a block per 8 rows (KernelBench's baseline).</summary>
-    public bool StreamGemvs { get; set; } = true;
+    /// <summary>Null (the default): the plain GEMV (gemv.cu's <c>gemv_X_to_Y</c>, index-add included), the q/k/v and the
+    /// gate/up + SwiGLU GEMVs each run in whichever form times faster on a shape's first call, with their unroll
+    /// (<see cref="GemvUnroll"/>): a block per 8 rows, or streamed (<c>gemv_streamed*</c>: a grid of resident blocks whose
+    /// warps stream their rows' weights without a gap between rows; the plain one ran 1.13-1.47x the other at the 7B
+    /// shapes, H200, 2026-12-04). Both give the same bits. True or false: that form everywhere (benchmarks).</summary>
+    public bool? StreamGemvs { get; set; }
 
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
@@ -350,9 +351,10 @@ public sealed unsafe class CudaDevice : IDisposable
     /// NAME_uU). The first is the default.</summary>
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
 
-    /// <summary>Null (the default): each GEMV kernel and shape runs the fastest of <see cref="GemvUnrolls"/>, timed on its
-    /// first call outside graph capture (the unrolls give bit-identical results, so the choice changes only speed;
-    /// see <see cref="MinTunedGemvElements"/>). A value: that unroll everywhere (benchmarks).</summary>
+    /// <summary>Null (the default): each GEMV kernel and shape runs the fastest of <see cref="GemvUnrolls"/> (and of its
+    /// forms, <see cref="StreamGemvs"/>), timed on its first call outside graph capture (they give bit-identical results,
+    /// so the choice changes only speed; see <see cref="MinTunedGemvElements"/>). A value: that unroll everywhere
+    /// (benchmarks).</summary>
     public int? GemvUnroll
     {
         get => _gemvUnroll;
@@ -360,17 +362,24 @@ public sealed unsafe class CudaDevice : IDisposable
             : throw new ArgumentOutOfRangeException(nameof(GemvUnroll), $"{u} is not one of the compiled unrolls ({string.Join(", ", GemvUnrolls)})");
     }
 
-    /// <summary>GEMV shapes of fewer weight elements (rows·K) keep the first unroll: they take a few microseconds, where
-    /// timing is mostly launch noise (a small model's every shape).</summary>
+    /// <summary>GEMV shapes of fewer weight elements (rows·K) keep the first candidate (streamed where there is a
+    /// streamed form, the first unroll) untimed: they take a few microseconds, where timing is mostly launch noise (a
+    /// small model's every shape).</summary>
     public long MinTunedGemvElements { get; set; } = 1 << 21;
 
     private int? _gemvUnroll;
-    private readonly Dictionary<string, int> _gemvUnrollByShape = [];
+    private readonly Dictionary<string, GemvForm> _gemvFormByShape = [];
 
-    /// <summary>The unroll chosen for each GEMV kernel and shape so far ("NAME,rows,k").</summary>
-    public IReadOnlyDictionary<string, int> GemvUnrollChoices => _gemvUnrollByShape;
+    /// <summary>A GEMV kernel's unroll and form (<see cref="StreamGemvs"/>).</summary>
+    public readonly record struct GemvForm(int Unroll, bool Streamed)
+    {
+        public override string ToString() => Streamed ? $"{Unroll} streamed" : $"{Unroll}";
+    }
 
-    /// <summary>GEMV shapes whose unrolls were timed in this process.</summary>
+    /// <summary>The form chosen for each GEMV kernel and shape so far ("NAME,rows,k,...").</summary>
+    public IReadOnlyDictionary<string, GemvForm> GemvChoices => _gemvFormByShape;
+
+    /// <summary>GEMV shapes whose forms were timed in this process.</summary>
     public int GemvShapesTimed { get; private set; }
 
     /// <summary>Launches GEMV kernel <paramref name="name"/> (entry NAME_uU, one warp per output row) over
@@ -385,8 +394,11 @@ public sealed unsafe class CudaDevice : IDisposable
     internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, int blocksPerSM, params ReadOnlySpan<KernelArg> args)
         => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, blocksPerSM), args);
 
-    /// <summary>The streamed form of plain GEMV kernel <paramref name="name"/> (<see cref="StreamGemvs"/>).</summary>
-    internal static string StreamedGemv(string name) => "gemv_streamed" + name["gemv".Length..];
+    /// <summary>The streamed form of GEMV kernel <paramref name="name"/> (<see cref="StreamGemvs"/>), or null where it has
+    /// none (the fused decode norms, which loop over rows already).</summary>
+    internal static string? StreamedGemv(string name) =>
+        name.Contains("_to_", StringComparison.Ordinal) || name.StartsWith("gemv_qkv_", StringComparison.Ordinal) || name.StartsWith("gemv_swiglu_", StringComparison.Ordinal)
+            ? "gemv_streamed" + name["gemv".Length..] : null;
 
     /// <summary>Blocks per SM that <see cref="LaunchPersistentGemv"/> is timed with (fewer where fewer fit); the first is
     /// the default. Each block normalizes the row once, so more blocks repeat that work; 2 blocks of 8 warps with 8 to 16
@@ -405,20 +417,25 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
-        if (StreamGemvs && g.BlocksPerSM == 0 && g.Name.Contains("_to_", StringComparison.Ordinal))
-            g = g with { Name = StreamedGemv(g.Name), BlocksPerSM = int.MaxValue };   // as many blocks as are resident
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM}";
-        int unroll = GemvUnrolls[0];
-        if (_gemvUnroll is int forced) unroll = forced;
-        else if (_gemvUnrollByShape.TryGetValue(key, out int chosen)) unroll = chosen;
+        bool streams = g.BlocksPerSM == 0 && StreamedGemv(g.Name) != null;
+        // Candidates: the forms allowed here (streamed first, the untimed default), each at the unrolls allowed.
+        bool[] forms = streams && StreamGemvs != false ? (StreamGemvs == true ? [true] : [true, false]) : [false];
+        int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
+        var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
+        var form = candidates[0];
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs}";
+        if (candidates.Length == 1) { }
+        else if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
         else if (!Stream.IsCapturing)
-            _gemvUnrollByShape[key] = unroll = (long)g.Rows * g.K >= MinTunedGemvElements ? ChooseGemvUnroll(g, args.ToArray()) : unroll;
-        LaunchGemvUnroll(g, unroll, args);
+            _gemvFormByShape[key] = form = (long)g.Rows * g.K >= MinTunedGemvElements ? ChooseGemvForm(g, candidates, args.ToArray()) : form;
+        LaunchGemvForm(g, form, args);
     }
 
-    private void LaunchGemvUnroll(GemvLaunch g, int unroll, ReadOnlySpan<KernelArg> args)
+    private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
     {
-        string entry = $"{g.Name}_u{unroll}";   // the callers' names are checked by KernelSourceTests (LaunchGemv)
+        // A streamed kernel runs on as many blocks as are resident.
+        if (form.Streamed) g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = int.MaxValue };
+        string entry = $"{g.Name}_u{form.Unroll}";   // the callers' names are checked by CudaTests (LaunchGemv)
         uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
         if (g.BlocksPerSM > 0)
         {
@@ -508,15 +525,15 @@ public sealed unsafe class CudaDevice : IDisposable
     }
 
     /// <summary>Drops the unroll and norm-fusion choices, so each GEMV shape's next call times them again (self-test).</summary>
-    internal void ForgetGemvChoices() { _gemvUnrollByShape.Clear(); _fuseNormByShape.Clear(); }
+    internal void ForgetGemvChoices() { _gemvFormByShape.Clear(); _fuseNormByShape.Clear(); }
 
-    private int ChooseGemvUnroll(GemvLaunch g, KernelArg[] args)
+    private GemvForm ChooseGemvForm(GemvLaunch g, GemvForm[] candidates, KernelArg[] args)
     {
         DeviceTensor? saved = null, evict = null;
         try
         {
             // Decode streams each weight from memory once per step; timed with the weights in L2 instead (a pruned
-            // layer's fit), the unrolls would be ranked on L2 bandwidth. Where the buffer does not fit, warm timing.
+            // layer's fit), the forms would be ranked on L2 bandwidth. Where the buffer does not fit, warm timing.
             try { evict = Allocate(DType.F32, 2L * (Info.L2Bytes ?? 64 << 20) / 4); }
             catch (CudaOutOfMemoryException) { }
             if (g.Accumulated is { } acc)
@@ -524,20 +541,20 @@ public sealed unsafe class CudaDevice : IDisposable
                 saved = Allocate(DType.F32, (acc.Bytes + 3) / 4);
                 CudaDriver.CopyDtoD(saved.Pointer, acc.Address, acc.Bytes, Stream.DangerousGetHandle());
             }
-            int best = GemvUnrolls[0];
+            var best = candidates[0];
             float bestMs = float.PositiveInfinity;
-            foreach (int u in GemvUnrolls)
+            foreach (var form in candidates)
             {
-                void Run() => LaunchGemvUnroll(g, u, args);
+                void Run() => LaunchGemvForm(g, form, args);
                 Run();   // untimed: first-use costs
                 float ms = ColdMedianMs(Run, evict);
-                if (ms < bestMs) (best, bestMs) = (u, ms);
+                if (ms < bestMs) (best, bestMs) = (form, ms);
             }
             if (g.Accumulated is { } a) CudaDriver.CopyDtoD(a.Address, saved!.Pointer, a.Bytes, Stream.DangerousGetHandle());
             GemvShapesTimed++;
             return best;
         }
-        catch (CudaOutOfMemoryException) { return GemvUnrolls[0]; }   // no room to save the output: nothing was launched
+        catch (CudaOutOfMemoryException) { return candidates[0]; }   // no room to save the output: nothing was launched
         finally { saved?.Dispose(); evict?.Dispose(); }
     }
 

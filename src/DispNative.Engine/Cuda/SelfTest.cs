@@ -128,8 +128,8 @@ public static class SelfTest
             new("gemm algorithm choice (37 x 200 x 136): the first call accumulates once, the choice is recorded, the heuristic's first agrees", GemmAlgorithmChoice),
             new("gemv bf16 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 2656, 4104: 1-3 rounds of loads): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
-            new("gemv bf16 streamed over rows (the engine's plain GEMV) = a block per 8 rows, bit for bit: -> bf16, -> f32, index-add of 203 of 300; " +
-                "K 264, 2656, 4104; every unroll; grids of 1, 3 and the resident blocks", GemvStreamed),
+            new("gemv bf16 streamed over rows = a block per 8 rows, bit for bit: plain -> bf16 and -> f32, index-add of 203 of 300, q/k/v in one launch, " +
+                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3 and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
@@ -455,16 +455,16 @@ public static class SelfTest
         finally { dev.GemvUnroll = forced; dev.MinTunedGemvElements = minTuned; }
     }
 
-    /// <summary>The streamed plain GEMV (<see cref="CudaDevice.StreamGemvs"/>) against the block-per-8-rows one (unroll 8)
-    /// on the same operands, bit for bit: every unroll, output bf16 and f32, the index-add into an f32 residual, rows of
-    /// 1 to 3 rounds of loads, the grid capped at 1 and 3 blocks (each warp many rows, its stream crossing row ends) and
-    /// uncapped.</summary>
+    /// <summary>The streamed GEMVs (<see cref="CudaDevice.StreamGemvs"/>) against the block-per-8-rows ones (unroll 8)
+    /// on the same operands, bit for bit: every unroll; the plain GEMV to bf16 and to f32 and its index-add into an f32
+    /// residual, q/k/v in one launch, gate/up + SwiGLU; rows of 1 to 3 rounds of loads; the grid capped at 1 and 3 blocks
+    /// (each warp many rows, its stream crossing row ends) and uncapped.</summary>
     private static string GemvStreamed(CudaDevice dev)
     {
-        const int n = 203, d = 300;
+        const int n = 203, d = 300, nq = 70, nkv = 30, mid = 90;
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
-        bool stream = dev.StreamGemvs;
+        bool? stream = dev.StreamGemvs;
         int checks = 0;
         try
         {
@@ -475,14 +475,24 @@ public static class SelfTest
                 using var w = dev.Upload(RoundTo(DType.BF16, Random(rng, n * k)), DType.BF16);
                 using var idx = dev.Upload(Subset(rng, d, n));
                 var residual = Random(rng, d);
+                using var wq = dev.Upload(RoundTo(DType.BF16, Random(rng, nq * k)), DType.BF16);
+                using var wk = dev.Upload(RoundTo(DType.BF16, Random(rng, nkv * k)), DType.BF16);
+                using var wv = dev.Upload(RoundTo(DType.BF16, Random(rng, nkv * k)), DType.BF16);
+                using var wg = dev.Upload(RoundTo(DType.BF16, Random(rng, mid * k)), DType.BF16);
+                using var wu = dev.Upload(RoundTo(DType.BF16, Random(rng, mid * k)), DType.BF16);
                 using var y16 = dev.Allocate(DType.BF16, n); using var y32 = dev.Allocate(DType.F32, n);
+                using var yq = dev.Allocate(DType.BF16, nq); using var yk = dev.Allocate(DType.BF16, nkv); using var yv = dev.Allocate(DType.BF16, nkv);
+                using var act = dev.Allocate(DType.BF16, mid);
                 float[] Run()
                 {
                     dev.Gemm(x, w, y16, 1, n, k);
                     dev.Gemm(x, w, y32, 1, n, k);
                     using var added = dev.Upload(residual);
                     ops.GemvIndexAdd(x, w, added, idx, d, k);
-                    return [.. dev.Download(y16), .. dev.Download(y32), .. dev.Download(added)];
+                    ops.GemvQkv(x, wq, yq, nq, wk, yk, nkv, wv, yv, nkv, k);
+                    ops.GemvSwiGlu(x, wg, wu, act, mid, k);
+                    return [.. dev.Download(y16), .. dev.Download(y32), .. dev.Download(added), .. dev.Download(yq), .. dev.Download(yk),
+                        .. dev.Download(yv), .. dev.Download(act)];
                 }
                 (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (false, CudaDevice.GemvUnrolls[0], null);
                 var want = Run();
@@ -493,7 +503,7 @@ public static class SelfTest
                         (dev.GemvUnroll, dev.PersistentGridLimit) = (u, limit);
                         var got = Run();
                         int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
-                        if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add) is {got[diff]}, a block per 8 rows gives {want[diff]}");
+                        if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
                         checks++;
                     }
             }
