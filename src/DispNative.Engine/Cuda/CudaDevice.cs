@@ -424,10 +424,12 @@ public sealed unsafe class CudaDevice : IDisposable
         var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
         var form = candidates[0];
         string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs}";
-        if (candidates.Length == 1) { }
-        else if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
-        else if (!Stream.IsCapturing)
-            _gemvFormByShape[key] = form = (long)g.Rows * g.K >= MinTunedGemvElements ? ChooseGemvForm(g, candidates, args.ToArray()) : form;
+        if (candidates.Length > 1)
+        {
+            if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
+            else if (!Stream.IsCapturing)
+                _gemvFormByShape[key] = form = (long)g.Rows * g.K >= MinTunedGemvElements ? ChooseGemvForm(g, candidates, args.ToArray()) : form;
+        }
         LaunchGemvForm(g, form, args);
     }
 
@@ -524,7 +526,7 @@ public sealed unsafe class CudaDevice : IDisposable
         Launch("init", "read_through", GridFor(words), 256, 0, buffer, words);
     }
 
-    /// <summary>Drops the unroll and norm-fusion choices, so each GEMV shape's next call times them again (self-test).</summary>
+    /// <summary>Drops the GEMV form and norm-fusion choices, so each GEMV shape's next call times them again (self-test).</summary>
     internal void ForgetGemvChoices() { _gemvFormByShape.Clear(); _fuseNormByShape.Clear(); }
 
     private GemvForm ChooseGemvForm(GemvLaunch g, GemvForm[] candidates, KernelArg[] args)
