@@ -2,7 +2,8 @@
 #include "gemv.cuh"
 
 // gemv_<input>_to_<output>_u<U>: output in the input's type, or f32 (the residual stream, deltas, logits); a block per
-// 8 rows. gemv_streamed_<input>_to_<output>_u<U>: the same on a grid of resident blocks (the engine's; CudaDevice.StreamGemvs).
+// 8 rows. gemv_streamed_<input>_to_<output>_u<U>: the same on a grid of resident blocks (the faster chosen per shape,
+// CudaDevice.StreamGemvs); gemv_streamed_qkv and gemv_streamed_swiglu below likewise.
 #define GEMV_U(T, OUT, S, O, U) \
     extern "C" __global__ void gemv_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
     { gemv<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); } \
