@@ -393,6 +393,11 @@ public static class SelfTest
     /// <summary>Each GEMV kernel (plain, q/k/v, gate/up + SwiGLU, index-add) at each compiled unroll: unroll 8 matches the
     /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll,
     /// the index-add into the residual it then restores) give them too.</summary>
+    /// <summary>The first index where <paramref name="a"/> and <paramref name="b"/> differ in their bits, or -1 where
+    /// none does (over <paramref name="a"/>'s length).</summary>
+    private static int FirstBitDifference(float[] a, float[] b) =>
+        Enumerable.Range(0, a.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(a[i]) != BitConverter.SingleToInt32Bits(b[i]), -1);
+
     private static string GemvUnrolls(CudaDevice dev, DType dtype, int[] ks)
     {
         const int nq = 40, nkv = 24, mid = 50, d = 60, n = 33;
@@ -440,7 +445,7 @@ public static class SelfTest
                            ", " + Compare(want.AsSpan(outputs), added, 1e-5, "index-add max rel err"));
                 void Same(float[] got, string what)
                 {
-                    int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                    int diff = FirstBitDifference(want, got);
                     if (diff >= 0) throw new Mismatch($"K {k}, {what}: output {diff} is {got[diff]}, unroll {CudaDevice.GemvUnrolls[0]} gives {want[diff]}");
                 }
                 foreach (int u in CudaDevice.GemvUnrolls.Skip(1)) { dev.GemvUnroll = u; Same(Run(), $"unroll {u}"); }
@@ -502,7 +507,7 @@ public static class SelfTest
                     {
                         (dev.GemvUnroll, dev.PersistentGridLimit) = (u, limit);
                         var got = Run();
-                        int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                        int diff = FirstBitDifference(want, got);
                         if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
                         checks++;
                     }
@@ -567,7 +572,7 @@ public static class SelfTest
                            Compare(want, [.. Times(wq, nq), .. Times(wk, nkv), .. Times(wv, nkv), .. swiglu], tol));
                 void Same(float[] got, string what)
                 {
-                    int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+                    int diff = FirstBitDifference(want, got);
                     if (diff >= 0) throw new Mismatch($"d {d}, {what}: output {diff} is {got[diff]}, the two launches give {want[diff]}");
                 }
                 dev.FuseDecodeNorms = true;
@@ -586,7 +591,7 @@ public static class SelfTest
                     var separate = Run(wide);
                     dev.FuseDecodeNorms = true;
                     var fused = Run(wide);
-                    int diff = Enumerable.Range(0, fused.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(fused[i]) != BitConverter.SingleToInt32Bits(separate[i]), -1);
+                    int diff = FirstBitDifference(fused, separate);
                     if (diff >= 0) throw new Mismatch($"d {d}, fused, row {extra + 2}: output {diff} is {fused[diff]}, the two launches give {separate[diff]}");
                 }
                 (dev.FuseDecodeNorms, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (null, null, gridLimit, 0);
@@ -735,7 +740,7 @@ public static class SelfTest
         foreach (var (variant, add) in new[] { ("rmsnorm_gather_occupancy_bf16", false), ("rmsnorm_gather_row_first_bf16", false), ("add_rmsnorm_gather_occupancy_bf16", true) })
         {
             var (want, got) = (Run(null, add), Run(variant, add));
-            int diff = Enumerable.Range(0, want.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(want[i]) != BitConverter.SingleToInt32Bits(got[i]), -1);
+            int diff = FirstBitDifference(want, got);
             if (diff >= 0) throw new Mismatch($"{variant}: element {diff} is {got[diff]}, the engine's kernel gives {want[diff]}");
         }
         // A row of 250 16-byte loads under 256 threads: the last 6 threads load no row but still need their gamma values.
