@@ -58,6 +58,24 @@ __device__ __forceinline__ void load_round(const uint4* wr, int nv, int base, ui
     }
 }
 
+// load_round in two steps, for a caller with other loads to issue between them: the loads, then (zeroing the values
+// past the row's end waits for them) the zeroing.
+template <int U>
+__device__ __forceinline__ void load_round_unzeroed(const uint4* wr, int nv, int base, uint4* a)
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++) a[u] = __ldcg(wr + min(base + lane + u * 32, nv - 1));
+}
+template <int U>
+__device__ __forceinline__ void zero_past_end(int nv, int base, uint4* a)
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+        if (base + lane + u * 32 >= nv) a[u] = make_uint4(0, 0, 0, 0);
+}
+
 // x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
 // U loads of w (load_first). x is not __restrict__: a persistent kernel's x was written earlier in the same launch, which
 // the non-coherent loads a const __restrict__ pointer may be compiled to would not see.
@@ -133,17 +151,26 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
 // before it sums the round before, across the end of a row too (the next row's first round), so its loads stay in
 // flight from its first row to its last, where the kernels above issue a row's first loads only after the row before
 // is summed (and a block per 8 rows waits for its slowest warp). Row j of output i starts at row(i, j); done(i, j, dot)
-// gets each row's dot in every lane. Each lane sums as warp_dot does: the outputs are the other kernels' bit for bit.
-template <int U, typename T, typename Row, typename Done>
-__device__ __forceinline__ void stream_rows(const T* x, int outputs, int per, int k, Row row, Done done)
+// gets each row's dot in every lane. Once the first round is issued, every thread runs input.before_wait(), the
+// grid-dependency wait, then input.after_wait(), which returns x (k elements); Input::loads: whether before_wait loads
+// (RowInput, NormalizedInput). Each lane sums as warp_dot does: the outputs are the other kernels' bit for bit.
+template <int U, typename T, typename Input, typename Row, typename Done>
+__device__ __forceinline__ void stream_rows(Input input, int outputs, int per, int k, Row row, Done done)
 {
     allow_dependents_launch();
     int lane = threadIdx.x & 31, i = gemv_row(), step = gridDim.x * (blockDim.x >> 5), j = 0;
     int nv = k / (int)(16 / sizeof(T));
     uint4 cur[U];
-    if (i < outputs) load_round<U>(row(i, 0), nv, 0, cur);
+    // Where before_wait loads too, the first round's zeroing follows it: before, its loads would wait for the round.
+    if (i < outputs)
+    {
+        if (Input::loads) load_round_unzeroed<U>(row(i, 0), nv, 0, cur);
+        else load_round<U>(row(i, 0), nv, 0, cur);
+    }
+    input.before_wait();
+    if (Input::loads) zero_past_end<U>(nv, 0, cur);
     grid_dependency_wait();
-    const uint4* xv = reinterpret_cast<const uint4*>(opaque(x));
+    const uint4* xv = reinterpret_cast<const uint4*>(input.after_wait());
     float acc = 0.f;
     for (int base = 0; i < outputs;)
     {
@@ -174,6 +201,16 @@ __device__ __forceinline__ void stream_rows(const T* x, int outputs, int per, in
     }
 }
 
+// stream_rows' input for a GEMV of x, the previous kernel's output.
+template <typename T>
+struct RowInput
+{
+    static constexpr bool loads = false;
+    const T* x;
+    __device__ __forceinline__ void before_wait() const {}
+    __device__ __forceinline__ const T* after_wait() const { return opaque(x); }
+};
+
 // gemv, streamed.
 template <int U, typename T, typename OUT>
 __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
@@ -181,7 +218,7 @@ __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restri
 {
     const uint4* wr = reinterpret_cast<const uint4*>(w);
     long long nv = k / (int)(16 / sizeof(T));
-    stream_rows<U>(x, n, 1, k, [&](int i, int) { return wr + i * nv; }, [&](int i, int, float dot)
+    stream_rows<U, T>(RowInput<T>{x}, n, 1, k, [&](int i, int) { return wr + i * nv; }, [&](int i, int, float dot)
     {
         if ((threadIdx.x & 31) != 0) return;
         OUT* yo = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
@@ -228,12 +265,12 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
     if ((threadIdx.x & 31) == 0) out[row] = from_f32<T>(SiluMulOp()(g, u));
 }
 
-// gemv_qkv, streamed.
-template <int U, typename T>
-__device__ void gemv_streamed_qkv(const T* __restrict__ x, const T* __restrict__ w0, T* __restrict__ y0, int n0,
+// gemv_qkv, streamed. input: stream_rows' - RowInput<T>{x}, or NormalizedInput (gemv_streamed_norm_qkv).
+template <int U, typename T, typename Input>
+__device__ void gemv_streamed_qkv(Input input, const T* __restrict__ w0, T* __restrict__ y0, int n0,
     const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
 {
-    stream_rows<U>(x, n0 + n1 + n2, 1, k, [&](int i, int)
+    stream_rows<U, T>(input, n0 + n1 + n2, 1, k, [&](int i, int)
     {
         const T* w = i < n0 ? w0 + (long long)i * k : i < n0 + n1 ? w1 + (long long)(i - n0) * k : w2 + (long long)(i - n0 - n1) * k;
         return reinterpret_cast<const uint4*>(w);
@@ -245,25 +282,26 @@ __device__ void gemv_streamed_qkv(const T* __restrict__ x, const T* __restrict__
     });
 }
 
-// gemv_swiglu, streamed: the gate row, then the up row of each output.
-template <int U, typename T>
-__device__ void gemv_streamed_swiglu(const T* __restrict__ x, const T* __restrict__ w_gate, const T* __restrict__ w_up,
+// gemv_swiglu, streamed: the gate row, then the up row of each output. input: as gemv_streamed_qkv's.
+template <int U, typename T, typename Input>
+__device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, const T* __restrict__ w_up,
     T* __restrict__ out, int n, int k)
 {
     const uint4* wg = reinterpret_cast<const uint4*>(w_gate);
     const uint4* wu = reinterpret_cast<const uint4*>(w_up);
     long long nv = k / (int)(16 / sizeof(T));
     float g = 0.f;
-    stream_rows<U>(x, n, 2, k, [&](int i, int j) { return (j == 0 ? wg : wu) + i * nv; }, [&](int i, int j, float dot)
+    stream_rows<U, T>(input, n, 2, k, [&](int i, int j) { return (j == 0 ? wg : wu) + i * nv; }, [&](int i, int j, float dot)
     {
         if (j == 0) g = dot;
         else if ((threadIdx.x & 31) == 0) out[i] = from_f32<T>(SiluMulOp()(g, dot));
     });
 }
 
-// Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu): every block normalizes
-// the f32 residual row x into shared memory itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to
-// k - and its warps then stream weight rows against h, several rows each (a grid of a few resident blocks per SM,
+// Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu; streamed: the
+// gemv_streamed_* kernels with a NormalizedInput): every block normalizes the f32 residual row x into shared memory
+// itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to k - and its warps then stream weight rows
+// against h, several rows each (a grid of a few resident blocks per SM,
 // CudaDevice.PersistentBlocksPerSM, so the row is normalized that many times per SM). No launch of the norm, no h
 // written to memory and read back; before the grid-dependency wait a block loads its first weight rows and the
 // norm's idx and gamma.
@@ -350,6 +388,27 @@ __device__ __forceinline__ DecodeNormSmem<T> decode_norm_smem(const DecodeNorm<T
     int* cs = reinterpret_cast<int*>(xs + n.d);
     return {xs, cs, reinterpret_cast<T*>(cs + (n.idx ? k : 0))};
 }
+
+// stream_rows' input for the streamed forms of the fused decode norms (gemv_streamed_norm_*, on a grid of a few resident
+// blocks per SM as the others): as those, it stages the norm's weights before the wait, then normalizes the row into hs.
+template <typename T>
+struct NormalizedInput
+{
+    static constexpr bool loads = true;
+    DecodeNorm<T> n;
+    int k;
+    __device__ __forceinline__ void before_wait() const
+    {
+        DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+        stage_norm_weights(n, sm.cs, sm.hs, k);
+    }
+    __device__ __forceinline__ const T* after_wait() const
+    {
+        DecodeNormSmem<T> sm = decode_norm_smem(n, k);
+        normalize_row(n, sm.xs, sm.cs, sm.hs, k);
+        return sm.hs;
+    }
+};
 
 // gemv_qkv of the normalized row: rows [0, n0) x . w0 into y0, the next n1 into y1, the last n2 into y2.
 // sync: where the kernel waits for x (DependencySync: the grid-dependency wait; a persistent decode kernel's grid barrier).

@@ -259,17 +259,17 @@ internal static class GpuBench
             double b = Bandwidth($"{name}, fused", bytes, fused);
             Console.WriteLine($"{"  fused vs separate",-58} {"",8} {b / a,12:F2} x");
         }
-        // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll.
-        void Forms(string name, double bytes, Action run)
+        // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll; `other`: the unstreamed one.
+        void Forms(string name, double bytes, Action run, string other = "block per 8 rows")
         {
             double Form(bool streamed)
             {
                 dev.StreamGemvs = streamed;
-                return Bandwidth($"{name}, {(streamed ? "streamed over rows" : "block per 8 rows")}", bytes, run);
+                return Bandwidth($"{name}, {(streamed ? "streamed over rows" : other)}", bytes, run);
             }
-            double blocks = Form(streamed: false), streamed = Form(streamed: true);
+            double unstreamed = Form(streamed: false), streamed = Form(streamed: true);
             dev.StreamGemvs = null;
-            Console.WriteLine($"{"  streamed vs block per 8 rows",-58} {"",8} {streamed / blocks,12:F2} x");
+            Console.WriteLine($"{$"  streamed vs {other}",-58} {"",8} {streamed / unstreamed,12:F2} x");
         }
         int QD = shape.QDim, KVD = shape.KvDim;
         using (var x = dev.Upload(Rand(D), DType.BF16))
@@ -321,6 +321,7 @@ internal static class GpuBench
             void NormFused(string name, double bytes, Action run)
             {
                 Fused(name, bytes, () => { dev.FuseDecodeNorms = false; run(); }, () => { dev.FuseDecodeNorms = true; run(); });
+                Forms($"{name}, fused", bytes, () => { dev.FuseDecodeNorms = true; run(); }, "rows looped over");
                 dev.FuseDecodeNorms = null;
             }
             foreach (var (site, sel, k) in new[] { ("dense", (DeviceTensor?)null, D), ($"{w65} of {D} kept", idx, pw) })

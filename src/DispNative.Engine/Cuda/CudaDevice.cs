@@ -341,7 +341,8 @@ public sealed unsafe class CudaDevice : IDisposable
     /// gate/up + SwiGLU GEMVs each run in whichever form times faster on a shape's first call, with their unroll
     /// (<see cref="GemvUnroll"/>): a block per 8 rows, or streamed (<c>gemv_streamed*</c>: a grid of resident blocks whose
     /// warps stream their rows' weights without a gap between rows; the plain one ran 1.13-1.47x the other at the 7B
-    /// shapes, H200, 2026-12-04). Both give the same bits. True or false: that form everywhere (benchmarks).</summary>
+    /// shapes, H200, 2026-12-04). The fused decode norms likewise: rows looped over, or streamed on the same grid. Both
+    /// forms give the same bits. True or false: that form everywhere (benchmarks).</summary>
     public bool? StreamGemvs { get; set; }
 
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
@@ -390,14 +391,15 @@ public sealed unsafe class CudaDevice : IDisposable
 
     /// <summary>Launches a GEMV kernel whose warps loop over the rows (gemv.cu's fused decode norms): a grid of at most
     /// <paramref name="blocksPerSM"/> resident blocks per SM (<see cref="PersistentGridLimit"/> lowers it), each with
-    /// <paramref name="sharedBytes"/> of dynamic shared memory; unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
+    /// <paramref name="sharedBytes"/> of dynamic shared memory; forms and unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
     internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, int blocksPerSM, params ReadOnlySpan<KernelArg> args)
         => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, blocksPerSM), args);
 
     /// <summary>The streamed form of GEMV kernel <paramref name="name"/> (<see cref="StreamGemvs"/>), or null where it has
-    /// none (the fused decode norms, which loop over rows already).</summary>
+    /// none.</summary>
     internal static string? StreamedGemv(string name) =>
         name.Contains("_to_", StringComparison.Ordinal) || name.StartsWith("gemv_qkv_", StringComparison.Ordinal) || name.StartsWith("gemv_swiglu_", StringComparison.Ordinal)
+        || name.StartsWith("gemv_norm_", StringComparison.Ordinal)
             ? "gemv_streamed" + name["gemv".Length..] : null;
 
     /// <summary>Blocks per SM that <see cref="LaunchPersistentGemv"/> is timed with (fewer where fewer fit); the first is
@@ -417,7 +419,7 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
-        bool streams = g.BlocksPerSM == 0 && StreamedGemv(g.Name) != null;
+        bool streams = StreamedGemv(g.Name) != null;
         // Candidates: the forms allowed here (streamed first, the untimed default), each at the unrolls allowed.
         bool[] forms = streams && StreamGemvs != false ? (StreamGemvs == true ? [true] : [true, false]) : [false];
         int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
@@ -435,8 +437,8 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
     {
-        // A streamed kernel runs on as many blocks as are resident.
-        if (form.Streamed) g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = int.MaxValue };
+        // A streamed kernel runs on as many blocks as are resident (a fused decode norm's: as many as its other form).
+        if (form.Streamed) g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
         string entry = $"{g.Name}_u{form.Unroll}";   // the callers' names are checked by CudaTests (LaunchGemv)
         uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
         if (g.BlocksPerSM > 0)

@@ -133,7 +133,7 @@ public static class SelfTest
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
-                "two launches vs CPU, fused the same bits at every unroll, with grids of 1, 3 and the engine's blocks, and tuned",
+                "two launches vs CPU, fused the same bits in both forms (rows looped over, streamed) at every unroll, with grids of 1, 3 and the engine's blocks, and tuned",
                 dev => FusedDecodeNorms(dev, DType.BF16, [(4096, 2651), (96, null)])),
             new("decode norm fused into the GEMVs, f32: 600 of 1000 channels (norm block 256, 250 row loads), dense 2048 (block 512)",
                 dev => FusedDecodeNorms(dev, DType.F32, [(1000, 600), (2048, null)])),
@@ -518,8 +518,9 @@ public static class SelfTest
     }
 
     /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
-    /// against the CPU's gather-norm and products, then the fused kernels (each block normalizing the row itself) for
-    /// every unroll and with the grid capped at 1 and 3 blocks (every warp several rows) and the engine's: the same bits;
+    /// against the CPU's gather-norm and products, then the fused kernels (each block normalizing the row itself) in both
+    /// forms (<see cref="CudaDevice.StreamGemvs"/>) for every unroll and with the grid capped at 1 and 3 blocks (every
+    /// warp several rows) and the engine's: the same bits;
     /// then the timed choice (which runs both forms) too. Each case: the row width d and the selected channels (null:
     /// dense), stored padded to 8.</summary>
     private static string FusedDecodeNorms(CudaDevice dev, DType dtype, (int D, int? Width)[] cases)
@@ -528,7 +529,7 @@ public static class SelfTest
         const float eps = 1e-5f;
         double tol = dtype == DType.F32 ? 1e-5 : 1e-2;
         var ops = new CudaOps(dev);
-        bool? fuse = dev.FuseDecodeNorms;
+        bool? fuse = dev.FuseDecodeNorms, stream = dev.StreamGemvs;
         int? unroll = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
         long minTuned = dev.MinTunedGemvElements;
         var report = new List<string>();
@@ -576,12 +577,14 @@ public static class SelfTest
                     if (diff >= 0) throw new Mismatch($"d {d}, {what}: output {diff} is {got[diff]}, the two launches give {want[diff]}");
                 }
                 dev.FuseDecodeNorms = true;
-                foreach (int? limit in new int?[] { 1, 3, null })
-                    foreach (int u in CudaDevice.GemvUnrolls)
-                    {
-                        (dev.PersistentGridLimit, dev.GemvUnroll) = (limit, u);
-                        Same(Run(tx), $"fused, unroll {u}, grid {(limit is int l ? $"capped at {l}" : "the engine's")}");
-                    }
+                foreach (bool streamed in new[] { false, true })
+                    foreach (int? limit in new int?[] { 1, 3, null })
+                        foreach (int u in CudaDevice.GemvUnrolls)
+                        {
+                            (dev.StreamGemvs, dev.PersistentGridLimit, dev.GemvUnroll) = (streamed, limit, u);
+                            Same(Run(tx), $"fused{(streamed ? ", streamed" : "")}, unroll {u}, grid {(limit is int l ? $"capped at {l}" : "the engine's")}");
+                        }
+                dev.StreamGemvs = stream;
                 // More rows of wide dynamic range: their sums of squares round differently in any other order, and in f32
                 // a scale one ulp off changes the outputs.
                 for (int extra = 0; extra < 6; extra++)
@@ -604,7 +607,7 @@ public static class SelfTest
         }
         finally
         {
-            (dev.FuseDecodeNorms, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (fuse, unroll, gridLimit, minTuned);
+            (dev.FuseDecodeNorms, dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (fuse, stream, unroll, gridLimit, minTuned);
             dev.ForgetGemvChoices();
         }
     }
