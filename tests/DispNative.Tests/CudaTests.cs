@@ -556,6 +556,34 @@ public class DeviceSelectionTests
         Assert.Throws<ObjectDisposedException>(() => m.Runner.Logits(ids), "a forward on freed device memory");
     }
 
+    /// <summary>ForwardLast (one logits buffer for a whole decode) writes exactly what Forward returns for the last row:
+    /// the prompt, then decode steps through CUDA graphs and eagerly; a buffer of the wrong size is refused.</summary>
+    [Test]
+    public void OnCuda_ForwardLast_WritesWhatForwardReturns_ThroughGraphsAndEagerly()
+    {
+        if (CudaDevice.Unavailable() is string reason) Assert.Ignore($"no CUDA device: {reason}");
+        using var m = Devices.Load(TestAssets.WriteTinyModel(), null, "cuda");
+        var gpu = (CudaLlama)m.Runner;
+        int vocab = gpu.Config.VocabSize;
+        foreach (bool graphs in new[] { true, false })
+        {
+            gpu.UseCudaGraphs = graphs;
+            using var forwardCache = gpu.NewCache(16);
+            using var lastCache = gpu.NewCache(16);
+            var buffer = new float[vocab];
+            int[] prompt = [1, 40, 41, 42];
+            gpu.ForwardLast(prompt, lastCache, buffer);
+            Assert.That(buffer, Is.EqualTo(gpu.Forward(prompt, forwardCache, lastOnly: true)), $"graphs {graphs}: the prompt");
+            foreach (int t in new[] { 7, 8, 9 })
+            {
+                ((Engine.Inference.ICausalLanguageModel)gpu).ForwardLast([t], lastCache, buffer);
+                Assert.That(buffer, Is.EqualTo(gpu.Forward([t], forwardCache, lastOnly: true)), $"graphs {graphs}: token {t}");
+            }
+            Assert.That(Assert.Throws<ArgumentException>(() => gpu.ForwardLast([3], lastCache, new float[vocab - 1]))!.Message,
+                Does.Contain($"not the vocabulary's {vocab}"));
+        }
+    }
+
     /// <summary>Loading in f16 a model with a weight beyond f16's range stops at that weight, naming it, instead of
     /// storing an infinity that turns every logit into NaN.</summary>
     [Test]

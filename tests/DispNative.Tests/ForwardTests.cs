@@ -128,6 +128,25 @@ public class ForwardTests
         }
     }
 
+    /// <summary>ICausalLanguageModel.ForwardLast on the CPU model: the same logits as Forward's last row, in the
+    /// caller's buffer, the cache advanced alike; a buffer of another size than the vocabulary is refused.</summary>
+    [Test]
+    public void ForwardLast_WritesForwardsLastRow_IntoTheCallersBuffer()
+    {
+        var c = TestAssets.TinyConfig();
+        Engine.Inference.ICausalLanguageModel m = new LlamaModel(c, ModelWeights.Random(c, 5, 0.1f));
+        var (forwardCache, lastCache) = (m.NewCache(12), m.NewCache(12));
+        var buffer = new float[c.VocabSize];
+        m.ForwardLast([1, 5, 9], lastCache, buffer);
+        Assert.That(buffer, Is.EqualTo(m.Forward([1, 5, 9], forwardCache, lastOnly: true)));
+        m.ForwardLast([4], lastCache, buffer);
+        Assert.That(buffer, Is.EqualTo(m.Forward([4], forwardCache, lastOnly: true)));
+        Assert.That(lastCache.Length, Is.EqualTo(4));
+        Assert.That(Assert.Throws<ArgumentException>(() => m.ForwardLast([2], lastCache, new float[c.VocabSize + 1]))!.Message,
+            Does.Contain($"not the vocabulary's {c.VocabSize}"));
+        Assert.That(lastCache.Length, Is.EqualTo(4), "a refused call leaves the cache as it was");
+    }
+
     /// <summary>The FLOPs KernelBench holds prefill against, counted another way for a dense model: every layer's whole
     /// GEMMs for all rows but the last layer's, where only the key and value projections see every row.</summary>
     [Test]

@@ -176,16 +176,25 @@ internal static class InferenceBench
         double otherTuningMs = Prefill(!engineTunes), prefillMs = Prefill(engineTunes);
 
         string persistentForm = "did not apply";
-        double Decode(bool graphs, bool persistent = false)
+        // Each step's logits into one buffer (CudaLlama.ForwardLast), as Generator decodes; newArrays: a new array per
+        // step (Forward), the baseline of that choice.
+        double Decode(bool graphs, bool persistent = false, bool newArrays = false)
         {
             (model.UseCudaGraphs, model.UsePersistentDecode) = (graphs, persistent);
             using var cache = model.NewCache(DecodePrompt + decodeTokens + 3);
-            model.Forward(prompt.AsSpan(0, Math.Min(DecodePrompt, prompt.Length)), cache, lastOnly: true);
+            var logits = new float[config.VocabSize];
+            int Step(int token)
+            {
+                if (newArrays) return Next(model.Forward([token], cache, lastOnly: true));
+                model.ForwardLast([token], cache, logits);
+                return Next(logits);
+            }
+            model.ForwardLast(prompt.AsSpan(0, Math.Min(DecodePrompt, prompt.Length)), cache, logits);
             int token = 1;
             // Warm-up: graph capture, or the persistent kernel's timed choice of unroll and blocks per SM.
-            for (int i = 0; i < 3; i++) token = Next(model.Forward([token], cache, lastOnly: true));
+            for (int i = 0; i < 3; i++) token = Step(token);
             var t = Stopwatch.StartNew();
-            for (int i = 0; i < decodeTokens; i++) token = Next(model.Forward([token], cache, lastOnly: true));
+            for (int i = 0; i < decodeTokens; i++) token = Step(token);
             double tokS = decodeTokens / t.Elapsed.TotalSeconds;
             if (persistent && cache.PersistentDecodeApplies == true && model.PersistentDecodeForm is { } f)
                 persistentForm = $"unroll {f.Unroll}, {f.BlocksPerSM} blocks/SM";
@@ -197,6 +206,7 @@ internal static class InferenceBench
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
+        double graphNewArrays = Decode(graphs: true, newArrays: true);
         dev.StreamGemvs = false;   // the baseline of the streamed GEMVs: none (a block per 8 rows; the fused norms' rows looped over)
         double graphBlockGemvs = Decode(graphs: true);
         dev.StreamGemvs = null;
@@ -229,6 +239,7 @@ internal static class InferenceBench
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm})");
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
+        Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; with no GEMV streamed {graphBlockGemvs:F1} tok/s, the engine's forms " +
                           $"{graph / graphBlockGemvs:F2}x that (CudaDevice.StreamGemvs); GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
@@ -238,5 +249,5 @@ internal static class InferenceBench
             model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without };
     }
 
-    private static int Next(float[] logits) => Engine.Inference.Generator.ArgMax(logits);
+    private static int Next(ReadOnlySpan<float> logits) => Engine.Inference.Generator.ArgMax(logits);
 }

@@ -148,8 +148,31 @@ public static class Program
         AttentionBackwardBench(1024, seconds);
         Console.WriteLine();
         LlamaModelBench(modelDir, tokens, seconds);
+        LogitsPerTokenBench(RefLlamaShape.VocabSize, seconds);
         Console.WriteLine();
         TrainingStepBench(seconds);
+    }
+
+    /// <summary>The host side of a decode step: its logits copied into a new array per token (Forward; above the
+    /// large-object threshold, so fresh pages and full collections) against one reused buffer (ForwardLast), the same
+    /// copy, in the same run. On a GPU the device waits that long between tokens.</summary>
+    private static void LogitsPerTokenBench(int vocab, double seconds)
+    {
+        var logits = new float[vocab];
+        var buffer = new float[vocab];
+        // Mean seconds per call: the collections come every few dozen calls, which a median would leave out.
+        double Mean(Action run)
+        {
+            for (int i = 0; i < 100; i++) run();
+            var sw = Stopwatch.StartNew();
+            long calls = 0;
+            for (; sw.Elapsed.TotalSeconds < seconds / 2; calls++) run();
+            return sw.Elapsed.TotalSeconds / calls;
+        }
+        double fresh = Mean(() => { var a = new float[vocab]; logits.CopyTo(a, 0); GC.KeepAlive(a); });
+        double reused = Mean(() => logits.CopyTo(buffer, 0));
+        Console.WriteLine($"logits per decoded token ({vocab} f32): into a new array {fresh * 1e6:F1} µs, into one reused buffer {reused * 1e6:F1} µs, " +
+                          $"{fresh / reused:F1}x");
     }
 
     /// <summary>One DISP-LLM training step's LM pass (loss and mask gradients, block 256) at ref-llama-25m's shape: the

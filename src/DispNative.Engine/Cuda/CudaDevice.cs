@@ -217,8 +217,17 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Downloads a tensor as f32 values through a pinned staging buffer (waits for the stream).</summary>
     public float[] Download(DeviceTensor t)
     {
+        var r = new float[t.Length];
+        Download(t, r);
+        return r;
+    }
+
+    /// <summary>Downloads a tensor as f32 values into <paramref name="destination"/> (its length), as <see cref="Download(DeviceTensor)"/>.</summary>
+    public void Download(DeviceTensor t, Span<float> destination)
+    {
+        if (destination.Length != t.Length) throw new ArgumentException($"{destination.Length} values cannot hold a tensor of {t.Length}");
         MakeCurrent();
-        if (t.DType != DType.F32) { using var f = Convert(t, DType.F32); return Download(f); }
+        if (t.DType != DType.F32) { using var f = Convert(t, DType.F32); Download(f, destination); return; }
         if (_staging == null || _staging.Bytes < t.Bytes)
         {
             _staging?.Dispose();
@@ -226,9 +235,7 @@ public sealed unsafe class CudaDevice : IDisposable
         }
         CudaDriver.CopyDtoH(_staging.Pointer, t.Pointer, t.Bytes, Stream.DangerousGetHandle());
         Stream.Synchronize();
-        var r = new float[t.Length];
-        new ReadOnlySpan<float>(_staging.Pointer, r.Length).CopyTo(r);
-        return r;
+        new ReadOnlySpan<float>(_staging.Pointer, destination.Length).CopyTo(destination);
     }
 
     public static string Suffix(DType t) => t switch

@@ -405,16 +405,39 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// Calls are serialised (one stream).</summary>
     public float[] Forward(ReadOnlySpan<int> tokens, CudaKvCache cache, bool lastOnly = false)
     {
+        var logits = new float[(long)(lastOnly ? 1 : tokens.Length) * Config.VocabSize];
+        Forward(tokens, cache, logits);
+        return logits;
+    }
+
+    void ICausalLanguageModel.ForwardLast(ReadOnlySpan<int> tokens, IInferenceCache cache, Span<float> logits)
+        => ForwardLast(tokens, cache as CudaKvCache ?? throw new ArgumentException("the CUDA model needs a CUDA KV cache"), logits);
+
+    /// <summary>Appends tokens as <see cref="Forward(ReadOnlySpan{int}, CudaKvCache, bool)"/> does and writes the last row's
+    /// logits into <paramref name="logits"/> (vocab values; <see cref="ICausalLanguageModel.ForwardLast"/>).</summary>
+    public void ForwardLast(ReadOnlySpan<int> tokens, CudaKvCache cache, Span<float> logits)
+    {
+        if (logits.Length != Config.VocabSize) throw new ArgumentException($"the logits buffer holds {logits.Length} values, not the vocabulary's {Config.VocabSize}");
+        Forward(tokens, cache, logits);
+    }
+
+    /// <summary>The forward of <paramref name="tokens"/> with the logits of its last logits.Length / vocab rows written
+    /// into <paramref name="logits"/>.</summary>
+    private void Forward(ReadOnlySpan<int> tokens, CudaKvCache cache, Span<float> logits)
+    {
         int rows = tokens.Length, start = cache.Length;
         Validate(tokens, cache);
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
             bool graph = rows == 1 && UseCudaGraphs && !(UsePersistentDecode && cache.PersistentDecodeApplies != false);
-            float[] logits = graph ? DecodeWithGraph(tokens[0], cache, start)
-                : ForwardEager(tokens, cache, start, lastOnly ? 1 : rows, a => _device.Download(a.Logits));
+            if (graph) DecodeWithGraph(tokens[0], cache, start, logits);
+            else
+            {
+                using var a = ForwardEager(tokens, cache, start, logits.Length / Config.VocabSize);
+                _device.Download(a.Logits, logits);
+            }
             cache.Length += rows;
-            return logits;
         }
     }
 
@@ -434,18 +457,15 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             ObjectDisposedException.ThrowIf(_released, this);
             using var targets = _device.Upload(tokens.AsSpan(1));   // before the forward: its synchronization waits for nothing
             using var loss = _device.Allocate(DType.F32, scored);
-            nll = ForwardEager(tokens, cache, 0, tokens.Length, a =>
+            using var a = ForwardEager(tokens, cache, 0, tokens.Length);
+            _ops.CrossEntropy(a.Logits, targets, loss, null, scored, vocab, 0);
+            nll = _device.Download(loss);
+            int bad = Array.FindIndex(nll, v => !float.IsFinite(v));
+            if (bad >= 0)
             {
-                _ops.CrossEntropy(a.Logits, targets, loss, null, scored, vocab, 0);
-                var values = _device.Download(loss);
-                int bad = Array.FindIndex(values, v => !float.IsFinite(v));
-                if (bad >= 0)
-                {
-                    Generator.RequireFiniteLogits(_device.Download(a.Logits).AsSpan(bad * vocab, vocab), $"position {bad} of a block");
-                    throw new DispNativeException($"the loss at position {bad} of a block is not finite ({values[bad]})");
-                }
-                return values;
-            });
+                Generator.RequireFiniteLogits(_device.Download(a.Logits).AsSpan(bad * vocab, vocab), $"position {bad} of a block");
+                throw new DispNativeException($"the loss at position {bad} of a block is not finite ({nll[bad]})");
+            }
         }
         return Array.ConvertAll(nll, v => (double)v);
     }
@@ -459,21 +479,25 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             if ((uint)t >= (uint)Config.VocabSize) throw new DispNativeException($"token id {t} is outside the vocabulary (size {Config.VocabSize})");
     }
 
-    /// <summary>The forward of <paramref name="tokens"/> at positions start.. with the logits of the last
-    /// <paramref name="logitRows"/> rows, kernel by kernel; <paramref name="read"/> takes what it needs from the
-    /// activations before they are released.</summary>
-    private unsafe T ForwardEager<T>(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, int logitRows, Func<Activations, T> read)
+    /// <summary>Enqueues the forward of <paramref name="tokens"/> at positions start.. with the logits of the last
+    /// <paramref name="logitRows"/> rows, kernel by kernel, in activations the caller reads and then disposes (the first
+    /// download waits for the stream, so the tokens' host span outlives its copy).</summary>
+    private unsafe Activations ForwardEager(ReadOnlySpan<int> tokens, CudaKvCache cache, int start, int logitRows)
     {
-        using var a = new Activations(_device, Config, DType, Padding, tokens.Length, logitRows);
-        fixed (int* p = tokens) CudaDriver.CopyHtoD(a.Tokens.Pointer, p, tokens.Length * 4L, _device.Stream.DangerousGetHandle());
-        Enqueue(a, cache, start, null);
-        return read(a);   // a download waits for the stream, so the host span outlives its copy
+        var a = new Activations(_device, Config, DType, Padding, tokens.Length, logitRows);
+        try
+        {
+            fixed (int* p = tokens) CudaDriver.CopyHtoD(a.Tokens.Pointer, p, tokens.Length * 4L, _device.Stream.DangerousGetHandle());
+            Enqueue(a, cache, start, null);
+            return a;
+        }
+        catch { a.Dispose(); throw; }
     }
 
     /// <summary>One decode step through the cache's graph. The first step runs eagerly with the graph's buffers (which
     /// also loads every kernel and GEMM plan the capture will record) and is then captured; later steps only copy the
     /// token and position to the device and replay it.</summary>
-    private unsafe float[] DecodeWithGraph(int token, CudaKvCache cache, int start)
+    private unsafe void DecodeWithGraph(int token, CudaKvCache cache, int start, Span<float> logits)
     {
         var g = cache.Graph;
         bool first = g == null;
@@ -493,13 +517,12 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
             if (first) Enqueue(g.Act, cache, start, g.Position);
             else g.Exec!.Launch(_device.Stream);
-            var logits = _device.Download(g.Act.Logits);
+            _device.Download(g.Act.Logits, logits);
             if (first)
             {
                 g.Exec = new CudaGraphHandle(_device.Stream, () => Enqueue(g.Act, cache, start, g.Position));
                 cache.Graph = g;
             }
-            return logits;
         }
         catch { if (first) g.Dispose(); throw; }
     }

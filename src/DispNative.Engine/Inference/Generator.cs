@@ -49,7 +49,8 @@ public static class Generator
             var runner = model.Runner;
             var cache = runner.NewCache(prompt.Length + maxNewTokens);
             using var release = cache as IDisposable;
-            float[] logits = runner.Forward(prompt, cache, lastOnly: true);
+            var logits = new float[model.Config.VocabSize];   // one buffer for every step (ICausalLanguageModel.ForwardLast)
+            runner.ForwardLast(prompt, cache, logits);
             for (int i = 0; i < maxNewTokens; i++)
             {
                 cancellationToken.ThrowIfCancellationRequested();
@@ -57,7 +58,7 @@ public static class Generator
                 int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
                 yield return next;
                 if (model.EosIds.Contains(next) || i == maxNewTokens - 1) yield break;
-                logits = runner.Forward([next], cache, lastOnly: true);
+                runner.ForwardLast([next], cache, logits);
             }
         }
     }

@@ -25,6 +25,16 @@ public interface ICausalLanguageModel
     /// [tokens, vocab] or, with <paramref name="lastOnly"/>, [1, vocab].</summary>
     float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false);
 
+    /// <summary>Appends <paramref name="tokens"/> as <see cref="Forward"/> does and writes the last row's logits into
+    /// <paramref name="logits"/> (vocab values): a decode loop reuses one buffer instead of a new array per token. (A
+    /// vocabulary's logits exceed the large-object threshold: a new array per token costs fresh pages and full
+    /// collections, while a GPU waits for the next token; KernelBench cpu, "logits per decoded token".)</summary>
+    void ForwardLast(ReadOnlySpan<int> tokens, IInferenceCache cache, Span<float> logits)
+    {
+        if (logits.Length != Config.VocabSize) throw new ArgumentException($"the logits buffer holds {logits.Length} values, not the vocabulary's {Config.VocabSize}");
+        Forward(tokens, cache, lastOnly: true).CopyTo(logits);
+    }
+
     /// <summary>−log p(tokens[t+1] | tokens[..t]) for t = 0..n-2, <paramref name="tokens"/> run as a new sequence: what
     /// perplexity sums. From the logits here; a GPU backend computes it on the device and returns n - 1 values instead
     /// of n × vocab logits. Logits that are not finite are an error naming the position.</summary>
