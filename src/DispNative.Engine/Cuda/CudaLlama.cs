@@ -406,7 +406,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     public float[] Forward(ReadOnlySpan<int> tokens, CudaKvCache cache, bool lastOnly = false)
     {
         var logits = new float[(long)(lastOnly ? 1 : tokens.Length) * Config.VocabSize];
-        Forward(tokens, cache, logits);
+        ForwardInto(tokens, cache, logits);
         return logits;
     }
 
@@ -417,13 +417,13 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     /// logits into <paramref name="logits"/> (vocab values; <see cref="ICausalLanguageModel.ForwardLast"/>).</summary>
     public void ForwardLast(ReadOnlySpan<int> tokens, CudaKvCache cache, Span<float> logits)
     {
-        if (logits.Length != Config.VocabSize) throw new ArgumentException($"the logits buffer holds {logits.Length} values, not the vocabulary's {Config.VocabSize}");
-        Forward(tokens, cache, logits);
+        ICausalLanguageModel.NeedLogitsBuffer(Config, logits.Length);
+        ForwardInto(tokens, cache, logits);
     }
 
     /// <summary>The forward of <paramref name="tokens"/> with the logits of its last logits.Length / vocab rows written
     /// into <paramref name="logits"/>.</summary>
-    private void Forward(ReadOnlySpan<int> tokens, CudaKvCache cache, Span<float> logits)
+    private void ForwardInto(ReadOnlySpan<int> tokens, CudaKvCache cache, Span<float> logits)
     {
         int rows = tokens.Length, start = cache.Length;
         Validate(tokens, cache);

@@ -31,8 +31,14 @@ public interface ICausalLanguageModel
     /// collections, while a GPU waits for the next token; KernelBench cpu, "logits per decoded token".)</summary>
     void ForwardLast(ReadOnlySpan<int> tokens, IInferenceCache cache, Span<float> logits)
     {
-        if (logits.Length != Config.VocabSize) throw new ArgumentException($"the logits buffer holds {logits.Length} values, not the vocabulary's {Config.VocabSize}");
+        NeedLogitsBuffer(Config, logits.Length);
         Forward(tokens, cache, lastOnly: true).CopyTo(logits);
+    }
+
+    /// <summary>Refuses a <see cref="ForwardLast"/> buffer of another length than the vocabulary.</summary>
+    internal static void NeedLogitsBuffer(ModelConfig config, int length)
+    {
+        if (length != config.VocabSize) throw new ArgumentException($"the logits buffer holds {length} values, not the vocabulary's {config.VocabSize}");
     }
 
     /// <summary>−log p(tokens[t+1] | tokens[..t]) for t = 0..n-2, <paramref name="tokens"/> run as a new sequence: what
