@@ -7,7 +7,8 @@
 // variants give bit-identical results.
 // Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (the caller checks; cuBLASLt takes the rest).
 // Grid ceil(rows / warps per block); the streamed forms of the plain, q/k/v and gate/up GEMVs (gemv_streamed*, chosen
-// per shape against these by timing) a grid of resident blocks instead. Besides the plain GEMV, the decode step's fusions:
+// per shape against these by timing) a grid of resident blocks instead (the fused decode norms', below: their own grid).
+// Besides the plain GEMV, the decode step's fusions:
 //   gemv (out_index set): y[out_index[row]] += dot - the pruned o_proj/down GEMM and DISP's index-add in one pass;
 //   gemv_qkv: the q, k and v projections of one input in one launch;
 //   gemv_swiglu: out[row] = silu(x.w_gate[row]) * (x.w_up[row]) - gate, up and the activation in one pass.
