@@ -4,12 +4,14 @@
 //
 // Split-KV ("flash decoding"): grid (heads, splits). Block (h, s) takes the s-th contiguous share of the visible keys;
 // a group of G lanes scores one key, each lane holding 16 bytes of the head (one uint4 load of K and of V per key),
-// so a warp reads 32 / G whole rows per step, UNROLL steps in flight. With one split the block writes the output;
-// otherwise it writes its unnormalised state (acc[head_dim], m, l) to `partial`, and the splits are merged either by
+// so a warp reads 32 / G whole rows per step, UNROLL steps in flight. With one share the block writes the output;
+// otherwise it writes its unnormalised state (acc[head_dim], m, l) to `partial`, and the shares are merged either by
 // the last block of the head to finish (arrivals set: a per-head counter that block counts up and resets to zero, so
 // the launch after it finds it zero again) or by a second kernel, attention_decode_combine (arrivals null). Both merge
-// the splits in index order, so the output does not depend on which block finishes last. Needs head_dim a multiple of
-// 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
+// the shares in index order, so the output does not depend on which block finishes last. Merged by the last block,
+// the keys are split into as few shares as keep each within one round of loads (up to the grid's splits; a captured
+// step's grid is for the cache's capacity): a short context uses one block per head and no merge. Needs head_dim a
+// multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
 //
 // With inv_freq set the kernel also does decode's RoPE and cache append (rope.cu's rope_kv_append, one launch fewer):
 // q arrives unrotated and every block rotates its head's q; the step's own key and value (position start) come from
@@ -40,11 +42,21 @@ __device__ __forceinline__ void attend(float sc, const float* vf, float& m, floa
     m = mn;
 }
 
-// Channels c0.. (16 bytes) of one head row x rotated as rope.cu's rotate_pair does at position pos, and rounded to T as
-// the rope kernel stores them. half (head_dim / 2) is a multiple of the chunk, so the pair partners of the chunk are
-// the chunk half away.
+// The sines and cosines rope.cu's rotate_pair uses for channels c0.. (16 bytes of T) of a head at position pos.
 template <typename T>
-__device__ __forceinline__ void rope_chunk(const T* x, int c0, int half, float pos, const float* __restrict__ inv_freq, float* out)
+__device__ __forceinline__ void rope_angles(int c0, int half, float pos, const float* __restrict__ inv_freq, float* sn, float* cs)
+{
+    constexpr int V = 16 / sizeof(T);
+    int f0 = c0 < half ? c0 : c0 - half;
+#pragma unroll
+    for (int i = 0; i < V; i++) sincosf(pos * inv_freq[f0 + i], &sn[i], &cs[i]);
+}
+
+// Channels c0.. (16 bytes) of one head row x rotated as rope.cu's rotate_pair does with the angles of rope_angles, and
+// rounded to T as the rope kernel stores them. half (head_dim / 2) is a multiple of the chunk, so the pair partners
+// of the chunk are the chunk half away.
+template <typename T>
+__device__ __forceinline__ void rope_chunk(const T* x, int c0, int half, const float* sn, const float* cs, float* out)
 {
     constexpr int V = 16 / sizeof(T);
     bool low = c0 < half;
@@ -52,28 +64,23 @@ __device__ __forceinline__ void rope_chunk(const T* x, int c0, int half, float p
     unpack16<T>(*reinterpret_cast<const uint4*>(x + c0), own);
     unpack16<T>(*reinterpret_cast<const uint4*>(x + (low ? c0 + half : c0 - half)), other);
 #pragma unroll
-    for (int i = 0; i < V; i++)
-    {
-        float s, c;
-        sincosf(pos * inv_freq[(low ? c0 : c0 - half) + i], &s, &c);
-        out[i] = to_f32(from_f32<T>(low ? own[i] * c - other[i] * s : own[i] * c + other[i] * s));
-    }
+    for (int i = 0; i < V; i++) out[i] = to_f32(from_f32<T>(low ? own[i] * cs[i] - other[i] * sn[i] : own[i] * cs[i] + other[i] * sn[i]));
 }
 
-// Head h's output from its splits' states in partial (read through L2: other blocks wrote them in this launch), by
-// `threads` threads of which this is thread t.
+// Head h's output from the states of its first `used` of `splits` splits in partial (read through L2: other blocks
+// wrote them in this launch), by `threads` threads of which this is thread t.
 template <typename T>
-__device__ void merge_splits(const float* partial, T* __restrict__ out, int h, int splits, int head_dim, int t, int threads)
+__device__ void merge_splits(const float* partial, T* __restrict__ out, int h, int splits, int used, int head_dim, int t, int threads)
 {
     int stride = head_dim + 2;
     const float* part = partial + (long long)h * splits * stride;
     float gm = NEG_INF, gsum = 0.f;
-    for (int s = 0; s < splits; s++) gm = fmaxf(gm, __ldcg(part + s * stride + head_dim));
-    for (int s = 0; s < splits; s++) gsum += __ldcg(part + s * stride + head_dim + 1) * rescale(__ldcg(part + s * stride + head_dim), gm);
+    for (int s = 0; s < used; s++) gm = fmaxf(gm, __ldcg(part + s * stride + head_dim));
+    for (int s = 0; s < used; s++) gsum += __ldcg(part + s * stride + head_dim + 1) * rescale(__ldcg(part + s * stride + head_dim), gm);
     for (int c = t; c < head_dim; c += threads)
     {
         float v = 0.f;
-        for (int s = 0; s < splits; s++) v += __ldcg(part + s * stride + c) * rescale(__ldcg(part + s * stride + head_dim), gm);
+        for (int s = 0; s < used; s++) v += __ldcg(part + s * stride + c) * rescale(__ldcg(part + s * stride + head_dim), gm);
         out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
     }
 }
@@ -86,8 +93,8 @@ struct DecodeGroupShared
     bool last;
 };
 
-// Where the split-KV decode runs: its inputs and outputs (already read through opaque() where an earlier kernel or phase
-// wrote them) and the shapes; see the file comment.
+// Where the split-KV decode runs: its inputs and outputs and the shapes; see the file comment. attend_share reads what
+// an earlier kernel or phase wrote through opaque() after its wait.
 template <typename T>
 struct DecodeAttention
 {
@@ -98,11 +105,31 @@ struct DecodeAttention
     float scale;
 };
 
+// No wait: the inputs are already visible (the persistent decode kernel's barrier came before).
+struct NoWait
+{
+    static constexpr bool loads_first = false;
+    __device__ void operator()() const {}
+};
+// The wait of a programmatic launch (attention_decode_split).
+struct GridDependencyWait
+{
+    static constexpr bool loads_first = true;
+    __device__ void operator()() const { grid_dependency_wait(); }
+};
+
 // Share `split` of `splits` of head h, by a group of DECODE_WARPS warps (t: the thread's index in the group) with the
 // shared memory sh. Every thread of the block calls this the same number of times, its group active or not (the
 // block synchronizes inside); an inactive group only takes part in those barriers.
-template <typename T>
-__device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared& sh, int h, int split, int splits)
+//
+// wait() makes the earlier kernel's outputs visible (q, k_new, v_new; the partial states and arrivals of the merge).
+// With RoPE fused, the keys the share reads from the caches precede this step's (no kernel of the step writes them),
+// so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
+// the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits. (In
+// decode_step.cu, which waits at a barrier before, loading first only adds registers: they spill there.)
+template <typename T, typename Wait = NoWait>
+__device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared& sh, int h, int split, int splits,
+    Wait wait = Wait())
 {
     constexpr int V = 16 / sizeof(T);
     int start = a.start, head_dim = a.head_dim;
@@ -115,39 +142,61 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     bool has = gl < vecs;                          // lanes past the head's width only pad the group
     int c0 = gl * V;
 
-    int first = a.window > 0 ? max(0, start - a.window + 1) : 0;
-    int share = (start - first + 1 + splits - 1) / splits;
+    const int step = DECODE_WARPS * per_warp;
+    int first = a.window > 0 ? max(0, start - a.window + 1) : 0, keys = start - first + 1;
+    // The shares used (see the file comment); the rest of the grid has nothing to do.
+    int used = a.arrivals ? min(splits, (keys + step * DECODE_UNROLL - 1) / (step * DECODE_UNROLL)) : splits;
+    active = active && split < used;
+    int share = (keys + used - 1) / used;
     int kbeg = first + split * share, kend = min(start + 1, kbeg + share);
 
     bool rope = a.inv_freq != nullptr;
     int half = head_dim / 2, loop_end = rope ? min(kend, start) : kend;   // rope: key start is not in the cache yet
+    long long col = (long long)kvh * head_dim + c0;
+    // base is uniform over the warp (its shuffles need every lane); the warp's slots take keys base + slot + u * step.
+    int base = kbeg + warp * per_warp;
+    const T* kc = a.kc;
+    const T* vc = a.vc;
+    uint4 kr[DECODE_UNROLL], vr[DECODE_UNROLL];
+    auto load_round = [&]()
+    {
+#pragma unroll
+        for (int u = 0; u < DECODE_UNROLL; u++)
+        {
+            int key = base + slot + u * step;
+            if (active && has && key < loop_end)
+            {
+                kr[u] = *reinterpret_cast<const uint4*>(kc + (long long)key * kv_dim + col);
+                vr[u] = *reinterpret_cast<const uint4*>(vc + (long long)key * kv_dim + col);
+            }
+            else kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        }
+    };
+    bool early = Wait::loads_first && rope;
+    float sn[V], cs[V];
+    if (early)
+    {
+        load_round();
+        if (active && has) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
+    }
+    wait();
+    kc = opaque(kc);
+    vc = opaque(vc);
     if (active)
     {
+        if (!early && has && rope) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
+        const T* q = opaque(a.q);
         float qv[V], acc[V];
-        if (has && rope) rope_chunk<T>(a.q + (long long)h * head_dim, c0, half, (float)start, a.inv_freq, qv);
-        else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(a.q + (long long)h * head_dim + c0), qv);
+        if (has && rope) rope_chunk<T>(q + (long long)h * head_dim, c0, half, sn, cs, qv);
+        else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
         for (int i = 0; i < V; i++) { qv[i] = has ? qv[i] * a.scale : 0.f; acc[i] = 0.f; }
         float m = NEG_INF, l = 0.f;
 
-        const int step = DECODE_WARPS * per_warp;
-        long long col = (long long)kvh * head_dim + c0;
-        // base is uniform over the warp (its shuffles need every lane); the warp's slots take keys base + slot + u * step.
-        for (int base = kbeg + warp * per_warp; base < loop_end; base += step * DECODE_UNROLL)
+        for (bool loaded = early; base < loop_end; base += step * DECODE_UNROLL, loaded = false)
         {
+            if (!loaded) load_round();
             int k0 = base + slot;
-            uint4 kr[DECODE_UNROLL], vr[DECODE_UNROLL];
-#pragma unroll
-            for (int u = 0; u < DECODE_UNROLL; u++)
-            {
-                int key = k0 + u * step;
-                if (has && key < loop_end)
-                {
-                    kr[u] = *reinterpret_cast<const uint4*>(a.kc + (long long)key * kv_dim + col);
-                    vr[u] = *reinterpret_cast<const uint4*>(a.vc + (long long)key * kv_dim + col);
-                }
-                else kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-            }
 #pragma unroll
             for (int u = 0; u < DECODE_UNROLL; u++)
             {
@@ -170,8 +219,9 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
             long long row = (long long)kvh * head_dim;
             if (has)
             {
-                rope_chunk<T>(a.k_new + row, c0, half, (float)start, a.inv_freq, kf);
-                unpack16<T>(*reinterpret_cast<const uint4*>(a.v_new + row + c0), vf);
+                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // again: held through the loop, they spill in decode_step.cu
+                rope_chunk<T>(opaque(a.k_new) + row, c0, half, sn, cs, kf);
+                unpack16<T>(*reinterpret_cast<const uint4*>(opaque(a.v_new) + row + c0), vf);
 #pragma unroll
                 for (int i = 0; i < V; i++) s += qv[i] * kf[i];
             }
@@ -216,12 +266,12 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         {
             float v = 0.f;
             for (int w = 0; w < DECODE_WARPS; w++) v += sh.wacc[w][c] * rescale(sh.wm[w], gm);
-            if (splits == 1) a.out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
+            if (used == 1) a.out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
             else part[c] = v;
         }
-        if (splits > 1 && t == 0) { part[head_dim] = gm; part[head_dim + 1] = gsum; }
+        if (used > 1 && t == 0) { part[head_dim] = gm; part[head_dim + 1] = gsum; }
     }
-    if (splits == 1 || !a.arrivals) return;   // uniform over the block
+    if (used == 1 || !a.arrivals) return;   // uniform over the block
 
     // The last of the head's groups to get here merges: each thread's writes are made visible device-wide before
     // thread 0 counts the group in, and the merging group reads the states only after seeing the full count.
@@ -229,13 +279,13 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     __syncthreads();
     if (active && t == 0)
     {
-        sh.last = atomicAdd(a.arrivals + h, 1u) == (unsigned)splits - 1;
+        sh.last = atomicAdd(a.arrivals + h, 1u) == (unsigned)used - 1;
         if (sh.last) a.arrivals[h] = 0;
     }
     __syncthreads();
     if (!active || !sh.last) return;
     __threadfence();
-    merge_splits<T>(a.partial, a.out, h, splits, head_dim, t, DECODE_WARPS * 32);
+    merge_splits<T>(opaque(a.partial), a.out, h, splits, used, head_dim, t, DECODE_WARPS * 32);
 }
 
 // Grid (heads, splits), block DECODE_WARPS warps: block (h, s) takes share s of head h.
@@ -246,12 +296,11 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     allow_dependents_launch();
-    grid_dependency_wait();
     __shared__ DecodeGroupShared sh;
-    if (position) start = *opaque(position);
-    DecodeAttention<T> a{opaque(q), opaque(kc), opaque(vc), out, opaque(partial), opaque(arrivals), opaque(k_new), opaque(v_new),
-        inv_freq, k_append, v_append, start, heads, kv_heads, head_dim, window, scale};
-    attend_share<T>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
+    if (position) start = *position;   // copied from the host before the step: no kernel writes it
+    DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
+        head_dim, window, scale};
+    attend_share<T>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y, GridDependencyWait());
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.
@@ -260,7 +309,7 @@ __device__ void attention_decode_combine(const float* __restrict__ partial, T* _
 {
     allow_dependents_launch();
     grid_dependency_wait();
-    merge_splits<T>(opaque(partial), out, blockIdx.x, splits, head_dim, threadIdx.x, blockDim.x);
+    merge_splits<T>(opaque(partial), out, blockIdx.x, splits, splits, head_dim, threadIdx.x, blockDim.x);
 }
 
 #define NAIVE_KEYS 32

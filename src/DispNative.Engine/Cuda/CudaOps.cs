@@ -413,6 +413,19 @@ public sealed class CudaOps(CudaDevice device)
         return Math.Clamp((Math.Min(capacity, window > 0 ? window : capacity) + keysPerSplit - 1) / keysPerSplit, 1, MaxDecodeSplits);
     }
 
+    /// <summary>Shares the split-KV decode merged by its last block uses for <paramref name="keys"/> visible keys on a
+    /// grid of <paramref name="splits"/> (attention_decode.cuh): as many as keep each within one round of loads
+    /// (DECODE_UNROLL steps of its warps), at most the grid's.</summary>
+    public static int DecodeSharesUsed(int keys, int splits, int headDim, DType dtype)
+    {
+        int vectors = headDim / (16 / dtype.Size()), group = 1;
+        while (group < vectors) group <<= 1;
+        int round = DecodeWarps * (32 / group) * DecodeUnroll;
+        return Math.Clamp((keys + round - 1) / round, 1, splits);
+    }
+
+    private const int DecodeUnroll = 8;   // attention_decode.cuh's DECODE_UNROLL
+
     /// <summary>A split-KV decode scratch for <paramref name="heads"/> heads of <paramref name="headDim"/>, its arrival
     /// counters at zero; the kernel leaves them at zero, so one scratch serves every layer and step of a sequence.</summary>
     public DecodeScratch NewDecodeScratch(int heads, int headDim)
@@ -744,13 +757,13 @@ public sealed class DecodeScratch : IDisposable
     internal DeviceTensor Tensor { get; }
     public int Heads { get; }
     public int HeadDim { get; }
-    private readonly long _countersOffset;
+    internal long CountersOffset { get; }
 
     internal DecodeScratch(DeviceTensor tensor, int heads, int headDim, long countersOffset)
-        => (Tensor, Heads, HeadDim, _countersOffset) = (tensor, heads, headDim, countersOffset);
+        => (Tensor, Heads, HeadDim, CountersOffset) = (tensor, heads, headDim, countersOffset);
 
     internal ulong States => Tensor.Pointer;
-    internal ulong Counters => Tensor.Address(_countersOffset);
+    internal ulong Counters => Tensor.Address(CountersOffset);
 
     public void Dispose() => Tensor.Dispose();
 }

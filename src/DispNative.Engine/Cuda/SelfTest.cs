@@ -67,7 +67,7 @@ public static class SelfTest
             new("attention prefill f32 sliding window 16 (t 70)", dev => Attention(dev, 70, 0, 4, 1, 32, 16)),
             new("attention decode f32 split-KV (position 150, heads 8/2, head_dim 128)", dev => Attention(dev, 1, 150, 8, 2, 128, null)),
             new("attention decode bf16 split-KV (position 1500 of 4096, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096)),
-            new("attention decode f16 split-KV, empty shares (position 20 of 4096, heads 4/1, head_dim 64)", dev => Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 4096)),
+            new("attention decode f16 split-KV, a short context in a long cache's grid (position 20 of 4096, heads 4/1, head_dim 64)", dev => Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 4096)),
             new("attention decode bf16 split-KV sliding window 300 (position 1000 of 1024, head_dim 48)", dev => Attention(dev, 1, 1000, 2, 1, 48, 300, DType.BF16, capacity: 1024)),
             new("attention decode f32 split-KV (head_dim 20: 5 of 8 lanes per key)", dev => Attention(dev, 1, 77, 3, 3, 20, null)),
             new("attention decode bf16 naive fallback (head_dim 20: no 16-byte layout)", dev => Attention(dev, 1, 77, 3, 3, 20, null, DType.BF16)),
@@ -814,16 +814,26 @@ public static class SelfTest
             return Compare(dev.Download(o), want, tolerance);
         }
         using var scratch = ops.NewDecodeScratch(heads, hd);
+        ops.FillConstant(scratch.Tensor, float.NaN);
+        ops.FillConstant(scratch.Tensor, 0, scratch.CountersOffset);
         ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
         var first = dev.Download(o);
+        // The shares used wrote their states (where more than one), the rest of the grid nothing.
+        bool split = hd % (16 / dtype.Size()) == 0;
+        int grid = CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit), visible = Math.Min(start + 1, window ?? int.MaxValue);
+        int used = decode == DecodeKernel.SplitKv ? CudaOps.DecodeSharesUsed(visible, grid, hd, dtype) : grid;
+        var states = dev.Download(scratch.Tensor);
+        for (int h = 0; split && grid > 1 && h < heads; h++)
+            for (int sp = 0; sp < grid; sp++)
+                if (float.IsNaN(states[((long)h * grid + sp) * (hd + 2) + hd + 1]) != (used == 1 || sp >= used))
+                    throw new Mismatch($"head {h}, share {sp} of {grid}: its state is {(sp < used && used > 1 ? "not written" : "written")}, with {used} shares used");
         ops.FillConstant(o, float.NaN);
         ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
         if (!dev.Download(o).AsSpan().SequenceEqual(first)) throw new Mismatch("a second decode with the same scratch gives another output");
         var counters = dev.Download(scratch.Tensor).AsSpan((int)(scratch.Tensor.Length - heads));
         for (int h = 0; h < heads; h++)
             if (BitConverter.SingleToUInt32Bits(counters[h]) is var n and not 0) throw new Mismatch($"head {h}'s arrival counter is {n} after the decode, not 0");
-        bool split = hd % (16 / dtype.Size()) == 0;
-        return (split ? $"{CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit)} shares, " : "") + Compare(first, want, tolerance);
+        return (split ? $"{used} of {grid} shares, " : "") + Compare(first, want, tolerance);
     }
 
     private static string Fill(CudaDevice dev)
