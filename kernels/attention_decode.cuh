@@ -9,9 +9,9 @@
 // the last block of the head to finish (arrivals set: a per-head counter that block counts up and resets to zero, so
 // the launch after it finds it zero again) or by a second kernel, attention_decode_combine (arrivals null). Both merge
 // the shares in index order, so the output does not depend on which block finishes last. Merged by the last block,
-// the keys are split into as few shares as keep each within one round of loads (up to the grid's splits; a captured
-// step's grid is for the cache's capacity): a short context uses one block per head and no merge. Needs head_dim a
-// multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
+// the keys are split into as few shares as keep each within max_rounds rounds of loads (up to the grid's splits; a
+// captured step's grid is for the cache's capacity): a short context uses one block per head and no merge. Needs
+// head_dim a multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
 //
 // With inv_freq set the kernel also does decode's RoPE and cache append (rope.cu's rope_kv_append, one launch fewer):
 // q arrives unrotated and every block rotates its head's q; the step's own key and value (position start) come from
@@ -52,19 +52,27 @@ __device__ __forceinline__ void rope_angles(int c0, int half, float pos, const f
     for (int i = 0; i < V; i++) sincosf(pos * inv_freq[f0 + i], &sn[i], &cs[i]);
 }
 
-// Channels c0.. (16 bytes) of one head row x rotated as rope.cu's rotate_pair does with the angles of rope_angles, and
-// rounded to T as the rope kernel stores them. half (head_dim / 2) is a multiple of the chunk, so the pair partners
-// of the chunk are the chunk half away.
+// Channels c0.. (16 bytes) of one head row x and their pair partners: half (head_dim / 2) is a multiple of the chunk,
+// so the partners of the chunk are the chunk half away.
 template <typename T>
-__device__ __forceinline__ void rope_chunk(const T* x, int c0, int half, const float* sn, const float* cs, float* out)
+__device__ __forceinline__ void load_rope_pair(const T* x, int c0, int half, uint4& own, uint4& other)
+{
+    own = *reinterpret_cast<const uint4*>(x + c0);
+    other = *reinterpret_cast<const uint4*>(x + (c0 < half ? c0 + half : c0 - half));
+}
+
+// Those channels (own, with their partners other) rotated as rope.cu's rotate_pair does with the angles of
+// rope_angles, and rounded to T as the rope kernel stores them.
+template <typename T>
+__device__ __forceinline__ void rotate_chunk(uint4 own, uint4 other, int c0, int half, const float* sn, const float* cs, float* out)
 {
     constexpr int V = 16 / sizeof(T);
     bool low = c0 < half;
-    float own[V], other[V];
-    unpack16<T>(*reinterpret_cast<const uint4*>(x + c0), own);
-    unpack16<T>(*reinterpret_cast<const uint4*>(x + (low ? c0 + half : c0 - half)), other);
+    float o[V], p[V];
+    unpack16<T>(own, o);
+    unpack16<T>(other, p);
 #pragma unroll
-    for (int i = 0; i < V; i++) out[i] = to_f32(from_f32<T>(low ? own[i] * cs[i] - other[i] * sn[i] : own[i] * cs[i] + other[i] * sn[i]));
+    for (int i = 0; i < V; i++) out[i] = to_f32(from_f32<T>(low ? o[i] * cs[i] - p[i] * sn[i] : o[i] * cs[i] + p[i] * sn[i]));
 }
 
 // Head h's output from the states of its first `used` of `splits` splits in partial (read through L2: other blocks
@@ -103,6 +111,7 @@ struct DecodeAttention
     const T* k_new; const T* v_new; const float* inv_freq; T* k_append; T* v_append;
     int start, heads, kv_heads, head_dim, window;
     float scale;
+    int max_rounds;   // merged by the last block: keys per share at most this many rounds of loads, if the grid allows
 };
 
 // No wait: the inputs are already visible (the persistent decode kernel's barrier came before).
@@ -145,7 +154,8 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     const int step = DECODE_WARPS * per_warp;
     int first = a.window > 0 ? max(0, start - a.window + 1) : 0, keys = start - first + 1;
     // The shares used (see the file comment); the rest of the grid has nothing to do.
-    int used = a.arrivals ? min(splits, (keys + step * DECODE_UNROLL - 1) / (step * DECODE_UNROLL)) : splits;
+    int per_share = step * DECODE_UNROLL * a.max_rounds;
+    int used = a.arrivals ? min(splits, (keys + per_share - 1) / per_share) : splits;
     active = active && split < used;
     int share = (keys + used - 1) / used;
     int kbeg = first + split * share, kend = min(start + 1, kbeg + share);
@@ -186,8 +196,23 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     {
         if (!early && has && rope) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
         const T* q = opaque(a.q);
+        // The step's own key (and value), scored after the share's keys by slot 0 of warp 0 of the block whose share
+        // ends there (the whole warp shuffles) and appended once per KV head. Loading first, its loads go with q's.
+        bool own_key = rope && warp == 0 && kbeg <= start && start < kend;   // uniform over the warp
+        long long own_row = (long long)kvh * head_dim;
+        uint4 k_own, k_other, v_own;
+        if (early && own_key && has)
+        {
+            load_rope_pair<T>(opaque(a.k_new) + own_row, c0, half, k_own, k_other);
+            v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + own_row + c0);
+        }
         float qv[V], acc[V];
-        if (has && rope) rope_chunk<T>(q + (long long)h * head_dim, c0, half, sn, cs, qv);
+        if (has && rope)
+        {
+            uint4 q_own, q_other;
+            load_rope_pair<T>(q + (long long)h * head_dim, c0, half, q_own, q_other);
+            rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
+        }
         else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
         for (int i = 0; i < V; i++) { qv[i] = has ? qv[i] * a.scale : 0.f; acc[i] = 0.f; }
@@ -212,16 +237,19 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                 }
             }
         }
-        if (rope && warp == 0 && kbeg <= start && start < kend)
+        if (own_key)
         {
-            // The step's own key, scored by slot 0 of warp 0 (the whole warp shuffles) and appended once per KV head.
             float kf[V], vf[V], s = 0.f;
-            long long row = (long long)kvh * head_dim;
             if (has)
             {
-                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // again: held through the loop, they spill in decode_step.cu
-                rope_chunk<T>(opaque(a.k_new) + row, c0, half, sn, cs, kf);
-                unpack16<T>(*reinterpret_cast<const uint4*>(opaque(a.v_new) + row + c0), vf);
+                if (!early)
+                {
+                    load_rope_pair<T>(opaque(a.k_new) + own_row, c0, half, k_own, k_other);
+                    v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + own_row + c0);
+                }
+                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // again: held through the loop, they spill
+                rotate_chunk<T>(k_own, k_other, c0, half, sn, cs, kf);
+                unpack16<T>(v_own, vf);
 #pragma unroll
                 for (int i = 0; i < V; i++) s += qv[i] * kf[i];
             }
@@ -231,7 +259,7 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                 attend<V>(s, vf, m, l, acc);
                 if (h % (a.heads / a.kv_heads) == 0)
                 {
-                    long long dst = (long long)start * kv_dim + row + c0;
+                    long long dst = (long long)start * kv_dim + own_row + c0;
 #pragma unroll
                     for (int i = 0; i < V; i++) { a.k_append[dst + i] = from_f32<T>(kf[i]); a.v_append[dst + i] = from_f32<T>(vf[i]); }
                 }
@@ -293,13 +321,13 @@ template <typename T>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
-    int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
+    int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale, int max_rounds)
 {
     allow_dependents_launch();
     __shared__ DecodeGroupShared sh;
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
-        head_dim, window, scale};
+        head_dim, window, scale, max_rounds};
     attend_share<T>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y, GridDependencyWait());
 }
 
