@@ -222,14 +222,6 @@ internal static class InferenceBench
             try { byRounds.Add($"up to {r} rounds of keys {Decode(graphs: true):F1} tok/s"); }
             finally { dev.DecodeRoundsPerShare = engineRounds; }
         }
-        // Streamed GEMVs on fewer blocks per SM than fit (CudaDevice.StreamedGemvBlocksPerSM): room for the next kernel's blocks.
-        double Streamed(bool? everywhere, int? blocksPerSM)
-        {
-            (dev.StreamGemvs, dev.StreamedGemvBlocksPerSM) = (everywhere, blocksPerSM);
-            try { return Decode(graphs: true); }
-            finally { (dev.StreamGemvs, dev.StreamedGemvBlocksPerSM) = (null, null); }
-        }
-        double streamedAllFit = Streamed(true, null), streamedAllOne = Streamed(true, 1), timedOne = Streamed(null, 1);
         Ablation? without = null;
         if (ablations)
         {
@@ -261,8 +253,6 @@ internal static class InferenceBench
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with attention shares of {string.Join(", ", byRounds)}; up to {engineRounds} (the engine's) " +
                           $"{graph:F1} tok/s (CudaDevice.DecodeRoundsPerShare)");
-        Console.WriteLine($"{name}: decode (graphs) with every GEMV streamed on as many blocks per SM as fit {streamedAllFit:F1} tok/s, on 1 block per SM " +
-                          $"{streamedAllOne:F1} tok/s; forms timed per shape with streamed ones on 1 block per SM {timedOne:F1} tok/s (CudaDevice.StreamedGemvBlocksPerSM)");
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; with no GEMV streamed {graphBlockGemvs:F1} tok/s, the engine's forms " +

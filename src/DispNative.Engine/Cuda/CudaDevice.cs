@@ -352,16 +352,6 @@ public sealed unsafe class CudaDevice : IDisposable
     /// forms give the same bits. True or false: that form everywhere (benchmarks).</summary>
     public bool? StreamGemvs { get; set; }
 
-    /// <summary>Null (the default): a streamed GEMV runs as many blocks per SM as fit; a number: at most that many
-    /// (then the kernel after it, launched early, finds registers left on each SM for its blocks; benchmarks).</summary>
-    public int? StreamedGemvBlocksPerSM
-    {
-        get => _streamedGemvBlocksPerSM;
-        set => _streamedGemvBlocksPerSM = value is null or >= 1 ? value
-            : throw new ArgumentOutOfRangeException(nameof(StreamedGemvBlocksPerSM), value, "a streamed GEMV runs at least one block per SM");
-    }
-    private int? _streamedGemvBlocksPerSM;
-
     /// <summary>The split-KV decode attention, merged by its last block, splits a head's keys into as few shares as keep
     /// each within this many rounds of loads (DECODE_UNROLL steps of its warps: 64 keys at head_dim 128 in bf16), up to
     /// the grid's splits (<see cref="CudaOps.DecodeSplits"/>); fewer shares, fewer merges. Default 1.</summary>
@@ -453,7 +443,7 @@ public sealed unsafe class CudaDevice : IDisposable
         int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
         var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
         var form = candidates[0];
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{StreamedGemvBlocksPerSM}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs}";
         if (candidates.Length > 1)
         {
             if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
@@ -465,10 +455,8 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
     {
-        // A streamed kernel runs on as many blocks as are resident (a fused decode norm's: as many as its other form), at
-        // most StreamedGemvBlocksPerSM.
-        if (form.Streamed)
-            g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : StreamedGemvBlocksPerSM ?? int.MaxValue };
+        // A streamed kernel runs on as many blocks as are resident (a fused decode norm's: as many as its other form).
+        if (form.Streamed) g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
         string entry = $"{g.Name}_u{form.Unroll}";   // the callers' names are checked by CudaTests (LaunchGemv)
         uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
         if (g.BlocksPerSM > 0)
