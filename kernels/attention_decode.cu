@@ -6,9 +6,9 @@
 #define ATTENTION_DECODE(T, S) \
     extern "C" __global__ __launch_bounds__(DECODE_WARPS * 32, 4) void attention_decode_split_##S(const T* q, const T* kc, const T* vc, T* out, float* partial, unsigned* arrivals, \
         const T* k_new, const T* v_new, const float* inv_freq, T* k_append, T* v_append, int start, const int* position, int heads, \
-        int kv_heads, int head_dim, int window, float scale, int max_rounds) \
+        int kv_heads, int head_dim, int window, float scale) \
     { attention_decode_split<T>(q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, position, heads, \
-        kv_heads, head_dim, window, scale, max_rounds); } \
+        kv_heads, head_dim, window, scale); } \
     extern "C" __global__ void attention_decode_combine_##S(const float* partial, T* out, int splits, int head_dim) \
     { attention_decode_combine<T>(partial, out, splits, head_dim); } \
     extern "C" __global__ void attention_decode_naive_##S(const T* q, const T* kc, const T* vc, T* out, int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale) \

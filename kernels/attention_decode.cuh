@@ -9,9 +9,9 @@
 // the last block of the head to finish (arrivals set: a per-head counter that block counts up and resets to zero, so
 // the launch after it finds it zero again) or by a second kernel, attention_decode_combine (arrivals null). Both merge
 // the shares in index order, so the output does not depend on which block finishes last. Merged by the last block,
-// the keys are split into as few shares as keep each within max_rounds rounds of loads (up to the grid's splits; a
-// captured step's grid is for the cache's capacity): a short context uses one block per head and no merge. Needs
-// head_dim a multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
+// the keys are split into as few shares as keep each within one round of loads (up to the grid's splits; a captured
+// step's grid is for the cache's capacity): a short context uses one block per head and no merge. Needs head_dim a
+// multiple of 16 / sizeof(T) and 16-byte aligned q and caches (the caller checks).
 //
 // With inv_freq set the kernel also does decode's RoPE and cache append (rope.cu's rope_kv_append, one launch fewer):
 // q arrives unrotated and every block rotates its head's q; the step's own key and value (position start) come from
@@ -98,6 +98,7 @@ struct DecodeGroupShared
 {
     float wm[DECODE_WARPS], wl[DECODE_WARPS];
     float wacc[DECODE_WARPS][MAX_HEAD_DIM];
+    int used;   // the shares used: read back after the key loop rather than held in a register through it
     bool last;
 };
 
@@ -111,7 +112,6 @@ struct DecodeAttention
     const T* k_new; const T* v_new; const float* inv_freq; T* k_append; T* v_append;
     int start, heads, kv_heads, head_dim, window;
     float scale;
-    int max_rounds;   // merged by the last block: keys per share at most this many rounds of loads, if the grid allows
 };
 
 // No wait: the inputs are already visible (the persistent decode kernel's barrier came before).
@@ -154,10 +154,10 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     const int step = DECODE_WARPS * per_warp;
     int first = a.window > 0 ? max(0, start - a.window + 1) : 0, keys = start - first + 1;
     // The shares used (see the file comment); the rest of the grid has nothing to do.
-    int per_share = step * DECODE_UNROLL * a.max_rounds;
-    int used = a.arrivals ? min(splits, (keys + per_share - 1) / per_share) : splits;
+    int used = a.arrivals ? min(splits, (keys + step * DECODE_UNROLL - 1) / (step * DECODE_UNROLL)) : splits;
     active = active && split < used;
     int share = (keys + used - 1) / used;
+    if (t == 0) sh.used = used;
     int kbeg = first + split * share, kend = min(start + 1, kbeg + share);
 
     bool rope = a.inv_freq != nullptr;
@@ -174,7 +174,7 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         for (int u = 0; u < DECODE_UNROLL; u++)
         {
             int key = base + slot + u * step;
-            if (active && has && key < loop_end)
+            if (has && key < loop_end)
             {
                 kr[u] = *reinterpret_cast<const uint4*>(kc + (long long)key * kv_dim + col);
                 vr[u] = *reinterpret_cast<const uint4*>(vc + (long long)key * kv_dim + col);
@@ -187,31 +187,40 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     if (early)
     {
         load_round();
-        if (active && has) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
+        // inv_freq through opaque(): read through a __restrict__ pointer, its loads would be non-coherent (ld.global.nc),
+        // which ptxas may move past the wait (common.cuh).
+        if (active && has) rope_angles<T>(c0, half, (float)start, opaque(a.inv_freq), sn, cs);
     }
     wait();
-    kc = opaque(kc);
-    vc = opaque(vc);
+    if (Wait::loads_first)   // later rounds (and, without RoPE fused, the first) load after the wait, and stay there
+    {
+        kc = opaque(kc);
+        vc = opaque(vc);
+    }
     if (active)
     {
-        if (!early && has && rope) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
         const T* q = opaque(a.q);
         // The step's own key (and value), scored after the share's keys by slot 0 of warp 0 of the block whose share
         // ends there (the whole warp shuffles) and appended once per KV head. Loading first, its loads go with q's.
-        bool own_key = rope && warp == 0 && kbeg <= start && start < kend;   // uniform over the warp
-        long long own_row = (long long)kvh * head_dim;
+        auto own_key = [&] { return rope && warp == 0 && kbeg <= start && start < kend; };   // uniform over the warp
         uint4 k_own, k_other, v_own;
-        if (early && own_key && has)
+        if (early && own_key() && has)
         {
-            load_rope_pair<T>(opaque(a.k_new) + own_row, c0, half, k_own, k_other);
-            v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + own_row + c0);
+            load_rope_pair<T>(opaque(a.k_new) + (long long)kvh * head_dim, c0, half, k_own, k_other);
+            v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + (long long)kvh * head_dim + c0);
         }
         float qv[V], acc[V];
         if (has && rope)
         {
             uint4 q_own, q_other;
             load_rope_pair<T>(q + (long long)h * head_dim, c0, half, q_own, q_other);
-            rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
+            if (!early)
+            {
+                float qs[V], qc[V];
+                rope_angles<T>(c0, half, (float)start, a.inv_freq, qs, qc);
+                rotate_chunk<T>(q_own, q_other, c0, half, qs, qc, qv);
+            }
+            else rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
         }
         else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
@@ -237,8 +246,9 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                 }
             }
         }
-        if (own_key)
+        if (own_key())
         {
+            long long own_row = (long long)kvh * head_dim;
             float kf[V], vf[V], s = 0.f;
             if (has)
             {
@@ -284,6 +294,7 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         }
     }
     __syncthreads();
+    used = sh.used;
     float* part = a.partial + ((long long)h * splits + split) * (head_dim + 2);
     if (active)
     {
@@ -321,13 +332,13 @@ template <typename T>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
-    int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale, int max_rounds)
+    int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     allow_dependents_launch();
     __shared__ DecodeGroupShared sh;
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
-        head_dim, window, scale, max_rounds};
+        head_dim, window, scale};
     attend_share<T>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y, GridDependencyWait());
 }
 

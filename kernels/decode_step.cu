@@ -63,7 +63,7 @@ struct StepSync
 template <int U, typename T>
 __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_layers, float* x, T* q, T* k_new, T* v_new, T* att, T* gate,
     const float* __restrict__ inv_freq, float* partial, unsigned* arrivals, unsigned* barrier, int start, int d, int heads, int kv_heads,
-    int head_dim, int window, int splits, float scale, float eps, int max_rounds)
+    int head_dim, int window, int splits, float scale, float eps)
 {
     __shared__ DecodeGroupShared groups[2];
     StepBarrier bar{barrier, x, 0u, true, true};
@@ -86,7 +86,7 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
         bar.arrive();
         bar.wait();
         DecodeAttention<T> a{opaque(q), opaque(k_cache), opaque(v_cache), att, opaque(partial), opaque(arrivals), opaque(k_new), opaque(v_new),
-            inv_freq, static_cast<T*>(L.k_cache), static_cast<T*>(L.v_cache), start, heads, kv_heads, head_dim, window, scale, max_rounds};
+            inv_freq, static_cast<T*>(L.k_cache), static_cast<T*>(L.v_cache), start, heads, kv_heads, head_dim, window, scale};
         int items = heads * splits;
         for (int base = 2 * blockIdx.x; base < items; base += 2 * gridDim.x)   // the same trips for the whole block
         {
@@ -108,9 +108,9 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
 #define DECODE_LAYERS_U(T, S, U) \
     extern "C" __global__ __launch_bounds__(256) void decode_layers_##S##_u##U(const DecodeLayer* layers, int n_layers, float* x, T* q, \
         T* k_new, T* v_new, T* att, T* gate, const float* inv_freq, float* partial, unsigned* arrivals, unsigned* barrier, int start, int d, \
-        int heads, int kv_heads, int head_dim, int window, int splits, float scale, float eps, int max_rounds) \
+        int heads, int kv_heads, int head_dim, int window, int splits, float scale, float eps) \
     { decode_layers<U, T>(layers, n_layers, x, q, k_new, v_new, att, gate, inv_freq, partial, arrivals, barrier, start, d, heads, kv_heads, \
-        head_dim, window, splits, scale, eps, max_rounds); }
+        head_dim, window, splits, scale, eps); }
 // Unrolls 8 and 12 (CudaLlama.PersistentDecodeUnrolls): each entry holds all of a layer's phases in registers (ptxas 11.8,
 // sm_90: 217 and 249 per thread, one block of 256 per SM); at 16 it spilled. f32 and bf16 only
 // (CudaLlama.PersistentDecodeShape); NVRTC compiles the file whole on first use.

@@ -157,9 +157,6 @@ internal static class InferenceBench
 
     /// <param name="ablations">Also times decode without the norms, without attention and with neither, and prefill
     /// without attention (<see cref="CudaLlama.SkipForTiming"/>).</param>
-    /// <summary>The decode attention's rounds of keys per share timed besides the engine's.</summary>
-    private static readonly int[] DecodeRoundsTimed = [1, 2, 4];
-
     private static Result Measure(CudaDevice dev, ModelConfig config, string name, double keep, int prefillTokens, int decodeTokens, bool profile,
         bool ablations, int? padding = null)
     {
@@ -213,15 +210,6 @@ internal static class InferenceBench
         dev.StreamGemvs = false;   // the baseline of the streamed GEMVs: none (a block per 8 rows; the fused norms' rows looped over)
         double graphBlockGemvs = Decode(graphs: true);
         dev.StreamGemvs = null;
-        // The decode attention's shares of up to R rounds of keys (CudaDevice.DecodeRoundsPerShare): fewer merges, longer shares.
-        int engineRounds = dev.DecodeRoundsPerShare;
-        var byRounds = new List<string>();
-        foreach (int r in DecodeRoundsTimed.Where(r => r != engineRounds))
-        {
-            dev.DecodeRoundsPerShare = r;
-            try { byRounds.Add($"up to {r} rounds of keys {Decode(graphs: true):F1} tok/s"); }
-            finally { dev.DecodeRoundsPerShare = engineRounds; }
-        }
         Ablation? without = null;
         if (ablations)
         {
@@ -251,8 +239,6 @@ internal static class InferenceBench
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm})");
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
-        Console.WriteLine($"{name}: decode (graphs) with attention shares of {string.Join(", ", byRounds)}; up to {engineRounds} (the engine's) " +
-                          $"{graph:F1} tok/s (CudaDevice.DecodeRoundsPerShare)");
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; with no GEMV streamed {graphBlockGemvs:F1} tok/s, the engine's forms " +

@@ -352,17 +352,6 @@ public sealed unsafe class CudaDevice : IDisposable
     /// forms give the same bits. True or false: that form everywhere (benchmarks).</summary>
     public bool? StreamGemvs { get; set; }
 
-    /// <summary>The split-KV decode attention, merged by its last block, splits a head's keys into as few shares as keep
-    /// each within this many rounds of loads (DECODE_UNROLL steps of its warps: 64 keys at head_dim 128 in bf16), up to
-    /// the grid's splits (<see cref="CudaOps.DecodeSplits"/>); fewer shares, fewer merges. Default 1.</summary>
-    public int DecodeRoundsPerShare
-    {
-        get => _decodeRoundsPerShare;
-        set => _decodeRoundsPerShare = value >= 1 ? value
-            : throw new ArgumentOutOfRangeException(nameof(DecodeRoundsPerShare), value, "a share holds at least one round of keys");
-    }
-    private int _decodeRoundsPerShare = 1;
-
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
 

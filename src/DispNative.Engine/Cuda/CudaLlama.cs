@@ -713,8 +713,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
             _ops.FillConstant(state.Barrier, 0f);
             d.LaunchCooperative("decode_step", Entry(form.Unroll), (grid, 1, 1), (PersistentDecodeThreads, 1, 1), sharedBytes,
                 state.Layers, c.NumLayers, a.X, a.Q, a.K, a.V, a.Att, a.Gate, _invFreq, scratch.States, scratch.Counters, state.Barrier,
-                start, c.HiddenSize, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow ?? 0, splits, 1f / MathF.Sqrt(c.HeadDim), c.RmsNormEps,
-                d.DecodeRoundsPerShare);
+                start, c.HiddenSize, c.NumHeads, c.NumKvHeads, c.HeadDim, c.SlidingWindow ?? 0, splits, 1f / MathF.Sqrt(c.HeadDim), c.RmsNormEps);
         }
         if (d.GemvUnroll is int forced)
         {

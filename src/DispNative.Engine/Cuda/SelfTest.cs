@@ -75,9 +75,6 @@ public static class SelfTest
             new("attention decode bf16 split-KV, combine kernel (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, decode: DecodeKernel.SplitKvCombineKernel)),
             new("attention decode bf16 split-KV, 200-key shares (several steps per block; position 1500 of 2048)", dev => Attention(dev, 1, 1500, 4, 4, 128, null, DType.BF16, capacity: 2048, keysPerSplit: 200)),
             new("attention decode f32 split-KV, 64 shares (position 5000 of 8192, heads 2/1, head_dim 64)", dev => Attention(dev, 1, 5000, 2, 1, 64, null, capacity: 8192)),
-            new("attention decode bf16 split-KV, shares of up to 2 and 3 rounds of keys (position 1500 of 4096, heads 4/2, head_dim 128)",
-                dev => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096, roundsPerShare: 2) + "; "
-                    + Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096, roundsPerShare: 3)),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -795,7 +792,7 @@ public static class SelfTest
     /// one scratch, as the layers of a decode step share it: both outputs must match and its arrival counters be zero.</summary>
     private static string Attention(CudaDevice dev, int tq, int start, int heads, int kvHeads, int hd, int? window, DType dtype = DType.F32,
         PrefillKernel? prefill = null, int? capacity = null, DecodeKernel decode = DecodeKernel.SplitKv, int keysPerSplit = CudaOps.DecodeKeysPerSplit,
-        float keyGrowth = 0, int? roundsPerShare = null)
+        float keyGrowth = 0)
     {
         var rng = new Rng(9);
         int total = start + tq, rows = capacity ?? total, qd = heads * hd, kvd = kvHeads * hd;
@@ -816,33 +813,27 @@ public static class SelfTest
             ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, prefill, decode: decode);
             return Compare(dev.Download(o), want, tolerance);
         }
-        int engineRounds = dev.DecodeRoundsPerShare;
-        dev.DecodeRoundsPerShare = roundsPerShare ?? engineRounds;
-        try
-        {
-            using var scratch = ops.NewDecodeScratch(heads, hd);
-            ops.FillConstant(scratch.Tensor, float.NaN);
-            ops.FillConstant(scratch.Tensor, 0, scratch.CountersOffset);
-            ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
-            var first = dev.Download(o);
-            // The shares used wrote their states (where more than one), the rest of the grid nothing.
-            bool split = hd % (16 / dtype.Size()) == 0;
-            int grid = CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit), visible = Math.Min(start + 1, window ?? int.MaxValue);
-            int used = decode == DecodeKernel.SplitKv ? CudaOps.DecodeSharesUsed(visible, grid, hd, dtype, dev.DecodeRoundsPerShare) : grid;
-            var states = dev.Download(scratch.Tensor);
-            for (int h = 0; split && grid > 1 && h < heads; h++)
-                for (int sp = 0; sp < grid; sp++)
-                    if (float.IsNaN(states[((long)h * grid + sp) * (hd + 2) + hd + 1]) != (used == 1 || sp >= used))
-                        throw new Mismatch($"head {h}, share {sp} of {grid}: its state is {(sp < used && used > 1 ? "not written" : "written")}, with {used} shares used");
-            ops.FillConstant(o, float.NaN);
-            ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
-            if (!dev.Download(o).AsSpan().SequenceEqual(first)) throw new Mismatch("a second decode with the same scratch gives another output");
-            var counters = dev.Download(scratch.Tensor).AsSpan((int)(scratch.Tensor.Length - heads));
-            for (int h = 0; h < heads; h++)
-                if (BitConverter.SingleToUInt32Bits(counters[h]) is var n and not 0) throw new Mismatch($"head {h}'s arrival counter is {n} after the decode, not 0");
-            return (split ? $"{used} of {grid} shares, " : "") + Compare(first, want, tolerance);
-        }
-        finally { dev.DecodeRoundsPerShare = engineRounds; }
+        using var scratch = ops.NewDecodeScratch(heads, hd);
+        ops.FillConstant(scratch.Tensor, float.NaN);
+        ops.FillConstant(scratch.Tensor, 0, scratch.CountersOffset);
+        ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
+        var first = dev.Download(o);
+        // The shares used wrote their states (where more than one), the rest of the grid nothing.
+        bool split = hd % (16 / dtype.Size()) == 0;
+        int grid = CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit), visible = Math.Min(start + 1, window ?? int.MaxValue);
+        int used = decode == DecodeKernel.SplitKv ? CudaOps.DecodeSharesUsed(visible, grid, hd, dtype) : grid;
+        var states = dev.Download(scratch.Tensor);
+        for (int h = 0; split && grid > 1 && h < heads; h++)
+            for (int sp = 0; sp < grid; sp++)
+                if (float.IsNaN(states[((long)h * grid + sp) * (hd + 2) + hd + 1]) != (used == 1 || sp >= used))
+                    throw new Mismatch($"head {h}, share {sp} of {grid}: its state is {(sp < used && used > 1 ? "not written" : "written")}, with {used} shares used");
+        ops.FillConstant(o, float.NaN);
+        ops.Attention(tq_, tk, tv, o, tq, start, heads, kvHeads, hd, window, decodeScratch: scratch, decode: decode, decodeKeysPerSplit: keysPerSplit);
+        if (!dev.Download(o).AsSpan().SequenceEqual(first)) throw new Mismatch("a second decode with the same scratch gives another output");
+        var counters = dev.Download(scratch.Tensor).AsSpan((int)(scratch.Tensor.Length - heads));
+        for (int h = 0; h < heads; h++)
+            if (BitConverter.SingleToUInt32Bits(counters[h]) is var n and not 0) throw new Mismatch($"head {h}'s arrival counter is {n} after the decode, not 0");
+        return (split ? $"{used} of {grid} shares, " : "") + Compare(first, want, tolerance);
     }
 
     private static string Fill(CudaDevice dev)
