@@ -134,8 +134,8 @@ struct GridDependencyWait
 // wait() makes the earlier kernel's outputs visible (q, k_new, v_new; the partial states and arrivals of the merge).
 // With RoPE fused, the keys the share reads from the caches precede this step's (no kernel of the step writes them),
 // so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
-// the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits. (In
-// decode_step.cu, which waits at a barrier before, loading first only adds registers: they spill there.)
+// the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits.
+// (decode_step.cu has passed its grid barrier before it calls this: it loads nothing first.)
 template <typename T, typename Wait = NoWait>
 __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared& sh, int h, int split, int splits,
     Wait wait = Wait())
@@ -257,7 +257,8 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                     load_rope_pair<T>(opaque(a.k_new) + own_row, c0, half, k_own, k_other);
                     v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + own_row + c0);
                 }
-                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // again: held through the loop, they spill
+                // The angles again: held through the key loop, they spilled under the 128-register bound.
+                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
                 rotate_chunk<T>(k_own, k_other, c0, half, sn, cs, kf);
                 unpack16<T>(v_own, vf);
 #pragma unroll
