@@ -214,13 +214,8 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         {
             uint4 q_own, q_other;
             load_rope_pair<T>(q + (long long)h * head_dim, c0, half, q_own, q_other);
-            if (!early)
-            {
-                float qs[V], qc[V];
-                rope_angles<T>(c0, half, (float)start, a.inv_freq, qs, qc);
-                rotate_chunk<T>(q_own, q_other, c0, half, qs, qc, qv);
-            }
-            else rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
+            if (!early) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // after q's loads: before them, it spilled
+            rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
         }
         else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
