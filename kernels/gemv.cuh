@@ -303,8 +303,8 @@ __device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, 
 // Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu; streamed: the
 // gemv_streamed_* kernels with a NormalizedInput): every block normalizes the f32 residual row x into shared memory
 // itself - h[j] = x[idx[j]] / rms(x) * gamma[idx[j]] for j < width, zero to k - and its warps then stream weight rows
-// against h, several rows each (a grid of a few resident blocks per SM,
-// CudaDevice.PersistentBlocksPerSM, so the row is normalized that many times per SM). No launch of the norm, no h
+// against h, several rows each (a grid of a few resident blocks per SM, CudaDevice.PersistentBlocksPerSM, so the row
+// is normalized that many times per SM). No launch of the norm, no h
 // written to memory and read back; before the grid-dependency wait a block loads its first weight rows and the
 // norm's idx and gamma.
 // The arithmetic repeats rmsnorm_gather's as the engine launches it with norm_threads threads: each of those

@@ -464,11 +464,11 @@ public class NvrtcTests
     /// (<c>mov.u64 %rdB, __cudart_…</c>, then <c>add.s64 %rdA, %rdB, %rdC</c> or %rdB itself).</summary>
     private static List<string> NonCoherentLoadsOfItsOwn(string ptx)
     {
-        static System.Text.RegularExpressions.MatchCollection rx(string text, string pattern) => System.Text.RegularExpressions.Regex.Matches(text, pattern);
-        var tables = rx(ptx, @"mov\.u64\s+(%rd\d+),\s*__cudart_\w+").Select(m => m.Groups[1].Value).ToHashSet();
-        foreach (System.Text.RegularExpressions.Match add in rx(ptx, @"add\.s64\s+(%rd\d+),\s*(%rd\d+),\s*(%rd\d+)"))
+        static System.Text.RegularExpressions.MatchCollection Matches(string text, string pattern) => System.Text.RegularExpressions.Regex.Matches(text, pattern);
+        var tables = Matches(ptx, @"mov\.u64\s+(%rd\d+),\s*__cudart_\w+").Select(m => m.Groups[1].Value).ToHashSet();
+        foreach (System.Text.RegularExpressions.Match add in Matches(ptx, @"add\.s64\s+(%rd\d+),\s*(%rd\d+),\s*(%rd\d+)"))
             if (tables.Contains(add.Groups[2].Value) || tables.Contains(add.Groups[3].Value)) tables.Add(add.Groups[1].Value);
-        return rx(ptx, @"ld\.global\.nc[^\n]*\[(%rd\d+)[^\]]*\]").Where(m => !tables.Contains(m.Groups[1].Value)).Select(m => m.Value).ToList();
+        return Matches(ptx, @"ld\.global\.nc[^\n]*\[(%rd\d+)[^\]]*\]").Where(m => !tables.Contains(m.Groups[1].Value)).Select(m => m.Value).ToList();
     }
 
     /// <summary>The persistent decode kernel reads, after a grid barrier, what other blocks wrote in an earlier phase of

@@ -390,14 +390,14 @@ public static class SelfTest
             Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
     }
 
-    /// <summary>Each GEMV kernel (plain, q/k/v, gate/up + SwiGLU, index-add) at each compiled unroll: unroll 8 matches the
-    /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll,
-    /// the index-add into the residual it then restores) give them too.</summary>
     /// <summary>The first index where <paramref name="a"/> and <paramref name="b"/> differ in their bits, or -1 where
     /// none does (over <paramref name="a"/>'s length).</summary>
     private static int FirstBitDifference(float[] a, float[] b) =>
         Enumerable.Range(0, a.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(a[i]) != BitConverter.SingleToInt32Bits(b[i]), -1);
 
+    /// <summary>Each GEMV kernel (plain, q/k/v, gate/up + SwiGLU, index-add) at each compiled unroll: unroll 8 matches the
+    /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll,
+    /// the index-add into the residual it then restores) give them too.</summary>
     private static string GemvUnrolls(CudaDevice dev, DType dtype, int[] ks)
     {
         const int nq = 40, nkv = 24, mid = 50, d = 60, n = 33;
