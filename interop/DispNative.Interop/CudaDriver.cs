@@ -37,6 +37,8 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<ulong*, nuint, int> cuMemAlloc;
         public readonly delegate* unmanaged<ulong, int> cuMemFree;
         public readonly delegate* unmanaged<void**, nuint, int> cuMemAllocHost;
+        public readonly delegate* unmanaged<void**, nuint, uint, int> cuMemHostAlloc;
+        public readonly delegate* unmanaged<ulong*, void*, uint, int> cuMemHostGetDevicePointer;
         public readonly delegate* unmanaged<void*, int> cuMemFreeHost;
         public readonly delegate* unmanaged<ulong, void*, nuint, nint, int> cuMemcpyHtoDAsync;
         public readonly delegate* unmanaged<void*, ulong, nuint, nint, int> cuMemcpyDtoHAsync;
@@ -85,6 +87,8 @@ public static unsafe class CudaDriver
             cuMemAlloc = (delegate* unmanaged<ulong*, nuint, int>)lib.Export("cuMemAlloc_v2");
             cuMemFree = (delegate* unmanaged<ulong, int>)lib.Export("cuMemFree_v2");
             cuMemAllocHost = (delegate* unmanaged<void**, nuint, int>)lib.Export("cuMemAllocHost_v2");
+            cuMemHostAlloc = (delegate* unmanaged<void**, nuint, uint, int>)lib.Export("cuMemHostAlloc");
+            cuMemHostGetDevicePointer = (delegate* unmanaged<ulong*, void*, uint, int>)lib.Export("cuMemHostGetDevicePointer_v2");
             cuMemFreeHost = (delegate* unmanaged<void*, int>)lib.Export("cuMemFreeHost");
             cuMemcpyHtoDAsync = (delegate* unmanaged<ulong, void*, nuint, nint, int>)lib.Export("cuMemcpyHtoDAsync_v2");
             cuMemcpyDtoHAsync = (delegate* unmanaged<void*, ulong, nuint, nint, int>)lib.Export("cuMemcpyDtoHAsync_v2");
@@ -171,6 +175,19 @@ public static unsafe class CudaDriver
     public static void Free(ulong ptr) => Check(A.cuMemFree(ptr), "cuMemFree");
     public static void* AllocHost(long bytes) { void* p; Check(A.cuMemAllocHost(&p, (nuint)bytes), $"cuMemAllocHost({bytes} bytes)"); return p; }
     internal static int FreeHost(void* p) => A.cuMemFreeHost(p);
+
+    /// <summary>Pinned host memory mapped into the device's address space (CU_MEMHOSTALLOC_DEVICEMAP): kernels write
+    /// it directly; freed with <see cref="FreeHost"/>.</summary>
+    public static void* AllocMappedHost(long bytes)
+    {
+        void* p; Check(A.cuMemHostAlloc(&p, (nuint)bytes, 0x02), $"cuMemHostAlloc({bytes} bytes, DEVICEMAP)"); return p;
+    }
+
+    /// <summary>The device's address of mapped pinned memory (<see cref="AllocMappedHost"/>).</summary>
+    public static ulong MappedDevicePointer(void* host)
+    {
+        ulong d; Check(A.cuMemHostGetDevicePointer(&d, host, 0), "cuMemHostGetDevicePointer"); return d;
+    }
 
     public static void CopyHtoD(ulong dst, void* src, long bytes, nint stream) => Check(A.cuMemcpyHtoDAsync(dst, src, (nuint)bytes, stream), "cuMemcpyHtoDAsync");
     public static void CopyDtoH(void* dst, ulong src, long bytes, nint stream) => Check(A.cuMemcpyDtoHAsync(dst, src, (nuint)bytes, stream), "cuMemcpyDtoHAsync");

@@ -43,11 +43,19 @@ public sealed class CudaEventHandle : SafeHandle
     protected override bool ReleaseHandle() => CudaDriver.EventDestroy(handle) == 0;
 }
 
-/// <summary>Page-locked host memory for fast, asynchronous host↔device copies.</summary>
+/// <summary>Page-locked host memory for fast, asynchronous host↔device copies; <paramref name="mapped"/>: also in the
+/// device's address space (<see cref="DevicePointer"/>), for kernels to write results the host reads after an event.</summary>
 public sealed unsafe class PinnedHostBuffer : SafeHandle
 {
     public long Bytes { get; }
-    public PinnedHostBuffer(long bytes) : base(0, true) { Bytes = bytes; SetHandle((nint)CudaDriver.AllocHost(bytes)); }
+    /// <summary>Where kernels address the buffer; 0 unless it was allocated mapped.</summary>
+    public ulong DevicePointer { get; }
+    public PinnedHostBuffer(long bytes, bool mapped = false) : base(0, true)
+    {
+        Bytes = bytes;
+        SetHandle((nint)(mapped ? CudaDriver.AllocMappedHost(bytes) : CudaDriver.AllocHost(bytes)));
+        if (mapped) DevicePointer = CudaDriver.MappedDevicePointer((void*)handle);
+    }
     public override bool IsInvalid => handle == 0;
     public void* Pointer => (void*)handle;
     protected override bool ReleaseHandle() => CudaDriver.FreeHost((void*)handle) == 0;

@@ -289,6 +289,63 @@ public class ForwardTests
         Assert.That(Generator.ArgMax([5f, 5f]), Is.EqualTo(0));
     }
 
+    /// <summary>A model that decodes greedily "on its device" (<see cref="IGreedyDecoding"/>): the CPU model underneath,
+    /// each decoder step its forward and argmax; it counts what the generator asked of it.</summary>
+    private sealed class DeviceGreedy(LlamaModel cpu) : ICausalLanguageModel, IGreedyDecoding
+    {
+        private ICausalLanguageModel Cpu => cpu;
+        public readonly List<(int First, int Steps)> Started = [];
+        public int Read, Disposed;
+        public ModelConfig Config => cpu.Config;
+        public string DeviceName => "fake device";
+        public IInferenceCache NewCache(int capacity) => cpu.NewCache(capacity);
+        public float[] Forward(ReadOnlySpan<int> tokens, IInferenceCache cache, bool lastOnly = false) => Cpu.Forward(tokens, cache, lastOnly);
+
+        public IGreedyDecoder DecodeGreedy(IInferenceCache cache, int firstToken, int steps)
+        {
+            Started.Add((firstToken, steps));
+            return new Decoder(this, cache, firstToken, steps);
+        }
+
+        private sealed class Decoder(DeviceGreedy owner, IInferenceCache cache, int token, int steps) : IGreedyDecoder
+        {
+            public int Next()
+            {
+                Assert.That(steps-- > 0, "read past the steps asked for");
+                owner.Read++;
+                return token = Generator.ArgMax(owner.Forward([token], cache, lastOnly: true));
+            }
+            public void Dispose() => owner.Disposed++;
+        }
+    }
+
+    [Test]
+    public void GreedyGeneration_ThroughADeviceDecoder_GivesTheHostsTokens_StopsAtEos_AndDisposesIt()
+    {
+        var m = Tiny();
+        int[] prompt = [1, 40, 41];
+        const int n = 12;
+        var want = Generator.Generate(m, prompt, n, new SamplingOptions());
+        var device = new DeviceGreedy(m.Model);
+        var viaDevice = m with { Runner = device };
+        Assert.That(Generator.Generate(viaDevice, prompt, n, new SamplingOptions()), Is.EqualTo(want));
+        // The first token from the prompt's logits on the host, the other n - 1 from one decoder, disposed at the end.
+        Assert.That(device.Started, Is.EqualTo(new[] { (want[prompt.Length], n - 1) }));
+        Assert.That((device.Read, device.Disposed), Is.EqualTo((n - 1, 1)));
+
+        // An EOS among the decoder's tokens ends the generation there (the EOS included); so does a consumer that stops.
+        int eosAt = Enumerable.Range(prompt.Length + 2, n - 2).First(i => want[..i].All(t => t != want[i]));
+        var withEos = viaDevice with { Config = m.Config with { EosTokenIds = [want[eosAt]] } };
+        Assert.That(Generator.Generate(withEos, prompt, n, new SamplingOptions()), Is.EqualTo(want[..(eosAt + 1)]));
+        Assert.That(device.Disposed, Is.EqualTo(2));
+        Assert.That(Generator.Stream(viaDevice, prompt, n, new SamplingOptions()).Take(4), Is.EqualTo(want[prompt.Length..(prompt.Length + 4)]));
+        Assert.That((device.Started.Count, device.Disposed), Is.EqualTo((3, 3)));
+        // Sampling, and a single new token, need no decoder.
+        Generator.Generate(viaDevice, prompt, n, new SamplingOptions(false, 1.5f, 0.95f, 42));
+        Generator.Generate(viaDevice, prompt, 1, new SamplingOptions());
+        Assert.That(device.Started.Count, Is.EqualTo(3));
+    }
+
     [Test]
     public void Sampling_IsSeededAndRespectsTopP()
     {

@@ -228,6 +228,20 @@ public sealed unsafe class CudaDevice : IDisposable
         if (destination.Length != t.Length) throw new ArgumentException($"{destination.Length} values cannot hold a tensor of {t.Length}");
         MakeCurrent();
         if (t.DType != DType.F32) { using var f = Convert(t, DType.F32); Download(f, destination); return; }
+        new ReadOnlySpan<float>(Stage(t), destination.Length).CopyTo(destination);
+    }
+
+    /// <summary>Downloads an i32 tensor (waits for the stream).</summary>
+    public int[] DownloadInts(DeviceTensor t)
+    {
+        if (t.DType != DType.I32) throw new ArgumentException($"a {t.DType} tensor is not i32");
+        MakeCurrent();
+        return new ReadOnlySpan<int>(Stage(t), (int)t.Length).ToArray();
+    }
+
+    /// <summary>The tensor's bytes in the pinned staging buffer, once the stream has run to here.</summary>
+    private void* Stage(DeviceTensor t)
+    {
         if (_staging == null || _staging.Bytes < t.Bytes)
         {
             _staging?.Dispose();
@@ -235,7 +249,7 @@ public sealed unsafe class CudaDevice : IDisposable
         }
         CudaDriver.CopyDtoH(_staging.Pointer, t.Pointer, t.Bytes, Stream.DangerousGetHandle());
         Stream.Synchronize();
-        new ReadOnlySpan<float>(_staging.Pointer, destination.Length).CopyTo(destination);
+        return _staging.Pointer;
     }
 
     public static string Suffix(DType t) => t switch
@@ -321,7 +335,8 @@ public sealed unsafe class CudaDevice : IDisposable
     public static bool WaitsForGridDependency(string entry) =>
         entry.StartsWith("gemv_", StringComparison.Ordinal) || entry.StartsWith("rmsnorm_gather_", StringComparison.Ordinal)
         || entry.StartsWith("rope_kv_append_", StringComparison.Ordinal) || entry.StartsWith("attention_decode_", StringComparison.Ordinal)
-        || entry.StartsWith("embedding_", StringComparison.Ordinal) || entry.StartsWith("chain_link_", StringComparison.Ordinal);
+        || entry.StartsWith("embedding_", StringComparison.Ordinal) || entry.StartsWith("chain_link_", StringComparison.Ordinal)
+        || entry == "greedy_next_token";
 
     /// <summary>Dynamic shared memory a launch may use without opting in per function.</summary>
     public const uint DefaultDynamicSharedBytes = 48 << 10;

@@ -36,6 +36,12 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
     /// <summary>The captured single-token decode step for this cache (its buffers and K/V pointers are baked in).</summary>
     internal CudaLlama.DecodeGraph? Graph { get; set; }
 
+    /// <summary>The same step followed by the device's choice of the next token (<see cref="CudaLlama.DecodeGreedy"/>).</summary>
+    internal CudaLlama.DecodeGraph? GreedyGraph { get; set; }
+
+    /// <summary>The greedy decoder running on this cache, if any: until it is disposed, nothing else extends the cache.</summary>
+    internal GreedyDecoder? Decoder { get; set; }
+
     /// <summary>The persistent decode kernel's layer table (with this cache's K/V pointers) and barrier counter.</summary>
     internal CudaLlama.PersistentDecodeState? Persistent { get; set; }
 
@@ -47,6 +53,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
     public void Dispose()
     {
         Graph?.Dispose();
+        GreedyGraph?.Dispose();
         Persistent?.Dispose();
         foreach (var t in K) t?.Dispose();
         foreach (var t in V) t?.Dispose();
@@ -59,7 +66,7 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 /// gather-norm → gate/up GEMMs → SwiGLU → down → residual (or index-add)] × L → RMSNorm → LM head.
 /// Weights and activations use the storage type (f32, bf16 or f16); the residual stream and logits are f32;
 /// every GEMM accumulates in f32 (cuBLASLt).</summary>
-public sealed class CudaLlama : ICausalLanguageModel, IDisposable
+public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposable
 {
     /// <summary>One decoder layer's device weights. A pruned site is stored at <see cref="CudaOps.Padded"/> of its
     /// width (to <see cref="Padding"/>) with zero rows/columns (16-byte aligned GEMM operands); a dense site at its full
@@ -379,15 +386,17 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
     }
 
     /// <summary>A captured decode step: its activations, the device-held token and position it reads, pinned staging
-    /// for them, and the executable graph.</summary>
-    internal sealed class DecodeGraph(Activations act, DeviceTensor position, PinnedHostBuffer staging) : IDisposable
+    /// for them, and the executable graph; for greedy decoding (<see cref="DecodeGreedy"/>), also the mapped host
+    /// memory where the step's kernel writes each position's next token.</summary>
+    internal sealed class DecodeGraph(Activations act, DeviceTensor position, PinnedHostBuffer staging, PinnedHostBuffer? produced = null) : IDisposable
     {
         public Activations Act { get; } = act;
         public DeviceTensor Position { get; } = position;
         public PinnedHostBuffer Staging { get; } = staging;
+        public PinnedHostBuffer? Produced { get; } = produced;
         public CudaGraphHandle? Exec { get; set; }
 
-        public void Dispose() { Exec?.Dispose(); Act.Dispose(); Position.Dispose(); Staging.Dispose(); }
+        public void Dispose() { Exec?.Dispose(); Act.Dispose(); Position.Dispose(); Staging.Dispose(); Produced?.Dispose(); }
     }
 
     IInferenceCache ICausalLanguageModel.NewCache(int capacity) => NewCache(capacity);
@@ -472,6 +481,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     private void Validate(ReadOnlySpan<int> tokens, CudaKvCache cache)
     {
+        if (cache.Decoder != null) throw new InvalidOperationException("the KV cache is in use by a greedy decoder; dispose the decoder first");
         if (tokens.Length == 0) throw new InvalidSettingException("the sequence is empty");
         if (cache.Length + tokens.Length > cache.Capacity)
             throw new InvalidSettingException($"{cache.Length + tokens.Length} positions exceed the KV cache capacity {cache.Capacity}");
@@ -529,13 +539,89 @@ public sealed class CudaLlama : ICausalLanguageModel, IDisposable
 
     /// <summary>Enqueues the whole forward of <c>a.Rows</c> tokens at positions start.. (or, for a captured decode step,
     /// at the device-held <paramref name="position"/>): embedding, the layers with K/V appended to the cache, the final
-    /// norm and the LM head for the last <c>a.LogitRows</c> rows.</summary>
-    private void Enqueue(Activations a, CudaKvCache cache, int start, DeviceTensor? position)
+    /// norm and the LM head for the last <c>a.LogitRows</c> rows; with <paramref name="produced"/> (greedy decoding, a
+    /// position given), then the next token chosen on the device into <c>a.Tokens</c> and produced[position], and the
+    /// position advanced (<see cref="CudaOps.GreedyNextToken"/>).</summary>
+    private void Enqueue(Activations a, CudaKvCache cache, int start, DeviceTensor? position, PinnedHostBuffer? produced = null)
     {
         // A decode step is a chain of short kernels: each starts while the previous one finishes (CudaDevice.ProgrammaticLaunch).
         _device.ProgrammaticLaunch = a.Rows == 1 && UseProgrammaticLaunch;
-        try { EnqueueLayers(a, cache, start, position); }
+        try
+        {
+            EnqueueLayers(a, cache, start, position);
+            if (produced != null) _ops.GreedyNextToken(a.Logits, Config.VocabSize, a.Tokens, position!, produced.DevicePointer);
+        }
         finally { _device.ProgrammaticLaunch = false; }
+    }
+
+    /// <summary>Greedy decoding of up to <paramref name="steps"/> tokens after <paramref name="firstToken"/> (the
+    /// argmax of the prompt's last logits), each chosen on the device at the end of its step and fed to the next
+    /// there: the host queues step i + 1 before it reads step i's token, so the GPU never waits for the host (no
+    /// logits copied back, no host argmax between steps). The tokens are those of argmax over <see cref="Forward"/>'s
+    /// logits, step for step. Steps run through a CUDA graph of their own per cache (<see cref="UseCudaGraphs"/>; off:
+    /// eagerly). Until the decoder is disposed, the cache is its own; it then holds the positions of the tokens read
+    /// (<see cref="GreedyDecoder.Next"/>): a step queued ahead and not read is not counted.</summary>
+    public GreedyDecoder DecodeGreedy(CudaKvCache cache, int firstToken, int steps)
+    {
+        if (steps < 0) throw new InvalidSettingException($"greedy decoding needs a non-negative number of steps (got {steps})");
+        Validate([firstToken], cache);   // the first step's input
+        if (cache.Length + steps > cache.Capacity)
+            throw new InvalidSettingException($"{cache.Length} positions + {steps} steps exceed the KV cache capacity {cache.Capacity}");
+        return new GreedyDecoder(this, cache, firstToken, steps);
+    }
+
+    IGreedyDecoder IGreedyDecoding.DecodeGreedy(IInferenceCache cache, int firstToken, int steps)
+        => DecodeGreedy(cache as CudaKvCache ?? throw new ArgumentException("the CUDA model needs a CUDA KV cache"), firstToken, steps);
+
+    /// <summary>The device's token and position set for a greedy decoder's first step (the cache's greedy graph made
+    /// where it has none).</summary>
+    internal unsafe void StartGreedy(CudaKvCache cache, int token)
+    {
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_released, this);
+            var g = cache.GreedyGraph;
+            if (g == null)
+            {
+                var act = new Activations(_device, Config, DType, Padding, 1, 1);
+                DeviceTensor? position = null;
+                PinnedHostBuffer? staging = null;
+                try
+                {
+                    position = _device.Allocate(DType.I32, 1);
+                    staging = new PinnedHostBuffer(8);
+                    g = cache.GreedyGraph = new DecodeGraph(act, position, staging, new PinnedHostBuffer(4L * cache.Capacity, mapped: true));
+                }
+                catch { act.Dispose(); position?.Dispose(); staging?.Dispose(); throw; }
+            }
+            var stream = _device.Stream.DangerousGetHandle();
+            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the last decoder's disposal waited for its steps
+            host[0] = token; host[1] = cache.Length;
+            CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
+            CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
+        }
+    }
+
+    /// <summary>Queues a greedy decoder's step at <paramref name="start"/> (its graph's replay, or, the first time and
+    /// without CUDA graphs, the kernels; the first is then captured) and records <paramref name="done"/> after it.</summary>
+    internal void LaunchGreedyStep(CudaKvCache cache, int start, CudaEventHandle done)
+    {
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_released, this);
+            var g = cache.GreedyGraph!;
+            if (UseCudaGraphs && g.Exec != null) g.Exec.Launch(_device.Stream);
+            else
+            {
+                Enqueue(g.Act, cache, start, g.Position, g.Produced);
+                if (UseCudaGraphs)
+                {
+                    _device.Synchronize();   // the step's first run loaded (and timed) what the capture records
+                    g.Exec = new CudaGraphHandle(_device.Stream, () => Enqueue(g.Act, cache, start, g.Position, g.Produced));
+                }
+            }
+            done.Record(_device.Stream);
+        }
     }
 
     private void EnqueueLayers(Activations a, CudaKvCache cache, int start, DeviceTensor? position)

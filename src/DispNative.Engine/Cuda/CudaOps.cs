@@ -629,6 +629,15 @@ public sealed class CudaOps(CudaDevice device)
         Device.Launch("cross_entropy", "cross_entropy_f32", (uint)rows, 512, 0, logits, targets, loss, dlogits, vocab, gradScale);
     }
 
+    /// <summary>Greedy decoding's device-side choice (kernels/next_token.cu): token[0] = the argmax of the f32
+    /// <paramref name="logits"/> (the lowest id among equal maxima), position[0] += 1, and produced[position] (mapped host
+    /// memory, its device address) = that token, or -1 where a logit is not finite (token[0] = 0 then).</summary>
+    public void GreedyNextToken(DeviceTensor logits, int vocab, DeviceTensor token, DeviceTensor position, ulong produced)
+    {
+        if (logits.DType != DType.F32 || logits.Length < vocab) throw new ArgumentException($"greedy decoding reads {vocab} f32 logits");
+        Device.Launch("next_token", "greedy_next_token", 1, 1024, 0, logits, vocab, token, position, produced);
+    }
+
     /// <summary>Soft and hard Gumbel-Sigmoid masks; noise null → g = 0.</summary>
     public void GumbelSigmoid(DeviceTensor logits, DeviceTensor? noise, DeviceTensor soft, DeviceTensor? hard, int n)
         => Device.Launch("masks", "gumbel_sigmoid", CudaDevice.GridFor(n), 256, 0, logits, noise, soft, hard, n,

@@ -29,6 +29,7 @@ public static class SelfTest
             new("convert f32<->bf16 rounding", Convert),
             new("convert f32<->f16 rounding; values beyond f16/bf16 refused at upload", ConvertF16),
             new("embedding bf16 (rows 7, d 131)", Embedding),
+            new("greedy next token = host argmax (vocab 32003: ties, lowest id; a NaN: -1, token 0), position advanced, written to mapped host memory", GreedyNextToken),
             new("rope f32 (heads 3, head_dim 64, start 11)", Rope),
             new("rope + kv append f32 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.F32)),
             new("rope + kv append bf16 (rows 5 after 11, heads 6/2, head_dim 64)", dev => RopeKvAppend(dev, DType.BF16)),
@@ -139,6 +140,8 @@ public static class SelfTest
                 dev => FusedDecodeNorms(dev, DType.F32, [(1000, 600), (2048, null)])),
             new("forward dense f32 vs CPU (prefill in two chunks + decode)", dev => Forward(dev, pruned: false)),
             new("decode bf16, DISP-pruned: programmatic dependent launch = plain stream order, bit for bit (graphs and eager)", ProgrammaticDecode),
+            new("greedy decoding on the device (dense and DISP-pruned bf16, graphs and eager) = host argmax over the decode logits; stopped early, the cache goes on from the last token read",
+                GreedyDecode),
             new("decode bf16 as one persistent kernel = a kernel per phase, bit for bit: dense and DISP-pruned, 1 and 4 KV splits, " +
                 "grids of 1 and 3 blocks at every unroll", dev => PersistentDecode(dev, DType.BF16, [false, true], [13, 200], full: false)),
             new("decode bf16 as one persistent kernel, DISP-pruned, 4 KV splits: the engine's grid and the timed form, bit for bit",
@@ -300,6 +303,42 @@ public static class SelfTest
         var want = new float[rows * d];
         CpuOps.Embed(table, tokens, want, d, vocab);
         return Compare(dev.Download(x), want, 0);
+    }
+
+    private static string GreedyNextToken(CudaDevice dev)
+    {
+        var rng = new Rng(21);
+        const int vocab = 32003, capacity = 40;
+        var ops = new CudaOps(dev);
+        using var token = dev.Allocate(DType.I32, 1);
+        using var position = dev.Upload([capacity - 3]);
+        using var produced = new PinnedHostBuffer(4L * capacity, mapped: true);
+        var report = new List<string>();
+        int[] Run(float[] logits)
+        {
+            using var l = dev.Upload(logits);
+            ops.GreedyNextToken(l, vocab, token, position, produced.DevicePointer);
+            dev.Synchronize();
+            return [dev.DownloadInts(token)[0], dev.DownloadInts(position)[0]];
+        }
+        unsafe int ProducedAt(int p) => ((int*)produced.Pointer)[p];
+        var x = Random(rng, vocab);
+        x[31000] = x[7] = x.Max() + 1;   // equal maxima: the lower id wins
+        int p0 = capacity - 3, want = Generator.ArgMax(x);
+        var got = Run(x);
+        if (want != 7 || got[0] != want || got[1] != p0 + 1 || ProducedAt(p0) != want)
+            throw new Mismatch($"tie: token {got[0]}, position {got[1]}, produced {ProducedAt(p0)}; expected {want}, {p0 + 1}, {want} (host argmax of the tie: {want})");
+        report.Add($"tie of ids 7 and 31000 -> {got[0]}");
+        x = Random(rng, vocab);
+        x[vocab - 1] = x.Max() + 1;   // the last id, in the last thread's last round
+        got = Run(x);
+        if (got[0] != vocab - 1 || ProducedAt(p0 + 1) != vocab - 1) throw new Mismatch($"last id: token {got[0]}, produced {ProducedAt(p0 + 1)}");
+        x[12345] = float.NaN;
+        got = Run(x);
+        if (got[0] != 0 || got[1] != p0 + 3 || ProducedAt(p0 + 2) != -1)
+            throw new Mismatch($"a NaN logit: token {got[0]}, position {got[1]}, produced {ProducedAt(p0 + 2)}; expected 0, {p0 + 3}, -1");
+        report.Add("last id; NaN -> -1");
+        return string.Join(", ", report);
     }
 
     private static string Rope(CudaDevice dev)
@@ -1306,6 +1345,58 @@ public static class SelfTest
         finally { dev.MinTunedGemvElements = minTuned; }
         gpu.UseProgrammaticLaunch = true;
         return detail + (dev.ProgrammaticLaunchSupported ? "" : " (programmatic launch unsupported here: both ran in plain order)");
+    }
+
+    /// <summary>Greedy decoding with the tokens chosen on the device (<see cref="CudaLlama.DecodeGreedy"/>) against argmax on
+    /// the host over each decode step's logits: the same tokens, dense and pruned, through the greedy graph and eagerly.
+    /// A decoder stopped after a few tokens (its next step already queued) leaves the cache at the last token read: an
+    /// eager step then, and a second decoder on the same cache, go on with the same tokens.</summary>
+    private static string GreedyDecode(CudaDevice dev)
+    {
+        int[] prompt = [1, 5, 77, 300, 2, 516, 9];
+        const int steps = 10, stopAfter = 3;
+        var report = new List<string>();
+        foreach (bool pruned in new[] { false, true })
+        {
+            var (c, w) = RandomModel(pruned);
+            using var gpu = new CudaLlama(dev, c, w, DType.BF16);
+            var logits = new float[c.VocabSize];
+            int capacity = prompt.Length + steps + 1;
+            // The host's tokens: first (after the prompt), then `steps` more.
+            var want = new List<int>();
+            using (var cache = gpu.NewCache(capacity))
+            {
+                gpu.ForwardLast(prompt, cache, logits);
+                want.Add(Generator.ArgMax(logits));
+                for (int i = 0; i < steps; i++)
+                {
+                    gpu.ForwardLast([want[^1]], cache, logits);
+                    want.Add(Generator.ArgMax(logits));
+                }
+            }
+            string Tokens(IEnumerable<int> t) => string.Join(" ", t);
+            foreach (bool graphs in new[] { true, false })
+            {
+                gpu.UseCudaGraphs = graphs;
+                string form = $"{(pruned ? "pruned" : "dense")}, {(graphs ? "graphs" : "eager")}";
+                using var cache = gpu.NewCache(capacity);
+                gpu.ForwardLast(prompt, cache, logits);
+                var got = new List<int> { Generator.ArgMax(logits) };
+                using (var decoder = gpu.DecodeGreedy(cache, got[0], steps))
+                    for (int i = 0; i < stopAfter; i++) got.Add(decoder.Next());
+                if (cache.Length != prompt.Length + stopAfter)
+                    throw new Mismatch($"{form}: stopped after {stopAfter} tokens, the cache holds {cache.Length} positions, not {prompt.Length + stopAfter}");
+                gpu.ForwardLast([got[^1]], cache, logits);   // an eager (or graph) step from the last token read
+                got.Add(Generator.ArgMax(logits));
+                using (var decoder = gpu.DecodeGreedy(cache, got[^1], steps - stopAfter - 1))
+                    while (decoder.Remaining > 0) got.Add(decoder.Next());
+                if (!got.SequenceEqual(want)) throw new Mismatch($"{form}: device {Tokens(got)}; host {Tokens(want)}");
+                if (cache.Length != prompt.Length + steps) throw new Mismatch($"{form}: the cache holds {cache.Length} positions, not {prompt.Length + steps}");
+            }
+            gpu.UseCudaGraphs = true;
+            report.Add($"{(pruned ? "pruned" : "dense")} {Tokens(want)}");
+        }
+        return string.Join("; ", report);
     }
 
     /// <summary>Decode steps with the layers as one persistent kernel (<see cref="CudaLlama.UsePersistentDecode"/>: phases

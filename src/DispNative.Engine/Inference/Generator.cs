@@ -58,6 +58,19 @@ public static class Generator
                 int next = sampling.Greedy ? ArgMax(logits) : Sample(logits, sampling, rng);
                 yield return next;
                 if (model.EosIds.Contains(next) || i == maxNewTokens - 1) yield break;
+                if (sampling.Greedy && runner is IGreedyDecoding device)
+                {
+                    // The rest chosen on the device, the next step running while this one's token is handed out.
+                    using var decoder = device.DecodeGreedy(cache, next, maxNewTokens - 1 - i);
+                    for (i++; i < maxNewTokens; i++)
+                    {
+                        cancellationToken.ThrowIfCancellationRequested();
+                        next = decoder.Next();
+                        yield return next;
+                        if (model.EosIds.Contains(next)) yield break;
+                    }
+                    yield break;
+                }
                 runner.ForwardLast([next], cache, logits);
             }
         }

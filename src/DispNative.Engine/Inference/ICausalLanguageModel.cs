@@ -47,6 +47,21 @@ public interface ICausalLanguageModel
     double[] TokenNll(int[] tokens) => Evaluation.Perplexity.TokenNll(this.Logits(tokens), tokens, Config.VocabSize);
 }
 
+/// <summary>A model that decodes greedily with each next token chosen on its device, the host reading tokens while the
+/// next step runs (<see cref="Cuda.CudaLlama.DecodeGreedy"/>); <see cref="Generator"/> decodes greedily through it.</summary>
+public interface IGreedyDecoding
+{
+    /// <summary>Up to <paramref name="steps"/> tokens after <paramref name="firstToken"/> (the next input, at position
+    /// cache.Length), each the argmax of the logits after the one before.</summary>
+    IGreedyDecoder DecodeGreedy(IInferenceCache cache, int firstToken, int steps);
+}
+
+/// <summary>A greedy decoding in progress: <see cref="Next"/> returns its tokens in order.</summary>
+public interface IGreedyDecoder : IDisposable
+{
+    int Next();
+}
+
 public static class CausalLanguageModelExtensions
 {
     /// <summary>Logits [tokens, vocab] of <paramref name="tokens"/> as a new sequence (its cache released after).</summary>

@@ -1231,6 +1231,20 @@ EXPORT int cuMemAllocHost_v2(void** p, size_t bytes)
     g_pinned[(uintptr_t)*p] = std::max<size_t>(bytes, 1);
     return 0;
 }
+// Pinned memory that kernels may write too (CU_MEMHOSTALLOC_DEVICEMAP): host memory already, its device address its own.
+EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
+EXPORT int cuMemHostGetDevicePointer_v2(uint64_t* device, void* host, unsigned flags)
+{
+    Guard g(g_lock);
+    auto it = g_pinned.upper_bound((uintptr_t)host);
+    if (flags != 0 || it == g_pinned.begin() || (uintptr_t)host >= std::prev(it)->first + std::prev(it)->second)
+    {
+        warn("cuMemHostGetDevicePointer of %p: not in a pinned buffer, or flags %u (must be 0)", host, flags);
+        return 1;
+    }
+    *device = (uint64_t)(uintptr_t)host;
+    return 0;
+}
 EXPORT int cuMemFreeHost(void* p)
 {
     Guard g(g_lock);

@@ -90,6 +90,7 @@ inline void __syncthreads() { emu_api->syncthreads(); }
 // write is visible to whatever runs next.
 inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
 inline void __threadfence() {}
+inline void __threadfence_system() {}
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 
 inline unsigned emu_lane() { return emu_api->current->linear & 31u; }
