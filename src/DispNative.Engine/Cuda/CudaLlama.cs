@@ -48,10 +48,15 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
     /// <summary>Whether the persistent decode kernel applies to this cache's model; null until a decode step has asked.</summary>
     internal bool? PersistentDecodeApplies { get; set; }
 
-    public void Reset() => Length = 0;
+    public void Reset()
+    {
+        if (Decoder != null) throw new InvalidOperationException("the KV cache is in use by a greedy decoder; dispose the decoder first");
+        Length = 0;
+    }
 
     public void Dispose()
     {
+        Decoder?.Dispose();   // its steps finish before the buffers they write go
         Graph?.Dispose();
         GreedyGraph?.Dispose();
         Persistent?.Dispose();

@@ -1350,7 +1350,8 @@ public static class SelfTest
     /// <summary>Greedy decoding with the tokens chosen on the device (<see cref="CudaLlama.DecodeGreedy"/>) against argmax on
     /// the host over each decode step's logits: the same tokens, dense and pruned, through the greedy graph and eagerly.
     /// A decoder stopped after a few tokens (its next step already queued) leaves the cache at the last token read: an
-    /// eager step then, and a second decoder on the same cache, go on with the same tokens.</summary>
+    /// eager step then, and a second decoder on the same cache, go on with the same tokens. While a decoder runs, the
+    /// cache refuses other forwards.</summary>
     private static string GreedyDecode(CudaDevice dev)
     {
         int[] prompt = [1, 5, 77, 300, 2, 516, 9];
@@ -1383,7 +1384,15 @@ public static class SelfTest
                 gpu.ForwardLast(prompt, cache, logits);
                 var got = new List<int> { Generator.ArgMax(logits) };
                 using (var decoder = gpu.DecodeGreedy(cache, got[0], steps))
+                {
                     for (int i = 0; i < stopAfter; i++) got.Add(decoder.Next());
+                    try
+                    {
+                        gpu.ForwardLast([got[^1]], cache, logits);
+                        throw new Mismatch($"{form}: a forward on the cache while its decoder runs was not refused");
+                    }
+                    catch (InvalidOperationException) { }
+                }
                 if (cache.Length != prompt.Length + stopAfter)
                     throw new Mismatch($"{form}: stopped after {stopAfter} tokens, the cache holds {cache.Length} positions, not {prompt.Length + stopAfter}");
                 gpu.ForwardLast([got[^1]], cache, logits);   // an eager (or graph) step from the last token read

@@ -26,7 +26,9 @@
 //   host memory (cuMemAllocHost) wait in one queue, in submission order, until a synchronization (cuStreamSynchronize,
 //   cuEventSynchronize, cuMemFree, cuMemFreeHost, cuStreamDestroy, cuModuleUnload, a copy from or to pageable host
 //   memory) runs them; so the host reading a pinned download, or rewriting a pinned upload's source, before it
-//   synchronizes shows up. A kernel's failure is reported by the synchronization that ran it.
+//   synchronizes shows up. A kernel's failure is reported by the synchronization that ran it. Mapped pinned memory
+//   (cuMemHostAlloc, DEVICEMAP) is its own device address; filled with 0xff bytes, so a host read before the kernel
+//   that writes it has run shows up too.
 // - Stream capture records launches, copies and matmuls; a graph launch queues them.
 // It checks what the engine asks of CUDA, not the speed or the numerics of a real GPU.
 #include <algorithm>
@@ -1232,7 +1234,13 @@ EXPORT int cuMemAllocHost_v2(void** p, size_t bytes)
     return 0;
 }
 // Pinned memory that kernels may write too (CU_MEMHOSTALLOC_DEVICEMAP): host memory already, its device address its own.
-EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
+// Filled with 0xff bytes as device memory is.
+EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned)
+{
+    int rc = cuMemAllocHost_v2(p, bytes);
+    if (rc == 0) memset(*p, 0xff, bytes);
+    return rc;
+}
 EXPORT int cuMemHostGetDevicePointer_v2(uint64_t* device, void* host, unsigned flags)
 {
     Guard g(g_lock);
