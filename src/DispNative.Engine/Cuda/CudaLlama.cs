@@ -918,6 +918,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
     {
         if (_released) return;
         _released = true;
+        // A greedy decoder's steps queued ahead read the weights.
+        try { _device.Synchronize(); } catch (Exception e) when (e is CudaException or ObjectDisposedException) { /* failed or gone: release what we can */ }
         foreach (var layer in _layers) if (layer != null) foreach (var t in layer.All) t?.Dispose();
         _embedding?.Dispose(); _finalNorm?.Dispose(); _invFreq?.Dispose();
         if (!ReferenceEquals(_lmHead, _embedding)) _lmHead?.Dispose();
