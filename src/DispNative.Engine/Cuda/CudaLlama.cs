@@ -579,8 +579,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         => DecodeGreedy(cache as CudaKvCache ?? throw new ArgumentException("the CUDA model needs a CUDA KV cache"), firstToken, steps);
 
     /// <summary>The device's token and position set for a greedy decoder's first step (the cache's greedy graph made
-    /// where it has none).</summary>
-    internal unsafe void StartGreedy(CudaKvCache cache, int token)
+    /// where it has none), <paramref name="uploaded"/> recorded after.</summary>
+    internal unsafe void StartGreedy(CudaKvCache cache, int token, CudaEventHandle uploaded)
     {
         lock (_lock)
         {
@@ -600,10 +600,11 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
                 catch { act.Dispose(); position?.Dispose(); staging?.Dispose(); throw; }
             }
             var stream = _device.Stream.DangerousGetHandle();
-            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the last decoder's disposal waited for its steps
+            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the last decoder's disposal waited for these copies and its steps
             host[0] = token; host[1] = cache.Length;
             CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
             CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
+            uploaded.Record(_device.Stream);
         }
     }
 

@@ -25,7 +25,7 @@ public sealed class GreedyDecoder : IGreedyDecoder
         try
         {
             for (int i = 0; i < Depth; i++) _done[i] = new CudaEventHandle();
-            model.StartGreedy(cache, firstToken);
+            model.StartGreedy(cache, firstToken, _done[Depth - 1]);
         }
         catch { foreach (var e in _done) e?.Dispose(); throw; }
         cache.Decoder = this;
@@ -64,7 +64,9 @@ public sealed class GreedyDecoder : IGreedyDecoder
         _disposed = true;
         try
         {
-            if (_launched > _read) _done[(_launched - 1) % Depth].Synchronize();   // the steps queued ahead, before the cache is reused
+            // The steps queued ahead (or, with none launched, the first token's upload from pinned staging) before the
+            // cache and the staging are reused.
+            _done[(_launched + Depth - 1) % Depth].Synchronize();
         }
         finally
         {

@@ -1350,8 +1350,8 @@ public static class SelfTest
     /// <summary>Greedy decoding with the tokens chosen on the device (<see cref="CudaLlama.DecodeGreedy"/>) against argmax on
     /// the host over each decode step's logits: the same tokens, dense and pruned, through the greedy graph and eagerly.
     /// A decoder stopped after a few tokens (its next step already queued) leaves the cache at the last token read: an
-    /// eager step then, and a second decoder on the same cache, go on with the same tokens. While a decoder runs, the
-    /// cache refuses other forwards.</summary>
+    /// eager step then, and a second decoder on the same cache, go on with the same tokens; so does one after a decoder
+    /// that read nothing. While a decoder runs, the cache refuses other forwards.</summary>
     private static string GreedyDecode(CudaDevice dev)
     {
         int[] prompt = [1, 5, 77, 300, 2, 516, 9];
@@ -1383,6 +1383,7 @@ public static class SelfTest
                 using var cache = gpu.NewCache(capacity);
                 gpu.ForwardLast(prompt, cache, logits);
                 var got = new List<int> { Generator.ArgMax(logits) };
+                using (gpu.DecodeGreedy(cache, got[0], steps)) { }   // none read: it only uploaded the first token
                 using (var decoder = gpu.DecodeGreedy(cache, got[0], steps))
                 {
                     for (int i = 0; i < stopAfter; i++) got.Add(decoder.Next());
