@@ -635,6 +635,7 @@ public sealed class CudaOps(CudaDevice device)
     public void GreedyNextToken(DeviceTensor logits, int vocab, DeviceTensor token, DeviceTensor position, ulong produced)
     {
         if (logits.DType != DType.F32 || logits.Length < vocab) throw new ArgumentException($"greedy decoding reads {vocab} f32 logits");
+        if (logits.Pointer % 16 != 0) throw new ArgumentException("greedy decoding reads the logits 16 bytes at a time: they must be 16-byte aligned");
         Device.Launch("next_token", "greedy_next_token", 1, 1024, 0, logits, vocab, token, position, produced);
     }
 
