@@ -43,13 +43,14 @@ public sealed class CudaEventHandle : SafeHandle
     protected override bool ReleaseHandle() => CudaDriver.EventDestroy(handle) == 0;
 }
 
-/// <summary>Page-locked host memory for fast, asynchronous host↔device copies; <paramref name="mapped"/>: also in the
-/// device's address space (<see cref="DevicePointer"/>), for kernels to write results the host reads after an event.</summary>
+/// <summary>Page-locked host memory for fast, asynchronous host↔device copies.</summary>
 public sealed unsafe class PinnedHostBuffer : SafeHandle
 {
     public long Bytes { get; }
     /// <summary>Where kernels address the buffer; 0 unless it was allocated mapped.</summary>
     public ulong DevicePointer { get; }
+    /// <param name="mapped">Also in the device's address space (<see cref="DevicePointer"/>): kernels write results
+    /// there that the host reads after an event.</param>
     public PinnedHostBuffer(long bytes, bool mapped = false) : base(0, true)
     {
         Bytes = bytes;

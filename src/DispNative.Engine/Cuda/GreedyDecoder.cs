@@ -35,7 +35,7 @@ public sealed class GreedyDecoder : IGreedyDecoder
     public int Remaining => _steps - _read;
 
     /// <summary>The next token: the argmax of the logits after the last token read (the first call: after the first
-    /// token). The cache then holds that token's input position too.</summary>
+    /// token). The cache then holds the position of the step's input, the token before.</summary>
     public int Next()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
