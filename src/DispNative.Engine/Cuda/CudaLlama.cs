@@ -512,24 +512,14 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
     /// <summary>One decode step through the cache's graph. The first step runs eagerly with the graph's buffers (which
     /// also loads every kernel and GEMM plan the capture will record) and is then captured; later steps only copy the
     /// token and position to the device and replay it.</summary>
-    private unsafe void DecodeWithGraph(int token, CudaKvCache cache, int start, Span<float> logits)
+    private void DecodeWithGraph(int token, CudaKvCache cache, int start, Span<float> logits)
     {
         var g = cache.Graph;
         bool first = g == null;
-        if (g == null)
-        {
-            var act = new Activations(_device, Config, DType, Padding, 1, 1);
-            DeviceTensor? position = null;
-            try { position = _device.Allocate(DType.I32, 1); g = new DecodeGraph(act, position, new PinnedHostBuffer(8)); }
-            catch { act.Dispose(); position?.Dispose(); throw; }
-        }
+        g ??= NewDecodeGraph();
         try
         {
-            var stream = _device.Stream.DangerousGetHandle();
-            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the previous step's Download waited for the stream
-            host[0] = token; host[1] = start;
-            CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
-            CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
+            Upload(g, token, start);   // the staging is free: the previous step's Download waited for the stream
             if (first) Enqueue(g.Act, cache, start, g.Position);
             else g.Exec!.Launch(_device.Stream);
             _device.Download(g.Act.Logits, logits);
@@ -580,32 +570,48 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
 
     /// <summary>The device's token and position set for a greedy decoder's first step (the cache's greedy graph made
     /// where it has none), <paramref name="uploaded"/> recorded after.</summary>
-    internal unsafe void StartGreedy(CudaKvCache cache, int token, CudaEventHandle uploaded)
+    internal void StartGreedy(CudaKvCache cache, int token, CudaEventHandle uploaded)
     {
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
-            var g = cache.GreedyGraph;
-            if (g == null)
-            {
-                var act = new Activations(_device, Config, DType, Padding, 1, 1);
-                DeviceTensor? position = null;
-                PinnedHostBuffer? staging = null;
-                try
-                {
-                    position = _device.Allocate(DType.I32, 1);
-                    staging = new PinnedHostBuffer(8);
-                    g = cache.GreedyGraph = new DecodeGraph(act, position, staging, new PinnedHostBuffer(4L * cache.Capacity, mapped: true));
-                }
-                catch { act.Dispose(); position?.Dispose(); staging?.Dispose(); throw; }
-            }
-            var stream = _device.Stream.DangerousGetHandle();
-            int* host = (int*)g.Staging.Pointer;   // free to overwrite: the last decoder's disposal waited for these copies and its steps
-            host[0] = token; host[1] = cache.Length;
-            CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
-            CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
+            var g = cache.GreedyGraph ??= NewDecodeGraph(producedPositions: cache.Capacity);
+            Upload(g, token, cache.Length);   // the staging is free: the last decoder's disposal waited for its uploads and steps
             uploaded.Record(_device.Stream);
         }
+    }
+
+    /// <summary>An event for a greedy decoder, and its wait: each with the device's context current on the calling
+    /// thread (a stream's consumer may move between threads).</summary>
+    internal CudaEventHandle NewEvent() { _device.MakeCurrent(); return new CudaEventHandle(); }
+    internal void Wait(CudaEventHandle e) { _device.MakeCurrent(); e.Synchronize(); }
+
+    /// <summary>A decode graph's buffers, nothing captured yet; with <paramref name="producedPositions"/>, greedy
+    /// decoding's mapped host memory for that many positions' tokens too.</summary>
+    private DecodeGraph NewDecodeGraph(int producedPositions = 0)
+    {
+        var act = new Activations(_device, Config, DType, Padding, 1, 1);
+        DeviceTensor? position = null;
+        PinnedHostBuffer? staging = null;
+        try
+        {
+            position = _device.Allocate(DType.I32, 1);
+            staging = new PinnedHostBuffer(8);
+            return new DecodeGraph(act, position, staging, producedPositions > 0 ? new PinnedHostBuffer(4L * producedPositions, mapped: true) : null);
+        }
+        catch { act.Dispose(); position?.Dispose(); staging?.Dispose(); throw; }
+    }
+
+    /// <summary>Queues the copies of a step's token and position into the graph's device buffers (through its pinned
+    /// staging, which the caller knows to be free).</summary>
+    private unsafe void Upload(DecodeGraph g, int token, int position)
+    {
+        _device.MakeCurrent();   // the caller may be on a thread that has not used this device yet
+        var stream = _device.Stream.DangerousGetHandle();
+        int* host = (int*)g.Staging.Pointer;
+        host[0] = token; host[1] = position;
+        CudaDriver.CopyHtoD(g.Act.Tokens.Pointer, host, 4, stream);
+        CudaDriver.CopyHtoD(g.Position.Pointer, host + 1, 4, stream);
     }
 
     /// <summary>Queues a greedy decoder's step at <paramref name="start"/> (its graph's replay, or, the first time and
@@ -615,6 +621,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_released, this);
+            _device.MakeCurrent();   // the decoder's consumer may be on another thread than the last step's
             var g = cache.GreedyGraph!;
             if (UseCudaGraphs && g.Exec != null) g.Exec.Launch(_device.Stream);
             else

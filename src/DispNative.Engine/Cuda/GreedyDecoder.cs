@@ -24,7 +24,7 @@ public sealed class GreedyDecoder : IGreedyDecoder
         (_model, _cache, _start, _steps) = (model, cache, cache.Length, steps);
         try
         {
-            for (int i = 0; i < Depth; i++) _done[i] = new CudaEventHandle();
+            for (int i = 0; i < Depth; i++) _done[i] = model.NewEvent();
             model.StartGreedy(cache, firstToken, _done[Depth - 1]);
         }
         catch { foreach (var e in _done) e?.Dispose(); throw; }
@@ -45,7 +45,7 @@ public sealed class GreedyDecoder : IGreedyDecoder
             _model.LaunchGreedyStep(_cache, _start + _launched, _done[_launched % Depth]);
             _launched++;
         }
-        _done[_read % Depth].Synchronize();
+        _model.Wait(_done[_read % Depth]);
         int position = _start + _read;
         int token = ProducedAt(position);
         _read++;
@@ -66,8 +66,9 @@ public sealed class GreedyDecoder : IGreedyDecoder
         {
             // The steps queued ahead (or, with none launched, the first token's upload from pinned staging) before the
             // cache and the staging are reused.
-            _done[(_launched + Depth - 1) % Depth].Synchronize();
+            _model.Wait(_done[(_launched + Depth - 1) % Depth]);
         }
+        catch (ObjectDisposedException) { /* the device is gone, and with it the steps */ }
         finally
         {
             foreach (var e in _done) e.Dispose();
