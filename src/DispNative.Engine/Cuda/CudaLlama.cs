@@ -519,7 +519,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         g ??= NewDecodeGraph();
         try
         {
-            Upload(g, token, start);   // the staging is free: the previous step's Download waited for the stream
+            UploadTokenAndPosition(g, token, start);   // the staging is free: the previous step's Download waited for the stream
             if (first) Enqueue(g.Act, cache, start, g.Position);
             else g.Exec!.Launch(_device.Stream);
             _device.Download(g.Act.Logits, logits);
@@ -576,7 +576,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         {
             ObjectDisposedException.ThrowIf(_released, this);
             var g = cache.GreedyGraph ??= NewDecodeGraph(producedPositions: cache.Capacity);
-            Upload(g, token, cache.Length);   // the staging is free: the last decoder's disposal waited for its uploads and steps
+            UploadTokenAndPosition(g, token, cache.Length);   // the staging is free: the last decoder's disposal waited for its uploads and steps
             uploaded.Record(_device.Stream);
         }
     }
@@ -604,7 +604,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
 
     /// <summary>Queues the copies of a step's token and position into the graph's device buffers (through its pinned
     /// staging, which the caller knows to be free).</summary>
-    private unsafe void Upload(DecodeGraph g, int token, int position)
+    private unsafe void UploadTokenAndPosition(DecodeGraph g, int token, int position)
     {
         _device.MakeCurrent();   // the caller may be on a thread that has not used this device yet
         var stream = _device.Stream.DangerousGetHandle();
