@@ -50,8 +50,14 @@ public sealed class CudaKvCache : IInferenceCache, IDisposable
 
     public void Reset()
     {
-        if (Decoder != null) throw new InvalidOperationException("the KV cache is in use by a greedy decoder; dispose the decoder first");
+        RequireNoDecoder();
         Length = 0;
+    }
+
+    /// <summary>Refuses what would extend or rewind the cache while a greedy decoder runs on it.</summary>
+    internal void RequireNoDecoder()
+    {
+        if (Decoder != null) throw new InvalidOperationException("the KV cache is in use by a greedy decoder; dispose the decoder first");
     }
 
     public void Dispose()
@@ -486,7 +492,7 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
 
     private void Validate(ReadOnlySpan<int> tokens, CudaKvCache cache)
     {
-        if (cache.Decoder != null) throw new InvalidOperationException("the KV cache is in use by a greedy decoder; dispose the decoder first");
+        cache.RequireNoDecoder();
         if (tokens.Length == 0) throw new InvalidSettingException("the sequence is empty");
         if (cache.Length + tokens.Length > cache.Capacity)
             throw new InvalidSettingException($"{cache.Length + tokens.Length} positions exceed the KV cache capacity {cache.Capacity}");

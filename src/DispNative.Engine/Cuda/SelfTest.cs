@@ -318,8 +318,7 @@ public static class SelfTest
         {
             using var l = dev.Upload(logits);
             ops.GreedyNextToken(l, vocab, token, position, produced.DevicePointer);
-            dev.Synchronize();
-            return [dev.DownloadInts(token)[0], dev.DownloadInts(position)[0]];
+            return [dev.DownloadInts(token)[0], dev.DownloadInts(position)[0]];   // the downloads wait for the kernel
         }
         unsafe int ProducedAt(int p) => ((int*)produced.Pointer)[p];
         var x = Random(rng, vocab);
@@ -327,7 +326,7 @@ public static class SelfTest
         int p0 = capacity - 3, want = Generator.ArgMax(x);
         var got = Run(x);
         if (want != 7 || got[0] != want || got[1] != p0 + 1 || ProducedAt(p0) != want)
-            throw new Mismatch($"tie: token {got[0]}, position {got[1]}, produced {ProducedAt(p0)}; expected {want}, {p0 + 1}, {want} (host argmax of the tie: {want})");
+            throw new Mismatch($"tie: token {got[0]}, position {got[1]}, produced {ProducedAt(p0)}; expected {want} (host argmax), {p0 + 1}, {want}");
         report.Add($"tie of ids 7 and 31000 -> {got[0]}");
         x = Random(rng, vocab);
         x[vocab - 1] = x.Max() + 1;   // the last id, in the last thread's last round
