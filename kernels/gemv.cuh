@@ -148,9 +148,6 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
     }
 }
 
-// Asks L2 for the 128-byte line holding p: no register written, nothing waited for.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
-
 // The GEMVs as one stream of loads per warp (gemv_streamed*, on a grid of resident blocks): a warp takes outputs
 // gemv_row(), + step, ..., each of `per` weight rows (1; 2 for gate and up), and issues each round of U loads per lane
 // before it sums the round before, across the end of a row too (the next row's first round), so its loads stay in
@@ -159,10 +156,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // gets each row's dot in every lane. Once the first round is issued, every thread runs input.before_wait(), the
 // grid-dependency wait, then input.after_wait(), which returns x (k elements); Input::loads: whether before_wait loads
 // (RowInput, NormalizedInput). Each lane sums as warp_dot does: the outputs are the other kernels' bit for bit.
-// Before the wait the warp also asks L2 for its next `prefetch` rounds (CudaDevice.GemvPrefetchRounds), one lane per
-// 128-byte line: HBM reads them while the kernel before runs, and the rounds are L2 hits once the warp gets to them.
 template <int U, typename T, typename Input, typename Row, typename Done>
-__device__ __forceinline__ void stream_rows(Input input, int outputs, int per, int k, Row row, Done done, int prefetch)
+__device__ __forceinline__ void stream_rows(Input input, int outputs, int per, int k, Row row, Done done)
 {
     allow_dependents_launch();
     int lane = threadIdx.x & 31, i = gemv_row(), step = gridDim.x * (blockDim.x >> 5), j = 0;
@@ -173,22 +168,6 @@ __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, i
     {
         if (Input::loads) load_round_unzeroed<U>(row(i, 0), nv, 0, cur);
         else load_round<U>(row(i, 0), nv, 0, cur);
-    }
-    for (int r = 0, pi = i, pj = 0, pbase = 0; r < prefetch; r++)   // the rounds after the first, as the loop below takes them
-    {
-        if ((pbase += U * 32) >= nv)
-        {
-            pbase = 0;
-            if (++pj == per) { pj = 0; pi += step; }
-        }
-        if (pi >= outputs) break;
-        const uint4* wr = row(pi, pj);
-#pragma unroll
-        for (int u = 0; u < U; u++)
-        {
-            int e = pbase + lane + u * 32;
-            if ((lane & 7) == 0 && e < nv) prefetch_l2(wr + e);
-        }
     }
     input.before_wait();
     if (Input::loads) zero_past_end<U>(nv, 0, cur);
@@ -237,7 +216,7 @@ struct RowInput
 // gemv, streamed.
 template <int U, typename T, typename OUT>
 __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
-    int n, int k, float alpha, float beta, int prefetch)
+    int n, int k, float alpha, float beta)
 {
     const uint4* wr = reinterpret_cast<const uint4*>(w);
     long long nv = k / (int)(16 / sizeof(T));
@@ -249,7 +228,7 @@ __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restri
         float v = alpha * dot;
         if (beta != 0.f) v += beta * to_f32(yo[o]);
         yo[o] = from_f32<OUT>(v);
-    }, prefetch);
+    });
 }
 
 // Rows [0, n0) of the output are x . w0 into y0, the next n1 x . w1 into y1, the last n2 x . w2 into y2.
@@ -291,7 +270,7 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
 // gemv_qkv, streamed. input: stream_rows' - RowInput<T>{x}, or NormalizedInput (gemv_streamed_norm_qkv).
 template <int U, typename T, typename Input>
 __device__ void gemv_streamed_qkv(Input input, const T* __restrict__ w0, T* __restrict__ y0, int n0,
-    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k, int prefetch)
+    const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
 {
     stream_rows<U, T>(input, n0 + n1 + n2, 1, k, [&](int i, int)
     {
@@ -302,13 +281,13 @@ __device__ void gemv_streamed_qkv(Input input, const T* __restrict__ w0, T* __re
         if ((threadIdx.x & 31) != 0) return;
         T* y = i < n0 ? y0 + i : i < n0 + n1 ? y1 + (i - n0) : y2 + (i - n0 - n1);
         *y = from_f32<T>(dot);
-    }, prefetch);
+    });
 }
 
 // gemv_swiglu, streamed: the gate row, then the up row of each output. input: as gemv_streamed_qkv's.
 template <int U, typename T, typename Input>
 __device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, const T* __restrict__ w_up,
-    T* __restrict__ out, int n, int k, int prefetch)
+    T* __restrict__ out, int n, int k)
 {
     const uint4* wg = reinterpret_cast<const uint4*>(w_gate);
     const uint4* wu = reinterpret_cast<const uint4*>(w_up);
@@ -318,7 +297,7 @@ __device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, 
     {
         if (j == 0) g = dot;
         else if ((threadIdx.x & 31) == 0) out[i] = from_f32<T>(SiluMulOp()(g, dot));
-    }, prefetch);
+    });
 }
 
 // Decode's gather-RMSNorm fused into the GEMV that reads it (gemv_norm_qkv, gemv_norm_swiglu; streamed: the

@@ -13,7 +13,6 @@ internal static class InferenceBench
 {
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
     private const int LeastPadding = 8;   // the baseline padding: 16-byte rows of bf16
-    private static readonly int[] PrefetchRounds = [2, 4, 8];   // CudaDevice.GemvPrefetchRounds timed against the default (0)
 
     private sealed record Result(string Name, double PrefillMs, double PrefillOtherTuningMs, double EagerTokS, double GraphTokS, double PersistentTokS,
         double DeviceGreedyTokS, long GemmParams, long DecodeBytes, double PrefillFlops)
@@ -24,9 +23,6 @@ internal static class InferenceBench
 
         /// <summary>Prefill ms and decode (graphs) ms per token with kernels left out (<see cref="CudaLlama.Skipped"/>).</summary>
         public Ablation? Without { get; init; }
-
-        /// <summary>Decode with the tokens chosen on the device, tok/s, at each of <see cref="PrefetchRounds"/>.</summary>
-        public double[] PrefetchedTokS { get; init; } = [];
     }
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
@@ -70,10 +66,6 @@ internal static class InferenceBench
         Console.WriteLine($"greedy decode with each token chosen on the device (CudaLlama.DecodeGreedy; graphs, the next step queued before the host reads " +
                           $"the token): dense {dense.DeviceGreedyTokS / dense.GraphTokS:F2}x, pruned {pruned.DeviceGreedyTokS / pruned.GraphTokS:F2}x the host's choice; " +
                           $"pruned vs dense with it {pruned.DeviceGreedyTokS / dense.DeviceGreedyTokS:F2}x");
-        for (int i = 0; i < PrefetchRounds.Length; i++)
-            Console.WriteLine($"  with each streamed GEMV warp prefetching {PrefetchRounds[i]} rounds of its weights into L2 before its wait " +
-                              $"(CudaDevice.GemvPrefetchRounds; default 0): dense {dense.PrefetchedTokS[i] / dense.DeviceGreedyTokS:F2}x, " +
-                              $"pruned {pruned.PrefetchedTokS[i] / pruned.DeviceGreedyTokS:F2}x without; pruned vs dense {pruned.PrefetchedTokS[i] / dense.PrefetchedTokS[i]:F2}x");
         double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
         if (dense.Without is { } dw && pruned.Without is { } pw)
         {
@@ -231,12 +223,6 @@ internal static class InferenceBench
         // Where the kernel does not apply or the driver refuses it, the engine decodes eagerly without it: "did not apply".
         double eager = Decode(graphs: false), graph = Decode(graphs: true), persistentTokS = Decode(graphs: false, persistent: true);
         double onDevice = Decode(graphs: true, onDevice: true);
-        var prefetched = PrefetchRounds.Select(rounds =>
-        {
-            dev.GemvPrefetchRounds = rounds;
-            try { return Decode(graphs: true, onDevice: true); }
-            finally { dev.GemvPrefetchRounds = 0; }
-        }).ToArray();
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
@@ -271,8 +257,7 @@ internal static class InferenceBench
             Interop.CudaDriver.Profile(false);
         }
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
-                          $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm}), greedy with the tokens chosen on the device {onDevice:F1} tok/s " +
-                          $"(L2 prefetch of {string.Join(", ", PrefetchRounds.Select((r, i) => $"{r} rounds {prefetched[i]:F1}"))})");
+                          $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm}), greedy with the tokens chosen on the device {onDevice:F1} tok/s");
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
@@ -281,7 +266,7 @@ internal static class InferenceBench
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, onDevice, model.LayerGemmParameters, model.DecodeWeightBytes,
-            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without, PrefetchedTokS = prefetched };
+            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without };
     }
 
     private static int Next(ReadOnlySpan<float> logits) => Engine.Inference.Generator.ArgMax(logits);

@@ -370,18 +370,6 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
 
-    /// <summary>Rounds of its upcoming weight loads (after the first, which it loads) that each warp of a streamed GEMV
-    /// asks L2 to prefetch before its grid-dependency wait, while the kernel before it (attention, a norm) runs and HBM
-    /// would otherwise idle; at most the warp's rows. 0 (the default): none. The same bits either way
-    /// (KernelBench infer times decode with a few settings).</summary>
-    public int GemvPrefetchRounds
-    {
-        get => _gemvPrefetchRounds;
-        set => _gemvPrefetchRounds = value >= 0 ? value : throw new ArgumentOutOfRangeException(nameof(GemvPrefetchRounds), $"{value} is negative");
-    }
-
-    private int _gemvPrefetchRounds;
-
     /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv.cu, entries
     /// NAME_uU). The first is the default.</summary>
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
@@ -459,7 +447,7 @@ public sealed unsafe class CudaDevice : IDisposable
         int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
         var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
         var form = candidates[0];
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{_gemvPrefetchRounds}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs}";
         if (candidates.Length > 1)
         {
             if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
@@ -480,8 +468,7 @@ public sealed unsafe class CudaDevice : IDisposable
             long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
             grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
         }
-        if (form.Streamed) Launch("gemv", entry, grid, threads, g.SharedBytes, [.. args, _gemvPrefetchRounds]);   // the streamed entries' last parameter
-        else Launch("gemv", entry, grid, threads, g.SharedBytes, args);
+        Launch("gemv", entry, grid, threads, g.SharedBytes, args);
     }
 
     /// <summary>Blocks of <paramref name="threads"/> threads and <paramref name="sharedBytes"/> of dynamic shared memory

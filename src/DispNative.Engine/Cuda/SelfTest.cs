@@ -130,7 +130,7 @@ public static class SelfTest
             new("gemv bf16 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 2656, 4104: 1-3 rounds of loads): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv bf16 streamed over rows = a block per 8 rows, bit for bit: plain -> bf16 and -> f32, index-add of 203 of 300, q/k/v in one launch, " +
-                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3 (also prefetching 2 and 100 rounds into L2) and the resident blocks", GemvStreamed),
+                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3 and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
@@ -501,14 +501,12 @@ public static class SelfTest
     /// <summary>The streamed GEMVs (<see cref="CudaDevice.StreamGemvs"/>) against the block-per-8-rows ones (unroll 8)
     /// on the same operands, bit for bit: every unroll; the plain GEMV to bf16 and to f32 and its index-add into an f32
     /// residual, q/k/v in one launch, gate/up + SwiGLU; rows of 1 to 3 rounds of loads; the grid capped at 1 and 3 blocks
-    /// (each warp many rows, its stream crossing row ends) and uncapped; on 3 blocks also with each warp prefetching 2 and
-    /// 100 rounds into L2 (<see cref="CudaDevice.GemvPrefetchRounds"/>: across row ends, past the warp's last row).</summary>
+    /// (each warp many rows, its stream crossing row ends) and uncapped.</summary>
     private static string GemvStreamed(CudaDevice dev)
     {
         const int n = 203, d = 300, nq = 70, nkv = 30, mid = 90;
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
-        int prefetch = dev.GemvPrefetchRounds;
         bool? stream = dev.StreamGemvs;
         int checks = 0;
         try
@@ -544,26 +542,23 @@ public static class SelfTest
                 dev.StreamGemvs = true;
                 foreach (int? limit in new int?[] { 1, 3, null })
                     foreach (int u in CudaDevice.GemvUnrolls)
-                        foreach (int rounds in limit == 3 ? new[] { 0, 2, 100 } : [0])
-                        {
-                            (dev.GemvUnroll, dev.PersistentGridLimit, dev.GemvPrefetchRounds) = (u, limit, rounds);
-                            var got = Run();
-                            int diff = FirstBitDifference(want, got);
-                            if (diff >= 0)
-                                throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}, {rounds} rounds prefetched: output {diff} " +
-                                                   $"(bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
-                            checks++;
-                        }
+                    {
+                        (dev.GemvUnroll, dev.PersistentGridLimit) = (u, limit);
+                        var got = Run();
+                        int diff = FirstBitDifference(want, got);
+                        if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
+                        checks++;
+                    }
             }
             return $"{checks} runs identical";
         }
-        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.GemvPrefetchRounds) = (stream, forced, gridLimit, prefetch); }
+        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (stream, forced, gridLimit); }
     }
 
     /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
     /// against the CPU's gather-norm and products, then the fused kernels (each block normalizing the row itself) in both
     /// forms (<see cref="CudaDevice.StreamGemvs"/>) for every unroll and with the grid capped at 1 and 3 blocks (every
-    /// warp several rows) and the engine's, streamed on 3 blocks also prefetching 5 rounds per warp: the same bits;
+    /// warp several rows) and the engine's: the same bits;
     /// then the timed choice (which runs both forms) too. Each case: the row width d and the selected channels (null:
     /// dense), stored padded to 8.</summary>
     private static string FusedDecodeNorms(CudaDevice dev, DType dtype, (int D, int? Width)[] cases)
@@ -574,7 +569,6 @@ public static class SelfTest
         var ops = new CudaOps(dev);
         bool? fuse = dev.FuseDecodeNorms, stream = dev.StreamGemvs;
         int? unroll = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
-        int prefetch = dev.GemvPrefetchRounds;
         long minTuned = dev.MinTunedGemvElements;
         var report = new List<string>();
         try
@@ -628,9 +622,7 @@ public static class SelfTest
                             (dev.StreamGemvs, dev.PersistentGridLimit, dev.GemvUnroll) = (streamed, limit, u);
                             Same(Run(tx), $"fused{(streamed ? ", streamed" : "")}, unroll {u}, grid {(limit is int l ? $"capped at {l}" : "the engine's")}");
                         }
-                (dev.PersistentGridLimit, dev.GemvPrefetchRounds) = (3, 5);
-                Same(Run(tx), "fused, streamed, grid capped at 3, 5 rounds prefetched");
-                (dev.StreamGemvs, dev.GemvPrefetchRounds) = (stream, prefetch);
+                dev.StreamGemvs = stream;
                 // More rows of wide dynamic range: their sums of squares round differently in any other order, and in f32
                 // a scale one ulp off changes the outputs.
                 for (int extra = 0; extra < 6; extra++)
@@ -654,7 +646,6 @@ public static class SelfTest
         finally
         {
             (dev.FuseDecodeNorms, dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.MinTunedGemvElements) = (fuse, stream, unroll, gridLimit, minTuned);
-            dev.GemvPrefetchRounds = prefetch;
             dev.ForgetGemvChoices();
         }
     }

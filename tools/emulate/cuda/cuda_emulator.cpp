@@ -979,7 +979,6 @@ bool rewrite_asm(std::string& src, std::string& log, const std::string& file)
         else if (has("ex2.approx.ftz.f32") && o.size() == 1 && in.size() == 1) call = "(" + o[0] + ") = emu_ex2_ftz(" + in[0] + ")";
         else if (has("cp.async.cg.shared.global") && in.size() == 3) call = "emu_cp_async16(" + in[0] + ", " + in[1] + ", " + in[2] + ")";
         else if (has("cp.async.commit_group")) call = "emu_cp_async_commit()";
-        else if (has("prefetch.global.L2") && o.empty() && in.size() == 1) call = "emu_prefetch(" + in[0] + ")";
         // Programmatic dependent launch: stream operations run one after another here, so nothing to wait for or allow.
         else if (has("griddepcontrol.wait") || has("griddepcontrol.launch_dependents")) call = "((void)0)";
         else if (has("cp.async.wait_all")) call = "(emu_cp_async_commit(), emu_cp_async_wait(0))";

@@ -91,8 +91,6 @@ inline void __syncthreads() { emu_api->syncthreads(); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
 inline void __threadfence() {}
 inline void __threadfence_system() {}
-// An L2 prefetch changes nothing but speed; the byte is read so that an address outside every buffer faults as a load would.
-inline void emu_prefetch(const void* p) { (void)*static_cast<const volatile char*>(p); }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 
 inline unsigned emu_lane() { return emu_api->current->linear & 31u; }
