@@ -1,6 +1,6 @@
 // Single-query (decode) causal GQA attention against a KV cache ([capacity, kv_heads * head_dim] per tensor): the query
 // at position `start` (or *position, for CUDA graph replay) sees keys first..start, first = 0 or, with a sliding
-// window w > 0, start - w + 1. Online softmax in f32; nothing of size [keys] is stored.
+// window w > 0, start - w + 1. Online softmax in f32, rescaled once per round of keys; nothing of size [keys] is stored.
 //
 // Split-KV ("flash decoding"): grid (heads, splits). Block (h, s) takes the s-th contiguous share of the visible keys;
 // a group of G lanes scores one key, each lane holding 16 bytes of the head (one uint4 load of K and of V per key),
@@ -93,11 +93,12 @@ __device__ void merge_splits(const float* partial, T* __restrict__ out, int h, i
     }
 }
 
-// The shared memory of one group of DECODE_WARPS warps working on one share of one head.
+// The shared memory of one group of WARPS warps working on one share of one head.
+template <int WARPS = DECODE_WARPS>
 struct DecodeGroupShared
 {
-    float wm[DECODE_WARPS], wl[DECODE_WARPS];
-    float wacc[DECODE_WARPS][MAX_HEAD_DIM];
+    float wm[WARPS], wl[WARPS];
+    float wacc[WARPS][MAX_HEAD_DIM];
     int used;   // the shares used: read back after the key loop rather than held in a register through it
     bool last;
 };
@@ -127,7 +128,7 @@ struct GridDependencyWait
     __device__ void operator()() const { grid_dependency_wait(); }
 };
 
-// Share `split` of `splits` of head h, by a group of DECODE_WARPS warps (t: the thread's index in the group) with the
+// Share `split` of `splits` of head h, by a group of WARPS warps (t: the thread's index in the group) with the
 // shared memory sh. Every thread of the block calls this the same number of times, its group active or not (the
 // block synchronizes inside); an inactive group only takes part in those barriers.
 //
@@ -136,8 +137,8 @@ struct GridDependencyWait
 // so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
 // the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits.
 // (decode_step.cu has passed its grid barrier before it calls this: it loads nothing first.)
-template <typename T, typename Wait = NoWait>
-__device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared& sh, int h, int split, int splits,
+template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS>
+__device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared<WARPS>& sh, int h, int split, int splits,
     Wait wait = Wait())
 {
     constexpr int V = 16 / sizeof(T);
@@ -151,7 +152,7 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     bool has = gl < vecs;                          // lanes past the head's width only pad the group
     int c0 = gl * V;
 
-    const int step = DECODE_WARPS * per_warp;
+    const int step = WARPS * per_warp;
     int first = a.window > 0 ? max(0, start - a.window + 1) : 0, keys = start - first + 1;
     // The shares used (see the file comment); the rest of the grid has nothing to do.
     int used = a.arrivals ? min(splits, (keys + step * DECODE_UNROLL - 1) / (step * DECODE_UNROLL)) : splits;
@@ -225,21 +226,41 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         for (bool loaded = early; base < loop_end; base += step * DECODE_UNROLL, loaded = false)
         {
             if (!loaded) load_round();
+            // The round's scores first (their shuffles independent of each other), then one rescale to the round's
+            // maximum: the exponentials and the accumulation do not wait on each other key by key.
             int k0 = base + slot;
+            float s[DECODE_UNROLL];
 #pragma unroll
             for (int u = 0; u < DECODE_UNROLL; u++)
             {
-                float kf[V], vf[V], s = 0.f;
+                float kf[V];
                 unpack16<T>(kr[u], kf);
+                s[u] = 0.f;
 #pragma unroll
-                for (int i = 0; i < V; i++) s += qv[i] * kf[i];
-                for (int o = group >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (k0 + u * step < loop_end)          // uniform over the group
-                {
-                    unpack16<T>(vr[u], vf);
-                    attend<V>(s, vf, m, l, acc);
-                }
+                for (int i = 0; i < V; i++) s[u] += qv[i] * kf[i];
             }
+            for (int o = group >> 1; o > 0; o >>= 1)
+#pragma unroll
+                for (int u = 0; u < DECODE_UNROLL; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+            float mn = m;
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; u++)
+                if (k0 + u * step < loop_end) mn = fmaxf(mn, s[u]);   // uniform over the group
+            float corr = rescale(m, mn);
+            l *= corr;
+#pragma unroll
+            for (int i = 0; i < V; i++) acc[i] *= corr;
+#pragma unroll
+            for (int u = 0; u < DECODE_UNROLL; u++)
+                if (k0 + u * step < loop_end)
+                {
+                    float vf[V], p = expf(s[u] - mn);
+                    unpack16<T>(vr[u], vf);
+                    l += p;
+#pragma unroll
+                    for (int i = 0; i < V; i++) acc[i] += p * vf[i];
+                }
+            m = mn;
         }
         if (own_key())
         {
@@ -295,12 +316,12 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     if (active)
     {
         float gm = NEG_INF, gsum = 0.f;
-        for (int w = 0; w < DECODE_WARPS; w++) gm = fmaxf(gm, sh.wm[w]);
-        for (int w = 0; w < DECODE_WARPS; w++) gsum += sh.wl[w] * rescale(sh.wm[w], gm);
-        for (int c = t; c < head_dim; c += DECODE_WARPS * 32)
+        for (int w = 0; w < WARPS; w++) gm = fmaxf(gm, sh.wm[w]);
+        for (int w = 0; w < WARPS; w++) gsum += sh.wl[w] * rescale(sh.wm[w], gm);
+        for (int c = t; c < head_dim; c += WARPS * 32)
         {
             float v = 0.f;
-            for (int w = 0; w < DECODE_WARPS; w++) v += sh.wacc[w][c] * rescale(sh.wm[w], gm);
+            for (int w = 0; w < WARPS; w++) v += sh.wacc[w][c] * rescale(sh.wm[w], gm);
             if (used == 1) a.out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
             else part[c] = v;
         }
@@ -320,22 +341,22 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     __syncthreads();
     if (!active || !sh.last) return;
     __threadfence();
-    merge_splits<T>(opaque(a.partial), a.out, h, splits, used, head_dim, t, DECODE_WARPS * 32);
+    merge_splits<T>(opaque(a.partial), a.out, h, splits, used, head_dim, t, WARPS * 32);
 }
 
-// Grid (heads, splits), block DECODE_WARPS warps: block (h, s) takes share s of head h.
-template <typename T>
+// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h.
+template <typename T, int WARPS>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
     int start, const int* position, int heads, int kv_heads, int head_dim, int window, float scale)
 {
     allow_dependents_launch();
-    __shared__ DecodeGroupShared sh;
+    __shared__ DecodeGroupShared<WARPS> sh;
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
         head_dim, window, scale};
-    attend_share<T>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y, GridDependencyWait());
+    attend_share<T, GridDependencyWait, WARPS>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.

@@ -65,7 +65,7 @@ __device__ void decode_layers(const DecodeLayer* __restrict__ layers, int n_laye
     const float* __restrict__ inv_freq, float* partial, unsigned* arrivals, unsigned* barrier, int start, int d, int heads, int kv_heads,
     int head_dim, int window, int splits, float scale, float eps)
 {
-    __shared__ DecodeGroupShared groups[2];
+    __shared__ DecodeGroupShared<> groups[2];
     StepBarrier bar{barrier, x, 0u, true, true};
     StepSync sync{&bar};
     int qd = heads * head_dim, kvd = kv_heads * head_dim;

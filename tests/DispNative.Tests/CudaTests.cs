@@ -243,7 +243,7 @@ public class KernelSourceTests
         [
             "convert:convert_f32_to_##S", "embedding:embedding_##S", "rope:rope_##S", "norm:rmsnorm_gather_##S", "norm:layernorm_gather_##S",
             "residual:index_add_##S", "residual:add_bias_##S", "activations:silu_mul_##S", "activations:silu_mul_fast_##S", "activations:gelu_##S",
-            "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
+            "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_split8_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
             "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "init:read_through", "norm:rmsnorm_backward_##S",
             "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O##_u##U", "gemv:gemv_qkv_##S##_u##U", "gemv:gemv_swiglu_##S##_u##U",

@@ -370,6 +370,18 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Warps (output rows) per block of the GEMV kernels.</summary>
     public const int GemvWarps = 8;
 
+    /// <summary>Warps per block of the split-KV decode attention: 4 (the default) or 8 (attention_decode_split8, twice
+    /// the keys per round, so a context up to 128 keys at head_dim 128 in bf16 needs no merge of shares; KernelBench
+    /// infer times decode with it).</summary>
+    public int DecodeAttentionWarps
+    {
+        get => _decodeAttentionWarps;
+        set => _decodeAttentionWarps = value is CudaOps.DecodeWarps or 2 * CudaOps.DecodeWarps ? value
+            : throw new ArgumentOutOfRangeException(nameof(DecodeAttentionWarps), $"{value}: the split-KV decode is built for {CudaOps.DecodeWarps} or {2 * CudaOps.DecodeWarps} warps");
+    }
+
+    private int _decodeAttentionWarps = CudaOps.DecodeWarps;
+
     /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv.cu, entries
     /// NAME_uU). The first is the default.</summary>
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];

@@ -9,7 +9,10 @@ namespace DispNative.Engine.Cuda;
 public sealed class CudaOps(CudaDevice device)
 {
     public const int MaxHeadDim = 128;
-    private const int PrefillWarps = 8, DecodeWarps = 4, TensorCoreWarps = 4;
+    private const int PrefillWarps = 8, TensorCoreWarps = 4;
+
+    /// <summary>Warps per block of the naive decode kernel and of the split-KV one unless <see cref="CudaDevice.DecodeAttentionWarps"/> says 8.</summary>
+    public const int DecodeWarps = 4;
     public CudaDevice Device { get; } = device;
 
     private static void Need(DeviceTensor t, long elements, string what)
@@ -415,13 +418,13 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>Shares the split-KV decode merged by its last block uses for <paramref name="keys"/> visible keys on a
     /// grid of <paramref name="splits"/> (attention_decode.cuh): as many as keep each within one round of loads
-    /// (DECODE_UNROLL steps of its warps), at most the grid's. (Shares of up to 2 or 4 rounds, fewer merges, decoded
+    /// (DECODE_UNROLL steps of its <paramref name="warps"/> warps), at most the grid's. (Shares of up to 2 or 4 rounds, fewer merges, decoded
     /// within 0.8% of this on the H200, 2026-12-04.)</summary>
-    public static int DecodeSharesUsed(int keys, int splits, int headDim, DType dtype)
+    public static int DecodeSharesUsed(int keys, int splits, int headDim, DType dtype, int warps = DecodeWarps)
     {
         int vectors = headDim / (16 / dtype.Size()), group = 1;
         while (group < vectors) group <<= 1;
-        int share = DecodeWarps * (32 / group) * DecodeUnroll;
+        int share = warps * (32 / group) * DecodeUnroll;
         return Math.Clamp((keys + share - 1) / share, 1, splits);
     }
 
@@ -497,7 +500,8 @@ public sealed class CudaOps(CudaDevice device)
         {
             var partial = scratch ?? temporary;
             bool merged = kernel == DecodeKernel.SplitKv && partial != null;
-            Device.Launch("attention_decode", $"attention_decode_split_{s}", ((uint)heads, (uint)splits, 1), (DecodeWarps * 32, 1, 1), 0,
+            int warps = Device.DecodeAttentionWarps;
+            Device.Launch("attention_decode", $"attention_decode_split{(warps == DecodeWarps ? "" : warps)}_{s}", ((uint)heads, (uint)splits, 1), ((uint)warps * 32, 1, 1), 0,
                 q, kCache, vCache, output, partial?.States ?? 0, merged ? partial!.Counters : 0,
                 rope?.K, rope?.V, rope?.InvFreq, rope == null ? null : kCache, rope == null ? null : vCache,
                 start, position, heads, kvHeads, headDim, window, scale);

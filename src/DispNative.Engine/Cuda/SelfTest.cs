@@ -38,6 +38,8 @@ public static class SelfTest
             new("decode rope + kv append + attention f32 (position 0 of 300, heads 4/4, head_dim 64)", dev => RopeAttentionDecode(dev, DType.F32, 4, 4, 64, 0, 300)),
             new("decode rope + kv append + attention f16, window 100 (position 250 of 256, heads 6/3, head_dim 48)", dev => RopeAttentionDecode(dev, DType.F16, 6, 3, 48, 250, 256, 100)),
             new("decode rope + kv append + attention f32 (head_dim 20: two launches)", dev => RopeAttentionDecode(dev, DType.F32, 3, 1, 20, 40, 64)),
+            new("decode rope + kv append + attention bf16, 8-warp blocks (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
+                dev => WithDecodeWarps(dev, 8, () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048))),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -76,6 +78,10 @@ public static class SelfTest
             new("attention decode bf16 split-KV, combine kernel (position 700, heads 4/2, head_dim 128)", dev => Attention(dev, 1, 700, 4, 2, 128, null, DType.BF16, decode: DecodeKernel.SplitKvCombineKernel)),
             new("attention decode bf16 split-KV, 200-key shares (several steps per block; position 1500 of 2048)", dev => Attention(dev, 1, 1500, 4, 4, 128, null, DType.BF16, capacity: 2048, keysPerSplit: 200)),
             new("attention decode f32 split-KV, 64 shares (position 5000 of 8192, heads 2/1, head_dim 64)", dev => Attention(dev, 1, 5000, 2, 1, 64, null, capacity: 8192)),
+            new("attention decode bf16 split-KV, 8-warp blocks (position 1500 of 4096, heads 4/2, head_dim 128)",
+                dev => WithDecodeWarps(dev, 8, () => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096))),
+            new("attention decode f16 split-KV, 8-warp blocks, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
+                dev => WithDecodeWarps(dev, 8, () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024))),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -426,6 +432,15 @@ public static class SelfTest
         string launches = CudaOps.RopeFusesIntoDecode(x.Tq, x.Tk, x.Tv, x.Tkc, x.Tvc, hd) ? "one launch" : "two launches";
         return $"{launches}; {Compare(dev.Download(o), want, tol)}; {Compare(dev.Download(x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
             Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
+    }
+
+    /// <summary>A check run with the split-KV decode attention in blocks of <paramref name="warps"/> warps.</summary>
+    private static string WithDecodeWarps(CudaDevice dev, int warps, Func<string> check)
+    {
+        int before = dev.DecodeAttentionWarps;
+        dev.DecodeAttentionWarps = warps;
+        try { return check(); }
+        finally { dev.DecodeAttentionWarps = before; }
     }
 
     /// <summary>The first index where <paramref name="a"/> and <paramref name="b"/> differ in their bits, or -1 where
@@ -859,7 +874,7 @@ public static class SelfTest
         // The shares used wrote their states (where more than one), the rest of the grid nothing.
         bool split = hd % (16 / dtype.Size()) == 0;
         int grid = CudaOps.DecodeSplits(rows, window ?? 0, keysPerSplit), visible = Math.Min(start + 1, window ?? int.MaxValue);
-        int used = decode == DecodeKernel.SplitKv ? CudaOps.DecodeSharesUsed(visible, grid, hd, dtype) : grid;
+        int used = decode == DecodeKernel.SplitKv ? CudaOps.DecodeSharesUsed(visible, grid, hd, dtype, dev.DecodeAttentionWarps) : grid;
         var states = dev.Download(scratch.Tensor);
         for (int h = 0; split && grid > 1 && h < heads; h++)
             for (int sp = 0; sp < grid; sp++)
