@@ -151,13 +151,15 @@ public class KernelSourceTests
                 string kernel = args[0].Trim('"'), entry = args[1];
                 if (!entry.StartsWith('"') && !entry.StartsWith("$\"")) continue;   // an entry name in a variable
                 string where = $"{Path.GetFileName(file)}: {call}(\"{kernel}\", {entry}, ...)";
-                // Fill each interpolation hole with a storage suffix or a head size, whichever combination names an entry.
+                // Fill each interpolation hole with a storage suffix, a head size or nothing (an optional part of the
+                // name), whichever combination names an entry.
                 string[] parts = System.Text.RegularExpressions.Regex.Split(entry.TrimStart('$').Trim('"'), @"\{[^}]*\}");
+                string[] fillers = ["f32", "64", ""];
                 int? expected = null;
-                for (int combo = 0; combo < 1 << (parts.Length - 1) && expected == null; combo++)
+                for (int combo = 0, combos = (int)Math.Pow(fillers.Length, parts.Length - 1); combo < combos && expected == null; combo++)
                 {
                     var name = new System.Text.StringBuilder(parts[0]);
-                    for (int h = 1; h < parts.Length; h++) name.Append((combo >> (h - 1) & 1) == 0 ? "f32" : "64").Append(parts[h]);
+                    for (int h = 1, rest = combo; h < parts.Length; h++, rest /= fillers.Length) name.Append(fillers[rest % fillers.Length]).Append(parts[h]);
                     try { expected = KernelSources.ParameterCount(kernel, name.ToString()); } catch (DispNativeException) { }
                 }
                 Assert.That(expected, Is.Not.Null, $"{where}: no such entry point");
