@@ -1,6 +1,6 @@
 // Single-query (decode) causal GQA attention against a KV cache ([capacity, kv_heads * head_dim] per tensor): the query
 // at position `start` (or *position, for CUDA graph replay) sees keys first..start, first = 0 or, with a sliding
-// window w > 0, start - w + 1. Online softmax in f32, rescaled once per round of keys; nothing of size [keys] is stored.
+// window w > 0, start - w + 1. Online softmax in f32, rescaled once per RESCALE_KEYS keys; nothing of size [keys] is stored.
 //
 // Split-KV ("flash decoding"): grid (heads, splits). Block (h, s) takes the s-th contiguous share of the visible keys;
 // a group of G lanes scores one key, each lane holding 16 bytes of the head (one uint4 load of K and of V per key),
@@ -27,6 +27,7 @@
 #define MAX_HEAD_DIM 128
 #define DECODE_WARPS 4
 #define DECODE_UNROLL 8
+#define RESCALE_KEYS 4   // keys of a round scored before each rescale (a divisor of DECODE_UNROLL)
 
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
@@ -226,41 +227,45 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         for (bool loaded = early; base < loop_end; base += step * DECODE_UNROLL, loaded = false)
         {
             if (!loaded) load_round();
-            // The round's scores first (their shuffles independent of each other), then one rescale to the round's
-            // maximum: the exponentials and the accumulation do not wait on each other key by key.
+            // The scores of RESCALE_KEYS of the round's keys first (their shuffles independent of each other), then
+            // one rescale to their maximum: the exponentials and the accumulation do not wait on each other key by key.
             int k0 = base + slot;
-            float s[DECODE_UNROLL];
 #pragma unroll
-            for (int u = 0; u < DECODE_UNROLL; u++)
+            for (int u0 = 0; u0 < DECODE_UNROLL; u0 += RESCALE_KEYS)
             {
-                float kf[V];
-                unpack16<T>(kr[u], kf);
-                s[u] = 0.f;
+                float s[RESCALE_KEYS];
 #pragma unroll
-                for (int i = 0; i < V; i++) s[u] += qv[i] * kf[i];
-            }
-            for (int o = group >> 1; o > 0; o >>= 1)
-#pragma unroll
-                for (int u = 0; u < DECODE_UNROLL; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-            float mn = m;
-#pragma unroll
-            for (int u = 0; u < DECODE_UNROLL; u++)
-                if (k0 + u * step < loop_end) mn = fmaxf(mn, s[u]);   // uniform over the group
-            float corr = rescale(m, mn);
-            l *= corr;
-#pragma unroll
-            for (int i = 0; i < V; i++) acc[i] *= corr;
-#pragma unroll
-            for (int u = 0; u < DECODE_UNROLL; u++)
-                if (k0 + u * step < loop_end)
+                for (int u = 0; u < RESCALE_KEYS; u++)
                 {
-                    float vf[V], p = expf(s[u] - mn);
-                    unpack16<T>(vr[u], vf);
-                    l += p;
+                    float kf[V];
+                    unpack16<T>(kr[u0 + u], kf);
+                    s[u] = 0.f;
 #pragma unroll
-                    for (int i = 0; i < V; i++) acc[i] += p * vf[i];
+                    for (int i = 0; i < V; i++) s[u] += qv[i] * kf[i];
                 }
-            m = mn;
+                for (int o = group >> 1; o > 0; o >>= 1)
+#pragma unroll
+                    for (int u = 0; u < RESCALE_KEYS; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+                float mn = m;
+#pragma unroll
+                for (int u = 0; u < RESCALE_KEYS; u++)
+                    if (k0 + (u0 + u) * step < loop_end) mn = fmaxf(mn, s[u]);   // uniform over the group
+                float corr = rescale(m, mn);
+                l *= corr;
+#pragma unroll
+                for (int i = 0; i < V; i++) acc[i] *= corr;
+#pragma unroll
+                for (int u = 0; u < RESCALE_KEYS; u++)
+                    if (k0 + (u0 + u) * step < loop_end)
+                    {
+                        float vf[V], p = expf(s[u] - mn);
+                        unpack16<T>(vr[u0 + u], vf);
+                        l += p;
+#pragma unroll
+                        for (int i = 0; i < V; i++) acc[i] += p * vf[i];
+                    }
+                m = mn;
+            }
         }
         if (own_key())
         {

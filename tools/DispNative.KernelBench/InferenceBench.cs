@@ -27,6 +27,9 @@ internal static class InferenceBench
         /// <summary>Decode with the tokens chosen on the device and the split-KV decode attention in blocks of the other
         /// number of warps (<see cref="OtherDecodeWarps"/>), tok/s.</summary>
         public double OtherWarpsTokS { get; init; }
+
+        /// <summary>Decode with the tokens chosen on the device and <see cref="CudaDevice.BalanceGemvRows"/> set, tok/s.</summary>
+        public double BalancedRowsTokS { get; init; }
     }
 
     /// <summary>The <see cref="CudaDevice.DecodeAttentionWarps"/> setting timed against the engine's.</summary>
@@ -76,6 +79,9 @@ internal static class InferenceBench
         Console.WriteLine($"  the same with the decode attention in blocks of {OtherDecodeWarps(dev)} warps (CudaDevice.DecodeAttentionWarps; the engine's: " +
                           $"{dev.DecodeAttentionWarps}): dense {dense.OtherWarpsTokS / dense.DeviceGreedyTokS:F2}x, pruned {pruned.OtherWarpsTokS / pruned.DeviceGreedyTokS:F2}x " +
                           $"the engine's; pruned vs dense {pruned.OtherWarpsTokS / dense.OtherWarpsTokS:F2}x");
+        Console.WriteLine($"  the same with the GEMVs' rows balanced over fewer blocks (CudaDevice.BalanceGemvRows; default off): dense " +
+                          $"{dense.BalancedRowsTokS / dense.DeviceGreedyTokS:F2}x, pruned {pruned.BalancedRowsTokS / pruned.DeviceGreedyTokS:F2}x the engine's; " +
+                          $"pruned vs dense {pruned.BalancedRowsTokS / dense.BalancedRowsTokS:F2}x");
         double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
         if (dense.Without is { } dw && pruned.Without is { } pw)
         {
@@ -238,6 +244,10 @@ internal static class InferenceBench
         double otherWarps;
         try { otherWarps = Decode(graphs: true, onDevice: true); }
         finally { dev.DecodeAttentionWarps = warps; }
+        dev.BalanceGemvRows = true;
+        double balancedRows;
+        try { balancedRows = Decode(graphs: true, onDevice: true); }
+        finally { dev.BalanceGemvRows = false; }
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
@@ -273,7 +283,7 @@ internal static class InferenceBench
         }
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm}), greedy with the tokens chosen on the device {onDevice:F1} tok/s " +
-                          $"({otherWarps:F1} with {OtherDecodeWarps(dev)}-warp decode attention)");
+                          $"({otherWarps:F1} with {OtherDecodeWarps(dev)}-warp decode attention, {balancedRows:F1} with the GEMVs' rows balanced)");
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
@@ -282,7 +292,7 @@ internal static class InferenceBench
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, onDevice, model.LayerGemmParameters, model.DecodeWeightBytes,
-            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without, OtherWarpsTokS = otherWarps };
+            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without, OtherWarpsTokS = otherWarps, BalancedRowsTokS = balancedRows };
     }
 
     private static int Next(ReadOnlySpan<float> logits) => Engine.Inference.Generator.ArgMax(logits);

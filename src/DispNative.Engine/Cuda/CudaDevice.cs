@@ -446,6 +446,13 @@ public sealed unsafe class CudaDevice : IDisposable
     /// alone): the self-test uses a few blocks so that every warp takes several rows.</summary>
     internal int? PersistentGridLimit { get; set; }
 
+    /// <summary>Whether the GEMVs whose warps loop over rows (the streamed forms, the fused decode norms) run on the
+    /// fewest blocks that give no warp more rows than their full grid does, so that every warp takes as many: 2688
+    /// rows on 2112 warps are 2 rows for 576 warps and 1 for the rest, which leaves the last stretch of the GEMV to a
+    /// quarter of the warps; on 1344 warps every warp takes 2. Off by default (KernelBench infer times decode with it);
+    /// the same bits either way.</summary>
+    public bool BalanceGemvRows { get; set; }
+
     /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
     /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls; <c>BlocksPerSM</c>: 0 for a block
     /// per 8 rows, else the persistent grid's (at most the resident blocks).</summary>
@@ -459,7 +466,7 @@ public sealed unsafe class CudaDevice : IDisposable
         int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
         var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
         var form = candidates[0];
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{BalanceGemvRows}";
         if (candidates.Length > 1)
         {
             if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
@@ -479,6 +486,11 @@ public sealed unsafe class CudaDevice : IDisposable
         {
             long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
             grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
+            if (BalanceGemvRows)
+            {
+                long perWarp = (g.Rows + (long)grid * GemvWarps - 1) / ((long)grid * GemvWarps);
+                grid = (uint)Math.Max(1, (g.Rows + perWarp * GemvWarps - 1) / (perWarp * GemvWarps));
+            }
         }
         Launch("gemv", entry, grid, threads, g.SharedBytes, args);
     }

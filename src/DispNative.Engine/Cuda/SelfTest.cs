@@ -136,7 +136,7 @@ public static class SelfTest
             new("gemv bf16 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 2656, 4104: 1-3 rounds of loads): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv bf16 streamed over rows = a block per 8 rows, bit for bit: plain -> bf16 and -> f32, index-add of 203 of 300, q/k/v in one launch, " +
-                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3 and the resident blocks", GemvStreamed),
+                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3, 10 with the rows balanced over fewer, and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
@@ -516,13 +516,15 @@ public static class SelfTest
     /// <summary>The streamed GEMVs (<see cref="CudaDevice.StreamGemvs"/>) against the block-per-8-rows ones (unroll 8)
     /// on the same operands, bit for bit: every unroll; the plain GEMV to bf16 and to f32 and its index-add into an f32
     /// residual, q/k/v in one launch, gate/up + SwiGLU; rows of 1 to 3 rounds of loads; the grid capped at 1 and 3 blocks
-    /// (each warp many rows, its stream crossing row ends) and uncapped.</summary>
+    /// (each warp many rows, its stream crossing row ends), at 10 with the rows balanced over fewer
+    /// (<see cref="CudaDevice.BalanceGemvRows"/>: 9, 9, 9 and 6 blocks for 203, 203, 130 and 90 rows) and uncapped.</summary>
     private static string GemvStreamed(CudaDevice dev)
     {
         const int n = 203, d = 300, nq = 70, nkv = 30, mid = 90;
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
         bool? stream = dev.StreamGemvs;
+        bool balance = dev.BalanceGemvRows;
         int checks = 0;
         try
         {
@@ -555,19 +557,21 @@ public static class SelfTest
                 (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (false, CudaDevice.GemvUnrolls[0], null);
                 var want = Run();
                 dev.StreamGemvs = true;
-                foreach (int? limit in new int?[] { 1, 3, null })
+                foreach (var (limit, balanced) in new (int?, bool)[] { (1, false), (3, false), (10, true), (null, false) })
                     foreach (int u in CudaDevice.GemvUnrolls)
                     {
-                        (dev.GemvUnroll, dev.PersistentGridLimit) = (u, limit);
+                        (dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows) = (u, limit, balanced);
                         var got = Run();
                         int diff = FirstBitDifference(want, got);
-                        if (diff >= 0) throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}: output {diff} (bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
+                        if (diff >= 0)
+                            throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}{(balanced ? ", rows balanced" : "")}: output {diff} " +
+                                               $"(bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
                         checks++;
                     }
             }
             return $"{checks} runs identical";
         }
-        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (stream, forced, gridLimit); }
+        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows) = (stream, forced, gridLimit, balance); }
     }
 
     /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
