@@ -24,16 +24,33 @@ internal static class InferenceBench
         /// <summary>Prefill ms and decode (graphs) ms per token with kernels left out (<see cref="CudaLlama.Skipped"/>).</summary>
         public Ablation? Without { get; init; }
 
-        /// <summary>Decode with the tokens chosen on the device and the split-KV decode attention in blocks of the other
-        /// number of warps (<see cref="OtherDecodeWarps"/>), tok/s.</summary>
-        public double OtherWarpsTokS { get; init; }
-
-        /// <summary>Decode with the tokens chosen on the device and <see cref="CudaDevice.BalanceGemvRows"/> set, tok/s.</summary>
-        public double BalancedRowsTokS { get; init; }
+        /// <summary>Decode with the tokens chosen on the device under each of <see cref="SettingsTried"/>, tok/s.</summary>
+        public double[] TriedTokS { get; init; } = [];
     }
 
-    /// <summary>The <see cref="CudaDevice.DecodeAttentionWarps"/> setting timed against the engine's.</summary>
-    private static int OtherDecodeWarps(CudaDevice dev) => dev.DecodeAttentionWarps == CudaOps.DecodeWarps ? 2 * CudaOps.DecodeWarps : CudaOps.DecodeWarps;
+    /// <summary>Settings that are not the engine's, each timed on greedy decode with the tokens chosen on the device
+    /// against the engine's: what it is, and how to set it (returning how to undo that).</summary>
+    private sealed record Setting(string What, Func<CudaDevice, Action> Set);
+
+    private static readonly Setting OtherDecodeWarps = new("the decode attention in blocks of the other number of warps (CudaDevice.DecodeAttentionWarps, 4 or 8)", dev =>
+    {
+        int warps = dev.DecodeAttentionWarps;
+        dev.DecodeAttentionWarps = warps == CudaOps.DecodeWarps ? 2 * CudaOps.DecodeWarps : CudaOps.DecodeWarps;
+        return () => dev.DecodeAttentionWarps = warps;
+    });
+
+    private static readonly Setting OtherGemvGrids = new("the GEMVs' rows balanced over fewer blocks, or not (CudaDevice.BalanceGemvRows)", dev =>
+    {
+        bool balance = dev.BalanceGemvRows;
+        dev.BalanceGemvRows = !balance;
+        return () => dev.BalanceGemvRows = balance;
+    });
+
+    private static readonly Setting[] SettingsTried =
+    [
+        OtherDecodeWarps, OtherGemvGrids,
+        new("both", dev => { var undoWarps = OtherDecodeWarps.Set(dev); var undoGrids = OtherGemvGrids.Set(dev); return () => { undoGrids(); undoWarps(); }; }),
+    ];
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
 
@@ -76,12 +93,10 @@ internal static class InferenceBench
         Console.WriteLine($"greedy decode with each token chosen on the device (CudaLlama.DecodeGreedy; graphs, the next step queued before the host reads " +
                           $"the token): dense {dense.DeviceGreedyTokS / dense.GraphTokS:F2}x, pruned {pruned.DeviceGreedyTokS / pruned.GraphTokS:F2}x the host's choice; " +
                           $"pruned vs dense with it {pruned.DeviceGreedyTokS / dense.DeviceGreedyTokS:F2}x");
-        Console.WriteLine($"  the same with the decode attention in blocks of {OtherDecodeWarps(dev)} warps (CudaDevice.DecodeAttentionWarps; the engine's: " +
-                          $"{dev.DecodeAttentionWarps}): dense {dense.OtherWarpsTokS / dense.DeviceGreedyTokS:F2}x, pruned {pruned.OtherWarpsTokS / pruned.DeviceGreedyTokS:F2}x " +
-                          $"the engine's; pruned vs dense {pruned.OtherWarpsTokS / dense.OtherWarpsTokS:F2}x");
-        Console.WriteLine($"  the same with the GEMVs' rows balanced over fewer blocks (CudaDevice.BalanceGemvRows; default off): dense " +
-                          $"{dense.BalancedRowsTokS / dense.DeviceGreedyTokS:F2}x, pruned {pruned.BalancedRowsTokS / pruned.DeviceGreedyTokS:F2}x the engine's; " +
-                          $"pruned vs dense {pruned.BalancedRowsTokS / dense.BalancedRowsTokS:F2}x");
+        Console.WriteLine($"  the engine's settings: decode attention in blocks of {dev.DecodeAttentionWarps} warps, GEMV rows {(dev.BalanceGemvRows ? "" : "not ")}balanced");
+        for (int i = 0; i < SettingsTried.Length; i++)
+            Console.WriteLine($"  the same with {SettingsTried[i].What}: dense {dense.TriedTokS[i] / dense.DeviceGreedyTokS:F2}x, " +
+                              $"pruned {pruned.TriedTokS[i] / pruned.DeviceGreedyTokS:F2}x the engine's; pruned vs dense {pruned.TriedTokS[i] / dense.TriedTokS[i]:F2}x");
         double denseStep = 1e3 / dense.GraphTokS, prunedStep = 1e3 / pruned.GraphTokS;   // ms per token, graphs
         if (dense.Without is { } dw && pruned.Without is { } pw)
         {
@@ -239,15 +254,12 @@ internal static class InferenceBench
         // Where the kernel does not apply or the driver refuses it, the engine decodes eagerly without it: "did not apply".
         double eager = Decode(graphs: false), graph = Decode(graphs: true), persistentTokS = Decode(graphs: false, persistent: true);
         double onDevice = Decode(graphs: true, onDevice: true);
-        int warps = dev.DecodeAttentionWarps;
-        dev.DecodeAttentionWarps = OtherDecodeWarps(dev);
-        double otherWarps;
-        try { otherWarps = Decode(graphs: true, onDevice: true); }
-        finally { dev.DecodeAttentionWarps = warps; }
-        dev.BalanceGemvRows = true;
-        double balancedRows;
-        try { balancedRows = Decode(graphs: true, onDevice: true); }
-        finally { dev.BalanceGemvRows = false; }
+        var tried = SettingsTried.Select(setting =>
+        {
+            var undo = setting.Set(dev);
+            try { return Decode(graphs: true, onDevice: true); }
+            finally { undo(); }
+        }).ToArray();
         dev.GemvUnroll = CudaDevice.GemvUnrolls[0];   // the baseline of the GEMV unroll choice: the first everywhere
         double graphFirstUnroll = Decode(graphs: true);
         dev.GemvUnroll = null;
@@ -283,7 +295,7 @@ internal static class InferenceBench
         }
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm}), greedy with the tokens chosen on the device {onDevice:F1} tok/s " +
-                          $"({otherWarps:F1} with {OtherDecodeWarps(dev)}-warp decode attention, {balancedRows:F1} with the GEMVs' rows balanced)");
+                          $"(with the settings tried below: {string.Join(", ", tried.Select(t => $"{t:F1}"))})");
         string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
@@ -292,7 +304,7 @@ internal static class InferenceBench
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, onDevice, model.LayerGemmParameters, model.DecodeWeightBytes,
-            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without, OtherWarpsTokS = otherWarps, BalancedRowsTokS = balancedRows };
+            model.Config.LastRowPrefillFlops(prefillTokens, model.LayerWidths)) { Without = without, TriedTokS = tried };
     }
 
     private static int Next(ReadOnlySpan<float> logits) => Engine.Inference.Generator.ArgMax(logits);
