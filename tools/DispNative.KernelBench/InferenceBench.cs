@@ -30,9 +30,9 @@ internal static class InferenceBench
 
     /// <summary>Settings that are not the engine's, each timed on greedy decode with the tokens chosen on the device
     /// against the engine's: what it is, and how to set it (returning how to undo that).</summary>
-    private sealed record Setting(string What, Func<CudaDevice, Action> Set);
+    internal sealed record Setting(string What, Func<CudaDevice, Action> Set);
 
-    private static readonly Setting OtherDecodeWarps = new("the decode attention in blocks of the other number of warps (CudaDevice.DecodeAttentionWarps, 4 or 8)", dev =>
+    internal static readonly Setting OtherDecodeWarps = new("the decode attention in blocks of the other number of warps (CudaDevice.DecodeAttentionWarps, 4 or 8)", dev =>
     {
         int warps = dev.DecodeAttentionWarps;
         dev.DecodeAttentionWarps = warps == CudaOps.DecodeWarps ? 2 * CudaOps.DecodeWarps : CudaOps.DecodeWarps;
