@@ -396,17 +396,13 @@ internal static class GpuBench
         Console.WriteLine($"{$"split-KV: last block merges vs combine kernel ({CudaOps.DecodeKeysPerSplit} / {narrowShare} keys)",-58} {"",8} {splitDecode / splitTwoLaunches,5:F2} / {narrowMerged / narrowTwoLaunches,4:F2} x");
         Console.WriteLine($"{$"split-KV: {CudaOps.DecodeKeysPerSplit}-key vs {narrowShare}-key shares (last block merges)",-58} {"",8} {splitDecode / narrowMerged,12:F2} x");
         Console.WriteLine($"{"split-KV (engine) vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
-        int engineWarps = dev.DecodeAttentionWarps, otherWarps;
         var undoWarps = InferenceBench.OtherDecodeWarps.Set(dev);
+        int otherWarps = dev.DecodeAttentionWarps;
         double otherBlocks;
-        try
-        {
-            otherWarps = dev.DecodeAttentionWarps;
-            otherBlocks = Bandwidth($"attention decode bf16, split-KV, blocks of {otherWarps} warps", kvBytes,
-                () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch));
-        }
+        try { otherBlocks = Bandwidth($"attention decode bf16, split-KV, blocks of {otherWarps} warps", kvBytes,
+            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
         finally { undoWarps(); }
-        Console.WriteLine($"{$"split-KV: blocks of {otherWarps} vs {engineWarps} warps (CudaDevice.DecodeAttentionWarps)",-58} {"",8} {otherBlocks / splitDecode,12:F2} x");
+        Console.WriteLine($"{$"split-KV: blocks of {otherWarps} vs {dev.DecodeAttentionWarps} warps (CudaDevice.DecodeAttentionWarps)",-58} {"",8} {otherBlocks / splitDecode,12:F2} x");
         // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
         using var kNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16); using var vNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16);
         using var invFreq = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(new Engine.Cpu.Rope(HeadDim, 10000).InverseFrequency).ToArray());
