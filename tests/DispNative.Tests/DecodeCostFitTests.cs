@@ -5,7 +5,7 @@ namespace DispNative.Tests;
 
 public class DecodeCostFitTests
 {
-    // The H100 decode figures of 2026-11-25 (README): dense 183.9 tok/s reading 13.19 GB per token, pruned 288.9 reading 6.71 GB.
+    // The H100 decode figures of 2026-11-25 (docs/gpu-performance-log.md): dense 183.9 tok/s reading 13.19 GB per token, pruned 288.9 reading 6.71 GB.
     private const long DenseBytes = 13_190_000_000, PrunedBytes = 6_710_000_000;
     private const double DenseMs = 1e3 / 183.9, PrunedMs = 1e3 / 288.9;
 
