@@ -30,6 +30,19 @@ GEMV(f16, float, f16, f32)
 #define GEMV_FUSED(T, S) GEMV_FUSED_U(T, S, 8) GEMV_FUSED_U(T, S, 12) GEMV_FUSED_U(T, S, 16)
 FOR_EACH_STORAGE(GEMV_FUSED)
 
+// KernelBench's baseline (CudaDevice.StreamGemvsByRow): the streamed bf16 GEMVs with each round of loads inside one
+// row, as before rounds ran across row ends (stream_rows_by_row).
+#define GEMV_BY_ROW_U(U) \
+    extern "C" __global__ void gemv_streamed_byrow_bf16_to_bf16_u##U(const bf16* x, const bf16* w, bf16* y, const int* out_index, int n, int k, float alpha, float beta) \
+    { gemv_streamed<U, bf16, bf16, true>(x, w, y, out_index, n, k, alpha, beta); } \
+    extern "C" __global__ void gemv_streamed_byrow_bf16_to_f32_u##U(const bf16* x, const bf16* w, float* y, const int* out_index, int n, int k, float alpha, float beta) \
+    { gemv_streamed<U, bf16, float, true>(x, w, y, out_index, n, k, alpha, beta); } \
+    extern "C" __global__ void gemv_streamed_byrow_qkv_bf16_u##U(const bf16* x, const bf16* w0, bf16* y0, int n0, const bf16* w1, bf16* y1, int n1, const bf16* w2, bf16* y2, int n2, int k) \
+    { gemv_streamed_qkv<U, bf16, RowInput<bf16>, true>(RowInput<bf16>{x}, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
+    extern "C" __global__ void gemv_streamed_byrow_swiglu_bf16_u##U(const bf16* x, const bf16* w_gate, const bf16* w_up, bf16* out, int n, int k) \
+    { gemv_streamed_swiglu<U, bf16, RowInput<bf16>, true>(RowInput<bf16>{x}, w_gate, w_up, out, n, k); }
+GEMV_BY_ROW_U(8) GEMV_BY_ROW_U(12) GEMV_BY_ROW_U(16)
+
 #define GEMV_NORM_U(T, S, U) \
     extern "C" __global__ void gemv_norm_qkv_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, int norm_threads, \
         float eps, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \

@@ -59,25 +59,6 @@ __device__ __forceinline__ void load_round(const uint4* wr, int nv, int base, ui
     }
 }
 
-// load_round in two steps, for a caller with other loads to issue between them: the loads, then (zeroing the values
-// past the row's end waits for them) the zeroing. (load_round stays one loop: written as these two, it changed the
-// code ptxas 12.4 gave the measured kernels.)
-template <int U>
-__device__ __forceinline__ void load_round_unzeroed(const uint4* wr, int nv, int base, uint4* a)
-{
-    int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int u = 0; u < U; u++) a[u] = __ldcg(wr + min(base + lane + u * 32, nv - 1));
-}
-template <int U>
-__device__ __forceinline__ void zero_past_end(int nv, int base, uint4* a)
-{
-    int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int u = 0; u < U; u++)
-        if (base + lane + u * 32 >= nv) a[u] = make_uint4(0, 0, 0, 0);
-}
-
 // x . w for one weight row of k elements, summed over the warp (every lane gets it); first holds the lane's first
 // U loads of w (load_first). x is not __restrict__: a persistent kernel's x was written earlier in the same launch, which
 // the non-coherent loads a const __restrict__ pointer may be compiled to would not see.
@@ -149,28 +130,102 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
 }
 
 // The GEMVs as one stream of loads per warp (gemv_streamed*, on a grid of resident blocks): a warp takes outputs
-// gemv_row(), + step, ..., each of `per` weight rows (1; 2 for gate and up), and issues each round of U loads per lane
-// before it sums the round before, across the end of a row too (the next row's first round), so its loads stay in
-// flight from its first row to its last, where the kernels above issue a row's first loads only after the row before
-// is summed (and a block per 8 rows waits for its slowest warp). Row j of output i starts at row(i, j); done(i, j, dot)
-// gets each row's dot in every lane. Once the first round is issued, every thread runs input.before_wait(), the
-// grid-dependency wait, then input.after_wait(), which returns x (k elements); Input::loads: whether before_wait loads
-// (RowInput, NormalizedInput). Each lane sums as warp_dot does: the outputs are the other kernels' bit for bit.
+// gemv_row(), + step, ..., each of `per` weight rows (1; 2 for gate and up), and reads them as one sequence of steps of
+// 32 vectors (16 bytes each, one per lane; a row of nv vectors is ceil(nv / 32) steps, its last one partial). A round
+// is U steps, wherever rows begin and end in it (a pruned row of 2688 bf16 is 11 steps: at U 16 a round holds the rest
+// of one row and the start of the next, where a round per row would leave 5 of 16 loads per lane idle), and each
+// round's loads are issued before the round before is summed, so U loads per lane stay in flight from the warp's first
+// row to its last (the kernels above issue a row's first loads only after the row before is summed, and a block per 8
+// rows waits for its slowest warp). Row j of output i starts at row(i, j); done(i, j, dot) gets each row's dot in every
+// lane. Once the first round is issued, every thread runs input.before_wait(), the grid-dependency wait, then
+// input.after_wait(), which returns x (k elements). Step t of a row holds vectors 32t + lane, and each lane sums them
+// in step order, as warp_dot does: the outputs are the other kernels' bit for bit.
+
+// A position in a warp's stream: output i, its row j, step t of that row, which starts at p.
+struct StreamPos { int i, j, t; const uint4* p; };
+
+// The next step of the stream from s (rows of `steps` steps, `per` rows an output, outputs `step` apart). Past the last
+// output p stays on the last row, so a round's loads stay in bounds (their values unused).
+template <typename Row>
+__device__ __forceinline__ void next_step(StreamPos& s, int steps, int per, int step, int outputs, Row row)
+{
+    if (++s.t < steps) return;
+    s.t = 0;
+    if (++s.j == per) { s.j = 0; s.i += step; }
+    if (s.i < outputs) s.p = row(s.i, s.j);
+}
+
+// The U steps of a round from s into a: unconditional loads (addresses past a row's end clamped into it, their values
+// zeroed when summed: zeroing here would wait for the loads). Returns the position after the round.
+template <int U, typename Row>
+__device__ __forceinline__ StreamPos load_steps(StreamPos s, int nv, int steps, int per, int step, int outputs, Row row, uint4* a)
+{
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+    {
+        a[u] = __ldcg(s.p + min(s.t * 32 + lane, nv - 1));
+        next_step(s, steps, per, step, outputs, row);
+    }
+    return s;
+}
+
 template <int U, typename T, typename Input, typename Row, typename Done>
 __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, int k, Row row, Done done)
+{
+    allow_dependents_launch();
+    int lane = threadIdx.x & 31, step = gridDim.x * (blockDim.x >> 5);
+    int nv = k / (int)(16 / sizeof(T)), steps = (nv + 31) / 32;
+    StreamPos pos{gemv_row(), 0, 0, nullptr}, after = pos;   // the current round's first step; the next round's
+    uint4 cur[U];
+    if (pos.i < outputs)
+    {
+        pos.p = row(pos.i, 0);
+        after = load_steps<U>(pos, nv, steps, per, step, outputs, row, cur);
+    }
+    input.before_wait();
+    grid_dependency_wait();
+    const uint4* xv = reinterpret_cast<const uint4*>(input.after_wait());
+    float acc = 0.f;
+    while (pos.i < outputs)
+    {
+        uint4 next[U];
+        StreamPos later = after;
+        if (after.i < outputs) later = load_steps<U>(after, nv, steps, per, step, outputs, row, next);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+        {
+            // Past the row's end the clamped load's product is dropped, where warp_dot adds a zero (acc is never -0). (Choosing
+            // between cur[u] and a zero vector instead, ptxas 11.8 kept cur in local memory, each load waited for.)
+            int e = pos.t * 32 + lane;
+            float d = dot16<T>(cur[u], xv[min(e, nv - 1)]);
+            acc += e < nv ? d : 0.f;
+            if (pos.t == steps - 1)   // the row is summed (uniform over the warp)
+            {
+                if (pos.i < outputs) done(pos.i, pos.j, warp_sum(acc));
+                acc = 0.f;
+            }
+            if (++pos.t == steps) { pos.t = 0; if (++pos.j == per) { pos.j = 0; pos.i += step; } }   // pos.p: not needed here
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) cur[u] = next[u];
+        pos = after;
+        after = later;
+    }
+}
+
+// KernelBench's baseline (CudaDevice.StreamGemvsByRow): stream_rows as it was before rounds ran across row ends, each
+// round of U loads per lane inside one row (a row of 11 steps at U 16 leaves 5 loads per lane of its round idle). The
+// same bits.
+template <int U, typename T, typename Input, typename Row, typename Done>
+__device__ __forceinline__ void stream_rows_by_row(Input input, int outputs, int per, int k, Row row, Done done)
 {
     allow_dependents_launch();
     int lane = threadIdx.x & 31, i = gemv_row(), step = gridDim.x * (blockDim.x >> 5), j = 0;
     int nv = k / (int)(16 / sizeof(T));
     uint4 cur[U];
-    // Where before_wait loads too, the first round's zeroing follows it: before, its loads would wait for the round.
-    if (i < outputs)
-    {
-        if (Input::loads) load_round_unzeroed<U>(row(i, 0), nv, 0, cur);
-        else load_round<U>(row(i, 0), nv, 0, cur);
-    }
+    if (i < outputs) load_round<U>(row(i, 0), nv, 0, cur);
     input.before_wait();
-    if (Input::loads) zero_past_end<U>(nv, 0, cur);
     grid_dependency_wait();
     const uint4* xv = reinterpret_cast<const uint4*>(input.after_wait());
     float acc = 0.f;
@@ -203,24 +258,31 @@ __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, i
     }
 }
 
+// stream_rows, or with BY_ROW stream_rows_by_row.
+template <int U, typename T, bool BY_ROW, typename Input, typename Row, typename Done>
+__device__ __forceinline__ void stream(Input input, int outputs, int per, int k, Row row, Done done)
+{
+    if constexpr (BY_ROW) stream_rows_by_row<U, T>(input, outputs, per, k, row, done);
+    else stream_rows<U, T>(input, outputs, per, k, row, done);
+}
+
 // stream_rows' input for a GEMV of x, the previous kernel's output.
 template <typename T>
 struct RowInput
 {
-    static constexpr bool loads = false;
     const T* x;
     __device__ __forceinline__ void before_wait() const {}
     __device__ __forceinline__ const T* after_wait() const { return opaque(x); }
 };
 
-// gemv, streamed.
-template <int U, typename T, typename OUT>
+// gemv, streamed (BY_ROW: KernelBench's baseline, stream_rows_by_row).
+template <int U, typename T, typename OUT, bool BY_ROW = false>
 __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
     int n, int k, float alpha, float beta)
 {
     const uint4* wr = reinterpret_cast<const uint4*>(w);
     long long nv = k / (int)(16 / sizeof(T));
-    stream_rows<U, T>(RowInput<T>{x}, n, 1, k, [&](int i, int) { return wr + i * nv; }, [&](int i, int, float dot)
+    stream<U, T, BY_ROW>(RowInput<T>{x}, n, 1, k, [&](int i, int) { return wr + i * nv; }, [&](int i, int, float dot)
     {
         if ((threadIdx.x & 31) != 0) return;
         OUT* yo = opaque(y);   // with beta set, y[o] is read: the residual the previous kernel wrote
@@ -268,11 +330,11 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w_gat
 }
 
 // gemv_qkv, streamed. input: stream_rows' - RowInput<T>{x}, or NormalizedInput (gemv_streamed_norm_qkv).
-template <int U, typename T, typename Input>
+template <int U, typename T, typename Input, bool BY_ROW = false>
 __device__ void gemv_streamed_qkv(Input input, const T* __restrict__ w0, T* __restrict__ y0, int n0,
     const T* __restrict__ w1, T* __restrict__ y1, int n1, const T* __restrict__ w2, T* __restrict__ y2, int n2, int k)
 {
-    stream_rows<U, T>(input, n0 + n1 + n2, 1, k, [&](int i, int)
+    stream<U, T, BY_ROW>(input, n0 + n1 + n2, 1, k, [&](int i, int)
     {
         const T* w = i < n0 ? w0 + (long long)i * k : i < n0 + n1 ? w1 + (long long)(i - n0) * k : w2 + (long long)(i - n0 - n1) * k;
         return reinterpret_cast<const uint4*>(w);
@@ -285,7 +347,7 @@ __device__ void gemv_streamed_qkv(Input input, const T* __restrict__ w0, T* __re
 }
 
 // gemv_swiglu, streamed: the gate row, then the up row of each output. input: as gemv_streamed_qkv's.
-template <int U, typename T, typename Input>
+template <int U, typename T, typename Input, bool BY_ROW = false>
 __device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, const T* __restrict__ w_up,
     T* __restrict__ out, int n, int k)
 {
@@ -293,7 +355,7 @@ __device__ void gemv_streamed_swiglu(Input input, const T* __restrict__ w_gate, 
     const uint4* wu = reinterpret_cast<const uint4*>(w_up);
     long long nv = k / (int)(16 / sizeof(T));
     float g = 0.f;
-    stream_rows<U, T>(input, n, 2, k, [&](int i, int j) { return (j == 0 ? wg : wu) + i * nv; }, [&](int i, int j, float dot)
+    stream<U, T, BY_ROW>(input, n, 2, k, [&](int i, int j) { return (j == 0 ? wg : wu) + i * nv; }, [&](int i, int j, float dot)
     {
         if (j == 0) g = dot;
         else if ((threadIdx.x & 31) == 0) out[i] = from_f32<T>(SiluMulOp()(g, dot));
@@ -396,7 +458,6 @@ __device__ __forceinline__ DecodeNormSmem<T> decode_norm_smem(const DecodeNorm<T
 template <typename T>
 struct NormalizedInput
 {
-    static constexpr bool loads = true;
     DecodeNorm<T> n;
     int k;
     __device__ __forceinline__ void before_wait() const

@@ -122,7 +122,7 @@ public class KernelSourceTests
     [Test]
     public void EveryLaunch_PassesTheArgumentCountItsKernelDeclares()
     {
-        int checkedCalls = 0, gemvCalls = 0;
+        int checkedCalls = 0, gemvCalls = 0, byRowCalls = 0;
         foreach (string dir in new[] { "src", "tools" })
         foreach (string file in Directory.EnumerateFiles(Path.Combine(TestAssets.RepoRoot, dir), "*.cs", SearchOption.AllDirectories))
         {
@@ -136,11 +136,18 @@ public class KernelSourceTests
                 var args = SplitArguments(text, at + call.Length);
                 string where = $"{Path.GetFileName(file)}: {call}({args[0]}, ...)";
                 string name = System.Text.RegularExpressions.Regex.Replace(args[0].TrimStart('$').Trim('"'), @"\{[^}]*\}", "f32");
+                string bf16Name = System.Text.RegularExpressions.Regex.Replace(args[0].TrimStart('$').Trim('"'), @"\{[^}]*\}", "bf16");
                 foreach (int u in CudaDevice.GemvUnrolls)
                 {
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, unroll {u}");
                     if (CudaDevice.StreamedGemv(name) is { } streamed)   // launched streamed too (CudaDevice.StreamGemvs)
                         Assert.That(KernelSources.ParameterCount("gemv", $"{streamed}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, streamed, unroll {u}");
+                    // and in bf16, as KernelBench's baseline (CudaDevice.StreamGemvsByRow)
+                    if (CudaDevice.StreamedGemv(bf16Name) is { } s16 && CudaDevice.ByRowGemv(s16) is { } byRow)
+                    {
+                        Assert.That(KernelSources.ParameterCount("gemv", $"{byRow}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, by row, unroll {u}");
+                        byRowCalls++;
+                    }
                 }
                 gemvCalls++;
             }
@@ -169,6 +176,7 @@ public class KernelSourceTests
         }
         Assert.That(checkedCalls, Is.GreaterThan(30));
         Assert.That(gemvCalls, Is.EqualTo(6), "LaunchGemv and LaunchPersistentGemv calls found (pattern out of date?)");
+        Assert.That(byRowCalls, Is.EqualTo(4 * CudaDevice.GemvUnrolls.Count), "by-row baselines of the plain GEMV (to bf16 and to f32), q/k/v and gate/up");
     }
 
     /// <summary>Whether device function <paramref name="callee"/> of <paramref name="source"/> calls grid_dependency_wait():

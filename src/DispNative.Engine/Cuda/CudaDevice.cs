@@ -436,6 +436,17 @@ public sealed unsafe class CudaDevice : IDisposable
         || name.StartsWith("gemv_norm_", StringComparison.Ordinal)
             ? "gemv_streamed" + name["gemv".Length..] : null;
 
+    /// <summary>KernelBench's baseline: the streamed bf16 GEMVs (plain, q/k/v, gate/up + SwiGLU) with each round of
+    /// loads inside one row, as they streamed before rounds ran across row ends (gemv.cu's <c>gemv_streamed_byrow_*</c>;
+    /// the same bits). Other streamed GEMVs are unchanged by it.</summary>
+    internal bool StreamGemvsByRow { get; set; }
+
+    /// <summary>The by-row baseline of streamed GEMV kernel <paramref name="streamed"/> (<see cref="StreamGemvsByRow"/>),
+    /// or null where it has none.</summary>
+    internal static string? ByRowGemv(string streamed) =>
+        streamed is "gemv_streamed_bf16_to_bf16" or "gemv_streamed_bf16_to_f32" or "gemv_streamed_qkv_bf16" or "gemv_streamed_swiglu_bf16"
+            ? "gemv_streamed_byrow" + streamed["gemv_streamed".Length..] : null;
+
     /// <summary>Blocks per SM that <see cref="LaunchPersistentGemv"/> is timed with (fewer where fewer fit); the first is
     /// the default. Each block normalizes the row once, so more blocks repeat that work; 2 blocks of 8 warps with 8 to 16
     /// loads of 16 bytes per lane keep 64 KB or more of weights in flight per SM, above what HBM's latency needs (about
@@ -466,7 +477,7 @@ public sealed unsafe class CudaDevice : IDisposable
         int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
         var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
         var form = candidates[0];
-        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{BalanceGemvRows}";
+        string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{BalanceGemvRows},{StreamGemvsByRow}";
         if (candidates.Length > 1)
         {
             if (_gemvFormByShape.TryGetValue(key, out var chosen)) form = chosen;
@@ -479,7 +490,11 @@ public sealed unsafe class CudaDevice : IDisposable
     private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
     {
         // A streamed kernel runs on as many blocks as are resident (a fused decode norm's: as many as its other form).
-        if (form.Streamed) g = g with { Name = StreamedGemv(g.Name)!, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
+        if (form.Streamed)
+        {
+            string streamed = StreamedGemv(g.Name)!;
+            g = g with { Name = StreamGemvsByRow ? ByRowGemv(streamed) ?? streamed : streamed, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
+        }
         string entry = $"{g.Name}_u{form.Unroll}";   // the callers' names are checked by CudaTests (LaunchGemv)
         uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
         if (g.BlocksPerSM > 0)

@@ -136,7 +136,8 @@ public static class SelfTest
             new("gemv bf16 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 2656, 4104: 1-3 rounds of loads): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv bf16 streamed over rows = a block per 8 rows, bit for bit: plain -> bf16 and -> f32, index-add of 203 of 300, q/k/v in one launch, " +
-                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3, 10 with the rows balanced over fewer, and the resident blocks", GemvStreamed),
+                "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3, 10 with the rows balanced over fewer, and the resident blocks; " +
+                "a round of loads per row (KernelBench's baseline) on 3 and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
@@ -524,7 +525,7 @@ public static class SelfTest
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
         bool? stream = dev.StreamGemvs;
-        bool balance = dev.BalanceGemvRows;
+        bool balance = dev.BalanceGemvRows, byRow = dev.StreamGemvsByRow;
         int checks = 0;
         try
         {
@@ -557,21 +558,22 @@ public static class SelfTest
                 (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (false, CudaDevice.GemvUnrolls[0], null);
                 var want = Run();
                 dev.StreamGemvs = true;
-                foreach (var (limit, balanced) in new (int?, bool)[] { (1, false), (3, false), (10, true), (null, false) })
+                // The last two: KernelBench's baseline, a round of loads per row (CudaDevice.StreamGemvsByRow).
+                foreach (var (limit, balanced, rows) in new (int?, bool, bool)[] { (1, false, false), (3, false, false), (10, true, false), (null, false, false), (3, false, true), (null, false, true) })
                     foreach (int u in CudaDevice.GemvUnrolls)
                     {
-                        (dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows) = (u, limit, balanced);
+                        (dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows, dev.StreamGemvsByRow) = (u, limit, balanced, rows);
                         var got = Run();
                         int diff = FirstBitDifference(want, got);
                         if (diff >= 0)
-                            throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}{(balanced ? ", rows balanced" : "")}: output {diff} " +
-                                               $"(bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
+                            throw new Mismatch($"K {k}, unroll {u}, grid {(limit?.ToString() ?? "resident")}{(balanced ? ", rows balanced" : "")}{(rows ? ", a round per row" : "")}: " +
+                                               $"output {diff} (bf16, f32, index-add, q/k/v, swiglu) is {got[diff]}, a block per 8 rows gives {want[diff]}");
                         checks++;
                     }
             }
             return $"{checks} runs identical";
         }
-        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows) = (stream, forced, gridLimit, balance); }
+        finally { (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit, dev.BalanceGemvRows, dev.StreamGemvsByRow) = (stream, forced, gridLimit, balance, byRow); }
     }
 
     /// <summary>Decode's norm and the GEMVs that read it: the two launches (<see cref="CudaDevice.FuseDecodeNorms"/> false)
