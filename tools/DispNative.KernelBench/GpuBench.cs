@@ -238,8 +238,18 @@ internal static class GpuBench
                 return Bandwidth($"{name}, {form}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             }
             double blocks = Form(streamed: false), streamed = Form(streamed: true);
+            double byRow = ByRow(name, bytes, () => dev.Gemm(x, w, y, 1, n, k));
             dev.StreamGemvs = null;   // the engine's: whichever form times faster per shape
             Console.WriteLine($"{"  streamed vs block per 8 rows / vs cuBLASLt",-58} {"",8} {streamed / blocks,5:F2} / {streamed / cublas,4:F2} x");
+            Console.WriteLine($"{"  streamed vs its former rounds, one row each",-58} {"",8} {streamed / byRow,12:F2} x");
+        }
+        // The streamed form as it was before a round of loads ran across row ends (CudaDevice.StreamGemvsByRow), at its
+        // fastest unroll.
+        double ByRow(string name, double bytes, Action run)
+        {
+            (dev.StreamGemvs, dev.StreamGemvsByRow) = (true, true);
+            try { return Bandwidth($"{name}, streamed, a round of loads per row (former)", bytes, run); }
+            finally { dev.StreamGemvsByRow = false; }
         }
         Console.WriteLine();
         Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
@@ -260,7 +270,8 @@ internal static class GpuBench
             Console.WriteLine($"{"  fused vs separate",-58} {"",8} {b / a,12:F2} x");
         }
         // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll; `other`: the unstreamed one.
-        void Forms(string name, double bytes, Action run, string other = "block per 8 rows")
+        // byRow: also the streamed form's former rounds (bf16 plain, q/k/v and gate/up GEMVs only).
+        void Forms(string name, double bytes, Action run, string other = "block per 8 rows", bool byRow = true)
         {
             double Form(bool streamed)
             {
@@ -268,6 +279,11 @@ internal static class GpuBench
                 return Bandwidth($"{name}, {(streamed ? "streamed over rows" : other)}", bytes, run);
             }
             double unstreamed = Form(streamed: false), streamed = Form(streamed: true);
+            if (byRow)
+            {
+                double former = ByRow(name, bytes, run);
+                Console.WriteLine($"{"  streamed vs its former rounds, one row each",-58} {"",8} {streamed / former,12:F2} x");
+            }
             dev.StreamGemvs = null;
             Console.WriteLine($"{$"  streamed vs {other}",-58} {"",8} {streamed / unstreamed,12:F2} x");
         }
@@ -321,7 +337,7 @@ internal static class GpuBench
             void NormFused(string name, double bytes, Action run)
             {
                 Fused(name, bytes, () => { dev.FuseDecodeNorms = false; run(); }, () => { dev.FuseDecodeNorms = true; run(); });
-                Forms($"{name}, fused", bytes, () => { dev.FuseDecodeNorms = true; run(); }, "rows looped over");
+                Forms($"{name}, fused", bytes, () => { dev.FuseDecodeNorms = true; run(); }, "rows looped over", byRow: false);
                 dev.FuseDecodeNorms = null;
             }
             foreach (var (site, sel, k) in new[] { ("dense", (DeviceTensor?)null, D), ($"{w65} of {D} kept", idx, pw) })

@@ -46,10 +46,16 @@ internal static class InferenceBench
         return () => dev.BalanceGemvRows = balance;
     });
 
+    private static readonly Setting FormerStream = new("the streamed GEMVs' former rounds, one row each (CudaDevice.StreamGemvsByRow; bf16)", dev =>
+    {
+        dev.StreamGemvsByRow = true;
+        return () => dev.StreamGemvsByRow = false;
+    });
+
     private static readonly Setting[] SettingsTried =
     [
-        OtherDecodeWarps, OtherGemvGrids,
-        new("both", dev => { var undoWarps = OtherDecodeWarps.Set(dev); var undoGrids = OtherGemvGrids.Set(dev); return () => { undoGrids(); undoWarps(); }; }),
+        FormerStream, OtherDecodeWarps, OtherGemvGrids,
+        new("the other decode attention blocks and the other GEMV grids together", dev => { var undoWarps = OtherDecodeWarps.Set(dev); var undoGrids = OtherGemvGrids.Set(dev); return () => { undoGrids(); undoWarps(); }; }),
     ];
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
@@ -93,7 +99,7 @@ internal static class InferenceBench
         Console.WriteLine($"greedy decode with each token chosen on the device (CudaLlama.DecodeGreedy; graphs, the next step queued before the host reads " +
                           $"the token): dense {dense.DeviceGreedyTokS / dense.GraphTokS:F2}x, pruned {pruned.DeviceGreedyTokS / pruned.GraphTokS:F2}x the host's choice; " +
                           $"pruned vs dense with it {pruned.DeviceGreedyTokS / dense.DeviceGreedyTokS:F2}x");
-        Console.WriteLine($"  the engine's settings: decode attention in blocks of {dev.DecodeAttentionWarps} warps, GEMV rows {(dev.BalanceGemvRows ? "" : "not ")}balanced");
+        Console.WriteLine($"  the engine's settings: streamed GEMVs' rounds across rows, decode attention in blocks of {dev.DecodeAttentionWarps} warps, GEMV rows {(dev.BalanceGemvRows ? "" : "not ")}balanced");
         for (int i = 0; i < SettingsTried.Length; i++)
             Console.WriteLine($"  the same with {SettingsTried[i].What}: dense {dense.TriedTokS[i] / dense.DeviceGreedyTokS:F2}x, " +
                               $"pruned {pruned.TriedTokS[i] / pruned.DeviceGreedyTokS:F2}x the engine's; pruned vs dense {pruned.TriedTokS[i] / dense.TriedTokS[i]:F2}x");
