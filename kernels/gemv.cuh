@@ -155,8 +155,8 @@ __device__ __forceinline__ void next_step(StreamPos& s, int steps, int per, int 
     if (s.i < outputs) s.p = row(s.i, s.j);
 }
 
-// The U steps of a round from s into a: unconditional loads (addresses past a row's end clamped into it, their values
-// zeroed when summed: zeroing here would wait for the loads). Returns the position after the round.
+// The U steps of a round from s into a: unconditional loads (addresses past a row's end clamped into it, their products
+// dropped when summed: zeroing the values here would wait for the loads). Returns the position after the round.
 template <int U, typename Row>
 __device__ __forceinline__ StreamPos load_steps(StreamPos s, int nv, int steps, int per, int step, int outputs, Row row, uint4* a)
 {
@@ -195,8 +195,9 @@ __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, i
 #pragma unroll
         for (int u = 0; u < U; u++)
         {
-            // Past the row's end the clamped load's product is dropped, where warp_dot adds a zero (acc is never -0). (Choosing
-            // between cur[u] and a zero vector instead, ptxas 11.8 kept cur in local memory, each load waited for.)
+            // Past the row's end a zero is added for the clamped load, as warp_dot does; the zeros warp_dot adds for a
+            // round's idle loads change nothing (acc, begun at +0, is never -0). (Choosing between cur[u] and a zero
+            // vector instead, ptxas 11.8 kept cur in local memory, each load waited for.)
             int e = pos.t * 32 + lane;
             float d = dot16<T>(cur[u], xv[min(e, nv - 1)]);
             acc += e < nv ? d : 0.f;
