@@ -1,6 +1,12 @@
 // The GEMV kernels (gemv.cuh) for each storage type and unroll.
 #include "gemv.cuh"
 
+// The streamed forms below (not KernelBench's by-row baseline) keep to 128 registers up to unroll 12, so that two blocks
+// of 256 fit an SM (NVRTC 11.8 and 12.4 give them 126-128 unbounded at 12, none spilled bounded); at 16 one block fits.
+#define STREAMED_BLOCKS_8 2
+#define STREAMED_BLOCKS_12 2
+#define STREAMED_BLOCKS_16 1
+
 // gemv_<input>_to_<output>_u<U>: output in the input's type, or f32 (the residual stream, deltas, logits); a block per
 // 8 rows. gemv_streamed_<input>_to_<output>_u<U>: the same on a grid of resident blocks (the faster chosen per shape,
 // CudaDevice.StreamGemvs); gemv_streamed_qkv, gemv_streamed_swiglu and the fused norms' gemv_streamed_norm_* below
@@ -8,7 +14,7 @@
 #define GEMV_U(T, OUT, S, O, U) \
     extern "C" __global__ void gemv_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
     { gemv<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); } \
-    extern "C" __global__ void gemv_streamed_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
+    extern "C" __global__ __launch_bounds__(GEMV_WARPS * 32, STREAMED_BLOCKS_##U) void gemv_streamed_##S##_to_##O##_u##U(const T* x, const T* w, OUT* y, const int* out_index, int n, int k, float alpha, float beta) \
     { gemv_streamed<U, T, OUT>(x, w, y, out_index, n, k, alpha, beta); }
 #define GEMV(T, OUT, S, O) GEMV_U(T, OUT, S, O, 8) GEMV_U(T, OUT, S, O, 12) GEMV_U(T, OUT, S, O, 16)
 GEMV(float, float, f32, f32)
@@ -23,9 +29,9 @@ GEMV(f16, float, f16, f32)
     { gemv_qkv<U, T>(x, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
     extern "C" __global__ void gemv_swiglu_##S##_u##U(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
     { gemv_swiglu<U, T>(x, w_gate, w_up, out, n, k); } \
-    extern "C" __global__ void gemv_streamed_qkv_##S##_u##U(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
+    extern "C" __global__ __launch_bounds__(GEMV_WARPS * 32, STREAMED_BLOCKS_##U) void gemv_streamed_qkv_##S##_u##U(const T* x, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
     { gemv_streamed_qkv<U, T>(RowInput<T>{x}, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
-    extern "C" __global__ void gemv_streamed_swiglu_##S##_u##U(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
+    extern "C" __global__ __launch_bounds__(GEMV_WARPS * 32, STREAMED_BLOCKS_##U) void gemv_streamed_swiglu_##S##_u##U(const T* x, const T* w_gate, const T* w_up, T* out, int n, int k) \
     { gemv_streamed_swiglu<U, T>(RowInput<T>{x}, w_gate, w_up, out, n, k); }
 #define GEMV_FUSED(T, S) GEMV_FUSED_U(T, S, 8) GEMV_FUSED_U(T, S, 12) GEMV_FUSED_U(T, S, 16)
 FOR_EACH_STORAGE(GEMV_FUSED)
@@ -50,10 +56,10 @@ GEMV_BY_ROW_U(8) GEMV_BY_ROW_U(12) GEMV_BY_ROW_U(16)
     extern "C" __global__ void gemv_norm_swiglu_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, int norm_threads, \
         float eps, const T* w_gate, const T* w_up, T* out, int n, int k) \
     { gemv_norm_swiglu<U, T>(DecodeNorm<T>{x, gamma, idx, d, width, norm_threads, eps}, w_gate, w_up, out, n, k); } \
-    extern "C" __global__ void gemv_streamed_norm_qkv_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, \
+    extern "C" __global__ __launch_bounds__(GEMV_WARPS * 32, STREAMED_BLOCKS_##U) void gemv_streamed_norm_qkv_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, \
         int norm_threads, float eps, const T* w0, T* y0, int n0, const T* w1, T* y1, int n1, const T* w2, T* y2, int n2, int k) \
     { gemv_streamed_qkv<U, T>(NormalizedInput<T>{{x, gamma, idx, d, width, norm_threads, eps}, k}, w0, y0, n0, w1, y1, n1, w2, y2, n2, k); } \
-    extern "C" __global__ void gemv_streamed_norm_swiglu_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, \
+    extern "C" __global__ __launch_bounds__(GEMV_WARPS * 32, STREAMED_BLOCKS_##U) void gemv_streamed_norm_swiglu_##S##_u##U(const float* x, const T* gamma, const int* idx, int d, int width, \
         int norm_threads, float eps, const T* w_gate, const T* w_up, T* out, int n, int k) \
     { gemv_streamed_swiglu<U, T>(NormalizedInput<T>{{x, gamma, idx, d, width, norm_threads, eps}, k}, w_gate, w_up, out, n, k); }
 #define GEMV_NORM(T, S) GEMV_NORM_U(T, S, 8) GEMV_NORM_U(T, S, 12) GEMV_NORM_U(T, S, 16)

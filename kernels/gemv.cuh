@@ -15,6 +15,8 @@
 #pragma once
 #include "common.cuh"
 
+#define GEMV_WARPS 8   // warps (rows) per block, as the host launches them (CudaDevice.GemvWarps)
+
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)
 {
