@@ -146,15 +146,22 @@ __device__ void gemv(const T* x, const T* __restrict__ w, OUT* __restrict__ y, c
 // A position in a warp's stream: output i, its row j, step t of that row, which starts at p.
 struct StreamPos { int i, j, t; const uint4* p; };
 
-// The next step of the stream from s (rows of `steps` steps, `per` rows an output, outputs `step` apart). Past the last
-// output p stays on the last row, so a round's loads stay in bounds (their values unused).
+// The next step's i, j and t from s (rows of `steps` steps, `per` rows an output, outputs `step` apart); whether a row
+// begins there.
+__device__ __forceinline__ bool next_index(StreamPos& s, int steps, int per, int step)
+{
+    if (++s.t < steps) return false;
+    s.t = 0;
+    if (++s.j == per) { s.j = 0; s.i += step; }
+    return true;
+}
+
+// The next step of the stream from s, p included. Past the last output p stays on the last row, so a round's loads stay
+// in bounds (their values unused).
 template <typename Row>
 __device__ __forceinline__ void next_step(StreamPos& s, int steps, int per, int step, int outputs, Row row)
 {
-    if (++s.t < steps) return;
-    s.t = 0;
-    if (++s.j == per) { s.j = 0; s.i += step; }
-    if (s.i < outputs) s.p = row(s.i, s.j);
+    if (next_index(s, steps, per, step) && s.i < outputs) s.p = row(s.i, s.j);
 }
 
 // The U steps of a round from s into a: unconditional loads (addresses past a row's end clamped into it, their products
@@ -208,7 +215,7 @@ __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, i
                 if (pos.i < outputs) done(pos.i, pos.j, warp_sum(acc));
                 acc = 0.f;
             }
-            if (++pos.t == steps) { pos.t = 0; if (++pos.j == per) { pos.j = 0; pos.i += step; } }   // pos.p: not needed here
+            next_index(pos, steps, per, step);   // pos.p is not needed here: pos moves to after below
         }
 #pragma unroll
         for (int u = 0; u < U; u++) cur[u] = next[u];
