@@ -88,6 +88,15 @@ public class KernelSourceTests
 {
     private static string KernelsDir => Path.Combine(TestAssets.RepoRoot, "kernels");
 
+    /// <summary>The streamed GEMVs' launch bounds assume the block the host launches (a larger one fails to launch).</summary>
+    [Test]
+    public void TheGemvKernelsWarpsPerBlock_AreTheHosts()
+    {
+        var m = System.Text.RegularExpressions.Regex.Match(File.ReadAllText(Path.Combine(KernelsDir, "gemv.cuh")), @"#define GEMV_WARPS (\d+)");
+        Assert.That(m.Success, "gemv.cuh defines GEMV_WARPS");
+        Assert.That(int.Parse(m.Groups[1].Value), Is.EqualTo(CudaDevice.GemvWarps));
+    }
+
     [Test]
     public void EveryKernelFile_IsEmbedded_Verbatim()
     {
