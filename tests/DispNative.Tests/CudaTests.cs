@@ -97,6 +97,36 @@ public class KernelSourceTests
         Assert.That(int.Parse(m.Groups[1].Value), Is.EqualTo(CudaDevice.GemvWarps));
     }
 
+    /// <summary>The GEMV forms timed per shape: every combination the settings leave open, the untimed default first, and
+    /// by-row forms only for the bf16 kernels that have one.</summary>
+    [Test]
+    public void GemvCandidates_AreTheFormsTheSettingsLeaveOpen()
+    {
+        var qkv = CudaDevice.GemvCandidates("gemv_qkv_bf16", false, null, null, null, null);
+        int u = CudaDevice.GemvUnrolls.Count;
+        Assert.That(qkv, Has.Length.EqualTo(4 * u + u), "streamed: across rows or by row, full or balanced grid; a block per 8 rows");
+        Assert.That(qkv, Is.Unique);
+        Assert.That(qkv[0], Is.EqualTo(new CudaDevice.GemvForm(CudaDevice.GemvUnrolls[0], Streamed: true)));
+        Assert.That(qkv.Where(f => !f.Streamed), Has.All.Matches<CudaDevice.GemvForm>(f => !f.ByRow && !f.Balanced), "a block per 8 rows has one grid");
+        Assert.That(qkv.Count(f => f.ByRow), Is.EqualTo(2 * u));
+        Assert.That(qkv.Count(f => f.Balanced), Is.EqualTo(2 * u));
+
+        var f32 = CudaDevice.GemvCandidates("gemv_qkv_f32", false, null, null, null, null);
+        Assert.That(f32.Count(f => f.ByRow), Is.Zero, "no by-row form in f32");
+        Assert.That(f32, Has.Length.EqualTo(2 * u + u));
+
+        var forced = CudaDevice.GemvCandidates("gemv_swiglu_bf16", false, 12, true, true, false);
+        Assert.That(forced, Is.EqualTo(new[] { new CudaDevice.GemvForm(12, true, ByRow: true) }));
+        Assert.That(CudaDevice.GemvCandidates("gemv_bf16_to_bf16", false, 16, false, null, null),
+            Is.EqualTo(new[] { new CudaDevice.GemvForm(16, false) }), "unstreamed, a block per 8 rows: no by-row or balanced form");
+
+        // A fused decode norm: its rows-looped form is balanced too; no by-row form.
+        var norm = CudaDevice.GemvCandidates("gemv_norm_qkv_bf16", true, null, null, null, null);
+        Assert.That(norm, Has.Length.EqualTo(2 * 2 * u));
+        Assert.That(norm.Count(f => f.Balanced && !f.Streamed), Is.EqualTo(u));
+        Assert.That(norm.Count(f => f.ByRow), Is.Zero);
+    }
+
     [Test]
     public void EveryKernelFile_IsEmbedded_Verbatim()
     {
@@ -151,7 +181,7 @@ public class KernelSourceTests
                     Assert.That(KernelSources.ParameterCount("gemv", $"{name}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, unroll {u}");
                     if (CudaDevice.StreamedGemv(name) is { } streamed)   // launched streamed too (CudaDevice.StreamGemvs)
                         Assert.That(KernelSources.ParameterCount("gemv", $"{streamed}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, streamed, unroll {u}");
-                    // and in bf16, as KernelBench's baseline (CudaDevice.StreamGemvsByRow)
+                    // and in bf16, in rounds of loads inside one row (CudaDevice.StreamGemvsByRow)
                     if (CudaDevice.StreamedGemv(bf16Name) is { } s16 && CudaDevice.ByRowGemv(s16) is { } byRow)
                     {
                         Assert.That(KernelSources.ParameterCount("gemv", $"{byRow}_u{u}"), Is.EqualTo(args.Count - leading), $"{where}, by row, unroll {u}");
@@ -185,7 +215,7 @@ public class KernelSourceTests
         }
         Assert.That(checkedCalls, Is.GreaterThan(30));
         Assert.That(gemvCalls, Is.EqualTo(6), "LaunchGemv and LaunchPersistentGemv calls found (pattern out of date?)");
-        Assert.That(byRowCalls, Is.EqualTo(4 * CudaDevice.GemvUnrolls.Count), "by-row baselines of the plain GEMV (to bf16 and to f32), q/k/v and gate/up");
+        Assert.That(byRowCalls, Is.EqualTo(4 * CudaDevice.GemvUnrolls.Count), "by-row forms of the plain GEMV (to bf16 and to f32), q/k/v and gate/up");
     }
 
     /// <summary>Whether device function <paramref name="callee"/> of <paramref name="source"/> calls grid_dependency_wait():

@@ -224,10 +224,11 @@ internal static class GpuBench
             dev.UseGemv = false;
             double cublas = Bandwidth($"{name}, cuBLASLt (baseline)", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             dev.UseGemv = true;
-            // A block per 8 rows (the former kernel), then the engine's: resident blocks whose warps stream their rows.
+            // A block per 8 rows (the former kernel), then resident blocks whose warps stream their rows (rounds of loads
+            // across row ends, the full grid), then the streamed variants and the engine's choice among them all.
             double Form(bool streamed)
             {
-                dev.StreamGemvs = streamed;
+                (dev.StreamGemvs, dev.StreamGemvsByRow, dev.BalanceGemvRows) = (streamed, false, false);
                 string form = streamed ? "streamed over rows" : "block per 8 rows";
                 foreach (int u in CudaDevice.GemvUnrolls)
                 {
@@ -238,18 +239,28 @@ internal static class GpuBench
                 return Bandwidth($"{name}, {form}, unroll tuned", bytes, () => dev.Gemm(x, w, y, 1, n, k));
             }
             double blocks = Form(streamed: false), streamed = Form(streamed: true);
-            double byRow = ByRow(name, bytes, () => dev.Gemm(x, w, y, 1, n, k));
-            dev.StreamGemvs = null;   // the engine's: whichever form times faster per shape
             Console.WriteLine($"{"  streamed vs block per 8 rows / vs cuBLASLt",-58} {"",8} {streamed / blocks,5:F2} / {streamed / cublas,4:F2} x");
-            Console.WriteLine($"{"  streamed vs its former rounds, one row each",-58} {"",8} {streamed / byRow,12:F2} x");
+            StreamedVariants(name, bytes, () => dev.Gemm(x, w, y, 1, n, k), streamed, byRow: true);
         }
-        // The streamed form as it was before a round of loads ran across row ends (CudaDevice.StreamGemvsByRow), at its
-        // fastest unroll.
-        double ByRow(string name, double bytes, Action run)
+        // The streamed form's variants, each at its fastest unroll, against its rounds across rows on the full grid
+        // (`streamed`): a round of loads inside one row, as it streamed before (CudaDevice.StreamGemvsByRow; bf16 plain,
+        // q/k/v and gate/up only: `byRow`), and the rows balanced over fewer blocks (CudaDevice.BalanceGemvRows). Then
+        // the engine's: every form timed on the shape's first call, the fastest kept.
+        void StreamedVariants(string name, double bytes, Action run, double streamed, bool byRow)
         {
-            (dev.StreamGemvs, dev.StreamGemvsByRow) = (true, true);
-            try { return Bandwidth($"{name}, streamed, a round of loads per row (former)", bytes, run); }
-            finally { dev.StreamGemvsByRow = false; }
+            void Variant(string what, string vs, bool rows, bool balanced)
+            {
+                (dev.StreamGemvs, dev.StreamGemvsByRow, dev.BalanceGemvRows) = (true, rows, balanced);
+                double rate = Bandwidth($"{name}, streamed, {what}", bytes, run);
+                Console.WriteLine($"{$"  streamed vs {vs}",-58} {"",8} {streamed / rate,12:F2} x");
+            }
+            if (byRow) Variant("a round of loads per row (former)", "its former rounds, one row each", rows: true, balanced: false);
+            Variant("rows balanced over fewer blocks", "its rows balanced", rows: false, balanced: true);
+            (dev.StreamGemvs, dev.StreamGemvsByRow, dev.BalanceGemvRows) = (null, null, null);
+            int known = dev.GemvChoices.Count;
+            double engine = Bandwidth($"{name}, the engine's (every form timed)", bytes, run);
+            string chosen = string.Join(", ", dev.GemvChoices.Skip(known).Select(c => c.Value));   // this shape's new choices
+            Console.WriteLine($"{$"  the engine's ({chosen}) vs streamed",-58} {"",8} {engine / streamed,12:F2} x");
         }
         Console.WriteLine();
         Gemv($"gemv bf16 1 x {D} x {D} (q/o proj)", D, D);
@@ -269,23 +280,18 @@ internal static class GpuBench
             double b = Bandwidth($"{name}, fused", bytes, fused);
             Console.WriteLine($"{"  fused vs separate",-58} {"",8} {b / a,12:F2} x");
         }
-        // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll; `other`: the unstreamed one.
-        // byRow: also the streamed form's former rounds (bf16 plain, q/k/v and gate/up GEMVs only).
+        // A fused GEMV in its two forms (CudaDevice.StreamGemvs), each at its fastest unroll (streamed: rounds across rows,
+        // the full grid); `other`: the unstreamed one. Then the streamed variants (byRow: with its former rounds).
         void Forms(string name, double bytes, Action run, string other = "block per 8 rows", bool byRow = true)
         {
             double Form(bool streamed)
             {
-                dev.StreamGemvs = streamed;
+                (dev.StreamGemvs, dev.StreamGemvsByRow, dev.BalanceGemvRows) = (streamed, false, false);
                 return Bandwidth($"{name}, {(streamed ? "streamed over rows" : other)}", bytes, run);
             }
             double unstreamed = Form(streamed: false), streamed = Form(streamed: true);
-            if (byRow)
-            {
-                double former = ByRow(name, bytes, run);
-                Console.WriteLine($"{"  streamed vs its former rounds, one row each",-58} {"",8} {streamed / former,12:F2} x");
-            }
-            dev.StreamGemvs = null;
             Console.WriteLine($"{$"  streamed vs {other}",-58} {"",8} {streamed / unstreamed,12:F2} x");
+            StreamedVariants(name, bytes, run, streamed, byRow);
         }
         int QD = shape.QDim, KVD = shape.KvDim;
         using (var x = dev.Upload(Rand(D), DType.BF16))

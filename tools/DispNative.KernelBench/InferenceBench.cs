@@ -39,23 +39,22 @@ internal static class InferenceBench
         return () => dev.DecodeAttentionWarps = warps;
     });
 
-    private static readonly Setting OtherGemvGrids = new("the GEMVs' rows balanced over fewer blocks, or not (CudaDevice.BalanceGemvRows)", dev =>
+    /// <summary>The streamed GEMVs in one form everywhere instead of the fastest per shape: rounds of loads inside one
+    /// row or across rows (<see cref="CudaDevice.StreamGemvsByRow"/>, null: timed), rows balanced or not
+    /// (<see cref="CudaDevice.BalanceGemvRows"/>, null: timed).</summary>
+    private static Setting StreamedGemvs(string what, bool? byRow, bool? balanced) => new(what, dev =>
     {
-        bool balance = dev.BalanceGemvRows;
-        dev.BalanceGemvRows = !balance;
-        return () => dev.BalanceGemvRows = balance;
-    });
-
-    private static readonly Setting FormerStream = new("the streamed GEMVs' former rounds, one row each (CudaDevice.StreamGemvsByRow; bf16)", dev =>
-    {
-        dev.StreamGemvsByRow = true;
-        return () => dev.StreamGemvsByRow = false;
+        var (rows, balance) = (dev.StreamGemvsByRow, dev.BalanceGemvRows);
+        (dev.StreamGemvsByRow, dev.BalanceGemvRows) = (byRow, balanced);
+        return () => (dev.StreamGemvsByRow, dev.BalanceGemvRows) = (rows, balance);
     });
 
     private static readonly Setting[] SettingsTried =
     [
-        FormerStream, OtherDecodeWarps, OtherGemvGrids,
-        new("the other decode attention blocks and the other GEMV grids together", dev => { var undoWarps = OtherDecodeWarps.Set(dev); var undoGrids = OtherGemvGrids.Set(dev); return () => { undoGrids(); undoWarps(); }; }),
+        StreamedGemvs("every streamed GEMV in rounds of loads inside one row, on the full grid (the forms of the last H200 run)", byRow: true, balanced: false),
+        StreamedGemvs("every streamed GEMV in rounds across rows, on the full grid", byRow: false, balanced: false),
+        StreamedGemvs("every streamed GEMV's rows balanced over fewer blocks", byRow: null, balanced: true),
+        OtherDecodeWarps,
     ];
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
@@ -99,7 +98,8 @@ internal static class InferenceBench
         Console.WriteLine($"greedy decode with each token chosen on the device (CudaLlama.DecodeGreedy; graphs, the next step queued before the host reads " +
                           $"the token): dense {dense.DeviceGreedyTokS / dense.GraphTokS:F2}x, pruned {pruned.DeviceGreedyTokS / pruned.GraphTokS:F2}x the host's choice; " +
                           $"pruned vs dense with it {pruned.DeviceGreedyTokS / dense.DeviceGreedyTokS:F2}x");
-        Console.WriteLine($"  the engine's settings: streamed GEMVs' rounds across rows, decode attention in blocks of {dev.DecodeAttentionWarps} warps, GEMV rows {(dev.BalanceGemvRows ? "" : "not ")}balanced");
+        Console.WriteLine($"  the engine's settings: each GEMV shape's form timed on its first call (streamed or not, rounds of loads across rows or inside one, " +
+                          $"rows balanced over fewer blocks or not), decode attention in blocks of {dev.DecodeAttentionWarps} warps");
         for (int i = 0; i < SettingsTried.Length; i++)
             Console.WriteLine($"  the same with {SettingsTried[i].What}: dense {dense.TriedTokS[i] / dense.DeviceGreedyTokS:F2}x, " +
                               $"pruned {pruned.TriedTokS[i] / pruned.DeviceGreedyTokS:F2}x the engine's; pruned vs dense {pruned.TriedTokS[i] / dense.TriedTokS[i]:F2}x");
@@ -302,11 +302,11 @@ internal static class InferenceBench
         Console.WriteLine($"{name}: prefill {prefillMs:F1} ms ({otherTuningMs:F1} with GEMM tuning {(engineTunes ? "off" : "on")}), decode eager {eager:F1} tok/s, graphs {graph:F1} tok/s, " +
                           $"persistent kernel {persistentTokS:F1} tok/s ({persistentForm}), greedy with the tokens chosen on the device {onDevice:F1} tok/s " +
                           $"(with the settings tried below: {string.Join(", ", tried.Select(t => $"{t:F1}"))})");
-        string unrolls = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).Select(g => $"{g.Count()} at {g.Key}"));
+        string forms = string.Join(", ", dev.GemvChoices.GroupBy(c => c.Value).OrderBy(g => g.Key.Unroll).ThenBy(g => g.Key.Streamed).ThenBy(g => g.Key.ByRow).ThenBy(g => g.Key.Balanced).Select(g => $"{g.Count()} at {g.Key}"));
         Console.WriteLine($"{name}: decode (graphs) with a new logits array per token {graphNewArrays:F1} tok/s, one buffer {graph / graphNewArrays:F2}x that");
         Console.WriteLine($"{name}: decode (graphs) with GEMV unroll {CudaDevice.GemvUnrolls[0]} everywhere {graphFirstUnroll:F1} tok/s, " +
                           $"tuned {graph / graphFirstUnroll:F2}x that; with no GEMV streamed {graphBlockGemvs:F1} tok/s, the engine's forms " +
-                          $"{graph / graphBlockGemvs:F2}x that (CudaDevice.StreamGemvs); GEMV shapes so far by unroll: {unrolls}; decode norms so far fused into " +
+                          $"{graph / graphBlockGemvs:F2}x that (CudaDevice.StreamGemvs); GEMV shapes so far by form: {forms}; decode norms so far fused into " +
                           $"their GEMV for {dev.DecodeNormFusionChoices.Count(c => c.Value > 0)} of {dev.DecodeNormFusionChoices.Count} shapes " +
                           $"({string.Join(", ", dev.DecodeNormFusionChoices.Values.Where(b => b > 0).GroupBy(b => b).OrderBy(g => g.Key).Select(g => $"{g.Count()} at {g.Key} blocks/SM"))}; CudaDevice.FuseDecodeNorms)");
         return new Result(name, prefillMs, otherTuningMs, eager, graph, persistentTokS, onDevice, model.LayerGemmParameters, model.DecodeWeightBytes,

@@ -387,9 +387,9 @@ public sealed unsafe class CudaDevice : IDisposable
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
 
     /// <summary>Null (the default): each GEMV kernel and shape runs the fastest of <see cref="GemvUnrolls"/> (and of its
-    /// forms, <see cref="StreamGemvs"/>), timed on its first call outside graph capture (they give bit-identical results,
-    /// so the choice changes only speed; see <see cref="MinTunedGemvElements"/>). A value: that unroll everywhere
-    /// (benchmarks).</summary>
+    /// forms: <see cref="StreamGemvs"/>, <see cref="StreamGemvsByRow"/>, <see cref="BalanceGemvRows"/>), timed on its
+    /// first call outside graph capture (they give bit-identical results, so the choice changes only speed; see
+    /// <see cref="MinTunedGemvElements"/>). A value: that unroll everywhere (benchmarks).</summary>
     public int? GemvUnroll
     {
         get => _gemvUnroll;
@@ -405,10 +405,11 @@ public sealed unsafe class CudaDevice : IDisposable
     private int? _gemvUnroll;
     private readonly Dictionary<string, GemvForm> _gemvFormByShape = [];
 
-    /// <summary>A GEMV kernel's unroll and form (<see cref="StreamGemvs"/>).</summary>
-    public readonly record struct GemvForm(int Unroll, bool Streamed)
+    /// <summary>A GEMV kernel's unroll and form: streamed (<see cref="StreamGemvs"/>), in rounds of loads inside one row
+    /// (<see cref="StreamGemvsByRow"/>), on a balanced grid (<see cref="BalanceGemvRows"/>).</summary>
+    public readonly record struct GemvForm(int Unroll, bool Streamed, bool ByRow = false, bool Balanced = false)
     {
-        public override string ToString() => Streamed ? $"{Unroll} streamed" : $"{Unroll}";
+        public override string ToString() => $"{Unroll}{(Streamed ? " streamed" : "")}{(ByRow ? " by row" : "")}{(Balanced ? " balanced" : "")}";
     }
 
     /// <summary>The form chosen for each GEMV kernel and shape so far ("NAME,rows,k,...").</summary>
@@ -436,12 +437,14 @@ public sealed unsafe class CudaDevice : IDisposable
         || name.StartsWith("gemv_norm_", StringComparison.Ordinal)
             ? "gemv_streamed" + name["gemv".Length..] : null;
 
-    /// <summary>KernelBench's baseline: the streamed bf16 GEMVs (plain, q/k/v, gate/up + SwiGLU) with each round of
-    /// loads inside one row, as they streamed before rounds ran across row ends (gemv.cu's <c>gemv_streamed_byrow_*</c>;
-    /// the same bits). Other streamed GEMVs are unchanged by it.</summary>
-    internal bool StreamGemvsByRow { get; set; }
+    /// <summary>The streamed bf16 GEMVs (plain, q/k/v, gate/up + SwiGLU) issue each round of loads across row ends
+    /// (a warp's rows as one stream) or inside one row (gemv.cu's <c>gemv_streamed_byrow_*</c>, as they streamed before
+    /// 2026-12-04's last H200 run); the same bits. Null (the default): both timed per shape with the unrolls
+    /// (<see cref="GemvUnroll"/>); true or false: by row or across rows everywhere (benchmarks). Other streamed GEMVs
+    /// have only the across-rows form.</summary>
+    public bool? StreamGemvsByRow { get; set; }
 
-    /// <summary>The by-row baseline of streamed GEMV kernel <paramref name="streamed"/> (<see cref="StreamGemvsByRow"/>),
+    /// <summary>The by-row form of streamed GEMV kernel <paramref name="streamed"/> (<see cref="StreamGemvsByRow"/>),
     /// or null where it has none.</summary>
     internal static string? ByRowGemv(string streamed) =>
         streamed is "gemv_streamed_bf16_to_bf16" or "gemv_streamed_bf16_to_f32" or "gemv_streamed_qkv_bf16" or "gemv_streamed_swiglu_bf16"
@@ -460,9 +463,9 @@ public sealed unsafe class CudaDevice : IDisposable
     /// <summary>Whether the GEMVs whose warps loop over rows (the streamed forms, the fused decode norms) run on the
     /// fewest blocks that give no warp more rows than their full grid does, so that every warp takes as many: 2688
     /// rows on 2112 warps are 2 rows for 576 warps and 1 for the rest, which leaves the last stretch of the GEMV to a
-    /// quarter of the warps; on 1344 warps every warp takes 2. Off by default (KernelBench infer times decode with it);
-    /// the same bits either way.</summary>
-    public bool BalanceGemvRows { get; set; }
+    /// quarter of the warps; on 1344 warps every warp takes 2. Null (the default): both grids timed per shape with the
+    /// unrolls (where they differ); true or false: that grid everywhere (benchmarks). The same bits either way.</summary>
+    public bool? BalanceGemvRows { get; set; }
 
     /// <summary>One GEMV launch: kernel NAME_uU over <c>Rows</c> rows of length <c>K</c>; <c>Accumulated</c>: the output
     /// bytes it adds into (β ≠ 0), saved and restored around the timing of the unrolls; <c>BlocksPerSM</c>: 0 for a block
@@ -471,11 +474,7 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private void LaunchGemv(GemvLaunch g, ReadOnlySpan<KernelArg> args)
     {
-        bool streams = StreamedGemv(g.Name) != null;
-        // Candidates: the forms allowed here (streamed first, the untimed default), each at the unrolls allowed.
-        bool[] forms = streams && StreamGemvs != false ? (StreamGemvs == true ? [true] : [true, false]) : [false];
-        int[] unrolls = _gemvUnroll is int forced ? [forced] : [.. GemvUnrolls];
-        var candidates = forms.SelectMany(f => unrolls.Select(u => new GemvForm(u, f))).ToArray();
+        var candidates = GemvCandidates(g.Name, g.BlocksPerSM > 0, _gemvUnroll, StreamGemvs, StreamGemvsByRow, BalanceGemvRows);
         var form = candidates[0];
         string key = $"{g.Name},{g.Rows},{g.K},{g.SharedBytes},{g.BlocksPerSM},{_gemvUnroll},{StreamGemvs},{BalanceGemvRows},{StreamGemvsByRow}";
         if (candidates.Length > 1)
@@ -487,27 +486,52 @@ public sealed unsafe class CudaDevice : IDisposable
         LaunchGemvForm(g, form, args);
     }
 
-    private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
+    /// <summary>The forms GEMV kernel <paramref name="name"/> may take under the settings (<see cref="GemvUnroll"/>,
+    /// <see cref="StreamGemvs"/>, <see cref="StreamGemvsByRow"/>, <see cref="BalanceGemvRows"/>; null: each choice
+    /// allowed), the untimed default first: streamed where there is a streamed form, rounds across rows, the full grid,
+    /// the first unroll. <paramref name="loopsOverRows"/>: its unstreamed form's warps loop over rows too (a fused
+    /// decode norm's), so its grid may be balanced.</summary>
+    internal static GemvForm[] GemvCandidates(string name, bool loopsOverRows, int? unroll, bool? streamed, bool? byRow, bool? balanced)
+    {
+        static bool[] Allowed(bool? setting, bool exists) => !exists || setting == false ? [false] : setting == true ? [true] : [false, true];
+        string? streamedName = StreamedGemv(name);
+        int[] unrolls = unroll is int forced ? [forced] : [.. GemvUnrolls];
+        return [..
+            from s in Allowed(streamed, streamedName != null).Reverse()
+            from r in Allowed(byRow, s && ByRowGemv(streamedName!) != null)
+            from b in Allowed(balanced, s || loopsOverRows)
+            from u in unrolls
+            select new GemvForm(u, s, r, b)];
+    }
+
+    /// <summary>The entry point and grid that GEMV launch <paramref name="g"/> runs in <paramref name="form"/>.</summary>
+    private (string Entry, uint Grid) GemvEntryAndGrid(GemvLaunch g, GemvForm form)
     {
         // A streamed kernel runs on as many blocks as are resident (a fused decode norm's: as many as its other form).
         if (form.Streamed)
         {
             string streamed = StreamedGemv(g.Name)!;
-            g = g with { Name = StreamGemvsByRow ? ByRowGemv(streamed) ?? streamed : streamed, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
+            g = g with { Name = form.ByRow ? ByRowGemv(streamed)! : streamed, BlocksPerSM = g.BlocksPerSM > 0 ? g.BlocksPerSM : int.MaxValue };
         }
         string entry = $"{g.Name}_u{form.Unroll}";   // the callers' names are checked by CudaTests (LaunchGemv)
-        uint grid = GemvGrid(g.Rows), threads = GemvWarps * 32;
+        uint grid = GemvGrid(g.Rows);
         if (g.BlocksPerSM > 0)
         {
-            long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, threads, g.SharedBytes)) * Info.Multiprocessors;
+            long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, GemvWarps * 32, g.SharedBytes)) * Info.Multiprocessors;
             grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
-            if (BalanceGemvRows)
+            if (form.Balanced)
             {
                 long perWarp = (g.Rows + (long)grid * GemvWarps - 1) / ((long)grid * GemvWarps);
                 grid = (uint)Math.Max(1, (g.Rows + perWarp * GemvWarps - 1) / (perWarp * GemvWarps));
             }
         }
-        Launch("gemv", entry, grid, threads, g.SharedBytes, args);
+        return (entry, grid);
+    }
+
+    private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
+    {
+        var (entry, grid) = GemvEntryAndGrid(g, form);
+        Launch("gemv", entry, grid, GemvWarps * 32, g.SharedBytes, args);
     }
 
     /// <summary>Blocks of <paramref name="threads"/> threads and <paramref name="sharedBytes"/> of dynamic shared memory
@@ -608,7 +632,8 @@ public sealed unsafe class CudaDevice : IDisposable
             }
             var best = candidates[0];
             float bestMs = float.PositiveInfinity;
-            foreach (var form in candidates)
+            // A balanced grid that is the full grid is the same launch: timed once.
+            foreach (var form in candidates.DistinctBy(f => GemvEntryAndGrid(g, f)))
             {
                 void Run() => LaunchGemvForm(g, form, args);
                 Run();   // untimed: first-use costs

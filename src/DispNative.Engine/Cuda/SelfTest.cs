@@ -450,8 +450,8 @@ public static class SelfTest
         Enumerable.Range(0, a.Length).FirstOrDefault(i => BitConverter.SingleToInt32Bits(a[i]) != BitConverter.SingleToInt32Bits(b[i]), -1);
 
     /// <summary>Each GEMV kernel (plain, q/k/v, gate/up + SwiGLU, index-add) at each compiled unroll: unroll 8 matches the
-    /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll,
-    /// the index-add into the residual it then restores) give them too.</summary>
+    /// CPU and the others give its bits. Then, with no choice recorded, the tuned first calls (which time every unroll and
+    /// form, by-row and balanced-grid ones included, the index-add into the residual it then restores) give them too.</summary>
     private static string GemvUnrolls(CudaDevice dev, DType dtype, int[] ks)
     {
         const int nq = 40, nkv = 24, mid = 50, d = 60, n = 33;
@@ -525,7 +525,7 @@ public static class SelfTest
         var ops = new CudaOps(dev);
         int? forced = dev.GemvUnroll, gridLimit = dev.PersistentGridLimit;
         bool? stream = dev.StreamGemvs;
-        bool balance = dev.BalanceGemvRows, byRow = dev.StreamGemvsByRow;
+        bool? balance = dev.BalanceGemvRows, byRow = dev.StreamGemvsByRow;
         int checks = 0;
         try
         {
@@ -558,7 +558,7 @@ public static class SelfTest
                 (dev.StreamGemvs, dev.GemvUnroll, dev.PersistentGridLimit) = (false, CudaDevice.GemvUnrolls[0], null);
                 var want = Run();
                 dev.StreamGemvs = true;
-                // The last two: KernelBench's baseline, a round of loads per row (CudaDevice.StreamGemvsByRow).
+                // The last two: the by-row form, a round of loads inside one row (CudaDevice.StreamGemvsByRow).
                 foreach (var (limit, balanced, rows) in new (int?, bool, bool)[] { (1, false, false), (3, false, false), (10, true, false), (null, false, false), (3, false, true), (null, false, true) })
                     foreach (int u in CudaDevice.GemvUnrolls)
                     {
