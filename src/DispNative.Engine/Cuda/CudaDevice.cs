@@ -438,8 +438,8 @@ public sealed unsafe class CudaDevice : IDisposable
             ? "gemv_streamed" + name["gemv".Length..] : null;
 
     /// <summary>The streamed bf16 GEMVs (plain, q/k/v, gate/up + SwiGLU) issue each round of loads across row ends
-    /// (a warp's rows as one stream) or inside one row (gemv.cu's <c>gemv_streamed_byrow_*</c>, as they streamed before
-    /// 2026-12-04's last H200 run); the same bits. Null (the default): both timed per shape with the unrolls
+    /// (a warp's rows as one stream) or inside one row (gemv.cu's <c>gemv_streamed_byrow_*</c>, as they streamed up to
+    /// the last H200 run, 2026-12-04); the same bits. Null (the default): both timed per shape with the unrolls
     /// (<see cref="GemvUnroll"/>); true or false: by row or across rows everywhere (benchmarks). Other streamed GEMVs
     /// have only the across-rows form.</summary>
     public bool? StreamGemvsByRow { get; set; }
