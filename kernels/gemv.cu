@@ -1,7 +1,7 @@
 // The GEMV kernels (gemv.cuh) for each storage type and unroll.
 #include "gemv.cuh"
 
-// The streamed forms below (not KernelBench's by-row baseline) keep to 128 registers up to unroll 12, so that two blocks
+// The streamed forms below (not the by-row ones) keep to 128 registers up to unroll 12, so that two blocks
 // of 256 fit an SM (NVRTC 11.8 and 12.4 give them 126-128 unbounded at 12, none spilled bounded); at 16 one block fits.
 #define STREAMED_BLOCKS_8 2
 #define STREAMED_BLOCKS_12 2
@@ -36,8 +36,8 @@ GEMV(f16, float, f16, f32)
 #define GEMV_FUSED(T, S) GEMV_FUSED_U(T, S, 8) GEMV_FUSED_U(T, S, 12) GEMV_FUSED_U(T, S, 16)
 FOR_EACH_STORAGE(GEMV_FUSED)
 
-// KernelBench's baseline (CudaDevice.StreamGemvsByRow): the streamed bf16 GEMVs with each round of loads inside one
-// row, as before rounds ran across row ends (stream_rows_by_row).
+// The by-row forms (CudaDevice.StreamGemvsByRow, timed per shape against the others): the streamed bf16 GEMVs with
+// each round of loads inside one row, as before rounds ran across row ends (stream_rows_by_row).
 #define GEMV_BY_ROW_U(U) \
     extern "C" __global__ void gemv_streamed_byrow_bf16_to_bf16_u##U(const bf16* x, const bf16* w, bf16* y, const int* out_index, int n, int k, float alpha, float beta) \
     { gemv_streamed<U, bf16, bf16, true>(x, w, y, out_index, n, k, alpha, beta); } \

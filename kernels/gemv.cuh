@@ -224,9 +224,9 @@ __device__ __forceinline__ void stream_rows(Input input, int outputs, int per, i
     }
 }
 
-// KernelBench's baseline (CudaDevice.StreamGemvsByRow): stream_rows as it was before rounds ran across row ends, each
-// round of U loads per lane inside one row (a row of 11 steps at U 16 leaves 5 loads per lane of its round idle). The
-// same bits.
+// The by-row form (CudaDevice.StreamGemvsByRow, timed per shape): stream_rows as it was before rounds ran across row
+// ends, each round of U loads per lane inside one row (a row of 11 steps at U 16 leaves 5 loads per lane of its round
+// idle). The same bits.
 template <int U, typename T, typename Input, typename Row, typename Done>
 __device__ __forceinline__ void stream_rows_by_row(Input input, int outputs, int per, int k, Row row, Done done)
 {
@@ -285,7 +285,7 @@ struct RowInput
     __device__ __forceinline__ const T* after_wait() const { return opaque(x); }
 };
 
-// gemv, streamed (BY_ROW: KernelBench's baseline, stream_rows_by_row).
+// gemv, streamed (BY_ROW: the by-row form, stream_rows_by_row).
 template <int U, typename T, typename OUT, bool BY_ROW = false>
 __device__ void gemv_streamed(const T* x, const T* __restrict__ w, OUT* __restrict__ y, const int* __restrict__ out_index,
     int n, int k, float alpha, float beta)

@@ -137,7 +137,7 @@ public static class SelfTest
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.BF16, [264, 2656, 4104])),
             new("gemv bf16 streamed over rows = a block per 8 rows, bit for bit: plain -> bf16 and -> f32, index-add of 203 of 300, q/k/v in one launch, " +
                 "gate/up + swiglu; K 264, 2656, 4104; every unroll; grids of 1, 3, 10 with the rows balanced over fewer, and the resident blocks; " +
-                "a round of loads per row (KernelBench's baseline) on 3 and the resident blocks", GemvStreamed),
+                "a round of loads per row (the by-row form) on 3 and the resident blocks", GemvStreamed),
             new("gemv f32 q/k/v in one launch, gate/up + swiglu, index-add of 37 of 60 channels, plain (K 264, 1300): " +
                 "unroll 8 vs CPU, 12 and 16 the same bits, the tuned first call too (adds once)", dev => GemvUnrolls(dev, DType.F32, [264, 1300])),
             new("decode norm fused into the q/k/v and gate/up + swiglu GEMVs, bf16: 2651 of 4096 channels (norm block 1024), dense 96 (block 128): " +
