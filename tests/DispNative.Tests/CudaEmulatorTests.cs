@@ -7,8 +7,10 @@ namespace DispNative.Tests;
 /// <summary>The CUDA backend's self-test (every kernel, GEMM, graph, forward and training step against the CPU
 /// reference) run in a child process on the CUDA emulator of <c>tools/emulate/cuda</c>: the real kernel sources and
 /// the engine's real driver, NVRTC and cuBLASLt calls, executed on the CPU; and the GPU benchmarks at their smoke
-/// shape. Skipped where the emulator cannot be built (it needs x86-64 Linux and g++).</summary>
-[NonParallelizable]
+/// shape. Skipped where the emulator cannot be built (it needs x86-64 Linux and g++). Each test is a child process
+/// (but one, which runs the CPU job in process beside its child) on one core: they run side by side, as many at once
+/// as NUnit has workers (one per core).</summary>
+[Parallelizable(ParallelScope.Children)]
 public class CudaEmulatorTests
 {
     private string? _library, _kernelCache, _skip;
