@@ -1,6 +1,6 @@
 // Batch-1 linear layers for decode, one warp per output row: the warp streams the weight row with 16-byte loads,
 // U loads in flight per lane, and reduces with shuffles; x (a single row, at most tens of KB) stays in L1/L2.
-// Every kernel comes in U = 8, 12 and 16 (entry NAME_uU): a deeper unroll keeps more loads in flight per lane (a
+// Every kernel comes in U = 8, 12 and 16 (entry NAME_uU; defined in gemv.cu, gemv_fused.cu and gemv_norm.cu): a deeper unroll keeps more loads in flight per lane (a
 // pruned K of 2656 bf16 is 332 loads: 2 rounds at U 8, one at 12) but holds more registers, so fewer warps fit on an
 // SM (ptxas 11.8, bf16 gemv: 126 registers at U 8, two blocks of 256 per SM; 167 at 12 and 248 at 16, one). The host
 // times them per shape (CudaDevice.LaunchGemv); each lane sums its loads in the same order whatever U is, so the
@@ -16,6 +16,12 @@
 #include "common.cuh"
 
 #define GEMV_WARPS 8   // warps (rows) per block, as the host launches them (CudaDevice.GemvWarps)
+
+// The streamed entry points (gemv_streamed_*, not the by-row ones) keep to 128 registers up to unroll 12, so that two
+// blocks of 256 fit an SM (NVRTC 11.8 and 12.4 give them 126-128 unbounded at 12, none spilled bounded); at 16 one fits.
+#define STREAMED_BLOCKS_8 2
+#define STREAMED_BLOCKS_12 2
+#define STREAMED_BLOCKS_16 1
 
 template <typename T>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b)

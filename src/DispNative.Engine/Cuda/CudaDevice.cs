@@ -355,7 +355,7 @@ public sealed unsafe class CudaDevice : IDisposable
     public void Launch(string kernel, string entry, uint grid, uint block, uint sharedBytes, params ReadOnlySpan<KernelArg> args)
         => Launch(kernel, entry, (grid, 1, 1), (block, 1, 1), sharedBytes, args);
 
-    /// <summary>Single-row GEMMs (decode) go to the warp-per-row GEMV kernel (kernels/gemv.cu) when K and the operands
+    /// <summary>Single-row GEMMs (decode) go to the warp-per-row GEMV kernels (kernels/gemv*.cu) when K and the operands
     /// allow 16-byte loads; off sends them to cuBLASLt too (KernelBench compares the two).</summary>
     public bool UseGemv { get; set; } = true;
 
@@ -382,7 +382,7 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private int _decodeAttentionWarps = CudaOps.DecodeWarps;
 
-    /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv.cu, entries
+    /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv*.cu, entries
     /// NAME_uU). The first is the default.</summary>
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];
 
@@ -424,11 +424,18 @@ public sealed unsafe class CudaDevice : IDisposable
     internal void LaunchGemv(string name, int rows, int k, (ulong Address, long Bytes)? accumulated, params ReadOnlySpan<KernelArg> args)
         => LaunchGemv(new GemvLaunch(name, rows, k, accumulated, 0, 0), args);
 
-    /// <summary>Launches a GEMV kernel whose warps loop over the rows (gemv.cu's fused decode norms): a grid of at most
+    /// <summary>Launches a GEMV kernel whose warps loop over the rows (gemv_norm.cu's fused decode norms): a grid of at most
     /// <paramref name="blocksPerSM"/> resident blocks per SM (<see cref="PersistentGridLimit"/> lowers it), each with
     /// <paramref name="sharedBytes"/> of dynamic shared memory; forms and unrolls chosen as <see cref="LaunchGemv(string, int, int, ValueTuple{ulong, long}?, ReadOnlySpan{KernelArg})"/>.</summary>
     internal void LaunchPersistentGemv(string name, int rows, int k, uint sharedBytes, int blocksPerSM, params ReadOnlySpan<KernelArg> args)
         => LaunchGemv(new GemvLaunch(name, rows, k, null, sharedBytes, blocksPerSM), args);
+
+    /// <summary>The kernel file (<c>kernels/FILE.cu</c>) that defines GEMV entry point or kernel <paramref name="name"/>:
+    /// the fused decode norms' in gemv_norm, the q/k/v and gate/up + SwiGLU ones in gemv_fused, the plain ones in gemv
+    /// (three files, which NVRTC compiles side by side).</summary>
+    internal static string GemvFile(string name) =>
+        name.Contains("_norm_", StringComparison.Ordinal) ? "gemv_norm"
+        : name.Contains("_qkv_", StringComparison.Ordinal) || name.Contains("_swiglu_", StringComparison.Ordinal) ? "gemv_fused" : "gemv";
 
     /// <summary>The streamed form of GEMV kernel <paramref name="name"/> (<see cref="StreamGemvs"/>), or null where it has
     /// none.</summary>
@@ -438,7 +445,7 @@ public sealed unsafe class CudaDevice : IDisposable
             ? "gemv_streamed" + name["gemv".Length..] : null;
 
     /// <summary>The streamed bf16 GEMVs (plain, q/k/v, gate/up + SwiGLU) issue each round of loads across row ends
-    /// (a warp's rows as one stream) or inside one row (gemv.cu's <c>gemv_streamed_byrow_*</c>, as they streamed up to
+    /// (a warp's rows as one stream) or inside one row (<c>gemv_streamed_byrow_*</c>, as they streamed up to
     /// the last H200 run, 2026-12-04); the same bits. Null (the default): both timed per shape with the unrolls
     /// (<see cref="GemvUnroll"/>); true or false: by row or across rows everywhere (benchmarks). Other streamed GEMVs
     /// have only the across-rows form.</summary>
@@ -517,7 +524,7 @@ public sealed unsafe class CudaDevice : IDisposable
         uint grid = GemvGrid(g.Rows);
         if (g.BlocksPerSM > 0)
         {
-            long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks("gemv", entry, GemvWarps * 32, g.SharedBytes)) * Info.Multiprocessors;
+            long resident = (long)Math.Min(g.BlocksPerSM, ResidentBlocks(GemvFile(entry), entry, GemvWarps * 32, g.SharedBytes)) * Info.Multiprocessors;
             grid = (uint)Math.Max(1, Math.Min(grid, Math.Min(resident, PersistentGridLimit ?? long.MaxValue)));
             if (form.Balanced)
             {
@@ -531,7 +538,7 @@ public sealed unsafe class CudaDevice : IDisposable
     private void LaunchGemvForm(GemvLaunch g, GemvForm form, ReadOnlySpan<KernelArg> args)
     {
         var (entry, grid) = GemvEntryAndGrid(g, form);
-        Launch("gemv", entry, grid, GemvWarps * 32, g.SharedBytes, args);
+        Launch(GemvFile(entry), entry, grid, GemvWarps * 32, g.SharedBytes, args);
     }
 
     /// <summary>Blocks of <paramref name="threads"/> threads and <paramref name="sharedBytes"/> of dynamic shared memory

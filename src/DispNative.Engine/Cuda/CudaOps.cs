@@ -91,7 +91,7 @@ public sealed class CudaOps(CudaDevice device)
 
     /// <summary>Decode's attention input side: the gather-RMSNorm of the f32 residual row <paramref name="x"/> (gamma,
     /// idx: as <see cref="GatherRmsNorm"/>, into k channels) and the q/k/v GEMVs of it (<see cref="GemvQkv"/>), either
-    /// in one launch (gemv.cu's gemv_norm_qkv: every block normalizes the row into shared memory) or as the two launches
+    /// in one launch (gemv_norm.cu's gemv_norm_qkv: every block normalizes the row into shared memory) or as the two launches
     /// through <paramref name="h"/>, per <see cref="CudaDevice.FuseDecodeNorms"/>; bit for bit the same outputs.
     /// <paramref name="h"/> holds the normalized row only after the two launches.</summary>
     public void NormGemvQkv(DeviceTensor x, DeviceTensor gamma, DeviceTensor? idx, int d, float eps, DeviceTensor h,
@@ -123,7 +123,7 @@ public sealed class CudaOps(CudaDevice device)
             Separate);
     }
 
-    /// <summary>A fused decode norm's launch figures: its dynamic shared memory (the f32 row, idx, gamma then h; gemv.cu),
+    /// <summary>A fused decode norm's launch figures: its dynamic shared memory (the f32 row, idx, gamma then h; gemv.cuh),
     /// the norm's width and the block size whose arithmetic it repeats (the one-row <see cref="GatherRmsNorm"/>'s).</summary>
     internal readonly record struct FusedNormShape(uint SharedBytes, int Width, int NormThreads);
 
