@@ -97,6 +97,24 @@ public class KernelSourceTests
         Assert.That(int.Parse(m.Groups[1].Value), Is.EqualTo(CudaDevice.GemvWarps));
     }
 
+    /// <summary>The files a CUDA model builds while its weights upload (CudaLlama.InferenceKernels) are the ones the
+    /// engine's ops launch (CudaOps, CudaDevice and its GEMV files) but training's own.</summary>
+    [Test]
+    public void TheKernelsAModelBuildsAtLoad_AreTheOnesInferenceLaunches()
+    {
+        var launched = new SortedSet<string>(["gemv", "gemv_fused", "gemv_norm"], StringComparer.Ordinal);   // CudaDevice.GemvFile's
+        foreach (var file in new[] { "CudaOps.cs", "CudaDevice.cs" })
+        {
+            string text = File.ReadAllText(Path.Combine(TestAssets.RepoRoot, "src", "DispNative.Engine", "Cuda", file));
+            foreach (System.Text.RegularExpressions.Match m in System.Text.RegularExpressions.Regex.Matches(text, @"Launch\w*\(""(\w+)"""))
+                launched.Add(m.Groups[1].Value);
+        }
+        launched.ExceptWith(["masks", "cross_entropy"]);   // the masked training model's
+        Assert.That(CudaLlama.InferenceKernels(wgmma: true).Order(StringComparer.Ordinal), Is.EqualTo(launched));
+        Assert.That(CudaLlama.InferenceKernels(wgmma: false), Does.Not.Contain("attention_wgmma"));
+        Assert.That(CudaLlama.InferenceKernels(wgmma: true), Is.SubsetOf(KernelSources.KernelNames));
+    }
+
     /// <summary>The GEMV forms timed per shape: every combination the settings leave open, the untimed default first, and
     /// by-row forms only for the bf16 kernels that have one.</summary>
     [Test]
@@ -537,6 +555,19 @@ public class NvrtcTests
             Assert.That(System.Text.RegularExpressions.Regex.Matches(body, "__cudart_").Count, Is.GreaterThan(0), $"{entry}: no math table: the filter below is not exercised");
             Assert.That(NonCoherentLoadsOfItsOwn(body), Is.Empty, $"{file}.cu: {entry} loads through ld.global.nc");
         }
+    }
+
+    /// <summary>Threads asking for one file at once (a model's upload launching a kernel while its files build in the
+    /// background) share one compile: the same CUBIN, compiled once.</summary>
+    [Test]
+    public void ConcurrentRequestsForOneFile_CompileItOnce()
+    {
+        var compiler = new KernelCompiler("sm_90", TestAssets.TempDir());
+        using var start = new Barrier(4);
+        var cubins = new byte[4][];
+        Parallel.For(0, 4, new ParallelOptions { MaxDegreeOfParallelism = 4 }, i => { start.SignalAndWait(); cubins[i] = compiler.Cubin("norm"); });
+        Assert.That(compiler.Compiled, Is.EqualTo(1));
+        Assert.That(cubins.Skip(1), Has.All.EqualTo(cubins[0]));
     }
 
     /// <summary>CompileAll reports a kernel it cannot build by name and carries on with the others.</summary>

@@ -141,6 +141,12 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         return new CudaLlama(device, config, dtype, false, new RandomDeviceWeights(device, config, dtype, seed, keep, padding ?? CudaOps.DefaultPadding(config)));
     }
 
+    /// <summary>The kernel files inference launches (training's masks and loss, and the persistent decode kernel, which
+    /// is off by default, build at their first launch). <c>attention_wgmma</c> only where the device runs wgmma.</summary>
+    internal static IEnumerable<string> InferenceKernels(bool wgmma) =>
+        ["activations", "attention", "attention_decode", "attention_tc", .. wgmma ? ["attention_wgmma"] : Array.Empty<string>(),
+         "convert", "embedding", "gemv", "gemv_fused", "gemv_norm", "init", "next_token", "norm", "residual", "rope"];
+
     private CudaLlama(CudaDevice device, ModelConfig config, DType dtype, bool ownsDevice, WeightSource source)
     {
         if (dtype is not (DType.F32 or DType.BF16 or DType.F16)) throw new InvalidSettingException($"CUDA storage type must be f32, bf16 or f16 (got {dtype})");
@@ -156,6 +162,9 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
         var invFreq = new float[config.HeadDim / 2];
         for (int i = 0; i < invFreq.Length; i++) invFreq[i] = rope.InverseFrequency(i);
         _layers = new Layer[config.NumLayers];
+        // While the weights upload, the kernel files inference needs are compiled (or read from the cache) on all cores,
+        // so that no first call waits for NVRTC one file at a time.
+        var kernels = Task.Run(() => device.Compiler.CompileAll(InferenceKernels(device.SupportsWgmma)));
         try
         {
             _invFreq = device.Upload(invFreq);
@@ -170,6 +179,8 @@ public sealed class CudaLlama : ICausalLanguageModel, IGreedyDecoding, IDisposab
             device.Synchronize();
         }
         catch { Release(); throw; }
+        // A file that did not build is named by its first launch, which compiles it again.
+        try { kernels.Wait(); } catch (AggregateException) { }
     }
 
     /// <summary>Where the device weights come from. A layer's tensors are tracked until the layer is complete, so that a

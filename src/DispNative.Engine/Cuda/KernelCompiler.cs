@@ -137,7 +137,9 @@ public sealed class KernelCompiler
         return Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(text))).ToLowerInvariant()[..32];
     }
 
-    /// <summary>The CUBIN of <c>kernels/{kernel}.cu</c>, from the cache or freshly compiled (then cached).</summary>
+    /// <summary>The CUBIN of <c>kernels/{kernel}.cu</c>, from the cache or freshly compiled (then cached). Threads that
+    /// ask for a file while it compiles wait for that compile (its CUBIN or its error) rather than start their own; one
+    /// asking after a failed compile compiles again.</summary>
     public byte[] Cubin(string kernel)
     {
         string source = KernelSources.Source(kernel);
@@ -147,11 +149,18 @@ public sealed class KernelCompiler
             try { var cached = File.ReadAllBytes(path); if (cached.Length > 0) { Interlocked.Increment(ref _cacheHits); return cached; } }
             catch (IOException) { /* unreadable cache entry: compile again */ }
         }
-        var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, OptionsFor(kernel), out _);
-        Interlocked.Increment(ref _compiled);
-        TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
-        return cubin;
+        var build = _compiling.GetOrAdd(path, _ => new Lazy<byte[]>(() =>
+        {
+            var cubin = Nvrtc.CompileToCubin(source, kernel + ".cu", KernelSources.Headers, OptionsFor(kernel), out _);
+            Interlocked.Increment(ref _compiled);
+            TryWriteCacheFile(path, tmp => File.WriteAllBytes(tmp, cubin));   // a read-only cache only costs a recompile
+            return cubin;
+        }));
+        try { return build.Value; }
+        finally { _compiling.TryRemove(new KeyValuePair<string, Lazy<byte[]>>(path, build)); }
     }
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, Lazy<byte[]>> _compiling = new();
 
     /// <summary>Brings <paramref name="kernels"/> (default: every embedded kernel) into the cache, compiling the missing
     /// ones on up to <paramref name="parallelism"/> threads at once (NVRTC compiles different programs concurrently; 0:
