@@ -27,7 +27,7 @@
 #define MAX_HEAD_DIM 128
 #define DECODE_WARPS 4
 #define DECODE_UNROLL 8
-#define RESCALE_KEYS 4   // keys of a round scored before each rescale (a divisor of DECODE_UNROLL)
+#define RESCALE_KEYS 4   // keys of a round scored before each rescale (a divisor of DECODE_UNROLL): the engine's
 
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
@@ -138,7 +138,7 @@ struct GridDependencyWait
 // so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
 // the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits.
 // (decode_step.cu has passed its grid barrier before it calls this: it loads nothing first.)
-template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS>
+template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS, int RESCALE = RESCALE_KEYS>
 __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared<WARPS>& sh, int h, int split, int splits,
     Wait wait = Wait())
 {
@@ -227,15 +227,16 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
         for (bool loaded = early; base < loop_end; base += step * DECODE_UNROLL, loaded = false)
         {
             if (!loaded) load_round();
-            // The scores of RESCALE_KEYS of the round's keys first (their shuffles independent of each other), then
-            // one rescale to their maximum: the exponentials and the accumulation do not wait on each other key by key.
+            // The scores of RESCALE of the round's keys first (their shuffles independent of each other), then one
+            // rescale to their maximum: the exponentials and the accumulation do not wait on each other key by key.
+            static_assert(DECODE_UNROLL % RESCALE == 0, "keys per rescale must divide a round");
             int k0 = base + slot;
 #pragma unroll
-            for (int u0 = 0; u0 < DECODE_UNROLL; u0 += RESCALE_KEYS)
+            for (int u0 = 0; u0 < DECODE_UNROLL; u0 += RESCALE)
             {
-                float s[RESCALE_KEYS];
+                float s[RESCALE];
 #pragma unroll
-                for (int u = 0; u < RESCALE_KEYS; u++)
+                for (int u = 0; u < RESCALE; u++)
                 {
                     float kf[V];
                     unpack16<T>(kr[u0 + u], kf);
@@ -245,17 +246,17 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                 }
                 for (int o = group >> 1; o > 0; o >>= 1)
 #pragma unroll
-                    for (int u = 0; u < RESCALE_KEYS; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+                    for (int u = 0; u < RESCALE; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
                 float mn = m;
 #pragma unroll
-                for (int u = 0; u < RESCALE_KEYS; u++)
+                for (int u = 0; u < RESCALE; u++)
                     if (k0 + (u0 + u) * step < loop_end) mn = fmaxf(mn, s[u]);   // uniform over the group
                 float corr = rescale(m, mn);
                 l *= corr;
 #pragma unroll
                 for (int i = 0; i < V; i++) acc[i] *= corr;
 #pragma unroll
-                for (int u = 0; u < RESCALE_KEYS; u++)
+                for (int u = 0; u < RESCALE; u++)
                     if (k0 + (u0 + u) * step < loop_end)
                     {
                         float vf[V], p = expf(s[u] - mn);
@@ -349,8 +350,8 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     merge_splits<T>(opaque(a.partial), a.out, h, splits, used, head_dim, t, WARPS * 32);
 }
 
-// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h.
-template <typename T, int WARPS>
+// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h, rescaling once per RESCALE keys.
+template <typename T, int WARPS, int RESCALE = RESCALE_KEYS>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
@@ -361,7 +362,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
         head_dim, window, scale};
-    attend_share<T, GridDependencyWait, WARPS>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
+    attend_share<T, GridDependencyWait, WARPS, RESCALE>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.

@@ -310,7 +310,7 @@ public class KernelSourceTests
         [
             "convert:convert_f32_to_##S", "embedding:embedding_##S", "rope:rope_##S", "norm:rmsnorm_gather_##S", "norm:layernorm_gather_##S",
             "residual:index_add_##S", "residual:add_bias_##S", "activations:silu_mul_##S", "activations:silu_mul_fast_##S", "activations:gelu_##S",
-            "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_split8_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
+            "attention:attention_prefill_##S", "attention_decode:attention_decode_split_##S", "attention_decode:attention_decode_split8_##S", "attention_decode:attention_decode_split_rescale##N##_##S", "attention_decode:attention_decode_combine_##S", "attention_decode:attention_decode_naive_##S", "rope:rope_kv_append_##S", "attention_tc:attention_prefill_tc##D##_##S", "attention_tc:attention_prefill_fa##D##_##S", "cross_entropy:cross_entropy_f32",
             "masks:gumbel_sigmoid", "masks:gumbel_sigmoid_backward", "masks:gumbel_noise", "masks:mask_columns_grad_##S", "masks:scale_columns_##NAME",
             "masks:add_scaled_columns_f32", "init:fill_constant_##S", "init:fill_normal_##S", "init:read_through", "norm:rmsnorm_backward_##S",
             "attention:attention_backward_dq_##S", "attention:attention_backward_dkv_##S", "gemv:gemv_##S##_to_##O##_u##U", "gemv_fused:gemv_qkv_##S##_u##U", "gemv_fused:gemv_swiglu_##S##_u##U",
@@ -323,6 +323,34 @@ public class KernelSourceTests
             var (file, entry) = (e.Split(':')[0], e.Split(':')[1]);
             Assert.That(KernelSources.Source(file), Does.Contain($"void {entry}("), e);
         }
+    }
+
+    /// <summary>The split-KV decode's entry is chosen by its settings (CudaDevice.DecodeAttentionWarps and
+    /// DecodeAttentionRescaleKeys), not named literally at its launch: every combination the settings allow is built,
+    /// with the default entry's parameters, and the others are refused by name.</summary>
+    [Test]
+    public void EverySplitKvDecodeSetting_HasItsEntryPoint()
+    {
+        int parameters = KernelSources.ParameterCount("attention_decode", "attention_decode_split_f32");
+        string source = KernelSources.Source("attention_decode");
+        var built = new List<string>();
+        foreach (int warps in new[] { CudaOps.DecodeWarps, 2 * CudaOps.DecodeWarps })
+        foreach (int keys in CudaOps.DecodeRescaleKeysBuilt)
+        {
+            if (warps != CudaOps.DecodeWarps && keys != CudaOps.DecodeRescaleKeys)
+            {
+                Assert.That(() => CudaOps.DecodeEntry(warps, keys, "bf16"), Throws.TypeOf<DispNativeException>().With.Message.Contain($"{warps} warps"));
+                continue;
+            }
+            string entry = CudaOps.DecodeEntry(warps, keys, "bf16");
+            Assert.That(KernelSources.ParameterCount("attention_decode", entry), Is.EqualTo(parameters), entry);
+            if (keys != CudaOps.DecodeRescaleKeys)
+                Assert.That(source, Does.Contain($"ATTENTION_DECODE_RESCALE(T, S, {keys})"), $"{entry} is not instantiated");
+            built.Add(entry);
+        }
+        Assert.That(built, Is.Unique);
+        Assert.That(built, Has.Count.EqualTo(CudaOps.DecodeRescaleKeysBuilt.Count + 1));
+        Assert.That(KernelSources.Source("attention_decode.cuh"), Does.Contain($"#define RESCALE_KEYS {CudaOps.DecodeRescaleKeys} "), "the host's default is the kernel's");
     }
 
     /// <summary>CudaLlama writes the persistent decode kernel's layer table as decode_step.cu's DecodeLayer reads it: as

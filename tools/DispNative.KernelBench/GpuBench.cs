@@ -425,6 +425,16 @@ internal static class GpuBench
             () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
         finally { undoWarps(); }
         Console.WriteLine($"{$"split-KV: blocks of {otherWarps} vs {dev.DecodeAttentionWarps} warps (CudaDevice.DecodeAttentionWarps)",-58} {"",8} {otherBlocks / splitDecode,12:F2} x");
+        foreach (int keys in CudaOps.DecodeRescaleKeysBuilt.Where(k => k != dev.DecodeAttentionRescaleKeys))
+        {
+            var undo = InferenceBench.DecodeRescale("", keys).Set(dev);
+            string how = keys == 1 ? "at every key" : $"once per {keys} keys";
+            double rescaled;
+            try { rescaled = Bandwidth($"attention decode bf16, split-KV, rescaled {how}", kvBytes,
+                () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
+            finally { undo(); }
+            Console.WriteLine($"{$"split-KV: rescaled {how} vs once per {dev.DecodeAttentionRescaleKeys}",-58} {"",8} {rescaled / splitDecode,12:F2} x");
+        }
         // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
         using var kNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16); using var vNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16);
         using var invFreq = dev.Upload(Enumerable.Range(0, HeadDim / 2).Select(new Engine.Cpu.Rope(HeadDim, 10000).InverseFrequency).ToArray());

@@ -39,6 +39,15 @@ internal static class InferenceBench
         return () => dev.DecodeAttentionWarps = warps;
     });
 
+    /// <summary>The split-KV decode attention rescaling its state once per <paramref name="keys"/> keys of a round
+    /// (<see cref="CudaDevice.DecodeAttentionRescaleKeys"/>) in blocks of 4 warps.</summary>
+    internal static Setting DecodeRescale(string what, int keys) => new(what, dev =>
+    {
+        var (warps, rescale) = (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys);
+        (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = (CudaOps.DecodeWarps, keys);
+        return () => (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = (warps, rescale);
+    });
+
     /// <summary>The streamed GEMVs in one form everywhere instead of the fastest per shape: rounds of loads inside one
     /// row or across rows (<see cref="CudaDevice.StreamGemvsByRow"/>, null: timed), rows balanced or not
     /// (<see cref="CudaDevice.BalanceGemvRows"/>, null: timed).</summary>
@@ -55,6 +64,8 @@ internal static class InferenceBench
         StreamedGemvs("every streamed GEMV in rounds across rows, on the full grid", byRow: false, balanced: false),
         StreamedGemvs("every streamed GEMV's rows balanced over fewer blocks", byRow: null, balanced: true),
         OtherDecodeWarps,
+        DecodeRescale("the decode attention (4 warps) rescaled at every key (the form of the last H200 run)", 1),
+        DecodeRescale("the decode attention (4 warps) rescaled once a round of 8 keys", 8),
     ];
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
@@ -99,7 +110,7 @@ internal static class InferenceBench
                           $"the token): dense {dense.DeviceGreedyTokS / dense.GraphTokS:F2}x, pruned {pruned.DeviceGreedyTokS / pruned.GraphTokS:F2}x the host's choice; " +
                           $"pruned vs dense with it {pruned.DeviceGreedyTokS / dense.DeviceGreedyTokS:F2}x");
         Console.WriteLine($"  the engine's settings: each GEMV shape's form timed on its first call (streamed or not, rounds of loads across rows or inside one, " +
-                          $"rows balanced over fewer blocks or not), decode attention in blocks of {dev.DecodeAttentionWarps} warps");
+                          $"rows balanced over fewer blocks or not), decode attention in blocks of {dev.DecodeAttentionWarps} warps rescaled once per {dev.DecodeAttentionRescaleKeys} keys");
         for (int i = 0; i < SettingsTried.Length; i++)
             Console.WriteLine($"  the same with {SettingsTried[i].What}: dense {dense.TriedTokS[i] / dense.DeviceGreedyTokS:F2}x, " +
                               $"pruned {pruned.TriedTokS[i] / pruned.DeviceGreedyTokS:F2}x the engine's; pruned vs dense {pruned.TriedTokS[i] / dense.TriedTokS[i]:F2}x");

@@ -382,6 +382,19 @@ public sealed unsafe class CudaDevice : IDisposable
 
     private int _decodeAttentionWarps = CudaOps.DecodeWarps;
 
+    /// <summary>Keys of a round the split-KV decode attention scores before each rescale of its softmax state: 4 (the
+    /// default; four keys' scores and shuffles independent of each other), 1 (every key, each waiting on the one
+    /// before: the form timed on the H200 on 2026-12-04) or 8 (once a round); the same math in another rounding order.
+    /// Other than 4 only in blocks of 4 warps. KernelBench infer times decode with each.</summary>
+    public int DecodeAttentionRescaleKeys
+    {
+        get => _decodeAttentionRescaleKeys;
+        set => _decodeAttentionRescaleKeys = CudaOps.DecodeRescaleKeysBuilt.Contains(value) ? value
+            : throw new ArgumentOutOfRangeException(nameof(DecodeAttentionRescaleKeys), $"{value}: the split-KV decode is built to rescale once per {string.Join(", ", CudaOps.DecodeRescaleKeysBuilt)} keys");
+    }
+
+    private int _decodeAttentionRescaleKeys = CudaOps.DecodeRescaleKeys;
+
     /// <summary>The unrolls each GEMV kernel is compiled for (16-byte loads in flight per lane; kernels/gemv*.cu, entries
     /// NAME_uU). The first is the default.</summary>
     public static readonly IReadOnlyList<int> GemvUnrolls = [8, 12, 16];

@@ -430,6 +430,21 @@ public sealed class CudaOps(CudaDevice device)
 
     private const int DecodeUnroll = 8;   // attention_decode.cuh's DECODE_UNROLL
 
+    /// <summary>Keys of a round the split-KV decode scores before each rescale of its state (attention_decode.cuh's
+    /// RESCALE_KEYS), and the other counts it is built for (attention_decode_split_rescaleN, blocks of 4 warps).</summary>
+    public const int DecodeRescaleKeys = 4;
+    public static readonly IReadOnlyList<int> DecodeRescaleKeysBuilt = [1, DecodeRescaleKeys, DecodeUnroll];
+
+    /// <summary>The split-KV decode entry for blocks of <paramref name="warps"/> warps rescaling once per
+    /// <paramref name="rescaleKeys"/> keys, storage suffix <paramref name="suffix"/>.</summary>
+    internal static string DecodeEntry(int warps, int rescaleKeys, string suffix) => (warps, rescaleKeys) switch
+    {
+        (DecodeWarps, DecodeRescaleKeys) => $"attention_decode_split_{suffix}",
+        (DecodeWarps, _) => $"attention_decode_split_rescale{rescaleKeys}_{suffix}",
+        (_, DecodeRescaleKeys) => $"attention_decode_split{warps}_{suffix}",
+        _ => throw new DispNativeException($"the split-KV decode in blocks of {warps} warps is built to rescale once per {DecodeRescaleKeys} keys, not {rescaleKeys}"),
+    };
+
     /// <summary>A split-KV decode scratch for <paramref name="heads"/> heads of <paramref name="headDim"/>, its arrival
     /// counters at zero; the kernel leaves them at zero, so one scratch serves every layer and step of a sequence.</summary>
     public DecodeScratch NewDecodeScratch(int heads, int headDim)
@@ -501,7 +516,7 @@ public sealed class CudaOps(CudaDevice device)
             var partial = scratch ?? temporary;
             bool merged = kernel == DecodeKernel.SplitKv && partial != null;
             int warps = Device.DecodeAttentionWarps;
-            Device.Launch("attention_decode", $"attention_decode_split{(warps == DecodeWarps ? "" : warps)}_{s}", ((uint)heads, (uint)splits, 1), ((uint)warps * 32, 1, 1), 0,
+            Device.Launch("attention_decode", DecodeEntry(warps, Device.DecodeAttentionRescaleKeys, s), ((uint)heads, (uint)splits, 1), ((uint)warps * 32, 1, 1), 0,
                 q, kCache, vCache, output, partial?.States ?? 0, merged ? partial!.Counters : 0,
                 rope?.K, rope?.V, rope?.InvFreq, rope == null ? null : kCache, rope == null ? null : vCache,
                 start, position, heads, kvHeads, headDim, window, scale);

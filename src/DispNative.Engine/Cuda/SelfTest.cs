@@ -39,7 +39,10 @@ public static class SelfTest
             new("decode rope + kv append + attention f16, window 100 (position 250 of 256, heads 6/3, head_dim 48)", dev => RopeAttentionDecode(dev, DType.F16, 6, 3, 48, 250, 256, 100)),
             new("decode rope + kv append + attention f32 (head_dim 20: two launches)", dev => RopeAttentionDecode(dev, DType.F32, 3, 1, 20, 40, 64)),
             new("decode rope + kv append + attention bf16, 8-warp blocks (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
-                dev => WithDecodeWarps(dev, 8, () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048))),
+                dev => WithDecodeAttention(dev, 8, () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048))),
+            new("decode rope + kv append + attention bf16, rescaled every key and once a round (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
+                dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
+                    () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048), r)))),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -79,9 +82,12 @@ public static class SelfTest
             new("attention decode bf16 split-KV, 200-key shares (several steps per block; position 1500 of 2048)", dev => Attention(dev, 1, 1500, 4, 4, 128, null, DType.BF16, capacity: 2048, keysPerSplit: 200)),
             new("attention decode f32 split-KV, 64 shares (position 5000 of 8192, heads 2/1, head_dim 64)", dev => Attention(dev, 1, 5000, 2, 1, 64, null, capacity: 8192)),
             new("attention decode bf16 split-KV, 8-warp blocks (position 1500 of 4096, heads 4/2, head_dim 128)",
-                dev => WithDecodeWarps(dev, 8, () => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096))),
+                dev => WithDecodeAttention(dev, 8, () => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096))),
             new("attention decode f16 split-KV, 8-warp blocks, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
-                dev => WithDecodeWarps(dev, 8, () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024))),
+                dev => WithDecodeAttention(dev, 8, () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024))),
+            new("attention decode f16 split-KV, rescaled every key and once a round, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
+                dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
+                    () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024), r)))),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -435,13 +441,14 @@ public static class SelfTest
             Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
     }
 
-    /// <summary>A check run with the split-KV decode attention in blocks of <paramref name="warps"/> warps.</summary>
-    private static string WithDecodeWarps(CudaDevice dev, int warps, Func<string> check)
+    /// <summary>A check run with the split-KV decode attention in blocks of <paramref name="warps"/> warps, rescaling
+    /// once per <paramref name="rescaleKeys"/> keys.</summary>
+    private static string WithDecodeAttention(CudaDevice dev, int warps, Func<string> check, int rescaleKeys = CudaOps.DecodeRescaleKeys)
     {
-        int before = dev.DecodeAttentionWarps;
-        dev.DecodeAttentionWarps = warps;
+        var before = (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys);
+        (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = (warps, rescaleKeys);
         try { return check(); }
-        finally { dev.DecodeAttentionWarps = before; }
+        finally { (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = before; }
     }
 
     /// <summary>The first index where <paramref name="a"/> and <paramref name="b"/> differ in their bits, or -1 where
