@@ -12,6 +12,9 @@ namespace DispNative.KernelBench;
 internal static class InferenceBench
 {
     private const int DecodePrompt = 16;   // decode starts after a short prompt: weight reads dominate, as in serving
+
+    /// <summary>The short prompt of the profiled steps (<c>--profile</c>): decode at 81-83 keys.</summary>
+    private const int ProfiledShortPrompt = 80;
     private const int LeastPadding = 8;   // the baseline padding: 16-byte rows of bf16
 
     private sealed record Result(string Name, double PrefillMs, double PrefillOtherTuningMs, double EagerTokS, double GraphTokS, double PersistentTokS,
@@ -70,9 +73,9 @@ internal static class InferenceBench
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
 
-    /// <param name="profile">Also runs, for each model after its measurements, one prefill and two eager decode steps
-    /// between cuProfilerStart and cuProfilerStop: what <c>ncu --profile-from-start off</c> records
-    /// (tools/gpu/check.sh profile-infer).</param>
+    /// <param name="profile">Also runs, for each model after its measurements, eager prefills and decode steps (after
+    /// the full prompt and after a short one) between cuProfilerStart and cuProfilerStop: what
+    /// <c>ncu --profile-from-start off</c> records (tools/gpu/check.sh profile-infer).</param>
     public static void Run(ModelConfig c, int prefillTokens, int decodeTokens, double keep, bool profile = false)
     {
         using var dev = CudaDevice.Open();
@@ -300,13 +303,23 @@ internal static class InferenceBench
         }
         if (profile)
         {
-            // Each profiled segment starts with the embedding kernel: prefill, then two one-token decode steps.
+            // Each profiled segment starts with the embedding kernel: prefill, then two one-token decode steps; then
+            // the same after a prompt of ProfiledShortPrompt tokens (the benchmark's decode lengths, where the shares
+            // of 4-warp decode attention are merged and those of 8 warps are not), and a third step there with blocks
+            // of the other number of warps (tools/gpu/kernel_times.py names the phases).
             model.UseCudaGraphs = false;
+            int shortPrompt = Math.Min(ProfiledShortPrompt, prefillTokens);
             using var cache = model.NewCache(prefillTokens + 2);
+            using var shortCache = model.NewCache(shortPrompt + 3);
             dev.Synchronize();
             Interop.CudaDriver.Profile(true);
             int token = Next(model.Forward(prompt, cache, lastOnly: true));
             for (int i = 0; i < 2; i++) token = Next(model.Forward([token], cache, lastOnly: true));
+            token = Next(model.Forward(prompt.AsSpan(0, shortPrompt), shortCache, lastOnly: true));
+            for (int i = 0; i < 2; i++) token = Next(model.Forward([token], shortCache, lastOnly: true));
+            var undo = OtherDecodeWarps.Set(dev);
+            try { Next(model.Forward([token], shortCache, lastOnly: true)); }
+            finally { undo(); }
             dev.Synchronize();
             Interop.CudaDriver.Profile(false);
         }

@@ -9,7 +9,8 @@
 # decode GEMVs and the persistent decode kernel (tools/gpu/kernel_report.py with its cuobjdump).
 # profile-norms: Nsight Compute on the row kernels of `KernelBench gpu` (gather-norm, index-add and the fused pair;
 # cold L2, clocks as they are): duration, DRAM bytes and throughput, registers, occupancy and warp stalls, one CSV.
-# profile-infer: kernel durations of one prefill and two decode steps of the dense and the pruned 7B-shape model
+# profile-infer: kernel durations of one prefill and two decode steps of the dense and the pruned 7B-shape model, and of
+# three steps after an 80-token prompt (the third with the other decode attention blocks)
 # (`KernelBench infer --profile`), summed per phase and kernel by tools/gpu/kernel_times.py.
 # One device call may run 600 s: the limits below keep selftest+bench+infer and train+torch-* under it.
 set -u
@@ -39,11 +40,11 @@ for what in "${@:-selftest bench infer train torch-infer torch-train}"; do
         /usr/local/cuda/bin/ncu -i /tmp/profile-norms.ncu-rep --csv --page details > "$out/profile-norms.csv" 2>&1
         echo "== profile-norms.csv: $(wc -l < "$out/profile-norms.csv") lines" ;;
       profile-infer)
-        step profile-infer 300 /usr/local/cuda/bin/ncu --profile-from-start off --metrics gpu__time_duration.sum --print-units base \
+        step profile-infer 420 /usr/local/cuda/bin/ncu --profile-from-start off --metrics gpu__time_duration.sum --print-units base \
           --cache-control none --clock-control none -f -o /tmp/profile-infer bash .gpu/run.sh DispNative.KernelBench infer --decode 16 --profile
         /usr/local/cuda/bin/ncu -i /tmp/profile-infer.ncu-rep --csv --page raw --print-units base > "$out/profile-infer.csv" 2>&1
         python3 tools/gpu/kernel_times.py "$out/profile-infer.csv" > "$out/profile-infer-summary.txt" 2>&1
-        echo "== profile-infer-summary.txt:"; head -n 40 "$out/profile-infer-summary.txt" ;;
+        echo "== profile-infer-summary.txt (decode steps at 81-83 keys):"; grep -A 14 "at 8[123] keys" "$out/profile-infer-summary.txt" ;;
       *) echo "unknown step '$w' (selftest, bench, infer, train, torch-infer, torch-train, profile-norms, profile-infer, report)" >&2; exit 2 ;;
     esac
   done

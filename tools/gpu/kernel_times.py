@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kernel time per phase from Nsight Compute's raw CSV of `KernelBench infer --profile` (tools/gpu/check.sh
-profile-infer): the profiled work is, per model, one prefill and two one-token decode steps, each starting with the
-embedding kernel. Prints each phase's total and its kernels grouped by name, largest first.
+profile-infer): the profiled work is, per model, one prefill and two one-token decode steps, then a prefill of 80 tokens
+and three steps after it (the third with the decode attention in blocks of the other number of warps), each starting
+with the embedding kernel. Prints each phase's total and its kernels grouped by name (count, mean), largest first.
 
     python3 tools/gpu/kernel_times.py profile-infer.csv [--top N]
 """
@@ -9,8 +10,10 @@ import csv
 import sys
 from collections import defaultdict
 
-PHASES = ["dense prefill", "dense decode step 1", "dense decode step 2",
-          "pruned prefill", "pruned decode step 1", "pruned decode step 2"]
+STEPS = ["prefill", "decode step 1", "decode step 2",
+         "prefill of 80 tokens", "decode step 1 at 81 keys", "decode step 2 at 82 keys",
+         "decode step 3 at 83 keys, attention blocks of the other number of warps"]
+PHASES = [f"{model} {step}" for model in ("dense", "pruned") for step in STEPS]
 TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
 
 
@@ -48,7 +51,7 @@ def main():
             g[0] += 1
             g[1] += us
         for kernel, (count, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
-            print(f"  {us / 1e3:9.3f} ms {100 * us / total:5.1f}%  {count:5d}x  {kernel}")
+            print(f"  {us / 1e3:9.3f} ms {100 * us / total:5.1f}%  {count:5d}x {us / count:8.2f} us  {kernel}")
 
 
 if __name__ == "__main__":
