@@ -76,13 +76,45 @@ __device__ __forceinline__ void rotate_chunk(uint4 own, uint4 other, int c0, int
     for (int i = 0; i < V; i++) out[i] = to_f32(from_f32<T>(low ? o[i] * cs[i] - p[i] * sn[i] : o[i] * cs[i] + p[i] * sn[i]));
 }
 
+#define MERGE_IN_REGISTERS 16   // shares whose states the decode attention kernels' merge holds in registers
+
 // Head h's output from the states of its first `used` of `splits` splits in partial (read through L2: other blocks
-// wrote them in this launch), by `threads` threads of which this is thread t.
-template <typename T>
+// wrote them in this launch), by `threads` threads of which this is thread t. Up to R shares, each share's maximum,
+// sum and first channel are loaded together (one round trip through L2, where the loops below take three) and every
+// share's weight is computed once; the arithmetic and its order are the loops', so the bits are too. (R = 0: the
+// loops only, for the persistent decode kernel, whose registers are taken.)
+template <typename T, int R = MERGE_IN_REGISTERS>
 __device__ void merge_splits(const float* partial, T* __restrict__ out, int h, int splits, int used, int head_dim, int t, int threads)
 {
     int stride = head_dim + 2;
     const float* part = partial + (long long)h * splits * stride;
+    if (R > 0 && used <= R)
+    {
+        float w[R > 0 ? R : 1], l[R > 0 ? R : 1], a[R > 0 ? R : 1];
+#pragma unroll
+        for (int s = 0; s < R; s++)
+            if (s < used)
+            {
+                w[s] = __ldcg(part + s * stride + head_dim);
+                l[s] = __ldcg(part + s * stride + head_dim + 1);
+                a[s] = t < head_dim ? __ldcg(part + s * stride + t) : 0.f;
+            }
+        float gm = NEG_INF, gsum = 0.f;
+#pragma unroll
+        for (int s = 0; s < R; s++) if (s < used) gm = fmaxf(gm, w[s]);
+#pragma unroll
+        for (int s = 0; s < R; s++)
+            if (s < used) { w[s] = rescale(w[s], gm); gsum += l[s] * w[s]; }
+        for (int c = t; c < head_dim; c += threads)
+        {
+            float v = 0.f;
+#pragma unroll
+            for (int s = 0; s < R; s++)
+                if (s < used) v += (c == t ? a[s] : __ldcg(part + s * stride + c)) * w[s];
+            out[(long long)h * head_dim + c] = from_f32<T>(v / gsum);
+        }
+        return;
+    }
     float gm = NEG_INF, gsum = 0.f;
     for (int s = 0; s < used; s++) gm = fmaxf(gm, __ldcg(part + s * stride + head_dim));
     for (int s = 0; s < used; s++) gsum += __ldcg(part + s * stride + head_dim + 1) * rescale(__ldcg(part + s * stride + head_dim), gm);
@@ -138,7 +170,7 @@ struct GridDependencyWait
 // so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
 // the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits.
 // (decode_step.cu has passed its grid barrier before it calls this: it loads nothing first.)
-template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS, int RESCALE = RESCALE_KEYS>
+template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = 0>
 __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared<WARPS>& sh, int h, int split, int splits,
     Wait wait = Wait())
 {
@@ -347,11 +379,12 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     __syncthreads();
     if (!active || !sh.last) return;
     __threadfence();
-    merge_splits<T>(opaque(a.partial), a.out, h, splits, used, head_dim, t, WARPS * 32);
+    merge_splits<T, MERGE_REGISTERS>(opaque(a.partial), a.out, h, splits, used, head_dim, t, WARPS * 32);
 }
 
-// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h, rescaling once per RESCALE keys.
-template <typename T, int WARPS, int RESCALE = RESCALE_KEYS>
+// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h, rescaling once per RESCALE keys and
+// merging up to MERGE_REGISTERS shares in registers (merge_splits).
+template <typename T, int WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = MERGE_IN_REGISTERS>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
@@ -362,7 +395,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
         head_dim, window, scale};
-    attend_share<T, GridDependencyWait, WARPS, RESCALE>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
+    attend_share<T, GridDependencyWait, WARPS, RESCALE, MERGE_REGISTERS>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.

@@ -428,7 +428,7 @@ internal static class GpuBench
         foreach (int keys in CudaOps.DecodeRescaleKeysBuilt.Where(k => k != dev.DecodeAttentionRescaleKeys))
         {
             var undo = InferenceBench.DecodeRescale("", keys).Set(dev);
-            string how = keys == 1 ? "at every key" : $"once per {keys} keys";
+            string how = keys == 1 ? "at every key, merged in loops" : $"once per {keys} keys";
             double rescaled;
             try { rescaled = Bandwidth($"attention decode bf16, split-KV, rescaled {how}", kvBytes,
                 () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }

@@ -67,7 +67,7 @@ internal static class InferenceBench
         StreamedGemvs("every streamed GEMV in rounds across rows, on the full grid", byRow: false, balanced: false),
         StreamedGemvs("every streamed GEMV's rows balanced over fewer blocks", byRow: null, balanced: true),
         OtherDecodeWarps,
-        DecodeRescale("the decode attention (4 warps) rescaled at every key (the form of the last H200 run)", 1),
+        DecodeRescale("the decode attention (4 warps) rescaled at every key, shares merged in loops (the form of the last H200 run)", 1),
         DecodeRescale("the decode attention (4 warps) rescaled once a round of 8 keys", 8),
     ];
 

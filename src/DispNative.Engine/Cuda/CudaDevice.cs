@@ -384,8 +384,8 @@ public sealed unsafe class CudaDevice : IDisposable
 
     /// <summary>Keys of a round the split-KV decode attention scores before each rescale of its softmax state: 4 (the
     /// default; four keys' scores and shuffles independent of each other), 1 (every key, each waiting on the one
-    /// before: the form timed on the H200 on 2026-12-04) or 8 (once a round); the same math in another rounding order.
-    /// Other than 4 only in blocks of 4 warps. KernelBench infer times decode with each.</summary>
+    /// before, and the shares merged in loops: the kernel as the H200 timed it on 2026-12-04) or 8 (once a round); the
+    /// same math in another rounding order. Other than 4 only in blocks of 4 warps. KernelBench infer times decode with each.</summary>
     public int DecodeAttentionRescaleKeys
     {
         get => _decodeAttentionRescaleKeys;
