@@ -428,12 +428,12 @@ internal static class GpuBench
         foreach (int keys in CudaOps.DecodeRescaleKeysBuilt.Where(k => k != dev.DecodeAttentionRescaleKeys))
         {
             var undo = InferenceBench.DecodeRescale("", keys).Set(dev);
-            string how = keys == 1 ? "at every key, merged in loops" : $"once per {keys} keys";
+            string how = $"{keys}-key rescale" + (keys == 1 ? ", loop merge" : "");
             double rescaled;
-            try { rescaled = Bandwidth($"attention decode bf16, split-KV, rescaled {how}", kvBytes,
+            try { rescaled = Bandwidth($"attention decode bf16, split-KV, {how}", kvBytes,
                 () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
             finally { undo(); }
-            Console.WriteLine($"{$"split-KV: rescaled {how} vs once per {dev.DecodeAttentionRescaleKeys}",-58} {"",8} {rescaled / splitDecode,12:F2} x");
+            Console.WriteLine($"{$"split-KV: {how} vs {dev.DecodeAttentionRescaleKeys}-key (engine)",-58} {"",8} {rescaled / splitDecode,12:F2} x");
         }
         // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
         using var kNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16); using var vNew = dev.Upload(Rand((long)Heads * HeadDim), DType.BF16);
