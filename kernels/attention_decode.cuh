@@ -132,6 +132,7 @@ struct DecodeGroupShared
 {
     float wm[WARPS], wl[WARPS];
     float wacc[WARPS][MAX_HEAD_DIM];
+    float angles[16][32];   // warp 0's RoPE sines and cosines for the step's own key, [i][lane] (16 / sizeof(T) of each)
     int used;   // the shares used: read back after the key loop rather than held in a register through it
     bool last;
 };
@@ -170,7 +171,8 @@ struct GridDependencyWait
 // so where Wait::loads_first the first round of them and RoPE's angles for q are loaded before wait(), overlapping
 // the kernel before; without RoPE fused the step's own key comes from the kernel before, and everything waits.
 // (decode_step.cu has passed its grid barrier before it calls this: it loads nothing first.)
-template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = 0>
+template <typename T, typename Wait = NoWait, int WARPS = DECODE_WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = 0,
+    bool KEEP_ANGLES = true>
 __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, DecodeGroupShared<WARPS>& sh, int h, int split, int splits,
     Wait wait = Wait())
 {
@@ -250,6 +252,9 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
             load_rope_pair<T>(q + (long long)h * head_dim, c0, half, q_own, q_other);
             if (!early) rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // after q's loads: before them, it spilled
             rotate_chunk<T>(q_own, q_other, c0, half, sn, cs, qv);
+            if (KEEP_ANGLES && warp == 0)   // the own key's angles are q's: kept for it in shared memory (in registers they spilled)
+#pragma unroll
+                for (int i = 0; i < V; i++) { sh.angles[i][lane] = sn[i]; sh.angles[V + i][lane] = cs[i]; }
         }
         else if (has) unpack16<T>(*reinterpret_cast<const uint4*>(q + (long long)h * head_dim + c0), qv);
 #pragma unroll
@@ -311,8 +316,10 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
                     load_rope_pair<T>(opaque(a.k_new) + own_row, c0, half, k_own, k_other);
                     v_own = *reinterpret_cast<const uint4*>(opaque(a.v_new) + own_row + c0);
                 }
-                // The angles again: held through the key loop, they spilled under the 128-register bound.
-                rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);
+                if (KEEP_ANGLES)
+#pragma unroll
+                    for (int i = 0; i < V; i++) { sn[i] = sh.angles[i][lane]; cs[i] = sh.angles[V + i][lane]; }   // this lane's own
+                else rope_angles<T>(c0, half, (float)start, a.inv_freq, sn, cs);   // computed again
                 rotate_chunk<T>(k_own, k_other, c0, half, sn, cs, kf);
                 unpack16<T>(v_own, vf);
 #pragma unroll
@@ -382,9 +389,10 @@ __device__ void attend_share(const DecodeAttention<T>& a, bool active, int t, De
     merge_splits<T, MERGE_REGISTERS>(opaque(a.partial), a.out, h, splits, used, head_dim, t, WARPS * 32);
 }
 
-// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h, rescaling once per RESCALE keys and
-// merging up to MERGE_REGISTERS shares in registers (merge_splits).
-template <typename T, int WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = MERGE_IN_REGISTERS>
+// Grid (heads, splits), block WARPS warps: block (h, s) takes share s of head h, rescaling once per RESCALE keys,
+// merging up to MERGE_REGISTERS shares in registers (merge_splits) and keeping q's RoPE angles for the own key
+// (KEEP_ANGLES) or computing them again.
+template <typename T, int WARPS, int RESCALE = RESCALE_KEYS, int MERGE_REGISTERS = MERGE_IN_REGISTERS, bool KEEP_ANGLES = true>
 __device__ void attention_decode_split(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     T* __restrict__ out, float* __restrict__ partial, unsigned* __restrict__ arrivals, const T* __restrict__ k_new,
     const T* __restrict__ v_new, const float* __restrict__ inv_freq, T* __restrict__ k_append, T* __restrict__ v_append,
@@ -395,7 +403,7 @@ __device__ void attention_decode_split(const T* __restrict__ q, const T* __restr
     if (position) start = *position;   // copied from the host before the step: no kernel writes it
     DecodeAttention<T> a{q, kc, vc, out, partial, arrivals, k_new, v_new, inv_freq, k_append, v_append, start, heads, kv_heads,
         head_dim, window, scale};
-    attend_share<T, GridDependencyWait, WARPS, RESCALE, MERGE_REGISTERS>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
+    attend_share<T, GridDependencyWait, WARPS, RESCALE, MERGE_REGISTERS, KEEP_ANGLES>(a, true, threadIdx.x, sh, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // Merges the splits' states of each head: grid (heads), block 128.
