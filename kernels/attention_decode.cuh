@@ -27,7 +27,7 @@
 #define MAX_HEAD_DIM 128
 #define DECODE_WARPS 4
 #define DECODE_UNROLL 8
-#define RESCALE_KEYS 4   // keys of a round scored before each rescale (a divisor of DECODE_UNROLL): the engine's
+#define RESCALE_KEYS 4   // keys of a round scored before each rescale (a divisor of DECODE_UNROLL; _rescaleN entries: N)
 
 // Weight of a softmax state with running max m once the common max is mn (0 for an empty state).
 __device__ __forceinline__ float rescale(float m, float mn) { return m == NEG_INF ? 0.f : expf(m - mn); }
