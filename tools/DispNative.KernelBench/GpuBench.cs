@@ -427,7 +427,7 @@ internal static class GpuBench
         Console.WriteLine($"{$"split-KV: blocks of {otherWarps} vs {dev.DecodeAttentionWarps} warps (CudaDevice.DecodeAttentionWarps)",-58} {"",8} {otherBlocks / splitDecode,12:F2} x");
         foreach (int keys in CudaOps.DecodeRescaleKeysBuilt.Where(k => k != dev.DecodeAttentionRescaleKeys))
         {
-            var undo = InferenceBench.DecodeRescale("", keys).Set(dev);
+            var undo = InferenceBench.DecodeRescale(keys).Set(dev);
             string how = $"{keys}-key rescale" + (keys == 1 ? ", loop merge" : "");
             double rescaled;
             try { rescaled = Bandwidth($"attention decode bf16, split-KV, {how}", kvBytes,

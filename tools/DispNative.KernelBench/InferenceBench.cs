@@ -44,7 +44,9 @@ internal static class InferenceBench
 
     /// <summary>The split-KV decode attention rescaling its state once per <paramref name="keys"/> keys of a round
     /// (<see cref="CudaDevice.DecodeAttentionRescaleKeys"/>) in blocks of 4 warps.</summary>
-    internal static Setting DecodeRescale(string what, int keys) => new(what, dev =>
+    internal static Setting DecodeRescale(int keys) => new(keys == 1
+        ? "the decode attention (4 warps) rescaled at every key, shares merged in loops (the form of the last H200 run)"
+        : $"the decode attention (4 warps) rescaled once per {keys} keys", dev =>
     {
         var (warps, rescale) = (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys);
         (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = (CudaOps.DecodeWarps, keys);
@@ -67,8 +69,7 @@ internal static class InferenceBench
         StreamedGemvs("every streamed GEMV in rounds across rows, on the full grid", byRow: false, balanced: false),
         StreamedGemvs("every streamed GEMV's rows balanced over fewer blocks", byRow: null, balanced: true),
         OtherDecodeWarps,
-        DecodeRescale("the decode attention (4 warps) rescaled at every key, shares merged in loops (the form of the last H200 run)", 1),
-        DecodeRescale("the decode attention (4 warps) rescaled once a round of 8 keys", 8),
+        .. CudaOps.DecodeRescaleKeysBuilt.Where(k => k != CudaOps.DecodeRescaleKeys).Select(DecodeRescale),
     ];
 
     private sealed record Ablation(double PrefillNoAttentionMs, double StepNoNormsMs, double StepNoAttentionMs, double StepGemvsMs);
