@@ -418,21 +418,21 @@ internal static class GpuBench
         Console.WriteLine($"{$"split-KV: last block merges vs combine kernel ({CudaOps.DecodeKeysPerSplit} / {narrowShare} keys)",-58} {"",8} {splitDecode / splitTwoLaunches,5:F2} / {narrowMerged / narrowTwoLaunches,4:F2} x");
         Console.WriteLine($"{$"split-KV: {CudaOps.DecodeKeysPerSplit}-key vs {narrowShare}-key shares (last block merges)",-58} {"",8} {splitDecode / narrowMerged,12:F2} x");
         Console.WriteLine($"{"split-KV (engine) vs naive decode",-58} {"",8} {splitDecode / naiveDecode,12:F2} x");
-        var undoWarps = InferenceBench.OtherDecodeWarps.Set(dev);
-        int otherWarps = dev.DecodeAttentionWarps;
-        double otherBlocks;
-        try { otherBlocks = Bandwidth($"attention decode bf16, split-KV, blocks of {otherWarps} warps", kvBytes,
-            () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
-        finally { undoWarps(); }
+        // The engine's split-KV decode under another setting (the label read with it set), then put back.
+        double SplitDecodeWith(InferenceBench.Setting setting, Func<string> label)
+        {
+            var undo = setting.Set(dev);
+            try { return Bandwidth(label(), kvBytes, () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
+            finally { undo(); }
+        }
+        int otherWarps = 0;
+        double otherBlocks = SplitDecodeWith(InferenceBench.OtherDecodeWarps,
+            () => $"attention decode bf16, split-KV, blocks of {otherWarps = dev.DecodeAttentionWarps} warps");
         Console.WriteLine($"{$"split-KV: blocks of {otherWarps} vs {dev.DecodeAttentionWarps} warps (CudaDevice.DecodeAttentionWarps)",-58} {"",8} {otherBlocks / splitDecode,12:F2} x");
         foreach (int keys in CudaOps.DecodeRescaleKeysBuilt.Where(k => k != dev.DecodeAttentionRescaleKeys))
         {
-            var undo = InferenceBench.DecodeRescale(keys).Set(dev);
             string how = $"{keys}-key rescale" + (keys == 1 ? ", loop merge" : "");
-            double rescaled;
-            try { rescaled = Bandwidth($"attention decode bf16, split-KV, {how}", kvBytes,
-                () => ops.Attention(q, kc, vc, o, 1, T - 1, Heads, Heads, HeadDim, null, decodeScratch: decodeScratch)); }
-            finally { undo(); }
+            double rescaled = SplitDecodeWith(InferenceBench.DecodeRescale(keys), () => $"attention decode bf16, split-KV, {how}");
             Console.WriteLine($"{$"split-KV: {how} vs {dev.DecodeAttentionRescaleKeys}-key (engine)",-58} {"",8} {rescaled / splitDecode,12:F2} x");
         }
         // The decode step's RoPE and cache append: their own kernel before the attention, or inside its launch.
