@@ -39,10 +39,10 @@ public static class SelfTest
             new("decode rope + kv append + attention f16, window 100 (position 250 of 256, heads 6/3, head_dim 48)", dev => RopeAttentionDecode(dev, DType.F16, 6, 3, 48, 250, 256, 100)),
             new("decode rope + kv append + attention f32 (head_dim 20: two launches)", dev => RopeAttentionDecode(dev, DType.F32, 3, 1, 20, 40, 64)),
             new("decode rope + kv append + attention bf16, 8-warp blocks (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
-                dev => WithDecodeAttention(dev, 8, () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048))),
+                dev => WithDecodeAttention(dev, 8, () => RopeDecodeAt100And1500(dev))),
             new("decode rope + kv append + attention bf16, rescaled every key and once a round (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
                 dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
-                    () => RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048), r)))),
+                    () => RopeDecodeAt100And1500(dev), r)))),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -84,10 +84,10 @@ public static class SelfTest
             new("attention decode bf16 split-KV, 8-warp blocks (position 1500 of 4096, heads 4/2, head_dim 128)",
                 dev => WithDecodeAttention(dev, 8, () => Attention(dev, 1, 1500, 4, 2, 128, null, DType.BF16, capacity: 4096))),
             new("attention decode f16 split-KV, 8-warp blocks, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
-                dev => WithDecodeAttention(dev, 8, () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024))),
+                dev => WithDecodeAttention(dev, 8, () => WindowedF16Decode(dev))),
             new("attention decode f16 split-KV, rescaled every key and once a round, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
                 dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
-                    () => Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024), r)))),
+                    () => WindowedF16Decode(dev), r)))),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -440,6 +440,16 @@ public static class SelfTest
         return $"{launches}; {Compare(dev.Download(o), want, tol)}; {Compare(dev.Download(x.Tkc), x.KCache, tol, "key cache max rel err")}; " +
             Compare(dev.Download(x.Tvc), x.VCache, 0, "value cache max rel err");
     }
+
+    /// <summary>Decode's fused RoPE, append and attention in bf16 (heads 8/2, head_dim 128) at positions 100 and 1500 of 2048:
+    /// one share and many (the settings' checks).</summary>
+    private static string RopeDecodeAt100And1500(CudaDevice dev) =>
+        RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 100, 2048) + "; " + RopeAttentionDecode(dev, DType.BF16, 8, 2, 128, 1500, 2048);
+
+    /// <summary>Decode attention in f16 (heads 4/1, head_dim 64) with a window of 300 at position 1000 of 1024, and at
+    /// position 20 without one (the settings' checks).</summary>
+    private static string WindowedF16Decode(CudaDevice dev) =>
+        Attention(dev, 1, 1000, 4, 1, 64, 300, DType.F16, capacity: 1024) + "; " + Attention(dev, 1, 20, 4, 1, 64, null, DType.F16, capacity: 1024);
 
     /// <summary>A check run with the split-KV decode attention in blocks of <paramref name="warps"/> warps, rescaling
     /// once per <paramref name="rescaleKeys"/> keys.</summary>
