@@ -41,8 +41,7 @@ public static class SelfTest
             new("decode rope + kv append + attention bf16, 8-warp blocks (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
                 dev => WithDecodeAttention(dev, 8, () => RopeDecodeAt100And1500(dev))),
             new("decode rope + kv append + attention bf16, rescaled every key and once a round (positions 100 and 1500 of 2048, heads 8/2, head_dim 128)",
-                dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
-                    () => RopeDecodeAt100And1500(dev), r)))),
+                dev => WithEachOtherRescale(dev, () => RopeDecodeAt100And1500(dev))),
             new("rmsnorm dense f32 (d 384)", dev => Norm(dev, 3, 384, null, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 4096 -> 1237, row in smem)", dev => Norm(dev, 4, 4096, 1237, DType.F32, 2e-6)),
             new("gather-rmsnorm f32 (d 13001 -> 77, row from global)", dev => Norm(dev, 2, 13001, 77, DType.F32, 2e-6)),
@@ -86,8 +85,7 @@ public static class SelfTest
             new("attention decode f16 split-KV, 8-warp blocks, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
                 dev => WithDecodeAttention(dev, 8, () => WindowedF16Decode(dev))),
             new("attention decode f16 split-KV, rescaled every key and once a round, window 300 (position 1000 of 1024, heads 4/1, head_dim 64; position 20)",
-                dev => string.Join("; ", new[] { 1, 8 }.Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps,
-                    () => WindowedF16Decode(dev), r)))),
+                dev => WithEachOtherRescale(dev, () => WindowedF16Decode(dev))),
             new("attention prefill bf16 SIMT (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.Simt)),
             new("attention prefill bf16 tensor cores 16 rows/warp (t 65, heads 4/2, head_dim 64)", dev => Attention(dev, 65, 0, 4, 2, 64, null, DType.BF16, PrefillKernel.TensorCores16Rows)),
             new("attention prefill f16 tensor cores 16 rows/warp (t 130 after 30, heads 4/1, head_dim 128)", dev => Attention(dev, 130, 30, 4, 1, 128, null, DType.F16, PrefillKernel.TensorCores16Rows)),
@@ -460,6 +458,12 @@ public static class SelfTest
         try { return check(); }
         finally { (dev.DecodeAttentionWarps, dev.DecodeAttentionRescaleKeys) = before; }
     }
+
+    /// <summary>A check run once per rescale count the split-KV decode is built for other than the default (blocks of 4
+    /// warps), each result after its count.</summary>
+    private static string WithEachOtherRescale(CudaDevice dev, Func<string> check) =>
+        string.Join("; ", CudaOps.DecodeRescaleKeysBuilt.Where(r => r != CudaOps.DecodeRescaleKeys)
+            .Select(r => $"{r}: " + WithDecodeAttention(dev, CudaOps.DecodeWarps, check, r)));
 
     /// <summary>The first index where <paramref name="a"/> and <paramref name="b"/> differ in their bits, or -1 where
     /// none does (over <paramref name="a"/>'s length).</summary>
